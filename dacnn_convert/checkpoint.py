@@ -1,0 +1,145 @@
+"""Checkpoints of anchored models: one .safetensors file, each anchor stored once.
+
+The file's metadata holds the model source (torchvision/timm name and num_classes)
+and the conversion plan, so :func:`load` rebuilds the anchored model — sharing
+restored — without the user's code. Sources given as ``package.module:factory`` are
+never imported from a file's metadata: pass the skeleton with ``load(path, model=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .convert import PLAN_ATTR, convert
+from .errors import CheckpointError
+from .planning import Plan
+from .sources import ModelSpec, build_model, check_state_dict
+
+FORMAT = "dacnn-convert/1"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    source: ModelSpec | str | None = None,
+    dtype: str = "fp32",
+) -> Path:
+    """Write ``model`` (anchored or not) to ``path`` as .safetensors, atomically.
+
+    Args:
+        model: the model; if it came from :func:`anchor` its plan is stored with it.
+        path: destination, conventionally ``*.safetensors``.
+        source: the model source (``"resnet18"``, ``"timm:resnet50d"`` or a
+            :class:`ModelSpec`) so :func:`load` can rebuild it; optional.
+        dtype: storage type of floating tensors: ``fp32``, ``fp16`` or ``bf16``.
+
+    Returns:
+        The path written. A crash mid-write leaves any previous file intact.
+    """
+    from safetensors.torch import save_file
+
+    from .sources import parse_spec
+
+    if isinstance(source, str):
+        source = parse_spec(source, _num_classes(model))
+    if source is not None and source.num_classes is None:
+        source = ModelSpec(source.kind, source.name, _num_classes(model))
+    target = DTYPES[dtype]
+    state = {
+        k: (v.detach().to(target) if v.is_floating_point() else v.detach()).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    meta = {"format": FORMAT, "dtype": dtype}
+    plan = getattr(model, PLAN_ATTR, None)
+    if plan is not None:
+        meta["plan"] = plan.to_json()
+    if source is not None:
+        meta["source"] = json.dumps(source.to_dict())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    last = [m for m in model.modules() if type(m) is nn.Linear]
+    return last[-1].out_features if last else None
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a .safetensors file (empty when it has none).
+
+    Raises:
+        CheckpointError: the file is missing or not a valid safetensors file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(f"{str(path)!r} is not a valid .safetensors file ({str(exc)[:120]})") from exc
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save`, with its anchored kernels shared again.
+
+    Args:
+        path: a .safetensors file written by :func:`save`.
+        model: the original (unconverted) skeleton; needed only when the file's source is
+            user code (``package.module:factory``) or unrecorded.
+
+    Raises:
+        CheckpointError: the file is missing, corrupt, tampered with, or its tensors do not
+            match its plan; nothing is half-loaded.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT and model is None:
+        raise CheckpointError(
+            f"{str(path)!r} was not written by dacnn_convert.save (no {FORMAT!r} metadata); "
+            "load it with load(path, model=your_model) or as a plain state dict"
+        )
+    try:
+        plan = Plan.from_json(meta["plan"]) if "plan" in meta else None
+        spec = ModelSpec.from_dict(json.loads(meta["source"])) if "source" in meta else None
+    except Exception as exc:
+        raise CheckpointError(f"{str(path)!r} has malformed metadata ({exc}); was it edited?") from exc
+    if model is None:
+        if spec is None or spec.kind == "module":
+            raise CheckpointError(
+                f"{str(path)!r} comes from user code ({spec.name if spec else 'unknown source'}); code is never "
+                "imported from a file: pass the skeleton, load(path, model=make_model())"
+            )
+        model = build_model(spec, weights=None)
+    skeleton = convert(model, plan, init="none").model if plan is not None else model
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read tensors of {str(path)!r}: {str(exc)[:160]}") from exc
+    try:
+        check_state_dict(state, skeleton, str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{exc}; the file does not match its recorded plan (tampered or wrong model)") from exc
+    expected = skeleton.state_dict()
+    state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    skeleton.load_state_dict(state, strict=True)
+    return skeleton

@@ -1,0 +1,187 @@
+"""Apply a plan: a copy of the model with anchored kernels, folded scales and regulators."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .fitting import FITS
+from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
+from .planning import Plan, make_plan
+
+PLAN_ATTR = "dacnn_plan"
+
+
+@dataclass
+class Conversion:
+    """The converted model, the plan it follows, and how well each anchor fits its members."""
+
+    model: nn.Module
+    plan: Plan
+    fit_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> member -> rel. error
+
+
+def convert(model: nn.Module, plan: Plan, init: str | None = None) -> Conversion:
+    """Return a converted deep copy of ``model`` following ``plan``; ``model`` is untouched.
+
+    Args:
+        model: the network the plan was made for (same module names and shapes).
+        plan: from :func:`dacnn_convert.plan`.
+        init: overrides ``plan.init``; ``"none"`` skips initialisation (used by ``load``,
+            which overwrites every tensor from the checkpoint right after).
+
+    Raises:
+        PlanError: a planned conv is missing or has another shape in ``model``.
+    """
+    init = plan.init if init is None else init
+    student = copy.deepcopy(model)
+    modules = dict(student.named_modules())
+    for s in plan.sites:
+        conv = modules.get(s.name)
+        if type(conv) is not nn.Conv2d or tuple(conv.weight.shape) != s.weight_shape:
+            raise PlanError(
+                f"the plan expects nn.Conv2d {s.name} of shape {s.weight_shape}, the model has "
+                f"{type(conv).__name__ if conv is not None else 'nothing'} there; was the plan made for this model?"
+            )
+    if hasattr(student, BANK_NAME):
+        raise PlanError("the model is already anchored; convert the original model instead")
+
+    bank = AnchorBank({g.name: g.shape for g in plan.groups})
+    regs = {r.host: r for r in plan.regulators}
+    errors: dict[str, dict[str, float]] = {}
+    for g in plan.groups:
+        members = [modules[m] for m in g.members]
+        weights = [m.weight.detach().float().cpu() for m in members]  # type: ignore[union-attr]
+        if init == "none":
+            fit = None
+        else:
+            fit = FITS[init](weights, g.shape)
+            errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
+        with torch.no_grad():
+            if fit is not None:
+                getattr(bank, g.name).copy_(fit.anchor)
+        for i, name in enumerate(g.members):
+            site = plan.site(name)
+            old: nn.Conv2d = modules[name]  # type: ignore[assignment]
+            scale = fit.scales[i] if fit is not None else None
+            reg = regs.get(name)
+            new = AnchoredConv2d(
+                bank,
+                g.name,
+                site.in_channels,
+                site.out_channels,
+                site.kernel_size,
+                site.stride,
+                site.padding,
+                site.dilation,
+                site.groups,
+                bias=site.bias,
+                padding_mode=site.padding_mode,
+                scale=plan.has_scale(name),
+                regulator=Regulator(reg.in_channels, reg.out_channels, reg.stride, plan.regulator_style == "adapter")
+                if reg
+                else None,
+                regulator_style=plan.regulator_style,
+            ).to(old.weight.device)
+            with torch.no_grad():
+                bias = old.bias.detach().clone() if old.bias is not None else None
+                if scale is not None and site.bn is not None:
+                    _fold_into_bn(modules[site.bn], scale)  # type: ignore[arg-type]
+                    if bias is not None:
+                        bias = bias / _safe(scale)
+                elif scale is not None and new.scale is not None:
+                    new.scale.copy_(scale)  # type: ignore[union-attr]
+                if bias is not None:
+                    new.bias.copy_(bias)  # type: ignore[union-attr]
+            _set(student, name, new)
+    student.add_module(BANK_NAME, bank.to(_device(model)))
+    setattr(student, PLAN_ATTR, plan)
+    return Conversion(student, plan, errors)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _safe(a: torch.Tensor) -> torch.Tensor:
+    return torch.where(a.abs() < 1e-12, torch.full_like(a, 1e-12), a)
+
+
+def _fold_into_bn(bn: nn.BatchNorm2d, a: torch.Tensor) -> None:
+    """Make ``bn(z)`` equal the old ``bn(a * z)`` exactly in eval mode.
+
+    BN(u) = g (u - m) / sqrt(v + e) + b with u = a z becomes g' (z - m') / sqrt(v' + e) + b
+    with m' = m / a, v' = (v + e) / a^2 - e and g' = g * sign(a). In train mode BN
+    normalises with batch statistics, which absorb any per-channel scale already.
+    """
+    a = _safe(a.to(bn.running_mean.device, bn.running_mean.dtype))  # type: ignore[union-attr]
+    eps = bn.eps
+    bn.running_mean.div_(a)  # type: ignore[union-attr]
+    bn.running_var.copy_(((bn.running_var + eps) / (a * a) - eps).clamp_min(0))  # type: ignore[operator,union-attr]
+    bn.weight.mul_(torch.sign(a))
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def plan(
+    model: nn.Module,
+    mode: str = "mix",
+    regulators: str | Sequence[int] | None = "none",
+    regulator_style: str = "adapter",
+    init: str = "fit",
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> Plan:
+    """Analyse ``model`` and return the conversion :class:`Plan` (nothing is changed).
+
+    See :func:`dacnn_convert.planning.make_plan` for the arguments and errors.
+    """
+    return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules)
+
+
+def apply(model: nn.Module, plan: Plan) -> nn.Module:
+    """Return a converted copy of ``model`` following ``plan`` (``model`` is left untouched)."""
+    return convert(model, plan).model
+
+
+def anchor(
+    model: nn.Module,
+    mode: str = "mix",
+    regulators: str | Sequence[int] | None = "none",
+    regulator_style: str = "adapter",
+    init: str = "fit",
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> nn.Module:
+    """Convert ``model`` into a deep anchored CNN in one call: plan, then apply.
+
+    Args:
+        model: any fx-traceable ``nn.Module``; it is left untouched.
+        mode: ``mix`` (share per stage and configuration, the paper's mixed DACNN),
+            ``plain`` (one network-wide sliced kernel), ``sharesnet`` or ``none``.
+        regulators: ``none``, ``all`` or 1-based section numbers, e.g. ``"1,3"``.
+        regulator_style: ``adapter`` (parallel, function-preserving) or ``paper`` (series).
+        init: anchor initialisation: ``fit`` (least squares with scales folded into BN),
+            ``mean``, ``first`` or ``random``.
+        input_size: (C, H, W) of one example, for shape propagation.
+        leaf_modules: module types fx must not trace into.
+
+    Returns:
+        A copy of ``model`` (same class, same names for untouched modules) whose
+        anchored convs read shared kernels from ``model.dacnn_anchors``.
+
+    Raises:
+        UsageError: an argument is outside its allowed values.
+        TraceError, PlanError: the model cannot be traced, run or converted.
+    """
+    return apply(model, plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules))

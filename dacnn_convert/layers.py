@@ -1,0 +1,119 @@
+"""Anchored convolution, the bank that owns anchored kernels, and regulators (paper section 3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BANK_NAME = "dacnn_anchors"
+
+
+class AnchorBank(nn.Module):
+    """Owns every anchored kernel exactly once, so each is one tensor in ``state_dict()``.
+
+    It is attached to the converted model's root as ``dacnn_anchors``; anchored convs
+    read their kernel from it at every forward, so ``.to()``, DDP and optimisers see
+    one parameter per anchor and its gradient is the sum over its uses.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_parameters())
+
+
+class Regulator(nn.Module):
+    """A regulator: 1x1 conv + BN (+ ReLU), all weights free (paper section 3, Figure 3 right).
+
+    ``adapter=True`` builds the parallel form used for conversions: its BN weight starts
+    at zero so it adds exactly nothing at step 0, and it has no ReLU of its own — the
+    derivative of ReLU at 0 is 0, which would keep a zero-initialised branch at zero
+    forever; the host's BN + ReLU follow the sum instead.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int] = (1, 1), adapter: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act: nn.Module = nn.Identity() if adapter else nn.ReLU(inplace=True)
+        if adapter:
+            nn.init.zeros_(self.bn.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class AnchoredConv2d(nn.Module):
+    """A conv whose kernel is (the leading slice of) an anchor held by an :class:`AnchorBank`.
+
+    Computes ``conv(x, W_G[:c_out, :c_in]) * scale + bias`` — ``scale`` only exists when a
+    ``fit`` initialisation could not be folded into a following BatchNorm — then the
+    regulator: added in parallel (``adapter``) or applied in series (``paper``).
+    It keeps nn.Conv2d's attribute names so code that reads them keeps working.
+    """
+
+    def __init__(
+        self,
+        bank: AnchorBank,
+        anchor: str,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] | str = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        scale: bool = False,
+        regulator: Regulator | None = None,
+        regulator_style: str = "adapter",
+    ) -> None:
+        super().__init__()
+        # A plain attribute, not a submodule: the bank is registered once, at the root.
+        object.__setattr__(self, "_bank", bank)
+        self.anchor = anchor
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.groups, self.padding_mode = dilation, groups, padding_mode
+        self._reversed_padding = (
+            [p for p in reversed(padding) for _ in range(2)] if not isinstance(padding, str) else None
+        )
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.scale = nn.Parameter(torch.ones(out_channels)) if scale else None
+        self.regulator = regulator
+        self.regulator_style = regulator_style
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The kernel this conv applies: a view of the shared anchor."""
+        full = getattr(self._bank, self.anchor)
+        return full[: self.out_channels, : self.in_channels // self.groups]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.padding_mode != "zeros":
+            y = F.conv2d(
+                F.pad(x, self._reversed_padding, mode=self.padding_mode), w, None, self.stride, 0, self.dilation, self.groups
+            )
+        else:
+            y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        if self.scale is not None:
+            y = y * self.scale.view(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        if self.regulator is None:
+            return y
+        if self.regulator_style == "adapter":
+            return y + self.regulator(x)
+        return self.regulator(y)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"anchor={self.anchor!r}"
+        )

@@ -1,0 +1,358 @@
+"""Plans: which convs share which anchored kernel, where regulators go, and what it costs.
+
+A :class:`Plan` is frozen, JSON-serialisable data. It can be printed (``--dry-run``),
+stored in a checkpoint and re-applied by :func:`dacnn_convert.load`. Its parameter
+arithmetic is exact, so the size of a conversion is known before any weight moves.
+
+Modes (paper section 3, "Weights Sharing" and "Mixed Architecture"):
+
+* ``mix`` — per spatial stage (output resolution), convs of identical configuration
+  share one kernel; a group needs two or more members. Expansion convs and 1x1
+  projections stay free because their configuration is unique in their stage.
+* ``plain`` — one master kernel for the whole network. The paper uses a constant
+  width C; we generalise to networks whose width changes: the master is sized to
+  the largest 3x3 conv and every 3x3 conv (groups=1) uses its leading slice
+  ``W[:c_out, :c_in]``. The conv fed by the image stays free (the paper's eq. 2).
+* ``sharesnet`` — only the second conv of each residual block is shared per stage
+  (Boulch 2017).
+* ``none`` — nothing shared (a baseline that round-trips through the tool).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import PlanError, UsageError, choose
+from .graph import ConvSite, analyze
+
+MODES: dict[str, Callable[[list[ConvSite]], list[list[ConvSite]]]] = {}
+INITS = ("fit", "mean", "first", "random")
+REGULATOR_STYLES = ("adapter", "paper")
+
+
+def register_mode(name: str) -> Callable:
+    """Decorator: register a grouping policy under ``name``."""
+
+    def wrap(fn: Callable[[list[ConvSite]], list[list[ConvSite]]]) -> Callable:
+        MODES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _candidates(sites: list[ConvSite]) -> list[ConvSite]:
+    return [s for s in sites if not s.reused]
+
+
+def _by_key(sites: list[ConvSite], key: Callable[[ConvSite], Any]) -> list[list[ConvSite]]:
+    buckets: dict[Any, list[ConvSite]] = {}
+    for s in sites:
+        buckets.setdefault(key(s), []).append(s)
+    return [b for b in buckets.values() if len(b) >= 2]
+
+
+@register_mode("mix")
+def _mix(sites: list[ConvSite]) -> list[list[ConvSite]]:
+    return _by_key(_candidates(sites), lambda s: (s.out_size, s.config))
+
+
+@register_mode("sharesnet")
+def _sharesnet(sites: list[ConvSite]) -> list[list[ConvSite]]:
+    second = [s for s in _candidates(sites) if s.block is not None and s.depth_in_block == 2]
+    return _by_key(second, lambda s: (s.out_size, s.config))
+
+
+@register_mode("plain")
+def _plain(sites: list[ConvSite]) -> list[list[ConvSite]]:
+    members = [
+        s
+        for s in _candidates(sites)
+        if s.kernel_size == (3, 3) and s.groups == 1 and not s.fed_by_input and s.padding_mode == "zeros"
+    ]
+    return [members] if len(members) >= 2 else []
+
+
+@register_mode("none")
+def _none(sites: list[ConvSite]) -> list[list[ConvSite]]:
+    return []
+
+
+@dataclass(frozen=True)
+class Group:
+    """One anchored kernel and the convs that use it."""
+
+    name: str  # parameter name inside the model's ``dacnn_anchors`` module
+    members: tuple[str, ...]
+    shape: tuple[int, int, int, int]  # the anchor's shape; members use its leading slice
+    resolution: tuple[int, int] | None  # output (H, W) of the stage, None for network-wide
+    sections: tuple[int, ...]  # 1-based sections its members live in
+
+
+@dataclass(frozen=True)
+class RegulatorSpec:
+    """A regulator (1x1 conv + BN [+ ReLU]) attached to one anchored conv (paper section 3)."""
+
+    host: str
+    in_channels: int
+    out_channels: int
+    stride: tuple[int, int]
+    section: int
+
+    @property
+    def params(self) -> int:
+        return self.in_channels * self.out_channels + 2 * self.out_channels
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a conversion will do, as data."""
+
+    mode: str
+    init: str
+    regulator_style: str
+    input_size: tuple[int, int, int]
+    sites: tuple[ConvSite, ...]
+    groups: tuple[Group, ...]
+    regulators: tuple[RegulatorSpec, ...]
+    params_before: int  # unique parameters of the original model
+    sections: tuple[tuple[int, int], ...]  # output resolution of each 1-based section
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    # -- lookups ---------------------------------------------------------------
+    def site(self, name: str) -> ConvSite:
+        return next(s for s in self.sites if s.name == name)
+
+    def group_of(self, name: str) -> Group | None:
+        return next((g for g in self.groups if name in g.members), None)
+
+    # -- arithmetic ------------------------------------------------------------
+    @property
+    def conv_params_before(self) -> int:
+        return sum(s.weight_numel for s in self.sites)
+
+    @property
+    def saved_params(self) -> int:
+        """Kernel parameters removed by sharing: members' kernels minus one anchor each."""
+        saved = 0
+        for g in self.groups:
+            co, ci, kh, kw = g.shape
+            saved += sum(self.site(m).weight_numel for m in g.members) - co * ci * kh * kw
+        return saved
+
+    @property
+    def regulator_params(self) -> int:
+        return sum(r.params for r in self.regulators)
+
+    def has_scale(self, name: str) -> bool:
+        """A ``fit``-initialised member with no BatchNorm to fold into keeps its own channel scales."""
+        return self.init == "fit" and self.group_of(name) is not None and self.site(name).bn is None
+
+    @property
+    def scale_params(self) -> int:
+        return sum(self.site(m).out_channels for g in self.groups for m in g.members if self.has_scale(m))
+
+    @property
+    def params_after(self) -> int:
+        """Unique parameters of the converted model: exact, no model needs to be built."""
+        return self.params_before - self.saved_params + self.regulator_params + self.scale_params
+
+    @property
+    def conv_params_after(self) -> int:
+        return self.conv_params_before - self.saved_params
+
+    # -- serialisation ---------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Rebuild a plan from :meth:`to_dict` output; raises PlanError on malformed data."""
+        try:
+            return cls(
+                mode=str(data["mode"]),
+                init=str(data["init"]),
+                regulator_style=str(data["regulator_style"]),
+                input_size=tuple(data["input_size"]),  # type: ignore[arg-type]
+                sites=tuple(ConvSite.from_dict(s) for s in data["sites"]),
+                groups=tuple(
+                    Group(
+                        name=str(g["name"]),
+                        members=tuple(g["members"]),
+                        shape=tuple(g["shape"]),  # type: ignore[arg-type]
+                        resolution=tuple(g["resolution"]) if g["resolution"] is not None else None,  # type: ignore[arg-type]
+                        sections=tuple(g["sections"]),
+                    )
+                    for g in data["groups"]
+                ),
+                regulators=tuple(
+                    RegulatorSpec(
+                        host=str(r["host"]),
+                        in_channels=int(r["in_channels"]),
+                        out_channels=int(r["out_channels"]),
+                        stride=tuple(r["stride"]),  # type: ignore[arg-type]
+                        section=int(r["section"]),
+                    )
+                    for r in data["regulators"]
+                ),
+                params_before=int(data["params_before"]),
+                sections=tuple(tuple(s) for s in data["sections"]),  # type: ignore[misc]
+                notes=tuple(data.get("notes", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed conversion plan ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"conversion plan is not valid JSON: {exc}") from exc
+
+
+def unique_params(model: nn.Module) -> int:
+    """Number of parameters counting each shared tensor once (by storage)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    total = 0
+    for p in model.parameters():
+        key = (p.data_ptr(), p.numel(), tuple(p.shape))
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+def parse_regulators(value: str | Sequence[int] | None, n_sections: int) -> tuple[int, ...]:
+    """``none`` / ``all`` / ``1,3`` (1-based sections) to a tuple of section indices.
+
+    Raises:
+        UsageError: a section index is not an integer or outside ``1..n_sections``.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return ()
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return tuple(range(1, n_sections + 1))
+    try:
+        items = [int(v) for v in value.split(",")] if isinstance(value, str) else [int(v) for v in value]
+    except ValueError as exc:
+        raise UsageError(f"--regulators takes none, all or section numbers like 1,3; got {value!r}") from exc
+    bad = [i for i in items if not 1 <= i <= n_sections]
+    if bad:
+        raise UsageError(
+            f"regulator section {bad[0]} is out of range: this network has {n_sections} anchored "
+            f"section(s), numbered 1..{n_sections} (see the plan with --dry-run)"
+        )
+    return tuple(sorted(set(items)))
+
+
+def make_plan(
+    model: nn.Module,
+    mode: str = "mix",
+    regulators: str | Sequence[int] | None = "none",
+    regulator_style: str = "adapter",
+    init: str = "fit",
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> Plan:
+    """Analyse ``model`` and decide what to share; the model is not modified.
+
+    Args:
+        model: the network to convert.
+        mode: ``mix``, ``plain``, ``sharesnet`` or ``none`` (see module docstring).
+        regulators: ``none``, ``all`` or 1-based section numbers (``"1,3"`` or ``[1, 3]``).
+        regulator_style: ``adapter`` (parallel, zero-initialised: the function is
+            unchanged at step 0) or ``paper`` (in series after the anchored conv).
+        init: how :func:`apply` initialises anchors: ``fit``, ``mean``, ``first``, ``random``.
+        input_size: (C, H, W) of one example, used for shape propagation.
+        leaf_modules: module types fx must not trace into.
+
+    Raises:
+        UsageError: unknown mode, init, style, or a regulator section out of range.
+        TraceError, PlanError: the model cannot be traced or run on ``input_size``.
+    """
+    choose("mode", mode, MODES)
+    choose("init", init, INITS)
+    choose("regulator style", regulator_style, REGULATOR_STYLES)
+    sites = analyze(model, input_size, leaf_modules)
+    notes: list[str] = []
+    if not sites:
+        raise PlanError(
+            f"{type(model).__name__} has no nn.Conv2d in its traced forward pass: nothing to anchor "
+            "(convs inside leaf modules and subclasses such as timm's Conv2dSame are not converted)"
+        )
+    groups_sites = MODES[mode](sites)
+    resolutions = sorted(
+        {s.out_size for g in groups_sites for s in g},
+        key=lambda r: (-r[0] * r[1], next(s.order for g in groups_sites for s in g if s.out_size == r)),
+    )
+    section_of = {r: i + 1 for i, r in enumerate(resolutions)}
+    groups = []
+    for i, members in enumerate(groups_sites):
+        co = max(s.weight_shape[0] for s in members)
+        ci = max(s.weight_shape[1] for s in members)
+        kh, kw = members[0].kernel_size
+        res = {s.out_size for s in members}
+        resolution = next(iter(res)) if len(res) == 1 else None
+        where = f"{resolution[0]}px" if resolution else "all"
+        groups.append(
+            Group(
+                name=f"g{i}_{where}_{co}x{ci}x{kh}x{kw}",
+                members=tuple(s.name for s in members),
+                shape=(co, ci, kh, kw),
+                resolution=resolution,
+                sections=tuple(sorted({section_of[s.out_size] for s in members})),
+            )
+        )
+    if not groups:
+        notes.append(f"no two convs can share a kernel in mode {mode!r}: the model is unchanged (ratio 1.0)")
+    chosen = parse_regulators(regulators, len(resolutions))
+    regs = _place_regulators(sites, groups, section_of, chosen, regulator_style, notes)
+    return Plan(
+        mode=mode,
+        init=init,
+        regulator_style=regulator_style,
+        input_size=tuple(input_size),  # type: ignore[arg-type]
+        sites=tuple(sites),
+        groups=tuple(groups),
+        regulators=tuple(regs),
+        params_before=unique_params(model),
+        sections=tuple(resolutions),
+        notes=tuple(notes),
+    )
+
+
+def _place_regulators(
+    sites: list[ConvSite],
+    groups: list[Group],
+    section_of: dict[tuple[int, int], int],
+    chosen: tuple[int, ...],
+    style: str,
+    notes: list[str],
+) -> list[RegulatorSpec]:
+    """One regulator per residual block (on its last anchored conv), or per anchored conv outside blocks."""
+    anchored = {m for g in groups for m in g.members}
+    hosts: dict[str, ConvSite] = {}
+    for s in sites:  # execution order: a later conv in the same block replaces the earlier host
+        if s.name not in anchored or section_of[s.out_size] not in chosen:
+            continue
+        if style == "adapter" and not _one_by_one_fits(s):
+            notes.append(f"no adapter regulator on {s.name}: a 1x1 conv cannot match its output size")
+            continue
+        hosts[s.block if s.block is not None else s.name] = s
+    regs = []
+    for s in sorted(hosts.values(), key=lambda s: s.order):
+        in_ch, stride = (s.in_channels, s.stride) if style == "adapter" else (s.out_channels, (1, 1))
+        regs.append(RegulatorSpec(s.name, in_ch, s.out_channels, stride, section_of[s.out_size]))
+    return regs
+
+
+def _one_by_one_fits(s: ConvSite) -> bool:
+    """Does a 1x1 conv with the host's stride give the host's output size?"""
+    return all((size - 1) // st + 1 == out for size, st, out in zip(s.in_size, s.stride, s.out_size, strict=True))

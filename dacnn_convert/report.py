@@ -1,0 +1,224 @@
+"""Measurements of a conversion: unique parameters, bytes on disk, MACs, and the report object."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import Conversion
+from .layers import AnchoredConv2d
+from .planning import Plan, unique_params
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters of ``model``: a tensor shared by several layers counts once."""
+    return unique_params(model)
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one forward pass on one example, from forward hooks.
+
+    Counts convolutions (anchored or not) and linear layers, the usual convention;
+    anchoring shares weights but computes the same convolutions, so MACs only grow by
+    the regulators. The model is run in eval mode and its mode is restored.
+    """
+    total = 0
+
+    def conv_hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
+        total += out.shape[2] * out.shape[3] * m.out_channels * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        total += out.numel() // out.shape[0] * m.in_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | AnchoredConv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        p = next(model.parameters(), None)
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=p.device if p is not None else "cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return int(total)
+
+
+def conv_params(model: nn.Module) -> int:
+    """Unique parameters held by conv kernels (anchors counted once, regulators included)."""
+    from .layers import BANK_NAME
+
+    total = sum(m.weight.numel() for m in model.modules() if type(m) is nn.Conv2d)
+    bank = getattr(model, BANK_NAME, None)
+    if bank is not None:
+        total += sum(p.numel() for p in bank.parameters())
+    return total
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s state dict written as a .safetensors file (measured, not estimated)."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One anchored group in the report."""
+
+    anchor: str
+    sections: tuple[int, ...]
+    resolution: str
+    kernel: str
+    members: int
+    params_before: int
+    params_after: int
+    max_fit_error: float | None
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What a conversion did and what it saves; rendered by the CLI, written as JSON/Markdown."""
+
+    source: str
+    mode: str
+    init: str
+    regulator_style: str
+    input_size: tuple[int, int, int]
+    groups: tuple[GroupRow, ...]
+    params_before: int
+    params_after: int
+    conv_params_before: int
+    conv_params_after: int
+    bytes_before: int | None
+    bytes_after: int | None
+    macs_before: int
+    macs_after: int
+    regulators: int
+    regulator_params: int
+    notes: tuple[str, ...]
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio by unique parameters (before / after)."""
+        return self.params_before / self.params_after
+
+    @property
+    def conv_ratio(self) -> float:
+        return self.conv_params_before / max(self.conv_params_after, 1)
+
+    @property
+    def bytes_ratio(self) -> float | None:
+        if self.bytes_before is None or not self.bytes_after:
+            return None
+        return self.bytes_before / self.bytes_after
+
+    @property
+    def prune_ratio(self) -> float:
+        """1 - params after / params before, the paper's Table 8 measure."""
+        return 1.0 - self.params_after / self.params_before
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(ratio=self.ratio, conv_ratio=self.conv_ratio, bytes_ratio=self.bytes_ratio, prune_ratio=self.prune_ratio)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"# Conversion report: {self.source}",
+            "",
+            f"mode `{self.mode}`, init `{self.init}`, regulators `{self.regulator_style}` x{self.regulators}, "
+            f"input {'x'.join(map(str, self.input_size))}",
+            "",
+            "| anchor | section | resolution | kernel | members | params before | params after | max fit error |",
+            "|---|---|---|---|---|---:|---:|---:|",
+        ]
+        for g in self.groups:
+            err = f"{g.max_fit_error:.3f}" if g.max_fit_error is not None else "-"
+            lines.append(
+                f"| {g.anchor} | {','.join(map(str, g.sections))} | {g.resolution} | {g.kernel} | {g.members} "
+                f"| {g.params_before:,} | {g.params_after:,} | {err} |"
+            )
+        lines += ["", "| measure | before | after | ratio |", "|---|---:|---:|---:|"]
+        lines.append(f"| unique params | {self.params_before:,} | {self.params_after:,} | {self.ratio:.2f}x |")
+        lines.append(
+            f"| conv params | {self.conv_params_before:,} | {self.conv_params_after:,} | {self.conv_ratio:.2f}x |"
+        )
+        if self.bytes_ratio is not None:
+            lines.append(f"| bytes on disk | {self.bytes_before:,} | {self.bytes_after:,} | {self.bytes_ratio:.2f}x |")
+        lines.append(f"| MACs | {self.macs_before:,} | {self.macs_after:,} | - |")
+        lines += [
+            "",
+            f"Prune ratio (1 - after/before): {self.prune_ratio:.1%}. Regulators add {self.regulator_params:,} params.",
+            "Anchoring shares weights but computes the same convolutions: MACs change only by the regulators.",
+        ]
+        lines += [f"- note: {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def build_report(
+    original: nn.Module,
+    conversion: Conversion,
+    source: str,
+    bytes_before: int | None = None,
+    bytes_after: int | None = None,
+) -> ConversionReport:
+    """Measure ``conversion`` against ``original`` (MACs by forward hooks, params by counting)."""
+    plan: Plan = conversion.plan
+    rows = []
+    for g in plan.groups:
+        errs = conversion.fit_errors.get(g.name)
+        before = sum(plan.site(m).weight_numel for m in g.members)
+        co, ci, kh, kw = g.shape
+        rows.append(
+            GroupRow(
+                anchor=g.name,
+                sections=g.sections,
+                resolution=f"{g.resolution[0]}x{g.resolution[1]}" if g.resolution else "all",
+                kernel=f"{co}x{ci}x{kh}x{kw}",
+                members=len(g.members),
+                params_before=before,
+                params_after=co * ci * kh * kw,
+                max_fit_error=max(errs.values()) if errs else None,
+            )
+        )
+    return ConversionReport(
+        source=source,
+        mode=plan.mode,
+        init=plan.init,
+        regulator_style=plan.regulator_style,
+        input_size=plan.input_size,
+        groups=tuple(rows),
+        params_before=count_params(original),
+        params_after=count_params(conversion.model),
+        conv_params_before=conv_params(original),
+        conv_params_after=conv_params(conversion.model),
+        bytes_before=bytes_before,
+        bytes_after=bytes_after,
+        macs_before=count_macs(original, plan.input_size),
+        macs_after=count_macs(conversion.model, plan.input_size),
+        regulators=len(plan.regulators),
+        regulator_params=plan.regulator_params,
+        notes=plan.notes,
+    )
