@@ -7,6 +7,7 @@ rich. Library errors become one line on stderr and exit code 1 (usage errors 2).
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,8 +92,9 @@ def run_convert(
     dry_run: bool = False,
     leaf_module: list[str] | None = None,
     dtype: Dtype = Dtype.fp32,
+    data: DataOptions | None = None,
 ) -> dict[str, Any]:
-    """Load, plan, convert, measure and write; returns what was written (for tests and callers)."""
+    """Load, plan, convert, measure and write; with ``data``, also calibrate and distil."""
     from .checkpoint import save
     from .convert import convert
     from .planning import make_plan
@@ -103,13 +105,15 @@ def run_convert(
     size = parse_input_size(input_size)
     leaves = _leaf_types(leaf_module or [])
     original = build_model(spec, weights).eval()
-    size = size or default_input_size(original, spec)
+    size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original, spec))
     plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
     if dry_run:
         render_plan(plan, spec.display)
         return {"plan": plan}
-    conversion = convert(original, plan)
     out = out or Path("runs") / f"{spec.name.replace(':', '_')}-{mode.value}"
+    if data is not None and data.dataset:
+        return _run_pipeline(original, plan, spec, size, out, data)
+    conversion = convert(original, plan)
     ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=dtype.value)
     report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
     (out / "report.json").write_text(report.to_json())
@@ -183,6 +187,133 @@ OutOpt = Annotated[Path | None, typer.Option(help="output folder (default runs/M
 DryOpt = Annotated[bool, typer.Option(help="print the plan and write nothing")]
 LeafOpt = Annotated[list[str] | None, typer.Option(help="package.module.Class that fx must not trace into (repeatable)")]
 DtypeOpt = Annotated[Dtype, typer.Option(help="storage type of the checkpoint's floating tensors")]
+DatasetOpt = Annotated[
+    str | None, typer.Option(help="fine-tune on fashion-mnist, cifar10, cifar100, svhn or synthetic (KD from the original)")
+]
+EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="batch size")]
+LrOpt = Annotated[float, typer.Option(help="peak learning rate")]
+OptimOpt = Annotated[str, typer.Option(help="sgd (momentum 0.9, nesterov), adamw or adagrad (the paper's)")]
+SchedOpt = Annotated[str, typer.Option(help="cosine, or step (x0.1 at half the epochs, as the paper)")]
+KdTOpt = Annotated[float, typer.Option(help="distillation temperature T")]
+KdAOpt = Annotated[float, typer.Option(help="weight of the KD term (1 - alpha goes to cross-entropy)")]
+CalibOpt = Annotated[int, typer.Option(min=0, help="training batches to re-estimate BatchNorm statistics (0: skip)")]
+PrecOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU has bf16 units), fp32, bf16, fp16 (CUDA)")]
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="cap batches per epoch and per evaluation (smoke runs)")]
+TrainLimitOpt = Annotated[int | None, typer.Option(min=1, help="train on a fixed random subset of N images")]
+DownloadOpt = Annotated[bool, typer.Option(help="let torchvision download a missing dataset")]
+SeedOpt = Annotated[int, typer.Option(help="random seed")]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Data and fine-tuning flags shared by convert/distill/train."""
+
+    dataset: str | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    weight_decay: float = 5e-4
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
+    calibrate_batches: int = 100
+    precision: str = "auto"
+    limit_batches: int | None = None
+    train_limit: int | None = None
+    download: bool = False
+    seed: int = 0
+
+    def config(self) -> Any:
+        from .distill import TrainConfig
+
+        return TrainConfig(
+            epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, schedule=self.schedule,
+            weight_decay=self.weight_decay, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
+            precision=self.precision, limit_batches=self.limit_batches, seed=self.seed,
+        )  # fmt: skip
+
+    def loaders(self, size: tuple[int, int, int]) -> Any:
+        from .distill import make_loaders
+
+        assert self.dataset is not None
+        return make_loaders(
+            self.dataset, self.batch_size, size[1], size[0], download=self.download, train_limit=self.train_limit,
+            seed=self.seed,
+        )  # fmt: skip
+
+
+class _Progress:
+    """Renders the library's progress callbacks with a rich progress bar."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            console=console, transient=True,
+        )  # fmt: skip
+        self.task: Any = None
+        self.epoch = 0
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def step(self, s: dict[str, float]) -> None:
+        if self.task is None or s["epoch"] != self.epoch:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.epoch = int(s["epoch"])
+            self.task = self.bar.add_task(f"epoch {self.epoch}", total=s["steps"], info="")
+        info = f"loss {s['loss']:.3f} acc {100 * s['acc']:.1f}% {s['images_per_s']:.0f} img/s"
+        self.bar.update(self.task, completed=s["step"], info=info)
+
+    def epoch_end(self, row: dict[str, float]) -> None:
+        console.print(
+            f"epoch {row['epoch']:.0f}: train loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.2f}%, "
+            f"val acc {100 * row['val_acc']:.2f}% ({row['wall_s']:.0f} s)"
+        )
+
+    def stage(self, name: str, acc: float) -> None:
+        console.print(f"accuracy {name}: {100 * acc:.2f}%")
+
+
+def _run_pipeline(original: Any, plan: Any, spec: Any, size: Any, out: Path, data: DataOptions) -> dict[str, Any]:
+    from .pipeline import compress
+
+    loaders = data.loaders(size)
+    out.mkdir(parents=True, exist_ok=True)
+    with _Progress() as progress:
+        result = compress(
+            original, plan, loaders, data.config(), data.calibrate_batches, out, spec,
+            on_stage=progress.stage, on_step=progress.step, on_epoch=progress.epoch_end,
+        )  # fmt: skip
+    render_report(result.report)
+    render_accuracy(result)
+    console.print(f"wrote {out / 'model.safetensors'}, {out / 'report.json'}, {out / 'report.md'}")
+    return {"plan": plan, "result": result, "out": out}
+
+
+def render_accuracy(result: Any) -> None:
+    """Print the accuracy after each step of the pipeline."""
+    table = Table(title="accuracy")
+    table.add_column("step")
+    table.add_column("accuracy", justify="right")
+    for name, value in (
+        ("teacher", result.teacher_acc),
+        ("right after conversion", result.converted_acc),
+        ("after BN recalibration", result.calibrated_acc),
+        ("after KD fine-tune", result.finetuned_acc),
+    ):
+        table.add_row(name, f"{100 * value:.2f}%")
+    table.add_row("drop vs teacher", f"{100 * result.drop:.2f} points")
+    console.print(table)
+    console.print(f"wall time {result.wall_s:.0f} s")
 
 
 def convert_command(
@@ -198,21 +329,152 @@ def convert_command(
     dry_run: DryOpt = False,
     leaf_module: LeafOpt = None,
     dtype: DtypeOpt = Dtype.fp32,
+    dataset: DatasetOpt = None,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 0.05,
+    optimizer: OptimOpt = "sgd",
+    schedule: SchedOpt = "cosine",
+    kd_temperature: KdTOpt = 4.0,
+    kd_alpha: KdAOpt = 0.9,
+    calibrate_batches: CalibOpt = 100,
+    precision: PrecOpt = "auto",
+    limit_batches: LimitOpt = None,
+    train_limit: TrainLimitOpt = None,
+    download: DownloadOpt = False,
+    seed: SeedOpt = 0,
 ) -> None:
-    """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms)."""
+    """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
+
+    With --dataset, also recalibrate BatchNorm and distil the original into the anchored net.
+    """
+    data = DataOptions(
+        dataset, epochs, batch_size, lr, optimizer, schedule, 5e-4, kd_temperature, kd_alpha, calibrate_batches,
+        precision, limit_batches, train_limit, download, seed,
+    )  # fmt: skip
     try:
         run_convert(
             model, mode, regulators, regulator_style, init, weights, num_classes, input_size, out, dry_run,
-            leaf_module, dtype,
+            leaf_module, dtype, data,
         )  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
 
 
+def train_command(
+    model: ModelArg,
+    dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn or synthetic")],
+    out: Annotated[Path, typer.Option(help="folder for best.safetensors, last.safetensors and history.json")],
+    weights: WeightsOpt = "none",
+    input_size: SizeOpt = None,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 0.05,
+    optimizer: OptimOpt = "sgd",
+    schedule: SchedOpt = "cosine",
+    precision: PrecOpt = "auto",
+    limit_batches: LimitOpt = None,
+    train_limit: TrainLimitOpt = None,
+    download: DownloadOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
+    try:
+        run_train(model, dataset, out, weights, input_size, DataOptions(
+            dataset, epochs, batch_size, lr, optimizer, schedule, 5e-4, precision=precision,
+            limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed,
+        ))  # fmt: skip
+    except DacnnError as exc:
+        raise fail(exc) from None
+
+
+def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str | None, data: DataOptions) -> Any:
+    """Train ``model`` on ``dataset``; returns the FitResult."""
+    import json
+
+    from .distill import train
+    from .sources import build_model, parse_spec
+
+    size = parse_input_size(input_size) or (3, 32, 32)
+    loaders = data.loaders(size)
+    spec = parse_spec(model, loaders.num_classes)
+    net = build_model(spec, weights)
+    out.mkdir(parents=True, exist_ok=True)
+    with _Progress() as progress:
+        result = train(net, loaders.train, loaders.val, data.config(), out, progress.step, progress.epoch_end, spec)
+    (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2))
+    console.print(
+        f"best val acc {100 * result.best_acc:.2f}% in {result.wall_s:.0f} s ({result.images_per_s:.0f} img/s, "
+        f"{result.precision}); wrote {result.checkpoint}"
+    )
+    return result
+
+
+def eval_command(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file written by dacnn (convert/train/distill)")],
+    dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn or synthetic")],
+    input_size: SizeOpt = None,
+    batch_size: BatchOpt = 256,
+    precision: PrecOpt = "auto",
+    limit_batches: LimitOpt = None,
+    download: DownloadOpt = False,
+) -> None:
+    """Top-1 accuracy of a saved model (anchored or not) on a dataset's validation split."""
+    from .checkpoint import load
+    from .distill import evaluate
+    from .report import count_params
+
+    try:
+        size = parse_input_size(input_size) or (3, 32, 32)
+        loaders = DataOptions(dataset, batch_size=batch_size, download=download).loaders(size)
+        model = load(checkpoint)
+        acc = evaluate(model, loaders.val, precision, limit_batches)
+    except DacnnError as exc:
+        raise fail(exc) from None
+    console.print(f"{checkpoint}: top-1 {100 * acc:.2f}% on {dataset} ({count_params(model):,} unique params)")
+
+
 app = typer.Typer(
     help="dacnn: deep anchored CNNs — convert, and more.", no_args_is_help=True, pretty_exceptions_enable=False
 )
+def demo_command(
+    out: Annotated[Path, typer.Option(help="output folder; a teacher found there is reused")] = Path("runs/demo"),
+    teacher_epochs: Annotated[int, typer.Option(min=1, help="epochs to train the teacher")] = 2,
+    epochs: EpochsOpt = 1,
+    train_limit: Annotated[int, typer.Option(min=256, help="training images used (fixed random subset)")] = 15000,
+    precision: PrecOpt = "auto",
+) -> None:
+    """Quick start, offline: train a ResNet-18 teacher on Fashion-MNIST, convert it (mix + regulators), distil."""
+    teacher = out / "teacher" / "best.safetensors"
+    try:
+        if teacher.is_file():
+            console.print(f"reusing the teacher in {teacher}")
+        else:
+            console.print(f"training a ResNet-18 teacher on {train_limit} Fashion-MNIST images ({teacher_epochs} epochs)")
+            run_train("resnet18", "fashion-mnist", teacher.parent, "none", "32", DataOptions(
+                "fashion-mnist", teacher_epochs, lr=0.05, precision=precision, train_limit=train_limit,
+            ))  # fmt: skip
+        console.print("converting: mode mix, regulators all, init fit; then BN recalibration and KD fine-tune")
+        run_convert(
+            "resnet18", Mode.mix, "all", RegulatorStyle.adapter, Init.fit, str(teacher), 10, "32", out / "student",
+            data=DataOptions("fashion-mnist", epochs, lr=0.02, precision=precision, train_limit=train_limit,
+                             calibrate_batches=50),
+        )  # fmt: skip
+    except DacnnError as exc:
+        raise fail(exc) from None
+
+
 app.command("convert")(convert_command)
+app.command("demo")(demo_command)
+app.command("distill", help="Same as convert; give --dataset to calibrate and distil.")(convert_command)
+app.command("train")(train_command)
+app.command("eval")(eval_command)
+
+
+@app.callback()
+def _dacnn() -> None:
+    """dacnn: deep anchored CNNs (Huang, Dwivedi, Roig) — convert, fine-tune, evaluate."""
+
 convert_app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 convert_app.command()(convert_command)
 

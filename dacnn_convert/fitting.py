@@ -120,7 +120,11 @@ def _rank1(weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor
 
 def _als(weights: list[torch.Tensor], shape: tuple[int, ...], iters: int, tol: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Alternating least squares when members cover different leading slices of the anchor."""
+    # Start from the largest member: a mean of members with opposite-sign channels can
+    # be near zero, a poor start for this non-convex problem.
     anchor = _masked_mean(weights, shape)
+    largest = max(weights, key=lambda w: w.numel())
+    anchor[: largest.shape[0], : largest.shape[1]] = largest
     scales = [torch.ones(w.shape[0]) for w in weights]
     for _ in range(iters):
         for i, w in enumerate(weights):  # a-step: per-channel projection on the anchor slice

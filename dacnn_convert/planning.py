@@ -125,7 +125,11 @@ class Plan:
 
     # -- lookups ---------------------------------------------------------------
     def site(self, name: str) -> ConvSite:
-        return next(s for s in self.sites if s.name == name)
+        """The conv called ``name``; raises PlanError naming the valid convs otherwise."""
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise PlanError(f"no conv {name!r} in this plan; convs: {', '.join(s.name for s in self.sites)}")
 
     def group_of(self, name: str) -> Group | None:
         return next((g for g in self.groups if name in g.members), None)

@@ -1,0 +1,88 @@
+"""Conversion speed and memory: trace + plan + apply + fit init, per model, on 2 threads.
+
+Each model runs in a fresh subprocess so peak RSS is its own. Targets (issue #2):
+under 1 s for resnet50 and under 3 s for every model; peak RSS above the interpreter's
+baseline (torch and timm imported) under 3x the model's parameter bytes.
+
+    python benchmarks/convert_speed.py [--mode mix] [--repeats 3] [--out benchmarks/results/convert_speed.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+MODELS = ["resnet18", "resnet34", "resnet50", "vgg16_bn", "timm:resnet50d", "timm:efficientnet_b0", "timm:regnetx_002"]
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+torch.set_num_threads(2)
+import timm, torchvision
+from dacnn_convert import convert, plan
+from dacnn_convert.sources import build_model, parse_spec, default_input_size
+
+name, mode, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+spec = parse_spec(name)
+base = rss()
+model = build_model(spec, weights="none").eval()
+size = default_input_size(model, spec)
+model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+times = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    p = plan(model, mode=mode, input_size=size)
+    student = convert(model, p).model
+    times.append(time.perf_counter() - t)
+    del student
+print(json.dumps({"model": name, "input": "x".join(map(str, size)), "groups": len(p.groups),
+                  "params": p.params_before, "params_after": p.params_after, "best_s": min(times),
+                  "median_s": sorted(times)[len(times) // 2], "model_mb": model_bytes / 2**20,
+                  "peak_over_base_mb": (rss() - base) / 2**20, "rss_ratio": (rss() - base) / model_bytes}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", default="mix")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_speed.md"))
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        res = subprocess.run([sys.executable, "-c", CHILD, name, args.mode, str(args.repeats)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    import torch
+
+    lines = [
+        f"# Conversion speed ({args.mode})",
+        "",
+        f"Command: `python benchmarks/convert_speed.py --mode {args.mode} --repeats {args.repeats}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, 2 threads; torch {torch.__version__}; "
+        f"python {platform.python_version()}; {date.today()}  ",
+        "Time = trace + shape propagation + plan + deep copy + fit init + apply (best of repeats; random weights).  ",
+        "RSS = peak resident memory above the baseline after importing torch/timm, over the model's parameter bytes.",
+        "",
+        "| model | input | groups | params | params after | time best (s) | time median (s) | model MB | peak RSS over base (MB) | RSS / model |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['groups']} | {r['params']:,} | {r['params_after']:,} | {r['best_s']:.3f} "
+            f"| {r['median_s']:.3f} | {r['model_mb']:.1f} | {r['peak_over_base_mb']:.1f} | {r['rss_ratio']:.2f} |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

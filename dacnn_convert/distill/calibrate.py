@@ -1,0 +1,47 @@
+"""BatchNorm recalibration: re-estimate running statistics after the kernels changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = 100) -> int:
+    """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average.
+
+    Anchoring changes each layer's kernel, so the statistics the pretrained BNs hold are
+    stale; a few forward passes fix them without any gradient step.
+
+    Args:
+        model: the converted model (any module with BatchNorm layers).
+        batches: yields ``(images, labels)`` or images.
+        num_batches: how many batches to use.
+
+    Returns:
+        The number of batches actually used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = {m: m.momentum for m in bns}
+    modes = {m: m.training for m in model.modules()}
+    device = next(model.parameters()).device
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the calibration batches
+    used = 0
+    try:
+        model.train()
+        with torch.no_grad():
+            for batch in batches:
+                if used >= num_batches:
+                    break
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                model(x.to(device))
+                used += 1
+    finally:
+        for m, mom in momenta.items():
+            m.momentum = mom
+        for m, training in modes.items():
+            m.training = training
+    return used

@@ -1,0 +1,288 @@
+"""The training loop: train a reference teacher, or distil the teacher into the anchored student.
+
+The library never prints: progress goes to an optional ``on_step``/``on_epoch`` callback
+that the CLI renders with rich. Checkpoints are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import DacnnError, UsageError, choose
+from .losses import kd_loss
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by ``train`` and ``distill`` (recipes set the same fields)."""
+
+    epochs: int = 1
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd (momentum 0.9, nesterov) | adamw | adagrad (the paper's)
+    schedule: str = "cosine"  # cosine | step (x0.1 at half the epochs, as the paper)
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
+    precision: str = "auto"
+    limit_batches: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UsageError(f"epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise UsageError(f"lr must be > 0, got {self.lr}")
+        choose("optimizer", self.optimizer, ("sgd", "adamw", "adagrad"))
+        choose("schedule", self.schedule, ("cosine", "step"))
+        choose("precision", self.precision, PRECISIONS)
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise UsageError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
+
+
+@dataclass
+class FitResult:
+    """Accuracies (fractions in [0, 1]), the per-epoch history and where the best model went."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_acc: float = 0.0
+    final_acc: float = 0.0
+    checkpoint: Path | None = None
+    wall_s: float = 0.0
+    images_per_s: float = 0.0
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
+        return d
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware runs it fast (CUDA, CPUs with bf16 units), else fp32.
+
+    Raises:
+        UsageError: fp16 requested on a CPU.
+    """
+    choose("precision", precision, PRECISIONS)
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    with contextlib.suppress(Exception):
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def evaluate(model: nn.Module, batches: Iterable, precision: str = "auto", limit_batches: int | None = None) -> float:
+    """Top-1 accuracy (fraction) of ``model`` in eval mode; its train/eval mode is restored."""
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.no_grad(), autocast(precision, device):
+        for i, (x, y) in enumerate(batches):
+            if limit_batches is not None and i >= limit_batches:
+                break
+            pred = model(x.to(device)).argmax(dim=1)
+            correct += int((pred.cpu() == y).sum())
+            total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "step":
+        return 0.1 if step >= total // 2 else 1.0
+    progress = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class NonFiniteLossError(DacnnError):
+    """The loss became NaN or infinite."""
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _fit(
+    model: nn.Module,
+    step_loss: StepFn,
+    train_batches: Any,
+    val_batches: Iterable,
+    cfg: TrainConfig,
+    out: Path | None,
+    on_step: Callable[[dict[str, float]], None] | None,
+    on_epoch: Callable[[dict[str, float]], None] | None,
+    source: Any = None,
+) -> FitResult:
+    from ..checkpoint import save
+
+    torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    precision = resolve_precision(cfg.precision, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(params, cfg)
+    per_epoch = len(train_batches) if cfg.limit_batches is None else min(cfg.limit_batches, len(train_batches))
+    total_steps = per_epoch * cfg.epochs
+    result = FitResult(precision=precision)
+    start = time.perf_counter()
+    seen = 0
+    step = 0
+    last_good: Path | None = None
+    for epoch in range(cfg.epochs):
+        if hasattr(train_batches, "set_epoch"):
+            train_batches.set_epoch(epoch)
+        model.train()
+        loss_sum = correct = count = 0.0
+        for i, (x, y) in enumerate(train_batches):
+            if i >= per_epoch:
+                break
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
+            x, y = x.to(device), y.to(device)
+            with autocast(precision, device):
+                logits = model(x)
+                loss = step_loss(logits, x, y)
+            if not torch.isfinite(loss):
+                where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}. Lower --lr or use fp32"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            opt.step()
+            step += 1
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += float((logits.argmax(1) == y).sum())
+            count += len(y)
+            if on_step is not None:
+                elapsed = time.perf_counter() - start
+                on_step({"epoch": epoch + 1, "step": i + 1, "steps": per_epoch, "loss": loss_sum / count,
+                         "acc": correct / count, "images_per_s": seen / elapsed})  # fmt: skip
+        val_acc = evaluate(model, val_batches, precision)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(count, 1),
+            "train_acc": correct / max(count, 1),
+            "val_acc": val_acc,
+            "lr": opt.param_groups[0]["lr"],
+            "wall_s": time.perf_counter() - start,
+        }
+        result.history.append(row)
+        if out is not None:
+            last_good = save(model, out / "last.safetensors", source=source)
+            if val_acc >= result.best_acc:
+                result.checkpoint = save(model, out / "best.safetensors", source=source)
+        result.best_acc = max(result.best_acc, val_acc)
+        if on_epoch is not None:
+            on_epoch(row)
+    result.final_acc = result.history[-1]["val_acc"]
+    result.wall_s = time.perf_counter() - start
+    result.images_per_s = seen / max(result.wall_s, 1e-9)
+    return result
+
+
+def train(
+    model: nn.Module,
+    train_batches: Any,
+    val_batches: Iterable,
+    config: TrainConfig | None = None,
+    out: Path | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    source: Any = None,
+) -> FitResult:
+    """Train ``model`` with cross-entropy (a reference teacher). See :func:`distill` for arguments."""
+    cfg = config or TrainConfig()
+
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+
+    return _fit(model, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source)
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_batches: Any,
+    val_batches: Iterable,
+    epochs: int | None = None,
+    config: TrainConfig | None = None,
+    out: Path | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    source: Any = None,
+) -> FitResult:
+    """Fine-tune ``student`` on cross-entropy + Hinton KD from ``teacher`` (eval mode, no grad).
+
+    Args:
+        student: the anchored model; trained in place.
+        teacher: the original model; never updated.
+        train_batches: yields (images, labels); ``set_epoch`` is called when it exists.
+        val_batches: yields (images, labels) for the per-epoch validation accuracy.
+        epochs: shorthand overriding ``config.epochs``.
+        config: optimisation settings (:class:`TrainConfig`).
+        out: folder for ``best.safetensors`` and ``last.safetensors``; None writes nothing.
+        on_step, on_epoch: progress callbacks receiving plain dicts.
+        source: model source recorded in checkpoints (see :func:`dacnn_convert.save`).
+
+    Returns:
+        :class:`FitResult` with the validation accuracy history and the best checkpoint.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (names the step and the last checkpoint).
+    """
+    cfg = config or TrainConfig()
+    if epochs is not None:
+        cfg = TrainConfig(**{**asdict(cfg), "epochs": epochs})
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    device = next(student.parameters()).device
+
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = teacher(x.to(device))
+        return kd_loss(logits, t, y, cfg.kd_temperature, cfg.kd_alpha, cfg.label_smoothing)
+
+    return _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source)

@@ -1,0 +1,123 @@
+"""Tiny networks for tests: two stages, <= 32 channels, 16x16 or 32x32 inputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    """A ResNet basic block."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        skip = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + skip)
+
+
+class TinyResNet(nn.Module):
+    """stem 3->8, stage1: 2 blocks of 8 channels, stage2: 2 blocks of 16 (first strided)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(Block(8, 8), Block(8, 8))
+        self.layer2 = nn.Sequential(Block(8, 16, 2), Block(16, 16))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class TinyVGG(nn.Module):
+    """conv-bn-relu stacks: 3->8, 8->8, 8->8 | pool | 8->16, 16->16, 16->16 (bias on, no BN on the last)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cfg = [(3, 8), (8, 8), (8, 8), "M", (8, 16), (16, 16), (16, 16)]
+        for i, c in enumerate(cfg):
+            if c == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            cin, cout = c
+            layers.append(nn.Conv2d(cin, cout, 3, padding=1, bias=True))
+            if i != len(cfg) - 1:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.ReLU())
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow inside a submodule: fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.conv(x))
+
+
+class Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+class NoConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(x, 1))
+
+
+def tiny_resnet(num_classes: int = 10) -> nn.Module:
+    """Factory for ``tests.models:tiny_resnet`` on the command line."""
+    return TinyResNet(num_classes)
+
+
+def no_conv(num_classes: int = 10) -> nn.Module:
+    return NoConv()
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine weights, so tests mean something."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model

@@ -1,0 +1,102 @@
+"""save/load: sharing survives the round trip, files stay small, tampering is refused."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+import torchvision
+
+from dacnn_convert import anchor, count_params, load, save
+from dacnn_convert.errors import CheckpointError
+from dacnn_convert.sources import ModelSpec
+
+from .models import TinyResNet, randomize_bn
+
+SIZE = (3, 16, 16)
+
+
+def test_round_trip_keeps_sharing_and_outputs(tmp_path) -> None:
+    student = anchor(randomize_bn(TinyResNet()), mode="mix", regulators="all", input_size=SIZE).eval()
+    path = save(student, tmp_path / "m.safetensors", source=ModelSpec("module", "tests.models:tiny_resnet", 10))
+    again = load(path, model=TinyResNet()).eval()
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(again(x), student(x), atol=0, rtol=0)
+    assert count_params(again) == count_params(student)
+    a = again.get_submodule("layer1.0.conv1").weight
+    b = again.get_submodule("layer1.1.conv2").weight
+    assert a.data_ptr() == b.data_ptr()
+
+
+def test_user_code_is_never_imported_from_metadata(tmp_path) -> None:
+    student = anchor(TinyResNet(), input_size=SIZE)
+    path = save(student, tmp_path / "m.safetensors", source=ModelSpec("module", "tests.models:tiny_resnet", 10))
+    with pytest.raises(CheckpointError, match="never imported"):
+        load(path)
+
+
+def test_torchvision_source_rebuilds_without_user_code(tmp_path) -> None:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    student = anchor(model, mode="mix", regulators="all", input_size=(3, 32, 32)).eval()
+    path = save(student, tmp_path / "r18.safetensors", source="resnet18")
+    again = load(path).eval()
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(again(x), student(x), atol=0, rtol=0)
+    # file size within 2% of the unique-parameter bytes
+    assert path.stat().st_size <= 1.02 * 4 * count_params(student)
+
+
+def _data_bytes(path) -> int:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return len(raw) - 8 - n
+
+
+def _rewrite_header(path, edit) -> None:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+def test_tampered_plan_is_refused(tmp_path) -> None:
+    student = anchor(TinyResNet(), input_size=SIZE)
+    path = save(student, tmp_path / "m.safetensors")
+
+    def drop_group(h):
+        plan = json.loads(h["__metadata__"]["plan"])
+        plan["groups"] = plan["groups"][:1]
+        h["__metadata__"]["plan"] = json.dumps(plan)
+
+    _rewrite_header(path, drop_group)
+    with pytest.raises(CheckpointError, match="does not match its recorded plan"):
+        load(path, model=TinyResNet())
+
+
+def test_garbage_and_truncated_files_are_refused(tmp_path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="not a valid"):
+        load(bad, model=TinyResNet())
+    good = save(anchor(TinyResNet(), input_size=SIZE), tmp_path / "m.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(CheckpointError):
+        load(cut, model=TinyResNet())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "missing.safetensors")
+
+
+def test_half_precision_storage_loads_back_as_fp32(tmp_path) -> None:
+    student = anchor(TinyResNet(), input_size=SIZE)
+    full = save(student, tmp_path / "a.safetensors")
+    half = save(student, tmp_path / "b.safetensors", dtype="bf16")
+    floats = sum(v.numel() for v in student.state_dict().values() if v.is_floating_point())
+    assert _data_bytes(full) - _data_bytes(half) == 2 * floats
+    again = load(half, model=TinyResNet())
+    assert again.dacnn_anchors.g0_16px_8x8x3x3.dtype == torch.float32

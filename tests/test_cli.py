@@ -1,0 +1,92 @@
+"""The command line: success path, offline weights, bad flags; exit codes and written files."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dacnn_convert.cli import app, convert_app
+
+runner = CliRunner()
+TINY = ["tests.models:tiny_resnet", "--weights", "none", "--input-size", "16"]
+
+
+def test_convert_writes_checkpoint_and_reports(tmp_path) -> None:
+    result = runner.invoke(convert_app, [*TINY, "--regulators", "all", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mode"] == "mix" and report["regulators"] == 4
+    assert report["params_after"] < report["params_before"]
+    assert report["macs_after"] >= report["macs_before"]
+    assert (tmp_path / "report.md").read_text().startswith("# Conversion report")
+    assert (tmp_path / "model.safetensors").stat().st_size == report["bytes_after"]
+    assert "summary" in result.output
+
+
+def test_dacnn_convert_subcommand_is_the_same(tmp_path) -> None:
+    result = runner.invoke(app, ["convert", *TINY, "--dry-run", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    assert "dry run: nothing written" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_offline_pretrained_weights_fail_in_one_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    result = runner.invoke(convert_app, ["resnet18", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "--weights none" in result.output and "--weights PATH" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "text"),
+    [
+        (["resnet18", "--mode", "bogus"], 2, "bogus"),
+        (["resnt18", "--weights", "none"], 1, "Did you mean: resnet18"),
+        ([*TINY, "--regulators", "9"], 2, "out of range"),
+        ([*TINY, "--input-size", "abc"], 2, "--input-size"),
+        (["tests.models:no_conv", "--weights", "none", "--input-size", "16"], 1, "no nn.Conv2d"),
+        ([*TINY[:1], "--weights", "/nonexistent.pt"], 1, "does not exist"),
+    ],
+)
+def test_bad_input_exit_codes(args, code, text) -> None:
+    result = runner.invoke(convert_app, args)
+    assert result.exit_code == code, result.output
+    assert text in result.output
+    assert "Traceback" not in result.output
+
+
+def test_weights_path_of_wrong_model_is_refused(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from .models import TinyResNet
+
+    state = TinyResNet(num_classes=3).state_dict()
+    save_file(state, str(tmp_path / "w.safetensors"))
+    result = runner.invoke(convert_app, [*TINY, "--weights", str(tmp_path / "w.safetensors"), "--num-classes", "10"])
+    assert result.exit_code == 1
+    assert "fc.weight" in result.output and "num-classes" in result.output
+
+
+def test_no_shareable_group_exits_zero_with_warning(tmp_path) -> None:
+    result = runner.invoke(convert_app, [*TINY, "--mode", "none", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "warning" in result.output
+    assert json.loads((tmp_path / "report.json").read_text())["ratio"] == 1.0
+
+
+def test_help_documents_every_option() -> None:
+    result = runner.invoke(convert_app, ["--help"])
+    for opt in ("--mode", "--regulators", "--regulator-style", "--init", "--weights", "--num-classes",
+                "--input-size", "--out", "--dry-run", "--leaf-module", "--dtype"):  # fmt: skip
+        assert opt in result.output
