@@ -39,10 +39,14 @@ def convert(model: nn.Module, plan: Plan, init: str | None = None) -> Conversion
         PlanError: a planned conv is missing or has another shape in ``model``.
     """
     init = plan.init if init is None else init
-    student = copy.deepcopy(model)
+    originals = dict(model.named_modules())
+    members = [originals.get(m) for g in plan.groups for m in g.members]
+    # Members are replaced right away: do not copy their kernels (saves memory and time).
+    memo = {id(m.weight): nn.Parameter(torch.empty(0)) for m in members if type(m) is nn.Conv2d}
+    student = copy.deepcopy(model, memo)
     modules = dict(student.named_modules())
     for s in plan.sites:
-        conv = modules.get(s.name)
+        conv = originals.get(s.name)
         if type(conv) is not nn.Conv2d or tuple(conv.weight.shape) != s.weight_shape:
             raise PlanError(
                 f"the plan expects nn.Conv2d {s.name} of shape {s.weight_shape}, the model has "
@@ -55,8 +59,7 @@ def convert(model: nn.Module, plan: Plan, init: str | None = None) -> Conversion
     regs = {r.host: r for r in plan.regulators}
     errors: dict[str, dict[str, float]] = {}
     for g in plan.groups:
-        members = [modules[m] for m in g.members]
-        weights = [m.weight.detach().float().cpu() for m in members]  # type: ignore[union-attr]
+        weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
         if init == "none":
             fit = None
         else:
@@ -67,7 +70,7 @@ def convert(model: nn.Module, plan: Plan, init: str | None = None) -> Conversion
                 getattr(bank, g.name).copy_(fit.anchor)
         for i, name in enumerate(g.members):
             site = plan.site(name)
-            old: nn.Conv2d = modules[name]  # type: ignore[assignment]
+            old: nn.Conv2d = originals[name]  # type: ignore[assignment]
             scale = fit.scales[i] if fit is not None else None
             reg = regs.get(name)
             new = AnchoredConv2d(

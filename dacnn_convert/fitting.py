@@ -99,23 +99,30 @@ def fit_scaled(weights: list[torch.Tensor], shape: tuple[int, ...], iters: int =
     return Fit(anchor, list(scales), _errors(weights, anchor, list(scales)))
 
 
-def _rank1(weights: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Per output channel, the top singular pair of the stacked members (exact optimum)."""
+def _rank1(weights: list[torch.Tensor], chunk: int = 64) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per output channel, the top singular pair of the stacked members (exact optimum).
+
+    Output channels are solved in chunks so temporaries stay a fraction of the group's size.
+    """
     co = weights[0].shape[0]
-    m = torch.stack([w.reshape(co, -1) for w in weights], dim=1).double()  # (co, L, K)
-    gram = m @ m.transpose(1, 2)  # (co, L, L)
-    _, vecs = torch.linalg.eigh(gram)
-    u = vecs[..., -1]  # (co, L), unit norm: top eigenvector
-    w = torch.einsum("ol,olk->ok", u, m)
-    a = u
-    # Choose the split between a and W_G so the mean scale of each channel is 1.
-    s = a.mean(dim=1)
-    fallback = a.gather(1, a.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-    s = torch.where(s.abs() > 1e-6 * a.abs().amax(dim=1).clamp_min(1e-30), s, fallback)
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    a, w = a / s[:, None], w * s[:, None]
-    anchor = w.reshape(weights[0].shape).to(weights[0].dtype)
-    return anchor, [a[:, i].to(weights[0].dtype).contiguous() for i in range(len(weights))]
+    anchor = torch.empty(weights[0].shape, dtype=torch.float32)
+    scales = torch.empty(co, len(weights), dtype=torch.float64)
+    flat_anchor = anchor.view(co, -1)
+    for lo in range(0, co, chunk):
+        hi = min(lo + chunk, co)
+        m = torch.stack([w[lo:hi].reshape(hi - lo, -1).float() for w in weights], dim=1)  # (c, L, K)
+        gram = (m @ m.transpose(1, 2)).double()  # (c, L, L): small, so solve it in double
+        _, vecs = torch.linalg.eigh(gram)
+        a = vecs[..., -1]  # (c, L) unit-norm top eigenvector; w = a^T m is the matching row
+        # Choose the split between a and W_G so the mean scale of each channel is 1.
+        s = a.mean(dim=1)
+        fallback = a.gather(1, a.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+        s = torch.where(s.abs() > 1e-6 * a.abs().amax(dim=1).clamp_min(1e-30), s, fallback)
+        s = torch.where(s == 0, torch.ones_like(s), s)
+        flat_anchor[lo:hi] = torch.einsum("cl,clk->ck", (a * s[:, None]).float(), m)
+        scales[lo:hi] = a / s[:, None]
+    dtype = weights[0].dtype
+    return anchor.to(dtype), [scales[:, i].to(dtype).contiguous() for i in range(len(weights))]
 
 
 def _als(weights: list[torch.Tensor], shape: tuple[int, ...], iters: int, tol: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
