@@ -31,6 +31,7 @@ class Mode(str, Enum):
 
 class Init(str, Enum):
     fit = "fit"
+    act = "act"
     mean = "mean"
     first = "first"
     random = "random"
@@ -84,7 +85,7 @@ def run_convert(
     mode: Mode = Mode.mix,
     regulators: str = "none",
     regulator_style: RegulatorStyle = RegulatorStyle.adapter,
-    init: Init = Init.fit,
+    init: Init | None = None,
     weights: str = "DEFAULT",
     num_classes: int | None = None,
     input_size: str | None = None,
@@ -106,6 +107,9 @@ def run_convert(
     leaves = _leaf_types(leaf_module or [])
     original = build_model(spec, weights).eval()
     size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original, spec))
+    init = init or (Init.act if data and data.dataset else Init.fit)
+    if init is Init.act and not (data and data.dataset):
+        raise UsageError("--init act fits anchors to real inputs: give --dataset (or use --init fit)")
     plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
     if dry_run:
         render_plan(plan, spec.display)
@@ -179,7 +183,11 @@ RegOpt = Annotated[str, typer.Option(help="regulators in sections: none, all, or
 StyleOpt = Annotated[
     RegulatorStyle, typer.Option(help="adapter: parallel, zero-init (function kept); paper: in series")
 ]
-InitOpt = Annotated[Init, typer.Option(help="anchor init: fit (least squares, scales folded into BN), mean, first, random")]
+InitOpt = Annotated[
+    Init | None,
+    typer.Option(help="anchor init: act (data-aware; default with --dataset), fit (weight least squares, "
+                 "default without data), mean, first, random"),
+]
 WeightsOpt = Annotated[str, typer.Option(help="DEFAULT (pretrained, downloads), none (random), or a state-dict PATH")]
 ClassesOpt = Annotated[int | None, typer.Option(help="classes of the classifier (replaces the head if pretrained)")]
 SizeOpt = Annotated[str | None, typer.Option(help="example input: 224 or CxHxW; default from the model's config or 224")]
@@ -321,7 +329,7 @@ def convert_command(
     mode: ModeOpt = Mode.mix,
     regulators: RegOpt = "none",
     regulator_style: StyleOpt = RegulatorStyle.adapter,
-    init: InitOpt = Init.fit,
+    init: InitOpt = None,
     weights: WeightsOpt = "DEFAULT",
     num_classes: ClassesOpt = None,
     input_size: SizeOpt = None,
@@ -439,8 +447,8 @@ app = typer.Typer(
 )
 def demo_command(
     out: Annotated[Path, typer.Option(help="output folder; a teacher found there is reused")] = Path("runs/demo"),
-    teacher_epochs: Annotated[int, typer.Option(min=1, help="epochs to train the teacher")] = 2,
-    epochs: EpochsOpt = 1,
+    teacher_epochs: Annotated[int, typer.Option(min=1, help="epochs to train the teacher")] = 3,
+    epochs: EpochsOpt = 2,
     train_limit: Annotated[int, typer.Option(min=256, help="training images used (fixed random subset)")] = 15000,
     precision: PrecOpt = "auto",
 ) -> None:
@@ -456,7 +464,7 @@ def demo_command(
             ))  # fmt: skip
         console.print("converting: mode mix, regulators all, init fit; then BN recalibration and KD fine-tune")
         run_convert(
-            "resnet18", Mode.mix, "all", RegulatorStyle.adapter, Init.fit, str(teacher), 10, "32", out / "student",
+            "resnet18", Mode.mix, "all", RegulatorStyle.adapter, Init.act, str(teacher), 10, "32", out / "student",
             data=DataOptions("fashion-mnist", epochs, lr=0.02, precision=precision, train_limit=train_limit,
                              calibrate_batches=50),
         )  # fmt: skip

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .errors import PlanError
-from .fitting import FITS
+from .errors import PlanError, UsageError
+from .fitting import FITS, fit_activations, input_moments
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
-from .planning import Plan, make_plan
+from .planning import Group, Plan, make_plan
 
 PLAN_ATTR = "dacnn_plan"
 
@@ -24,9 +24,25 @@ class Conversion:
     model: nn.Module
     plan: Plan
     fit_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> member -> rel. error
+    notes: list[str] = field(default_factory=list)
 
 
-def convert(model: nn.Module, plan: Plan, init: str | None = None) -> Conversion:
+def _act_ready(plan: Plan, group: Group) -> bool:
+    """Groups whose members' inputs can be unfolded into patches for the data-aware fit."""
+    sites = [plan.site(m) for m in group.members]
+    return all(
+        s.weight_shape == tuple(group.shape) and s.groups == 1 and s.padding_mode == "zeros" and not isinstance(s.padding, str)
+        for s in sites
+    )
+
+
+def convert(
+    model: nn.Module,
+    plan: Plan,
+    init: str | None = None,
+    calib_loader: Iterable | None = None,
+    calib_batches: int = 100,
+) -> Conversion:
     """Return a converted deep copy of ``model`` following ``plan``; ``model`` is untouched.
 
     Args:
@@ -34,6 +50,9 @@ def convert(model: nn.Module, plan: Plan, init: str | None = None) -> Conversion
         plan: from :func:`dacnn_convert.plan`.
         init: overrides ``plan.init``; ``"none"`` skips initialisation (used by ``load``,
             which overwrites every tensor from the checkpoint right after).
+        calib_loader: batches of (images, labels) for ``init="act"``: the anchor is fitted to
+            the inputs each member actually sees (the original model is run on them).
+        calib_batches: how many batches of ``calib_loader`` to use.
 
     Raises:
         PlanError: a planned conv is missing or has another shape in ``model``.
@@ -58,12 +77,24 @@ def convert(model: nn.Module, plan: Plan, init: str | None = None) -> Conversion
     bank = AnchorBank({g.name: g.shape for g in plan.groups})
     regs = {r.host: r for r in plan.regulators}
     errors: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
+    moments: dict[str, torch.Tensor] = {}
+    if init == "act":
+        if calib_loader is None:
+            raise UsageError("init 'act' fits anchors to real inputs: pass calib_loader=... (CLI: --dataset)")
+        ready = [m for g in plan.groups if _act_ready(plan, g) for m in g.members]
+        moments = {k: v.cpu() for k, v in input_moments(model, ready, calib_loader, calib_batches).items()}
     for g in plan.groups:
         weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
         if init == "none":
             fit = None
+        elif init == "act" and all(m in moments for m in g.members):
+            fit = fit_activations(weights, [moments[m] for m in g.members])
         else:
-            fit = FITS[init](weights, g.shape)
+            if init == "act":
+                notes.append(f"{g.name}: members differ in shape or padding; weight-space fit used instead of act")
+            fit = FITS["fit" if init == "act" else init](weights, g.shape)
+        if fit is not None:
             errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
         with torch.no_grad():
             if fit is not None:
@@ -104,7 +135,7 @@ def convert(model: nn.Module, plan: Plan, init: str | None = None) -> Conversion
             _set(student, name, new)
     student.add_module(BANK_NAME, bank.to(_device(model)))
     setattr(student, PLAN_ATTR, plan)
-    return Conversion(student, plan, errors)
+    return Conversion(student, plan, errors, notes)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -14,7 +14,7 @@ of different shapes (``plain`` mode slices) are fitted by alternating least squa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +99,19 @@ def fit_scaled(weights: list[torch.Tensor], shape: tuple[int, ...], iters: int =
     return Fit(anchor, list(scales), _errors(weights, anchor, list(scales)))
 
 
+def _normalise_scales(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split scale between anchor and members: RMS of each channel's scales 1, mean positive.
+
+    ``a`` is (channels, members). Returns (a / s, s): the anchor row absorbs s. A mean-1
+    normalisation would explode when members have opposite signs, and huge scales cannot
+    be folded into a BatchNorm's running variance in floating point.
+    """
+    s = a.pow(2).mean(dim=1).sqrt()
+    s = torch.where(a.mean(dim=1) < 0, -s, s)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return a / s[:, None], s
+
+
 def _rank1(weights: list[torch.Tensor], chunk: int = 64) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per output channel, the top singular pair of the stacked members (exact optimum).
 
@@ -114,13 +127,9 @@ def _rank1(weights: list[torch.Tensor], chunk: int = 64) -> tuple[torch.Tensor, 
         gram = (m @ m.transpose(1, 2)).double()  # (c, L, L): small, so solve it in double
         _, vecs = torch.linalg.eigh(gram)
         a = vecs[..., -1]  # (c, L) unit-norm top eigenvector; w = a^T m is the matching row
-        # Choose the split between a and W_G so the mean scale of each channel is 1.
-        s = a.mean(dim=1)
-        fallback = a.gather(1, a.abs().argmax(dim=1, keepdim=True)).squeeze(1)
-        s = torch.where(s.abs() > 1e-6 * a.abs().amax(dim=1).clamp_min(1e-30), s, fallback)
-        s = torch.where(s == 0, torch.ones_like(s), s)
-        flat_anchor[lo:hi] = torch.einsum("cl,clk->ck", (a * s[:, None]).float(), m)
-        scales[lo:hi] = a / s[:, None]
+        a, s = _normalise_scales(a)
+        flat_anchor[lo:hi] = torch.einsum("cl,clk->ck", (a * s[:, None] * s[:, None]).float(), m)
+        scales[lo:hi] = a
     dtype = weights[0].dtype
     return anchor.to(dtype), [scales[:, i].to(dtype).contiguous() for i in range(len(weights))]
 
@@ -159,3 +168,84 @@ def _als(weights: list[torch.Tensor], shape: tuple[int, ...], iters: int, tol: f
     s = torch.where(s.abs() > 1e-12, s, torch.ones_like(s))
     anchor = anchor * s.view(-1, 1, 1, 1)
     return anchor, [a / s[: a.shape[0]] for a in scales]
+
+
+def input_moments(
+    model: torch.nn.Module, names: list[str], batches: Iterable, num_batches: int
+) -> dict[str, torch.Tensor]:
+    """Second moments H = sum x x^T of the unfolded input patches each named conv sees.
+
+    The model runs in eval mode without gradients; its mode is restored. Each H is divided
+    by its mean eigenvalue (trace / K) so that no layer dominates the fit by scale.
+    """
+    import torch.nn.functional as F
+
+    modules = dict(model.named_modules())
+    moments: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable:
+        def fn(m: torch.nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            x = F.unfold(inp[0].float(), m.kernel_size, m.dilation, m.padding, m.stride)  # (N, K, L)
+            x = x.transpose(1, 2).reshape(-1, x.shape[1])
+            if name in moments:
+                moments[name].addmm_(x.T, x)
+            else:
+                moments[name] = x.T @ x
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    modes = {m: m.training for m in model.modules()}
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if i >= num_batches:
+                    break
+                model((batch[0] if isinstance(batch, list | tuple) else batch).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    for name, h in moments.items():
+        h = h.double()
+        moments[name] = h / (h.diagonal().mean().clamp_min(1e-12))
+    return moments
+
+
+def fit_activations(
+    weights: list[torch.Tensor], moments: list[torch.Tensor], iters: int = 3, ridge: float = 0.05
+) -> Fit:
+    """Data-aware anchor: min sum_l ||(diag(a_l) W_G - W_l) X_l||^2 + ridge ||W_G - W_fit||^2.
+
+    X_l are the input patches member l actually sees (through their second moments H_l).
+    The anchor step is closed form, W_G = (sum_l c_l H_l + ridge I)^-1 (sum_l H_l W_l^T diag(a_l) + ridge W_fit),
+    with c_l the mean squared scale of member l (one matrix shared by all output channels);
+    the scale step is a data-weighted projection. The ridge pulls the anchor towards the
+    weight-space fit ``W_fit`` in input directions the calibration data never excites, so the
+    anchor does not overfit a few batches. Errors reported are weight-space errors, as for ``fit``.
+    """
+    shape = tuple(weights[0].shape)
+    co = shape[0]
+    start = fit_scaled(weights, shape)
+    prior = start.anchor.reshape(co, -1).double()
+    anchor = prior
+    scales = [s.double() if s is not None else torch.ones(co, dtype=torch.float64) for s in start.scales]
+    flat = [w.reshape(co, -1).double() for w in weights]
+    eye = torch.eye(prior.shape[1], dtype=torch.float64)
+    for _ in range(iters):
+        lhs = sum(float(a.pow(2).mean()) * h for a, h in zip(scales, moments, strict=True)) + ridge * eye
+        rhs = sum((w * a[:, None]) @ h for w, a, h in zip(flat, scales, moments, strict=True)) + ridge * prior
+        anchor = torch.linalg.solve(lhs, rhs.T).T  # lhs is symmetric
+        for i, (w, h) in enumerate(zip(flat, moments, strict=True)):
+            gh = anchor @ h
+            den = (gh * anchor).sum(dim=1)
+            scales[i] = torch.where(den > 1e-12, (gh * w).sum(dim=1) / den.clamp_min(1e-12), scales[i])
+        a, r = _normalise_scales(torch.stack(scales, dim=1))
+        scales = list(a.unbind(dim=1))
+        anchor = anchor * r[:, None]
+    out_anchor = anchor.reshape(shape).float()
+    out_scales: list[torch.Tensor | None] = [a.float() for a in scales]
+    return Fit(out_anchor, out_scales, _errors(weights, out_anchor, out_scales))

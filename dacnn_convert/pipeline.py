@@ -94,7 +94,8 @@ def compress(
         plan: the conversion plan (``dacnn_convert.plan``).
         loaders: training and validation data.
         config: fine-tuning settings.
-        calibrate_batches: training batches used to re-estimate BN statistics (0 skips it).
+        calibrate_batches: training batches used for the ``act`` anchor fit and to re-estimate
+            BN statistics (0 skips the BN step).
         out: where ``model.safetensors``, ``report.json`` and ``report.md`` go; None writes nothing.
         source: model source recorded in the checkpoint.
         on_stage: called with (stage name, accuracy) after each measured step.
@@ -115,7 +116,8 @@ def compress(
 
     teacher_acc = timed("eval_teacher", lambda: evaluate(teacher, loaders.val, config.precision, limit))
     notify("teacher", teacher_acc)
-    conversion = timed("convert", lambda: convert(teacher, plan))
+    calib = max(calibrate_batches, 1)
+    conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=loaders.train, calib_batches=calib))
     student = conversion.model
     converted_acc = timed("eval_converted", lambda: evaluate(student, loaders.val, config.precision, limit))
     notify("converted", converted_acc)
