@@ -211,6 +211,8 @@ LimitOpt = Annotated[int | None, typer.Option(min=1, help="cap batches per epoch
 TrainLimitOpt = Annotated[int | None, typer.Option(min=1, help="train on a fixed random subset of N images")]
 DownloadOpt = Annotated[bool, typer.Option(help="let torchvision download a missing dataset")]
 SeedOpt = Annotated[int, typer.Option(help="random seed")]
+ResumeOpt = Annotated[bool, typer.Option(help="continue from OUT/state.pt (optimiser, schedule, RNG, counters)")]
+CkptOpt = Annotated[int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)")]
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,8 @@ class DataOptions:
     train_limit: int | None = None
     download: bool = False
     seed: int = 0
+    resume: bool = False
+    checkpoint_every: int | None = None
 
     def config(self) -> Any:
         from .distill import TrainConfig
@@ -240,15 +244,20 @@ class DataOptions:
             epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, schedule=self.schedule,
             weight_decay=self.weight_decay, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
             precision=self.precision, limit_batches=self.limit_batches, seed=self.seed,
+            checkpoint_every=self.checkpoint_every,
         )  # fmt: skip
 
     def loaders(self, size: tuple[int, int, int]) -> Any:
         from .distill import make_loaders
+        from .distill.distributed import init_from_env
 
         assert self.dataset is not None
+        rank, world = init_from_env()
+        if rank != 0:
+            console.quiet = True  # rank 0 alone reports
         return make_loaders(
             self.dataset, self.batch_size, size[1], size[0], download=self.download, train_limit=self.train_limit,
-            seed=self.seed,
+            seed=self.seed, rank=rank, world_size=world,
         )  # fmt: skip
 
 
@@ -299,7 +308,7 @@ def _run_pipeline(original: Any, plan: Any, spec: Any, size: Any, out: Path, dat
     with _Progress() as progress:
         result = compress(
             original, plan, loaders, data.config(), data.calibrate_batches, out, spec,
-            on_stage=progress.stage, on_step=progress.step, on_epoch=progress.epoch_end,
+            on_stage=progress.stage, on_step=progress.step, on_epoch=progress.epoch_end, resume=data.resume,
         )  # fmt: skip
     render_report(result.report)
     render_accuracy(result)
@@ -351,6 +360,8 @@ def convert_command(
     train_limit: TrainLimitOpt = None,
     download: DownloadOpt = False,
     seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
+    checkpoint_every: CkptOpt = None,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
@@ -358,7 +369,7 @@ def convert_command(
     """
     data = DataOptions(
         dataset, epochs, batch_size, lr, optimizer, schedule, 5e-4, kd_temperature, kd_alpha, calibrate_batches,
-        precision, limit_batches, train_limit, download, seed,
+        precision, limit_batches, train_limit, download, seed, resume, checkpoint_every,
     )  # fmt: skip
     try:
         run_convert(
@@ -385,12 +396,15 @@ def train_command(
     train_limit: TrainLimitOpt = None,
     download: DownloadOpt = False,
     seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
+    checkpoint_every: CkptOpt = None,
 ) -> None:
     """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
     try:
         run_train(model, dataset, out, weights, input_size, DataOptions(
             dataset, epochs, batch_size, lr, optimizer, schedule, 5e-4, precision=precision,
-            limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed,
+            limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed, resume=resume,
+            checkpoint_every=checkpoint_every,
         ))  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
@@ -409,7 +423,9 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
     net = build_model(spec, weights)
     out.mkdir(parents=True, exist_ok=True)
     with _Progress() as progress:
-        result = train(net, loaders.train, loaders.val, data.config(), out, progress.step, progress.epoch_end, spec)
+        result = train(
+            net, loaders.train, loaders.val, data.config(), out, progress.step, progress.epoch_end, spec, data.resume
+        )
     (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2))
     console.print(
         f"best val acc {100 * result.best_acc:.2f}% in {result.wall_s:.0f} s ({result.images_per_s:.0f} img/s, "

@@ -86,6 +86,7 @@ def compress(
     on_stage: Callable[[str, float], None] | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    resume: bool = False,
 ) -> PipelineResult:
     """Convert ``teacher`` by ``plan``, recalibrate BN, distil for ``config.epochs`` and measure.
 
@@ -99,6 +100,7 @@ def compress(
         out: where ``model.safetensors``, ``report.json`` and ``report.md`` go; None writes nothing.
         source: model source recorded in the checkpoint.
         on_stage: called with (stage name, accuracy) after each measured step.
+        resume: continue an interrupted fine-tune from ``out/state.pt``.
 
     Returns:
         :class:`PipelineResult`.
@@ -127,11 +129,14 @@ def compress(
     notify("calibrated", calibrated_acc)
     fit = timed(
         "finetune",
-        lambda: distill(student, teacher, loaders.train, loaders.val, config=config, on_step=on_step, on_epoch=on_epoch),
+        lambda: distill(student, teacher, loaders.train, loaders.val, config=config, out=out, on_step=on_step,
+                        on_epoch=on_epoch, source=source, resume=resume),  # fmt: skip
     )
     finetuned_acc = fit.final_acc
     notify("finetuned", finetuned_acc)
-    ckpt = save(student, out / "model.safetensors", source=source) if out is not None else None
+    from .distill.distributed import is_main
+
+    ckpt = save(student, out / "model.safetensors", source=source) if out is not None and is_main() else None
     report = build_report(
         teacher,
         conversion,
@@ -142,7 +147,7 @@ def compress(
     result = PipelineResult(
         teacher_acc, converted_acc, calibrated_acc, finetuned_acc, report, fit, time.perf_counter() - start, ckpt, steps
     )
-    if out is not None:
+    if out is not None and is_main():
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2))
         (out / "report.md").write_text(result.to_markdown())
     return result

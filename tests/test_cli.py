@@ -90,3 +90,48 @@ def test_help_documents_every_option() -> None:
     for opt in ("--mode", "--regulators", "--regulator-style", "--init", "--weights", "--num-classes",
                 "--input-size", "--out", "--dry-run", "--leaf-module", "--dtype"):  # fmt: skip
         assert opt in result.output
+
+
+SYN = ["--dataset", "synthetic", "--epochs", "1", "--limit-batches", "2", "--precision", "fp32"]
+
+
+def test_distill_train_eval_on_synthetic_data(tmp_path) -> None:
+    result = runner.invoke(app, ["train", "tests.models:tiny_resnet", "--input-size", "16", "--out",
+                                 str(tmp_path / "t"), *SYN])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    teacher = tmp_path / "t" / "best.safetensors"
+    result = runner.invoke(app, ["distill", "tests.models:tiny_resnet", "--weights", str(teacher), "--input-size",
+                                 "16", "--regulators", "all", "--calibrate-batches", "2", "--out", str(tmp_path / "s"),
+                                 *SYN])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["conversion"]["init"] == "act"  # the default when data is given
+    for key in ("teacher_acc", "converted_acc", "calibrated_acc", "finetuned_acc", "drop"):
+        assert 0.0 <= abs(report[key]) <= 1.0
+    assert (tmp_path / "s" / "metrics.csv").is_file() and (tmp_path / "s" / "state.pt").is_file()
+    # resuming a finished run trains nothing more and reports the same final accuracy
+    again = runner.invoke(app, ["distill", "tests.models:tiny_resnet", "--weights", str(teacher), "--input-size",
+                                "16", "--regulators", "all", "--calibrate-batches", "2", "--out", str(tmp_path / "s"),
+                                "--resume", *SYN])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "s" / "report.json").read_text())["finetuned_acc"] == report["finetuned_acc"]
+
+
+def test_act_init_without_data_is_a_usage_error() -> None:
+    result = runner.invoke(convert_app, [*TINY, "--init", "act"])
+    assert result.exit_code == 2 and "--dataset" in result.output
+
+
+def test_torchrun_two_processes(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+           "dacnn_convert.cli", "distill", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16",
+           "--calibrate-batches", "1", "--out", str(tmp_path), *SYN]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=os.getcwd())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "model.safetensors").is_file()
+    assert done.stdout.count("accuracy teacher") == 1  # rank 0 alone reports

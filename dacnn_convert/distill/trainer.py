@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ class TrainConfig:
     kd_alpha: float = 0.9
     precision: str = "auto"
     limit_batches: int | None = None
+    checkpoint_every: int | None = None  # steps; None = at the end of each epoch only
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,6 +143,23 @@ class NonFiniteLossError(DacnnError):
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _save_state(path: Path, state: dict[str, Any]) -> Path:
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _append_csv(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with path.open("a") as f:
+        if new:
+            f.write(",".join(row) + "\n")
+        f.write(",".join(f"{v:.6g}" for v in row.values()) + "\n")
+
+
 def _fit(
     model: nn.Module,
     step_loss: StepFn,
@@ -151,34 +170,60 @@ def _fit(
     on_step: Callable[[dict[str, float]], None] | None,
     on_epoch: Callable[[dict[str, float]], None] | None,
     source: Any = None,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> FitResult:
     from ..checkpoint import save
+    from .distributed import all_sum, is_main, world_size
 
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
+    net: nn.Module = model
+    if world_size() > 1:
+        net = nn.parallel.DistributedDataParallel(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, cfg)
     per_epoch = len(train_batches) if cfg.limit_batches is None else min(cfg.limit_batches, len(train_batches))
     total_steps = per_epoch * cfg.epochs
     result = FitResult(precision=precision)
+    state_path = out / "state.pt" if out is not None else None
+    first_epoch, skip, step = 0, 0, 0
+    if resume and state_path is not None and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        first_epoch, skip, step = state["epoch"], state["batch"], state["step"]
+        result.history, result.best_acc = state["history"], state["best_acc"]
     start = time.perf_counter()
     seen = 0
-    step = 0
-    last_good: Path | None = None
-    for epoch in range(cfg.epochs):
+    last_good: Path | None = state_path if state_path is not None and state_path.is_file() else None
+
+    def checkpoint(epoch: int, batch: int) -> None:
+        nonlocal last_good
+        if state_path is None or not is_main():
+            return
+        last_good = _save_state(state_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "epoch": epoch, "batch": batch, "step": step, "history": result.history, "best_acc": result.best_acc,
+        })  # fmt: skip
+
+    for epoch in range(first_epoch, cfg.epochs):
         if hasattr(train_batches, "set_epoch"):
             train_batches.set_epoch(epoch)
-        model.train()
+        net.train()
         loss_sum = correct = count = 0.0
         for i, (x, y) in enumerate(train_batches):
             if i >= per_epoch:
                 break
+            if i < skip:  # resumed mid-epoch: these batches were already trained on
+                continue
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
             x, y = x.to(device), y.to(device)
             with autocast(precision, device):
-                logits = model(x)
+                logits = net(x)
                 loss = step_loss(logits, x, y)
             if not torch.isfinite(loss):
                 where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
@@ -195,10 +240,16 @@ def _fit(
             loss_sum += loss.item() * len(y)
             correct += float((logits.argmax(1) == y).sum())
             count += len(y)
-            if on_step is not None:
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(epoch, i + 1)
+            if stop_after is not None and step >= stop_after:  # test hook: simulate a killed run
+                return result
+            if on_step is not None and is_main():
                 elapsed = time.perf_counter() - start
                 on_step({"epoch": epoch + 1, "step": i + 1, "steps": per_epoch, "loss": loss_sum / count,
                          "acc": correct / count, "images_per_s": seen / elapsed})  # fmt: skip
+        skip = 0
+        loss_sum, correct, count = all_sum([loss_sum, correct, count])
         val_acc = evaluate(model, val_batches, precision)
         row = {
             "epoch": epoch + 1,
@@ -209,14 +260,18 @@ def _fit(
             "wall_s": time.perf_counter() - start,
         }
         result.history.append(row)
-        if out is not None:
-            last_good = save(model, out / "last.safetensors", source=source)
+        if out is not None and is_main():
+            _append_csv(out / "metrics.csv", row)
+            save(model, out / "last.safetensors", source=source)
             if val_acc >= result.best_acc:
                 result.checkpoint = save(model, out / "best.safetensors", source=source)
         result.best_acc = max(result.best_acc, val_acc)
-        if on_epoch is not None:
+        checkpoint(epoch + 1, 0)
+        if on_epoch is not None and is_main():
             on_epoch(row)
-    result.final_acc = result.history[-1]["val_acc"]
+    if out is not None and result.checkpoint is None and (out / "best.safetensors").is_file():
+        result.checkpoint = out / "best.safetensors"
+    result.final_acc = result.history[-1]["val_acc"] if result.history else 0.0
     result.wall_s = time.perf_counter() - start
     result.images_per_s = seen / max(result.wall_s, 1e-9)
     return result
@@ -231,6 +286,8 @@ def train(
     on_step: Callable[[dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     source: Any = None,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> FitResult:
     """Train ``model`` with cross-entropy (a reference teacher). See :func:`distill` for arguments."""
     cfg = config or TrainConfig()
@@ -238,7 +295,7 @@ def train(
     def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
 
-    return _fit(model, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source)
+    return _fit(model, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)
 
 
 def distill(
@@ -252,6 +309,8 @@ def distill(
     on_step: Callable[[dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     source: Any = None,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> FitResult:
     """Fine-tune ``student`` on cross-entropy + Hinton KD from ``teacher`` (eval mode, no grad).
 
@@ -262,9 +321,13 @@ def distill(
         val_batches: yields (images, labels) for the per-epoch validation accuracy.
         epochs: shorthand overriding ``config.epochs``.
         config: optimisation settings (:class:`TrainConfig`).
-        out: folder for ``best.safetensors`` and ``last.safetensors``; None writes nothing.
+        out: folder for ``best.safetensors``, ``last.safetensors``, ``metrics.csv`` and the
+            resumable ``state.pt`` (model, optimiser, RNG, counters; written atomically).
         on_step, on_epoch: progress callbacks receiving plain dicts.
         source: model source recorded in checkpoints (see :func:`dacnn_convert.save`).
+        resume: continue from ``out/state.pt`` when it exists (same optimiser, schedule,
+            RNG and counters; a run stopped mid-epoch skips the batches it already did).
+        stop_after: stop after this many steps in total (a test hook that simulates a crash).
 
     Returns:
         :class:`FitResult` with the validation accuracy history and the best checkpoint.
@@ -285,4 +348,4 @@ def distill(
             t = teacher(x.to(device))
         return kd_loss(logits, t, y, cfg.kd_temperature, cfg.kd_alpha, cfg.label_smoothing)
 
-    return _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source)
+    return _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)

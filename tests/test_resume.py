@@ -1,0 +1,33 @@
+"""A run killed mid-epoch and resumed ends exactly where an uninterrupted run ends (CPU, fp32)."""
+
+from __future__ import annotations
+
+import torch
+
+from dacnn_convert.distill import TrainConfig, make_loaders, train
+
+from .models import TinyResNet
+
+
+def _run(out, stop_after=None, resume=False):
+    torch.manual_seed(0)
+    model = TinyResNet()
+    loaders = make_loaders("synthetic", batch_size=64, input_size=16)  # 8 batches per epoch
+    cfg = TrainConfig(epochs=2, lr=0.05, precision="fp32", checkpoint_every=3)
+    result = train(model, loaders.train, loaders.val, cfg, out=out, resume=resume, stop_after=stop_after)
+    return model, result
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path) -> None:
+    reference, ref_result = _run(tmp_path / "a")
+    for kill_at in (5, 11):  # mid-epoch 1 (last checkpoint at step 3) and mid-epoch 2 (step 9)
+        out = tmp_path / f"b{kill_at}"
+        _run(out, stop_after=kill_at)
+        assert (out / "state.pt").is_file()
+        resumed, result = _run(out, resume=True)
+        for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6, msg=name)
+        assert result.final_acc == ref_result.final_acc
+        assert [h["epoch"] for h in result.history] == [1, 2]
+    rows = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss,train_acc,val_acc") and len(rows) == 3
