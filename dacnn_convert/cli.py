@@ -215,6 +215,15 @@ ResumeOpt = Annotated[bool, typer.Option(help="continue from OUT/state.pt (optim
 CkptOpt = Annotated[int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)")]
 
 
+class FeatureLoss(str, Enum):
+    none = "none"
+    mse = "mse"
+
+
+FeatOpt = Annotated[FeatureLoss, typer.Option(help="also match stage outputs of teacher and student (mse)")]
+FeatWOpt = Annotated[float, typer.Option(min=0.0, help="weight of the feature loss")]
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """Data and fine-tuning flags shared by convert/distill/train."""
@@ -236,6 +245,7 @@ class DataOptions:
     seed: int = 0
     resume: bool = False
     checkpoint_every: int | None = None
+    feature_weight: float = 0.0
 
     def config(self) -> Any:
         from .distill import TrainConfig
@@ -244,7 +254,7 @@ class DataOptions:
             epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, schedule=self.schedule,
             weight_decay=self.weight_decay, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
             precision=self.precision, limit_batches=self.limit_batches, seed=self.seed,
-            checkpoint_every=self.checkpoint_every,
+            checkpoint_every=self.checkpoint_every, feature_weight=self.feature_weight,
         )  # fmt: skip
 
     def loaders(self, size: tuple[int, int, int]) -> Any:
@@ -362,6 +372,8 @@ def convert_command(
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
     checkpoint_every: CkptOpt = None,
+    feature_loss: FeatOpt = FeatureLoss.none,
+    feature_weight: FeatWOpt = 1.0,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
@@ -370,6 +382,7 @@ def convert_command(
     data = DataOptions(
         dataset, epochs, batch_size, lr, optimizer, schedule, 5e-4, kd_temperature, kd_alpha, calibrate_batches,
         precision, limit_batches, train_limit, download, seed, resume, checkpoint_every,
+        feature_weight if feature_loss is FeatureLoss.mse else 0.0,
     )  # fmt: skip
     try:
         run_convert(

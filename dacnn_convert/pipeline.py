@@ -130,7 +130,7 @@ def compress(
     fit = timed(
         "finetune",
         lambda: distill(student, teacher, loaders.train, loaders.val, config=config, out=out, on_step=on_step,
-                        on_epoch=on_epoch, source=source, resume=resume),  # fmt: skip
+                        on_epoch=on_epoch, source=source, resume=resume, feature_layers=plan.stage_outputs()),  # fmt: skip
     )
     finetuned_acc = fit.final_acc
     notify("finetuned", finetuned_acc)

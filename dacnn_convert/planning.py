@@ -134,6 +134,18 @@ class Plan:
     def group_of(self, name: str) -> Group | None:
         return next((g for g in self.groups if name in g.members), None)
 
+    def stage_outputs(self) -> list[str]:
+        """Per section, the module whose output ends it (the BN after its last conv, else the conv).
+
+        Names are the same in the original and the converted model, so these match teacher
+        and student features stage by stage (for feature distillation).
+        """
+        names = []
+        for res in self.sections:
+            last = max((s for s in self.sites if s.out_size == tuple(res)), key=lambda s: s.order)
+            names.append(last.bn or last.name)
+        return names
+
     # -- arithmetic ------------------------------------------------------------
     @property
     def conv_params_before(self) -> int:

@@ -111,3 +111,30 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path, monkeypatch) -> None
         make_loaders("cifar10")
     with pytest.raises(UsageError, match="Did you mean: cifar10"):
         make_loaders("cifar1O")
+
+
+def test_feature_loss_matches_stages_by_name() -> None:
+    from dacnn_convert import plan
+    from dacnn_convert.distill.losses import FeatureTaps, feature_mse
+
+    teacher = TinyResNet().eval()
+    p = plan(teacher, input_size=(3, 16, 16))
+    assert p.stage_outputs() == ["layer1.1.bn2", "layer2.1.bn2"]
+    same = anchor(teacher, mode="none", input_size=(3, 16, 16)).eval()
+    other = anchor(teacher, mode="mix", init="random", input_size=(3, 16, 16)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    taps = [FeatureTaps(m, p.stage_outputs()) for m in (teacher, same, other)]
+    for m in (teacher, same, other):
+        m(x)
+    assert feature_mse(taps[1].outputs, taps[0].outputs).item() == 0.0
+    assert feature_mse(taps[2].outputs, taps[0].outputs).item() > 0.0
+
+
+def test_distill_with_feature_loss_runs_and_cleans_up_hooks() -> None:
+    loaders = make_loaders("synthetic", batch_size=64, input_size=16)
+    teacher = TinyResNet()
+    student = anchor(teacher, input_size=(3, 16, 16))
+    p = student.dacnn_plan
+    cfg = TrainConfig(precision="fp32", feature_weight=1.0, limit_batches=2)
+    result = distill(student, teacher, loaders.train, loaders.val, config=cfg, feature_layers=p.stage_outputs())
+    assert result.history and all(not m._forward_hooks for m in student.modules())

@@ -24,3 +24,28 @@ def kd_loss(
     kl = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1), log_target=True,
                   reduction="batchmean")  # fmt: skip
     return (1.0 - alpha) * ce + alpha * temperature**2 * kl
+
+
+class FeatureTaps:
+    """Keeps the latest outputs of named modules (forward hooks), for feature distillation."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):  # noqa: ANN202
+        def hook(module: torch.nn.Module, inp: object, out: torch.Tensor) -> None:
+            self.outputs[name] = out
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def feature_mse(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over matched stages of the MSE between student and teacher feature maps."""
+    losses = [F.mse_loss(student[k].float(), teacher[k].float()) for k in teacher]
+    return torch.stack(losses).mean()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DacnnError, UsageError, choose
-from .losses import kd_loss
+from .losses import FeatureTaps, feature_mse, kd_loss
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -39,6 +39,7 @@ class TrainConfig:
     clip_grad: float | None = None
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
+    feature_weight: float = 0.0  # weight of the stage-feature MSE (used when feature layers are given)
     precision: str = "auto"
     limit_batches: int | None = None
     checkpoint_every: int | None = None  # steps; None = at the end of each epoch only
@@ -311,6 +312,7 @@ def distill(
     source: Any = None,
     resume: bool = False,
     stop_after: int | None = None,
+    feature_layers: list[str] | None = None,
 ) -> FitResult:
     """Fine-tune ``student`` on cross-entropy + Hinton KD from ``teacher`` (eval mode, no grad).
 
@@ -328,6 +330,9 @@ def distill(
         resume: continue from ``out/state.pt`` when it exists (same optimiser, schedule,
             RNG and counters; a run stopped mid-epoch skips the batches it already did).
         stop_after: stop after this many steps in total (a test hook that simulates a crash).
+        feature_layers: modules whose outputs are matched by MSE, weighted by
+            ``config.feature_weight`` (e.g. ``plan.stage_outputs()``: names are shared by
+            teacher and student).
 
     Returns:
         :class:`FitResult` with the validation accuracy history and the best checkpoint.
@@ -342,10 +347,20 @@ def distill(
     for p in teacher.parameters():
         p.requires_grad_(False)
     device = next(student.parameters()).device
+    layers = list(feature_layers or [])
+    taps = (FeatureTaps(student, layers), FeatureTaps(teacher, layers)) if layers and cfg.feature_weight > 0 else None
 
     def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = teacher(x.to(device))
-        return kd_loss(logits, t, y, cfg.kd_temperature, cfg.kd_alpha, cfg.label_smoothing)
+        value = kd_loss(logits, t, y, cfg.kd_temperature, cfg.kd_alpha, cfg.label_smoothing)
+        if taps is not None:
+            value = value + cfg.feature_weight * feature_mse(taps[0].outputs, taps[1].outputs)
+        return value
 
-    return _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)
+    try:
+        return _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)
+    finally:
+        if taps is not None:
+            taps[0].remove()
+            taps[1].remove()
