@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 MODELS = ["resnet18", "resnet34", "resnet50", "vgg16_bn", "timm:resnet50d", "timm:efficientnet_b0", "timm:regnetx_002"]
@@ -64,14 +62,13 @@ def main() -> None:
                              capture_output=True, text=True, check=True)  # fmt: skip
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    import torch
+    from _env import machine  # benchmarks/ is on sys.path when run as a script
 
     lines = [
         f"# Conversion speed ({args.mode})",
         "",
         f"Command: `python benchmarks/convert_speed.py --mode {args.mode} --repeats {args.repeats}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, 2 threads; torch {torch.__version__}; "
-        f"python {platform.python_version()}; {date.today()}  ",
+        f"Machine: {machine()} (each conversion pinned to 2 threads)  ",
         "Time = trace + shape propagation + plan + deep copy + fit init + apply (best of repeats; random weights).  ",
         "RSS = peak resident memory (model build included) above the baseline after imports and a warm-up conversion of a "
         "3-conv toy net, over the model's parameter bytes.",

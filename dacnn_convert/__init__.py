@@ -9,6 +9,7 @@ kernels shared across the layers of a stage (``mix``) or of the whole network
 """
 
 from .checkpoint import load, save
+from .distill import distill
 from .convert import Conversion, anchor, apply, convert, plan
 from .errors import DacnnError
 from .planning import Plan
@@ -25,6 +26,7 @@ __all__ = [
     "convert",
     "count_macs",
     "count_params",
+    "distill",
     "load",
     "plan",
     "save",

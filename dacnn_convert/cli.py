@@ -32,6 +32,7 @@ class Mode(str, Enum):
 class Init(str, Enum):
     fit = "fit"
     act = "act"
+    act_seq = "act-seq"
     mean = "mean"
     first = "first"
     random = "random"
@@ -108,8 +109,8 @@ def run_convert(
     original = build_model(spec, weights).eval()
     size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original, spec))
     init = init or (Init.act if data and data.dataset else Init.fit)
-    if init is Init.act and not (data and data.dataset):
-        raise UsageError("--init act fits anchors to real inputs: give --dataset (or use --init fit)")
+    if init in (Init.act, Init.act_seq) and not (data and data.dataset):
+        raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
     plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
     if dry_run:
         render_plan(plan, spec.display)
@@ -185,8 +186,8 @@ StyleOpt = Annotated[
 ]
 InitOpt = Annotated[
     Init | None,
-    typer.Option(help="anchor init: act (data-aware; default with --dataset), fit (weight least squares, "
-                 "default without data), mean, first, random"),
+    typer.Option(help="anchor init: act (data-aware; default with --dataset), act-seq (data-aware, layer by "
+                 "layer on the converted student), fit (weight least squares; default without data), mean, first, random"),
 ]
 WeightsOpt = Annotated[str, typer.Option(help="DEFAULT (pretrained, downloads), none (random), or a state-dict PATH")]
 ClassesOpt = Annotated[int | None, typer.Option(help="classes of the classifier (replaces the head if pretrained)")]
@@ -222,6 +223,12 @@ class FeatureLoss(str, Enum):
 
 FeatOpt = Annotated[FeatureLoss, typer.Option(help="also match stage outputs of teacher and student (mse)")]
 FeatWOpt = Annotated[float, typer.Option(min=0.0, help="weight of the feature loss")]
+PlotOpt = Annotated[bool, typer.Option(help="write OUT/accuracy.png, the accuracy curve of the fine-tune")]
+AugOpt = Annotated[str, typer.Option(help="auto (random flip as the paper, none for SVHN), flip or none")]
+WdOpt = Annotated[float, typer.Option(min=0.0, help="weight decay")]
+SmoothOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="label smoothing of the cross-entropy term")]
+WarmOpt = Annotated[int, typer.Option(min=0, help="linear learning-rate warm-up steps")]
+ClipOpt = Annotated[float | None, typer.Option(min=0.0, help="clip the gradient norm to this value")]
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,11 @@ class DataOptions:
     resume: bool = False
     checkpoint_every: int | None = None
     feature_weight: float = 0.0
+    plot: bool = False
+    augment: str = "auto"
+    label_smoothing: float = 0.0
+    warmup_steps: int = 0
+    clip_grad: float | None = None
 
     def config(self) -> Any:
         from .distill import TrainConfig
@@ -255,6 +267,7 @@ class DataOptions:
             weight_decay=self.weight_decay, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
             precision=self.precision, limit_batches=self.limit_batches, seed=self.seed,
             checkpoint_every=self.checkpoint_every, feature_weight=self.feature_weight,
+            label_smoothing=self.label_smoothing, warmup_steps=self.warmup_steps, clip_grad=self.clip_grad,
         )  # fmt: skip
 
     def loaders(self, size: tuple[int, int, int]) -> Any:
@@ -267,7 +280,7 @@ class DataOptions:
             console.quiet = True  # rank 0 alone reports
         return make_loaders(
             self.dataset, self.batch_size, size[1], size[0], download=self.download, train_limit=self.train_limit,
-            seed=self.seed, rank=rank, world_size=world,
+            seed=self.seed, rank=rank, world_size=world, augment=self.augment,
         )  # fmt: skip
 
 
@@ -320,6 +333,11 @@ def _run_pipeline(original: Any, plan: Any, spec: Any, size: Any, out: Path, dat
             original, plan, loaders, data.config(), data.calibrate_batches, out, spec,
             on_stage=progress.stage, on_step=progress.step, on_epoch=progress.epoch_end, resume=data.resume,
         )  # fmt: skip
+    if data.plot and result.fit is not None:
+        from .report import plot_accuracy
+
+        marks = {"teacher": result.teacher_acc, "after BN recalibration": result.calibrated_acc}
+        console.print(f"wrote {plot_accuracy(result.fit.history, marks, out / 'accuracy.png')}")
     render_report(result.report)
     render_accuracy(result)
     console.print(f"wrote {out / 'model.safetensors'}, {out / 'report.json'}, {out / 'report.md'}")
@@ -374,15 +392,22 @@ def convert_command(
     checkpoint_every: CkptOpt = None,
     feature_loss: FeatOpt = FeatureLoss.none,
     feature_weight: FeatWOpt = 1.0,
+    plot: PlotOpt = False,
+    augment: AugOpt = "auto",
+    weight_decay: WdOpt = 5e-4,
+    label_smoothing: SmoothOpt = 0.0,
+    warmup_steps: WarmOpt = 0,
+    clip_grad: ClipOpt = None,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
     With --dataset, also recalibrate BatchNorm and distil the original into the anchored net.
     """
     data = DataOptions(
-        dataset, epochs, batch_size, lr, optimizer, schedule, 5e-4, kd_temperature, kd_alpha, calibrate_batches,
-        precision, limit_batches, train_limit, download, seed, resume, checkpoint_every,
-        feature_weight if feature_loss is FeatureLoss.mse else 0.0,
+        dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, kd_temperature, kd_alpha,
+        calibrate_batches, precision, limit_batches, train_limit, download, seed, resume, checkpoint_every,
+        feature_weight if feature_loss is FeatureLoss.mse else 0.0, plot, augment, label_smoothing, warmup_steps,
+        clip_grad,
     )  # fmt: skip
     try:
         run_convert(
@@ -411,13 +436,19 @@ def train_command(
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
     checkpoint_every: CkptOpt = None,
+    augment: AugOpt = "auto",
+    weight_decay: WdOpt = 5e-4,
+    label_smoothing: SmoothOpt = 0.0,
+    warmup_steps: WarmOpt = 0,
+    clip_grad: ClipOpt = None,
 ) -> None:
     """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
     try:
         run_train(model, dataset, out, weights, input_size, DataOptions(
-            dataset, epochs, batch_size, lr, optimizer, schedule, 5e-4, precision=precision,
+            dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, precision=precision,
             limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed, resume=resume,
-            checkpoint_every=checkpoint_every,
+            checkpoint_every=checkpoint_every, augment=augment, label_smoothing=label_smoothing,
+            warmup_steps=warmup_steps, clip_grad=clip_grad,
         ))  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
@@ -491,7 +522,7 @@ def demo_command(
             run_train("resnet18", "fashion-mnist", teacher.parent, "none", "32", DataOptions(
                 "fashion-mnist", teacher_epochs, lr=0.05, precision=precision, train_limit=train_limit,
             ))  # fmt: skip
-        console.print("converting: mode mix, regulators all, init fit; then BN recalibration and KD fine-tune")
+        console.print("converting: mode mix, regulators all, init act (data-aware); then BN recalibration and KD fine-tune")
         run_convert(
             "resnet18", Mode.mix, "all", RegulatorStyle.adapter, Init.act, str(teacher), 10, "32", out / "student",
             data=DataOptions("fashion-mnist", epochs, lr=0.02, precision=precision, train_limit=train_limit,

@@ -14,6 +14,8 @@ from .fitting import FITS, fit_activations, input_moments
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
 from .planning import Group, Plan, make_plan
 
+plan = make_plan  # the public name: dacnn_convert.plan(model, ...)
+
 PLAN_ATTR = "dacnn_plan"
 
 
@@ -51,17 +53,21 @@ def convert(
         init: overrides ``plan.init``; ``"none"`` skips initialisation (used by ``load``,
             which overwrites every tensor from the checkpoint right after).
         calib_loader: batches of (images, labels) for ``init="act"``: the anchor is fitted to
-            the inputs each member actually sees (the original model is run on them).
+            the inputs each member actually sees (the original model is run on them); for
+            ``"act-seq"`` to the inputs it sees in the student converted so far, matching the
+            original's outputs (one pass over the batches per group).
         calib_batches: how many batches of ``calib_loader`` to use.
 
     Raises:
         PlanError: a planned conv is missing or has another shape in ``model``.
     """
     init = plan.init if init is None else init
+    sequential = init == "act-seq"
     originals = dict(model.named_modules())
     members = [originals.get(m) for g in plan.groups for m in g.members]
-    # Members are replaced right away: do not copy their kernels (saves memory and time).
-    memo = {id(m.weight): nn.Parameter(torch.empty(0)) for m in members if type(m) is nn.Conv2d}
+    # Members are replaced right away: do not copy their kernels (saves memory and time) —
+    # unless the student must run before every group is converted (sequential fit).
+    memo = {} if sequential else {id(m.weight): nn.Parameter(torch.empty(0)) for m in members if type(m) is nn.Conv2d}
     student = copy.deepcopy(model, memo)
     modules = dict(student.named_modules())
     for s in plan.sites:
@@ -78,22 +84,26 @@ def convert(
     regs = {r.host: r for r in plan.regulators}
     errors: dict[str, dict[str, float]] = {}
     notes: list[str] = []
-    moments: dict[str, torch.Tensor] = {}
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    data_aware = init in ("act", "act-seq")
+    if data_aware and calib_loader is None:
+        raise UsageError(f"init {init!r} fits anchors to real inputs: pass calib_loader=... (CLI: --dataset)")
     if init == "act":
-        if calib_loader is None:
-            raise UsageError("init 'act' fits anchors to real inputs: pass calib_loader=... (CLI: --dataset)")
         ready = [m for g in plan.groups if _act_ready(plan, g) for m in g.members]
-        moments = {k: v.cpu() for k, v in input_moments(model, ready, calib_loader, calib_batches).items()}
-    for g in plan.groups:
+        moments = input_moments(model, ready, calib_loader, calib_batches)  # type: ignore[arg-type]
+    for g in sorted(plan.groups, key=lambda g: min(plan.site(m).order for m in g.members)):
         weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
+        if sequential and _act_ready(plan, g):
+            # inputs as the student, converted up to here, feeds them (GPTQ-style, layer by layer)
+            moments = input_moments(model, list(g.members), calib_loader, calib_batches, student=student)  # type: ignore[arg-type]
         if init == "none":
             fit = None
-        elif init == "act" and all(m in moments for m in g.members):
+        elif data_aware and all(m in moments for m in g.members):
             fit = fit_activations(weights, [moments[m] for m in g.members])
         else:
-            if init == "act":
-                notes.append(f"{g.name}: members differ in shape or padding; weight-space fit used instead of act")
-            fit = FITS["fit" if init == "act" else init](weights, g.shape)
+            if data_aware:
+                notes.append(f"{g.name}: members differ in shape or padding; weight-space fit used instead of {init}")
+            fit = FITS["fit" if data_aware else init](weights, g.shape)
         if fit is not None:
             errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
         with torch.no_grad():
@@ -165,22 +175,6 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
-
-
-def plan(
-    model: nn.Module,
-    mode: str = "mix",
-    regulators: str | Sequence[int] | None = "none",
-    regulator_style: str = "adapter",
-    init: str = "fit",
-    input_size: tuple[int, int, int] = (3, 224, 224),
-    leaf_modules: Sequence[type[nn.Module]] = (),
-) -> Plan:
-    """Analyse ``model`` and return the conversion :class:`Plan` (nothing is changed).
-
-    See :func:`dacnn_convert.planning.make_plan` for the arguments and errors.
-    """
-    return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules)
 
 
 def apply(model: nn.Module, plan: Plan) -> nn.Module:

@@ -170,62 +170,112 @@ def _als(weights: list[torch.Tensor], shape: tuple[int, ...], iters: int, tol: f
     return anchor, [a / s[: a.shape[0]] for a in scales]
 
 
-def input_moments(
-    model: torch.nn.Module, names: list[str], batches: Iterable, num_batches: int
-) -> dict[str, torch.Tensor]:
-    """Second moments H = sum x x^T of the unfolded input patches each named conv sees.
-
-    The model runs in eval mode without gradients; its mode is restored. Each H is divided
-    by its mean eigenvalue (trace / K) so that no layer dominates the fit by scale.
-    """
+def _patches(m: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The (N*L, K) matrix of input patches a conv multiplies by its flattened kernel."""
     import torch.nn.functional as F
 
-    modules = dict(model.named_modules())
-    moments: dict[str, torch.Tensor] = {}
+    p = F.unfold(x.float(), m.kernel_size, m.dilation, m.padding, m.stride)  # (N, K, L)
+    return p.transpose(1, 2).reshape(-1, p.shape[1])
 
-    def hook(name: str) -> Callable:
-        def fn(m: torch.nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            x = F.unfold(inp[0].float(), m.kernel_size, m.dilation, m.padding, m.stride)  # (N, K, L)
-            x = x.transpose(1, 2).reshape(-1, x.shape[1])
-            if name in moments:
-                moments[name].addmm_(x.T, x)
-            else:
-                moments[name] = x.T @ x
 
-        return fn
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    modes = {m: m.training for m in model.modules()}
-    device = next(model.parameters()).device
+def _run_batches(models: list[torch.nn.Module], batches: Iterable, num_batches: int) -> None:
+    """Run every model, in eval mode and without gradients, on the same batches; modes restored."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    device = next(models[0].parameters()).device
     try:
-        model.eval()
+        for model in models:
+            model.eval()
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 if i >= num_batches:
                     break
-                model((batch[0] if isinstance(batch, list | tuple) else batch).to(device))
+                x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
+                for model in models:
+                    model(x)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def input_moments(
+    model: torch.nn.Module,
+    names: list[str],
+    batches: Iterable,
+    num_batches: int,
+    student: torch.nn.Module | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per named conv, (H, C): second moments of the input patches it sees, and the cross term.
+
+    Without ``student``, H = C = sum x x^T over the patches ``model`` feeds the conv. With a
+    (partially converted) ``student`` holding convs of the same names, H = sum s s^T over the
+    student's patches and C = sum t s^T pairs them with the teacher's (``model``'s) patches,
+    for the sequential fit. Both are divided by the mean eigenvalue of H (trace / K) so that no
+    layer dominates the fit by scale.
+    """
+    teacher_mods = dict(model.named_modules())
+    student_mods = dict(student.named_modules()) if student is not None else teacher_mods
+    latest: dict[str, torch.Tensor] = {}
+    sums: dict[str, list[torch.Tensor]] = {}
+
+    def teacher_hook(name: str) -> Callable:
+        def fn(m: torch.nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            t = _patches(m, inp[0])
+            if student is None:
+                _accumulate(sums, name, t, t)
+            else:
+                latest[name] = t
+
+        return fn
+
+    def student_hook(name: str) -> Callable:
+        def fn(m: torch.nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            _accumulate(sums, name, _patches(m, inp[0]), latest.pop(name))
+
+        return fn
+
+    handles = [teacher_mods[n].register_forward_hook(teacher_hook(n)) for n in names]
+    if student is not None:
+        handles += [student_mods[n].register_forward_hook(student_hook(n)) for n in names]
+    try:
+        _run_batches([model] if student is None else [model, student], batches, num_batches)
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
-    for name, h in moments.items():
-        h = h.double()
-        moments[name] = h / (h.diagonal().mean().clamp_min(1e-12))
-    return moments
+    out = {}
+    for name, (h, c) in sums.items():
+        norm = h.double().diagonal().mean().clamp_min(1e-12)
+        out[name] = (h.double() / norm, c.double() / norm)
+    return out
+
+
+def _accumulate(sums: dict[str, list[torch.Tensor]], name: str, s: torch.Tensor, t: torch.Tensor) -> None:
+    """sums[name] += (s^T s, t^T s), reusing one buffer when s is t."""
+    if name not in sums:
+        h = s.T @ s
+        sums[name] = [h, h if t is s else t.T @ s]
+        return
+    h, c = sums[name]
+    h.addmm_(s.T, s)
+    if c is not h:
+        c.addmm_(t.T, s)
 
 
 def fit_activations(
-    weights: list[torch.Tensor], moments: list[torch.Tensor], iters: int = 3, ridge: float = 0.05
+    weights: list[torch.Tensor],
+    moments: list[tuple[torch.Tensor, torch.Tensor]],
+    iters: int = 3,
+    ridge: float = 0.05,
 ) -> Fit:
-    """Data-aware anchor: min sum_l ||(diag(a_l) W_G - W_l) X_l||^2 + ridge ||W_G - W_fit||^2.
+    """Data-aware anchor: min sum_l ||diag(a_l) W_G S_l - W_l T_l||^2 + ridge ||W_G - W_fit||^2.
 
-    X_l are the input patches member l actually sees (through their second moments H_l).
-    The anchor step is closed form, W_G = (sum_l c_l H_l + ridge I)^-1 (sum_l H_l W_l^T diag(a_l) + ridge W_fit),
-    with c_l the mean squared scale of member l (one matrix shared by all output channels);
-    the scale step is a data-weighted projection. The ridge pulls the anchor towards the
-    weight-space fit ``W_fit`` in input directions the calibration data never excites, so the
-    anchor does not overfit a few batches. Errors reported are weight-space errors, as for ``fit``.
+    T_l are the input patches member l sees in the original model and S_l those it sees in
+    the student (S = T unless fitted sequentially), given as (H_l, C_l) = (S S^T, T S^T) from
+    :func:`input_moments`. The anchor step is closed form,
+    W_G = (sum_l c_l H_l + ridge I)^-1 (sum_l C_l^T W_l^T diag(a_l) + ridge W_fit), with c_l the
+    mean squared scale of member l (one matrix shared by all output channels); the scale step
+    is a data-weighted projection. The ridge pulls the anchor towards the weight-space fit
+    ``W_fit`` in input directions the calibration data never excites, so the anchor does not
+    overfit a few batches. Errors reported are weight-space errors, as for ``fit``.
     """
     shape = tuple(weights[0].shape)
     co = shape[0]
@@ -234,15 +284,15 @@ def fit_activations(
     anchor = prior
     scales = [s.double() if s is not None else torch.ones(co, dtype=torch.float64) for s in start.scales]
     flat = [w.reshape(co, -1).double() for w in weights]
+    targets = [w @ c for w, (_, c) in zip(flat, moments, strict=True)]  # W_l T_l S_l^T, fixed
     eye = torch.eye(prior.shape[1], dtype=torch.float64)
     for _ in range(iters):
-        lhs = sum(float(a.pow(2).mean()) * h for a, h in zip(scales, moments, strict=True)) + ridge * eye
-        rhs = sum((w * a[:, None]) @ h for w, a, h in zip(flat, scales, moments, strict=True)) + ridge * prior
+        lhs = sum(float(a.pow(2).mean()) * h for a, (h, _) in zip(scales, moments, strict=True)) + ridge * eye
+        rhs = sum(t * a[:, None] for t, a in zip(targets, scales, strict=True)) + ridge * prior
         anchor = torch.linalg.solve(lhs, rhs.T).T  # lhs is symmetric
-        for i, (w, h) in enumerate(zip(flat, moments, strict=True)):
-            gh = anchor @ h
-            den = (gh * anchor).sum(dim=1)
-            scales[i] = torch.where(den > 1e-12, (gh * w).sum(dim=1) / den.clamp_min(1e-12), scales[i])
+        for i, (t, (h, _)) in enumerate(zip(targets, moments, strict=True)):
+            den = ((anchor @ h) * anchor).sum(dim=1)
+            scales[i] = torch.where(den > 1e-12, (t * anchor).sum(dim=1) / den.clamp_min(1e-12), scales[i])
         a, r = _normalise_scales(torch.stack(scales, dim=1))
         scales = list(a.unbind(dim=1))
         anchor = anchor * r[:, None]

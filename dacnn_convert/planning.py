@@ -31,7 +31,7 @@ from .errors import PlanError, UsageError, choose
 from .graph import ConvSite, analyze
 
 MODES: dict[str, Callable[[list[ConvSite]], list[list[ConvSite]]]] = {}
-INITS = ("fit", "act", "mean", "first", "random")
+INITS = ("fit", "act", "act-seq", "mean", "first", "random")
 REGULATOR_STYLES = ("adapter", "paper")
 
 
@@ -166,7 +166,7 @@ class Plan:
 
     def has_scale(self, name: str) -> bool:
         """A ``fit``-initialised member with no BatchNorm to fold into keeps its own channel scales."""
-        return self.init in ("fit", "act") and self.group_of(name) is not None and self.site(name).bn is None
+        return self.init in ("fit", "act", "act-seq") and self.group_of(name) is not None and self.site(name).bn is None
 
     @property
     def scale_params(self) -> int:
@@ -285,8 +285,8 @@ def make_plan(
         regulators: ``none``, ``all`` or 1-based section numbers (``"1,3"`` or ``[1, 3]``).
         regulator_style: ``adapter`` (parallel, zero-initialised: the function is
             unchanged at step 0) or ``paper`` (in series after the anchored conv).
-        init: how :func:`apply` initialises anchors: ``fit``, ``act`` (needs calibration
-            data), ``mean``, ``first``, ``random``.
+        init: how :func:`apply` initialises anchors: ``fit``, ``act`` or ``act-seq`` (need
+            calibration data), ``mean``, ``first``, ``random``.
         input_size: (C, H, W) of one example, used for shape propagation.
         leaf_modules: module types fx must not trace into.
 

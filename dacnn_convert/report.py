@@ -222,3 +222,33 @@ def build_report(
         regulator_params=plan.regulator_params,
         notes=plan.notes,
     )
+
+
+def plot_accuracy(history: list[dict[str, float]], marks: dict[str, float], path: str | Path) -> Path:
+    """Write a PNG of validation accuracy per epoch, with horizontal marks (e.g. the teacher's).
+
+    Args:
+        history: rows with ``epoch`` and ``val_acc`` (fractions), as in FitResult.history.
+        marks: label -> accuracy drawn as dashed lines.
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    epochs = [0] + [h["epoch"] for h in history]
+    start = marks.get("after BN recalibration", history[0]["val_acc"] if history else 0.0)
+    ax.plot(epochs, [100 * start] + [100 * h["val_acc"] for h in history], marker="o", label="student")
+    for i, (label, value) in enumerate(marks.items()):
+        ax.axhline(100 * value, linestyle="--", linewidth=1, color=f"C{i + 1}", label=label)
+    ax.set_xlabel("fine-tuning epoch")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

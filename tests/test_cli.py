@@ -102,8 +102,9 @@ def test_distill_train_eval_on_synthetic_data(tmp_path) -> None:
     teacher = tmp_path / "t" / "best.safetensors"
     result = runner.invoke(app, ["distill", "tests.models:tiny_resnet", "--weights", str(teacher), "--input-size",
                                  "16", "--regulators", "all", "--calibrate-batches", "2", "--out", str(tmp_path / "s"),
-                                 *SYN])  # fmt: skip
+                                 "--plot", "--feature-loss", "mse", *SYN])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "s" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert report["conversion"]["init"] == "act"  # the default when data is given
     for key in ("teacher_acc", "converted_acc", "calibrated_acc", "finetuned_acc", "drop"):
@@ -135,3 +136,19 @@ def test_torchrun_two_processes(tmp_path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (tmp_path / "model.safetensors").is_file()
     assert done.stdout.count("accuracy teacher") == 1  # rank 0 alone reports
+
+
+def test_timm_offline_fails_fast_without_hub_retries(tmp_path, monkeypatch) -> None:
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    result = runner.invoke(convert_app, ["timm:resnet18", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1, result.output
+    assert "--weights none" in result.output
+    assert time.perf_counter() - start < 20  # huggingface_hub alone would retry for ~45 s

@@ -252,16 +252,18 @@ def test_act_init_matches_outputs_better_than_weight_fits() -> None:
     with torch.no_grad():
         target = model(x)
     errors = {}
-    for init in ("mean", "fit", "act"):
+    for init in ("mean", "fit", "act", "act-seq"):
         student = convert(model, plan(model, init=init, input_size=SIZE), calib_loader=data).model.eval()
         with torch.no_grad():
             errors[init] = (student(x) - target).pow(2).mean().item()
     assert errors["act"] < errors["fit"] and errors["act"] < errors["mean"]
+    assert errors["act-seq"] < errors["fit"] and errors["act-seq"] < errors["mean"]
 
 
-def test_act_init_is_exact_for_identical_members() -> None:
+@pytest.mark.parametrize("init", ["act", "act-seq"])
+def test_act_init_is_exact_for_identical_members(init: str) -> None:
     model = randomize_bn(TinyResNet()).eval()
-    p = plan(model, init="act", input_size=SIZE)
+    p = plan(model, init=init, input_size=SIZE)
     _tie(model, p)
     student = convert(model, p, calib_loader=_calib()).model.eval()
     x = torch.randn(2, *SIZE)

@@ -138,3 +138,20 @@ def test_distill_with_feature_loss_runs_and_cleans_up_hooks() -> None:
     cfg = TrainConfig(precision="fp32", feature_weight=1.0, limit_batches=2)
     result = distill(student, teacher, loaders.train, loaders.val, config=cfg, feature_layers=p.stage_outputs())
     assert result.history and all(not m._forward_hooks for m in student.modules())
+
+
+def test_imagefolder_dataset(tmp_path) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (20, 24), color=(i * 100, 50, 200 if cls == "cat" else 0)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
+    loaders = make_loaders(f"imagefolder:{tmp_path}", batch_size=2, input_size=16)
+    x, y = next(iter(loaders.val))
+    assert loaders.num_classes == 2 and x.shape == (4, 3, 16, 16) and len(loaders.train) == 2
+    with pytest.raises(DatasetError, match="train"):
+        make_loaders(f"imagefolder:{tmp_path / 'nothing'}")

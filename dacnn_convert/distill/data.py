@@ -216,6 +216,49 @@ class Loaders:
     name: str
 
 
+class _EpochLoader:
+    """A DataLoader whose distributed sampler follows ``set_epoch``, like :class:`TensorLoader`."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        return iter(self.loader)
+
+
+def _imagefolder(root: Path, batch_size: int, size: int, flip: bool, seed: int, rank: int, world_size: int) -> Loaders:
+    """ImageNet-style ``root/train/CLASS/*.jpg`` and ``root/val/CLASS/*.jpg``, streamed from disk."""
+    from torchvision import datasets, transforms
+
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DatasetError(f"imagefolder:{root} needs {root / split}/ with one sub-folder per class")
+    norm = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    resize = [transforms.Resize(int(size * 1.14)), transforms.CenterCrop(size)]
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(size)] + ([transforms.RandomHorizontalFlip()] if flip else [])
+        + [transforms.ToTensor(), norm]
+    )  # fmt: skip
+    val_tf = transforms.Compose([*resize, transforms.ToTensor(), norm])
+    train_set = datasets.ImageFolder(str(root / "train"), train_tf)
+    val_set = datasets.ImageFolder(str(root / "val"), val_tf)
+    sampler = (
+        torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=seed) if world_size > 1 else None
+    )
+    workers = min(8, os.cpu_count() or 1)
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=sampler is None, sampler=sampler, **common)
+    val = torch.utils.data.DataLoader(val_set, max(batch_size, 256), **common)
+    return Loaders(_EpochLoader(train), _EpochLoader(val), len(train_set.classes), f"imagefolder:{root}")  # type: ignore[arg-type]
+
+
 def make_loaders(
     name: str,
     batch_size: int = 128,
@@ -231,7 +274,8 @@ def make_loaders(
     """Load dataset ``name`` and wrap it in train/val loaders.
 
     Args:
-        name: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn`` or ``synthetic``.
+        name: ``fashion-mnist``, ``cifar10``, ``cifar100``, ``svhn``, ``synthetic`` or
+            ``imagefolder:PATH`` (``PATH/train`` and ``PATH/val``, one sub-folder per class).
         batch_size: images per batch (per process).
         input_size: side of the square images the model sees (resized if needed).
         channels: channels of the model's stem; grayscale data is repeated to 3.
@@ -244,8 +288,11 @@ def make_loaders(
         DatasetError: the data is missing (with where it must be and how to get it).
         UsageError: unknown dataset or augmentation.
     """
-    choose("dataset", name, DATASETS)
     choose("augment", augment, ("auto", "flip", "none"))
+    if name.startswith("imagefolder:"):
+        root = Path(name.split(":", 1)[1])
+        return _imagefolder(root, batch_size, input_size, augment != "none", seed, rank, world_size)
+    choose("dataset", name, [*DATASETS, "imagefolder:PATH"])
     tx, ty, vx, vy = DATASETS[name](download=download)
     if train_limit is not None:
         g = torch.Generator().manual_seed(seed)
