@@ -187,9 +187,11 @@ def anchor(
     mode: str = "mix",
     regulators: str | Sequence[int] | None = "none",
     regulator_style: str = "adapter",
-    init: str = "fit",
+    init: str | None = None,
     input_size: tuple[int, int, int] = (3, 224, 224),
     leaf_modules: Sequence[type[nn.Module]] = (),
+    calib_loader: Iterable | None = None,
+    calib_batches: int = 100,
 ) -> nn.Module:
     """Convert ``model`` into a deep anchored CNN in one call: plan, then apply.
 
@@ -200,9 +202,13 @@ def anchor(
         regulators: ``none``, ``all`` or 1-based section numbers, e.g. ``"1,3"``.
         regulator_style: ``adapter`` (parallel, function-preserving) or ``paper`` (series).
         init: anchor initialisation: ``fit`` (least squares with scales folded into BN),
-            ``mean``, ``first`` or ``random``.
+            ``act``/``act-seq`` (data-aware, need ``calib_loader``), ``mean``, ``first`` or
+            ``random``; None picks ``act`` with data, else ``fit``.
         input_size: (C, H, W) of one example, for shape propagation.
         leaf_modules: module types fx must not trace into.
+        calib_loader: batches of (images, labels); when given, ``init`` defaults to ``act``
+            (anchors fitted to the inputs each layer sees) instead of ``fit``.
+        calib_batches: how many batches of ``calib_loader`` to use.
 
     Returns:
         A copy of ``model`` (same class, same names for untouched modules) whose
@@ -212,4 +218,7 @@ def anchor(
         UsageError: an argument is outside its allowed values.
         TraceError, PlanError: the model cannot be traced, run or converted.
     """
-    return apply(model, plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules))
+    if init is None:
+        init = "act" if calib_loader is not None else "fit"
+    p = plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules)
+    return convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model

@@ -92,6 +92,7 @@ class GroupRow:
     params_before: int
     params_after: int
     max_fit_error: float | None
+    fit_errors: tuple[tuple[str, float], ...] = ()  # (member, ||W_l - a_l W_G|| / ||W_l||)
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ def build_report(
                 params_before=before,
                 params_after=co * ci * kh * kw,
                 max_fit_error=max(errs.values()) if errs else None,
+                fit_errors=tuple(errs.items()) if errs else (),
             )
         )
     return ConversionReport(

@@ -283,3 +283,11 @@ def test_torch_compile_and_jit_trace_match_eager() -> None:
     torch.testing.assert_close(traced(x), expected)
     compiled = torch.compile(student, backend="eager")  # graph capture without a C++ toolchain in tests
     torch.testing.assert_close(compiled(x), expected)
+
+
+def test_anchor_with_calibration_data_defaults_to_act() -> None:
+    model = randomize_bn(TinyResNet()).eval()
+    data = _calib()
+    student = anchor(model, input_size=SIZE, calib_loader=data)
+    assert student.dacnn_plan.init == "act"
+    assert anchor(model, input_size=SIZE).dacnn_plan.init == "fit"

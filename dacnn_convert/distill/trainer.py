@@ -161,6 +161,15 @@ def _append_csv(path: Path, row: dict[str, float]) -> None:
         f.write(",".join(f"{v:.6g}" for v in row.values()) + "\n")
 
 
+def _tensorboard(out: Path) -> Any:
+    """A TensorBoard writer in ``out/tb`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
 def _fit(
     model: nn.Module,
     step_loss: StepFn,
@@ -197,6 +206,7 @@ def _fit(
         torch.set_rng_state(state["rng"])
         first_epoch, skip, step = state["epoch"], state["batch"], state["step"]
         result.history, result.best_acc = state["history"], state["best_acc"]
+    board = _tensorboard(out) if out is not None and is_main() else None
     start = time.perf_counter()
     seen = 0
     last_good: Path | None = state_path if state_path is not None and state_path.is_file() else None
@@ -263,6 +273,10 @@ def _fit(
         result.history.append(row)
         if out is not None and is_main():
             _append_csv(out / "metrics.csv", row)
+            if board is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        board.add_scalar(key, value, epoch + 1)
             save(model, out / "last.safetensors", source=source)
             if val_acc >= result.best_acc:
                 result.checkpoint = save(model, out / "best.safetensors", source=source)
@@ -272,6 +286,8 @@ def _fit(
             on_epoch(row)
     if out is not None and result.checkpoint is None and (out / "best.safetensors").is_file():
         result.checkpoint = out / "best.safetensors"
+    if board is not None:
+        board.close()
     result.final_acc = result.history[-1]["val_acc"] if result.history else 0.0
     result.wall_s = time.perf_counter() - start
     result.images_per_s = seen / max(result.wall_s, 1e-9)
