@@ -12,6 +12,9 @@ from .checkpoint import load, save
 from .distill import distill
 from .convert import Conversion, anchor, apply, convert, plan
 from .errors import DacnnError
+from .export import export_onnx, export_torchscript
+from .inspection import inspect_file
+from .latency import measure_latency
 from .planning import Plan
 from .report import ConversionReport, build_report, count_macs, count_params
 
@@ -27,6 +30,10 @@ __all__ = [
     "count_macs",
     "count_params",
     "distill",
+    "export_onnx",
+    "export_torchscript",
+    "inspect_file",
+    "measure_latency",
     "load",
     "plan",
     "save",

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import socket
+import sys
 import urllib.error
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -145,6 +147,8 @@ def _build_timm(spec: ModelSpec, pretrained: bool) -> nn.Module:
 
 def _build_from_factory(spec: ModelSpec) -> nn.Module:
     module_name, _, attr = spec.name.partition(":")
+    if os.getcwd() not in sys.path:  # as `python -m` would: the user's code is usually where they run
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

@@ -1,0 +1,160 @@
+"""Exports that keep anchored kernels stored once: ONNX, TorchScript, safetensors.
+
+ONNX goes through the dynamo-based exporter with its graph optimiser off: the optimiser
+would constant-fold each BatchNorm into the conv before it and write one folded kernel
+per use, undoing the sharing (the legacy exporter does the same). Unfolded, each anchor
+is one initialiser that every conv using it reads. Node metadata (stack traces) is
+stripped so the file is essentially its weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import DacnnError, UsageError
+
+ONNX_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What an ONNX export wrote and how closely onnxruntime reproduces PyTorch."""
+
+    path: Path
+    bytes: int
+    initializers: int
+    max_abs_diff: float | None  # onnxruntime vs PyTorch on a batch of 3 (fp32 storage); None if not checked
+
+
+def _require(module: str, extra: str = "onnx") -> None:
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise DacnnError(f"{module} is not installed: pip install 'dacnn-convert[{extra}]'") from exc
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    dtype: str = "fp32",
+    opset: int = 18,
+    check: bool = True,
+) -> OnnxExport:
+    """Export ``model`` to ONNX with a dynamic batch axis, one initialiser per anchored kernel.
+
+    Args:
+        model: an anchored (or any) model; exported in eval mode.
+        path: the .onnx file to write.
+        input_size: (C, H, W) of one example.
+        dtype: storage of floating initialisers: ``fp32``, ``fp16`` or ``bf16`` (a Cast back
+            to fp32 follows each one, so the graph still computes in fp32).
+        opset: ONNX opset version.
+        check: run the file with onnxruntime (if installed) and report the largest
+            difference from PyTorch.
+
+    Raises:
+        DacnnError: onnx/onnxscript missing, or the export failed.
+    """
+    _require("onnxscript")
+    import onnx
+
+    if dtype not in ONNX_DTYPES:
+        raise UsageError(f"unknown ONNX dtype {dtype!r}; expected one of: {', '.join(ONNX_DTYPES)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    x = torch.randn(2, *input_size)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            raw = Path(tmp) / "raw.onnx"
+            torch.onnx.export(
+                model, (x,), str(raw), dynamo=True, optimize=False, opset_version=opset,
+                dynamic_shapes=({0: torch.export.Dim("batch")},), input_names=["input"], output_names=["output"],
+            )  # fmt: skip
+            proto = onnx.load(str(raw))
+    except Exception as exc:
+        raise DacnnError(f"ONNX export failed: {str(exc).splitlines()[0][:200]}") from exc
+    finally:
+        model.train(was_training)
+    _strip_metadata(proto)
+    if dtype != "fp32":
+        _store_floats_as(proto, dtype)
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    onnx.save(proto, str(tmp_path))
+    os.replace(tmp_path, path)
+    diff = _check_onnxruntime(model, path, input_size) if check else None
+    return OnnxExport(path, path.stat().st_size, len(proto.graph.initializer), diff)
+
+
+def _strip_metadata(proto) -> None:  # noqa: ANN001
+    """Drop per-node stack traces and names scopes: they can outweigh a small model's weights."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in proto.graph.initializer:
+        del value.metadata_props[:]
+
+
+def _store_floats_as(proto, dtype: str) -> None:  # noqa: ANN001
+    """Store float initialisers in fp16/bf16, each followed by a Cast back to fp32 under its old name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    target = {"fp16": (TensorProto.FLOAT16, torch.float16), "bf16": (TensorProto.BFLOAT16, torch.bfloat16)}[dtype]
+    casts = []
+    for init in proto.graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        values = torch.from_numpy(numpy_helper.to_array(init).copy()).to(target[1])
+        name = init.name
+        init.CopyFrom(
+            helper.make_tensor(f"{name}__{dtype}", target[0], list(values.shape), values.view(torch.int16).numpy().tobytes(), raw=True)
+        )
+        casts.append(helper.make_node("Cast", [f"{name}__{dtype}"], [name], to=TensorProto.FLOAT))
+    nodes = list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(casts + nodes)
+
+
+def _check_onnxruntime(model: nn.Module, path: Path, input_size: tuple[int, int, int]) -> float | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    x = torch.randn(3, *input_size)  # another batch size than the export's: the axis is dynamic
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model(x).numpy()
+    model.train(was_training)
+    return float(abs(got - expected).max())
+
+
+def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
+    """Trace ``model`` to TorchScript and save it; each anchor stays one tensor in the archive."""
+    path = Path(path)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, torch.randn(1, *input_size))
+    finally:
+        model.train(was_training)
+    tmp = path.with_name(f".{path.name}.tmp")
+    traced.save(str(tmp))
+    os.replace(tmp, path)
+    return path

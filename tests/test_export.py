@@ -1,0 +1,91 @@
+"""Exports keep anchors stored once: ONNX (onnxruntime round trip), TorchScript, inspect, latency."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from dacnn_convert import anchor, count_params, export_onnx, export_torchscript, inspect_file, save
+from dacnn_convert.cli import app
+from dacnn_convert.latency import measure_latency
+
+from .models import TinyResNet, randomize_bn
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def r18_mix_reg() -> torch.nn.Module:
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10))
+    return anchor(model, mode="mix", regulators="all", input_size=(3, 32, 32)).eval()
+
+
+def test_onnx_round_trip_one_initialiser_per_anchor(tmp_path, r18_mix_reg) -> None:
+    result = export_onnx(r18_mix_reg, tmp_path / "m.onnx", (3, 32, 32))
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4  # onnxruntime, batch 3 (dynamic axis)
+    param_bytes = 4 * count_params(r18_mix_reg)
+    assert param_bytes <= result.bytes <= 1.03 * param_bytes  # no folded copy per use
+    info = inspect_file(result.path)
+    assert info.params == count_params(r18_mix_reg)
+    users = {name: len(u) for name, _, u in info.shared}
+    plan = r18_mix_reg.dacnn_plan
+    for g in plan.groups:
+        assert users[f"dacnn_anchors.{g.name}"] == len(g.members)
+
+
+def test_onnx_half_storage(tmp_path) -> None:
+    student = anchor(randomize_bn(TinyResNet()), mode="mix", regulators="all", input_size=(3, 16, 16)).eval()
+    full = export_onnx(student, tmp_path / "a.onnx", (3, 16, 16))
+    half = export_onnx(student, tmp_path / "b.onnx", (3, 16, 16), dtype="fp16")
+    assert half.bytes < full.bytes
+    assert half.max_abs_diff is not None and half.max_abs_diff < 1e-2
+
+
+def test_torchscript_and_inspect_every_format(tmp_path) -> None:
+    student = anchor(randomize_bn(TinyResNet()), mode="plain", input_size=(3, 16, 16)).eval()
+    ts = export_torchscript(student, tmp_path / "m.torchscript.pt", (3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(torch.jit.load(str(ts))(x), student(x))
+    st = save(student, tmp_path / "m.safetensors")
+    torch.save(student.state_dict(), tmp_path / "m.pt")
+    n = count_params(student)
+    for path, fmt in ((st, "safetensors"), (tmp_path / "m.pt", "state-dict"), (ts, "torchscript")):
+        info = inspect_file(path)
+        assert (info.format, info.params) == (fmt, n)
+    anchor_name = f"dacnn_anchors.{student.dacnn_plan.groups[0].name}"
+    assert inspect_file(st).shared[0][0] == anchor_name
+    assert len(inspect_file(st).shared[0][2]) == len(student.dacnn_plan.groups[0].members)
+
+
+def test_latency_rows_and_cli(tmp_path) -> None:
+    row = measure_latency(TinyResNet(), (3, 16, 16), batch=2, repeats=3)
+    assert row.median_ms > 0 and row.p90_ms >= row.median_ms * 0.5 and row.repeats == 3
+    result = runner.invoke(app, ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16",
+                                 "--regulators", "all", "--out", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["latency", str(tmp_path / "model.safetensors"), "--batch", "1,4", "--repeats", "2",
+                                 "--model", "tests.models:tiny_resnet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for name in ("original", "anchored ", "anchored+reg"):
+        assert name in result.output
+    bad = runner.invoke(app, ["latency", str(tmp_path / "model.safetensors"), "--device", "cuda"])
+    if not torch.cuda.is_available():
+        assert bad.exit_code == 2 and "no CUDA device" in bad.output
+
+
+def test_export_and_inspect_cli(tmp_path) -> None:
+    runner.invoke(app, ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16",
+                        "--out", str(tmp_path)])  # fmt: skip
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(app, ["export", str(tmp_path / "model.safetensors"), "--format", "onnx", "--out", str(out),
+                                 "--model", "tests.models:tiny_resnet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.output)["format"] == "onnx"
+    missing = runner.invoke(app, ["inspect", str(tmp_path / "nope.onnx")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
