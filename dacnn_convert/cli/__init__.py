@@ -1,0 +1,43 @@
+"""Command line: ``dacnn-convert MODEL ...`` and ``dacnn <command> ...``.
+
+A thin typer layer: parse flags, call the library, render its result objects with
+rich. Library errors become one line on stderr and exit code 1 (usage errors 2).
+"""
+
+from __future__ import annotations
+
+import typer
+
+from .convert import convert_command, demo_command
+from .deploy import export_command, inspect_command, latency_command
+from .train import eval_command, train_command
+
+app = typer.Typer(
+    help="dacnn: deep anchored CNNs — convert, and more.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+app.command("convert")(convert_command)
+app.command("demo")(demo_command)
+app.command("export")(export_command)
+app.command("inspect")(inspect_command)
+app.command("latency")(latency_command)
+app.command("distill", help="Same as convert; give --dataset to calibrate and distil.")(convert_command)
+app.command("train")(train_command)
+app.command("eval")(eval_command)
+
+
+@app.callback()
+def _dacnn() -> None:
+    """dacnn: deep anchored CNNs (Huang, Dwivedi, Roig) — convert, fine-tune, evaluate."""
+
+convert_app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+convert_app.command()(convert_command)
+
+
+def main() -> None:
+    """Entry point of ``dacnn``."""
+    app()
+
+
+def convert_main() -> None:
+    """Entry point of ``dacnn-convert``."""
+    convert_app()

@@ -1,0 +1,5 @@
+"""``python -m dacnn_convert.cli`` (what torchrun launches)."""
+
+from . import main
+
+main()

@@ -1,0 +1,258 @@
+"""What every command shares: consoles, choices, flag types, data options, progress, errors.
+
+A thin typer layer: parse flags, call the library, render its result objects with
+rich. Library errors become one line on stderr and exit code 1 (usage errors 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ..errors import DacnnError, UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Mode(str, Enum):
+    mix = "mix"
+    plain = "plain"
+    sharesnet = "sharesnet"
+    none = "none"
+
+
+class Init(str, Enum):
+    fit = "fit"
+    act = "act"
+    act_seq = "act-seq"
+    mean = "mean"
+    first = "first"
+    random = "random"
+
+
+class RegulatorStyle(str, Enum):
+    adapter = "adapter"
+    paper = "paper"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
+    """``224`` -> (3, 224, 224); ``1x28x28`` -> (1, 28, 28); None stays None."""
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+    except ValueError as exc:
+        raise UsageError(f"--input-size takes 224 or CxHxW like 3x32x32; got {text!r}") from exc
+    if len(parts) == 1:
+        return (3, parts[0], parts[0])
+    if len(parts) == 3 and min(parts) > 0:
+        return (parts[0], parts[1], parts[2])
+    raise UsageError(f"--input-size takes 224 or CxHxW like 3x32x32; got {text!r}")
+
+
+def _leaf_types(names: list[str]) -> list[type]:
+    types = []
+    for name in names:
+        module, _, cls = name.rpartition(".")
+        try:
+            types.append(getattr(importlib.import_module(module), cls))
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise UsageError(f"--leaf-module {name!r} is not an importable class (package.module.ClassName)") from exc
+    return types
+
+
+def load_checkpoint(path: Path, model: str | None = None) -> Any:
+    """Load a dacnn checkpoint; ``model`` (a source given on the command line) builds the skeleton.
+
+    Sources written in a file are never imported; user code must be named by the user.
+    """
+    import json
+
+    from ..checkpoint import load, read_metadata
+    from ..sources import build_model, parse_spec
+
+    if model is None:
+        return load(path)
+    meta = read_metadata(path)
+    classes = json.loads(meta["source"]).get("num_classes") if "source" in meta else None
+    return load(path, model=build_model(parse_spec(model, classes), weights=None))
+
+
+SkelOpt = Annotated[
+    str | None, typer.Option("--model", help="model source for checkpoints of user code (package.module:factory)")
+]
+
+
+def fail(exc: DacnnError) -> typer.Exit:
+    """Print a library error as one line and return the exit to raise."""
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+ModelArg = Annotated[
+    str, typer.Argument(help="torchvision name (resnet34), timm:NAME (timm:resnet50d) or package.module:factory")
+]
+ModeOpt = Annotated[Mode, typer.Option(help="mix: share per stage; plain: one network-wide kernel; sharesnet; none")]
+RegOpt = Annotated[str, typer.Option(help="regulators in sections: none, all, or 1-based numbers like 1,3")]
+StyleOpt = Annotated[
+    RegulatorStyle, typer.Option(help="adapter: parallel, zero-init (function kept); paper: in series")
+]
+InitOpt = Annotated[
+    Init | None,
+    typer.Option(help="anchor init: act (data-aware; default with --dataset), act-seq (data-aware, layer by "
+                 "layer on the converted student), fit (weight least squares; default without data), mean, first, random"),
+]
+WeightsOpt = Annotated[str, typer.Option(help="DEFAULT (pretrained, downloads), none (random), or a state-dict PATH")]
+ClassesOpt = Annotated[int | None, typer.Option(help="classes of the classifier (replaces the head if pretrained)")]
+SizeOpt = Annotated[str | None, typer.Option(help="example input: 224 or CxHxW; default from the model's config or 224")]
+OutOpt = Annotated[Path | None, typer.Option(help="output folder (default runs/MODEL-MODE)")]
+DryOpt = Annotated[bool, typer.Option(help="print the plan and write nothing")]
+LeafOpt = Annotated[list[str] | None, typer.Option(help="package.module.Class that fx must not trace into (repeatable)")]
+DtypeOpt = Annotated[Dtype, typer.Option(help="storage type of the checkpoint's floating tensors")]
+DatasetOpt = Annotated[
+    str | None, typer.Option(help="fine-tune on fashion-mnist, cifar10, cifar100, svhn or synthetic (KD from the original)")
+]
+EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="batch size")]
+LrOpt = Annotated[float, typer.Option(help="peak learning rate")]
+OptimOpt = Annotated[str, typer.Option(help="sgd (momentum 0.9, nesterov), adamw or adagrad (the paper's)")]
+SchedOpt = Annotated[str, typer.Option(help="cosine, or step (x0.1 at half the epochs, as the paper)")]
+KdTOpt = Annotated[float, typer.Option(help="distillation temperature T")]
+KdAOpt = Annotated[float, typer.Option(help="weight of the KD term (1 - alpha goes to cross-entropy)")]
+CalibOpt = Annotated[int, typer.Option(min=0, help="training batches to re-estimate BatchNorm statistics (0: skip)")]
+PrecOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU has bf16 units), fp32, bf16, fp16 (CUDA)")]
+LimitOpt = Annotated[int | None, typer.Option(min=1, help="cap batches per epoch and per evaluation (smoke runs)")]
+TrainLimitOpt = Annotated[int | None, typer.Option(min=1, help="train on a fixed random subset of N images")]
+DownloadOpt = Annotated[bool, typer.Option(help="let torchvision download a missing dataset")]
+SeedOpt = Annotated[int, typer.Option(help="random seed")]
+ResumeOpt = Annotated[bool, typer.Option(help="continue from OUT/state.pt (optimiser, schedule, RNG, counters)")]
+CkptOpt = Annotated[int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)")]
+
+
+class FeatureLoss(str, Enum):
+    none = "none"
+    mse = "mse"
+
+
+FeatOpt = Annotated[FeatureLoss, typer.Option(help="also match stage outputs of teacher and student (mse)")]
+FeatWOpt = Annotated[float, typer.Option(min=0.0, help="weight of the feature loss")]
+PlotOpt = Annotated[bool, typer.Option(help="write OUT/accuracy.png, the accuracy curve of the fine-tune")]
+AugOpt = Annotated[str, typer.Option(help="auto (random flip as the paper, none for SVHN), flip or none")]
+WdOpt = Annotated[float, typer.Option(min=0.0, help="weight decay")]
+SmoothOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="label smoothing of the cross-entropy term")]
+WarmOpt = Annotated[int, typer.Option(min=0, help="linear learning-rate warm-up steps")]
+ClipOpt = Annotated[float | None, typer.Option(min=0.0, help="clip the gradient norm to this value")]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Data and fine-tuning flags shared by convert/distill/train."""
+
+    dataset: str | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    weight_decay: float = 5e-4
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
+    calibrate_batches: int = 100
+    precision: str = "auto"
+    limit_batches: int | None = None
+    train_limit: int | None = None
+    download: bool = False
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int | None = None
+    feature_weight: float = 0.0
+    plot: bool = False
+    augment: str = "auto"
+    label_smoothing: float = 0.0
+    warmup_steps: int = 0
+    clip_grad: float | None = None
+
+    def config(self) -> Any:
+        from ..distill import TrainConfig
+
+        return TrainConfig(
+            epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, schedule=self.schedule,
+            weight_decay=self.weight_decay, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
+            precision=self.precision, limit_batches=self.limit_batches, seed=self.seed,
+            checkpoint_every=self.checkpoint_every, feature_weight=self.feature_weight,
+            label_smoothing=self.label_smoothing, warmup_steps=self.warmup_steps, clip_grad=self.clip_grad,
+        )  # fmt: skip
+
+    def loaders(self, size: tuple[int, int, int]) -> Any:
+        from ..distill import make_loaders
+        from ..distill.distributed import init_from_env
+
+        assert self.dataset is not None
+        rank, world = init_from_env()
+        if rank != 0:
+            console.quiet = True  # rank 0 alone reports
+        return make_loaders(
+            self.dataset, self.batch_size, size[1], size[0], download=self.download, train_limit=self.train_limit,
+            seed=self.seed, rank=rank, world_size=world, augment=self.augment,
+        )  # fmt: skip
+
+
+class _Progress:
+    """Renders the library's progress callbacks with a rich progress bar."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            console=console, transient=True,
+        )  # fmt: skip
+        self.task: Any = None
+        self.epoch = 0
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def step(self, s: dict[str, float]) -> None:
+        if self.task is None or s["epoch"] != self.epoch:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.epoch = int(s["epoch"])
+            self.task = self.bar.add_task(f"epoch {self.epoch}", total=s["steps"], info="")
+        info = f"loss {s['loss']:.3f} acc {100 * s['acc']:.1f}% {s['images_per_s']:.0f} img/s"
+        self.bar.update(self.task, completed=s["step"], info=info)
+
+    def epoch_end(self, row: dict[str, float]) -> None:
+        console.print(
+            f"epoch {row['epoch']:.0f}: train loss {row['train_loss']:.3f}, train acc {100 * row['train_acc']:.2f}%, "
+            f"val acc {100 * row['val_acc']:.2f}% ({row['wall_s']:.0f} s)"
+        )
+
+    def stage(self, name: str, acc: float) -> None:
+        console.print(f"accuracy {name}: {100 * acc:.2f}%")
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+    safetensors = "safetensors"
+    pt = "pt"
+
+

@@ -1,0 +1,280 @@
+"""``convert`` (also ``distill``) and ``demo``: conversion, then optionally calibration and distillation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..errors import DacnnError, UsageError
+from .common import (
+    AugOpt,
+    BatchOpt,
+    CalibOpt,
+    CkptOpt,
+    ClassesOpt,
+    ClipOpt,
+    DataOptions,
+    DatasetOpt,
+    DownloadOpt,
+    DryOpt,
+    Dtype,
+    DtypeOpt,
+    EpochsOpt,
+    FeatOpt,
+    FeatWOpt,
+    FeatureLoss,
+    Init,
+    InitOpt,
+    KdAOpt,
+    KdTOpt,
+    LeafOpt,
+    LimitOpt,
+    LrOpt,
+    Mode,
+    ModeOpt,
+    ModelArg,
+    OptimOpt,
+    OutOpt,
+    PlotOpt,
+    PrecOpt,
+    RegOpt,
+    RegulatorStyle,
+    ResumeOpt,
+    SchedOpt,
+    SeedOpt,
+    SizeOpt,
+    SmoothOpt,
+    StyleOpt,
+    TrainLimitOpt,
+    WarmOpt,
+    WdOpt,
+    WeightsOpt,
+    _Progress,
+    _leaf_types,
+    console,
+    fail,
+    parse_input_size,
+)
+from .train import run_train
+
+
+def run_convert(
+    model: str,
+    mode: Mode = Mode.mix,
+    regulators: str = "none",
+    regulator_style: RegulatorStyle = RegulatorStyle.adapter,
+    init: Init | None = None,
+    weights: str = "DEFAULT",
+    num_classes: int | None = None,
+    input_size: str | None = None,
+    out: Path | None = None,
+    dry_run: bool = False,
+    leaf_module: list[str] | None = None,
+    dtype: Dtype = Dtype.fp32,
+    data: DataOptions | None = None,
+) -> dict[str, Any]:
+    """Load, plan, convert, measure and write; with ``data``, also calibrate and distil."""
+    from ..checkpoint import save
+    from ..convert import convert
+    from ..planning import make_plan
+    from ..report import build_report, state_dict_bytes
+    from ..sources import build_model, default_input_size, parse_spec
+
+    spec = parse_spec(model, num_classes)
+    size = parse_input_size(input_size)
+    leaves = _leaf_types(leaf_module or [])
+    original = build_model(spec, weights).eval()
+    size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original, spec))
+    init = init or (Init.act if data and data.dataset else Init.fit)
+    if init in (Init.act, Init.act_seq) and not (data and data.dataset):
+        raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
+    plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
+    if dry_run:
+        render_plan(plan, spec.display)
+        return {"plan": plan}
+    out = out or Path("runs") / f"{spec.name.replace(':', '_')}-{mode.value}"
+    if data is not None and data.dataset:
+        return _run_pipeline(original, plan, spec, size, out, data)
+    conversion = convert(original, plan)
+    ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=dtype.value)
+    report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
+    (out / "report.json").write_text(report.to_json())
+    (out / "report.md").write_text(report.to_markdown())
+    render_report(report)
+    console.print(f"wrote {ckpt}, {out / 'report.json'}, {out / 'report.md'}")
+    return {"plan": plan, "report": report, "out": out}
+
+
+def render_plan(plan: Any, source: str) -> None:
+    """Print a plan as a table (``--dry-run``)."""
+    table = Table(title=f"plan for {source}: mode {plan.mode}, init {plan.init}")
+    for col in ("anchor", "section", "members", "kernel"):
+        table.add_column(col)
+    for g in plan.groups:
+        table.add_row(g.name, ",".join(map(str, g.sections)), "\n".join(g.members), "x".join(map(str, g.shape)))
+    console.print(table)
+    for r in plan.regulators:
+        console.print(f"regulator ({plan.regulator_style}) on {r.host}: {r.in_channels}->{r.out_channels}, section {r.section}")
+    console.print(
+        f"unique params {plan.params_before:,} -> {plan.params_after:,} "
+        f"({plan.params_before / plan.params_after:.2f}x); dry run: nothing written"
+    )
+    for n in plan.notes:
+        console.print(f"[yellow]warning:[/] {n}")
+
+
+def render_report(report: Any) -> None:
+    """Print the per-group table and the summary of a conversion."""
+    table = Table(title=f"{report.source}: mode {report.mode}, init {report.init}")
+    for col in ("anchor", "section", "resolution", "kernel", "members", "params before", "params after", "fit err"):
+        table.add_column(col, justify="right" if col.startswith(("params", "fit", "members")) else "left")
+    for g in report.groups:
+        err = f"{g.max_fit_error:.3f}" if g.max_fit_error is not None else "-"
+        table.add_row(
+            g.anchor, ",".join(map(str, g.sections)), g.resolution, g.kernel, str(g.members),
+            f"{g.params_before:,}", f"{g.params_after:,}", err,
+        )  # fmt: skip
+    console.print(table)
+    summary = Table(title="summary")
+    for col in ("measure", "before", "after", "ratio"):
+        summary.add_column(col, justify="left" if col == "measure" else "right")
+    summary.add_row("unique params", f"{report.params_before:,}", f"{report.params_after:,}", f"{report.ratio:.2f}x")
+    summary.add_row(
+        "conv params", f"{report.conv_params_before:,}", f"{report.conv_params_after:,}", f"{report.conv_ratio:.2f}x"
+    )
+    if report.bytes_ratio is not None:
+        summary.add_row(
+            "bytes on disk", f"{report.bytes_before:,}", f"{report.bytes_after:,}", f"{report.bytes_ratio:.2f}x"
+        )
+    summary.add_row("MACs (unchanged by sharing)", f"{report.macs_before:,}", f"{report.macs_after:,}", "")
+    summary.add_row("regulators added", "", f"{report.regulators} ({report.regulator_params:,} params)", "")
+    console.print(summary)
+    for n in report.notes:
+        console.print(f"[yellow]warning:[/] {n}")
+
+
+def _run_pipeline(original: Any, plan: Any, spec: Any, size: Any, out: Path, data: DataOptions) -> dict[str, Any]:
+    from ..pipeline import compress
+
+    loaders = data.loaders(size)
+    out.mkdir(parents=True, exist_ok=True)
+    with _Progress() as progress:
+        result = compress(
+            original, plan, loaders, data.config(), data.calibrate_batches, out, spec,
+            on_stage=progress.stage, on_step=progress.step, on_epoch=progress.epoch_end, resume=data.resume,
+        )  # fmt: skip
+    if data.plot and result.fit is not None:
+        from ..report import plot_accuracy
+
+        marks = {"teacher": result.teacher_acc, "after BN recalibration": result.calibrated_acc}
+        console.print(f"wrote {plot_accuracy(result.fit.history, marks, out / 'accuracy.png')}")
+    render_report(result.report)
+    render_accuracy(result)
+    console.print(f"wrote {out / 'model.safetensors'}, {out / 'report.json'}, {out / 'report.md'}")
+    return {"plan": plan, "result": result, "out": out}
+
+
+def render_accuracy(result: Any) -> None:
+    """Print the accuracy after each step of the pipeline."""
+    table = Table(title="accuracy")
+    table.add_column("step")
+    table.add_column("accuracy", justify="right")
+    for name, value in (
+        ("teacher", result.teacher_acc),
+        ("right after conversion", result.converted_acc),
+        ("after BN recalibration", result.calibrated_acc),
+        ("after KD fine-tune", result.finetuned_acc),
+    ):
+        table.add_row(name, f"{100 * value:.2f}%")
+    table.add_row("drop vs teacher", f"{100 * result.drop:.2f} points")
+    console.print(table)
+    console.print(f"wall time {result.wall_s:.0f} s")
+
+
+def convert_command(
+    model: ModelArg,
+    mode: ModeOpt = Mode.mix,
+    regulators: RegOpt = "none",
+    regulator_style: StyleOpt = RegulatorStyle.adapter,
+    init: InitOpt = None,
+    weights: WeightsOpt = "DEFAULT",
+    num_classes: ClassesOpt = None,
+    input_size: SizeOpt = None,
+    out: OutOpt = None,
+    dry_run: DryOpt = False,
+    leaf_module: LeafOpt = None,
+    dtype: DtypeOpt = Dtype.fp32,
+    dataset: DatasetOpt = None,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 0.05,
+    optimizer: OptimOpt = "sgd",
+    schedule: SchedOpt = "cosine",
+    kd_temperature: KdTOpt = 4.0,
+    kd_alpha: KdAOpt = 0.9,
+    calibrate_batches: CalibOpt = 100,
+    precision: PrecOpt = "auto",
+    limit_batches: LimitOpt = None,
+    train_limit: TrainLimitOpt = None,
+    download: DownloadOpt = False,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
+    checkpoint_every: CkptOpt = None,
+    feature_loss: FeatOpt = FeatureLoss.none,
+    feature_weight: FeatWOpt = 1.0,
+    plot: PlotOpt = False,
+    augment: AugOpt = "auto",
+    weight_decay: WdOpt = 5e-4,
+    label_smoothing: SmoothOpt = 0.0,
+    warmup_steps: WarmOpt = 0,
+    clip_grad: ClipOpt = None,
+) -> None:
+    """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
+
+    With --dataset, also recalibrate BatchNorm and distil the original into the anchored net.
+    """
+    data = DataOptions(
+        dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, kd_temperature, kd_alpha,
+        calibrate_batches, precision, limit_batches, train_limit, download, seed, resume, checkpoint_every,
+        feature_weight if feature_loss is FeatureLoss.mse else 0.0, plot, augment, label_smoothing, warmup_steps,
+        clip_grad,
+    )  # fmt: skip
+    try:
+        run_convert(
+            model, mode, regulators, regulator_style, init, weights, num_classes, input_size, out, dry_run,
+            leaf_module, dtype, data,
+        )  # fmt: skip
+    except DacnnError as exc:
+        raise fail(exc) from None
+
+
+def demo_command(
+    out: Annotated[Path, typer.Option(help="output folder; a teacher found there is reused")] = Path("runs/demo"),
+    teacher_epochs: Annotated[int, typer.Option(min=1, help="epochs to train the teacher")] = 3,
+    epochs: EpochsOpt = 2,
+    train_limit: Annotated[int, typer.Option(min=256, help="training images used (fixed random subset)")] = 15000,
+    precision: PrecOpt = "auto",
+) -> None:
+    """Quick start, offline: train a ResNet-18 teacher on Fashion-MNIST, convert it (mix + regulators), distil."""
+    teacher = out / "teacher" / "best.safetensors"
+    try:
+        if teacher.is_file():
+            console.print(f"reusing the teacher in {teacher}")
+        else:
+            console.print(f"training a ResNet-18 teacher on {train_limit} Fashion-MNIST images ({teacher_epochs} epochs)")
+            run_train("resnet18", "fashion-mnist", teacher.parent, "none", "32", DataOptions(
+                "fashion-mnist", teacher_epochs, lr=0.05, precision=precision, train_limit=train_limit,
+            ))  # fmt: skip
+        console.print("converting: mode mix, regulators all, init act (data-aware); then BN recalibration and KD fine-tune")
+        run_convert(
+            "resnet18", Mode.mix, "all", RegulatorStyle.adapter, Init.act, str(teacher), 10, "32", out / "student",
+            data=DataOptions("fashion-mnist", epochs, lr=0.02, precision=precision, train_limit=train_limit,
+                             calibrate_batches=50),
+        )  # fmt: skip
+    except DacnnError as exc:
+        raise fail(exc) from None
+
+

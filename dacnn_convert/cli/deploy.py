@@ -1,0 +1,157 @@
+"""``export``, ``inspect`` and ``latency``: shipping a converted model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import DacnnError, UsageError
+from .common import (
+    Dtype,
+    DtypeOpt,
+    ExportFormat,
+    SizeOpt,
+    SkelOpt,
+    console,
+    fail,
+    load_checkpoint,
+    parse_input_size,
+)
+
+
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file written by dacnn")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="onnx, torchscript, safetensors or pt")] = ExportFormat.onnx,  # noqa: A002
+    out: Annotated[Path | None, typer.Option(help="file to write (default: next to the checkpoint)")] = None,
+    dtype: DtypeOpt = Dtype.fp32,
+    input_size: SizeOpt = None,
+    model_source: SkelOpt = None,
+) -> None:
+    """Export a saved model keeping each anchored kernel stored once."""
+    import torch
+
+    from ..checkpoint import read_metadata, save
+    from ..export import export_onnx, export_torchscript
+    from ..planning import Plan
+
+    try:
+        model = load_checkpoint(checkpoint, model_source)
+        meta = read_metadata(checkpoint)
+        size = parse_input_size(input_size) or (
+            tuple(Plan.from_json(meta["plan"]).input_size) if "plan" in meta else (3, 224, 224)
+        )
+        suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors", "pt": ".pt"}
+        out = out or checkpoint.with_name(checkpoint.name.split(".")[0] + f"-{dtype.value}" + suffix[format.value])
+        if format is ExportFormat.onnx:
+            result = export_onnx(model, out, size, dtype.value)
+            diff = f", onnxruntime max |diff| {result.max_abs_diff:.2e}" if result.max_abs_diff is not None else ""
+            console.print(f"wrote {out} ({result.bytes:,} bytes, {result.initializers} initialisers{diff})")
+            return
+        if dtype is not Dtype.fp32 and format is ExportFormat.torchscript:
+            raise UsageError("--dtype applies to onnx, safetensors and pt; TorchScript is written in fp32")
+        if format is ExportFormat.torchscript:
+            export_torchscript(model, out, size)  # type: ignore[arg-type]
+        elif format is ExportFormat.safetensors:
+            save(model, out, source=None, dtype=dtype.value)
+        else:
+            from ..checkpoint import DTYPES
+
+            state = {k: v.to(DTYPES[dtype.value]) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            torch.save(state, out)
+        console.print(f"wrote {out} ({out.stat().st_size:,} bytes)")
+    except DacnnError as exc:
+        raise fail(exc) from None
+
+
+def inspect_command(
+    path: Annotated[Path, typer.Argument(help=".safetensors, .pt (state dict or TorchScript) or .onnx")],
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Unique parameters, bytes and the sharing structure (anchor -> members) of a saved model."""
+    import json
+
+    from ..inspection import inspect_file
+
+    try:
+        info = inspect_file(path)
+    except DacnnError as exc:
+        raise fail(exc) from None
+    if json_out:
+        console.print_json(json.dumps(info.to_dict()))
+        return
+    console.print(
+        f"{info.path}: {info.format}, {info.bytes:,} bytes, {info.tensors} tensors, {info.params:,} unique "
+        f"parameters ({info.param_bytes:,} bytes; file/params {info.bytes / max(info.param_bytes, 1):.3f})"
+    )
+    if info.source:
+        console.print(f"source: {info.source}")
+    table = Table(title=f"shared tensors ({len(info.shared)})")
+    for col in ("tensor", "shape", "users"):
+        table.add_column(col)
+    for name, shape, users in info.shared:
+        table.add_row(name, "x".join(map(str, shape)), f"{len(users)}: " + ", ".join(users) if users else "-")
+    console.print(table)
+    for n in info.notes:
+        console.print(f"note: {n}")
+
+
+def latency_command(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file written by dacnn-convert")],
+    batch: Annotated[str, typer.Option(help="batch sizes, comma-separated")] = "1,64",
+    precision: Annotated[str, typer.Option(help="precisions, comma-separated: fp32, bf16, fp16 (CUDA)")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs per setting")] = 20,
+    input_size: SizeOpt = None,
+    model_source: SkelOpt = None,
+) -> None:
+    """Latency (median, p90) of the original, the anchored model, and with its regulators (anchored+reg)."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from ..checkpoint import load, read_metadata
+    from ..convert import convert
+    from ..errors import CheckpointError
+    from ..latency import measure_latency
+    from ..planning import Plan
+    from ..sources import ModelSpec, build_model, parse_spec
+
+    try:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
+        meta = read_metadata(checkpoint)
+        if "plan" not in meta or "source" not in meta:
+            raise CheckpointError(f"{checkpoint} has no conversion plan or source: was it written by dacnn-convert?")
+        plan = Plan.from_json(meta["plan"])
+        spec = ModelSpec.from_dict(json.loads(meta["source"]))
+        if model_source is not None:
+            spec = parse_spec(model_source, spec.num_classes)
+        elif spec.kind == "module":
+            raise UsageError(f"{checkpoint} comes from user code: name it with --model {spec.name}")
+        original = build_model(spec, weights=None)
+        models = {"original": original}
+        if plan.regulators:
+            models["anchored"] = convert(original, dataclasses.replace(plan, regulators=()), init="none").model
+        models["anchored+reg" if plan.regulators else "anchored"] = load(checkpoint, model=original)
+        size = parse_input_size(input_size) or tuple(plan.input_size)
+        batches = [int(b) for b in batch.split(",")]
+        rows = [
+            measure_latency(m, size, b, p, device, repeats, label=name)  # type: ignore[arg-type]
+            for p in precision.split(",") for b in batches for name, m in models.items()
+        ]  # fmt: skip
+    except (DacnnError, ValueError) as exc:
+        raise fail(exc if isinstance(exc, DacnnError) else UsageError(str(exc))) from None
+    table = Table(title=f"latency on {device} ({repeats} runs after warm-up)")
+    for col in ("model", "batch", "precision", "median ms", "p90 ms", "vs original"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    base = {(r.batch, r.precision): r.median_ms for r in rows if r.model == "original"}
+    for r in rows:
+        ratio = r.median_ms / base[(r.batch, r.precision)]
+        table.add_row(r.model, str(r.batch), r.precision, f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{ratio:.3f}x")
+    console.print(table)
+
+

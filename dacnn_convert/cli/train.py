@@ -1,0 +1,125 @@
+"""``train`` a reference teacher and ``eval`` a saved model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import DacnnError
+from .common import (
+    AugOpt,
+    BatchOpt,
+    CkptOpt,
+    ClipOpt,
+    DataOptions,
+    DownloadOpt,
+    EpochsOpt,
+    LimitOpt,
+    LrOpt,
+    ModelArg,
+    OptimOpt,
+    PrecOpt,
+    ResumeOpt,
+    SchedOpt,
+    SeedOpt,
+    SizeOpt,
+    SkelOpt,
+    SmoothOpt,
+    TrainLimitOpt,
+    WarmOpt,
+    WdOpt,
+    WeightsOpt,
+    _Progress,
+    console,
+    fail,
+    load_checkpoint,
+    parse_input_size,
+)
+
+
+def train_command(
+    model: ModelArg,
+    dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn or synthetic")],
+    out: Annotated[Path, typer.Option(help="folder for best.safetensors, last.safetensors and history.json")],
+    weights: WeightsOpt = "none",
+    input_size: SizeOpt = None,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 0.05,
+    optimizer: OptimOpt = "sgd",
+    schedule: SchedOpt = "cosine",
+    precision: PrecOpt = "auto",
+    limit_batches: LimitOpt = None,
+    train_limit: TrainLimitOpt = None,
+    download: DownloadOpt = False,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = False,
+    checkpoint_every: CkptOpt = None,
+    augment: AugOpt = "auto",
+    weight_decay: WdOpt = 5e-4,
+    label_smoothing: SmoothOpt = 0.0,
+    warmup_steps: WarmOpt = 0,
+    clip_grad: ClipOpt = None,
+) -> None:
+    """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
+    try:
+        run_train(model, dataset, out, weights, input_size, DataOptions(
+            dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, precision=precision,
+            limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed, resume=resume,
+            checkpoint_every=checkpoint_every, augment=augment, label_smoothing=label_smoothing,
+            warmup_steps=warmup_steps, clip_grad=clip_grad,
+        ))  # fmt: skip
+    except DacnnError as exc:
+        raise fail(exc) from None
+
+
+def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str | None, data: DataOptions) -> Any:
+    """Train ``model`` on ``dataset``; returns the FitResult."""
+    import json
+
+    from ..distill import train
+    from ..sources import build_model, parse_spec
+
+    size = parse_input_size(input_size) or (3, 32, 32)
+    loaders = data.loaders(size)
+    spec = parse_spec(model, loaders.num_classes)
+    net = build_model(spec, weights)
+    out.mkdir(parents=True, exist_ok=True)
+    with _Progress() as progress:
+        result = train(
+            net, loaders.train, loaders.val, data.config(), out, progress.step, progress.epoch_end, spec, data.resume
+        )
+    (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2))
+    console.print(
+        f"best val acc {100 * result.best_acc:.2f}% in {result.wall_s:.0f} s ({result.images_per_s:.0f} img/s, "
+        f"{result.precision}); wrote {result.checkpoint}"
+    )
+    return result
+
+
+def eval_command(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file written by dacnn (convert/train/distill)")],
+    dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn or synthetic")],
+    input_size: SizeOpt = None,
+    batch_size: BatchOpt = 256,
+    precision: PrecOpt = "auto",
+    limit_batches: LimitOpt = None,
+    download: DownloadOpt = False,
+    model: SkelOpt = None,
+) -> None:
+    """Top-1 accuracy of a saved model (anchored or not) on a dataset's validation split."""
+    from ..distill import evaluate
+    from ..report import count_params
+
+    try:
+        size = parse_input_size(input_size) or (3, 32, 32)
+        loaders = DataOptions(dataset, batch_size=batch_size, download=download).loaders(size)
+        net = load_checkpoint(checkpoint, model)
+        acc = evaluate(net, loaders.val, precision, limit_batches)
+    except DacnnError as exc:
+        raise fail(exc) from None
+    console.print(f"{checkpoint}: top-1 {100 * acc:.2f}% on {dataset} ({count_params(net):,} unique params)")
+
+
