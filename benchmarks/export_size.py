@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-from dacnn_convert import anchor, count_params, export_onnx, export_torchscript, measure_latency, save
+from dacnn_convert import anchor, count_params, export_onnx, export_torchscript, save
+from dacnn_convert.latency import compare_latency
 
 from _env import machine  # benchmarks/ is on sys.path when run as a script
 
@@ -37,13 +38,11 @@ def main() -> None:
     for name in args.models.split(","):
         torch.manual_seed(0)
         original = torchvision.models.get_model(name, num_classes=10).eval()
-        for b in map(int, args.batches.split(",")):
-            for p in args.precisions.split(","):
-                reps = args.repeats if p == "fp32" else max(2, args.repeats // 5)  # bf16 is slow without bf16 units
-                lat.append((name, "original", b, p, measure_latency(original, size, b, p, repeats=reps).median_ms))
+        variants = {"original": original}
         for mode, regs in CONVERSIONS:
             student = anchor(original, mode=mode, regulators=regs, input_size=size).eval()
             label = mode + (" + regulators" if regs == "all" else "")
+            variants[label] = student
             with tempfile.TemporaryDirectory() as tmp:
                 st = save(student, Path(tmp) / "m.safetensors", source=name).stat().st_size
                 onnx = export_onnx(student, Path(tmp) / "m.onnx", size)
@@ -51,10 +50,11 @@ def main() -> None:
             pbytes = 4 * count_params(student)
             sizes.append((name, label, 4 * count_params(original), pbytes, st, onnx.bytes, ts, onnx.max_abs_diff))
             print(sizes[-1], flush=True)
-            for b in map(int, args.batches.split(",")):
-                for p in args.precisions.split(","):
-                    reps = args.repeats if p == "fp32" else max(2, args.repeats // 5)
-                    lat.append((name, label, b, p, measure_latency(student, size, b, p, repeats=reps).median_ms))
+        for b in map(int, args.batches.split(",")):
+            for p in args.precisions.split(","):
+                reps = args.repeats if p == "fp32" else max(2, args.repeats // 5)  # bf16 is slow without bf16 units
+                for row in compare_latency(variants, size, b, p, repeats=reps):
+                    lat.append((name, row.model, b, p, row.median_ms))
                     print(lat[-1], flush=True)
     cmd = (f"python benchmarks/export_size.py --models {args.models} --size {args.size} --repeats {args.repeats} "
            f"--batches {args.batches} --precisions {args.precisions}")  # fmt: skip
@@ -70,7 +70,8 @@ def main() -> None:
     ]
     for name, label, ob, pb, st, ox, ts, diff in sizes:
         lines.append(f"| {name} | {label} | {ob:,} | {pb:,} | {st:,} | {ox:,} | {ts:,} | {ox / pb:.4f} | {diff:.1e} |")
-    lines += ["", "Latency: median ms per batch (ratio to the original at the same batch and precision).", "",
+    lines += ["", "Latency: median ms per batch (ratio to the original at the same batch and precision); the "
+              "variants of a model run interleaved, so they share the machine's background load.", "",
               "| model | variant | batch | precision | median ms | vs original |", "|---|---|---:|---|---:|---:|"]  # fmt: skip
     base = {(n, b, p): ms for n, v, b, p, ms in lat if v == "original"}
     for n, v, b, p, ms in lat:

@@ -29,6 +29,47 @@ class LatencyRow:
         return asdict(self)
 
 
+def compare_latency(
+    models: dict[str, nn.Module],
+    input_size: tuple[int, int, int],
+    batch: int = 1,
+    precision: str = "fp32",
+    device: str = "cpu",
+    repeats: int = 20,
+    warmup: int = 3,
+) -> list[LatencyRow]:
+    """Time several models on the same input, interleaved run by run (the order rotating each round).
+
+    Interleaving makes the models share whatever else the machine is doing, so their ratio is
+    meaningful on a busy or throttling machine where back-to-back timings drift by 10%.
+    """
+    dev = torch.device(device)
+    precision = resolve_precision(precision, dev)
+    nets = {name: m.to(dev).eval() for name, m in models.items()}
+    x = torch.randn(batch, *input_size, device=dev)
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    names = list(nets)
+    with torch.no_grad(), autocast(precision, dev):
+        for i in range(warmup + repeats):
+            order = names[i % len(names) :] + names[: i % len(names)]
+            for name in order:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                nets[name](x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1000)
+    return [_row(name, t, batch, precision, dev.type) for name, t in times.items()]
+
+
+def _row(name: str, times: list[float], batch: int, precision: str, device: str) -> LatencyRow:
+    times = sorted(times)
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    return LatencyRow(name, batch, precision, device, statistics.median(times), p90, len(times))
+
+
 def measure_latency(
     model: nn.Module,
     input_size: tuple[int, int, int],
@@ -59,6 +100,4 @@ def measure_latency(
                 torch.cuda.synchronize()
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000)
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return LatencyRow(label, batch, precision, dev.type, statistics.median(times), p90, repeats)
+    return _row(label, times, batch, precision, dev.type)

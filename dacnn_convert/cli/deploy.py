@@ -116,7 +116,7 @@ def latency_command(
     from ..checkpoint import load, read_metadata
     from ..convert import convert
     from ..errors import CheckpointError
-    from ..latency import measure_latency
+    from ..latency import compare_latency
     from ..planning import Plan
     from ..sources import ModelSpec, build_model, parse_spec
 
@@ -140,12 +140,12 @@ def latency_command(
         size = parse_input_size(input_size) or tuple(plan.input_size)
         batches = [int(b) for b in batch.split(",")]
         rows = [
-            measure_latency(m, size, b, p, device, repeats, label=name)  # type: ignore[arg-type]
-            for p in precision.split(",") for b in batches for name, m in models.items()
+            row for p in precision.split(",") for b in batches
+            for row in compare_latency(models, size, b, p, device, repeats)  # type: ignore[arg-type]
         ]  # fmt: skip
     except (DacnnError, ValueError) as exc:
         raise fail(exc if isinstance(exc, DacnnError) else UsageError(str(exc))) from None
-    table = Table(title=f"latency on {device} ({repeats} runs after warm-up)")
+    table = Table(title=f"latency on {device} ({repeats} interleaved runs after warm-up)")
     for col in ("model", "batch", "precision", "median ms", "p90 ms", "vs original"):
         table.add_column(col, justify="left" if col == "model" else "right")
     base = {(r.batch, r.precision): r.median_ms for r in rows if r.model == "original"}
