@@ -85,19 +85,4 @@ def measure_latency(
     Raises:
         UsageError: fp16 on CPU, or an unknown precision.
     """
-    dev = torch.device(device)
-    precision = resolve_precision(precision, dev)
-    model = model.to(dev).eval()
-    x = torch.randn(batch, *input_size, device=dev)
-    times = []
-    with torch.no_grad(), autocast(precision, dev):
-        for i in range(warmup + repeats):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    return _row(label, times, batch, precision, dev.type)
+    return compare_latency({label: model}, input_size, batch, precision, device, repeats, warmup)[0]
