@@ -1,0 +1,102 @@
+"""Property tests: random small CNNs through anchor() in every mode keep their invariants."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dacnn_convert import convert, count_params, load, plan, save
+
+SIZE = (3, 12, 12)
+
+
+class RandomNet(nn.Module):
+    """Stages of conv(-BN)-ReLU units, optionally residual, with strides, kernels and groups drawn."""
+
+    def __init__(self, stages: list[dict]) -> None:
+        super().__init__()
+        self.units = nn.ModuleList()
+        self.residual: list[bool] = []
+        cin = 3
+        for s in stages:
+            for i in range(s["depth"]):
+                stride = s["stride"] if i == 0 else 1
+                groups = s["groups"] if cin % s["groups"] == 0 and s["width"] % s["groups"] == 0 else 1
+                k = s["kernel"]
+                layers: list[nn.Module] = [nn.Conv2d(cin, s["width"], k, stride, k // 2, groups=groups, bias=not s["bn"])]
+                if s["bn"]:
+                    layers.append(nn.BatchNorm2d(s["width"]))
+                layers.append(nn.ReLU())
+                self.units.append(nn.Sequential(*layers))
+                self.residual.append(s["residual"] and stride == 1 and cin == s["width"])
+                cin = s["width"]
+        self.head = nn.Linear(cin, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for unit, res in zip(self.units, self.residual, strict=True):
+            x = x + unit(x) if res else unit(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+stage = st.fixed_dictionaries({
+    "depth": st.integers(1, 3), "width": st.sampled_from([4, 8]), "stride": st.sampled_from([1, 2]),
+    "kernel": st.sampled_from([1, 3]), "groups": st.sampled_from([1, 1, 2, 4]), "bn": st.booleans(),
+    "residual": st.booleans(),
+})  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stages=st.lists(stage, min_size=1, max_size=3), mode=st.sampled_from(["mix", "plain", "sharesnet", "none"]),
+       regulators=st.sampled_from(["none", "all"]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_anchor_invariants(stages, mode, regulators, seed) -> None:
+    torch.manual_seed(seed)
+    model = RandomNet(stages).eval()
+    p = plan(model, mode=mode, regulators=regulators, input_size=SIZE)
+    student = convert(model, p).model.eval()
+    x = torch.randn(2, *SIZE)
+    assert student(x).shape == model(x).shape
+    assert count_params(student) == p.params_after
+    anchors = dict(student.dacnn_anchors.named_parameters())
+    assert len(anchors) == len(p.groups)
+    for g in p.groups:  # every member reads the one anchor tensor
+        for m in g.members:
+            assert student.get_submodule(m).weight.data_ptr() == anchors[g.name].data_ptr()
+    if mode == "none":
+        torch.testing.assert_close(student(x), model(x), atol=0, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(stages=st.lists(stage, min_size=1, max_size=2), mode=st.sampled_from(["mix", "plain"]))
+def test_save_load_round_trip_is_exact(tmp_path_factory, stages, mode) -> None:
+    model = RandomNet(stages).eval()
+    student = convert(model, plan(model, mode=mode, regulators="all", input_size=SIZE)).model.eval()
+    path = save(student, tmp_path_factory.mktemp("rt") / "m.safetensors")
+    again = load(path, model=RandomNet(stages)).eval()
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(again(x), student(x), atol=0, rtol=0)
+
+
+def test_conversion_is_deterministic() -> None:
+    stages = [{"depth": 2, "width": 8, "stride": 1, "kernel": 3, "groups": 1, "bn": True, "residual": True}] * 2
+    torch.manual_seed(0)
+    model = RandomNet(stages).eval()
+    a = convert(model, plan(model, input_size=SIZE)).model.state_dict()
+    b = convert(model, plan(model, input_size=SIZE)).model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_no_unsafe_deserialisation_in_the_package() -> None:
+    """torch.load only with weights_only=True, YAML only through safe_load, no pickle."""
+    root = Path(__file__).parents[1] / "dacnn_convert"
+    for f in root.rglob("*.py"):
+        text = f.read_text()
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{f}: {line.strip()}"
+        assert not re.search(r"^\s*import pickle|yaml\.load\(", text, re.M), f
