@@ -155,6 +155,7 @@ WdOpt = Annotated[float, typer.Option(min=0.0, help="weight decay")]
 SmoothOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="label smoothing of the cross-entropy term")]
 WarmOpt = Annotated[int, typer.Option(min=0, help="linear learning-rate warm-up steps")]
 ClipOpt = Annotated[float | None, typer.Option(min=0.0, help="clip the gradient norm to this value")]
+ChannelsLastOpt = Annotated[bool, typer.Option(help="train in channels_last (NHWC) memory format")]
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class DataOptions:
     label_smoothing: float = 0.0
     warmup_steps: int = 0
     clip_grad: float | None = None
+    channels_last: bool = True
 
     def config(self) -> Any:
         from ..distill import TrainConfig
@@ -194,6 +196,7 @@ class DataOptions:
             precision=self.precision, limit_batches=self.limit_batches, seed=self.seed,
             checkpoint_every=self.checkpoint_every, feature_weight=self.feature_weight,
             label_smoothing=self.label_smoothing, warmup_steps=self.warmup_steps, clip_grad=self.clip_grad,
+            channels_last=self.channels_last,
         )  # fmt: skip
 
     def loaders(self, size: tuple[int, int, int]) -> Any:

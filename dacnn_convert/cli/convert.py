@@ -15,6 +15,7 @@ from .common import (
     CalibOpt,
     CkptOpt,
     ClassesOpt,
+    ChannelsLastOpt,
     ClipOpt,
     DataOptions,
     DatasetOpt,
@@ -231,6 +232,7 @@ def convert_command(
     label_smoothing: SmoothOpt = 0.0,
     warmup_steps: WarmOpt = 0,
     clip_grad: ClipOpt = None,
+    channels_last: ChannelsLastOpt = True,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
@@ -240,7 +242,7 @@ def convert_command(
         dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, kd_temperature, kd_alpha,
         calibrate_batches, precision, limit_batches, train_limit, download, seed, resume, checkpoint_every,
         feature_weight if feature_loss is FeatureLoss.mse else 0.0, plot, augment, label_smoothing, warmup_steps,
-        clip_grad,
+        clip_grad, channels_last,
     )  # fmt: skip
     try:
         run_convert(

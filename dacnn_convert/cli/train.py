@@ -12,6 +12,7 @@ from .common import (
     AugOpt,
     BatchOpt,
     CkptOpt,
+    ChannelsLastOpt,
     ClipOpt,
     DataOptions,
     DownloadOpt,
@@ -62,6 +63,7 @@ def train_command(
     label_smoothing: SmoothOpt = 0.0,
     warmup_steps: WarmOpt = 0,
     clip_grad: ClipOpt = None,
+    channels_last: ChannelsLastOpt = True,
 ) -> None:
     """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
     try:
@@ -69,7 +71,7 @@ def train_command(
             dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, precision=precision,
             limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed, resume=resume,
             checkpoint_every=checkpoint_every, augment=augment, label_smoothing=label_smoothing,
-            warmup_steps=warmup_steps, clip_grad=clip_grad,
+            warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last,
         ))  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
