@@ -33,7 +33,7 @@ tiny = torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Conv2d(4, 4,
 convert(tiny, plan(tiny, input_size=(4, 8, 8)))
 base = rss()
 model = build_model(spec, weights="none").eval()
-size = default_input_size(model, spec)
+size = default_input_size(model)
 model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 times = []
 for _ in range(repeats):

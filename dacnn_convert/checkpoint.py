@@ -19,7 +19,7 @@ from torch import nn
 from .convert import PLAN_ATTR, convert
 from .errors import CheckpointError
 from .planning import Plan
-from .sources import ModelSpec, build_model, check_state_dict
+from .sources import ModelSpec, build_model, check_state_dict, parse_spec
 
 FORMAT = "dacnn-convert/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,8 +44,6 @@ def save(
         The path written. A crash mid-write leaves any previous file intact.
     """
     from safetensors.torch import save_file
-
-    from .sources import parse_spec
 
     if isinstance(source, str):
         source = parse_spec(source, _num_classes(model))

@@ -271,7 +271,7 @@ def check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, where: st
             )
 
 
-def default_input_size(model: nn.Module, spec: ModelSpec | None = None) -> tuple[int, int, int]:
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model was made for: timm's pretrained config, else 3x224x224."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:

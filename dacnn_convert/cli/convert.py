@@ -88,7 +88,7 @@ def run_convert(
     size = parse_input_size(input_size)
     leaves = _leaf_types(leaf_module or [])
     original = build_model(spec, weights).eval()
-    size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original, spec))
+    size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original))
     init = init or (Init.act if data and data.dataset else Init.fit)
     if init in (Init.act, Init.act_seq) and not (data and data.dataset):
         raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
@@ -239,10 +239,12 @@ def convert_command(
     With --dataset, also recalibrate BatchNorm and distil the original into the anchored net.
     """
     data = DataOptions(
-        dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, kd_temperature, kd_alpha,
-        calibrate_batches, precision, limit_batches, train_limit, download, seed, resume, checkpoint_every,
-        feature_weight if feature_loss is FeatureLoss.mse else 0.0, plot, augment, label_smoothing, warmup_steps,
-        clip_grad, channels_last,
+        dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+        weight_decay=weight_decay, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
+        calibrate_batches=calibrate_batches, precision=precision, limit_batches=limit_batches,
+        train_limit=train_limit, download=download, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
+        feature_weight=feature_weight if feature_loss is FeatureLoss.mse else 0.0, plot=plot, augment=augment,
+        label_smoothing=label_smoothing, warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last,
     )  # fmt: skip
     try:
         run_convert(

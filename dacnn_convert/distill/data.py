@@ -281,7 +281,7 @@ def make_loaders(
         channels: channels of the model's stem; grayscale data is repeated to 3.
         augment: ``auto`` (random horizontal flip as in the paper, none for SVHN), ``flip`` or ``none``.
         download: let torchvision fetch a missing dataset.
-        train_limit: keep only the first N training images (a fixed, class-balanced-enough subset).
+        train_limit: keep a fixed random subset of N training images (drawn with ``seed``).
         seed: shuffling seed.
 
     Raises:

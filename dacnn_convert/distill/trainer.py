@@ -259,6 +259,8 @@ def _fit(
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint(epoch, i + 1)
             if stop_after is not None and step >= stop_after:  # test hook: simulate a killed run
+                if board is not None:
+                    board.close()
                 return result
             if on_step is not None and is_main():
                 elapsed = time.perf_counter() - start
