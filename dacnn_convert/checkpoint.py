@@ -30,6 +30,7 @@ def save(
     path: str | Path,
     source: ModelSpec | str | None = None,
     dtype: str = "fp32",
+    pruned: bool = False,
 ) -> Path:
     """Write ``model`` (anchored or not) to ``path`` as .safetensors, atomically.
 
@@ -39,6 +40,8 @@ def save(
         source: the model source (``"resnet18"``, ``"timm:resnet50d"`` or a
             :class:`ModelSpec`) so :func:`load` can rebuild it; optional.
         dtype: storage type of floating tensors: ``fp32``, ``fp16`` or ``bf16``.
+        pruned: the model's layers were narrowed by channel pruning; :func:`load` rebuilds
+            the source architecture and shrinks it to the stored tensor shapes.
 
     Returns:
         The path written. A crash mid-write leaves any previous file intact.
@@ -55,6 +58,8 @@ def save(
         for k, v in model.state_dict().items()
     }
     meta = {"format": FORMAT, "dtype": dtype}
+    if pruned:
+        meta["structure"] = "pruned"
     plan = getattr(model, PLAN_ATTR, None)
     if plan is not None:
         meta["plan"] = plan.to_json()
@@ -128,11 +133,15 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 "imported from a file: pass the skeleton, load(path, model=make_model())"
             )
         model = build_model(spec, weights=None)
-    skeleton = convert(model, plan, init="none").model if plan is not None else model
     try:
         state = load_file(str(path))
     except Exception as exc:
         raise CheckpointError(f"cannot read tensors of {str(path)!r}: {str(exc)[:160]}") from exc
+    if meta.get("structure") == "pruned":
+        from .baselines.structured import resize_to_state
+
+        model = resize_to_state(model, {k: v.shape for k, v in state.items()})
+    skeleton = convert(model, plan, init="none").model if plan is not None else model
     try:
         check_state_dict(state, skeleton, str(path))
     except Exception as exc:

@@ -30,17 +30,18 @@ class Block(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    """stem 3->8, stage1: 2 blocks of 8 channels, stage2: 2 blocks of 16 (first strided)."""
+    """stem 3->w, stage1: 2 blocks of w channels, stage2: 2 blocks of 2w (first strided); w = 8 by default."""
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 8) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU()
-        self.layer1 = nn.Sequential(Block(8, 8), Block(8, 8))
-        self.layer2 = nn.Sequential(Block(8, 16, 2), Block(16, 16))
+        self.layer1 = nn.Sequential(Block(w, w), Block(w, w))
+        self.layer2 = nn.Sequential(Block(w, 2 * w, 2), Block(2 * w, 2 * w))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
+        self.fc = nn.Linear(2 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -58,11 +58,14 @@ def test_distill_student_learns_from_teacher(tmp_path) -> None:
     train(teacher, loaders.train, loaders.val, TrainConfig(epochs=2, lr=0.1, precision="fp32"))
     student = anchor(teacher, mode="plain", init="random", input_size=(3, 16, 16))
     start = evaluate(student, loaders.val, "fp32")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     result = distill(student, teacher, loaders.train, loaders.val, epochs=2,
                      config=TrainConfig(lr=0.1, precision="fp32"), out=tmp_path)  # fmt: skip
     assert result.final_acc > start
     assert (tmp_path / "best.safetensors").is_file() and (tmp_path / "last.safetensors").is_file()
-    assert all(not p.requires_grad for p in teacher.parameters())
+    for key, value in teacher.state_dict().items():  # never updated, BN statistics included
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert all(p.requires_grad for p in teacher.parameters())  # its flags are given back
 
 
 def test_non_finite_loss_names_the_step() -> None:

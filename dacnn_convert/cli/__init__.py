@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 
+from .bench import bench_command
 from .convert import convert_command, demo_command
 from .deploy import export_command, inspect_command, latency_command
 from .train import eval_command, train_command
@@ -15,6 +16,7 @@ from .train import eval_command, train_command
 app = typer.Typer(
     help="dacnn: deep anchored CNNs — convert, and more.", no_args_is_help=True, pretty_exceptions_enable=False
 )
+app.command("bench")(bench_command)
 app.command("convert")(convert_command)
 app.command("demo")(demo_command)
 app.command("export")(export_command)

@@ -369,7 +369,8 @@ def distill(
     teacher.eval()
     if cfg.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    for p in teacher.parameters():
+    frozen = {p: p.requires_grad for p in teacher.parameters()}  # restored on return: no side effect
+    for p in frozen:
         p.requires_grad_(False)
     device = next(student.parameters()).device
     layers = list(feature_layers or [])
@@ -386,6 +387,8 @@ def distill(
     try:
         return _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)
     finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
         if taps is not None:
             taps[0].remove()
             taps[1].remove()

@@ -1,0 +1,210 @@
+"""Structured (channel) pruning through Torch-Pruning, searched to hit a parameter budget.
+
+``l1-filter`` ranks each group of coupled channels by the L1 norm of the filter that
+produces it (Li et al. 2017, "Pruning Filters for Efficient ConvNets"); ``group-norm``
+by the L2 norm over every weight the group touches (Fang et al. 2023, DepGraph). Both
+prune the same fraction of channels in every layer. Torch-Pruning's ``pruning_ratio`` is a
+channel ratio, so it is searched by bisection until the unique parameter count is within
+1% of the target. The result is a dense, smaller model; :func:`resize_to_state` rebuilds
+its skeleton from tensor shapes alone, so the artefact reloads without pickles.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import save
+from ..errors import PlanError, UsageError
+from ..planning import unique_params
+from . import Compressed, Context, register_method
+
+TOLERANCE = 0.01
+
+
+def ensure_unshared(model: nn.Module, method: str) -> None:
+    """Refuse a model whose weights are shared: pruning would silently duplicate them.
+
+    Raises:
+        UsageError: the model is anchored or ties parameters; prune the original instead.
+    """
+    seen: set[int] = set()
+    shared = any(type(m).__name__ in ("AnchoredConv2d", "AnchorBank") for m in model.modules())
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared = shared or p.data_ptr() in seen
+        seen.add(p.data_ptr())
+    if shared:
+        raise UsageError(
+            f"{method} cannot prune a model with shared weights: Torch-Pruning un-shares them silently and the "
+            "'compressed' model grows. Prune the original model, or anchor after pruning"
+        )
+
+
+def resize_to_state(model: nn.Module, shapes: Mapping[str, torch.Size | tuple[int, ...]]) -> nn.Module:
+    """Shrink every conv, BatchNorm and linear layer of ``model`` in place to the given tensor shapes.
+
+    Only shapes are read (``{state_dict key: shape}``), so a pruned model's file reloads into
+    its original architecture without storing code. Values are left uninitialised.
+    """
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        shape = shapes.get(f"{prefix}weight")
+        if isinstance(m, nn.Conv2d) and shape is not None and tuple(shape) != tuple(m.weight.shape):
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            m.out_channels = shape[0]
+            m.groups = shape[0] if depthwise else m.groups
+            m.in_channels = shape[1] * m.groups
+            m.weight = nn.Parameter(torch.empty(tuple(shape)))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(shape[0]))
+        elif isinstance(m, nn.Linear) and shape is not None and tuple(shape) != tuple(m.weight.shape):
+            m.out_features, m.in_features = shape
+            m.weight = nn.Parameter(torch.empty(tuple(shape)))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(shape[0]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            stats = shapes.get(f"{prefix}running_mean", shape)
+            if stats is not None and stats[0] != m.num_features:
+                n = stats[0]
+                m.num_features = n
+                if m.affine:
+                    m.weight, m.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
+                if m.track_running_stats:
+                    m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
+    return model
+
+
+def _classifier_heads(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """Linear layers whose outputs are the model's outputs: their output width is the task's."""
+    with torch.no_grad():
+        width = model(example).shape[-1]
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == width]
+
+
+def channel_prune(
+    model: nn.Module,
+    ratio: float,
+    importance: str,
+    input_size: tuple[int, int, int],
+    widest_ratio: float | None = None,
+) -> nn.Module:
+    """Prune ``ratio`` of the channels of every layer of ``model`` in place (classifier outputs kept).
+
+    ``widest_ratio`` prunes the widest layers (the last stage of a ResNet) at their own ratio:
+    the fine adjustment that brings the count within 1% of a budget when one uniform ratio
+    steps over it.
+    """
+    import torch_pruning as tp
+
+    imp = (
+        tp.importance.MagnitudeImportance(p=1, group_reduction="first")
+        if importance == "l1"
+        else tp.importance.GroupMagnitudeImportance(p=2)
+    )
+    was_training = model.training
+    model.eval()  # a batch of one example would break BatchNorm in train mode
+    for p in model.parameters():  # Torch-Pruning leaves frozen parameters alone
+        p.requires_grad_(True)
+    example = torch.randn(1, *input_size)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    widest = max(m.out_channels for m in convs)
+    per_layer = {m: widest_ratio for m in convs if m.out_channels == widest} if widest_ratio is not None else None
+    pruner = tp.pruner.MetaPruner(
+        model, example, importance=imp, pruning_ratio=ratio, pruning_ratio_dict=per_layer,
+        ignored_layers=_classifier_heads(model, example), global_pruning=False,
+    )  # fmt: skip
+    pruner.step()
+    model.train(was_training)
+    return model
+
+
+def _bisect(count: Callable[[float], tuple[int, nn.Module]], target: int, lo: float, hi: float, steps: int) -> list:
+    """Bisect a ratio in [lo, hi] where the count falls as the ratio grows; every try, as (error, ratio, n, model)."""
+    tries = []
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        n, model = count(mid)
+        tries.append((abs(n - target) / target, mid, n, model))
+        if tries[-1][0] <= TOLERANCE / 2:
+            break
+        lo, hi = (mid, hi) if n > target else (lo, mid)
+    return tries
+
+
+def search_ratio(
+    teacher: nn.Module, target: int, importance: str, input_size: tuple[int, int, int], steps: int = 20
+) -> tuple[nn.Module, str]:
+    """Find channel ratios that bring a pruned copy of ``teacher`` to ``target`` params (within 1%).
+
+    First one uniform ratio by bisection; if its steps jump over the target, the widest layers
+    get a ratio of their own, bisected between the two uniform ratios that bracket the target.
+
+    Returns:
+        The pruned copy and a note of the ratios used.
+
+    Raises:
+        PlanError: no ratio gets within 1% (the model is too narrow for this budget).
+    """
+    if target >= unique_params(teacher):
+        raise PlanError(f"the budget {target:,} is not below the model's {unique_params(teacher):,} parameters")
+    base = copy.deepcopy(teacher).to(memory_format=torch.contiguous_format)
+    # ratios closer than 1/(4 * widest layer) prune the same channels: no point bisecting further
+    widest = max((m.out_channels for m in base.modules() if isinstance(m, nn.Conv2d)), default=1)
+    steps = min(steps, math.ceil(math.log2(4 * widest)))
+
+    def uniform(r: float) -> tuple[int, nn.Module]:
+        m = channel_prune(copy.deepcopy(base), r, importance, input_size)
+        return unique_params(m), m
+
+    tries = _bisect(uniform, target, 0.0, 0.999, steps)
+    best = min(tries, key=lambda t: t[0])
+    note = f"channel ratio {best[1]:.3f} in every layer"
+    if best[0] > TOLERANCE:
+        above = max((t for t in tries if t[2] > target), key=lambda t: t[1], default=None)
+        if above is not None:
+            r0 = above[1]
+
+            def widest(r: float) -> tuple[int, nn.Module]:
+                m = channel_prune(copy.deepcopy(base), r0, importance, input_size, widest_ratio=r)
+                return unique_params(m), m
+
+            fine = min(_bisect(widest, target, r0, 0.999, steps), key=lambda t: t[0])
+            if fine[0] < best[0]:
+                best, note = fine, f"channel ratio {r0:.3f}, widest layers {fine[1]:.3f}"
+    if best[0] > TOLERANCE:
+        raise PlanError(
+            f"channel pruning cannot reach {target:,} parameters within 1% (closest: {best[2]:,} at ratio "
+            f"{best[1]:.3f}); the layers are too narrow for this budget"
+        )
+    return best[3], note
+
+
+@dataclass(frozen=True)
+class ChannelPruning:
+    """Torch-Pruning with ``importance`` ("l1" or "group") at a searched uniform channel ratio."""
+
+    name: str
+    importance: str
+    description: str
+    fixed_size: bool = False
+
+    def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
+        ensure_unshared(teacher, self.name)
+        if target_params is None:
+            raise PlanError(f"{self.name} needs a parameter budget (--budget or --match)")
+        model, ratios = search_ratio(teacher, target_params, self.importance, ctx.input_size)
+
+        def store(m: nn.Module, folder: Path) -> dict[str, int]:
+            return {"safetensors": save(m, folder / "model.safetensors", source=ctx.source, pruned=True).stat().st_size}
+
+        return Compressed(model, unique_params(model), lambda m: m, store, ratios)
+
+
+register_method(ChannelPruning("l1-filter", "l1", "L1-norm filter pruning (Li et al. 2017) via Torch-Pruning"))
+register_method(ChannelPruning("group-norm", "group", "DepGraph group-norm pruning (Fang et al. 2023) via Torch-Pruning"))

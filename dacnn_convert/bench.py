@@ -1,0 +1,293 @@
+"""Compare compression methods on one teacher at one parameter budget, with the same fine-tune.
+
+    teacher ─► target size (--budget / --match) ─► for each method and seed:
+        compress ─► BN recalibration ─► KD fine-tune ─► finalize ─► save artefact ─► measure
+    ─► latency of every final model, interleaved with the teacher ─► bench.{md,json,csv,png}
+
+Every method gets the same BN recalibration, the same epochs, optimiser, schedule and KD
+loss from the teacher, so differences come from the methods, not the training budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .baselines import Context, get_method
+from .distill import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
+from .errors import UsageError
+from .latency import compare_latency
+from .planning import unique_params
+from .report import count_macs, state_dict_bytes
+
+COLUMNS = (
+    "method", "seed", "params", "bytes", "sparse_bytes", "ratio", "prune_ratio", "macs", "latency_b1_ms",
+    "latency_b64_ms", "acc_compressed", "acc_calibrated", "acc_finetuned", "drop", "wall_s",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to compare and how (the fine-tune is ``train``, identical for every method)."""
+
+    methods: tuple[str, ...]
+    budget: float | None = None
+    match: str | None = None
+    repeats: int = 1
+    calibrate_batches: int = 20
+    latency_batches: tuple[int, ...] = (1, 64)
+    latency_repeats: int = 20
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise UsageError("--methods is empty; name at least one method")
+        for name in (*self.methods, *([self.match] if self.match else [])):
+            get_method(name)
+        if self.budget is not None and self.match is not None:
+            raise UsageError("give either --budget or --match, not both")
+        if self.budget is not None and not 0 < self.budget < 1:
+            raise UsageError(f"--budget is a fraction of the teacher's parameters in (0, 1); got {self.budget}")
+        if self.match is not None and not get_method(self.match).fixed_size:
+            raise UsageError(f"--match needs a method with a fixed size (an anchoring method), not {self.match!r}")
+        if self.repeats < 1:
+            raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
+
+
+@dataclass
+class BenchRow:
+    """One method, one seed. Accuracies and drop (teacher - fine-tuned) are fractions; latency in ms per batch (median)."""
+
+    method: str
+    seed: int
+    params: int
+    bytes: int
+    sparse_bytes: int | None
+    ratio: float
+    prune_ratio: float
+    macs: int
+    latency_b1_ms: float | None
+    latency_b64_ms: float | None
+    acc_compressed: float
+    acc_calibrated: float
+    acc_finetuned: float
+    drop: float
+    wall_s: float
+    notes: str = ""
+
+
+@dataclass
+class BenchResult:
+    """Rows for the teacher and every (method, seed), plus how they were obtained."""
+
+    teacher: BenchRow
+    rows: list[BenchRow]
+    target_params: int | None
+    config: BenchConfig
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    meta: dict[str, str] = field(default_factory=dict)  # command, machine, versions: set by the caller
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per method: the mean of every number over seeds, and the std of the fine-tuned accuracy."""
+        out = []
+        for name in dict.fromkeys(r.method for r in self.rows):
+            rows = [r for r in self.rows if r.method == name]
+            accs = [r.acc_finetuned for r in rows]
+            mean = {c: statistics.fmean(getattr(r, c) for r in rows) for c in ("acc_compressed", "acc_calibrated",
+                    "acc_finetuned", "drop", "wall_s")}  # fmt: skip
+            out.append({**asdict(rows[0]), **mean, "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        "n": len(rows)})  # fmt: skip
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        cfg = asdict(self.config)
+        return {"target_params": self.target_params, "teacher": asdict(self.teacher), "rows": [asdict(r) for r in self.rows],
+                "summary": self.summary(), "latency": self.latency, "config": cfg, "wall_s": self.wall_s, "meta": self.meta}  # fmt: skip
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, "notes"], lineterminator="\n")
+        writer.writeheader()
+        for r in [self.teacher, *self.rows]:
+            writer.writerow(asdict(r))
+        return buf.getvalue()
+
+    def to_markdown(self) -> str:
+        many = self.config.repeats > 1
+        pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
+        ms = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+        head = ("| method | unique params | bytes on disk | compression | prune ratio | MACs | latency b1 (ms) | "
+                "latency b64 (ms) | acc compressed | acc BN-recal | acc fine-tuned | drop vs teacher (points) | wall (s) |")  # fmt: skip
+        lines = [f"{k}: {v}  " for k, v in self.meta.items()] + ([""] if self.meta else [])
+        lines += [head, "|" + "---|" + "---:|" * 12]
+        t = self.teacher
+        lines.append(f"| teacher | {t.params:,} | {t.bytes:,} | 1.00x | 0.0% | {t.macs / 1e6:.1f}M | {ms(t.latency_b1_ms)} | "
+                     f"{ms(t.latency_b64_ms)} | – | – | {pct(t.acc_finetuned)} | – | – |")  # fmt: skip
+        for s in self.summary():
+            size = f"{s['bytes']:,}" + (f" (sparse {s['sparse_bytes']:,})" if s["sparse_bytes"] else "")
+            acc = pct(s["acc_finetuned"]) + (f" ± {100 * s['acc_std']:.2f}" if many else "")
+            lines.append(
+                f"| {s['method']} | {s['params']:,} | {size} | {s['ratio']:.2f}x | {100 * s['prune_ratio']:.1f}% | "
+                f"{s['macs'] / 1e6:.1f}M | {ms(s['latency_b1_ms'])} | {ms(s['latency_b64_ms'])} | {pct(s['acc_compressed'])} | "
+                f"{pct(s['acc_calibrated'])} | {acc} | {100 * s['drop']:.2f} | {s['wall_s']:.0f} |"
+            )  # fmt: skip
+        cfg = self.config
+        target = f"{self.target_params:,} unique parameters" if self.target_params else "none (fixed-size methods only)"
+        lines += [
+            "",
+            f"Budget for the pruning methods: {target}"
+            + (f" (the size of {cfg.match})" if cfg.match else f" ({cfg.budget:.0%} of the teacher)" if cfg.budget else "")
+            + ". Pruning methods hit it within 1%; anchoring methods have the size their plan gives.",
+            f"Same for every method: BN recalibration on {cfg.calibrate_batches} batches, then {cfg.train.epochs} epochs of "
+            f"KD fine-tuning ({cfg.train.optimizer}, lr {cfg.train.lr}, {cfg.train.schedule}, T={cfg.train.kd_temperature}, "
+            f"alpha={cfg.train.kd_alpha}), precision {cfg.train.precision}; seeds 0..{cfg.repeats - 1}.",
+            f"Total wall time {self.wall_s / 60:.1f} min. Drop = teacher accuracy minus fine-tuned accuracy (positive: worse than the teacher). Latency: median over "
+            f"{cfg.latency_repeats} runs, every model interleaved with the teacher, CPU.",
+        ]
+        notes = {s["method"]: s["notes"] for s in self.summary() if s["notes"]}
+        lines += ["", *[f"- **{k}**: {v}" for k, v in notes.items()]] if notes else []
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | Path) -> Path:
+        """PNG of fine-tuned accuracy vs unique parameters (log scale), teacher marked (paper's Fig. 5 style)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for i, s in enumerate(self.summary()):
+            ax.errorbar(s["params"], 100 * s["acc_finetuned"], yerr=100 * s["acc_std"], fmt="o", color=f"C{i}",
+                        capsize=3, label=s["method"])  # fmt: skip
+        t = self.teacher
+        ax.plot(t.params, 100 * t.acc_finetuned, marker="*", markersize=14, color="black", linestyle="", label="teacher")
+        ax.axhline(100 * t.acc_finetuned, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("unique parameters")
+        ax.set_ylabel("top-1 accuracy after fine-tuning (%)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def write(self, out: str | Path) -> dict[str, Path]:
+        """Write bench.md, bench.json, bench.csv and bench.png into ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"md": out / "bench.md", "json": out / "bench.json", "csv": out / "bench.csv"}
+        files["md"].write_text(self.to_markdown())
+        files["json"].write_text(json.dumps(self.to_dict(), indent=2))
+        files["csv"].write_text(self.to_csv())
+        files["png"] = self.plot(out / "bench.png")
+        return files
+
+
+def target_size(teacher: nn.Module, config: BenchConfig, ctx: Context) -> int | None:
+    """The parameter budget of the pruning methods, from ``--budget`` or the size of ``--match``."""
+    if config.budget is not None:
+        return round(config.budget * unique_params(teacher))
+    if config.match is not None:
+        return get_method(config.match).compress(teacher, None, replace(ctx, calib_loader=None)).params
+    return None
+
+
+def run_bench(
+    teacher: nn.Module,
+    loaders: Loaders,
+    input_size: tuple[int, int, int],
+    config: BenchConfig,
+    out: Path | None = None,
+    source: Any = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> BenchResult:
+    """Compress ``teacher`` with every method of ``config`` and measure each the same way.
+
+    Args:
+        teacher: the trained original; left untouched.
+        loaders: training data (calibration, BN statistics, fine-tuning) and validation data.
+        input_size: (C, H, W) of one example.
+        config: methods, budget, repeats and the shared fine-tuning settings.
+        out: artefacts go to ``out/METHOD[-seedN]/``; None keeps them in memory only.
+        source: the teacher's model source, recorded in the saved artefacts.
+        on_event: progress callback ``(event, data)``: ``method`` when one starts, ``stage``
+            after each measured step, ``done`` with the row.
+
+    Raises:
+        UsageError: a pruning method without a budget; PlanError: a budget out of reach.
+    """
+    start = time.perf_counter()
+    notify = on_event or (lambda event, data: None)
+    ctx = Context(input_size, loaders.train, config.calibrate_batches, 0, source)
+    target = target_size(teacher, config, ctx)
+    if target is None and any(not get_method(m).fixed_size for m in config.methods):
+        raise UsageError("pruning methods need a size: give --budget FRACTION or --match METHOD")
+    teacher_params = unique_params(teacher)
+    precision, limit = config.train.precision, config.train.limit_batches
+    teacher_acc = evaluate(teacher, loaders.val, precision, limit)
+    rows: list[BenchRow] = []
+    finals: dict[str, nn.Module] = {}
+    base_seed = getattr(loaders.train, "seed", None)
+    for seed in range(config.repeats):
+        if base_seed is not None:  # a new data order per repeat, the same for every method
+            loaders.train.seed = base_seed + seed  # type: ignore[attr-defined]
+        for name in config.methods:
+            began = time.perf_counter()
+            notify("method", {"method": name, "seed": seed})
+            torch.manual_seed(seed)
+            compressed = get_method(name).compress(teacher, target, replace(ctx, seed=seed))
+            model = compressed.model
+            for p in model.parameters():  # a frozen teacher's copies inherit its flags
+                p.requires_grad_(True)
+            acc_c = evaluate(model, loaders.val, precision, limit)
+            notify("stage", {"method": name, "stage": "compressed", "acc": acc_c})
+            if config.calibrate_batches > 0:
+                recalibrate_bn(model, loaders.train, config.calibrate_batches)
+            acc_b = evaluate(model, loaders.val, precision, limit)
+            notify("stage", {"method": name, "stage": "calibrated", "acc": acc_b})
+            distill(model, teacher, loaders.train, loaders.val, config=replace(config.train, seed=seed))
+            model = compressed.finalize(model)
+            acc_f = evaluate(model, loaders.val, precision, limit)
+            notify("stage", {"method": name, "stage": "finetuned", "acc": acc_f})
+            folder = (out / (name if config.repeats == 1 else f"{name}-seed{seed}")) if out is not None else None
+            sizes = compressed.save(model, folder) if folder is not None else {"safetensors": state_dict_bytes(model)}
+            row = BenchRow(
+                name, seed, compressed.params, sizes["safetensors"], sizes.get("sparse"), teacher_params / compressed.params,
+                1 - compressed.params / teacher_params, count_macs(model, input_size), None, None, acc_c, acc_b, acc_f,
+                teacher_acc - acc_f, time.perf_counter() - began, compressed.notes,
+            )  # fmt: skip
+            rows.append(row)
+            if seed == 0:
+                finals[name] = model.to(memory_format=torch.contiguous_format)
+            notify("done", asdict(row))
+    t_row = BenchRow("teacher", 0, teacher_params, state_dict_bytes(teacher), None, 1.0, 0.0,
+                     count_macs(teacher, input_size), None, None, teacher_acc, teacher_acc, teacher_acc, 0.0, 0.0)  # fmt: skip
+    latency: list[dict[str, Any]] = []
+    for batch in config.latency_batches:
+        notify("latency", {"batch": batch})
+        models = {"teacher": teacher.to(memory_format=torch.contiguous_format), **finals}
+        timed = compare_latency(models, input_size, batch, "fp32", repeats=config.latency_repeats)
+        latency += [r.to_dict() for r in timed]
+        by_name = {r.model: r.median_ms for r in timed}
+        for r in [t_row, *rows]:
+            if batch == 1:
+                r.latency_b1_ms = by_name.get(r.method)
+            elif batch == 64:
+                r.latency_b64_ms = by_name.get(r.method)
+    result = BenchResult(t_row, rows, target, config, latency, time.perf_counter() - start)
+    if out is not None:
+        result.write(out)
+    return result

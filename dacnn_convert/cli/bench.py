@@ -1,0 +1,122 @@
+"""``bench``: anchoring against pruning baselines at one parameter budget, the same fine-tune for all."""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import DacnnError
+from .common import (
+    BatchOpt,
+    CalibOpt,
+    ClassesOpt,
+    DataOptions,
+    DownloadOpt,
+    EpochsOpt,
+    LimitOpt,
+    LrOpt,
+    ModelArg,
+    OptimOpt,
+    PrecOpt,
+    SchedOpt,
+    SeedOpt,
+    SizeOpt,
+    TrainLimitOpt,
+    WeightsOpt,
+    console,
+    fail,
+    parse_input_size,
+)
+
+DEFAULT_METHODS = "dacnn-mix-reg,dacnn-mix,magnitude,l1-filter,group-norm"
+
+
+def bench_command(
+    model: ModelArg,
+    dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn, synthetic or imagefolder:PATH")],
+    weights: WeightsOpt = "none",
+    num_classes: ClassesOpt = None,
+    methods: Annotated[str, typer.Option(help="comma-separated: dacnn-mix, dacnn-mix-reg, dacnn-plain, sharesnet, "
+                                              "magnitude, l1-filter, group-norm")] = DEFAULT_METHODS,  # fmt: skip
+    budget: Annotated[float | None, typer.Option(help="pruning budget as a fraction of the teacher's params")] = None,
+    match: Annotated[str | None, typer.Option(help="prune to the size of this anchoring method")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="seeds per method; mean ± std reported")] = 1,
+    out: Annotated[Path, typer.Option(help="folder for bench.md/json/csv/png and each method's artefact")] = Path(
+        "runs/bench"
+    ),
+    input_size: SizeOpt = None,
+    epochs: EpochsOpt = 1,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = 0.02,
+    optimizer: OptimOpt = "sgd",
+    schedule: SchedOpt = "cosine",
+    calibrate_batches: CalibOpt = 20,
+    precision: PrecOpt = "auto",
+    limit_batches: LimitOpt = None,
+    train_limit: TrainLimitOpt = None,
+    latency_repeats: Annotated[int, typer.Option(min=1, help="timed runs per model and batch size")] = 20,
+    download: DownloadOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Compare compression methods on one teacher at the same size, with the same KD fine-tune."""
+    from ..bench import BenchConfig, run_bench
+    from ..sources import build_model, parse_spec
+
+    try:
+        data = DataOptions(dataset, epochs, batch_size, lr, optimizer, schedule, calibrate_batches=calibrate_batches,
+                           precision=precision, limit_batches=limit_batches, train_limit=train_limit,
+                           download=download, seed=seed)  # fmt: skip
+        config = BenchConfig(
+            tuple(m.strip() for m in methods.split(",") if m.strip()), budget, match, repeats, calibrate_batches,
+            latency_repeats=latency_repeats, train=data.config(),
+        )  # fmt: skip
+        size = parse_input_size(input_size) or (3, 32, 32)
+        loaders = data.loaders(size)
+        spec = parse_spec(model, num_classes or loaders.num_classes)
+        teacher = build_model(spec, weights).eval()
+        with console.status("benchmarking") as status:
+
+            def on_event(event: str, d: dict) -> None:
+                if event == "method":
+                    status.update(f"{d['method']} (seed {d['seed']}): compressing, calibrating, fine-tuning")
+                elif event == "done":
+                    console.print(f"{d['method']} seed {d['seed']}: {d['params']:,} params, accuracy "
+                                  f"{100 * d['acc_compressed']:.2f}% -> {100 * d['acc_finetuned']:.2f}% ({d['wall_s']:.0f} s)")  # fmt: skip
+                elif event == "latency":
+                    status.update(f"timing every model at batch {d['batch']}")
+
+            import torch
+
+            meta = {
+                "Command": " ".join(["dacnn bench", *map(shlex.quote, sys.argv[2:])]),
+                "Machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+                "Versions": f"torch {torch.__version__}, python {platform.python_version()}",
+                "Date": str(date.today()),
+            }
+            result = run_bench(teacher, loaders, size, config, out, spec, on_event)
+            result.meta.update(meta)
+            result.write(out)
+    except DacnnError as exc:
+        raise fail(exc) from None
+    table = Table(title=f"{spec.display}: {result.target_params or 0:,} params budget")
+    for col in ("method", "params", "bytes", "prune", "MACs", "b1 ms", "b64 ms", "acc before", "acc after", "drop"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    t = result.teacher
+    table.add_row("teacher", f"{t.params:,}", f"{t.bytes:,}", "0%", f"{t.macs / 1e6:.0f}M", f"{t.latency_b1_ms or 0:.2f}",
+                  f"{t.latency_b64_ms or 0:.1f}", "", f"{100 * t.acc_finetuned:.2f}%", "")  # fmt: skip
+    for s in result.summary():
+        std = f" ± {100 * s['acc_std']:.2f}" if repeats > 1 else ""
+        table.add_row(s["method"], f"{s['params']:,}", f"{s['bytes']:,}", f"{100 * s['prune_ratio']:.1f}%",
+                      f"{s['macs'] / 1e6:.0f}M", f"{s['latency_b1_ms'] or 0:.2f}", f"{s['latency_b64_ms'] or 0:.1f}",
+                      f"{100 * s['acc_calibrated']:.2f}%", f"{100 * s['acc_finetuned']:.2f}%{std}",
+                      f"{100 * s['drop']:.2f}")  # fmt: skip
+    console.print(table)
+    console.print(f"wrote {out}/bench.md, bench.json, bench.csv, bench.png ({result.wall_s / 60:.1f} min)")

@@ -1,0 +1,140 @@
+"""Pruning baselines and the same-budget benchmark: budgets hit, sparsity exact, reports complete."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from dacnn_convert import anchor, load
+from dacnn_convert.baselines import METHODS, Context, get_method
+from dacnn_convert.baselines.magnitude import load_sparse, magnitude_prune, make_permanent, save_sparse
+from dacnn_convert.bench import COLUMNS, BenchConfig, run_bench
+from dacnn_convert.cli import app
+from dacnn_convert.distill import TrainConfig, make_loaders
+from dacnn_convert.errors import PlanError, UsageError
+from dacnn_convert.planning import unique_params
+from tests.models import TinyResNet
+
+CTX = Context(input_size=(3, 16, 16))
+
+
+def wide() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyResNet(width=64).eval()  # 676,682 params: channel steps fine enough for a 1% budget
+
+
+@pytest.mark.parametrize("method", ["l1-filter", "group-norm"])
+@pytest.mark.parametrize("fraction", [0.5, 0.25])
+def test_channel_pruning_hits_the_budget_within_one_percent(method: str, fraction: float) -> None:
+    teacher = wide()
+    target = round(fraction * unique_params(teacher))
+    out = get_method(method).compress(teacher, target, CTX)
+    assert abs(out.params - target) / target <= 0.01
+    assert out.params == unique_params(out.model)
+    assert out.model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert unique_params(teacher) == 676_682  # the teacher is untouched
+
+
+def test_magnitude_pruning_reaches_the_exact_sparsity() -> None:
+    teacher = wide()
+    total = unique_params(teacher)
+    target = total // 3
+    out = get_method("magnitude").compress(teacher, target, CTX)
+    zeros = sum(int((m.weight == 0).sum()) for m in out.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert zeros == total - target and out.params == target
+    model = make_permanent(out.model)
+    assert not any(name.endswith(("_orig", "_mask")) for name, _ in model.state_dict().items())
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert sum(int((w == 0).sum()) for w in weights) == total - target  # the zeros stay after the masks go
+
+
+def test_magnitude_prunes_the_globally_smallest_weights() -> None:
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.1, -5.0], [3.0, 0.2]]))
+        model[1].weight.copy_(torch.tensor([[-0.05, 4.0]]))
+    make_permanent(magnitude_prune(model, 3))
+    assert model[0].weight.tolist() == [[0.0, -5.0], [3.0, 0.0]]
+    assert model[1].weight.tolist() == [[0.0, 4.0]]
+
+
+def test_sparse_file_round_trips_and_is_smaller(tmp_path) -> None:
+    model = make_permanent(magnitude_prune(wide(), 400_000))
+    path = save_sparse(model, tmp_path / "m.sparse.safetensors")
+    state = load_sparse(path)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    dense = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert path.stat().st_size < 0.55 * dense  # 59% of the weights are zero: 1 bit each + values
+
+
+@pytest.mark.parametrize("method", ["l1-filter", "group-norm", "magnitude"])
+def test_pruning_an_anchored_model_is_refused(method: str) -> None:
+    anchored = anchor(TinyResNet(), input_size=(3, 16, 16))
+    with pytest.raises(UsageError, match="shared weights"):
+        get_method(method).compress(anchored, 1000, CTX)
+
+
+def test_pruning_tied_weights_is_refused() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 3))
+    model[1].weight = model[0].weight
+    with pytest.raises(UsageError, match="un-shares"):
+        get_method("l1-filter").compress(model, 10, CTX)
+
+
+def test_unreachable_budget_names_the_closest() -> None:
+    with pytest.raises(PlanError, match="closest"):
+        get_method("l1-filter").compress(TinyResNet(), 2000, CTX)  # 8/16 channels: steps far above 1%
+
+
+def test_unknown_method_suggests_the_closest() -> None:
+    with pytest.raises(UsageError, match="Did you mean: l1-filter"):
+        get_method("l1-filtr")
+    assert {"dacnn-mix", "dacnn-mix-reg", "dacnn-plain", "sharesnet", "magnitude", "l1-filter", "group-norm"} <= set(METHODS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"budget": 1.5}, "fraction"), ({"budget": 0.5, "match": "dacnn-mix"}, "either"), ({"match": "magnitude"}, "fixed size")],
+)
+def test_bench_config_rejects_bad_budgets(kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        BenchConfig(("dacnn-mix",), **kwargs)
+
+
+def test_two_method_bench_writes_every_column_and_a_png(tmp_path) -> None:
+    loaders = make_loaders("synthetic", batch_size=32, input_size=16)
+    config = BenchConfig(("dacnn-mix", "l1-filter"), match="dacnn-mix", calibrate_batches=1, latency_repeats=2,
+                         train=TrainConfig(epochs=1, limit_batches=2))  # fmt: skip
+    teacher = wide()
+    result = run_bench(teacher, loaders, (3, 16, 16), config, out=tmp_path)
+    rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    assert [r["method"] for r in rows] == ["teacher", "dacnn-mix", "l1-filter"]
+    assert all(rows[0][c] != "" for c in COLUMNS if c != "sparse_bytes")
+    mix, l1 = result.rows
+    assert abs(l1.params - mix.params) / mix.params <= 0.01  # pruned to the anchored size
+    assert mix.latency_b1_ms and l1.latency_b64_ms and l1.macs < result.teacher.macs
+    assert l1.bytes == (tmp_path / "l1-filter" / "model.safetensors").stat().st_size
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "bench.md").read_text()
+    for header in ("unique params", "bytes on disk", "compression", "prune ratio", "MACs", "latency b1", "latency b64",
+                   "acc compressed", "acc fine-tuned", "drop vs teacher", "wall"):  # fmt: skip
+        assert header in md
+    assert json.loads((tmp_path / "bench.json").read_text())["target_params"] == mix.params
+    # the pruned artefact is a real smaller model that reloads from shapes alone
+    reloaded = load(tmp_path / "l1-filter" / "model.safetensors", model=copy.deepcopy(wide()))
+    assert unique_params(reloaded) == l1.params
+
+
+def test_bench_cli_refuses_pruning_without_a_budget(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["bench", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16",
+                                      "--methods", "dacnn-mix,magnitude", "--out", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 2
+    assert "--budget" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "bench.md").exists()
