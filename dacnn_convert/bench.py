@@ -213,6 +213,7 @@ def run_bench(
     out: Path | None = None,
     source: Any = None,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    meta: dict[str, str] | None = None,
 ) -> BenchResult:
     """Compress ``teacher`` with every method of ``config`` and measure each the same way.
 
@@ -225,6 +226,7 @@ def run_bench(
         source: the teacher's model source, recorded in the saved artefacts.
         on_event: progress callback ``(event, data)``: ``method`` when one starts, ``stage``
             after each measured step, ``done`` with the row.
+        meta: command, machine and versions, printed at the top of bench.md.
 
     Raises:
         UsageError: a pruning method without a budget; PlanError: a budget out of reach.
@@ -287,7 +289,7 @@ def run_bench(
                 r.latency_b1_ms = by_name.get(r.method)
             elif batch == 64:
                 r.latency_b64_ms = by_name.get(r.method)
-    result = BenchResult(t_row, rows, target, config, latency, time.perf_counter() - start)
+    result = BenchResult(t_row, rows, target, config, latency, time.perf_counter() - start, dict(meta or {}))
     if out is not None:
         result.write(out)
     return result

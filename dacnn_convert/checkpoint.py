@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .convert import PLAN_ATTR, convert
-from .errors import CheckpointError
+from .errors import CheckpointError, write_failed
 from .planning import Plan
 from .sources import ModelSpec, build_model, check_state_dict, parse_spec
 
@@ -45,6 +45,9 @@ def save(
 
     Returns:
         The path written. A crash mid-write leaves any previous file intact.
+
+    Raises:
+        OutputError: the file cannot be written (disk full, not writable); the previous one is kept.
     """
     from safetensors.torch import save_file
 
@@ -66,14 +69,17 @@ def save(
     if source is not None:
         meta["source"] = json.dumps(source.to_dict())
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         save_file(state, tmp, metadata=meta)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
 

@@ -49,6 +49,29 @@ class DatasetError(DacnnError):
     """A dataset is missing or malformed."""
 
 
+class OutputError(DacnnError):
+    """An output file or folder cannot be written (not writable, disk full)."""
+
+
+class RecipeError(UsageError):
+    """A recipe file has unknown keys, wrong types or values out of range."""
+
+
+class TrainingInterrupted(DacnnError):
+    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+
+    exit_code = 130  # the shell's code for SIGINT
+
+
+def write_failed(path: object, exc: OSError) -> OutputError:
+    """The error for a failed write, saying what was kept."""
+    reason = exc.strerror or str(exc)
+    return OutputError(
+        f"could not write {str(path)!r} ({reason}); any previous file there is intact. "
+        "Free some space or choose another --out"
+    )
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for the closest choices, or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)

@@ -7,6 +7,9 @@ shares the model's submodules and is thrown away.
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -167,12 +170,16 @@ def analyze(
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        # ShapeProp prints a traceback of its own before raising: keep the user's terminal clean
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(torch.zeros(1, *input_size))
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        root = exc.__cause__ or exc
+        node = next((str(n.target) for n in gm.graph.nodes if f"node=%{n.name} " in str(exc)), None)
+        first = str(root).splitlines()[0] if str(root) else type(root).__name__
         raise PlanError(
-            f"the model fails on an input of size {tuple(input_size)}: {first[:200]}. "
+            f"the model fails on an input of size {tuple(input_size)}"
+            + (f" at {node}" if node else "") + f": {first[:200]}. "
             "Is --input-size right for this network (too small for its downsampling?)"
         ) from exc
     finally:

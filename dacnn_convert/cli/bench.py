@@ -32,10 +32,24 @@ from .common import (
     WeightsOpt,
     console,
     fail,
+    output_guard,
     parse_input_size,
 )
 
 DEFAULT_METHODS = "dacnn-mix-reg,dacnn-mix,magnitude,l1-filter,group-norm"
+
+
+def _environment() -> dict[str, str]:
+    """Command, machine, versions and date, written at the top of bench.md."""
+    import torch
+
+    gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
+    return {
+        "Command": " ".join(["dacnn bench", *map(shlex.quote, sys.argv[2:])]),
+        "Machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}",
+        "Versions": f"torch {torch.__version__}, python {platform.python_version()}",
+        "Date": str(date.today()),
+    }
 
 
 def bench_command(
@@ -78,10 +92,10 @@ def bench_command(
             latency_repeats=latency_repeats, train=data.config(),
         )  # fmt: skip
         size = parse_input_size(input_size) or (3, 32, 32)
-        loaders = data.loaders(size)
-        spec = parse_spec(model, num_classes or loaders.num_classes)
-        teacher = build_model(spec, weights).eval()
-        with console.status("benchmarking") as status:
+        with output_guard(out), console.status("benchmarking") as status:
+            loaders = data.loaders(size)
+            spec = parse_spec(model, num_classes or loaders.num_classes)
+            teacher = build_model(spec, weights).eval()
 
             def on_event(event: str, d: dict) -> None:
                 if event == "method":
@@ -92,18 +106,7 @@ def bench_command(
                 elif event == "latency":
                     status.update(f"timing every model at batch {d['batch']}")
 
-            import torch
-
-            meta = {
-                "Command": " ".join(["dacnn bench", *map(shlex.quote, sys.argv[2:])]),
-                "Machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-                "Versions": f"torch {torch.__version__}, python {platform.python_version()}",
-                "Date": str(date.today()),
-            }
-            result = run_bench(teacher, loaders, size, config, out, spec, on_event)
-            result.meta.update(meta)
-            result.write(out)
+            result = run_bench(teacher, loaders, size, config, out, spec, on_event, meta=_environment())
     except DacnnError as exc:
         raise fail(exc) from None
     table = Table(title=f"{spec.display}: {result.target_params or 0:,} params budget")

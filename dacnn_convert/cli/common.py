@@ -6,7 +6,9 @@ rich. Library errors become one line on stderr and exit code 1 (usage errors 2).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from ..errors import DacnnError, UsageError
+from ..errors import DacnnError, OutputError, UsageError, write_failed
 
 console = Console()
 err_console = Console(stderr=True)
@@ -96,6 +98,46 @@ SkelOpt = Annotated[
 ]
 
 
+def check_writable(out: Path) -> None:
+    """Create ``out`` and write a probe file there, so a bad --out fails before any work.
+
+    Raises:
+        OutputError: the folder cannot be created or written.
+    """
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to {str(out)!r} ({exc.strerror or exc}); choose another --out"
+        ) from exc
+
+
+@contextlib.contextmanager
+def output_guard(out: Path | None) -> Iterator[None]:
+    """Check ``out`` is writable; if the command then fails, remove ``out`` if it created it.
+
+    Nothing half-written is left behind, except a resumable ``state.pt`` (training progress
+    is never thrown away). An OSError while writing becomes a one-line :class:`OutputError`.
+    """
+    import shutil
+
+    existed = out is None or out.exists()
+    try:
+        if out is not None:
+            check_writable(out)
+        yield
+    except BaseException as exc:
+        if out is not None and not existed and out.is_dir() and not (out / "state.pt").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_failed(getattr(exc, "filename", None) or out, exc) from exc
+        raise
+
+
 def fail(exc: DacnnError) -> typer.Exit:
     """Print a library error as one line and return the exit to raise."""
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -105,6 +147,12 @@ def fail(exc: DacnnError) -> typer.Exit:
 ModelArg = Annotated[
     str, typer.Argument(help="torchvision name (resnet34), timm:NAME (timm:resnet50d) or package.module:factory")
 ]
+OptModelArg = Annotated[
+    str | None,
+    typer.Argument(help="torchvision name (resnet34), timm:NAME, dacnn:18-mix or package.module:factory; "
+                        "optional with --recipe"),
+]  # fmt: skip
+RecipeOpt = Annotated[Path | None, typer.Option(help="a YAML recipe; flags given on the command line override it")]
 ModeOpt = Annotated[Mode, typer.Option(help="mix: share per stage; plain: one network-wide kernel; sharesnet; none")]
 RegOpt = Annotated[str, typer.Option(help="regulators in sections: none, all, or 1-based numbers like 1,3")]
 StyleOpt = Annotated[

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ..errors import DacnnError, UsageError
+from ..errors import DacnnError, UsageError, choose
 from .common import (
     AugOpt,
     BatchOpt,
@@ -36,7 +38,8 @@ from .common import (
     LrOpt,
     Mode,
     ModeOpt,
-    ModelArg,
+    OptModelArg,
+    RecipeOpt,
     OptimOpt,
     OutOpt,
     PlotOpt,
@@ -57,6 +60,7 @@ from .common import (
     _leaf_types,
     console,
     fail,
+    output_guard,
     parse_input_size,
 )
 from .train import run_train
@@ -76,8 +80,12 @@ def run_convert(
     leaf_module: list[str] | None = None,
     dtype: Dtype = Dtype.fp32,
     data: DataOptions | None = None,
+    recipe: Any = None,
 ) -> dict[str, Any]:
-    """Load, plan, convert, measure and write; with ``data``, also calibrate and distil."""
+    """Load, plan, convert, measure and write; with ``data``, also calibrate and distil.
+
+    ``recipe`` (the resolved :class:`Recipe`) is written to ``OUT/recipe.yaml``.
+    """
     from ..checkpoint import save
     from ..convert import convert
     from ..planning import make_plan
@@ -87,23 +95,26 @@ def run_convert(
     spec = parse_spec(model, num_classes)
     size = parse_input_size(input_size)
     leaves = _leaf_types(leaf_module or [])
-    original = build_model(spec, weights).eval()
-    size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original))
-    init = init or (Init.act if data and data.dataset else Init.fit)
-    if init in (Init.act, Init.act_seq) and not (data and data.dataset):
-        raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
-    plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
-    if dry_run:
-        render_plan(plan, spec.display)
-        return {"plan": plan}
     out = out or Path("runs") / f"{spec.name.replace(':', '_')}-{mode.value}"
-    if data is not None and data.dataset:
-        return _run_pipeline(original, plan, spec, size, out, data)
-    conversion = convert(original, plan)
-    ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=dtype.value)
-    report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
-    (out / "report.json").write_text(report.to_json())
-    (out / "report.md").write_text(report.to_markdown())
+    with output_guard(None if dry_run else out):
+        original = build_model(spec, weights).eval()
+        size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original))
+        init = init or (Init.act if data and data.dataset else Init.fit)
+        if init in (Init.act, Init.act_seq) and not (data and data.dataset):
+            raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
+        plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
+        if dry_run:
+            render_plan(plan, spec.display)
+            return {"plan": plan}
+        if recipe is not None:
+            (out / "recipe.yaml").write_text(recipe.to_yaml())
+        if data is not None and data.dataset:
+            return _run_pipeline(original, plan, spec, size, out, data)
+        conversion = convert(original, plan)
+        ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=dtype.value)
+        report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
+        (out / "report.json").write_text(report.to_json())
+        (out / "report.md").write_text(report.to_markdown())
     render_report(report)
     console.print(f"wrote {ckpt}, {out / 'report.json'}, {out / 'report.md'}")
     return {"plan": plan, "report": report, "out": out}
@@ -196,7 +207,8 @@ def render_accuracy(result: Any) -> None:
 
 
 def convert_command(
-    model: ModelArg,
+    ctx: typer.Context,
+    model: OptModelArg = None,
     mode: ModeOpt = Mode.mix,
     regulators: RegOpt = "none",
     regulator_style: StyleOpt = RegulatorStyle.adapter,
@@ -233,26 +245,53 @@ def convert_command(
     warmup_steps: WarmOpt = 0,
     clip_grad: ClipOpt = None,
     channels_last: ChannelsLastOpt = True,
+    recipe: RecipeOpt = None,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
     With --dataset, also recalibrate BatchNorm and distil the original into the anchored net.
+    With --recipe FILE, the recipe's settings apply wherever no flag was given.
     """
-    data = DataOptions(
-        dataset=dataset, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        weight_decay=weight_decay, kd_temperature=kd_temperature, kd_alpha=kd_alpha,
-        calibrate_batches=calibrate_batches, precision=precision, limit_batches=limit_batches,
-        train_limit=train_limit, download=download, seed=seed, resume=resume, checkpoint_every=checkpoint_every,
-        feature_weight=feature_weight if feature_loss is FeatureLoss.mse else 0.0, plot=plot, augment=augment,
-        label_smoothing=label_smoothing, warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last,
-    )  # fmt: skip
     try:
+        a = SimpleNamespace(**ctx.params)
+        resolved = None
+        if recipe is not None:
+            resolved = apply_recipe(ctx, recipe, a)
+        if a.model is None:
+            raise UsageError("give a MODEL (e.g. resnet34) or a --recipe that names one")
+        data = DataOptions(
+            dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
+            schedule=a.schedule, weight_decay=a.weight_decay, kd_temperature=a.kd_temperature, kd_alpha=a.kd_alpha,
+            calibrate_batches=a.calibrate_batches, precision=a.precision, limit_batches=a.limit_batches,
+            train_limit=a.train_limit, download=a.download, seed=a.seed, resume=a.resume,
+            checkpoint_every=a.checkpoint_every, feature_weight=a.feature_weight if a.feature_loss is FeatureLoss.mse else 0.0,
+            plot=a.plot, augment=a.augment, label_smoothing=a.label_smoothing, warmup_steps=a.warmup_steps,
+            clip_grad=a.clip_grad, channels_last=a.channels_last,
+        )  # fmt: skip
         run_convert(
-            model, mode, regulators, regulator_style, init, weights, num_classes, input_size, out, dry_run,
-            leaf_module, dtype, data,
+            a.model, a.mode, a.regulators, a.regulator_style, a.init, a.weights, a.num_classes, a.input_size, a.out,
+            a.dry_run, a.leaf_module, a.dtype, data, resolved,
         )  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
+
+
+def apply_recipe(ctx: typer.Context, path: Path, a: SimpleNamespace) -> Any:
+    """Fill ``a`` from the recipe wherever the flag was not given; return the resolved recipe."""
+    from ..recipes import load_recipe
+
+    rec = load_recipe(path)
+    if rec.task != "convert":
+        raise UsageError(f"{path} is a {rec.task!r} recipe: run it with `dacnn recipe run {path}`")
+    enums = {"mode": Mode, "regulator_style": RegulatorStyle, "init": Init}
+    # by name: typer vendors its own click, whose ParameterSource is not click's
+    given = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    for key, value in vars(rec).items():
+        if key in vars(a) and key not in given and value is not None:
+            value = Path(value) if key == "out" else value
+            setattr(a, key, enums[key](choose(key, value, [e.value for e in enums[key]])) if key in enums else value)
+    return rec.override(**{k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
+                           for k, v in vars(a).items() if k in vars(rec)})  # fmt: skip
 
 
 def demo_command(

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import DacnnError, UsageError
+from ..errors import DacnnError, UsageError, write_failed
 from .common import (
     Dtype,
     DtypeOpt,
@@ -64,6 +64,8 @@ def export_command(
         console.print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     except DacnnError as exc:
         raise fail(exc) from None
+    except OSError as exc:  # the target folder is missing, read-only or full
+        raise fail(write_failed(exc.filename or out, exc)) from None
 
 
 def inspect_command(

@@ -36,6 +36,7 @@ from .common import (
     console,
     fail,
     load_checkpoint,
+    output_guard,
     parse_input_size,
 )
 
@@ -85,15 +86,14 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
     from ..sources import build_model, parse_spec
 
     size = parse_input_size(input_size) or (3, 32, 32)
-    loaders = data.loaders(size)
-    spec = parse_spec(model, loaders.num_classes)
-    net = build_model(spec, weights)
-    out.mkdir(parents=True, exist_ok=True)
-    with _Progress() as progress:
-        result = train(
-            net, loaders.train, loaders.val, data.config(), out, progress.step, progress.epoch_end, spec, data.resume
-        )
-    (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2))
+    config = data.config()
+    with output_guard(out):
+        loaders = data.loaders(size)
+        spec = parse_spec(model, loaders.num_classes)
+        net = build_model(spec, weights)
+        with _Progress() as progress:
+            result = train(net, loaders.train, loaders.val, config, out, progress.step, progress.epoch_end, spec, data.resume)
+        (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2))
     console.print(
         f"best val acc {100 * result.best_acc:.2f}% in {result.wall_s:.0f} s ({result.images_per_s:.0f} img/s, "
         f"{result.precision}); wrote {result.checkpoint}"

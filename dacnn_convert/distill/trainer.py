@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DacnnError, UsageError, choose
+from ..errors import DacnnError, TrainingInterrupted, UsageError, choose, write_failed
 from .losses import FeatureTaps, feature_mse, kd_loss
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -147,10 +149,14 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _save_state(path: Path, state: dict[str, Any]) -> Path:
     """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, exc) from exc
     return path
 
 
@@ -160,6 +166,28 @@ def _append_csv(path: Path, row: dict[str, float]) -> None:
         if new:
             f.write(",".join(row) + "\n")
         f.write(",".join(f"{v:.6g}" for v in row.values()) + "\n")
+
+
+class _Interrupts:
+    """The first Ctrl-C becomes a flag the loop checks between steps; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _tensorboard(out: Path) -> Any:
@@ -223,74 +251,85 @@ def _fit(
             "epoch": epoch, "batch": batch, "step": step, "history": result.history, "best_acc": result.best_acc,
         })  # fmt: skip
 
-    for epoch in range(first_epoch, cfg.epochs):
-        if hasattr(train_batches, "set_epoch"):
-            train_batches.set_epoch(epoch)
-        net.train()
-        loss_sum = correct = count = 0.0
-        for i, (x, y) in enumerate(train_batches):
-            if i >= per_epoch:
-                break
-            if i < skip:  # resumed mid-epoch: these batches were already trained on
-                continue
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
-            x, y = x.to(device), y.to(device)
-            if cfg.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(precision, device):
-                logits = net(x)
-                loss = step_loss(logits, x, y)
-            if not torch.isfinite(loss):
-                where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
-                raise NonFiniteLossError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}. Lower --lr or use fp32"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            opt.step()
-            step += 1
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += float((logits.argmax(1) == y).sum())
-            count += len(y)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(epoch, i + 1)
-            if stop_after is not None and step >= stop_after:  # test hook: simulate a killed run
+    def interrupted(epoch: int, at_step: int) -> TrainingInterrupted:
+        where = f"checkpoint saved to {state_path}; run the same command with --resume to continue" if (
+            state_path is not None) else "nothing saved (no output folder)"
+        return TrainingInterrupted(f"interrupted at epoch {epoch + 1}, step {at_step}: {where}")
+
+    with _Interrupts() as interrupts:
+        for epoch in range(first_epoch, cfg.epochs):
+            if hasattr(train_batches, "set_epoch"):
+                train_batches.set_epoch(epoch)
+            net.train()
+            loss_sum = correct = count = 0.0
+            for i, (x, y) in enumerate(train_batches):
+                if i >= per_epoch:
+                    break
+                if i < skip:  # resumed mid-epoch: these batches were already trained on
+                    continue
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
+                x, y = x.to(device), y.to(device)
+                if cfg.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(precision, device):
+                    logits = net(x)
+                    loss = step_loss(logits, x, y)
+                if not torch.isfinite(loss):
+                    where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}. Lower --lr or use fp32"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad:
+                    nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                opt.step()
+                step += 1
+                seen += len(y)
+                loss_sum += loss.item() * len(y)
+                correct += float((logits.argmax(1) == y).sum())
+                count += len(y)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint(epoch, i + 1)
+                if interrupts.requested:  # Ctrl-C: stop at this step boundary, a consistent state
+                    checkpoint(epoch, i + 1)
+                    raise interrupted(epoch, step)
+                if stop_after is not None and step >= stop_after:  # test hook: simulate a killed run
+                    if board is not None:
+                        board.close()
+                    return result
+                if on_step is not None and is_main():
+                    elapsed = time.perf_counter() - start
+                    on_step({"epoch": epoch + 1, "step": i + 1, "steps": per_epoch, "loss": loss_sum / count,
+                             "acc": correct / count, "images_per_s": seen / elapsed})  # fmt: skip
+            skip = 0
+            loss_sum, correct, count = all_sum([loss_sum, correct, count])
+            val_acc = evaluate(model, val_batches, precision)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(count, 1),
+                "train_acc": correct / max(count, 1),
+                "val_acc": val_acc,
+                "lr": opt.param_groups[0]["lr"],
+                "wall_s": time.perf_counter() - start,
+            }
+            result.history.append(row)
+            if out is not None and is_main():
+                _append_csv(out / "metrics.csv", row)
                 if board is not None:
-                    board.close()
-                return result
-            if on_step is not None and is_main():
-                elapsed = time.perf_counter() - start
-                on_step({"epoch": epoch + 1, "step": i + 1, "steps": per_epoch, "loss": loss_sum / count,
-                         "acc": correct / count, "images_per_s": seen / elapsed})  # fmt: skip
-        skip = 0
-        loss_sum, correct, count = all_sum([loss_sum, correct, count])
-        val_acc = evaluate(model, val_batches, precision)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(count, 1),
-            "train_acc": correct / max(count, 1),
-            "val_acc": val_acc,
-            "lr": opt.param_groups[0]["lr"],
-            "wall_s": time.perf_counter() - start,
-        }
-        result.history.append(row)
-        if out is not None and is_main():
-            _append_csv(out / "metrics.csv", row)
-            if board is not None:
-                for key, value in row.items():
-                    if key != "epoch":
-                        board.add_scalar(key, value, epoch + 1)
-            save(model, out / "last.safetensors", source=source)
-            if val_acc >= result.best_acc:
-                result.checkpoint = save(model, out / "best.safetensors", source=source)
-        result.best_acc = max(result.best_acc, val_acc)
-        checkpoint(epoch + 1, 0)
-        if on_epoch is not None and is_main():
-            on_epoch(row)
+                    for key, value in row.items():
+                        if key != "epoch":
+                            board.add_scalar(key, value, epoch + 1)
+                save(model, out / "last.safetensors", source=source)
+                if val_acc >= result.best_acc:
+                    result.checkpoint = save(model, out / "best.safetensors", source=source)
+            result.best_acc = max(result.best_acc, val_acc)
+            checkpoint(epoch + 1, 0)
+            if interrupts.requested and epoch + 1 < cfg.epochs:
+                raise interrupted(epoch + 1, step)
+            if on_epoch is not None and is_main():
+                on_epoch(row)
     if out is not None and result.checkpoint is None and (out / "best.safetensors").is_file():
         result.checkpoint = out / "best.safetensors"
     if board is not None:

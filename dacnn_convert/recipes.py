@@ -1,0 +1,141 @@
+"""Recipes: flat YAML files that fix every setting of a run, loaded into a frozen, typed config.
+
+    model: resnet34            # any model source, or a DACNN builder name like dacnn:18-mix-reg
+    mode: mix
+    regulators: all
+    dataset: cifar100
+    epochs: 90
+
+Read with ``yaml.safe_load`` only (no tags, no code). Unknown keys, wrong types and values out
+of range are refused with the key named; command-line flags override the file, and the
+resolved recipe is written next to the results (``recipe.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError, suggest
+
+TASKS = ("convert", "train")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of a conversion (+ distillation) or a from-scratch training run.
+
+    ``task: convert`` runs ``dacnn-convert`` (with ``dataset``: calibrate and distil);
+    ``task: train`` trains ``model`` from scratch, as the paper's tables do. ``paper_*`` keys
+    record what the paper reports for this row, so results can be put side by side.
+    """
+
+    task: str = "convert"
+    model: str | None = None
+    weights: str = "DEFAULT"
+    num_classes: int | None = None
+    input_size: str | None = None
+    mode: str = "mix"
+    regulators: str = "none"
+    regulator_style: str = "adapter"
+    init: str | None = None
+    dataset: str | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
+    weight_decay: float = 5e-4
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
+    calibrate_batches: int = 100
+    precision: str = "auto"
+    train_limit: int | None = None
+    augment: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    paper_table: str | None = None
+    paper_row: str | None = None
+    paper_params: float | None = None
+    paper_error: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise RecipeError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("calibrate_batches", "seed"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise RecipeError(f"lr must be > 0, got {self.lr}")
+
+    def to_yaml(self) -> str:
+        """The recipe as flat YAML (defaults included), as written next to results."""
+        import yaml
+
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+    def override(self, **changes: Any) -> Recipe:
+        """A copy with ``changes`` applied (flags given on the command line); None values are ignored."""
+        return _build({**dataclasses.asdict(self), **{k: v for k, v in changes.items() if v is not None}}, "flags")
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` fits ``annotation`` (int, float, str, or X | None); bools are not numbers."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for t in options:
+        if t is type(None) and value is None:
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t in (int, str) and isinstance(value, t) and not isinstance(value, bool):
+            return True
+    return False
+
+
+def _build(data: dict[str, Any], where: str) -> Recipe:
+    hints = typing.get_type_hints(Recipe)
+    known = [f.name for f in fields(Recipe)]
+    for key, value in data.items():
+        if key not in known:
+            raise RecipeError(f"{where}: unknown key {key!r}.{suggest(key, known)} Valid keys: {', '.join(known)}")
+        if not _accepts(hints[key], value):
+            words = {int: "an integer", float: "a number", str: "a string", type(None): "null"}
+            options = typing.get_args(hints[key]) or (hints[key],)
+            expected = " or ".join(words[t] for t in options)
+            raise RecipeError(f"{where}: {key} must be {expected}, got {value!r} ({type(value).__name__})")
+    try:
+        return Recipe(**data)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe file.
+
+    Raises:
+        RecipeError: the file is missing, not flat YAML, or has unknown keys, wrong types or bad values.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist; `dacnn recipe list` shows the bundled ones")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
+        raise RecipeError(f"{path}: a recipe is a flat mapping of key: value lines")
+    return _build(data, str(path))
+
+
+def find_recipes(root: str | Path = "recipes") -> list[Path]:
+    """Every ``*.yaml`` recipe under ``root``, sorted."""
+    return sorted(Path(root).rglob("*.yaml"))
