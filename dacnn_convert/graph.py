@@ -115,9 +115,16 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.
         raise TraceError(
             f"torch.fx cannot trace {place}: {first[:200]}. Fix: mark it as a leaf module "
             f"(anchor(model, leaf_modules=[{type(owner).__name__ if owner is not None else 'YourModule'}]) "
-            "or --leaf-module package.module.ClassName); convs inside a leaf are not anchored."
+            f"or --leaf-module {_qualified(owner)}); convs inside a leaf are not anchored."
         ) from exc
     return fx.GraphModule(tracer.root, graph)
+
+
+def _qualified(module: nn.Module | None) -> str:
+    """``package.module.ClassName`` of a module, the form --leaf-module takes."""
+    if module is None:
+        return "package.module.ClassName"
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:

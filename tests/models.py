@@ -122,3 +122,29 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=g) * 0.1)
     return model
+
+
+def untraceable(num_classes: int = 10) -> nn.Module:
+    """Factory for ``tests.models:untraceable``: fx fails inside ``gate`` (a tests.models.Gate)."""
+    return Untraceable()
+
+
+def tiny_vgg(num_classes: int = 10) -> nn.Module:
+    """Factory for ``tests.models:tiny_vgg`` (one 2x2 max-pool: inputs below 2x2 fail)."""
+    return TinyVGG(num_classes)
+
+
+class NanAfter(nn.Module):
+    """Wraps a model; its outputs become NaN from the ``after``-th training forward on (a fault to inject)."""
+
+    def __init__(self, model: nn.Module, after: int) -> None:
+        super().__init__()
+        self.model, self.after, self.calls = model, after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.after:
+                out = out * float("nan")
+        return out

@@ -80,6 +80,8 @@ def bench_command(
     seed: SeedOpt = 0,
 ) -> None:
     """Compare compression methods on one teacher at the same size, with the same KD fine-tune."""
+    import torch
+
     from ..bench import BenchConfig, run_bench
     from ..sources import build_model, parse_spec
 
@@ -95,6 +97,7 @@ def bench_command(
         with output_guard(out), console.status("benchmarking") as status:
             loaders = data.loaders(size)
             spec = parse_spec(model, num_classes or loaders.num_classes)
+            torch.manual_seed(seed)
             teacher = build_model(spec, weights).eval()
 
             def on_event(event: str, d: dict) -> None:

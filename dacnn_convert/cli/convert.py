@@ -86,6 +86,8 @@ def run_convert(
 
     ``recipe`` (the resolved :class:`Recipe`) is written to ``OUT/recipe.yaml``.
     """
+    import torch
+
     from ..checkpoint import save
     from ..convert import convert
     from ..planning import make_plan
@@ -97,6 +99,7 @@ def run_convert(
     leaves = _leaf_types(leaf_module or [])
     out = out or Path("runs") / f"{spec.name.replace(':', '_')}-{mode.value}"
     with output_guard(None if dry_run else out):
+        torch.manual_seed(data.seed if data is not None else 0)  # random weights (--weights none) are reproducible
         original = build_model(spec, weights).eval()
         size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original))
         init = init or (Init.act if data and data.dataset else Init.fit)

@@ -82,6 +82,8 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
     """Train ``model`` on ``dataset``; returns the FitResult."""
     import json
 
+    import torch
+
     from ..distill import train
     from ..sources import build_model, parse_spec
 
@@ -90,6 +92,7 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
     with output_guard(out):
         loaders = data.loaders(size)
         spec = parse_spec(model, loaders.num_classes)
+        torch.manual_seed(data.seed)  # the random init too: same seed, same run, in any process
         net = build_model(spec, weights)
         with _Progress() as progress:
             result = train(net, loaders.train, loaders.val, config, out, progress.step, progress.epoch_end, spec, data.resume)
