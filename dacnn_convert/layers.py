@@ -47,6 +47,12 @@ class Regulator(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+def _exporting() -> bool:
+    """True inside torch.jit tracing, ONNX export or torch.compile, where no cache may be used."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or compiling()
+
+
 class AnchoredConv2d(nn.Module):
     """A conv whose kernel is (the leading slice of) an anchor held by an :class:`AnchorBank`.
 
@@ -94,8 +100,28 @@ class AnchoredConv2d(nn.Module):
         full = getattr(self._bank, self.anchor)
         return full[: self.out_channels, : self.in_channels // self.groups]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _inference_kernel(self) -> torch.Tensor:
+        """The kernel, made contiguous once per anchor version when that saves a copy per call.
+
+        Plain-mode slices ``W[:c_out, :c_in]`` are strided views; the conv backend copies them
+        to a dense layout on every call (measured: up to +11% latency on ResNet-18, batch 1).
+        In eval mode without autograd the copy is kept until the anchor changes (its version
+        counter moves on every in-place update). Never while training, tracing or exporting:
+        exported graphs must read the one shared initialiser, not a private copy.
+        """
         w = self.weight
+        if w.is_contiguous() or self.training or torch.is_grad_enabled() or _exporting():
+            return w
+        full = getattr(self._bank, self.anchor)
+        key = (full.data_ptr(), full._version, full.dtype, full.device)
+        cached = self.__dict__.get("_dense")
+        if cached is None or cached[0] != key:
+            cached = (key, w.contiguous())
+            self.__dict__["_dense"] = cached  # a plain attribute: never in state_dict or on disk
+        return cached[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if torch.jit.is_scripting() else self._inference_kernel()
         if self.padding_mode != "zeros":
             y = F.conv2d(
                 F.pad(x, self._reversed_padding, mode=self.padding_mode), w, None, self.stride, 0, self.dilation, self.groups
