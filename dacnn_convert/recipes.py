@@ -36,7 +36,7 @@ class Recipe:
 
     task: str = "convert"
     model: str | None = None
-    weights: str = "DEFAULT"
+    weights: str | None = None  # None: DEFAULT (pretrained) to convert, none (random init) to train
     num_classes: int | None = None
     input_size: str | None = None
     mode: str = "mix"
@@ -49,6 +49,7 @@ class Recipe:
     lr: float = 0.05
     optimizer: str = "sgd"
     schedule: str = "cosine"
+    step_every: int = 0
     weight_decay: float = 5e-4
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
@@ -69,7 +70,7 @@ class Recipe:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("calibrate_batches", "seed"):
+        for name in ("calibrate_batches", "seed", "step_every"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -1,9 +1,10 @@
 """Model sources: turn a name into an ``nn.Module`` and load weights into it.
 
-Three kinds of source are understood:
+Four kinds of source are understood:
 
 * ``resnet34``, ``vgg16_bn`` ... — a torchvision classification model;
 * ``timm:resnet50d`` — a timm model;
+* ``dacnn:18-mix-reg`` — one of the paper's DACNNs, built from scratch (:mod:`models`);
 * ``my_pkg.models:make_net`` — a factory in the user's own code, imported only
   when given explicitly (never from a checkpoint's metadata, see :mod:`checkpoint`).
 
@@ -40,14 +41,16 @@ OFFLINE_HINT = (
 class ModelSpec:
     """Where a model comes from: enough to rebuild its skeleton without the user's code."""
 
-    kind: str  # "torchvision" | "timm" | "module"
+    kind: str  # "torchvision" | "timm" | "dacnn" | "module"
     name: str
     num_classes: int | None = None
 
     @property
     def display(self) -> str:
         """The spelling a user types on the command line."""
-        return {"torchvision": self.name, "timm": f"timm:{self.name}"}.get(self.kind, self.name)
+        return {"torchvision": self.name, "timm": f"timm:{self.name}", "dacnn": f"dacnn:{self.name}"}.get(
+            self.kind, self.name
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +66,16 @@ def parse_spec(text: str, num_classes: int | None = None) -> ModelSpec:
     Raises:
         UnknownModelError: the name is in none of the sources; the message lists close names.
     """
+    if text.startswith("dacnn:"):
+        from .models.dacnn import NAME
+
+        name = text[len("dacnn:") :]
+        if NAME.match(name) is None:
+            raise UnknownModelError(
+                f"unknown DACNN {name!r}: names are dacnn:DEPTH-VARIANT[-reg[SECTIONS]][-free][-nobn], "
+                "e.g. dacnn:18-mix-reg, dacnn:18-plain-reg3, dacnn:14-plain-free"
+            )
+        return ModelSpec("dacnn", name, num_classes)
     if text.startswith("timm:"):
         import timm
 
@@ -109,7 +122,16 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
         if not path.is_file():
             raise WeightsError(f"weights file {str(path)!r} does not exist; {OFFLINE_HINT}")
 
-    if spec.kind == "module":
+    if spec.kind == "dacnn":
+        if pretrained:
+            raise WeightsError(
+                f"there are no published weights for {spec.display}; train one (dacnn train {spec.display} "
+                "--dataset cifar100 --out runs/x) and pass --weights runs/x/best.safetensors, or --weights none"
+            )
+        from .models.dacnn import from_name
+
+        model = from_name(spec.name, spec.num_classes or 100)
+    elif spec.kind == "module":
         model = _build_from_factory(spec)  # a user factory decides its own initialisation
     elif spec.kind == "timm":
         model = _build_timm(spec, pretrained)

@@ -11,6 +11,7 @@ import typer
 from .bench import bench_command
 from .convert import convert_command, demo_command
 from .deploy import export_command, inspect_command, latency_command
+from .paper import recipe_app, table_app
 from .train import eval_command, train_command
 
 app = typer.Typer(
@@ -25,6 +26,8 @@ app.command("latency")(latency_command)
 app.command("distill", help="Same as convert; give --dataset to calibrate and distil.")(convert_command)
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(table_app, name="table")
 
 
 @app.callback()

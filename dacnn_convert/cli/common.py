@@ -217,6 +217,7 @@ class DataOptions:
     optimizer: str = "sgd"
     schedule: str = "cosine"
     weight_decay: float = 5e-4
+    step_every: int = 0
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
     calibrate_batches: int = 100
@@ -239,7 +240,7 @@ class DataOptions:
         from ..distill import TrainConfig
 
         return TrainConfig(
-            epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, schedule=self.schedule,
+            epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, schedule=self.schedule, step_every=self.step_every,
             weight_decay=self.weight_decay, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
             precision=self.precision, limit_batches=self.limit_batches, seed=self.seed,
             checkpoint_every=self.checkpoint_every, feature_weight=self.feature_weight,

@@ -35,6 +35,7 @@ class TrainConfig:
     lr: float = 0.05
     optimizer: str = "sgd"  # sgd (momentum 0.9, nesterov) | adamw | adagrad (the paper's)
     schedule: str = "cosine"  # cosine | step (x0.1 at half the epochs, as the paper)
+    step_every: int = 0  # with schedule=step: x0.1 every N epochs instead (the paper's SVHN: 20)
     weight_decay: float = 5e-4
     warmup_steps: int = 0
     label_smoothing: float = 0.0
@@ -134,6 +135,8 @@ def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Opti
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "step" and cfg.step_every:
+        return 0.1 ** ((step * cfg.epochs // max(total, 1)) // cfg.step_every)  # x0.1 every step_every epochs
     if cfg.schedule == "step":
         return 0.1 if step >= total // 2 else 1.0
     progress = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)

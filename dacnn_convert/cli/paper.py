@@ -1,0 +1,181 @@
+"""``recipe list|run`` and ``table params|accuracy``: the paper's tables, reproduced and compared."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..errors import DacnnError
+from .common import DataOptions, LimitOpt, TrainLimitOpt, console, fail
+
+recipe_app = typer.Typer(help="Recipes: YAML files that fix every setting of a paper table row or a conversion.",
+                         no_args_is_help=True)  # fmt: skip
+table_app = typer.Typer(help="The paper's tables next to ours.", no_args_is_help=True)
+
+
+@recipe_app.command("list")
+def recipe_list(root: Annotated[Path, typer.Option(help="folder searched for *.yaml")] = Path("recipes")) -> None:
+    """Every recipe under ROOT with its task, model, data and the paper's figure for that row."""
+    from ..recipes import find_recipes, load_recipe
+
+    table = Table(title=f"recipes in {root}")
+    for col in ("recipe", "task", "model", "dataset", "epochs", "paper"):
+        table.add_column(col)
+    try:
+        for path in find_recipes(root):
+            r = load_recipe(path)
+            paper = f"Table {r.paper_table}: {r.paper_error}% err" if r.paper_table and r.paper_error else ""
+            table.add_row(str(path), r.task, r.model or "", r.dataset or "", str(r.epochs), paper)
+    except DacnnError as exc:
+        raise fail(exc) from None
+    console.print(table)
+
+
+@recipe_app.command("run")
+def recipe_run(
+    recipe: Annotated[Path, typer.Argument(help="a recipe .yaml")],
+    epochs: Annotated[int | None, typer.Option(min=1, help="override the recipe's epochs (short runs)")] = None,
+    limit_batches: LimitOpt = None,
+    train_limit: TrainLimitOpt = None,
+    dataset: Annotated[str | None, typer.Option(help="override the dataset (e.g. fashion-mnist offline)")] = None,
+    precision: Annotated[str | None, typer.Option(help="override the precision")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="override the batch size")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/recipes/RECIPE)")] = None,
+) -> None:
+    """Run a recipe: train (paper rows) or convert + distil; writes recipe.yaml and result.json."""
+    from ..recipes import load_recipe
+
+    try:
+        r = load_recipe(recipe).override(epochs=epochs, dataset=dataset, precision=precision, batch_size=batch_size,
+                                         train_limit=train_limit, out=str(out) if out else None)  # fmt: skip
+        result = run_recipe(r, recipe, limit_batches)
+    except DacnnError as exc:
+        raise fail(exc) from None
+    console.print(f"{recipe}: top-1 {100 * result['accuracy']:.2f}% ({result['params']:,} params, "
+                  f"{result['wall_s']:.0f} s); wrote {result['out']}/result.json")  # fmt: skip
+
+
+def run_recipe(r: Any, path: Path, limit_batches: int | None = None) -> dict[str, Any]:
+    """Run the resolved recipe ``r``; return (and write) its result record."""
+    import torch
+
+    from ..planning import unique_params
+    from .common import Init, Mode, RegulatorStyle
+    from .convert import run_convert
+    from .train import run_train
+
+    if r.model is None or r.dataset is None:
+        from ..errors import RecipeError
+
+        raise RecipeError(f"{path}: a runnable recipe names a model and a dataset")
+    out = Path(r.out) if r.out else Path("runs/recipes") / path.stem
+    data = DataOptions(
+        r.dataset, r.epochs, r.batch_size, r.lr, r.optimizer, r.schedule, r.weight_decay, r.step_every,
+        r.kd_temperature, r.kd_alpha, r.calibrate_batches, r.precision, limit_batches, r.train_limit, seed=r.seed,
+        augment=r.augment,
+    )  # fmt: skip
+    start = time.perf_counter()
+    if r.task == "train":
+        fit = run_train(r.model, r.dataset, out, r.weights or "none", r.input_size, data)
+        (out / "recipe.yaml").write_text(r.to_yaml())
+        from ..checkpoint import load
+
+        model = load(fit.checkpoint) if fit.checkpoint else None
+        accuracy, params = fit.best_acc, unique_params(model) if model is not None else 0
+    else:
+        done = run_convert(
+            r.model, Mode(r.mode), r.regulators, RegulatorStyle(r.regulator_style), Init(r.init) if r.init else None,
+            r.weights or "DEFAULT", r.num_classes, r.input_size, out, False, None, data=data, recipe=r,
+        )  # fmt: skip
+        res = done["result"] if "result" in done else None
+        accuracy = res.finetuned_acc if res is not None else float("nan")
+        params = done["report"].params_after if "report" in done else res.report.params_after
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    record = {
+        "recipe": str(path), "model": r.model, "dataset": r.dataset, "epochs": r.epochs, "limit_batches": limit_batches,
+        "train_limit": r.train_limit, "accuracy": accuracy, "error": 100 * (1 - accuracy), "params": params,
+        "wall_s": time.perf_counter() - start, "device": device, "date": str(date.today()),
+        "command": " ".join(["dacnn", *map(shlex.quote, sys.argv[1:])]), "paper_table": r.paper_table,
+        "paper_row": r.paper_row, "paper_error": r.paper_error, "paper_params": r.paper_params,
+        "out": str(out),
+    }  # fmt: skip
+    (out / "result.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+@table_app.command("params")
+def table_params(
+    markdown: Annotated[bool, typer.Option("--markdown", help="print a Markdown table instead")] = False,
+) -> None:
+    """Parameter counts of Tables 2-6 and 8: paper vs ours (conv kernels + FC; all params too)."""
+    from ..paper import param_rows
+
+    rows = param_rows()
+    if markdown:
+        console.print("| table | row | paper | ours (kernels + FC) | ours, all params | rounds to paper |", soft_wrap=True)
+        console.print("|---|---|---:|---:|---:|:---:|", soft_wrap=True)
+    else:
+        table = Table(title="parameters: paper vs ours")
+        for col in ("table", "row", "paper", "ours", "exact", "all params", "="):
+            table.add_column(col, justify="left" if col in ("table", "row") else "right")
+    for r in rows:
+        paper = "–" if r.paper is None else f"{r.paper:g}{r.unit}"
+        ours = f"{r.ours:.3f}{r.unit}" if r.unit != "K" else f"{r.ours:.1f}K"
+        mark = "–" if r.matches is None else ("yes" if r.matches else "no")
+        if markdown:
+            console.print(f"| {r.table} | {r.row} | {paper} | {ours} ({r.ours_exact:,}) | {r.all_params:,} | {mark} |",
+                          soft_wrap=True)  # fmt: skip
+        else:
+            table.add_row(r.table, r.row, paper, ours, f"{r.ours_exact:,}", f"{r.all_params:,}", mark)
+    if not markdown:
+        console.print(table)
+    n = sum(r.matches is not None for r in rows)
+    console.print(f"{sum(bool(r.matches) for r in rows)} of {n} printed counts reproduced; docs/paper-tables.md "
+                  "explains the others.")  # fmt: skip
+
+
+@table_app.command("accuracy")
+def table_accuracy(
+    results: Annotated[Path, typer.Option(help="folder of result.json files (recipe runs)")] = Path(
+        "benchmarks/results/paper"
+    ),
+    png: Annotated[Path | None, typer.Option(help="also plot error vs parameters here (Figure 5 style)")] = None,
+) -> None:
+    """Paper error vs ours for every recipe result found, as Markdown (and a PNG)."""
+    records = [json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))]
+    records = [r for r in records if "paper_error" in r]
+    console.print("| recipe | model | dataset | epochs | paper err (%) | ours err (%) | params | device | wall (s) |",
+                  soft_wrap=True)  # fmt: skip
+    console.print("|---|---|---|---:|---:|---:|---:|---|---:|", soft_wrap=True)
+    for r in records:
+        short = "" if r.get("limit_batches") is None and r.get("train_limit") is None else " (short run)"
+        paper = "–" if r["paper_error"] is None else f"{r['paper_error']:.2f}"
+        console.print(f"| {Path(r['recipe']).stem}{short} | {r['model']} | {r['dataset']} | {r['epochs']} | {paper} | "
+                      f"{r['error']:.2f} | {r['params']:,} | {r['device']} | {r['wall_s']:.0f} |", soft_wrap=True)  # fmt: skip
+    if png is not None and records:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        for r in records:
+            ax.scatter(r["params"], r["error"], color="C0")
+            if r["paper_error"] is not None and r.get("paper_params"):
+                ax.scatter(r["paper_params"] * 1e6, r["paper_error"], color="C1", marker="x")
+            ax.annotate(Path(r["recipe"]).stem, (r["params"], r["error"]), fontsize=5)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("top-1 error (%)")
+        ax.set_title("ours (dots) vs paper (crosses)")
+        fig.tight_layout()
+        fig.savefig(png)
+        console.print(f"wrote {png}")
