@@ -125,3 +125,20 @@ def test_table_params_cli() -> None:
     result = CliRunner().invoke(app, ["table", "params", "--markdown"])
     assert result.exit_code == 0, result.output
     assert "| 6 | DACNN-18 (MIX, REG) | 5.6M | 5.603M (5,603,108)" in result.output
+
+
+def test_filter_visualisation_raises_the_filter_response(tmp_path) -> None:
+    from dacnn_convert.visualize import visualize_filters
+
+    from .models import TinyResNet
+
+    torch.manual_seed(0)
+    model = TinyResNet()
+    few = visualize_filters(model, ["layer1.0.conv1"], 3, (3, 16, 16), steps=1)
+    many = visualize_filters(model, ["layer1.0.conv1"], 3, (3, 16, 16), steps=40)
+    assert all(b > a for a, b in zip(few.activation["layer1.0.conv1"], many.activation["layer1.0.conv1"], strict=True))
+    assert many.images["layer1.0.conv1"].shape == (3, 3, 16, 16)
+    assert many.save_grid(tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(p.requires_grad for p in model.parameters())  # the model is given back as it was
+    with pytest.raises(UsageError, match="Did you mean"):
+        visualize_filters(model, ["layer1.0.conv"], 1, (3, 16, 16), steps=1)

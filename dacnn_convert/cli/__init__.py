@@ -13,6 +13,7 @@ from .convert import convert_command, demo_command
 from .deploy import export_command, inspect_command, latency_command
 from .paper import recipe_app, table_app
 from .train import eval_command, train_command
+from .visualize import visualize_command
 
 app = typer.Typer(
     help="dacnn: deep anchored CNNs — convert, and more.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -26,6 +27,7 @@ app.command("latency")(latency_command)
 app.command("distill", help="Same as convert; give --dataset to calibrate and distil.")(convert_command)
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("visualize")(visualize_command)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(table_app, name="table")
 

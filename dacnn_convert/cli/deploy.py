@@ -157,3 +157,4 @@ def latency_command(
     console.print(table)
 
 
+
