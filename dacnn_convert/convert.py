@@ -14,7 +14,41 @@ from .fitting import FITS, fit_activations, input_moments
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
 from .planning import Group, Plan, make_plan
 
-plan = make_plan  # the public name: dacnn_convert.plan(model, ...)
+def plan(
+    model: nn.Module,
+    mode: str = "mix",
+    regulators: str | Sequence[int] | None = "none",
+    regulator_style: str = "adapter",
+    init: str = "fit",
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    *,
+    target_params: int | None = None,
+    target_ratio: float | None = None,
+    target_bytes: int | None = None,
+    calib_loader: Iterable | None = None,
+    calib_batches: int = 8,
+    metric: str | None = None,
+) -> Plan:
+    """Decide what to share: by ``mode``, or — given a target size — by budget search.
+
+    Without a target this is :func:`dacnn_convert.planning.make_plan` (see it for the
+    arguments). With ``target_params``, ``target_ratio`` (times smaller) or ``target_bytes``
+    (fp32), :func:`dacnn_convert.budget.search` picks free / mix / plain per section and
+    where regulators go, never exceeding the target; ``mode`` and ``regulators`` are then
+    ignored, and ``calib_loader`` makes the search use the ``kl`` sensitivity.
+
+    Raises:
+        UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
+    """
+    if target_params is None and target_ratio is None and target_bytes is None:
+        return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules)
+    from .budget import resolve_target, search
+    from .planning import unique_params
+
+    target = resolve_target(unique_params(model), target_params, target_ratio, target_bytes)
+    return search(model, target, input_size, calib_loader, calib_batches, metric, regulator_style,
+                  init if calib_loader is None or init != "fit" else None, leaf_modules).plan  # fmt: skip
 
 PLAN_ATTR = "dacnn_plan"
 

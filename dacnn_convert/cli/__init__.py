@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 from .bench import bench_command
-from .convert import convert_command, demo_command
+from .convert import convert_command, demo_command, plan_command
 from .deploy import export_command, inspect_command, latency_command
 from .paper import recipe_app, table_app
 from .train import eval_command, train_command
@@ -20,6 +20,7 @@ app = typer.Typer(
 )
 app.command("bench")(bench_command)
 app.command("convert")(convert_command)
+app.command("plan")(plan_command)
 app.command("demo")(demo_command)
 app.command("export")(export_command)
 app.command("inspect")(inspect_command)

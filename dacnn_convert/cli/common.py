@@ -65,6 +65,20 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     raise UsageError(f"--input-size takes 224 or CxHxW like 3x32x32; got {text!r}")
 
 
+def parse_amount(text: str | None, what: str) -> int | None:
+    """``6M`` -> 6,000,000; ``600K``, ``12MB`` (10^6), ``12MiB`` (2^20), ``5000`` as they read."""
+    if text is None:
+        return None
+    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10,
+             "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+    body = text.strip().upper().replace(",", "").replace("_", "")
+    number = body.rstrip("KMGIB")
+    try:
+        return int(float(number) * units[body[len(number):]])
+    except (ValueError, KeyError):
+        raise UsageError(f"{what} takes a number like 6M, 600K or 12MB; got {text!r}") from None
+
+
 def _leaf_types(names: list[str]) -> list[type]:
     types = []
     for name in names:
@@ -308,3 +322,8 @@ class ExportFormat(str, Enum):
     pt = "pt"
 
 
+
+TargetParamsOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many unique params (6M, 600K)")]
+TargetRatioOpt = Annotated[float | None, typer.Option(help="plan by budget: this many times fewer unique params")]
+TargetBytesOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many fp32 bytes (12MB, 10MiB)")]
+MetricOpt = Annotated[str | None, typer.Option(help="budget sensitivity: fit (weights only) or kl (data; default with --dataset)")]

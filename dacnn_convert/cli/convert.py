@@ -39,7 +39,11 @@ from .common import (
     Mode,
     ModeOpt,
     OptModelArg,
+    MetricOpt,
     RecipeOpt,
+    TargetBytesOpt,
+    TargetParamsOpt,
+    TargetRatioOpt,
     OptimOpt,
     OutOpt,
     PlotOpt,
@@ -61,6 +65,7 @@ from .common import (
     console,
     fail,
     output_guard,
+    parse_amount,
     parse_input_size,
 )
 from .train import run_train
@@ -81,10 +86,13 @@ def run_convert(
     dtype: Dtype = Dtype.fp32,
     data: DataOptions | None = None,
     recipe: Any = None,
+    budget: tuple[int | None, float | None, int | None, str | None] | None = None,
+    render: bool = True,
 ) -> dict[str, Any]:
     """Load, plan, convert, measure and write; with ``data``, also calibrate and distil.
 
-    ``recipe`` (the resolved :class:`Recipe`) is written to ``OUT/recipe.yaml``.
+    ``recipe`` (the resolved :class:`Recipe`) is written to ``OUT/recipe.yaml``; ``budget``
+    (target params, ratio, bytes, metric) replaces mode and regulators by a budget search.
     """
     import torch
 
@@ -105,9 +113,13 @@ def run_convert(
         init = init or (Init.act if data and data.dataset else Init.fit)
         if init in (Init.act, Init.act_seq) and not (data and data.dataset):
             raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
-        plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
+        if budget is not None and any(v is not None for v in budget[:3]):
+            plan = _budget_plan(original, budget, regulator_style.value, init.value, size, leaves, data)
+        else:
+            plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
         if dry_run:
-            render_plan(plan, spec.display)
+            if render:
+                render_plan(plan, spec.display)
             return {"plan": plan}
         if recipe is not None:
             (out / "recipe.yaml").write_text(recipe.to_yaml())
@@ -121,6 +133,19 @@ def run_convert(
     render_report(report)
     console.print(f"wrote {ckpt}, {out / 'report.json'}, {out / 'report.md'}")
     return {"plan": plan, "report": report, "out": out}
+
+
+def _budget_plan(original: Any, budget: tuple, style: str, init: str, size: Any, leaves: Any, data: Any) -> Any:
+    """Search the plan that fits the target; print the search's explanation."""
+    from ..budget import resolve_target, search
+    from ..planning import unique_params
+
+    target = resolve_target(unique_params(original), *budget[:3])
+    loader = data.loaders(size).train if data is not None and data.dataset else None
+    result = search(original, target, size, loader, 8, budget[3], style, init if loader is None else None, leaves)
+    for line in result.explain():
+        console.print(line, highlight=False, soft_wrap=True)
+    return result.plan
 
 
 def render_plan(plan: Any, source: str) -> None:
@@ -249,6 +274,10 @@ def convert_command(
     clip_grad: ClipOpt = None,
     channels_last: ChannelsLastOpt = True,
     recipe: RecipeOpt = None,
+    target_params: TargetParamsOpt = None,
+    target_ratio: TargetRatioOpt = None,
+    target_bytes: TargetBytesOpt = None,
+    metric: MetricOpt = None,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
@@ -274,6 +303,8 @@ def convert_command(
         run_convert(
             a.model, a.mode, a.regulators, a.regulator_style, a.init, a.weights, a.num_classes, a.input_size, a.out,
             a.dry_run, a.leaf_module, a.dtype, data, resolved,
+            (parse_amount(a.target_params, "--target-params"), a.target_ratio,
+             parse_amount(a.target_bytes, "--target-bytes"), a.metric),
         )  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
@@ -324,3 +355,37 @@ def demo_command(
         raise fail(exc) from None
 
 
+
+
+def plan_command(
+    model: OptModelArg = None,
+    weights: WeightsOpt = "DEFAULT",
+    num_classes: ClassesOpt = None,
+    input_size: SizeOpt = None,
+    mode: ModeOpt = Mode.mix,
+    regulators: RegOpt = "none",
+    target_params: TargetParamsOpt = None,
+    target_ratio: TargetRatioOpt = None,
+    target_bytes: TargetBytesOpt = None,
+    metric: MetricOpt = None,
+    dataset: DatasetOpt = None,
+    train_limit: TrainLimitOpt = None,
+    explain: Annotated[bool, typer.Option(help="print the budget search: best candidates and each section's options")] = False,
+    leaf_module: LeafOpt = None,
+) -> None:
+    """Print the conversion plan, by mode or by a size target (nothing is converted or written)."""
+    try:
+        if model is None:
+            raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
+        budget = (parse_amount(target_params, "--target-params"), target_ratio, parse_amount(target_bytes, "--target-bytes"),
+                  metric)  # fmt: skip
+        if not explain:
+            console.quiet = True  # the explanation is printed while searching; keep only the table
+        data = DataOptions(dataset=dataset, train_limit=train_limit) if dataset else None
+        with_table = run_convert(model, mode, regulators, RegulatorStyle.adapter, None, weights, num_classes, input_size,
+                                 None, True, leaf_module, Dtype.fp32, data, None, budget, render=False)  # fmt: skip
+        console.quiet = False
+        render_plan(with_table["plan"], model)
+    except DacnnError as exc:
+        console.quiet = False
+        raise fail(exc) from None

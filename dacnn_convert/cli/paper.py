@@ -50,13 +50,15 @@ def recipe_run(
     batch_size: Annotated[int | None, typer.Option(min=1, help="override the batch size")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default runs/recipes/RECIPE)")] = None,
     download: DownloadOpt = False,
+    weights: Annotated[str | None, typer.Option(help="override the weights: DEFAULT, none or a PATH")] = None,
 ) -> None:
     """Run a recipe: train (paper rows) or convert + distil; writes recipe.yaml and result.json."""
     from ..recipes import load_recipe
 
     try:
         r = load_recipe(recipe).override(epochs=epochs, dataset=dataset, precision=precision, batch_size=batch_size,
-                                         train_limit=train_limit, out=str(out) if out else None)  # fmt: skip
+                                         train_limit=train_limit, out=str(out) if out else None,
+                                         weights=weights)  # fmt: skip
         result = run_recipe(r, recipe, limit_batches, download)
     except DacnnError as exc:
         raise fail(exc) from None

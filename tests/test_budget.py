@@ -1,0 +1,104 @@
+"""Budget-targeted planning: never over budget, exact arithmetic, meaningful sensitivities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from dacnn_convert import convert, plan
+from dacnn_convert.budget import compose, pick, resolve_target, score_sections, search
+from dacnn_convert.cli import app
+from dacnn_convert.distill import make_loaders
+from dacnn_convert.errors import PlanError, UsageError
+from dacnn_convert.planning import make_plan, unique_params
+
+from .models import TinyResNet, randomize_bn
+
+SIZE = (3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def searched():
+    torch.manual_seed(0)
+    model = randomize_bn(TinyResNet()).eval()
+    mix = make_plan(model, "mix", "all", input_size=SIZE)
+    plain = make_plan(model, "plain", "all", input_size=SIZE)
+    return model, mix, plain, score_sections(model, mix, plain, "fit")
+
+
+@settings(max_examples=60, deadline=None)
+@given(fraction=st.floats(0.0, 1.2))
+def test_budget_is_never_exceeded(searched, fraction: float) -> None:
+    model, mix, plain, scores = searched
+    target = int(fraction * unique_params(model))
+    try:
+        result = pick(mix, plain, scores, target)
+    except PlanError as exc:
+        assert "smallest possible is 3,058" in str(exc) and target < 3058
+        return
+    assert result.plan.params_after <= target
+    assert result.feasible >= 1 and result.candidates == 9  # 3 options ^ 2 sections
+
+
+@pytest.mark.parametrize("choice", [("free", "mix"), ("mix", "plain"), ("plain", "plain"), ("mix", "mix")])
+@pytest.mark.parametrize("regs", [(), (2,), (1, 2)])
+def test_plan_arithmetic_equals_the_built_model(searched, choice, regs) -> None:
+    model, mix, plain, _ = searched
+    p = compose(mix, plain, choice, regs)
+    student = convert(model, p).model
+    assert unique_params(student) == p.params_after
+    assert student(torch.randn(2, *SIZE)).shape == (2, 10)
+
+
+def test_identical_members_have_zero_sensitivity() -> None:
+    model = TinyResNet().eval()
+    with torch.no_grad():  # the three 16x16 convs of section 2 become one kernel
+        for name in ("layer2.0.conv2", "layer2.1.conv1", "layer2.1.conv2"):
+            model.get_submodule(name).weight.copy_(model.layer2[0].conv2.weight)
+    mix = make_plan(model, "mix", "all", input_size=SIZE)
+    plain = make_plan(model, "plain", "all", input_size=SIZE)
+    by = {(s.section, s.option): s.sensitivity for s in score_sections(model, mix, plain, "fit")}
+    assert by[2, "mix"] == pytest.approx(0.0, abs=1e-10)
+    assert by[2, "free"] == 0.0 and by[1, "mix"] > 0 and by[2, "plain"] > 0
+
+
+def test_search_is_deterministic_and_uses_the_budget_for_regulators(searched) -> None:
+    model, *_ = searched
+    a = search(model, 7_500, SIZE)
+    b = search(model, 7_500, SIZE)
+    assert a.plan == b.plan and a.choice == b.choice == ("free", "mix")
+    assert a.regulator_sections == (2,) and a.plan.params_after <= 7_500
+
+
+def test_kl_sensitivity_with_data(searched) -> None:
+    model, *_ = searched
+    loaders = make_loaders("synthetic", batch_size=32, input_size=16)
+    result = search(model, 8_000, SIZE, calib_loader=loaders.train, calib_batches=2)
+    assert result.metric == "kl" and result.plan.init == "act" and result.plan.params_after <= 8_000
+    assert all(s.sensitivity >= 0 for s in result.scores)
+    assert {s.sensitivity for s in result.scores if s.option == "free"} == {0.0}
+
+
+def test_public_plan_takes_targets() -> None:
+    model = TinyResNet()
+    assert plan(model, input_size=SIZE, target_ratio=2).params_after <= unique_params(model) / 2
+    assert plan(model, input_size=SIZE, target_bytes=30_000).params_after <= 7_500
+    with pytest.raises(UsageError, match="exactly one"):
+        resolve_target(100, target_params=10, target_ratio=2)
+    with pytest.raises(UsageError, match="needs calibration data"):
+        search(model, 8_000, SIZE, metric="kl")
+
+
+def test_explain_lists_every_group_and_section() -> None:
+    result = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16",
+                                      "--target-params", "5K", "--explain"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    p = search(TinyResNet(), 5_000, SIZE).plan
+    for g in p.groups:
+        assert g.name in result.output
+    assert "section 1:" in result.output and "section 2:" in result.output and "candidate" in result.output
+    bad = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--target-params", "six"])
+    assert bad.exit_code == 2 and "6M" in bad.output
