@@ -28,7 +28,7 @@ from .distill import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
 from .errors import UsageError
 from .latency import compare_latency
 from .planning import unique_params
-from .report import count_macs, state_dict_bytes
+from .report import count_macs, figure, save_figure, state_dict_bytes
 
 COLUMNS = (
     "method", "seed", "params", "bytes", "sparse_bytes", "ratio", "prune_ratio", "macs", "latency_b1_ms",
@@ -161,12 +161,7 @@ class BenchResult:
 
     def plot(self, path: str | Path) -> Path:
         """PNG of fine-tuned accuracy vs unique parameters (log scale), teacher marked (paper's Fig. 5 style)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        fig, ax = figure(size=(6, 4))
         for i, s in enumerate(self.summary()):
             ax.errorbar(s["params"], 100 * s["acc_finetuned"], yerr=100 * s["acc_std"], fmt="o", color=f"C{i}",
                         capsize=3, label=s["method"])  # fmt: skip
@@ -178,11 +173,7 @@ class BenchResult:
         ax.set_ylabel("top-1 accuracy after fine-tuning (%)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def write(self, out: str | Path) -> dict[str, Path]:
         """Write bench.md, bench.json, bench.csv and bench.png into ``out``."""

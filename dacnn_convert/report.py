@@ -226,6 +226,27 @@ def build_report(
     )
 
 
+def figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (5, 3.5), grid: bool = False) -> tuple[Any, Any]:
+    """A matplotlib figure on the non-interactive backend; ``grid`` always returns a 2-D array of axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size, dpi=120, squeeze=not grid)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, write as PNG, close; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy(history: list[dict[str, float]], marks: dict[str, float], path: str | Path) -> Path:
     """Write a PNG of validation accuracy per epoch, with horizontal marks (e.g. the teacher's).
 
@@ -234,12 +255,7 @@ def plot_accuracy(history: list[dict[str, float]], marks: dict[str, float], path
         marks: label -> accuracy drawn as dashed lines.
         path: the PNG to write.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig, ax = figure()
     epochs = [0] + [h["epoch"] for h in history]
     start = marks.get("after BN recalibration", history[0]["val_acc"] if history else 0.0)
     ax.plot(epochs, [100 * start] + [100 * h["val_acc"] for h in history], marker="o", label="student")
@@ -249,8 +265,4 @@ def plot_accuracy(history: list[dict[str, float]], marks: dict[str, float], path
     ax.set_ylabel("top-1 accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

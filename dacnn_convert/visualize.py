@@ -26,13 +26,10 @@ class FilterImages:
 
     def save_grid(self, path: str | Path) -> Path:
         """One row per layer, one column per filter, as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from .report import figure, save_figure
 
         rows, cols = len(self.images), max(len(v) for v in self.images.values())
-        fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.5 * rows), dpi=120, squeeze=False)
+        fig, axes = figure(rows, cols, size=(1.4 * cols, 1.5 * rows), grid=True)
         for r, (layer, imgs) in enumerate(self.images.items()):
             for c in range(cols):
                 ax = axes[r][c]
@@ -41,11 +38,7 @@ class FilterImages:
                     img = imgs[c].permute(1, 2, 0).squeeze(-1).numpy()
                     ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
                     ax.set_title(f"{layer}[{c}]" if c == 0 else f"[{c}]", fontsize=6)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def visualize_filters(

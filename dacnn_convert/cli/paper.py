@@ -164,12 +164,9 @@ def table_accuracy(
         console.print(f"| {Path(r['recipe']).stem}{short} | {r['model']} | {r['dataset']} | {r['epochs']} | {paper} | "
                       f"{r['error']:.2f} | {r['params']:,} | {r['device']} | {r['wall_s']:.0f} |", soft_wrap=True)  # fmt: skip
     if png is not None and records:
-        import matplotlib
+        from ..report import figure, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        fig, ax = figure(size=(6, 4))
         for r in records:
             ax.scatter(r["params"], r["error"], color="C0")
             if r["paper_error"] is not None and r.get("paper_params"):
@@ -179,6 +176,4 @@ def table_accuracy(
         ax.set_xlabel("parameters")
         ax.set_ylabel("top-1 error (%)")
         ax.set_title("ours (dots) vs paper (crosses)")
-        fig.tight_layout()
-        fig.savefig(png)
-        console.print(f"wrote {png}")
+        console.print(f"wrote {save_figure(fig, png)}")
