@@ -85,8 +85,24 @@ def _inspect_safetensors(path: Path) -> Inspection:
         for g in plan["groups"]:
             shared.append((f"dacnn_anchors.{g['name']}", tuple(g["shape"]), tuple(g["members"])))
     source = json.loads(meta["source"]) if "source" in meta else None
+    if not shared and source is not None and source.get("kind") == "dacnn":  # sharing is in the architecture
+        from .models.dacnn import from_name
+
+        shared = _architecture_sharing(from_name(source["name"], source.get("num_classes") or 100))
     return Inspection(str(path), "safetensors", path.stat().st_size, tensors, params, param_bytes, tuple(shared),
                       source, meta.get("dtype"))  # fmt: skip
+
+
+def _architecture_sharing(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
+    """(anchor tensor, shape, member convs) read from a built model's anchored convs."""
+    from .layers import BANK_NAME, AnchoredConv2d
+
+    users: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, AnchoredConv2d):
+            users.setdefault(m.anchor, []).append(name)
+    bank = getattr(model, BANK_NAME)
+    return [(f"{BANK_NAME}.{a}", tuple(getattr(bank, a).shape), tuple(u)) for a, u in users.items()]
 
 
 def _itemsize(dtype: str) -> int:

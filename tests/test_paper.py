@@ -142,3 +142,16 @@ def test_filter_visualisation_raises_the_filter_response(tmp_path) -> None:
     assert all(p.requires_grad for p in model.parameters())  # the model is given back as it was
     with pytest.raises(UsageError, match="Did you mean"):
         visualize_filters(model, ["layer1.0.conv"], 1, (3, 16, 16), steps=1)
+
+
+def test_saved_dacnn_reloads_and_inspects_with_its_sharing(tmp_path) -> None:
+    from dacnn_convert import inspect_file, load, save
+
+    model = from_name("5-plain", 10).eval()
+    path = save(model, tmp_path / "m.safetensors", source="dacnn:5-plain")
+    again = load(path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    info = inspect_file(path)
+    assert info.params == unique_params(model)
+    assert [(name, len(users)) for name, _, users in info.shared] == [("dacnn_anchors.shared", 3)]
