@@ -102,3 +102,13 @@ def test_explain_lists_every_group_and_section() -> None:
     assert "section 1:" in result.output and "section 2:" in result.output and "candidate" in result.output
     bad = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--target-params", "six"])
     assert bad.exit_code == 2 and "6M" in bad.output
+
+
+def test_budget_planner_is_a_bench_method() -> None:
+    from dacnn_convert.baselines import Context, get_method
+
+    method = get_method("dacnn-budget")
+    assert not method.fixed_size
+    out = method.compress(TinyResNet().eval(), 7_000, Context(SIZE))
+    assert out.params <= 7_000 and out.params == unique_params(out.model)
+    assert "sections free/mix" in out.notes
