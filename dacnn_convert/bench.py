@@ -263,6 +263,8 @@ def run_bench(
                 teacher_acc - acc_f, time.perf_counter() - began, compressed.notes,
             )  # fmt: skip
             rows.append(row)
+            if out is not None:  # a long benchmark cut short keeps what it measured
+                (out / "bench.partial.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
             if seed == 0:
                 finals[name] = model.to(memory_format=torch.contiguous_format)
             notify("done", asdict(row))
@@ -283,4 +285,5 @@ def run_bench(
     result = BenchResult(t_row, rows, target, config, latency, time.perf_counter() - start, dict(meta or {}))
     if out is not None:
         result.write(out)
+        (out / "bench.partial.json").unlink(missing_ok=True)
     return result
