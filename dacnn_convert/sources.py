@@ -263,6 +263,12 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # any parse failure means the same thing to the user
+        if "Weights only load failed" in str(exc):
+            raise WeightsError(
+                f"refused to load {str(path)!r}: it pickles objects other than tensors, and .pt files are only read "
+                "with torch.load(weights_only=True), so no code in them can run. If you trust its source, re-save "
+                "its state dict as .safetensors"
+            ) from exc
         raise WeightsError(
             f"cannot read weights file {str(path)!r}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
         ) from exc
