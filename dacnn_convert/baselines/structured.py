@@ -102,11 +102,11 @@ def channel_prune(
     """
     import torch_pruning as tp
 
-    imp = (
-        tp.importance.MagnitudeImportance(p=1, group_reduction="first")
-        if importance == "l1"
-        else tp.importance.GroupMagnitudeImportance(p=2)
-    )
+    if importance == "l1":
+        imp = tp.importance.MagnitudeImportance(p=1, group_reduction="first")
+    else:  # named GroupNormImportance before Torch-Pruning 1.5
+        group = getattr(tp.importance, "GroupMagnitudeImportance", None) or tp.importance.GroupNormImportance
+        imp = group(p=2)
     was_training = model.training
     model.eval()  # a batch of one example would break BatchNorm in train mode
     for p in model.parameters():  # Torch-Pruning leaves frozen parameters alone
