@@ -109,16 +109,18 @@ class AnchoredConv2d(nn.Module):
         counter moves on every in-place update). Never while training, tracing or exporting:
         exported graphs must read the one shared initialiser, not a private copy.
         """
-        w = self.weight
-        if w.is_contiguous() or self.training or torch.is_grad_enabled() or _exporting():
-            return w
+        if self.training or torch.is_grad_enabled() or _exporting():
+            return self.weight
         full = getattr(self._bank, self.anchor)
-        key = (full.data_ptr(), full._version, full.dtype, full.device)
+        key = (full.data_ptr(), full._version)
         cached = self.__dict__.get("_dense")
-        if cached is None or cached[0] != key:
-            cached = (key, w.contiguous())
-            self.__dict__["_dense"] = cached  # a plain attribute: never in state_dict or on disk
-        return cached[1]
+        if cached is not None and cached[0] == key:  # the common case: one lookup, no slicing
+            return cached[1]
+        w = full[: self.out_channels, : self.in_channels // self.groups]
+        if w.is_contiguous():
+            return w
+        self.__dict__["_dense"] = (key, w.contiguous())  # a plain attribute: never in state_dict or on disk
+        return self.__dict__["_dense"][1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight if torch.jit.is_scripting() else self._inference_kernel()
