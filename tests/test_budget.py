@@ -100,6 +100,9 @@ def test_explain_lists_every_group_and_section() -> None:
     for g in p.groups:
         assert g.name in result.output
     assert "section 1:" in result.output and "section 2:" in result.output and "candidate" in result.output
+    quiet = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16",
+                                     "--target-params", "5K"])  # fmt: skip
+    assert quiet.exit_code == 0 and "candidate" not in quiet.output and p.groups[0].name in quiet.output
     bad = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--target-params", "six"])
     assert bad.exit_code == 2 and "6M" in bad.output
 

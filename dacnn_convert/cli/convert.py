@@ -113,18 +113,26 @@ def run_convert(
         init = init or (Init.act if data and data.dataset else Init.fit)
         if init in (Init.act, Init.act_seq) and not (data and data.dataset):
             raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
-        if budget is not None and any(v is not None for v in budget[:3]):
-            plan = _budget_plan(original, budget, regulator_style.value, init.value, size, leaves, data)
+        by_budget = budget is not None and any(v is not None for v in budget[:3])
+        wants_data = data is not None and data.dataset and (by_budget or not dry_run)
+        loaders = data.loaders(size) if wants_data else None  # loaded once: for the search and the fine-tune
+        explanation: list[str] = []
+        if by_budget:
+            found = _budget_search(original, budget, regulator_style.value, init.value, size, leaves, loaders)
+            plan, explanation = found.plan, found.explain()
+            if render:
+                for line in explanation:
+                    console.print(line, highlight=False, soft_wrap=True)
         else:
             plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
         if dry_run:
             if render:
                 render_plan(plan, spec.display)
-            return {"plan": plan}
+            return {"plan": plan, "explain": explanation}
         if recipe is not None:
             (out / "recipe.yaml").write_text(recipe.to_yaml())
         if data is not None and data.dataset:
-            return _run_pipeline(original, plan, spec, size, out, data)
+            return _run_pipeline(original, plan, spec, out, data, loaders)
         conversion = convert(original, plan)
         ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=dtype.value)
         report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
@@ -135,17 +143,14 @@ def run_convert(
     return {"plan": plan, "report": report, "out": out}
 
 
-def _budget_plan(original: Any, budget: tuple, style: str, init: str, size: Any, leaves: Any, data: Any) -> Any:
-    """Search the plan that fits the target; print the search's explanation."""
+def _budget_search(original: Any, budget: tuple, style: str, init: str, size: Any, leaves: Any, loaders: Any) -> Any:
+    """The budget search for (target params, ratio, bytes, metric); scored on the training data when given."""
     from ..budget import resolve_target, search
     from ..planning import unique_params
 
     target = resolve_target(unique_params(original), *budget[:3])
-    loader = data.loaders(size).train if data is not None and data.dataset else None
-    result = search(original, target, size, loader, 8, budget[3], style, init if loader is None else None, leaves)
-    for line in result.explain():
-        console.print(line, highlight=False, soft_wrap=True)
-    return result.plan
+    loader = loaders.train if loaders is not None else None
+    return search(original, target, size, loader, 8, budget[3], style, init if loader is None else None, leaves)
 
 
 def render_plan(plan: Any, source: str) -> None:
@@ -196,10 +201,9 @@ def render_report(report: Any) -> None:
         console.print(f"[yellow]warning:[/] {n}")
 
 
-def _run_pipeline(original: Any, plan: Any, spec: Any, size: Any, out: Path, data: DataOptions) -> dict[str, Any]:
+def _run_pipeline(original: Any, plan: Any, spec: Any, out: Path, data: DataOptions, loaders: Any) -> dict[str, Any]:
     from ..pipeline import compress
 
-    loaders = data.loaders(size)
     out.mkdir(parents=True, exist_ok=True)
     with _Progress() as progress:
         result = compress(
@@ -379,13 +383,11 @@ def plan_command(
             raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
         budget = (parse_amount(target_params, "--target-params"), target_ratio, parse_amount(target_bytes, "--target-bytes"),
                   metric)  # fmt: skip
-        if not explain:
-            console.quiet = True  # the explanation is printed while searching; keep only the table
         data = DataOptions(dataset=dataset, train_limit=train_limit) if dataset else None
-        with_table = run_convert(model, mode, regulators, RegulatorStyle.adapter, None, weights, num_classes, input_size,
-                                 None, True, leaf_module, Dtype.fp32, data, None, budget, render=False)  # fmt: skip
-        console.quiet = False
-        render_plan(with_table["plan"], model)
+        found = run_convert(model, mode, regulators, RegulatorStyle.adapter, None, weights, num_classes, input_size,
+                            None, True, leaf_module, Dtype.fp32, data, None, budget, render=False)  # fmt: skip
     except DacnnError as exc:
-        console.quiet = False
         raise fail(exc) from None
+    for line in found["explain"] if explain else []:
+        console.print(line, highlight=False, soft_wrap=True)
+    render_plan(found["plan"], model)
