@@ -58,8 +58,8 @@ def bench_command(
     weights: WeightsOpt = "none",
     num_classes: ClassesOpt = None,
     methods: Annotated[str, typer.Option(help="comma-separated: dacnn-mix, dacnn-mix-reg, dacnn-plain, sharesnet, "
-                                              "magnitude, l1-filter, group-norm")] = DEFAULT_METHODS,  # fmt: skip
-    budget: Annotated[float | None, typer.Option(help="pruning budget as a fraction of the teacher's params")] = None,
+                                              "dacnn-budget, magnitude, l1-filter, group-norm")] = DEFAULT_METHODS,  # fmt: skip
+    budget: Annotated[float | None, typer.Option(help="size budget as a fraction of the teacher's params (0.25 keeps a quarter)")] = None,
     match: Annotated[str | None, typer.Option(help="prune to the size of this anchoring method")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="seeds per method; mean ± std reported")] = 1,
     out: Annotated[Path, typer.Option(help="folder for bench.md/json/csv/png and each method's artefact")] = Path(
