@@ -67,10 +67,10 @@ def to_markdown(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[di
     yes = {True: "yes", False: "**no**", None: "—"}
     lines = [
         "# Budget planner vs hand-written modes vs group-norm (ResNet-18, Fashion-MNIST)", "",
-        f"Teacher: {teacher['params']:,} unique params, {100 * teacher['acc_finetuned']:.2f}%. "
-        "Every model: BN recalibration, then the same KD fine-tune (see each bench.md for the command).", "",
-        "| budget | target params | planner: sections, params, acc | best hand mode within budget | group-norm: params, acc "
-        "| planner beats hand mode | planner beats group-norm |",
+        (f"Teacher: {teacher['params']:,} unique params, {100 * teacher['acc_finetuned']:.2f}%. "
+        "Every model: BN recalibration, then the same KD fine-tune (see each bench.md for the command)."), "",
+        ("| budget | target params | planner: sections, params, acc | best hand mode within budget | group-norm: params, acc "
+        "| planner beats hand mode | planner beats group-norm |"),
         "|---|---:|---|---|---|---|---|",
     ]  # fmt: skip
     for v in verdicts:

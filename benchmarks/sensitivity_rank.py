@@ -140,11 +140,11 @@ def main() -> None:
     (out / "rows.partial.json").unlink(missing_ok=True)
     lines = [
         "# Sensitivity vs accuracy after fine-tuning (ResNet-18, Fashion-MNIST)", "",
-        f"`python benchmarks/sensitivity_rank.py --epochs {args.epochs} --train-limit {args.train_limit}` — "
+        (f"`python benchmarks/sensitivity_rank.py --epochs {args.epochs} --train-limit {args.train_limit}` — "
         f"teacher {100 * teacher_acc:.2f}%, {unique_params(teacher):,} params; each candidate: act init, BN "
         f"recalibration (20 batches), KD fine-tune {args.epochs} epoch(s) on {args.train_limit:,} images, lr {args.lr}. "
         f"Scores: the planner's summed per-section sensitivity on {args.calib_batches} calibration batches "
-        f"(fit {scores['fit_s']:.0f} s, kl {scores['kl_s']:.0f} s for all sections). Wall time {result['wall_s'] / 60:.0f} min.", "",
+        f"(fit {scores['fit_s']:.0f} s, kl {scores['kl_s']:.0f} s for all sections). Wall time {result['wall_s'] / 60:.0f} min."), "",
         "| sections 1/2/3/4 | params | fit | kl | acc calibrated | acc fine-tuned |",
         "|---|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
