@@ -10,7 +10,9 @@
 #     teacher, fine-tune and seed (the fine-tune is deterministic; HAND=dacnn-plain,dacnn-mix,dacnn-mix-reg
 #     reruns them here instead).
 # Then benchmarks/budget_summary.py merges everything into one table and plot.
-#   bash benchmarks/budget_bench.sh        # results -> benchmarks/results/budget_bench/
+#   bash benchmarks/budget_bench.sh           # results -> benchmarks/results/budget_bench/
+#   SEED=1 bash benchmarks/budget_bench.sh    # a repeat: another 20k-image subset and data order,
+#                                             # planner and group-norm only -> budget_bench/BUDGET-seed1/
 set -euo pipefail
 OUT=${OUT:-runs/prune-bench}
 EPOCHS=${EPOCHS:-4}
@@ -19,10 +21,11 @@ BUDGETS=${BUDGETS:-"0.25 0.4 0.6"}
 HAND=${HAND:-dacnn-plain}
 DACNN=${DACNN:-dacnn}
 PYTHON=${PYTHON:-python}
+SEED=${SEED:-0}
 RESULTS=benchmarks/results/budget_bench
 [ -f "$OUT/teacher/best.safetensors" ] || { echo "run benchmarks/prune_bench.sh first (it trains the teacher)"; exit 1; }
 teacher=(resnet18 --weights "$OUT/teacher/best.safetensors" --num-classes 10 --dataset fashion-mnist
-         --lr 0.02 --epochs "$EPOCHS" --train-limit "$LIMIT")
+         --lr 0.02 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED")
 mkdir -p "$RESULTS"
 run() {  # run NAME ARGS...: one bench, its files copied to the results, its wall time logged
   local name=$1; shift
@@ -32,8 +35,10 @@ run() {  # run NAME ARGS...: one bench, its files copied to the results, its wal
   cp "$OUT/budget-$name"/bench.{md,json,csv,png} "$RESULTS/$name/"
   echo "$name: $(( ($(date +%s) - start) / 60 )) min" >> "$RESULTS/wall_time.txt"
 }
-[ -f "$RESULTS/hand/bench.json" ] || run hand --methods "$HAND" --match "${HAND%%,*}"
+suffix=""
+[ "$SEED" = 0 ] || suffix="-seed$SEED"
+[ "$SEED" != 0 ] || [ -f "$RESULTS/hand/bench.json" ] || run hand --methods "$HAND" --match "${HAND%%,*}"
 for budget in $BUDGETS; do
-  [ -f "$RESULTS/$budget/bench.json" ] || run "$budget" --budget "$budget" --methods dacnn-budget,group-norm
+  [ -f "$RESULTS/$budget$suffix/bench.json" ] || run "$budget$suffix" --budget "$budget" --methods dacnn-budget,group-norm
 done
 $PYTHON benchmarks/budget_summary.py --results "$RESULTS" --reuse benchmarks/results/prune_bench/mix-reg/bench.json

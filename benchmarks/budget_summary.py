@@ -34,19 +34,31 @@ def load_rows(results: Path, reuse: Path | None) -> tuple[dict, dict[str, dict],
         for r in data["rows"]:
             hand[r["method"]] = {**r, "source": str(results / "hand" / "bench.json")}
     budgets: dict[str, list[dict]] = {}
-    for folder in sorted(results.iterdir()):
+    for folder in sorted(results.iterdir()):  # BUDGET/ (seed 0) and BUDGET-seedN/ (repeats)
         if folder.is_dir() and (folder / "bench.json").exists() and folder.name != "hand":
             data = json.loads((folder / "bench.json").read_text())
-            budgets[folder.name] = [{**r, "target": data["target_params"]} for r in data["rows"]]
+            budget, _, seed = folder.name.partition("-seed")
+            rows = [{**r, "target": data["target_params"], "data_seed": int(seed or 0)} for r in data["rows"]]
+            budgets.setdefault(budget, []).extend(rows)
             teacher = teacher or data["teacher"]
     return teacher, hand, budgets
+
+
+def aggregate(rows: list[dict]) -> dict[str, dict]:
+    """Per method: the seed-0 row with ``acc_finetuned`` replaced by the mean over data seeds."""
+    out: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["data_seed"]):
+        entry = out.setdefault(r["method"], {**r, "accs": []})
+        entry["accs"].append(r["acc_finetuned"])
+        entry["acc_finetuned"] = sum(entry["accs"]) / len(entry["accs"])
+    return out
 
 
 def compare(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[dict]]) -> list[dict]:
     """One verdict per budget."""
     out = []
     for name, rows in budgets.items():
-        by = {r["method"]: r for r in rows}
+        by = aggregate(rows)
         planner, gn = by.get("dacnn-budget"), by.get("group-norm")
         target = rows[0]["target"]
         fitting = [r for r in hand.values() if r["params"] <= target]
@@ -60,7 +72,12 @@ def compare(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[dict]]
 
 
 def _pct(r: dict | None) -> str:
-    return "—" if r is None else f"{100 * r['acc_finetuned']:.2f}"
+    """Accuracy in percent; the mean and each seed when there are repeats."""
+    if r is None:
+        return "—"
+    accs = r.get("accs", [r["acc_finetuned"]])
+    each = f" ({' / '.join(f'{100 * a:.2f}' for a in accs)})" if len(accs) > 1 else ""
+    return f"{100 * r['acc_finetuned']:.2f}{each}"
 
 
 def to_markdown(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[dict]], verdicts: list[dict]) -> str:
@@ -75,19 +92,24 @@ def to_markdown(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[di
     ]  # fmt: skip
     for v in verdicts:
         p, h, g = v["planner"], v["best_hand"], v["group_norm"]
-        ptxt = "—" if p is None else f"{p['notes'].split(',')[0].removeprefix('sections ')}, {p['params']:,}, {_pct(p)}"
+        if p is None:
+            ptxt = "—"
+        else:  # notes: "sections free/mix/..., regulators 2,3, kl sensitivity"
+            secs, _, rest = p["notes"].removeprefix("sections ").partition(", regulators ")
+            regs = rest.rsplit(",", 1)[0]
+            ptxt = f"{secs}, regulators in {regs}, {p['params']:,}, {_pct(p)}"
         htxt = "none fits" if h is None else f"{h['method']}, {h['params']:,}, {_pct(h)}"
         gtxt = "—" if g is None else f"{g['params']:,}, {_pct(g)}"
         lines.append(f"| {float(v['budget']):.0%} | {v['target']:,} | {ptxt} | {htxt} | {gtxt} | "
                      f"{yes[v['beats_hand']]} | {yes[v['beats_group_norm']]} |")  # fmt: skip
-    lines += ["", "All rows:", "", "| run | method | params | acc calibrated | acc fine-tuned | drop | notes |",
-              "|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines += ["", "All rows:", "", "| run | method | data seed | params | acc calibrated | acc fine-tuned | drop | notes |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in hand.values():
-        lines.append(f"| hand ({Path(r['source']).parent.name}) | {r['method']} | {r['params']:,} | "
+        lines.append(f"| hand ({Path(r['source']).parent.name}) | {r['method']} | 0 | {r['params']:,} | "
                      f"{100 * r['acc_calibrated']:.2f} | {_pct(r)} | {100 * r['drop']:.2f} | {r['notes']} |")  # fmt: skip
     for name, rows in budgets.items():
         for r in rows:
-            lines.append(f"| {float(name):.0%} | {r['method']} | {r['params']:,} | {100 * r['acc_calibrated']:.2f} | "
+            lines.append(f"| {float(name):.0%} | {r['method']} | {r['data_seed']} | {r['params']:,} | {100 * r['acc_calibrated']:.2f} | "
                          f"{_pct(r)} | {100 * r['drop']:.2f} | {r['notes']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -100,7 +122,7 @@ def plot(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[dict]], p
     for r in hand.values():
         series.setdefault(r["method"], []).append((r["params"] / 1e6, 100 * r["acc_finetuned"]))
     for rows in budgets.values():
-        for r in rows:
+        for r in aggregate(rows).values():
             series.setdefault(r["method"], []).append((r["params"] / 1e6, 100 * r["acc_finetuned"]))
     styles = {"dacnn-budget": "o-", "group-norm": "s--"}
     for name, pts in sorted(series.items()):
