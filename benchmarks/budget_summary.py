@@ -85,7 +85,10 @@ def to_markdown(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[di
     lines = [
         "# Budget planner vs hand-written modes vs group-norm (ResNet-18, Fashion-MNIST)", "",
         (f"Teacher: {teacher['params']:,} unique params, {100 * teacher['acc_finetuned']:.2f}%. "
-        "Every model: BN recalibration, then the same KD fine-tune (see each bench.md for the command)."), "",
+        "Every model: BN recalibration, then the same KD fine-tune (see each bench.md for the command). "
+        "With repeats (BUDGET-seedN/: another training subset and data order), accuracies are means, "
+        "each seed in brackets. Hand modes have one size whatever the budget; the best one that fits "
+        "the budget is compared."), "",
         ("| budget | target params | planner: sections, params, acc | best hand mode within budget | group-norm: params, acc "
         "| planner beats hand mode | planner beats group-norm |"),
         "|---|---:|---|---|---|---|---|",
