@@ -79,6 +79,7 @@ def test_kl_sensitivity_with_data(searched) -> None:
     result = search(model, 8_000, SIZE, calib_loader=loaders.train, calib_batches=2)
     assert result.metric == "kl" and result.plan.init == "act" and result.plan.params_after <= 8_000
     assert all(s.sensitivity >= 0 for s in result.scores)
+    assert result.advice() is None and "Spearman" in search(model, 8_000, SIZE).advice()
     assert {s.sensitivity for s in result.scores if s.option == "free"} == {0.0}
 
 
@@ -103,6 +104,7 @@ def test_explain_lists_every_group_and_section() -> None:
     quiet = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16",
                                      "--target-params", "5K"])  # fmt: skip
     assert quiet.exit_code == 0 and "candidate" not in quiet.output and p.groups[0].name in quiet.output
+    assert "note: scored by fit" in quiet.output and "--dataset" in quiet.output  # no data: say how to do better
     bad = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--target-params", "six"])
     assert bad.exit_code == 2 and "6M" in bad.output
 

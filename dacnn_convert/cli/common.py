@@ -326,4 +326,4 @@ class ExportFormat(str, Enum):
 TargetParamsOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many unique params (6M, 600K)")]
 TargetRatioOpt = Annotated[float | None, typer.Option(help="plan by budget: this many times fewer unique params")]
 TargetBytesOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many fp32 bytes (12MB, 10MiB)")]
-MetricOpt = Annotated[str | None, typer.Option(help="budget sensitivity: fit (weights only) or kl (data; default with --dataset)")]
+MetricOpt = Annotated[str | None, typer.Option(help="budget sensitivity: kl (needs data; default with --dataset, the better predictor) or fit (weights only)")]

@@ -117,18 +117,21 @@ def run_convert(
         wants_data = data is not None and data.dataset and (by_budget or not dry_run)
         loaders = data.loaders(size) if wants_data else None  # loaded once: for the search and the fine-tune
         explanation: list[str] = []
+        advice: str | None = None
         if by_budget:
             found = _budget_search(original, budget, regulator_style.value, init.value, size, leaves, loaders)
-            plan, explanation = found.plan, found.explain()
+            plan, explanation, advice = found.plan, found.explain(), found.advice()
             if render:
                 for line in explanation:
                     console.print(line, highlight=False, soft_wrap=True)
+                if advice:
+                    console.print(f"note: {advice}", highlight=False, soft_wrap=True)
         else:
             plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
         if dry_run:
             if render:
                 render_plan(plan, spec.display)
-            return {"plan": plan, "explain": explanation}
+            return {"plan": plan, "explain": explanation, "advice": advice}
         if recipe is not None:
             (out / "recipe.yaml").write_text(recipe.to_yaml())
         if data is not None and data.dataset:
@@ -391,3 +394,5 @@ def plan_command(
     for line in found["explain"] if explain else []:
         console.print(line, highlight=False, soft_wrap=True)
     render_plan(found["plan"], model)
+    if found["advice"]:
+        console.print(f"note: {found['advice']}", highlight=False, soft_wrap=True)
