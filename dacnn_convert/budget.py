@@ -77,9 +77,10 @@ class BudgetResult:
     def explain(self) -> list[str]:
         """One line per section and one per group: what was chosen and why."""
         lines = [
-            f"target {self.target:,} params; chosen {self.plan.params_after:,} "
-            f"({self.plan.params_before / self.plan.params_after:.2f}x smaller), summed {self.metric} sensitivity "
-            f"{self.sensitivity:.4g}; {self.feasible:,} of {self.candidates:,} candidates fit the budget",
+            (f"target {self.target:,} params; chosen {self.plan.params_after:,} "
+             f"({4 * self.plan.params_after / 1e6:.2f} MB in fp32, "
+             f"{self.plan.params_before / self.plan.params_after:.2f}x smaller), summed {self.metric} sensitivity "
+             f"{self.sensitivity:.4g}; {self.feasible:,} of {self.candidates:,} candidates fit the budget"),
         ]
         for choice, params, sens in self.runners_up:
             lines.append(f"  candidate {'/'.join(choice)}: {params:,} params, sensitivity {sens:.4g}")
