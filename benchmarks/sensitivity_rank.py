@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from dacnn_convert.budget import OPTIONS, compose, score_sections
+from dacnn_convert.budget import OPTIONS, calibration_reference, compose, score_sections
 from dacnn_convert.convert import convert
 from dacnn_convert.distill import TrainConfig, distill, evaluate, make_loaders
 from dacnn_convert.distill.calibrate import recalibrate_bn
@@ -84,9 +83,7 @@ def main() -> None:
     teacher_acc = evaluate(teacher, loaders.val)
     mix = make_plan(teacher, "mix", "none", "adapter", "act", size)
     plain = make_plan(teacher, "plain", "none", "adapter", "act", size)
-    batches = [x for i, (x, *_) in zip(range(args.calib_batches), loaders.train, strict=False)]
-    with torch.no_grad():
-        reference = [F.log_softmax(teacher(x), 1) for x in batches]
+    batches, reference = calibration_reference(teacher, loaders.train, args.calib_batches)
     scores = {}
     for metric in ("fit", "kl"):
         t0 = time.perf_counter()

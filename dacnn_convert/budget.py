@@ -186,20 +186,30 @@ def search(
     n = len(mix.sections)
     if n > MAX_SECTIONS:
         raise PlanError(f"{n} sections: the exhaustive search takes at most {MAX_SECTIONS}; use --mode instead")
-    batches: list[torch.Tensor] = []
-    reference: list[torch.Tensor] = []
-    if metric == "kl":
-        was = model.training
-        model.eval()
-        for i, (x, *_) in enumerate(calib_loader):  # type: ignore[union-attr]
-            if i >= calib_batches:
-                break
-            batches.append(x)
-            with torch.no_grad():
-                reference.append(F.log_softmax(model(x), 1))
-        model.train(was)
+    batches, reference = calibration_reference(model, calib_loader, calib_batches) if metric == "kl" else ([], [])
     scores = score_sections(model, mix, plain, metric, batches, reference)
     return pick(mix, plain, scores, target_params, metric)
+
+
+def calibration_reference(
+    model: nn.Module, calib_loader: Iterable, calib_batches: int = 8
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first ``calib_batches`` input batches and the model's log-probabilities on them (eval mode).
+
+    The ``kl`` sensitivity compares every candidate with these; the model's train/eval mode is restored.
+    """
+    batches: list[torch.Tensor] = []
+    reference: list[torch.Tensor] = []
+    was = model.training
+    model.eval()
+    for i, (x, *_) in enumerate(calib_loader):
+        if i >= calib_batches:
+            break
+        batches.append(x)
+        with torch.no_grad():
+            reference.append(F.log_softmax(model(x), 1))
+    model.train(was)
+    return batches, reference
 
 
 def score_sections(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dacnn_convert import convert, plan
-from dacnn_convert.budget import compose, pick, resolve_target, score_sections, search
+from dacnn_convert.budget import calibration_reference, compose, pick, resolve_target, score_sections, search
 from dacnn_convert.cli import app
 from dacnn_convert.distill import make_loaders
 from dacnn_convert.errors import PlanError, UsageError
@@ -80,6 +80,9 @@ def test_kl_sensitivity_with_data(searched) -> None:
     assert result.metric == "kl" and result.plan.init == "act" and result.plan.params_after <= 8_000
     assert all(s.sensitivity >= 0 for s in result.scores)
     assert result.advice() is None and "Spearman" in search(model, 8_000, SIZE).advice()
+    batches, reference = calibration_reference(model.train(), loaders.train, 2)
+    assert model.training and len(batches) == len(reference) == 2  # the caller's mode is restored
+    assert torch.allclose(reference[0].exp().sum(1), torch.ones(len(batches[0])))
     assert {s.sensitivity for s in result.scores if s.option == "free"} == {0.0}
 
 
