@@ -1,8 +1,13 @@
 """Budget-targeted anchoring: choose, per section, what to share so the model fits a size.
 
-    model ─► mix and plain plans ─► per section: free | mix | plain, each scored ─►
-    exhaustive search (3^sections) for the lowest summed sensitivity with params <= target ─►
-    regulators with the budget left, worst-scored sections first ─► one Plan
+    model ─► mix and plain plans ─► per section: free | mix | plain | bank:f, and a rank for the
+    convs that share with nothing (dense | lr:f), each scored ─► exhaustive search (Pareto-pruned)
+    for the lowest summed sensitivity with params <= target ─► regulators with the budget left,
+    worst-scored sections first ─► banks and low-rank convs grown into what is left ─► one Plan
+
+``bank:f`` gives each share group of the section a bank of f x C_out filters
+(:mod:`dacnn_convert.banks`); ``lr:f`` factorises the section's unshared convs (stride-2 first
+convs, downsample 1x1s) at rank f x C_out. The grids are :data:`BANK_GRID` and :data:`RANK_GRID`.
 
 Costs are exact plan arithmetic (no model is built). Sensitivity is measured per section
 with only that section converted:
@@ -28,17 +33,26 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .banks import bank_params, bankable, factorizable
 from .errors import PlanError, UsageError, choose
-from .planning import Group, Plan, RegulatorSpec, make_plan
+from .graph import ConvSite
+from .planning import Group, Plan, RegulatorSpec, bank_group, make_plan
 
-OPTIONS = ("free", "mix", "plain")
+OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
+BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625)  # bank filters as a fraction of C_out
+RANK_GRID = (0.5, 0.25, 0.125)  # low-rank ranks of unshared convs, as a fraction of C_out
+BANK_OPTIONS = (*OPTIONS, *(f"bank:{f:g}" for f in BANK_GRID))
+RANK_OPTIONS = tuple(f"lr:{f:g}" for f in RANK_GRID)
+SPACES = ("bank", "anchor")  # bank: every option; anchor: free / mix / plain + regulators only
 METRICS = ("fit", "kl")
-MAX_SECTIONS = 8  # 3^8 = 6,561 candidates
+MAX_SECTIONS = 8
+MIN_FILL = 0.97  # the search grows banks until the plan uses at least this much of the target, where it can
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,8 @@ class BudgetResult:
     candidates: int
     feasible: int
     runners_up: tuple[tuple[tuple[str, ...], int, float], ...] = ()  # (choice, params, sensitivity), best first
+    ranks: tuple[str, ...] = ()  # per section: "dense" or "lr:f" for the convs that share with nothing
+    grown: tuple[str, ...] = ()  # what the leftover budget bought after the search, one line each
 
     def advice(self) -> str | None:
         """What to do for a better plan, or None: a ``fit``-scored search is little better than size alone."""
@@ -86,12 +102,17 @@ class BudgetResult:
             lines.append(f"  candidate {'/'.join(choice)}: {params:,} params, sensitivity {sens:.4g}")
         by = {(s.section, s.option): s for s in self.scores}
         for k, option in enumerate(self.choice, start=1):
-            alts = ", ".join(f"{o}: {by[k, o].sensitivity:.3g} (-{by[k, o].params_saved:,})" for o in OPTIONS
-                             if (k, o) in by)  # fmt: skip
+            alts = ", ".join(f"{o}: {by[k, o].sensitivity:.3g} (-{by[k, o].params_saved:,})"
+                             for o in (*BANK_OPTIONS, *RANK_OPTIONS) if (k, o) in by)  # fmt: skip
             reg = " + regulators" if k in self.regulator_sections else ""
-            lines.append(f"section {k}: {option}{reg}; options, sensitivity (params saved): {alts}")
+            rank = f" + unshared convs {self.ranks[k - 1]}" if self.ranks and self.ranks[k - 1] != "dense" else ""
+            lines.append(f"section {k}: {option}{reg}{rank}; options, sensitivity (params saved): {alts}")
+        lines += [f"  grown: {g}" for g in self.grown]
         for g in self.plan.groups:
-            lines.append(f"  group {g.name}: {len(g.members)} convs share {'x'.join(map(str, g.shape))} "
+            what = f"share {'x'.join(map(str, g.shape))}" if g.kind == "anchor" else (
+                f"share a bank of {g.rank} filters ({'x'.join(map(str, g.shape))}) + a 1x1 each"
+                if len(g.members) > 1 else f"low-rank, rank {g.rank}")  # fmt: skip
+            lines.append(f"  group {g.name}: {len(g.members)} conv(s) {what} "
                          f"(sections {','.join(map(str, g.sections))}): {', '.join(g.members)}")  # fmt: skip
         shared = {m for g in self.plan.groups for m in g.members}
         free = [s.name for s in self.plan.sites if s.name not in shared]
@@ -99,11 +120,56 @@ class BudgetResult:
         return lines
 
 
-def compose(mix: Plan, plain: Plan, choice: Sequence[str], regulator_sections: Iterable[int] = ()) -> Plan:
-    """The plan that converts section k as ``choice[k-1]`` (free, mix or plain), with regulators in some sections.
+def _fraction(option: str) -> float:
+    return float(option.partition(":")[2])
 
+
+def _bank_groups(mix: Plan, section: int, f: float) -> list[Group]:
+    """A bank of f x C_out filters (at most what the group can use) for each share group of ``section``."""
+    out = []
+    for i, g in enumerate(mix.groups):
+        members = [mix.site(m) for m in g.members]
+        if g.sections != (section,) or not bankable(members):
+            continue
+        co, ci, kh, kw = members[0].weight_shape
+        k = min(max(1, round(f * co)), len(members) * co, ci * kh * kw)
+        if bank_params(members[0], len(members), k) < sum(m.weight_numel for m in members):
+            out.append(bank_group(members, k, section, i))
+    return out
+
+
+def unshared_sites(mix: Plan) -> list[ConvSite]:
+    """Convs that share with nothing in ``mix`` and can be factorised, each in a section."""
+    grouped = {m for g in mix.groups for m in g.members}
+    sections = {tuple(r) for r in mix.sections}
+    return [s for s in mix.sites if s.name not in grouped and factorizable(s) and s.out_size in sections]
+
+
+def _low_rank_groups(mix: Plan, section: int, f: float) -> list[Group]:
+    """A rank f x C_out factorisation of each unshared conv of ``section`` that it makes smaller."""
+    res = tuple(mix.sections[section - 1])
+    out = []
+    for s in unshared_sites(mix):
+        r = min(max(1, round(f * s.out_channels)), s.out_channels, s.weight_numel // s.out_channels)
+        if s.out_size == res and bank_params(s, 1, r) < s.weight_numel:
+            out.append(bank_group([s], r, section, 0))
+    return out
+
+
+def compose(
+    mix: Plan,
+    plain: Plan,
+    choice: Sequence[str],
+    regulator_sections: Iterable[int] = (),
+    ranks: Sequence[str] | None = None,
+) -> Plan:
+    """The plan that converts section k as ``choice[k-1]``, with regulators in some sections.
+
+    ``choice`` items are ``free``, ``mix``, ``plain`` or ``bank:f``; ``ranks`` items (one per
+    section, default all ``dense``) are ``dense`` or ``lr:f`` for the section's unshared convs.
     ``mix`` and ``plain`` are full plans of the same model made with ``regulators="all"``.
     Plain members of several sections share one kernel (the widest slice they need).
+    Regulators go only to mix and plain sections.
     """
     regs_in = set(regulator_sections)
     mix_secs = {k for k, o in enumerate(choice, start=1) if o == "mix"}
@@ -121,6 +187,12 @@ def compose(mix: Plan, plain: Plan, choice: Sequence[str], regulator_sections: I
     anchored = {m for g in groups for m in g.members}
     regs: list[RegulatorSpec] = [r for src, secs in ((mix, mix_secs), (plain, plain_secs)) for r in src.regulators
                                  if r.section in secs & regs_in and r.host in anchored]  # fmt: skip
+    for k, option in enumerate(choice, start=1):
+        if option.startswith("bank:"):
+            groups += _bank_groups(mix, k, _fraction(option))
+    for k, rank in enumerate(ranks or (), start=1):
+        if rank != "dense":
+            groups += _low_rank_groups(mix, k, _fraction(rank))
     return replace(mix, mode="budget", groups=tuple(groups), regulators=tuple(sorted(regs, key=lambda r: r.host)))
 
 
@@ -132,12 +204,14 @@ def _fit_score(model: nn.Module, plan: Plan) -> float:
     return sum(err**2 * plan.site(m).weight_numel for g in errors.values() for m, err in g.items()) / total
 
 
-def _kl_score(model: nn.Module, plan: Plan, batches: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+def _kl_score(
+    model: nn.Module, plan: Plan, batches: list[torch.Tensor], reference: list[torch.Tensor], moments: Any = None
+) -> float:
     from .convert import convert
     from .distill.calibrate import recalibrate_bn
 
     student = convert(model, replace(plan, init="act"), calib_loader=[(x, None) for x in batches],
-                      calib_batches=len(batches)).model  # fmt: skip
+                      calib_batches=len(batches), moments=moments).model  # fmt: skip
     recalibrate_bn(student, batches, len(batches))
     student.eval()
     total = 0.0
@@ -157,6 +231,7 @@ def search(
     regulator_style: str = "adapter",
     init: str | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    space: str = "bank",
 ) -> BudgetResult:
     """Find the conversion with the least summed sensitivity whose unique params are <= ``target_params``.
 
@@ -170,14 +245,17 @@ def search(
         regulator_style: how the chosen regulators attach (``adapter`` or ``paper``).
         init: the init the returned plan asks for; default ``act`` with data, else ``fit``.
         leaf_modules: module types fx must not trace into.
+        space: ``bank`` (free / mix / plain / banks per section, low-rank unshared convs) or
+            ``anchor`` (free / mix / plain and regulators only, as before banks existed).
 
     Raises:
         PlanError: no conversion fits the budget (the smallest possible is named), or the
             model has more sections than the exhaustive search takes.
-        UsageError: ``kl`` without data, or an unknown metric.
+        UsageError: ``kl`` without data, or an unknown metric or space.
     """
     metric = metric or ("kl" if calib_loader is not None else "fit")
     choose("metric", metric, METRICS)
+    choose("search space", space, SPACES)
     if metric == "kl" and calib_loader is None:
         raise UsageError("the kl sensitivity needs calibration data: give --dataset (or use --metric fit)")
     init = init or ("act" if calib_loader is not None else "fit")
@@ -187,7 +265,8 @@ def search(
     if n > MAX_SECTIONS:
         raise PlanError(f"{n} sections: the exhaustive search takes at most {MAX_SECTIONS}; use --mode instead")
     batches, reference = calibration_reference(model, calib_loader, calib_batches) if metric == "kl" else ([], [])
-    scores = score_sections(model, mix, plain, metric, batches, reference)
+    options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
+    scores = score_sections(model, mix, plain, metric, batches, reference, options, ranks)
     return pick(mix, plain, scores, target_params, metric)
 
 
@@ -219,66 +298,156 @@ def score_sections(
     metric: str = "fit",
     batches: Sequence[torch.Tensor] = (),
     reference: Sequence[torch.Tensor] = (),
+    options: Sequence[str] = OPTIONS,
+    ranks: Sequence[str] = (),
 ) -> tuple[SectionScore, ...]:
-    """The sensitivity of each (section, option), converting that section alone."""
+    """The sensitivity of each (section, option) and (section, rank), converting that alone.
+
+    With ``kl``, the input moments of every conv are collected once (one pass over ``batches``)
+    and reused by every candidate's data-aware fit.
+    """
+    from .fitting import input_moments
+
     n = len(mix.sections)
+    moments = None
+    if metric == "kl" and (len(options) > len(OPTIONS) or ranks):
+        names = [s.name for s in mix.sites if s.groups == 1 and s.padding_mode == "zeros" and not isinstance(s.padding, str)
+                 and not s.reused]  # fmt: skip
+        moments = input_moments(model, names, [(x, None) for x in batches], len(batches))
     scores: list[SectionScore] = []
-    for k in range(1, n + 1):
-        for option in OPTIONS:
-            choice = tuple(option if j == k else "free" for j in range(1, n + 1))
-            p = compose(mix, plain, choice)
-            if option != "free" and not p.groups:
-                continue  # nothing to share in this section that way
-            if option == "free":
-                s = 0.0
-            elif metric == "fit":
-                s = _fit_score(model, p)
-            else:
-                s = _kl_score(model, p, list(batches), list(reference))
-            scores.append(SectionScore(k, option, s, p.saved_params - p.scale_params))
+    free = ("free",) * n
+    trials = [(k, o, tuple(o if j == k else "free" for j in range(1, n + 1)), None) for k in range(1, n + 1)
+              for o in options]  # fmt: skip
+    trials += [(k, r, free, tuple(r if j == k else "dense" for j in range(1, n + 1))) for k in range(1, n + 1) for r in ranks]
+    for k, option, choice, rank in trials:
+        p = compose(mix, plain, choice, ranks=rank)
+        if option != "free" and not p.groups:
+            continue  # nothing to convert in this section that way
+        if option == "free":
+            sens = 0.0
+        elif metric == "fit":
+            sens = _fit_score(model, p)
+        else:
+            sens = _kl_score(model, p, list(batches), list(reference), moments)
+        scores.append(SectionScore(k, option, sens, p.saved_params - p.scale_params))
     return tuple(scores)
 
 
+def _pareto(pairs: list[tuple[float, int, str, str]]) -> list[tuple[float, int, str, str]]:
+    """Keep (sensitivity, saved, option, rank) pairs that no other pair beats on both counts."""
+    kept = []
+    for a in sorted(pairs, key=lambda t: (t[0], -t[1], t[2], t[3])):
+        if not kept or a[1] > kept[-1][1]:
+            kept.append(a)
+    return kept
+
+
 def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: int, metric: str = "fit") -> BudgetResult:
-    """Exhaustive search over per-section options, then regulators with the budget left (deterministic).
+    """Exhaustive search over per-section options, regulators, then growth into the budget left (deterministic).
+
+    Costs add up section by section except where plain members of several sections share
+    one master kernel; those are computed exactly for every set of plain sections. Per
+    section, (option, rank) pairs that another pair beats on both sensitivity and size are
+    dropped before the search (they can never be chosen).
 
     Raises:
         PlanError: nothing fits ``target_params``; the smallest reachable size is named.
     """
     n = len(mix.sections)
-    by = {(s.section, s.option): s.sensitivity for s in scores}
-    best: tuple[float, int, tuple[str, ...], Plan] | None = None
-    candidates = feasible = 0
+    by = {(s.section, s.option): s for s in scores}
+    share = [[o for o in BANK_OPTIONS if (k, o) in by] for k in range(1, n + 1)]
+    rank_opts = [["dense", *(r for r in RANK_OPTIONS if (k, r) in by)] for k in range(1, n + 1)]
+    candidates = 1
+    for k in range(n):
+        candidates *= len(share[k]) * len(rank_opts[k])
+    plain_saved: dict[frozenset[int], int] = {}
+    for size in range(n + 1):
+        for secs in itertools.combinations(range(1, n + 1), size):
+            p = compose(mix, plain, ["plain" if k in secs else "free" for k in range(1, n + 1)])
+            plain_saved[frozenset(secs)] = p.saved_params - p.scale_params
+
+    def cost(k: int, o: str) -> tuple[float, int]:
+        s = by.get((k, o))
+        return (s.sensitivity, s.params_saved) if s is not None else (0.0, 0)
+
+    per_section = []
+    for k in range(1, n + 1):
+        pairs = [(cost(k, o)[0] + cost(k, r)[0], (0 if o == "plain" else cost(k, o)[1]) + cost(k, r)[1], o, r)
+                 for o in share[k - 1] for r in rank_opts[k - 1]]  # fmt: skip
+        plain_pairs = [p for p in pairs if p[2] == "plain"]
+        per_section.append(_pareto([p for p in pairs if p[2] != "plain"]) + _pareto(plain_pairs))
+    best: tuple[float, int, tuple[str, ...], tuple[str, ...]] | None = None
+    feasible = 0
     smallest: int | None = None
     ranked: list[tuple[float, int, tuple[str, ...]]] = []
-    for choice in itertools.product(*[[o for o in OPTIONS if (k, o) in by] for k in range(1, n + 1)]):
-        candidates += 1
-        p = compose(mix, plain, choice)
-        smallest = p.params_after if smallest is None else min(smallest, p.params_after)
-        if p.params_after > target_params:
+    for combo in itertools.product(*per_section):
+        plains = frozenset(k for k, c in enumerate(combo, start=1) if c[2] == "plain")
+        params = mix.params_before - sum(c[1] for c in combo) - plain_saved[plains]
+        smallest = params if smallest is None else min(smallest, params)
+        if params > target_params:
             continue
         feasible += 1
-        key = (sum(by[k, o] for k, o in enumerate(choice, start=1)), p.params_after, choice, p)
-        ranked.append((key[0], key[1], choice))
-        if best is None or key[:3] < best[:3]:
+        sens = sum(c[0] for c in combo)
+        choice, ranks = tuple(c[2] for c in combo), tuple(c[3] for c in combo)
+        ranked.append((sens, params, tuple(o if r == "dense" else f"{o}+{r}" for o, r in zip(choice, ranks, strict=True))))
+        key = (sens, params, choice, ranks)
+        if best is None or key < best:
             best = key
     if best is None:
         raise PlanError(
             f"no conversion fits {target_params:,} params: the smallest possible is {smallest:,} "
-            "(every section shared). Raise the target, or prune as well"
+            "(every section shared as far as the search goes). Raise the target, or prune as well"
         )
-    sens, _, choice, p = best
+    sens, _, choice, ranks = best
+    p = compose(mix, plain, choice, ranks=ranks)
     regs: list[int] = []
-    for k in sorted(range(1, n + 1), key=lambda k: (-by[k, choice[k - 1]], k)):
-        if choice[k - 1] == "free":
+    for k in sorted(range(1, n + 1), key=lambda k: (-by[k, choice[k - 1]].sensitivity, k)):
+        if choice[k - 1] not in ("mix", "plain"):
             continue
-        trial = compose(mix, plain, choice, [*regs, k])
+        trial = compose(mix, plain, choice, [*regs, k], ranks)
         if trial.params_after <= target_params and trial.regulators != p.regulators:
             regs.append(k)
             p = trial
-    top = tuple((c, n, s) for s, n, c in sorted(ranked)[:5])
+    section_sens = {k: by[k, choice[k - 1]].sensitivity + cost(k, ranks[k - 1])[0] for k in range(1, n + 1)}
+    p, grown = _grow(p, target_params, section_sens)
+    ranked.sort()
+    top = tuple((c, m, s) for s, m, c in ranked[:5])
+    rank_out = ranks if any(len(opts) > 1 for opts in rank_opts) else ()
     return BudgetResult(p, target_params, metric, choice, tuple(sorted(regs)), sens, tuple(scores), candidates, feasible,
-                        top)  # fmt: skip
+                        top, rank_out, tuple(grown))  # fmt: skip
+
+
+def _grow(p: Plan, target_params: int, section_sens: dict[int, float]) -> tuple[Plan, list[str]]:
+    """Spend what the budget leaves on more filters, most sensitive section first (never over the target).
+
+    The grids are coarse (factors of 2), so the chosen plan can leave much of the budget unused;
+    each step adds about an eighth of a bank's filters (at least one) where it still fits.
+    """
+    groups = list(p.groups)
+    left = target_params - p.params_after
+    order = sorted((i for i, g in enumerate(groups) if g.kind == "bank"),
+                   key=lambda i: (-section_sens.get(groups[i].sections[0] if groups[i].sections else 0, 0.0), i))  # fmt: skip
+    start = {i: groups[i].rank for i in order}
+    while True:
+        for i in order:
+            g = groups[i]
+            site = p.site(g.members[0])
+            d = site.weight_numel // site.out_channels
+            per = d + sum(p.site(m).out_channels for m in g.members)  # one more filter and its coefficients
+            step = min(max(1, g.rank // 8), min(len(g.members) * site.out_channels, d) - g.rank, left // per)
+            if step > 0:
+                groups[i] = _resized(g, g.rank + step)
+                left -= step * per
+                break
+        else:
+            break
+    grown = [f"{groups[i].name}: {start[i]} -> {groups[i].rank} filters" for i in order if groups[i].rank != start[i]]
+    return replace(p, groups=tuple(groups)), grown
+
+
+def _resized(g: Group, k: int) -> Group:
+    name = g.name if len(g.members) == 1 else g.name.rsplit("_bank", 1)[0] + f"_bank{k}x" + "x".join(map(str, g.shape[1:]))
+    return replace(g, name=name, shape=(k, *g.shape[1:]))
 
 
 def resolve_target(params_before: int, target_params: int | None = None, target_ratio: float | None = None,

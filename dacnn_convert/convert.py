@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from .banks import BankSize, BankValue
 from .errors import PlanError, UsageError
-from .fitting import FITS, fit_activations, input_moments
+from .fitting import FITS, fit_activations, fit_bank, input_moments
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
 from .planning import Group, Plan, make_plan
 
@@ -29,12 +32,14 @@ def plan(
     calib_loader: Iterable | None = None,
     calib_batches: int = 8,
     metric: str | None = None,
+    bank_size: BankSize = 0.5,
+    factorize_unshared: BankValue | None = None,
 ) -> Plan:
     """Decide what to share: by ``mode``, or — given a target size — by budget search.
 
     Without a target this is :func:`dacnn_convert.planning.make_plan` (see it for the
     arguments). With ``target_params``, ``target_ratio`` (times smaller) or ``target_bytes``
-    (fp32), :func:`dacnn_convert.budget.search` picks free / mix / plain per section and
+    (fp32), :func:`dacnn_convert.budget.search` picks free / mix / plain / bank per section and
     where regulators go, never exceeding the target; ``mode`` and ``regulators`` are then
     ignored, and ``calib_loader`` makes the search use the ``kl`` sensitivity.
 
@@ -42,7 +47,8 @@ def plan(
         UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
     """
     if target_params is None and target_ratio is None and target_bytes is None:
-        return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules)
+        return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules,
+                         bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
     from .budget import resolve_target, search
     from .planning import unique_params
 
@@ -61,15 +67,36 @@ class Conversion:
     plan: Plan
     fit_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> member -> rel. error
     notes: list[str] = field(default_factory=list)
+    fit_energy: dict[str, float] = field(default_factory=dict)  # bank -> captured (whitened) energy
 
 
 def _act_ready(plan: Plan, group: Group) -> bool:
     """Groups whose members' inputs can be unfolded into patches for the data-aware fit."""
     sites = [plan.site(m) for m in group.members]
+    shape = sites[0].weight_shape if group.kind == "bank" else tuple(group.shape)
     return all(
-        s.weight_shape == tuple(group.shape) and s.groups == 1 and s.padding_mode == "zeros" and not isinstance(s.padding, str)
+        s.weight_shape == shape and s.groups == 1 and s.padding_mode == "zeros" and not isinstance(s.padding, str)
         for s in sites
     )
+
+
+MOMENT_BYTES = 1 << 30  # float64 input moments held at once; more groups take another calibration pass
+
+
+def _chunks(plan: Plan, groups: list[Group], limit: int = MOMENT_BYTES) -> list[list[Group]]:
+    """Consecutive groups whose members' d x d float64 moments fit in ``limit`` bytes together."""
+    out: list[list[Group]] = [[]]
+    used = 0
+    for g in groups:
+        site = plan.site(g.members[0])
+        d = site.weight_numel // site.out_channels
+        need = 8 * d * d * len(g.members)
+        if out[-1] and used + need > limit:
+            out.append([])
+            used = 0
+        out[-1].append(g)
+        used += need
+    return out
 
 
 def convert(
@@ -78,6 +105,8 @@ def convert(
     init: str | None = None,
     calib_loader: Iterable | None = None,
     calib_batches: int = 100,
+    *,
+    moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Conversion:
     """Return a converted deep copy of ``model`` following ``plan``; ``model`` is untouched.
 
@@ -89,11 +118,17 @@ def convert(
         calib_loader: batches of (images, labels) for ``init="act"``: the anchor is fitted to
             the inputs each member actually sees (the original model is run on them); for
             ``"act-seq"`` to the inputs it sees in the student converted so far, matching the
-            original's outputs (one pass over the batches per group).
+            original's outputs (one pass over the batches per group). Banks are fitted by
+            whitened SVD (:func:`dacnn_convert.fitting.fit_bank`); without data, by the SVD of
+            the kernels.
         calib_batches: how many batches of ``calib_loader`` to use.
+        moments: input moments of the original model's convs, as
+            :func:`dacnn_convert.fitting.input_moments` returns them, to reuse across many
+            conversions of one model (the budget search); replaces passes over ``calib_loader``.
 
     Raises:
         PlanError: a planned conv is missing or has another shape in ``model``.
+        UsageError: a data-aware init without calibration data.
     """
     init = plan.init if init is None else init
     sequential = init == "act-seq"
@@ -113,73 +148,146 @@ def convert(
             )
     if hasattr(student, BANK_NAME):
         raise PlanError("the model is already anchored; convert the original model instead")
+    data_aware = init in ("act", "act-seq")
+    if data_aware and calib_loader is None and moments is None:
+        raise UsageError(f"init {init!r} fits anchors to real inputs: pass calib_loader=... (CLI: --dataset)")
 
     bank = AnchorBank({g.name: g.shape for g in plan.groups})
-    regs = {r.host: r for r in plan.regulators}
-    errors: dict[str, dict[str, float]] = {}
-    notes: list[str] = []
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    data_aware = init in ("act", "act-seq")
-    if data_aware and calib_loader is None:
-        raise UsageError(f"init {init!r} fits anchors to real inputs: pass calib_loader=... (CLI: --dataset)")
-    if init == "act":
-        ready = [m for g in plan.groups if _act_ready(plan, g) for m in g.members]
-        moments = input_moments(model, ready, calib_loader, calib_batches)  # type: ignore[arg-type]
-    for g in sorted(plan.groups, key=lambda g: min(plan.site(m).order for m in g.members)):
-        weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
-        if sequential and _act_ready(plan, g):
-            # inputs as the student, converted up to here, feeds them (GPTQ-style, layer by layer)
-            moments = input_moments(model, list(g.members), calib_loader, calib_batches, student=student)  # type: ignore[arg-type]
-        if init == "none":
-            fit = None
-        elif data_aware and all(m in moments for m in g.members):
-            fit = fit_activations(weights, [moments[m] for m in g.members])
-        else:
-            if data_aware:
-                notes.append(f"{g.name}: members differ in shape or padding; weight-space fit used instead of {init}")
-            fit = FITS["fit" if data_aware else init](weights, g.shape)
-        if fit is not None:
-            errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
-        with torch.no_grad():
-            if fit is not None:
-                getattr(bank, g.name).copy_(fit.anchor)
-        for i, name in enumerate(g.members):
-            site = plan.site(name)
-            old: nn.Conv2d = originals[name]  # type: ignore[assignment]
-            scale = fit.scales[i] if fit is not None else None
-            reg = regs.get(name)
-            new = AnchoredConv2d(
-                bank,
-                g.name,
-                site.in_channels,
-                site.out_channels,
-                site.kernel_size,
-                site.stride,
-                site.padding,
-                site.dilation,
-                site.groups,
-                bias=site.bias,
-                padding_mode=site.padding_mode,
-                scale=plan.has_scale(name),
-                regulator=Regulator(reg.in_channels, reg.out_channels, reg.stride, plan.regulator_style == "adapter")
-                if reg
-                else None,
-                regulator_style=plan.regulator_style,
-            ).to(old.weight.device)
-            with torch.no_grad():
-                bias = old.bias.detach().clone() if old.bias is not None else None
-                if scale is not None and site.bn is not None:
-                    _fold_into_bn(modules[site.bn], scale)  # type: ignore[arg-type]
-                    if bias is not None:
-                        bias = bias / _safe(scale)
-                elif scale is not None and new.scale is not None:
-                    new.scale.copy_(scale)  # type: ignore[union-attr]
-                if bias is not None:
-                    new.bias.copy_(bias)  # type: ignore[union-attr]
-            _set(student, name, new)
+    conversion = Conversion(student, plan)
+    ordered = sorted(plan.groups, key=lambda g: min(plan.site(m).order for m in g.members))
+    chunks = [ordered] if not data_aware or sequential or moments is not None else _chunks(plan, ordered)
+    for chunk in chunks:
+        found: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = moments or {}
+        if init == "act" and moments is None:  # one calibration pass per chunk of groups, memory bounded
+            ready = [m for g in chunk if _act_ready(plan, g) for m in g.members]
+            found = input_moments(model, ready, calib_loader, calib_batches)  # type: ignore[arg-type]
+        for g in chunk:
+            if sequential and _act_ready(plan, g):
+                # inputs as the student, converted up to here, feeds them (GPTQ-style, layer by layer)
+                found = input_moments(model, list(g.members), calib_loader, calib_batches, student=student)  # type: ignore[arg-type]
+            ready = data_aware and _act_ready(plan, g) and all(m in found for m in g.members)
+            use = [found[m] for m in g.members] if ready else None
+            if data_aware and use is None:
+                conversion.notes.append(f"{g.name}: members differ in shape or padding; weight-space fit used instead of {init}")
+            convert_group = _convert_bank if g.kind == "bank" else _convert_anchor
+            convert_group(originals, modules, student, bank, plan, g, init, use, conversion, sequential)
+        del found
     student.add_module(BANK_NAME, bank.to(_device(model)))
     setattr(student, PLAN_ATTR, plan)
-    return Conversion(student, plan, errors, notes)
+    return conversion
+
+
+def _convert_anchor(
+    originals: dict[str, nn.Module],
+    modules: dict[str, nn.Module],
+    student: nn.Module,
+    bank: AnchorBank,
+    plan: Plan,
+    g: Group,
+    init: str,
+    moments: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    conversion: Conversion,
+    sequential: bool,
+) -> None:
+    """Fit one shared (sliced) anchor and swap its members for :class:`AnchoredConv2d`."""
+    weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
+    if init == "none":
+        fit = None
+    elif moments is not None:
+        fit = fit_activations(weights, moments)
+    else:
+        fit = FITS["fit" if init in ("act", "act-seq") else init](weights, g.shape)
+    if fit is not None:
+        conversion.fit_errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
+        with torch.no_grad():
+            getattr(bank, g.name).copy_(fit.anchor)
+    regs = {r.host: r for r in plan.regulators}
+    for i, name in enumerate(g.members):
+        site = plan.site(name)
+        old: nn.Conv2d = originals[name]  # type: ignore[assignment]
+        scale = fit.scales[i] if fit is not None else None
+        new = _anchored(bank, g, site, plan, regs.get(name)).to(old.weight.device)
+        with torch.no_grad():
+            bias = old.bias.detach().clone() if old.bias is not None else None
+            if scale is not None and site.bn is not None:
+                _fold_into_bn(modules[site.bn], scale)  # type: ignore[arg-type]
+                if bias is not None:
+                    bias = bias / _safe(scale)
+            elif scale is not None and new.scale is not None:
+                new.scale.copy_(scale)  # type: ignore[union-attr]
+            if bias is not None:
+                new.bias.copy_(bias)  # type: ignore[union-attr]
+        _set(student, name, new)
+
+
+def _convert_bank(
+    originals: dict[str, nn.Module],
+    modules: dict[str, nn.Module],
+    student: nn.Module,
+    bank: AnchorBank,
+    plan: Plan,
+    g: Group,
+    init: str,
+    moments: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    conversion: Conversion,
+    sequential: bool,
+) -> None:
+    """Fit one filter bank (whitened SVD) and swap its members for banked :class:`AnchoredConv2d`."""
+    weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
+    fit = None
+    if init not in ("none", "random"):
+        if moments is not None and sequential:
+            # match the original's outputs on the student's inputs: W_l T S^T (S S^T)^-1 is the map to fit
+            targets = [_seq_target(w, h, c) for w, (h, c) in zip(weights, moments, strict=True)]
+            fit = fit_bank(targets, g.rank, [h for h, _ in moments])
+        else:
+            fit = fit_bank(weights, g.rank, [h for h, _ in moments] if moments is not None else None)
+        conversion.fit_errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
+        conversion.fit_energy[g.name] = fit.energy
+        with torch.no_grad():
+            getattr(bank, g.name).copy_(fit.bank)
+    elif init == "random":
+        torch.nn.init.kaiming_uniform_(getattr(bank, g.name).data, a=math.sqrt(5))
+    regs = {r.host: r for r in plan.regulators}
+    for i, name in enumerate(g.members):
+        old: nn.Conv2d = originals[name]  # type: ignore[assignment]
+        new = _anchored(bank, g, plan.site(name), plan, regs.get(name)).to(old.weight.device)
+        with torch.no_grad():
+            if fit is not None:
+                new.coeff.weight.copy_(fit.coefficients[i].view_as(new.coeff.weight))  # type: ignore[union-attr]
+            if old.bias is not None:
+                new.bias.copy_(old.bias.detach())  # type: ignore[union-attr]
+        _set(student, name, new)
+
+
+def _seq_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """W C H^-1: the kernel that best maps the student's patches to the original's outputs."""
+    eye = torch.eye(h.shape[0], dtype=torch.float64) * ridge * float(h.diagonal().mean())
+    flat = w.reshape(w.shape[0], -1).double() @ c.double()
+    return torch.linalg.solve(h.double() + eye, flat.T).T.reshape(w.shape).float()
+
+
+def _anchored(bank: AnchorBank, g: Group, site: Any, plan: Plan, reg: Any) -> AnchoredConv2d:
+    """The module that replaces ``site``: its conv attributes, its anchor, its regulator."""
+    return AnchoredConv2d(
+        bank,
+        g.name,
+        site.in_channels,
+        site.out_channels,
+        site.kernel_size,
+        site.stride,
+        site.padding,
+        site.dilation,
+        site.groups,
+        bias=site.bias,
+        padding_mode=site.padding_mode,
+        scale=plan.has_scale(site.name),
+        regulator=Regulator(reg.in_channels, reg.out_channels, reg.stride, plan.regulator_style == "adapter")
+        if reg
+        else None,
+        regulator_style=plan.regulator_style,
+        coefficients=g.rank if g.kind == "bank" else None,
+    )
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -226,13 +334,17 @@ def anchor(
     leaf_modules: Sequence[type[nn.Module]] = (),
     calib_loader: Iterable | None = None,
     calib_batches: int = 100,
+    *,
+    bank_size: BankSize = 0.5,
+    factorize_unshared: BankValue | None = None,
 ) -> nn.Module:
     """Convert ``model`` into a deep anchored CNN in one call: plan, then apply.
 
     Args:
         model: any fx-traceable ``nn.Module``; it is left untouched.
         mode: ``mix`` (share per stage and configuration, the paper's mixed DACNN),
-            ``plain`` (one network-wide sliced kernel), ``sharesnet`` or ``none``.
+            ``plain`` (one network-wide sliced kernel), ``bank`` (the groups of ``mix``
+            share k filters, each member keeps a 1x1 coefficient conv), ``sharesnet`` or ``none``.
         regulators: ``none``, ``all`` or 1-based section numbers, e.g. ``"1,3"``.
         regulator_style: ``adapter`` (parallel, function-preserving) or ``paper`` (series).
         init: anchor initialisation: ``fit`` (least squares with scales folded into BN),
@@ -243,6 +355,10 @@ def anchor(
         calib_loader: batches of (images, labels); when given, ``init`` defaults to ``act``
             (anchors fitted to the inputs each layer sees) instead of ``fit``.
         calib_batches: how many batches of ``calib_loader`` to use.
+        bank_size: filters per bank for ``mode="bank"``: an integer, a fraction of C_out
+            or per section (``"1:1.0,2:0.5,4:0.125"``); see :mod:`dacnn_convert.banks`.
+        factorize_unshared: rank (integer or fraction of C_out) of a low-rank factorisation
+            of every conv that shares with nothing; None keeps them dense.
 
     Returns:
         A copy of ``model`` (same class, same names for untouched modules) whose
@@ -254,5 +370,6 @@ def anchor(
     """
     if init is None:
         init = "act" if calib_loader is not None else "fit"
-    p = plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules)
+    p = plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules,
+             bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
     return convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model

@@ -13,6 +13,7 @@ of different shapes (``plain`` mode slices) are fitted by alternating least squa
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -203,8 +204,14 @@ def input_moments(
     batches: Iterable,
     num_batches: int,
     student: torch.nn.Module | None = None,
+    max_rows: int | None = 16384,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per named conv, (H, C): second moments of the input patches it sees, and the cross term.
+
+    Sums are kept in float64. At most ``max_rows`` patch positions per batch and conv are
+    used (a fixed, seeded sample, the same for teacher and student): at 224 px an early
+    stage has ~3,000 positions per image, far more than a d x d moment needs, and the
+    products dominate the cost.
 
     Without ``student``, H = C = sum x x^T over the patches ``model`` feeds the conv. With a
     (partially converted) ``student`` holding convs of the same names, H = sum s s^T over the
@@ -216,10 +223,18 @@ def input_moments(
     student_mods = dict(student.named_modules()) if student is not None else teacher_mods
     latest: dict[str, torch.Tensor] = {}
     sums: dict[str, list[torch.Tensor]] = {}
+    calls: dict[tuple[str, bool], int] = {}
+
+    def sample(name: str, p: torch.Tensor, side: bool) -> torch.Tensor:
+        i = calls[name, side] = calls.get((name, side), -1) + 1
+        if max_rows is None or p.shape[0] <= max_rows:
+            return p
+        gen = torch.Generator().manual_seed(i * 7919 + names.index(name))
+        return p[torch.randperm(p.shape[0], generator=gen)[:max_rows].to(p.device)]
 
     def teacher_hook(name: str) -> Callable:
         def fn(m: torch.nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            t = _patches(m, inp[0])
+            t = sample(name, _patches(m, inp[0]), False)
             if student is None:
                 _accumulate(sums, name, t, t)
             else:
@@ -229,7 +244,7 @@ def input_moments(
 
     def student_hook(name: str) -> Callable:
         def fn(m: torch.nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            _accumulate(sums, name, _patches(m, inp[0]), latest.pop(name))
+            _accumulate(sums, name, sample(name, _patches(m, inp[0]), True), latest.pop(name))
 
         return fn
 
@@ -242,22 +257,28 @@ def input_moments(
         for h in handles:
             h.remove()
     out = {}
-    for name, (h, c) in sums.items():
-        norm = h.double().diagonal().mean().clamp_min(1e-12)
-        out[name] = (h.double() / norm, c.double() / norm)
+    for name in list(sums):
+        h, c = sums.pop(name)
+        norm = h.diagonal().mean().clamp_min(1e-12)
+        hn = h.div_(norm)
+        out[name] = (hn, hn if c is h else c.div_(norm))
     return out
 
 
 def _accumulate(sums: dict[str, list[torch.Tensor]], name: str, s: torch.Tensor, t: torch.Tensor) -> None:
-    """sums[name] += (s^T s, t^T s), reusing one buffer when s is t."""
+    """sums[name] += (s^T s, t^T s) in float64, reusing one buffer when s is t.
+
+    Each batch's product is formed in float32 (fast) and added to a float64 sum, so that
+    rounding does not grow with the number of batches.
+    """
     if name not in sums:
-        h = s.T @ s
-        sums[name] = [h, h if t is s else t.T @ s]
+        h = (s.T @ s).double()
+        sums[name] = [h, h if t is s else (t.T @ s).double()]
         return
     h, c = sums[name]
-    h.addmm_(s.T, s)
+    h += s.T @ s
     if c is not h:
-        c.addmm_(t.T, s)
+        c += t.T @ s
 
 
 def fit_activations(
@@ -299,3 +320,93 @@ def fit_activations(
     out_anchor = anchor.reshape(shape).float()
     out_scales: list[torch.Tensor | None] = [a.float() for a in scales]
     return Fit(out_anchor, out_scales, _errors(weights, out_anchor, out_scales))
+
+
+@dataclass
+class BankFit:
+    """A filter bank, each member's 1x1 coefficients, and how well they reproduce the members.
+
+    Attributes:
+        bank: (k, C_in, kh, kw), the shared filters.
+        coefficients: per member, (C_out, k).
+        energy: the fraction of the (whitened) stacked kernels' energy the k filters capture.
+        errors: per member, the relative output error ||(W_l - C_l B) X_l|| / ||W_l X_l|| on the
+            calibration inputs X_l (without data: the relative weight error).
+    """
+
+    bank: torch.Tensor
+    coefficients: list[torch.Tensor]
+    energy: float
+    errors: list[float]
+
+
+def _top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_k Sigma_k, V_k^T, all singular values) of ``a`` from the eigendecomposition of its smaller Gram matrix.
+
+    Several times faster than a full SVD on CPU for the wide (n C_out x C_in kh kw) matrices of a
+    bank; in float64 the squared condition number costs nothing in the leading components, and
+    C B = U_k U_k^T a (or a V_k V_k^T) stays an exact projection, so full rank reproduces ``a``.
+    """
+    rows, cols = a.shape
+    k = min(k, rows, cols)
+    if rows <= cols:
+        evals, vecs = torch.linalg.eigh(a @ a.T)
+        u = vecs[:, -k:].flip(1)  # leading first
+        return u * 1.0, u.T @ a, evals.flip(0).clamp_min(0).sqrt()
+    evals, vecs = torch.linalg.eigh(a.T @ a)
+    v = vecs[:, -k:].flip(1)
+    return a @ v, v.T * 1.0, evals.flip(0).clamp_min(0).sqrt()
+
+
+def fit_bank(
+    weights: list[torch.Tensor],
+    k: int,
+    moments: list[torch.Tensor] | None = None,
+    ridge: float = 1e-3,
+) -> BankFit:
+    """Closed-form bank B and coefficients C_l minimising sum_l ||(W_l - C_l B) X_l||^2, whitened.
+
+    Basis Sharing (Wang et al. 2024) with SVD-LLM's whitening, applied to convolutions: with
+    H = sum_l H_l + ridge * mean(diag) * I, H_l the second moments of member l's input patches
+    (each normalised to mean eigenvalue 1, as :func:`input_moments` returns them) and
+    S = cholesky(H), take the truncated SVD  [W_1; ...; W_n] S = U Sigma V^T; then
+    C = U_k Sigma_k (split by member) and B = V_k^T S^-1. Without ``moments``, S = I: the
+    best rank-k fit of the kernels themselves. Everything is solved in float64; each bank
+    filter is rescaled to the members' mean filter norm (the coefficients absorb it) so that
+    both factors train at the scale of the original kernels.
+
+    With k = min(n * C_out, C_in * kh * kw) the members are reproduced exactly.
+    """
+    shape = tuple(weights[0].shape)
+    co = [w.shape[0] for w in weights]
+    d = int(torch.tensor(shape[1:]).prod())
+    m = torch.cat([w.reshape(w.shape[0], -1).double() for w in weights])  # (sum co, d)
+    if moments is not None:
+        h = sum(hl.double() for hl in moments)
+        h = h + ridge * float(h.diagonal().mean()) * torch.eye(d, dtype=torch.float64)
+        s = torch.linalg.cholesky(h)
+    else:
+        s = None
+    ms = m @ s if s is not None else m
+    c, b, sigma = _top_singular(ms, k)
+    k = c.shape[1]
+    if s is not None:  # B = V_k^T S^-1, i.e. S^T B^T = V_k
+        b = torch.linalg.solve_triangular(s.T, b.T, upper=True).T
+    target = m.norm(dim=1).mean().clamp_min(1e-12)
+    r = b.norm(dim=1).clamp_min(1e-30) / target
+    b, c = b / r[:, None], c * r[None, :]
+    energy = float(sigma[:k].pow(2).sum() / sigma.pow(2).sum().clamp_min(1e-300))
+    approx = c @ b
+    offsets = [0, *itertools.accumulate(co)]
+    bounds = list(zip(offsets[:-1], offsets[1:], strict=True))
+    errors = []
+    for i, (lo, hi) in enumerate(bounds):
+        e, w = m[lo:hi] - approx[lo:hi], m[lo:hi]
+        if moments is not None:
+            hl = moments[i].double()
+            num, den = ((e @ hl) * e).sum(), ((w @ hl) * w).sum()
+        else:
+            num, den = e.pow(2).sum(), w.pow(2).sum()
+        errors.append(float((num.clamp_min(0) / den).sqrt()) if den > 0 else 0.0)
+    coeffs = [c[lo:hi].float().contiguous() for lo, hi in bounds]
+    return BankFit(b.reshape(k, *shape[1:]).float().contiguous(), coeffs, energy, errors)

@@ -59,6 +59,10 @@ class AnchoredConv2d(nn.Module):
     Computes ``conv(x, W_G[:c_out, :c_in]) * scale + bias`` — ``scale`` only exists when a
     ``fit`` initialisation could not be folded into a following BatchNorm — then the
     regulator: added in parallel (``adapter``) or applied in series (``paper``).
+    With ``coefficients=k`` the anchor is a filter bank B (k x C_in x kh x kw) and the conv
+    computes ``coeff(conv(x, B))`` with its own 1x1 ``coeff`` (C_out x k): the paper's anchor
+    and serial regulator, linear (:mod:`dacnn_convert.banks`). In eval mode without autograd
+    it applies the merged kernel ``coeff @ B`` instead when that costs fewer MACs.
     It keeps nn.Conv2d's attribute names so code that reads them keeps working.
     """
 
@@ -78,6 +82,7 @@ class AnchoredConv2d(nn.Module):
         scale: bool = False,
         regulator: Regulator | None = None,
         regulator_style: str = "adapter",
+        coefficients: int | None = None,
     ) -> None:
         super().__init__()
         # A plain attribute, not a submodule: the bank is registered once, at the root.
@@ -93,12 +98,32 @@ class AnchoredConv2d(nn.Module):
         self.scale = nn.Parameter(torch.ones(out_channels)) if scale else None
         self.regulator = regulator
         self.regulator_style = regulator_style
+        self.coeff = nn.Conv2d(coefficients, out_channels, 1, bias=False) if coefficients is not None else None
 
     @property
     def weight(self) -> torch.Tensor:
-        """The kernel this conv applies: a view of the shared anchor."""
+        """The kernel this conv applies: a view of the shared anchor, or ``coeff @ bank`` for a bank."""
         full = getattr(self._bank, self.anchor)
+        if self.coeff is not None:
+            return torch.einsum("ok,kchw->ochw", self.coeff.weight[:, :, 0, 0], full)
         return full[: self.out_channels, : self.in_channels // self.groups]
+
+    @property
+    def merged_is_cheaper(self) -> bool:
+        """For a bank: one conv with ``coeff @ B`` costs fewer MACs than the bank conv then the 1x1."""
+        if self.coeff is None:
+            return False
+        k = self.coeff.in_channels
+        d = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        return self.out_channels * d <= k * d + self.out_channels * k
+
+    def macs_per_position(self) -> int:
+        """Multiply-accumulates per output position of the path inference takes."""
+        d = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        if self.coeff is None or self.merged_is_cheaper:
+            return self.out_channels * d
+        k = self.coeff.in_channels
+        return k * d + self.out_channels * k
 
     def _inference_kernel(self) -> torch.Tensor:
         """The kernel, made contiguous once per anchor version when that saves a copy per call.
@@ -122,14 +147,30 @@ class AnchoredConv2d(nn.Module):
         self.__dict__["_dense"] = (key, w.contiguous())  # a plain attribute: never in state_dict or on disk
         return self.__dict__["_dense"][1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if torch.jit.is_scripting() else self._inference_kernel()
+    def _bank_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``coeff(conv(x, B))``, or one conv with the merged kernel (cached) at inference when cheaper."""
+        full = getattr(self._bank, self.anchor)
+        inference = not (self.training or torch.is_grad_enabled() or torch.jit.is_scripting() or _exporting())
+        if inference and self.merged_is_cheaper:
+            key = (full.data_ptr(), full._version, self.coeff.weight.data_ptr(), self.coeff.weight._version)
+            cached = self.__dict__.get("_dense")
+            if cached is None or cached[0] != key:
+                self.__dict__["_dense"] = cached = (key, self.weight.contiguous())
+            return self._conv(x, cached[1])
+        return self.coeff(self._conv(x, full))
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            y = F.conv2d(
+            return F.conv2d(
                 F.pad(x, self._reversed_padding, mode=self.padding_mode), w, None, self.stride, 0, self.dilation, self.groups
             )
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.coeff is not None:
+            y = self._bank_forward(x)
         else:
-            y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+            y = self._conv(x, self.weight if torch.jit.is_scripting() else self._inference_kernel())
         if self.scale is not None:
             y = y * self.scale.view(1, -1, 1, 1)
         if self.bias is not None:
@@ -143,5 +184,5 @@ class AnchoredConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"anchor={self.anchor!r}"
+            f"anchor={self.anchor!r}" + (f", bank={self.coeff.in_channels}" if self.coeff is not None else "")
         )

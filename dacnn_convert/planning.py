@@ -15,7 +15,12 @@ Modes (paper section 3, "Weights Sharing" and "Mixed Architecture"):
   ``W[:c_out, :c_in]``. The conv fed by the image stays free (the paper's eq. 2).
 * ``sharesnet`` — only the second conv of each residual block is shared per stage
   (Boulch 2017).
+* ``bank`` — the groups of ``mix``, each sharing a bank of k filters with a free 1x1
+  coefficient conv per member (see :mod:`dacnn_convert.banks`); ``bank_size`` sets k.
 * ``none`` — nothing shared (a baseline that round-trips through the tool).
+
+With any mode, ``factorize_unshared`` replaces each conv that shares with nothing by a
+low-rank pair (a bank of one member).
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from typing import Any
 
 from torch import nn
 
+from .banks import BankSize, BankValue, bank_params, bankable, check_sections, factorizable, parse_bank_size, resolve_rank
 from .errors import PlanError, UsageError, choose
 from .graph import ConvSite, analyze
 
 MODES: dict[str, Callable[[list[ConvSite]], list[list[ConvSite]]]] = {}
 INITS = ("fit", "act", "act-seq", "mean", "first", "random")
 REGULATOR_STYLES = ("adapter", "paper")
+GROUP_KINDS = ("anchor", "bank")
 
 
 def register_mode(name: str) -> Callable:
@@ -61,6 +68,11 @@ def _mix(sites: list[ConvSite]) -> list[list[ConvSite]]:
     return _by_key(_candidates(sites), lambda s: (s.out_size, s.config))
 
 
+@register_mode("bank")
+def _bank(sites: list[ConvSite]) -> list[list[ConvSite]]:
+    return _mix(sites)  # the same groups; make_plan turns them into banks
+
+
 @register_mode("sharesnet")
 def _sharesnet(sites: list[ConvSite]) -> list[list[ConvSite]]:
     second = [s for s in _candidates(sites) if s.block is not None and s.depth_in_block == 2]
@@ -84,13 +96,28 @@ def _none(sites: list[ConvSite]) -> list[list[ConvSite]]:
 
 @dataclass(frozen=True)
 class Group:
-    """One anchored kernel and the convs that use it."""
+    """One anchored tensor and the convs that use it.
+
+    ``kind="anchor"``: members use the leading slice ``W[:c_out, :c_in]`` of one kernel.
+    ``kind="bank"``: ``shape`` is (k, C_in, kh, kw), k shared filters; each member adds its
+    own 1x1 coefficient conv (C_out x k). A bank with one member is a low-rank conv.
+    """
 
     name: str  # parameter name inside the model's ``dacnn_anchors`` module
     members: tuple[str, ...]
     shape: tuple[int, int, int, int]  # the anchor's shape; members use its leading slice
     resolution: tuple[int, int] | None  # output (H, W) of the stage, None for network-wide
     sections: tuple[int, ...]  # 1-based sections its members live in
+    kind: str = "anchor"
+
+    def __post_init__(self) -> None:
+        if self.kind not in GROUP_KINDS:
+            raise PlanError(f"group {self.name!r} has kind {self.kind!r}; expected one of: {', '.join(GROUP_KINDS)}")
+
+    @property
+    def rank(self) -> int:
+        """Filters in a bank (its first dimension)."""
+        return self.shape[0]
 
 
 @dataclass(frozen=True)
@@ -154,11 +181,13 @@ class Plan:
     @property
     def saved_params(self) -> int:
         """Kernel parameters removed by sharing: members' kernels minus one anchor each."""
-        saved = 0
-        for g in self.groups:
-            co, ci, kh, kw = g.shape
-            saved += sum(self.site(m).weight_numel for m in g.members) - co * ci * kh * kw
-        return saved
+        return sum(sum(self.site(m).weight_numel for m in g.members) - self.group_params(g) for g in self.groups)
+
+    def group_params(self, group: Group) -> int:
+        """Parameters a group stores: its anchor, plus every member's 1x1 coefficients for a bank."""
+        co, ci, kh, kw = group.shape
+        coeff = sum(self.site(m).out_channels for m in group.members) * co if group.kind == "bank" else 0
+        return co * ci * kh * kw + coeff
 
     @property
     def regulator_params(self) -> int:
@@ -166,7 +195,8 @@ class Plan:
 
     def has_scale(self, name: str) -> bool:
         """A ``fit``-initialised member with no BatchNorm to fold into keeps its own channel scales."""
-        return self.init in ("fit", "act", "act-seq") and self.group_of(name) is not None and self.site(name).bn is None
+        g = self.group_of(name)
+        return self.init in ("fit", "act", "act-seq") and g is not None and g.kind == "anchor" and self.site(name).bn is None
 
     @property
     def scale_params(self) -> int:
@@ -205,6 +235,7 @@ class Plan:
                         shape=tuple(g["shape"]),  # type: ignore[arg-type]
                         resolution=tuple(g["resolution"]) if g["resolution"] is not None else None,  # type: ignore[arg-type]
                         sections=tuple(g["sections"]),
+                        kind=str(g.get("kind", "anchor")),
                     )
                     for g in data["groups"]
                 ),
@@ -276,12 +307,15 @@ def make_plan(
     init: str = "fit",
     input_size: tuple[int, int, int] = (3, 224, 224),
     leaf_modules: Sequence[type[nn.Module]] = (),
+    *,
+    bank_size: BankSize = 0.5,
+    factorize_unshared: BankValue | None = None,
 ) -> Plan:
     """Analyse ``model`` and decide what to share; the model is not modified.
 
     Args:
         model: the network to convert.
-        mode: ``mix``, ``plain``, ``sharesnet`` or ``none`` (see module docstring).
+        mode: ``mix``, ``plain``, ``bank``, ``sharesnet`` or ``none`` (see module docstring).
         regulators: ``none``, ``all`` or 1-based section numbers (``"1,3"`` or ``[1, 3]``).
         regulator_style: ``adapter`` (parallel, zero-initialised: the function is
             unchanged at step 0) or ``paper`` (in series after the anchored conv).
@@ -289,9 +323,16 @@ def make_plan(
             calibration data), ``mean``, ``first``, ``random``.
         input_size: (C, H, W) of one example, used for shape propagation.
         leaf_modules: module types fx must not trace into.
+        bank_size: for ``mode="bank"``, filters per bank: an integer k, a fraction of C_out
+            (``0.25``), or per section (``"1:1.0,2:0.5,4:0.125"``, ``{1: 1.0, 4: 0.125}``);
+            sections given no size stay free.
+        factorize_unshared: rank (an integer, or a fraction of C_out) of a low-rank
+            factorisation for every conv that shares with nothing in ``mode`` (not the
+            conv fed by the image); None keeps them dense.
 
     Raises:
-        UsageError: unknown mode, init, style, or a regulator section out of range.
+        UsageError: unknown mode, init, style, a regulator or bank section out of range,
+            a bank size that is not positive or above what its group can use.
         TraceError, PlanError: the model cannot be traced or run on ``input_size``.
     """
     choose("mode", mode, MODES)
@@ -311,6 +352,8 @@ def make_plan(
     )
     section_of = {r: i + 1 for i, r in enumerate(resolutions)}
     groups = []
+    if mode == "bank":
+        groups_sites = _banks(groups_sites, parse_bank_size(bank_size), section_of, groups, notes)
     for i, members in enumerate(groups_sites):
         co = max(s.weight_shape[0] for s in members)
         ci = max(s.weight_shape[1] for s in members)
@@ -327,6 +370,9 @@ def make_plan(
                 sections=tuple(sorted({section_of[s.out_size] for s in members})),
             )
         )
+    if factorize_unshared is not None:
+        grouped = {s.name for g in MODES[mode](sites) for s in g}
+        groups += _low_rank([s for s in sites if s.name not in grouped], factorize_unshared, section_of, notes)
     if not groups:
         notes.append(f"no two convs can share a kernel in mode {mode!r}: the model is unchanged (ratio 1.0)")
     chosen = parse_regulators(regulators, len(resolutions))
@@ -345,6 +391,56 @@ def make_plan(
     )
 
 
+def _banks(
+    groups_sites: list[list[ConvSite]],
+    spec: Any,
+    section_of: dict[tuple[int, int], int],
+    out: list[Group],
+    notes: list[str],
+) -> list[list[ConvSite]]:
+    """Append a bank :class:`Group` per share group whose section has a size; return the groups left to anchor (none)."""
+    check_sections(spec, len(section_of))  # every section holds a group: sections are where groups are
+    for members in groups_sites:
+        section = section_of[members[0].out_size]
+        value = spec.value(section)
+        if value is None:
+            continue
+        if not bankable(members):
+            notes.append(f"{members[0].name} and {len(members) - 1} other(s) stay free: a bank needs dense convs (groups=1)")
+            continue
+        out.append(bank_group(members, resolve_rank(value, members[0], len(members)), section, len(out)))
+    return []
+
+
+def bank_group(members: Sequence[ConvSite], k: int, section: int | None, index: int | str) -> Group:
+    """The :class:`Group` of a bank of ``k`` filters for ``members`` (one member: a low-rank conv)."""
+    _, ci, kh, kw = members[0].weight_shape
+    name = f"lr_{members[0].name.replace('.', '_')}" if len(members) == 1 else f"g{index}_s{section}_bank{k}x{ci}x{kh}x{kw}"
+    return Group(name, tuple(s.name for s in members), (k, ci, kh, kw), members[0].out_size,
+                 (section,) if section else (), "bank")  # fmt: skip
+
+
+def _low_rank(
+    sites: list[ConvSite], value: BankValue, section_of: dict[tuple[int, int], int], notes: list[str]
+) -> list[Group]:
+    """A one-member bank (a low-rank pair) for each conv in ``sites`` that it makes smaller."""
+    from .banks import check_value
+
+    check_value(value, "factorize_unshared rank")
+    out = []
+    for s in sites:
+        if not factorizable(s):
+            continue
+        r = resolve_rank(value, s, 1, "factorize_unshared rank")
+        if bank_params(s, 1, r) >= s.weight_numel:
+            notes.append(f"{s.name} stays dense: rank {r} would not make it smaller ({bank_params(s, 1, r):,} >= {s.weight_numel:,})")
+            continue
+        out.append(bank_group([s], r, section_of.get(s.out_size), 0))
+    if not out:
+        notes.append("factorize_unshared: no conv that shares with nothing can be factorised smaller; nothing changed")
+    return out
+
+
 def _place_regulators(
     sites: list[ConvSite],
     groups: list[Group],
@@ -354,10 +450,10 @@ def _place_regulators(
     notes: list[str],
 ) -> list[RegulatorSpec]:
     """One regulator per residual block (on its last anchored conv), or per anchored conv outside blocks."""
-    anchored = {m for g in groups for m in g.members}
+    anchored = {m for g in groups if len(g.members) > 1 for m in g.members}  # not low-rank single convs
     hosts: dict[str, ConvSite] = {}
     for s in sites:  # execution order: a later conv in the same block replaces the earlier host
-        if s.name not in anchored or section_of[s.out_size] not in chosen:
+        if s.name not in anchored or section_of.get(s.out_size) not in chosen:
             continue
         if style == "adapter" and not _one_by_one_fits(s):
             notes.append(f"no adapter regulator on {s.name}: a 1x1 conv cannot match its output size")

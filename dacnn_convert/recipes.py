@@ -42,6 +42,8 @@ class Recipe:
     mode: str = "mix"
     regulators: str = "none"
     regulator_style: str = "adapter"
+    bank_size: str = "0.5"
+    factorize_unshared: str | None = None
     init: str | None = None
     dataset: str | None = None
     epochs: int = 1

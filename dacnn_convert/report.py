@@ -26,12 +26,16 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
 
     Counts convolutions (anchored or not) and linear layers, the usual convention;
     anchoring shares weights but computes the same convolutions, so MACs only grow by
-    the regulators. The model is run in eval mode and its mode is restored.
+    the regulators — except filter banks, counted as the path their inference takes
+    (bank conv + 1x1 coefficients when that is cheaper than the merged kernel). The model is run in eval mode and its mode is restored.
     """
     total = 0
 
     def conv_hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         nonlocal total
+        if isinstance(m, AnchoredConv2d):  # a filter bank computes fewer MACs than its merged kernel
+            total += out.shape[2] * out.shape[3] * m.macs_per_position()
+            return
         kh, kw = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
         total += out.shape[2] * out.shape[3] * m.out_channels * (m.in_channels // m.groups) * kh * kw
 
@@ -92,7 +96,8 @@ class GroupRow:
     params_before: int
     params_after: int
     max_fit_error: float | None
-    fit_errors: tuple[tuple[str, float], ...] = ()  # (member, ||W_l - a_l W_G|| / ||W_l||)
+    fit_errors: tuple[tuple[str, float], ...] = ()  # (member, ||W_l - a_l W_G|| / ||W_l||; banks: output error)
+    energy: float | None = None  # banks: the fraction of the (whitened) kernels' energy captured
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,9 @@ class ConversionReport:
         lines += [
             "",
             f"Prune ratio (1 - after/before): {self.prune_ratio:.1%}. Regulators add {self.regulator_params:,} params.",
-            "Anchoring shares weights but computes the same convolutions: MACs change only by the regulators.",
+            "Anchoring shares weights but computes the same convolutions: MACs change only by the regulators"
+            + (" and the filter banks (bank conv + 1x1 coefficients where that is cheaper)." if any(
+                g.kernel.startswith("bank") for g in self.groups) else "."),
         ]
         lines += [f"- note: {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -191,18 +198,18 @@ def build_report(
     for g in plan.groups:
         errs = conversion.fit_errors.get(g.name)
         before = sum(plan.site(m).weight_numel for m in g.members)
-        co, ci, kh, kw = g.shape
         rows.append(
             GroupRow(
                 anchor=g.name,
                 sections=g.sections,
                 resolution=f"{g.resolution[0]}x{g.resolution[1]}" if g.resolution else "all",
-                kernel=f"{co}x{ci}x{kh}x{kw}",
+                kernel=("bank " if g.kind == "bank" else "") + "x".join(map(str, g.shape)),
                 members=len(g.members),
                 params_before=before,
-                params_after=co * ci * kh * kw,
+                params_after=plan.group_params(g),
                 max_fit_error=max(errs.values()) if errs else None,
                 fit_errors=tuple(errs.items()) if errs else (),
+                energy=conversion.fit_energy.get(g.name),
             )
         )
     return ConversionReport(

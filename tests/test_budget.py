@@ -67,8 +67,8 @@ def test_identical_members_have_zero_sensitivity() -> None:
 
 def test_search_is_deterministic_and_uses_the_budget_for_regulators(searched) -> None:
     model, *_ = searched
-    a = search(model, 7_500, SIZE)
-    b = search(model, 7_500, SIZE)
+    a = search(model, 7_500, SIZE, space="anchor")
+    b = search(model, 7_500, SIZE, space="anchor")
     assert a.plan == b.plan and a.choice == b.choice == ("free", "mix")
     assert a.regulator_sections == (2,) and a.plan.params_after <= 7_500
 

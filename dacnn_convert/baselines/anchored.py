@@ -36,11 +36,16 @@ class Anchored:
 
 @dataclass(frozen=True)
 class Budgeted:
-    """The budget planner (``plan(target_params=...)``): per-section free/mix/plain + regulators."""
+    """The budget planner (``plan(target_params=...)``) searching one space.
+
+    ``space="anchor"``: per-section free/mix/plain + regulators (issue 8's planner);
+    ``space="bank"``: also filter banks per section and low-rank unshared convs.
+    """
 
     name: str = "dacnn-budget"
     description: str = "budget-targeted anchoring: what to share chosen per section to fit the budget"
     fixed_size: bool = False
+    space: str = "anchor"
 
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
         from ..budget import search
@@ -48,7 +53,8 @@ class Budgeted:
 
         if target_params is None:
             raise PlanError("dacnn-budget needs a parameter budget (--budget or --match)")
-        result = search(teacher, target_params, ctx.input_size, ctx.calib_loader, min(ctx.calib_batches, 8))
+        result = search(teacher, target_params, ctx.input_size, ctx.calib_loader, min(ctx.calib_batches, 8),
+                        space=self.space)  # fmt: skip
         model = convert(teacher, result.plan, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:
@@ -56,10 +62,59 @@ class Budgeted:
 
         regs = ",".join(map(str, result.regulator_sections)) or "none"
         note = f"sections {'/'.join(result.choice)}, regulators {regs}, {result.metric} sensitivity"
+        if result.ranks:
+            note += f", unshared convs {'/'.join(result.ranks)}"
+        if result.grown:
+            note += f"; grown: {'; '.join(result.grown)}"
         return Compressed(model, unique_params(model), lambda m: m, store, note)
 
 
 register_method(Budgeted())
+register_method(Budgeted("dacnn-bank", "budget planner with filter banks: free/mix/plain/bank per section + "
+                                       "low-rank unshared convs, fitted to the activations", space="bank"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Per-layer whitened low-rank factorisation, no sharing: every conv but the stem at one rank fraction.
+
+    The baseline that shows what sharing adds to banks: the same closed-form, activation-aware fit
+    (SVD-LLM's whitening), each conv on its own. The fraction of C_out is bisected so the model
+    fits the budget as closely as one uniform fraction allows.
+    """
+
+    name: str = "lowrank"
+    description: str = "per-layer whitened low-rank factorisation (no sharing), one rank fraction for every conv"
+    fixed_size: bool = False
+
+    def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
+        from ..errors import PlanError
+
+        if target_params is None:
+            raise PlanError("lowrank needs a parameter budget (--budget or --match)")
+        init = "act" if ctx.calib_loader is not None else "fit"
+        lo, hi = 1e-3, 1.0
+        best = None
+        for _ in range(30):  # params grow with the fraction: bisect for the largest that fits
+            mid = (lo + hi) / 2
+            p = plan(teacher, "none", init=init, input_size=ctx.input_size, factorize_unshared=mid)
+            if p.params_after <= target_params:
+                best, lo = p, mid
+            else:
+                hi = mid
+        if best is None:
+            raise PlanError(f"lowrank cannot reach {target_params:,} params: even rank 1 everywhere is larger")
+        model = convert(teacher, best, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
+
+        def store(m: nn.Module, folder: Path) -> dict[str, int]:
+            return {"safetensors": save(m, folder / "model.safetensors", source=ctx.source).stat().st_size}
+
+        ranks = sorted({g.rank for g in best.groups})
+        return Compressed(model, unique_params(model), lambda m: m, store,
+                          f"rank fraction {lo:.4f} of C_out ({len(best.groups)} convs, ranks {ranks[0]}-{ranks[-1]})")  # fmt: skip
+
+
+register_method(LowRank())
 
 for _m in (
     Anchored("dacnn-mix", "mix", "none", "mixed DACNN: one kernel per stage and configuration"),

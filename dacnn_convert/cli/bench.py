@@ -58,7 +58,7 @@ def bench_command(
     weights: WeightsOpt = "none",
     num_classes: ClassesOpt = None,
     methods: Annotated[str, typer.Option(help="comma-separated: dacnn-mix, dacnn-mix-reg, dacnn-plain, sharesnet, "
-                                              "dacnn-budget, magnitude, l1-filter, group-norm")] = DEFAULT_METHODS,
+                                              "dacnn-budget, dacnn-bank, lowrank, magnitude, l1-filter, group-norm")] = DEFAULT_METHODS,
     budget: Annotated[float | None, typer.Option(help="size budget as a fraction of the teacher's params (0.25 keeps a quarter)")] = None,
     match: Annotated[str | None, typer.Option(help="prune to the size of this anchoring method")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="seeds per method; mean ± std reported")] = 1,

@@ -26,6 +26,7 @@ err_console = Console(stderr=True)
 class Mode(str, Enum):
     mix = "mix"
     plain = "plain"
+    bank = "bank"
     sharesnet = "sharesnet"
     none = "none"
 
@@ -63,6 +64,16 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     if len(parts) == 3 and min(parts) > 0:
         return (parts[0], parts[1], parts[2])
     raise UsageError(f"--input-size takes 224 or CxHxW like 3x32x32; got {text!r}")
+
+
+def parse_rank(text: str | None, what: str) -> int | float | None:
+    """``64`` -> 64 filters, ``0.25`` -> a quarter of C_out; raises UsageError naming ``what``."""
+    if text is None:
+        return None
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise UsageError(f"{what} takes an integer rank (64) or a fraction of C_out (0.25), got {text!r}") from None
 
 
 def parse_amount(text: str | None, what: str) -> int | None:
@@ -167,7 +178,12 @@ OptModelArg = Annotated[
                         "optional with --recipe"),
 ]  # fmt: skip
 RecipeOpt = Annotated[Path | None, typer.Option(help="a YAML recipe; flags given on the command line override it")]
-ModeOpt = Annotated[Mode, typer.Option(help="mix: share per stage; plain: one network-wide kernel; sharesnet; none")]
+ModeOpt = Annotated[Mode, typer.Option(help="mix: share per stage; plain: one network-wide kernel; bank: a bank of "
+                                            "k filters per stage + a 1x1 per conv (--bank-size); sharesnet; none")]  # fmt: skip
+BankOpt = Annotated[str, typer.Option(help="with --mode bank, filters per bank: an integer (64), a fraction of C_out "
+                                           "(0.25) or per section (1:1.0,2:0.5,4:0.125; unlisted sections stay free)")]  # fmt: skip
+FactorOpt = Annotated[str | None, typer.Option(help="low-rank factorise every conv that shares with nothing: rank "
+                                                    "as an integer or a fraction of C_out (0.25)")]  # fmt: skip
 RegOpt = Annotated[str, typer.Option(help="regulators in sections: none, all, or 1-based numbers like 1,3")]
 StyleOpt = Annotated[
     RegulatorStyle, typer.Option(help="adapter: parallel, zero-init (function kept); paper: in series")

@@ -38,6 +38,8 @@ from .common import (
     LrOpt,
     Mode,
     ModeOpt,
+    BankOpt,
+    FactorOpt,
     OptModelArg,
     MetricOpt,
     RecipeOpt,
@@ -66,6 +68,7 @@ from .common import (
     fail,
     output_guard,
     parse_amount,
+    parse_rank,
     parse_input_size,
 )
 from .train import run_train
@@ -88,6 +91,8 @@ def run_convert(
     recipe: Any = None,
     budget: tuple[int | None, float | None, int | None, str | None] | None = None,
     render: bool = True,
+    bank_size: str = "0.5",
+    factorize_unshared: str | None = None,
 ) -> dict[str, Any]:
     """Load, plan, convert, measure and write; with ``data``, also calibrate and distil.
 
@@ -127,7 +132,8 @@ def run_convert(
                 if advice:
                     console.print(f"note: {advice}", highlight=False, soft_wrap=True)
         else:
-            plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves)
+            plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves,
+                             bank_size=bank_size, factorize_unshared=parse_rank(factorize_unshared, "--factorize-unshared"))  # fmt: skip
         if dry_run:
             if render:
                 render_plan(plan, spec.display)
@@ -162,7 +168,8 @@ def render_plan(plan: Any, source: str) -> None:
     for col in ("anchor", "section", "members", "kernel"):
         table.add_column(col)
     for g in plan.groups:
-        table.add_row(g.name, ",".join(map(str, g.sections)), "\n".join(g.members), "x".join(map(str, g.shape)))
+        kernel = ("bank " if g.kind == "bank" else "") + "x".join(map(str, g.shape))
+        table.add_row(g.name, ",".join(map(str, g.sections)), "\n".join(g.members), kernel)
     console.print(table)
     for r in plan.regulators:
         console.print(f"regulator ({plan.regulator_style}) on {r.host}: {r.in_channels}->{r.out_channels}, section {r.section}")
@@ -247,6 +254,8 @@ def convert_command(
     mode: ModeOpt = Mode.mix,
     regulators: RegOpt = "none",
     regulator_style: StyleOpt = RegulatorStyle.adapter,
+    bank_size: BankOpt = "0.5",
+    factorize_unshared: FactorOpt = None,
     init: InitOpt = None,
     weights: WeightsOpt = "DEFAULT",
     num_classes: ClassesOpt = None,
@@ -312,6 +321,7 @@ def convert_command(
             a.dry_run, a.leaf_module, a.dtype, data, resolved,
             (parse_amount(a.target_params, "--target-params"), a.target_ratio,
              parse_amount(a.target_bytes, "--target-bytes"), a.metric),
+            bank_size=a.bank_size, factorize_unshared=a.factorize_unshared,
         )  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
@@ -371,6 +381,8 @@ def plan_command(
     input_size: SizeOpt = None,
     mode: ModeOpt = Mode.mix,
     regulators: RegOpt = "none",
+    bank_size: BankOpt = "0.5",
+    factorize_unshared: FactorOpt = None,
     target_params: TargetParamsOpt = None,
     target_ratio: TargetRatioOpt = None,
     target_bytes: TargetBytesOpt = None,
@@ -388,7 +400,8 @@ def plan_command(
                   metric)  # fmt: skip
         data = DataOptions(dataset=dataset, train_limit=train_limit) if dataset else None
         found = run_convert(model, mode, regulators, RegulatorStyle.adapter, None, weights, num_classes, input_size,
-                            None, True, leaf_module, Dtype.fp32, data, None, budget, render=False)  # fmt: skip
+                            None, True, leaf_module, Dtype.fp32, data, None, budget, render=False,
+                            bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
     for line in found["explain"] if explain else []:

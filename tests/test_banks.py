@@ -1,0 +1,210 @@
+"""Filter banks: plan arithmetic, the whitened closed-form fit, exactness at full rank, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dacnn_convert import convert, count_params, load, plan, save
+from dacnn_convert.banks import parse_bank_size
+from dacnn_convert.errors import UsageError
+from dacnn_convert.fitting import fit_bank
+from dacnn_convert.layers import AnchoredConv2d
+
+from .models import TinyResNet, randomize_bn
+
+SIZE = (3, 16, 16)
+
+
+def _calib(n: int = 3, batch: int = 16) -> list[tuple[torch.Tensor, None]]:
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(batch, *SIZE, generator=g), None) for _ in range(n)]
+
+
+def test_bank_plan_arithmetic_is_exact() -> None:
+    """TinyResNet (w=8): stage 1 shares 4 convs 8x8x3x3, stage 2 three 16x16x3x3; bank_size 0.5."""
+    model = TinyResNet()
+    p = plan(model, mode="bank", bank_size=0.5, input_size=SIZE)
+    assert [(g.kind, g.shape, len(g.members)) for g in p.groups] == [
+        ("bank", (4, 8, 3, 3), 4),
+        ("bank", (8, 16, 3, 3), 3),
+    ]
+    # stage 1: 4*72 bank + 4 members * 8*4 coefficients = 416 instead of 4*576 = 2304
+    # stage 2: 8*144 bank + 3 members * 16*8 coefficients = 1536 instead of 3*2304 = 6912
+    assert p.saved_params == (2304 - 416) + (6912 - 1536)
+    assert p.params_after == count_params(model) - 1888 - 5376
+    student = convert(model, p).model
+    assert count_params(student) == p.params_after
+    keys = set(student.state_dict()) - set(model.state_dict())
+    assert {k for k in keys if k.startswith("dacnn_anchors.")} == {f"dacnn_anchors.{g.name}" for g in p.groups}
+    assert {k for k in keys if not k.startswith("dacnn_anchors.")} == {f"{m}.coeff.weight" for g in p.groups for m in g.members}
+
+
+def test_per_section_sizes_and_factorized_unshared_convs() -> None:
+    model = TinyResNet()
+    p = plan(model, mode="bank", bank_size="2:0.25", factorize_unshared=0.5, input_size=SIZE)
+    banks = [g for g in p.groups if len(g.members) > 1]
+    assert [(g.shape, g.sections) for g in banks] == [((4, 16, 3, 3), (2,))]  # section 1 stays free
+    single = {g.members[0]: g.shape for g in p.groups if len(g.members) == 1}
+    # layer2.0.conv1 (16x8x3x3, stride 2) at rank 8: 8*72 + 16*8 = 704 < 1152. The downsample
+    # (16x8x1x1 = 128) would grow (8*8 + 16*8 = 192) and the stem is fed by the image: both stay dense.
+    assert single == {"layer2.0.conv1": (8, 8, 3, 3)}
+    assert any("layer2.0.downsample.0 stays dense" in n for n in p.notes)
+    assert count_params(convert(model, p).model) == p.params_after
+
+
+@pytest.mark.parametrize("init", ["fit", "act"])
+def test_full_rank_bank_reproduces_the_original(init: str) -> None:
+    """k = min(members x C_out, C_in kh kw) spans every member: the function is unchanged."""
+    model = randomize_bn(TinyResNet()).eval()
+    p = plan(model, mode="bank", bank_size="1:4.0,2:3.0", init=init, input_size=SIZE)  # k = 32 and 48
+    assert [g.rank for g in p.groups] == [32, 48]
+    conv = convert(model, p, calib_loader=_calib() if init == "act" else None)
+    x = torch.randn(4, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(conv.model.eval()(x), model(x), atol=1e-4, rtol=1e-4)
+    assert all(e < 1e-5 for errs in conv.fit_errors.values() for e in errs.values())
+    assert all(abs(e - 1.0) < 1e-9 for e in conv.fit_energy.values())
+
+
+def test_whitened_fit_beats_the_weight_fit_on_its_own_inputs() -> None:
+    """With inputs concentrated in a few directions, the whitened fit's output error is far lower."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(8, 4, 3, 3, generator=g) for _ in range(3)]
+    basis = torch.randn(36, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 6, generator=g, dtype=torch.float64) @ basis.T  # inputs span 6 of 36 dims
+    h = x.T @ x
+    h = h / h.diagonal().mean()
+    whitened, plain = fit_bank(weights, 6, [h, h, h]), fit_bank(weights, 6)
+
+    def out_err(fit) -> float:
+        errs = []
+        for w, c in zip(weights, fit.coefficients, strict=True):
+            approx = c.double() @ fit.bank.reshape(6, -1).double()
+            ref = w.reshape(8, -1).double()
+            errs.append(float(((ref - approx) @ x.T).norm() / (ref @ x.T).norm()))
+        return max(errs)
+
+    assert out_err(whitened) < 1e-2  # six directions seen, six filters: exact on the data but for the ridge
+    assert out_err(plain) > 0.3
+    assert max(whitened.errors) == pytest.approx(out_err(whitened), abs=1e-4)  # reported = measured
+
+
+def test_bank_gradients_reach_bank_and_coefficients_and_eval_merge_is_exact() -> None:
+    model = randomize_bn(TinyResNet()).eval()
+    p = plan(model, mode="bank", bank_size=2, input_size=SIZE)
+    student = convert(model, p).model
+    x = torch.randn(2, *SIZE)
+    student.train()
+    student(x).sum().backward()
+    for g in p.groups:
+        assert getattr(student.dacnn_anchors, g.name).grad.abs().sum() > 0
+        for m in g.members:
+            assert student.get_submodule(m).coeff.weight.grad.abs().sum() > 0
+    student.eval()
+    conv: AnchoredConv2d = student.get_submodule(p.groups[0].members[0])
+    conv.coeff.weight.data[0, 0] += 10.0  # k=2 < C_out: the two-step path; big k merges
+    with torch.no_grad():
+        y_inf = student(x)
+    with torch.enable_grad():
+        y_train_path = student(x)
+    torch.testing.assert_close(y_inf, y_train_path.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_kernel_is_used_when_cheaper_and_refreshed_after_updates() -> None:
+    model = randomize_bn(TinyResNet()).eval()
+    p = plan(model, mode="bank", bank_size=1.0, input_size=SIZE)  # k = C_out: merged is cheaper
+    student = convert(model, p).model.eval()
+    conv: AnchoredConv2d = student.get_submodule(p.groups[0].members[0])
+    assert conv.merged_is_cheaper
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        before = student(x)
+        conv.coeff.weight.mul_(2.0)  # an in-place update moves the version counter
+        after = student(x)
+    with torch.enable_grad():
+        ref = student(x).detach()
+    torch.testing.assert_close(after, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_bank_checkpoint_round_trip(tmp_path) -> None:
+    model = randomize_bn(TinyResNet()).eval()
+    student = convert(model, plan(model, mode="bank", bank_size=0.5, factorize_unshared=0.5, input_size=SIZE)).model
+    path = save(student, tmp_path / "m.safetensors")
+    again = load(path, model=TinyResNet()).eval()
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(again(x), student.eval()(x), atol=0, rtol=0)
+    assert count_params(again) == count_params(student)
+
+
+def test_macs_fall_with_small_banks() -> None:
+    from dacnn_convert.report import count_macs
+
+    model = TinyResNet()
+    small = convert(model, plan(model, mode="bank", bank_size=0.25, input_size=SIZE)).model
+    full = convert(model, plan(model, mode="bank", bank_size=1.0, input_size=SIZE)).model
+    assert count_macs(small, SIZE) < count_macs(model, SIZE)
+    assert count_macs(full, SIZE) == count_macs(model, SIZE)  # merged at inference: the original's MACs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(bank_size=0), "must be positive"),
+        (dict(bank_size=-0.5), "must be positive"),
+        (dict(bank_size="1:0"), "must be positive"),
+        (dict(bank_size=float("nan")), "must be positive"),
+        (dict(bank_size=1000), "above the 32 the group can use"),
+        (dict(bank_size="9:0.5"), "section 9 has no group to give a bank"),
+        (dict(bank_size="1:x"), "is not a bank size"),
+        (dict(bank_size="1:0.5,1:0.25"), "given twice"),
+        (dict(bank_size=0.5, factorize_unshared=0), "must be positive"),
+    ],
+)
+def test_bad_bank_sizes_name_the_fix(kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        plan(TinyResNet(), mode="bank", input_size=SIZE, **kwargs)
+
+
+def test_bank_for_a_section_without_a_group_is_refused() -> None:
+    from torch import nn
+
+    class Chain(nn.Module):  # two sections; section 2 has one conv of its configuration only
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.c = nn.Conv2d(8, 8, 3, padding=1)
+            self.d = nn.Conv2d(8, 16, 3, 2, 1)
+
+        def forward(self, x):
+            return self.d(self.c(self.b(self.a(x))))
+
+    with pytest.raises(UsageError, match="section 2 has no group to give a bank.*factori"):
+        plan(Chain(), mode="bank", bank_size="1:0.5,2:0.5", input_size=SIZE)
+
+
+def test_factorize_with_nothing_unshared_is_a_note_not_an_error() -> None:
+    from torch import nn
+
+    class Twins(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(self.stem(x)))
+
+    p = plan(Twins(), mode="bank", bank_size=0.5, factorize_unshared=0.5, input_size=SIZE)
+    assert any("nothing changed" in n for n in p.notes)
+
+
+def test_parse_bank_size_forms() -> None:
+    assert parse_bank_size(0.25).value(3) == 0.25
+    assert parse_bank_size(64).value(1) == 64
+    spec = parse_bank_size("0.5,1:1.0,4:0.125")
+    assert (spec.value(1), spec.value(2), spec.value(4)) == (1.0, 0.5, 0.125)
+    spec = parse_bank_size("1:1.0,2:free")
+    assert (spec.value(1), spec.value(2), spec.value(3)) == (1.0, None, None)
+    assert parse_bank_size({2: 0.5}).value(2) == 0.5
