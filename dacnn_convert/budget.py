@@ -191,8 +191,8 @@ def compose(
         if option.startswith("bank:"):
             groups += _bank_groups(mix, k, _fraction(option))
     for k, rank in enumerate(ranks or (), start=1):
-        if rank != "dense":
-            groups += _low_rank_groups(mix, k, _fraction(rank))
+        if rank != "dense":  # a conv that plain mode already shares is not factorised as well
+            groups += [g for g in _low_rank_groups(mix, k, _fraction(rank)) if g.members[0] not in anchored]
     return replace(mix, mode="budget", groups=tuple(groups), regulators=tuple(sorted(regs, key=lambda r: r.host)))
 
 
@@ -373,7 +373,8 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
     per_section = []
     for k in range(1, n + 1):
         pairs = [(cost(k, o)[0] + cost(k, r)[0], (0 if o == "plain" else cost(k, o)[1]) + cost(k, r)[1], o, r)
-                 for o in share[k - 1] for r in rank_opts[k - 1]]  # fmt: skip
+                 for o in share[k - 1] for r in rank_opts[k - 1]
+                 if o != "plain" or r == "dense"]  # plain shares the unshared convs too: nothing left to factorise  # fmt: skip
         plain_pairs = [p for p in pairs if p[2] == "plain"]
         per_section.append(_pareto([p for p in pairs if p[2] != "plain"]) + _pareto(plain_pairs))
     best: tuple[float, int, tuple[str, ...], tuple[str, ...]] | None = None
@@ -398,8 +399,11 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
             f"no conversion fits {target_params:,} params: the smallest possible is {smallest:,} "
             "(every section shared as far as the search goes). Raise the target, or prune as well"
         )
-    sens, _, choice, ranks = best
+    sens, expected, choice, ranks = best
     p = compose(mix, plain, choice, ranks=ranks)
+    if p.params_after != expected:  # the additive arithmetic and the composed plan must agree exactly
+        raise PlanError(f"budget search bug: {'/'.join(choice)} ({'/'.join(ranks)}) was costed at {expected:,} params "
+                        f"but composes to {p.params_after:,}; please report it")  # fmt: skip
     regs: list[int] = []
     for k in sorted(range(1, n + 1), key=lambda k: (-by[k, choice[k - 1]].sensitivity, k)):
         if choice[k - 1] not in ("mix", "plain"):

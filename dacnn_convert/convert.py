@@ -107,6 +107,7 @@ def convert(
     calib_batches: int = 100,
     *,
     moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    align: bool = False,
 ) -> Conversion:
     """Return a converted deep copy of ``model`` following ``plan``; ``model`` is untouched.
 
@@ -125,6 +126,8 @@ def convert(
         moments: input moments of the original model's convs, as
             :func:`dacnn_convert.fitting.input_moments` returns them, to reuse across many
             conversions of one model (the budget search); replaces passes over ``calib_loader``.
+        align: first permute each member's private input channels to match the first member
+            of its group (:func:`dacnn_convert.align.align_channels`; the function is unchanged).
 
     Raises:
         PlanError: a planned conv is missing or has another shape in ``model``.
@@ -132,6 +135,11 @@ def convert(
     """
     init = plan.init if init is None else init
     sequential = init == "act-seq"
+    alignment = None
+    if align:
+        from .align import align_channels
+
+        model, alignment = align_channels(model, plan)
     originals = dict(model.named_modules())
     members = [originals.get(m) for g in plan.groups for m in g.members]
     # Members are replaced right away: do not copy their kernels (saves memory and time) —
@@ -154,6 +162,10 @@ def convert(
 
     bank = AnchorBank({g.name: g.shape for g in plan.groups})
     conversion = Conversion(student, plan)
+    if alignment is not None and alignment.permuted:
+        gain = sum(a - b for _, b, a in alignment.permuted) / len(alignment.permuted)
+        conversion.notes.append(f"aligned the private channels of {len(alignment.permuted)} conv(s); mean cosine "
+                                f"similarity to their group's first member +{gain:.3f}")  # fmt: skip
     ordered = sorted(plan.groups, key=lambda g: min(plan.site(m).order for m in g.members))
     chunks = [ordered] if not data_aware or sequential or moments is not None else _chunks(plan, ordered)
     for chunk in chunks:

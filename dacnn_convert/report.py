@@ -157,14 +157,16 @@ class ConversionReport:
             f"mode `{self.mode}`, init `{self.init}`, regulators `{self.regulator_style}` x{self.regulators}, "
             f"input {'x'.join(map(str, self.input_size))}",
             "",
-            "| anchor | section | resolution | kernel | members | params before | params after | max fit error |",
-            "|---|---|---|---|---|---:|---:|---:|",
+            "| anchor | section | resolution | kernel | members | params before | params after | max fit error "
+            "| energy captured |",
+            "|---|---|---|---|---|---:|---:|---:|---:|",
         ]
         for g in self.groups:
             err = f"{g.max_fit_error:.3f}" if g.max_fit_error is not None else "-"
+            energy = f"{g.energy:.3f}" if g.energy is not None else "-"
             lines.append(
                 f"| {g.anchor} | {','.join(map(str, g.sections))} | {g.resolution} | {g.kernel} | {g.members} "
-                f"| {g.params_before:,} | {g.params_after:,} | {err} |"
+                f"| {g.params_before:,} | {g.params_after:,} | {err} | {energy} |"
             )
         lines += ["", "| measure | before | after | ratio |", "|---|---:|---:|---:|"]
         lines.append(f"| unique params | {self.params_before:,} | {self.params_after:,} | {self.ratio:.2f}x |")
@@ -173,10 +175,12 @@ class ConversionReport:
         )
         if self.bytes_ratio is not None:
             lines.append(f"| bytes on disk | {self.bytes_before:,} | {self.bytes_after:,} | {self.bytes_ratio:.2f}x |")
-        lines.append(f"| MACs | {self.macs_before:,} | {self.macs_after:,} | - |")
+        lines.append(f"| MACs | {self.macs_before:,} | {self.macs_after:,} | {self.macs_after / self.macs_before:.2f}x |")
         lines += [
             "",
             f"Prune ratio (1 - after/before): {self.prune_ratio:.1%}. Regulators add {self.regulator_params:,} params.",
+            "Fit error: relative weight error of each member (filter banks fitted to data: relative output error "
+            "on the calibration inputs); energy: the share of the (whitened) kernels' energy a bank keeps.",
             "Anchoring shares weights but computes the same convolutions: MACs change only by the regulators"
             + (" and the filter banks (bank conv + 1x1 coefficients where that is cheaper)." if any(
                 g.kernel.startswith("bank") for g in self.groups) else "."),

@@ -208,3 +208,80 @@ def test_parse_bank_size_forms() -> None:
     spec = parse_bank_size("1:1.0,2:free")
     assert (spec.value(1), spec.value(2), spec.value(3)) == (1.0, None, None)
     assert parse_bank_size({2: 0.5}).value(2) == 0.5
+
+
+def test_onnx_one_initialiser_per_bank_and_torchscript(tmp_path) -> None:
+    from dacnn_convert import export_onnx, export_torchscript, inspect_file
+
+    model = randomize_bn(TinyResNet()).eval()
+    p = plan(model, mode="bank", bank_size=0.5, factorize_unshared=0.5, input_size=SIZE)
+    student = convert(model, p).model.eval()
+    result = export_onnx(student, tmp_path / "m.onnx", SIZE)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    info = inspect_file(result.path)
+    assert info.params == count_params(student)  # every bank stored once, coefficients once each
+    users = {name: len(u) for name, _, u in info.shared}
+    for g in p.groups:
+        if len(g.members) > 1:
+            assert users[f"dacnn_anchors.{g.name}"] == len(g.members)
+    ts = export_torchscript(student, tmp_path / "m.torchscript.pt", SIZE)
+    x = torch.randn(2, *SIZE)
+    torch.testing.assert_close(torch.jit.load(str(ts))(x), student(x), atol=1e-5, rtol=1e-5)
+    st = inspect_file(save(student, tmp_path / "m.safetensors"))
+    assert st.params == count_params(student)
+
+
+def test_torch_compile_matches_eager_for_banks() -> None:
+    model = randomize_bn(TinyResNet()).eval()
+    student = convert(model, plan(model, mode="bank", bank_size=0.5, input_size=SIZE)).model.eval()
+    x = torch.randn(2, *SIZE)
+    compiled = torch.compile(student, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), student(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_bank_mode_and_bad_values(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dacnn_convert.cli import app
+
+    runner = CliRunner()
+    base = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16"]
+    ok = runner.invoke(app, [*base, "--mode", "bank", "--bank-size", "1:0.5,2:0.25", "--factorize-unshared", "0.5",
+                             "--out", str(tmp_path / "b")])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert "bank 4x8x3x3" in (tmp_path / "b" / "report.md").read_text()
+    for flags, message in (
+        (["--bank-size", "0"], "must be positive"),
+        (["--bank-size", "-1"], "must be positive"),
+        (["--bank-size", "1:500"], "the group can use"),
+        (["--bank-size", "7:0.5"], "section 7 has no group"),
+        (["--factorize-unshared", "abc"], "--factorize-unshared takes"),
+    ):
+        bad = runner.invoke(app, [*base, "--mode", "bank", *flags, "--dry-run"])
+        assert bad.exit_code == 2, (flags, bad.output)
+        assert message in bad.output and "Traceback" not in bad.output
+        assert bad.output.strip().splitlines()[-1].startswith("error:")
+
+
+def test_channel_alignment_keeps_the_function_and_raises_similarity() -> None:
+    from dacnn_convert.align import align_channels, private_chains
+
+    model = randomize_bn(TinyResNet()).eval()
+    p = plan(model, mode="bank", bank_size=0.5, input_size=SIZE)
+    chains = private_chains(model)
+    assert chains["layer1.0.conv2"].producer == "layer1.0.conv1" and chains["layer1.0.conv2"].bn == "layer1.0.bn1"
+    assert "layer1.1.conv1" not in chains  # its input is the residual stream, shared by every block
+    # a permuted copy of block 1.0's private channels in block 1.1: alignment must find it back
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.layer1[1].conv1.weight.copy_(model.layer1[0].conv1.weight[perm])
+        model.layer1[1].conv2.weight.copy_(model.layer1[0].conv2.weight[:, perm])
+    aligned, report = align_channels(model, p)
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(aligned.eval()(x), model(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aligned.layer1[1].conv2.weight, aligned.layer1[0].conv2.weight)
+    assert all(after >= before - 1e-9 for _, before, after in report.permuted)
+    conv = convert(model, p, align=True)
+    assert any("aligned the private channels" in n for n in conv.notes)

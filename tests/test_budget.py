@@ -120,3 +120,34 @@ def test_budget_planner_is_a_bench_method() -> None:
     out = method.compress(TinyResNet().eval(), 7_000, Context(SIZE))
     assert out.params <= 7_000 and out.params == unique_params(out.model)
     assert "sections free/mix" in out.notes
+
+
+@settings(max_examples=25, deadline=None)
+@given(fraction=st.floats(0.2, 0.95))
+def test_bank_search_fills_at_least_97_percent_and_never_exceeds(searched, fraction: float) -> None:
+    model, mix, plain, _ = searched
+    from dacnn_convert.budget import BANK_OPTIONS, RANK_OPTIONS
+
+    scores = _bank_scores(model, mix, plain, BANK_OPTIONS, RANK_OPTIONS)
+    target = int(fraction * unique_params(model))
+    result = pick(mix, plain, scores, target)
+    assert 0.97 * target <= result.plan.params_after <= target
+    assert unique_params(convert(model, result.plan).model) == result.plan.params_after  # arithmetic = built model
+
+
+_SCORES: dict = {}
+
+
+def _bank_scores(model, mix, plain, options, ranks):
+    if "s" not in _SCORES:  # scored once: the search itself is what hypothesis varies
+        _SCORES["s"] = score_sections(model, mix, plain, "fit", options=options, ranks=ranks)
+    return _SCORES["s"]
+
+
+def test_bank_search_explains_each_bank_size(searched) -> None:
+    model, *_ = searched
+    result = search(model, 6_000, SIZE)
+    lines = "\n".join(result.explain())
+    assert "bank:0.5" in lines and "bank:0.0625" in lines  # every size on the grid, scored, per section
+    assert any(g.kind == "bank" for g in result.plan.groups)
+    assert result.plan.params_after <= 6_000

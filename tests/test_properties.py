@@ -138,3 +138,34 @@ def test_fine_tuning_is_deterministic() -> None:
     assert runs[0][0] == runs[1][0]
     for key, value in runs[0][1].items():
         assert torch.equal(value, runs[1][1][key]), key
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stages=st.lists(stage, min_size=1, max_size=3), size=st.sampled_from([0.25, 0.5, 1.0, 2]),
+       factorize=st.sampled_from([None, 0.5]), seed=st.integers(0, 2**16))  # fmt: skip
+def test_bank_invariants(stages, size, factorize, seed) -> None:
+    """Banks: shape kept, count = plan arithmetic, one tensor per bank; full rank reproduces the original."""
+    from dacnn_convert.errors import UsageError
+
+    torch.manual_seed(seed)
+    model = RandomNet(stages).eval()
+    try:
+        p = plan(model, mode="bank", bank_size=size, factorize_unshared=factorize, input_size=SIZE)
+    except UsageError as exc:  # k above what a small group can use is refused, with the limit named
+        assert "the group can use" in str(exc)
+        return
+    student = convert(model, p).model.eval()
+    x = torch.randn(2, *SIZE)
+    assert student(x).shape == model(x).shape
+    assert count_params(student) == p.params_after
+    assert len(dict(student.dacnn_anchors.named_parameters())) == len(p.groups)
+    limits: dict[int, set[int]] = {}  # per section, k = min(members x C_out, C_in kh kw) of each bank
+    for g in p.groups:
+        if len(g.members) > 1:
+            site = p.site(g.members[0])
+            limits.setdefault(g.sections[0], set()).add(min(len(g.members) * site.out_channels,
+                                                            site.weight_numel // site.out_channels))  # fmt: skip
+    if limits and all(len(ks) == 1 for ks in limits.values()):  # one full rank per section: the function is unchanged
+        exact = plan(model, mode="bank", bank_size={k: ks.pop() for k, ks in limits.items()}, input_size=SIZE)
+        with torch.no_grad():
+            torch.testing.assert_close(convert(model, exact).model.eval()(x), model(x), atol=1e-4, rtol=1e-4)

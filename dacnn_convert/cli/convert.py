@@ -184,13 +184,13 @@ def render_plan(plan: Any, source: str) -> None:
 def render_report(report: Any) -> None:
     """Print the per-group table and the summary of a conversion."""
     table = Table(title=f"{report.source}: mode {report.mode}, init {report.init}")
-    for col in ("anchor", "section", "resolution", "kernel", "members", "params before", "params after", "fit err"):
-        table.add_column(col, justify="right" if col.startswith(("params", "fit", "members")) else "left")
+    for col in ("anchor", "section", "resolution", "kernel", "members", "params before", "params after", "fit err", "energy"):
+        table.add_column(col, justify="right" if col.startswith(("params", "fit", "members", "energy")) else "left")
     for g in report.groups:
         err = f"{g.max_fit_error:.3f}" if g.max_fit_error is not None else "-"
         table.add_row(
             g.anchor, ",".join(map(str, g.sections)), g.resolution, g.kernel, str(g.members),
-            f"{g.params_before:,}", f"{g.params_after:,}", err,
+            f"{g.params_before:,}", f"{g.params_after:,}", err, f"{g.energy:.3f}" if g.energy is not None else "-",
         )  # fmt: skip
     console.print(table)
     summary = Table(title="summary")
@@ -204,7 +204,7 @@ def render_report(report: Any) -> None:
         summary.add_row(
             "bytes on disk", f"{report.bytes_before:,}", f"{report.bytes_after:,}", f"{report.bytes_ratio:.2f}x"
         )
-    summary.add_row("MACs (unchanged by sharing)", f"{report.macs_before:,}", f"{report.macs_after:,}", "")
+    summary.add_row("MACs", f"{report.macs_before:,}", f"{report.macs_after:,}", f"{report.macs_after / report.macs_before:.2f}x")
     summary.add_row("regulators added", "", f"{report.regulators} ({report.regulator_params:,} params)", "")
     console.print(summary)
     for n in report.notes:
