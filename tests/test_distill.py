@@ -158,3 +158,19 @@ def test_imagefolder_dataset(tmp_path) -> None:
     assert loaders.num_classes == 2 and x.shape == (4, 3, 16, 16) and len(loaders.train) == 2
     with pytest.raises(DatasetError, match="train"):
         make_loaders(f"imagefolder:{tmp_path / 'nothing'}")
+
+
+def test_auto_precision_needs_native_bf16_units(tmp_path, monkeypatch) -> None:
+    """AVX-512 without bf16 units emulates bf16 (slower than fp32): auto must pick fp32 there."""
+    from dacnn_convert.distill import trainer
+
+    plain = tmp_path / "cpuinfo"
+    plain.write_text("flags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    native = tmp_path / "cpuinfo-bf16"
+    native.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
+    assert not trainer.cpu_has_bf16_units(str(plain)) and trainer.cpu_has_bf16_units(str(native))
+    assert not trainer.cpu_has_bf16_units(str(tmp_path / "missing"))
+    monkeypatch.setattr(trainer, "cpu_has_bf16_units", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(trainer, "cpu_has_bf16_units", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
