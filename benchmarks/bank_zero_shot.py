@@ -50,7 +50,8 @@ def main() -> None:
     n0 = count_params(teacher)
     if not args.out.exists():
         args.out.write_text(
-            f"# Filter banks before training (`python benchmarks/bank_zero_shot.py --teacher {args.teacher}`)\n\n"
+            "# Filter banks before training (`python benchmarks/bank_zero_shot.py --teacher "
+            "runs/prune-bench/teacher/best.safetensors`)\n\n"
             f"Machine: {machine()}  \nTeacher: ResNet-18, {n0:,} params, {100 * base:.2f}% on the 10,000 test "
             f"images. Fits on {args.calib} calibration batches of 128 training images; BN recalibrated on the same "
             "number of batches; no training.\n\n| layout | align | params (of teacher) | after conversion | + BN recal | "
@@ -61,9 +62,8 @@ def main() -> None:
         if only and i not in only:
             continue
         for align in args.align.split(","):
-            if align == "on" and kw.get("mode") in ("mix", "none") and "target_ratio" not in kw:
-                if kw.get("mode") == "none":
-                    continue  # nothing is shared: nothing to align
+            if align == "on" and kw.get("mode") == "none":
+                continue  # nothing is shared: nothing to align
             torch.manual_seed(0)
             start = time.time()
             p = plan(teacher, input_size=(3, 32, 32), init="act", calib_loader=loaders.train, **kw)
