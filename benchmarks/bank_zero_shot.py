@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=20, help="batches of 128 for the fits and for BN recalibration")
     ap.add_argument("--align", default="off,on", help="channel alignment settings to run")
     ap.add_argument("--only", default=None, help="comma-separated row numbers (1-based) to run")
+    ap.add_argument("--init", default="act", help="act (each fit on the original's inputs) or act-seq (sequential)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bank_zero_shot.md"))
     args = ap.parse_args()
     loaders = make_loaders("fashion-mnist", 128, 32)
@@ -66,7 +67,7 @@ def main() -> None:
                 continue  # nothing is shared: nothing to align
             torch.manual_seed(0)
             start = time.time()
-            p = plan(teacher, input_size=(3, 32, 32), init="act", calib_loader=loaders.train, **kw)
+            p = plan(teacher, input_size=(3, 32, 32), init=args.init, calib_loader=loaders.train, **kw)
             student = convert(teacher, p, calib_loader=loaders.train, calib_batches=args.calib, align=align == "on").model
             took = time.time() - start
             after = evaluate(student, loaders.val, precision="fp32")
@@ -74,7 +75,7 @@ def main() -> None:
             recal = evaluate(student, loaders.val, precision="fp32")
             n = count_params(student)
             with args.out.open("a") as f:
-                f.write(f"| {label} | {align} | {n:,} ({100 * n / n0:.1f}%) | {100 * after:.2f} | {100 * recal:.2f} | "
+                f.write(f"| {label}{', ' + args.init if args.init != 'act' else ''} | {align} | {n:,} ({100 * n / n0:.1f}%) | {100 * after:.2f} | {100 * recal:.2f} | "
                         f"{100 * (base - recal):.2f} | {took:.0f} |\n")  # fmt: skip
 
 

@@ -116,7 +116,8 @@ def align_channels(model: nn.Module, plan: Plan, leaf_modules: Sequence[type[nn.
         if len(members) < 2:
             continue
         ref = chains[members[0]]
-        ref_a, ref_b = modules[ref.producer].weight.detach(), modules[ref.consumer].weight.detach()
+        # copies: aligning a later chain may permute the reference's producer rows in place
+        ref_a, ref_b = modules[ref.producer].weight.detach().clone(), modules[ref.consumer].weight.detach().clone()
         for name in members[1:]:
             c = chains[name]
             a, b = modules[c.producer].weight.detach(), modules[c.consumer].weight.detach()

@@ -42,7 +42,12 @@ class BankSpec:
         return tuple(s for s, _ in self.per_section)
 
 
-def _parse_value(text: str, what: str) -> BankValue | None:
+def parse_value(text: str, what: str) -> BankValue | None:
+    """``64`` -> 64 filters, ``0.25`` -> a quarter of C_out, ``free``/``none`` -> None.
+
+    Raises:
+        UsageError: not a number, or not positive.
+    """
     t = text.strip().lower()
     if t in ("free", "none"):
         return None
@@ -87,7 +92,7 @@ def parse_bank_size(value: BankSize, what: str = "bank size") -> BankSpec:
     per: dict[int, BankValue | None] = {}
     for item in (i for i in value.split(",") if i.strip()):
         if ":" not in item:
-            default = _parse_value(item, what)
+            default = parse_value(item, what)
             continue
         sec, _, v = item.partition(":")
         try:
@@ -96,10 +101,21 @@ def parse_bank_size(value: BankSize, what: str = "bank size") -> BankSpec:
             raise UsageError(f"{what}: {sec!r} is not a section number (in {value!r}; sections are 1, 2, ...)") from None
         if k in per:
             raise UsageError(f"{what}: section {k} is given twice in {value!r}")
-        per[k] = _parse_value(v, f"{what} of section {k}")
+        per[k] = parse_value(v, f"{what} of section {k}")
     if default is None and not per:
         raise UsageError(f"{what} is empty; give e.g. 0.25, 64 or 1:1.0,2:0.5")
     return BankSpec(default, tuple(sorted(per.items())))
+
+
+def rank_limit(site: ConvSite, members: int) -> int:
+    """The most filters a group can use: the rank of its stacked kernels, min(members x C_out, C_in x kh x kw)."""
+    co, ci, kh, kw = site.weight_shape
+    return min(members * co, ci * kh * kw)
+
+
+def filters_for(value: BankValue, site: ConvSite) -> int:
+    """Filters for ``value``: an integer as it is, a fraction of C_out rounded (at least 1)."""
+    return value if isinstance(value, int) else max(1, round(value * site.out_channels))
 
 
 def resolve_rank(value: BankValue, site: ConvSite, members: int, what: str = "bank size") -> int:
@@ -110,8 +126,8 @@ def resolve_rank(value: BankValue, site: ConvSite, members: int, what: str = "ba
             min(members x C_out, C_in x kh x kw).
     """
     co, ci, kh, kw = site.weight_shape
-    k = value if isinstance(value, int) else max(1, round(value * co))
-    limit = min(members * co, ci * kh * kw)
+    k = filters_for(value, site)
+    limit = rank_limit(site, members)
     if k > limit:
         raise UsageError(
             f"{what} {value} means {k} filters for {site.name} and the {members - 1} other conv(s) of its group, "

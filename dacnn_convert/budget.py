@@ -47,12 +47,12 @@ from .planning import Group, Plan, RegulatorSpec, bank_group, make_plan
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
 BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625)  # bank filters as a fraction of C_out
 RANK_GRID = (0.5, 0.25, 0.125)  # low-rank ranks of unshared convs, as a fraction of C_out
-BANK_OPTIONS = (*OPTIONS, *(f"bank:{f:g}" for f in BANK_GRID))
-RANK_OPTIONS = tuple(f"lr:{f:g}" for f in RANK_GRID)
+BANK_OPTIONS = (*OPTIONS, *(f"bank:{f}" for f in BANK_GRID))  # "bank:1.0": k = C_out (a fraction, always)
+RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
 SPACES = ("bank", "anchor")  # bank: every option; anchor: free / mix / plain + regulators only
 METRICS = ("fit", "kl")
 MAX_SECTIONS = 8
-MIN_FILL = 0.97  # the search grows banks until the plan uses at least this much of the target, where it can
+MAX_COMBINATIONS = 2_000_000  # Pareto-kept combinations the exhaustive search will enumerate
 
 
 @dataclass(frozen=True)
@@ -348,10 +348,12 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
     Costs add up section by section except where plain members of several sections share
     one master kernel; those are computed exactly for every set of plain sections. Per
     section, (option, rank) pairs that another pair beats on both sensitivity and size are
-    dropped before the search (they can never be chosen).
+    dropped before the search (they can never be chosen); ``feasible`` counts the kept
+    combinations that fit, ``candidates`` every combination of the space.
 
     Raises:
-        PlanError: nothing fits ``target_params``; the smallest reachable size is named.
+        PlanError: nothing fits ``target_params`` (the smallest reachable size is named), or
+            more than :data:`MAX_COMBINATIONS` combinations are left to search.
     """
     n = len(mix.sections)
     by = {(s.section, s.option): s for s in scores}
@@ -377,10 +379,18 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
                  if o != "plain" or r == "dense"]  # plain shares the unshared convs too: nothing left to factorise  # fmt: skip
         plain_pairs = [p for p in pairs if p[2] == "plain"]
         per_section.append(_pareto([p for p in pairs if p[2] != "plain"]) + _pareto(plain_pairs))
+    searched = 1
+    for pairs in per_section:
+        searched *= len(pairs)
+    if searched > MAX_COMBINATIONS:
+        raise PlanError(
+            f"{n} sections give {searched:,} combinations to search, more than {MAX_COMBINATIONS:,}: use the anchor "
+            "space (space='anchor') or a hand-written --mode bank --bank-size per section"
+        )
     best: tuple[float, int, tuple[str, ...], tuple[str, ...]] | None = None
     feasible = 0
     smallest: int | None = None
-    ranked: list[tuple[float, int, tuple[str, ...]]] = []
+    ranked: list[tuple[float, int, tuple[str, ...]]] = []  # the five best, kept sorted
     for combo in itertools.product(*per_section):
         plains = frozenset(k for k, c in enumerate(combo, start=1) if c[2] == "plain")
         params = mix.params_before - sum(c[1] for c in combo) - plain_saved[plains]
@@ -390,7 +400,9 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
         feasible += 1
         sens = sum(c[0] for c in combo)
         choice, ranks = tuple(c[2] for c in combo), tuple(c[3] for c in combo)
-        ranked.append((sens, params, tuple(o if r == "dense" else f"{o}+{r}" for o, r in zip(choice, ranks, strict=True))))
+        if len(ranked) < 5 or (sens, params) < ranked[-1][:2]:
+            label = tuple(o if r == "dense" else f"{o}+{r}" for o, r in zip(choice, ranks, strict=True))
+            ranked = sorted([*ranked, (sens, params, label)])[:5]
         key = (sens, params, choice, ranks)
         if best is None or key < best:
             best = key
@@ -414,8 +426,7 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
             p = trial
     section_sens = {k: by[k, choice[k - 1]].sensitivity + cost(k, ranks[k - 1])[0] for k in range(1, n + 1)}
     p, grown = _grow(p, target_params, section_sens)
-    ranked.sort()
-    top = tuple((c, m, s) for s, m, c in ranked[:5])
+    top = tuple((c, m, s) for s, m, c in ranked)
     rank_out = ranks if any(len(opts) > 1 for opts in rank_opts) else ()
     return BudgetResult(p, target_params, metric, choice, tuple(sorted(regs)), sens, tuple(scores), candidates, feasible,
                         top, rank_out, tuple(grown))  # fmt: skip
@@ -438,7 +449,9 @@ def _grow(p: Plan, target_params: int, section_sens: dict[int, float]) -> tuple[
             site = p.site(g.members[0])
             d = site.weight_numel // site.out_channels
             per = d + sum(p.site(m).out_channels for m in g.members)  # one more filter and its coefficients
-            step = min(max(1, g.rank // 8), min(len(g.members) * site.out_channels, d) - g.rank, left // per)
+            dense = sum(p.site(m).weight_numel for m in g.members)
+            cap = min(len(g.members) * site.out_channels, d, (dense - 1) // per)  # never costlier than dense convs
+            step = min(max(1, g.rank // 8), cap - g.rank, left // per)
             if step > 0:
                 groups[i] = _resized(g, g.rank + step)
                 left -= step * per

@@ -135,6 +135,10 @@ def convert(
     """
     init = plan.init if init is None else init
     sequential = init == "act-seq"
+    if sequential and calib_loader is None:
+        raise UsageError("init 'act-seq' runs the partly converted student on real inputs: pass calib_loader=...")
+    if align and moments is not None:
+        raise UsageError("align=True permutes channels, so precomputed moments no longer match: pass calib_loader instead")
     alignment = None
     if align:
         from .align import align_channels
@@ -180,7 +184,8 @@ def convert(
             ready = data_aware and _act_ready(plan, g) and all(m in found for m in g.members)
             use = [found[m] for m in g.members] if ready else None
             if data_aware and use is None:
-                conversion.notes.append(f"{g.name}: members differ in shape or padding; weight-space fit used instead of {init}")
+                why = "members differ in shape or padding" if not _act_ready(plan, g) else "no input moments for its members"
+                conversion.notes.append(f"{g.name}: {why}; weight-space fit used instead of {init}")
             convert_group = _convert_bank if g.kind == "bank" else _convert_anchor
             convert_group(originals, modules, student, bank, plan, g, init, use, conversion, sequential)
         del found

@@ -32,7 +32,19 @@ from typing import Any
 
 from torch import nn
 
-from .banks import BankSize, BankValue, bank_params, bankable, check_sections, factorizable, parse_bank_size, resolve_rank
+from .banks import (
+    BankSize,
+    BankValue,
+    bank_params,
+    bankable,
+    check_sections,
+    check_value,
+    factorizable,
+    filters_for,
+    parse_bank_size,
+    rank_limit,
+    resolve_rank,
+)
 from .errors import PlanError, UsageError, choose
 from .graph import ConvSite, analyze
 
@@ -353,7 +365,8 @@ def make_plan(
     section_of = {r: i + 1 for i, r in enumerate(resolutions)}
     groups = []
     if mode == "bank":
-        groups_sites = _banks(groups_sites, parse_bank_size(bank_size), section_of, groups, notes)
+        groups += _banks(groups_sites, parse_bank_size(bank_size), section_of, notes)
+        groups_sites = []  # every share group became a bank or stays free
     for i, members in enumerate(groups_sites):
         co = max(s.weight_shape[0] for s in members)
         ci = max(s.weight_shape[1] for s in members)
@@ -392,14 +405,11 @@ def make_plan(
 
 
 def _banks(
-    groups_sites: list[list[ConvSite]],
-    spec: Any,
-    section_of: dict[tuple[int, int], int],
-    out: list[Group],
-    notes: list[str],
-) -> list[list[ConvSite]]:
-    """Append a bank :class:`Group` per share group whose section has a size; return the groups left to anchor (none)."""
+    groups_sites: list[list[ConvSite]], spec: Any, section_of: dict[tuple[int, int], int], notes: list[str]
+) -> list[Group]:
+    """A bank :class:`Group` per share group whose section has a size."""
     check_sections(spec, len(section_of))  # every section holds a group: sections are where groups are
+    out: list[Group] = []
     for members in groups_sites:
         section = section_of[members[0].out_size]
         value = spec.value(section)
@@ -409,7 +419,7 @@ def _banks(
             notes.append(f"{members[0].name} and {len(members) - 1} other(s) stay free: a bank needs dense convs (groups=1)")
             continue
         out.append(bank_group(members, resolve_rank(value, members[0], len(members)), section, len(out)))
-    return []
+    return out
 
 
 def bank_group(members: Sequence[ConvSite], k: int, section: int | None, index: int | str) -> Group:
@@ -423,15 +433,17 @@ def bank_group(members: Sequence[ConvSite], k: int, section: int | None, index: 
 def _low_rank(
     sites: list[ConvSite], value: BankValue, section_of: dict[tuple[int, int], int], notes: list[str]
 ) -> list[Group]:
-    """A one-member bank (a low-rank pair) for each conv in ``sites`` that it makes smaller."""
-    from .banks import check_value
+    """A one-member bank (a low-rank pair) for each conv in ``sites`` that it makes smaller.
 
+    The rank is clamped to each conv's own limit, min(C_out, C_in x kh x kw): one rank or
+    fraction serves convs of many shapes, and a conv at its limit stays dense anyway.
+    """
     check_value(value, "factorize_unshared rank")
     out = []
     for s in sites:
         if not factorizable(s):
             continue
-        r = resolve_rank(value, s, 1, "factorize_unshared rank")
+        r = min(filters_for(value, s), rank_limit(s, 1))
         if bank_params(s, 1, r) >= s.weight_numel:
             notes.append(f"{s.name} stays dense: rank {r} would not make it smaller ({bank_params(s, 1, r):,} >= {s.weight_numel:,})")
             continue

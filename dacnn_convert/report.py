@@ -44,7 +44,10 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
         total += out.numel() // out.shape[0] * m.in_features
 
     handles = []
+    inner = {id(m.coeff) for m in model.modules() if isinstance(m, AnchoredConv2d) and m.coeff is not None}
     for m in model.modules():
+        if id(m) in inner:  # a bank's 1x1 coefficients: counted by its AnchoredConv2d
+            continue
         if isinstance(m, nn.Conv2d | AnchoredConv2d):
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):

@@ -256,7 +256,7 @@ def test_cli_bank_mode_and_bad_values(tmp_path) -> None:
         (["--bank-size", "-1"], "must be positive"),
         (["--bank-size", "1:500"], "the group can use"),
         (["--bank-size", "7:0.5"], "section 7 has no group"),
-        (["--factorize-unshared", "abc"], "--factorize-unshared takes"),
+        (["--factorize-unshared", "abc"], "--factorize-unshared 'abc' is not a bank size"),
     ):
         bad = runner.invoke(app, [*base, "--mode", "bank", *flags, "--dry-run"])
         assert bad.exit_code == 2, (flags, bad.output)
@@ -285,3 +285,16 @@ def test_channel_alignment_keeps_the_function_and_raises_similarity() -> None:
     assert all(after >= before - 1e-9 for _, before, after in report.permuted)
     conv = convert(model, p, align=True)
     assert any("aligned the private channels" in n for n in conv.notes)
+
+
+def test_per_member_refit_never_raises_the_output_error() -> None:
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(8, 4, 3, 3, generator=g) for _ in range(3)]
+    hs = []
+    for i in range(3):  # members see different input statistics
+        x = torch.randn(400, 36, generator=g, dtype=torch.float64) * torch.linspace(0.1, 1 + i, 36, dtype=torch.float64)
+        h = x.T @ x
+        hs.append(h / h.diagonal().mean())
+    plain, refit = fit_bank(weights, 5, hs), fit_bank(weights, 5, hs, refit=True)
+    assert all(b <= a + 1e-9 for a, b in zip(plain.errors, refit.errors, strict=True))
+    assert sum(refit.errors) < sum(plain.errors)

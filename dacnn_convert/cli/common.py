@@ -68,12 +68,9 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
 
 def parse_rank(text: str | None, what: str) -> int | float | None:
     """``64`` -> 64 filters, ``0.25`` -> a quarter of C_out; raises UsageError naming ``what``."""
-    if text is None:
-        return None
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise UsageError(f"{what} takes an integer rank (64) or a fraction of C_out (0.25), got {text!r}") from None
+    from ..banks import parse_value
+
+    return None if text is None else parse_value(text, what)
 
 
 def parse_amount(text: str | None, what: str) -> int | None:
