@@ -171,12 +171,28 @@ def _als(weights: list[torch.Tensor], shape: tuple[int, ...], iters: int, tol: f
     return anchor, [a / s[: a.shape[0]] for a in scales]
 
 
-def _patches(m: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The (N*L, K) matrix of input patches a conv multiplies by its flattened kernel."""
+def _patches(m: torch.nn.Conv2d, x: torch.Tensor, rows: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The (N*L, K) matrix of input patches a conv multiplies by its flattened kernel.
+
+    With ``rows``, at most that many output positions, drawn without replacement (seeded), are
+    gathered directly from the padded input: unfolding a 224 px map only to keep a fraction
+    of its rows costs more than the moments themselves.
+    """
     import torch.nn.functional as F
 
-    p = F.unfold(x.float(), m.kernel_size, m.dilation, m.padding, m.stride)  # (N, K, L)
-    return p.transpose(1, 2).reshape(-1, p.shape[1])
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+    n, _, h, w = x.shape
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if rows is None or n * ho * wo <= rows:
+        p = F.unfold(x.float(), m.kernel_size, m.dilation, m.padding, m.stride)  # (N, K, L)
+        return p.transpose(1, 2).reshape(-1, p.shape[1])
+    idx = torch.randperm(n * ho * wo, generator=torch.Generator().manual_seed(seed))[:rows].to(x.device)
+    b, oy, ox = idx // (ho * wo), idx % (ho * wo) // wo, idx % wo
+    xp = F.pad(x.float(), (pw, pw, ph, ph))
+    iy = oy[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh  # (R, kh)
+    ix = ox[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw  # (R, kw)
+    p = xp[b[:, None, None], :, iy[:, :, None], ix[:, None, :]]  # (R, kh, kw, C)
+    return p.permute(0, 3, 1, 2).reshape(rows, -1)
 
 
 def _run_batches(models: list[torch.nn.Module], batches: Iterable, num_batches: int) -> None:
@@ -204,14 +220,14 @@ def input_moments(
     batches: Iterable,
     num_batches: int,
     student: torch.nn.Module | None = None,
-    max_rows: int | None = 16384,
+    max_rows: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per named conv, (H, C): second moments of the input patches it sees, and the cross term.
 
     Sums are kept in float64. At most ``max_rows`` patch positions per batch and conv are
-    used (a fixed, seeded sample, the same for teacher and student): at 224 px an early
-    stage has ~3,000 positions per image, far more than a d x d moment needs, and the
-    products dominate the cost.
+    used (a fixed, seeded sample, the same for teacher and student; default max(8192, 2 d)
+    for patches of d values): at 224 px an early stage has ~3,000 positions per image, far
+    more than a d x d moment needs, and the products dominate the cost.
 
     Without ``student``, H = C = sum x x^T over the patches ``model`` feeds the conv. With a
     (partially converted) ``student`` holding convs of the same names, H = sum s s^T over the
@@ -225,16 +241,15 @@ def input_moments(
     sums: dict[str, list[torch.Tensor]] = {}
     calls: dict[tuple[str, bool], int] = {}
 
-    def sample(name: str, p: torch.Tensor, side: bool) -> torch.Tensor:
+    def sample(name: str, m: torch.nn.Conv2d, x: torch.Tensor, side: bool) -> torch.Tensor:
         i = calls[name, side] = calls.get((name, side), -1) + 1
-        if max_rows is None or p.shape[0] <= max_rows:
-            return p
-        gen = torch.Generator().manual_seed(i * 7919 + names.index(name))
-        return p[torch.randperm(p.shape[0], generator=gen)[:max_rows].to(p.device)]
+        d = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        rows = max_rows if max_rows is not None else max(8192, 2 * d)
+        return _patches(m, x, rows, seed=i * 7919 + names.index(name))
 
     def teacher_hook(name: str) -> Callable:
         def fn(m: torch.nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            t = sample(name, _patches(m, inp[0]), False)
+            t = sample(name, m, inp[0], False)
             if student is None:
                 _accumulate(sums, name, t, t)
             else:
@@ -244,7 +259,7 @@ def input_moments(
 
     def student_hook(name: str) -> Callable:
         def fn(m: torch.nn.Conv2d, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            _accumulate(sums, name, sample(name, _patches(m, inp[0]), True), latest.pop(name))
+            _accumulate(sums, name, sample(name, m, inp[0], True), latest.pop(name))
 
         return fn
 

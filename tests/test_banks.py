@@ -298,3 +298,19 @@ def test_per_member_refit_never_raises_the_output_error() -> None:
     plain, refit = fit_bank(weights, 5, hs), fit_bank(weights, 5, hs, refit=True)
     assert all(b <= a + 1e-9 for a, b in zip(plain.errors, refit.errors, strict=True))
     assert sum(refit.errors) < sum(plain.errors)
+
+
+@pytest.mark.parametrize(("k", "stride", "pad", "dil"), [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (3, 1, 2, 2)])
+def test_sampled_patches_are_rows_of_the_full_unfold(k: int, stride: int, pad: int, dil: int) -> None:
+    from torch import nn
+
+    from dacnn_convert.fitting import _patches
+
+    conv = nn.Conv2d(3, 4, k, stride, pad, dil)
+    x = torch.randn(2, 3, 9, 9)
+    full = _patches(conv, x)
+    some = _patches(conv, x, rows=7, seed=1)
+    assert some.shape == (7, full.shape[1])
+    hits = [(row - full).abs().amax(dim=1).min().item() for row in some]  # each sampled row is one of full's
+    assert max(hits) == 0.0
+    torch.testing.assert_close(some, _patches(conv, x, rows=7, seed=1))  # seeded: teacher and student agree
