@@ -186,27 +186,31 @@ def convert(
             if data_aware and use is None:
                 why = "members differ in shape or padding" if not _act_ready(plan, g) else "no input moments for its members"
                 conversion.notes.append(f"{g.name}: {why}; weight-space fit used instead of {init}")
-            convert_group = _convert_bank if g.kind == "bank" else _convert_anchor
-            convert_group(originals, modules, student, bank, plan, g, init, use, conversion, sequential)
+            swap = _Swap(originals, modules, bank, plan, init, conversion)
+            (_convert_bank if g.kind == "bank" else _convert_anchor)(swap, g, use, sequential)
         del found
     student.add_module(BANK_NAME, bank.to(_device(model)))
     setattr(student, PLAN_ATTR, plan)
     return conversion
 
 
-def _convert_anchor(
-    originals: dict[str, nn.Module],
-    modules: dict[str, nn.Module],
-    student: nn.Module,
-    bank: AnchorBank,
-    plan: Plan,
-    g: Group,
-    init: str,
-    moments: list[tuple[torch.Tensor, torch.Tensor]] | None,
-    conversion: Conversion,
-    sequential: bool,
-) -> None:
+@dataclass(frozen=True)
+class _Swap:
+    """What every group's conversion reads and writes: the original's and the student's modules, the bank."""
+
+    originals: dict[str, nn.Module]
+    modules: dict[str, nn.Module]  # the student's, by name (BNs to fold scales into)
+    bank: AnchorBank
+    plan: Plan
+    init: str
+    conversion: Conversion
+
+
+def _convert_anchor(swap: _Swap, g: Group, moments: list[tuple[torch.Tensor, torch.Tensor]] | None, sequential: bool) -> None:
     """Fit one shared (sliced) anchor and swap its members for :class:`AnchoredConv2d`."""
+    originals, modules, bank, plan, init, conversion = (swap.originals, swap.modules, swap.bank, swap.plan, swap.init,
+                                                         swap.conversion)  # fmt: skip
+    student = conversion.model
     weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
     if init == "none":
         fit = None
@@ -237,19 +241,10 @@ def _convert_anchor(
         _set(student, name, new)
 
 
-def _convert_bank(
-    originals: dict[str, nn.Module],
-    modules: dict[str, nn.Module],
-    student: nn.Module,
-    bank: AnchorBank,
-    plan: Plan,
-    g: Group,
-    init: str,
-    moments: list[tuple[torch.Tensor, torch.Tensor]] | None,
-    conversion: Conversion,
-    sequential: bool,
-) -> None:
+def _convert_bank(swap: _Swap, g: Group, moments: list[tuple[torch.Tensor, torch.Tensor]] | None, sequential: bool) -> None:
     """Fit one filter bank (whitened SVD) and swap its members for banked :class:`AnchoredConv2d`."""
+    originals, bank, plan, init, conversion = swap.originals, swap.bank, swap.plan, swap.init, swap.conversion
+    student = conversion.model
     weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
     fit = None
     if init not in ("none", "random"):
