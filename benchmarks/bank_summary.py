@@ -42,15 +42,19 @@ def main() -> None:
                 r["macs"] = _macs(artefact)
             rows[budget][r["method"]].append(r)
     lines = ["# Filter banks vs the baselines at 50%, 25% and 10% of the teacher (issue 13)", ""]
-    lines += [f"{k}: {v}  " for k, v in meta.items()]
+    lines += [f"{k}: {v}  " for k, v in meta.items() if k != "Command"]  # each run's command is in its bench.md
+    lines += ["CPU: 2-core Intel Xeon with AVX-512 (no bf16 units), fp32  ",
+              "Smallest file: safetensors as saved; magnitude pruning's bitmask + values file (its dense file is "
+              "the teacher's size)."]  # fmt: skip
     lines += ["", "Per budget: `bash benchmarks/bank_bench.sh` (each run's bench.md beside this file); "
               "accuracies in %, mean over the data seeds present (each seed in brackets).", ""]
     verdicts = []
     for budget in sorted(rows, reverse=True):
         t = 100 * teachers[budget]
         lines += [f"## {budget:.0%} of the teacher's parameters (teacher {t:.2f}%)", "",
-                  "| method | unique params | MACs | CPU latency b1 / b64 (x teacher) | after compression | + BN recal | fine-tuned | drop |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| method | unique params | smallest file (bytes) | MACs | CPU latency b1 / b64 (x teacher) | after compression "
+                  "| + BN recal | fine-tuned | drop |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         means = {}
         for method, rs in sorted(rows[budget].items(), key=lambda kv: -statistics.fmean(r["acc_finetuned"] for r in kv[1])):
             fine = [100 * r["acc_finetuned"] for r in rs]
@@ -60,7 +64,8 @@ def main() -> None:
             r0 = rs[0]
             lat = " / ".join(f"{r0[f'latency_{b}_ms'] / r0[f'teacher_{b}']:.2f}x" if r0[f"latency_{b}_ms"] else "-"
                              for b in ("b1", "b64"))  # fmt: skip
-            lines.append(f"| {method} | {r0['params']:,} | {r0['macs'] / 1e6:.1f}M | {lat} "
+            size = min(b for b in (r0["bytes"], r0["sparse_bytes"]) if b)
+            lines.append(f"| {method} | {r0['params']:,} | {size:,} | {r0['macs'] / 1e6:.1f}M | {lat} "
                          f"| {statistics.fmean(100 * r['acc_compressed'] for r in rs):.2f} | "
                          f"{means[method][1]:.2f} | {mean:.2f}{seeds} | {t - mean:.2f} |")  # fmt: skip
         lines.append("")
