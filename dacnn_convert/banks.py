@@ -123,7 +123,8 @@ def resolve_rank(value: BankValue, site: ConvSite, members: int, what: str = "ba
 
     Raises:
         UsageError: k above what the group can use: the rank of its stacked kernels,
-            min(members x C_out, C_in x kh x kw).
+            min(members x C_out, C_in x kh x kw). (Planning clamps fractions to that limit
+            instead, with a note: one fraction serves groups of many shapes.)
     """
     co, ci, kh, kw = site.weight_shape
     k = filters_for(value, site)

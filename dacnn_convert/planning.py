@@ -418,7 +418,15 @@ def _banks(
         if not bankable(members):
             notes.append(f"{members[0].name} and {len(members) - 1} other(s) stay free: a bank needs dense convs (groups=1)")
             continue
-        out.append(bank_group(members, resolve_rank(value, members[0], len(members)), section, len(out)))
+        limit = rank_limit(members[0], len(members))
+        if isinstance(value, float) and filters_for(value, members[0]) > limit:
+            # one fraction serves groups of many shapes in a section (bottleneck 1x1s): give this one all it can use
+            notes.append(f"{members[0].name} and {len(members) - 1} other(s): bank size {value} clamped to the "
+                         f"{limit} filters the group can use")  # fmt: skip
+            k = limit
+        else:
+            k = resolve_rank(value, members[0], len(members))
+        out.append(bank_group(members, k, section, len(out)))
     return out
 
 

@@ -156,6 +156,7 @@ def test_macs_fall_with_small_banks() -> None:
         (dict(bank_size="1:0"), "must be positive"),
         (dict(bank_size=float("nan")), "must be positive"),
         (dict(bank_size=1000), "above the 32 the group can use"),
+        (dict(bank_size="1:33"), "above the 32 the group can use"),
         (dict(bank_size="9:0.5"), "section 9 has no group to give a bank"),
         (dict(bank_size="1:x"), "is not a bank size"),
         (dict(bank_size="1:0.5,1:0.25"), "given twice"),
@@ -314,3 +315,9 @@ def test_sampled_patches_are_rows_of_the_full_unfold(k: int, stride: int, pad: i
     hits = [(row - full).abs().amax(dim=1).min().item() for row in some]  # each sampled row is one of full's
     assert max(hits) == 0.0
     torch.testing.assert_close(some, _patches(conv, x, rows=7, seed=1))  # seeded: teacher and student agree
+
+
+def test_a_fraction_above_a_groups_rank_is_clamped_with_a_note() -> None:
+    p = plan(TinyResNet(), mode="bank", bank_size="1:5.0,2:0.5", input_size=SIZE)  # 5 x 8 = 40 > 32 in stage 1
+    assert [g.rank for g in p.groups] == [32, 8]
+    assert any("clamped to the 32 filters" in n for n in p.notes)
