@@ -170,6 +170,7 @@ def convert(
         gain = sum(a - b for _, b, a in alignment.permuted) / len(alignment.permuted)
         conversion.notes.append(f"aligned the private channels of {len(alignment.permuted)} conv(s); mean cosine "
                                 f"similarity to their group's first member +{gain:.3f}")  # fmt: skip
+    swap = _Swap(originals, modules, bank, plan, init, conversion)
     ordered = sorted(plan.groups, key=lambda g: min(plan.site(m).order for m in g.members))
     chunks = [ordered] if not data_aware or sequential or moments is not None else _chunks(plan, ordered)
     for chunk in chunks:
@@ -186,7 +187,6 @@ def convert(
             if data_aware and use is None:
                 why = "members differ in shape or padding" if not _act_ready(plan, g) else "no input moments for its members"
                 conversion.notes.append(f"{g.name}: {why}; weight-space fit used instead of {init}")
-            swap = _Swap(originals, modules, bank, plan, init, conversion)
             (_convert_bank if g.kind == "bank" else _convert_anchor)(swap, g, use, sequential)
         del found
     student.add_module(BANK_NAME, bank.to(_device(model)))

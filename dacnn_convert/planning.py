@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -489,3 +489,17 @@ def _place_regulators(
 def _one_by_one_fits(s: ConvSite) -> bool:
     """Does a 1x1 conv with the host's stride give the host's output size?"""
     return all((size - 1) // st + 1 == out for size, st, out in zip(s.in_size, s.stride, s.out_size, strict=True))
+
+
+def with_low_rank(plan: Plan, value: BankValue) -> Plan:
+    """``plan`` (made with mode ``none``) with every factorisable conv low-rank at ``value``; no re-tracing.
+
+    For searches over the rank (the ``lowrank`` baseline bisects it): the graph analysis is the
+    expensive part of :func:`make_plan` and does not depend on the rank.
+    """
+    if plan.groups:
+        raise PlanError("with_low_rank takes a plan of mode 'none' (nothing shared yet)")
+    notes: list[str] = []
+    section_of = {tuple(r): k for k, r in enumerate(plan.sections, start=1)}
+    return replace(plan, groups=tuple(_low_rank(list(plan.sites), value, section_of, notes)), notes=tuple(notes))
+

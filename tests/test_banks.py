@@ -321,3 +321,18 @@ def test_a_fraction_above_a_groups_rank_is_clamped_with_a_note() -> None:
     p = plan(TinyResNet(), mode="bank", bank_size="1:5.0,2:0.5", input_size=SIZE)  # 5 x 8 = 40 > 32 in stage 1
     assert [g.rank for g in p.groups] == [32, 8]
     assert any("clamped to the 32 filters" in n for n in p.notes)
+
+
+def test_lowrank_and_bank_bench_methods_fit_the_budget() -> None:
+    from dacnn_convert.baselines import Context, get_method
+    from dacnn_convert.planning import make_plan, with_low_rank
+
+    model = randomize_bn(TinyResNet()).eval()
+    base = make_plan(model, "none", input_size=SIZE)
+    assert with_low_rank(base, 0.5) == make_plan(model, "none", input_size=SIZE, factorize_unshared=0.5)
+    target = count_params(model) // 2
+    for name in ("lowrank", "dacnn-bank"):
+        out = get_method(name).compress(model, target, Context(SIZE))
+        assert out.params == count_params(out.model) <= target
+        assert out.params >= 0.8 * target, (name, out.params)  # uses the budget, not a token fraction of it
+    assert "rank fraction" in get_method("lowrank").compress(model, target, Context(SIZE)).notes

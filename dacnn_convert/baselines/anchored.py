@@ -93,11 +93,14 @@ class LowRank:
         if target_params is None:
             raise PlanError("lowrank needs a parameter budget (--budget or --match)")
         init = "act" if ctx.calib_loader is not None else "fit"
+        from ..planning import with_low_rank
+
+        base = plan(teacher, "none", init=init, input_size=ctx.input_size)  # traced once
         lo, hi = 1e-3, 1.0
         best = None
         for _ in range(30):  # params grow with the fraction: bisect for the largest that fits
             mid = (lo + hi) / 2
-            p = plan(teacher, "none", init=init, input_size=ctx.input_size, factorize_unshared=mid)
+            p = with_low_rank(base, mid)
             if p.params_after <= target_params:
                 best, lo = p, mid
             else:
