@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .baselines import Context, get_method
+from .defaults import CALIBRATE_BATCHES
 from .distill import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
 from .errors import UsageError
 from .latency import compare_latency
@@ -44,10 +45,10 @@ class BenchConfig:
     budget: float | None = None
     match: str | None = None
     repeats: int = 1
-    calibrate_batches: int = 20
+    calibrate_batches: int = CALIBRATE_BATCHES
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig.finetune)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -251,7 +252,8 @@ def run_bench(
                 recalibrate_bn(model, loaders.train, config.calibrate_batches)
             acc_b = evaluate(model, loaders.val, precision, limit)
             notify("stage", {"method": name, "stage": "calibrated", "acc": acc_b})
-            distill(model, teacher, loaders.train, loaders.val, config=replace(config.train, seed=seed))
+            distill(model, teacher, loaders.train, loaders.val, config=replace(config.train, seed=seed),
+                    calibrate_batches=0)  # the BN step above is the bench's, the same for every method
             model = compressed.finalize(model)
             acc_f = evaluate(model, loaders.val, precision, limit)
             notify("stage", {"method": name, "stage": "finetuned", "acc": acc_f})

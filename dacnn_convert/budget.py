@@ -281,9 +281,12 @@ def calibration_reference(
     reference: list[torch.Tensor] = []
     was = model.training
     model.eval()
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     for i, (x, *_) in enumerate(calib_loader):
         if i >= calib_batches:
             break
+        x = x.to(device)
         batches.append(x)
         with torch.no_grad():
             reference.append(F.log_softmax(model(x), 1))

@@ -9,15 +9,14 @@ never imported from a file's metadata: pass the skeleton with ``load(path, model
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .convert import PLAN_ATTR, convert
-from .errors import CheckpointError, write_failed
+from .errors import CheckpointError
 from .planning import Plan
 from .sources import ModelSpec, build_model, check_state_dict, parse_spec
 
@@ -68,20 +67,7 @@ def save(
         meta["plan"] = plan.to_json()
     if source is not None:
         meta["source"] = json.dumps(source.to_dict())
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise write_failed(path, exc) from exc
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def _num_classes(model: nn.Module) -> int | None:

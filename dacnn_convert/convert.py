@@ -17,12 +17,13 @@ from .fitting import FITS, fit_activations, fit_bank, input_moments
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
 from .planning import Group, Plan, make_plan
 
+
 def plan(
     model: nn.Module,
     mode: str = "mix",
     regulators: str | Sequence[int] | None = "none",
     regulator_style: str = "adapter",
-    init: str = "fit",
+    init: str | None = None,
     input_size: tuple[int, int, int] = (3, 224, 224),
     leaf_modules: Sequence[type[nn.Module]] = (),
     *,
@@ -41,11 +42,13 @@ def plan(
     arguments). With ``target_params``, ``target_ratio`` (times smaller) or ``target_bytes``
     (fp32), :func:`dacnn_convert.budget.search` picks free / mix / plain / bank per section and
     where regulators go, never exceeding the target; ``mode`` and ``regulators`` are then
-    ignored, and ``calib_loader`` makes the search use the ``kl`` sensitivity.
+    ignored, and ``calib_loader`` makes the search use the ``kl`` sensitivity. ``init`` None
+    means ``act`` with ``calib_loader``, else ``fit``; an init given is kept as given.
 
     Raises:
         UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
     """
+    init = init or ("act" if calib_loader is not None else "fit")
     if target_params is None and target_ratio is None and target_bytes is None:
         return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules,
                          bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
@@ -53,10 +56,13 @@ def plan(
     from .planning import unique_params
 
     target = resolve_target(unique_params(model), target_params, target_ratio, target_bytes)
-    return search(model, target, input_size, calib_loader, calib_batches, metric, regulator_style,
-                  init if calib_loader is None or init != "fit" else None, leaf_modules).plan  # fmt: skip
+    return search(model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init,
+                  leaf_modules).plan  # fmt: skip
 
 PLAN_ATTR = "dacnn_plan"
+# True on a freshly converted model whose BatchNorm statistics still describe the original's
+# kernels; recalibrate_bn clears it, distill() recalibrates first when it is set.
+BN_STALE_ATTR = "dacnn_bn_stale"
 
 
 @dataclass
@@ -191,6 +197,7 @@ def convert(
         del found
     student.add_module(BANK_NAME, bank.to(_device(model)))
     setattr(student, PLAN_ATTR, plan)
+    setattr(student, BN_STALE_ATTR, bool(plan.groups) and init != "none")
     return conversion
 
 
@@ -334,54 +341,3 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
 def apply(model: nn.Module, plan: Plan) -> nn.Module:
     """Return a converted copy of ``model`` following ``plan`` (``model`` is left untouched)."""
     return convert(model, plan).model
-
-
-def anchor(
-    model: nn.Module,
-    mode: str = "mix",
-    regulators: str | Sequence[int] | None = "none",
-    regulator_style: str = "adapter",
-    init: str | None = None,
-    input_size: tuple[int, int, int] = (3, 224, 224),
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    calib_loader: Iterable | None = None,
-    calib_batches: int = 100,
-    *,
-    bank_size: BankSize = 0.5,
-    factorize_unshared: BankValue | None = None,
-) -> nn.Module:
-    """Convert ``model`` into a deep anchored CNN in one call: plan, then apply.
-
-    Args:
-        model: any fx-traceable ``nn.Module``; it is left untouched.
-        mode: ``mix`` (share per stage and configuration, the paper's mixed DACNN),
-            ``plain`` (one network-wide sliced kernel), ``bank`` (the groups of ``mix``
-            share k filters, each member keeps a 1x1 coefficient conv), ``sharesnet`` or ``none``.
-        regulators: ``none``, ``all`` or 1-based section numbers, e.g. ``"1,3"``.
-        regulator_style: ``adapter`` (parallel, function-preserving) or ``paper`` (series).
-        init: anchor initialisation: ``fit`` (least squares with scales folded into BN),
-            ``act``/``act-seq`` (data-aware, need ``calib_loader``), ``mean``, ``first`` or
-            ``random``; None picks ``act`` with data, else ``fit``.
-        input_size: (C, H, W) of one example, for shape propagation.
-        leaf_modules: module types fx must not trace into.
-        calib_loader: batches of (images, labels); when given, ``init`` defaults to ``act``
-            (anchors fitted to the inputs each layer sees) instead of ``fit``.
-        calib_batches: how many batches of ``calib_loader`` to use.
-        bank_size: filters per bank for ``mode="bank"``: an integer, a fraction of C_out
-            or per section (``"1:1.0,2:0.5,4:0.125"``); see :mod:`dacnn_convert.banks`.
-        factorize_unshared: rank (integer or fraction of C_out) of a low-rank factorisation
-            of every conv that shares with nothing; None keeps them dense.
-
-    Returns:
-        A copy of ``model`` (same class, same names for untouched modules) whose
-        anchored convs read shared kernels from ``model.dacnn_anchors``.
-
-    Raises:
-        UsageError: an argument is outside its allowed values.
-        TraceError, PlanError: the model cannot be traced, run or converted.
-    """
-    if init is None:
-        init = "act" if calib_loader is not None else "fit"
-    p = plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules,
-             bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
-    return convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model

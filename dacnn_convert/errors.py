@@ -79,10 +79,14 @@ def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
 
 
 def choose(kind: str, value: str, choices: Iterable[str]) -> str:
-    """Validate ``value`` against ``choices`` and raise a :class:`UsageError` that lists them."""
+    """Validate ``value`` against ``choices`` and return the plain string (never a str Enum member).
+
+    Raises:
+        UsageError: ``value`` is not one of ``choices``; the message lists them and the closest match.
+    """
     options = list(choices)
     if value in options:
-        return value
+        return options[options.index(value)]
     raise UsageError(
         f"unknown {kind} {value!r}; expected one of: {', '.join(options)}.{suggest(value, options)}"
     )

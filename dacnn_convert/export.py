@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import DacnnError, UsageError
 
 ONNX_DTYPES = ("fp32", "fp16", "bf16")
@@ -91,9 +91,7 @@ def export_onnx(
     _strip_metadata(proto)
     if dtype != "fp32":
         _store_floats_as(proto, dtype)
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    onnx.save(proto, str(tmp_path))
-    os.replace(tmp_path, path)
+    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
     diff = _check_onnxruntime(model, path, input_size) if check else None
     return OnnxExport(path, path.stat().st_size, len(proto.graph.initializer), diff)
 
@@ -154,7 +152,5 @@ def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int
             traced = torch.jit.trace(model, torch.randn(1, *input_size))
     finally:
         model.train(was_training)
-    tmp = path.with_name(f".{path.name}.tmp")
-    traced.save(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: traced.save(str(tmp)))
     return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -179,7 +178,8 @@ def analyze(
         model.eval()
         # ShapeProp prints a traceback of its own before raising: keep the user's terminal clean
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(torch.zeros(1, *input_size))
+            p = next(model.parameters(), None)  # the example goes where the model is (CPU or GPU)
+            ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=p.device if p is not None else "cpu"))
     except Exception as exc:
         root = exc.__cause__ or exc
         node = next((str(n.target) for n in gm.graph.nodes if f"node=%{n.name} " in str(exc)), None)

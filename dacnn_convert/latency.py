@@ -42,9 +42,27 @@ def compare_latency(
 
     Interleaving makes the models share whatever else the machine is doing, so their ratio is
     meaningful on a busy or throttling machine where back-to-back timings drift by 10%.
+    ``device`` is ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; every model goes back to its own
+    device and train/eval mode afterwards.
     """
-    dev = torch.device(device)
+    from .distill.device import device_of, resolve_device
+
+    dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
+    was = {name: (device_of(m), {mod: mod.training for mod in m.modules()}) for name, m in models.items()}
+    try:
+        return _time(models, input_size, batch, precision, dev, repeats, warmup)
+    finally:
+        for name, m in models.items():
+            m.to(was[name][0])
+            for mod, training in was[name][1].items():
+                mod.training = training
+
+
+def _time(
+    models: dict[str, nn.Module], input_size: tuple[int, int, int], batch: int, precision: str, dev: torch.device,
+    repeats: int, warmup: int,
+) -> list[LatencyRow]:
     nets = {name: m.to(dev).eval() for name, m in models.items()}
     x = torch.randn(batch, *input_size, device=dev)
     times: dict[str, list[float]] = {name: [] for name in nets}

@@ -1,32 +1,43 @@
-"""The whole job on data: convert, calibrate BatchNorm, distil, and measure each step.
+"""The good path in one call: convert, calibrate BatchNorm, distil, and measure each step.
 
     teacher ─► plan ─► convert (fit) ─► BN recalibration ─► KD fine-tune ─► report
 
-Accuracy is measured after every step, so a user sees what each one buys.
+:func:`compress` is the whole job (the CLI's ``dacnn-convert --dataset`` calls it), and
+:func:`anchor` the conversion alone; both use the data-aware fit and recalibrate BatchNorm
+whenever they are given data. Accuracy is measured after every step, so a user sees what each
+one buys.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .banks import BankSize, BankValue
 from .checkpoint import save
 from .convert import convert
-from .distill import FitResult, Loaders, TrainConfig, distill, evaluate, recalibrate_bn
+from .convert import plan as make_plan
+from .distill import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
+from .distill.calibrate import CALIBRATE_BATCHES
+from .errors import UsageError
 from .planning import Plan
 from .report import ConversionReport, build_report, state_dict_bytes
+
+DEFAULT_INPUT_SIZE = (3, 224, 224)
 
 
 @dataclass
 class PipelineResult:
-    """Accuracies (fractions) after each step, the conversion report and the fine-tune history."""
+    """The student, accuracies (fractions) after each step, the conversion report and the fine-tune history."""
 
+    model: nn.Module
     teacher_acc: float
     converted_acc: float
     calibrated_acc: float
@@ -75,40 +86,152 @@ class PipelineResult:
         return "\n".join(lines) + "\n"
 
 
+def input_size_of(batches: Iterable | None, default: tuple[int, int, int] = DEFAULT_INPUT_SIZE) -> tuple[int, int, int]:
+    """(C, H, W) of the first batch of ``batches`` (images or (images, labels)); ``default`` without data."""
+    if batches is None:
+        return default
+    batch = next(iter(batches))
+    x = batch[0] if isinstance(batch, list | tuple) else batch
+    if x.dim() != 4:
+        raise UsageError(f"calibration batches must hold images of shape (N, C, H, W), got {tuple(x.shape)}")
+    return tuple(x.shape[1:])  # type: ignore[return-value]
+
+
+def anchor(
+    model: nn.Module,
+    mode: str = "mix",
+    regulators: str | Sequence[int] | None = "none",
+    regulator_style: str = "adapter",
+    init: str | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    calib_loader: Iterable | None = None,
+    calib_batches: int = CALIBRATE_BATCHES,
+    *,
+    bank_size: BankSize = 0.5,
+    factorize_unshared: BankValue | None = None,
+    target_params: int | None = None,
+    target_ratio: float | None = None,
+    target_bytes: int | None = None,
+) -> nn.Module:
+    """Convert ``model`` into a deep anchored CNN in one call: plan, apply, and with data calibrate.
+
+    With ``calib_loader`` the anchors are fitted to the inputs each layer really sees
+    (``init="act"``) and the BatchNorm statistics are re-estimated on the same batches, the
+    two steps that make the converted model accurate before any training. Without data the
+    fit uses the weights alone and the model remembers that its BN statistics are stale, so
+    :func:`dacnn_convert.distill` recalibrates it before fine-tuning.
+
+    Args:
+        model: any fx-traceable ``nn.Module``; it is left untouched.
+        mode: ``mix`` (share per stage and configuration, the paper's mixed DACNN),
+            ``plain`` (one network-wide sliced kernel), ``bank`` (the groups of ``mix``
+            share k filters, each member keeps a 1x1 coefficient conv), ``sharesnet`` or ``none``.
+        regulators: ``none``, ``all`` or 1-based section numbers, e.g. ``"1,3"``.
+        regulator_style: ``adapter`` (parallel, function-preserving) or ``paper`` (series).
+        init: anchor initialisation: ``fit`` (least squares with scales folded into BN),
+            ``act``/``act-seq`` (data-aware, need ``calib_loader``), ``mean``, ``first`` or
+            ``random``; None picks ``act`` with data, else ``fit``.
+        input_size: (C, H, W) of one example, for shape propagation; None = the shape of
+            ``calib_loader``'s images, else 3x224x224.
+        leaf_modules: module types fx must not trace into.
+        calib_loader: batches of (images, labels), e.g. a ``torch.utils.data.DataLoader``
+            over training data.
+        calib_batches: how many batches of ``calib_loader`` the fit and the BN step use.
+        bank_size: filters per bank for ``mode="bank"``: an integer, a fraction of C_out
+            or per section (``"1:1.0,2:0.5,4:0.125"``); see :mod:`dacnn_convert.banks`.
+        factorize_unshared: rank (integer or fraction of C_out) of a low-rank factorisation
+            of every conv that shares with nothing; None keeps them dense.
+        target_params, target_ratio, target_bytes: a size target instead of ``mode``: the
+            budget planner picks free / mix / plain / filter banks per section (scored on
+            ``calib_loader`` when given; see :func:`dacnn_convert.plan`).
+
+    Returns:
+        A copy of ``model`` (same class, same names for untouched modules) whose
+        anchored convs read shared kernels from ``model.dacnn_anchors``.
+
+    Raises:
+        UsageError: an argument is outside its allowed values.
+        TraceError, PlanError: the model cannot be traced, run or converted (or nothing fits the target).
+    """
+    if init is None:
+        init = "act" if calib_loader is not None else "fit"
+    size = input_size or input_size_of(calib_loader)
+    p = make_plan(model, mode, regulators, regulator_style, init, size, leaf_modules,
+                  target_params=target_params, target_ratio=target_ratio, target_bytes=target_bytes,
+                  calib_loader=calib_loader, bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
+    student = convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model
+    if calib_loader is not None and calib_batches > 0:
+        recalibrate_bn(student, calib_loader, calib_batches)
+    return student
+
+
+_PLAN_OPTIONS = frozenset(inspect.signature(make_plan).parameters) - {"model", "calib_loader", "input_size"}
+
+
 def compress(
     teacher: nn.Module,
-    plan: Plan,
-    loaders: Loaders,
-    config: TrainConfig,
-    calibrate_batches: int = 100,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    plan: Plan | None = None,
+    *,
+    epochs: int | None = None,
+    config: TrainConfig | None = None,
+    calibrate_batches: int = CALIBRATE_BATCHES,
     out: Path | None = None,
+    dtype: str = "fp32",
     source: Any = None,
     on_stage: Callable[[str, float], None] | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     resume: bool = False,
+    **plan_options: Any,
 ) -> PipelineResult:
-    """Convert ``teacher`` by ``plan``, recalibrate BN, distil for ``config.epochs`` and measure.
+    """The whole job: plan, convert with the data-aware fit, recalibrate BN, distil, measure.
+
+        result = compress(teacher, train_loader, val_loader, mode="mix", regulators="all", epochs=1)
+        result.model, result.drop, result.report.ratio
 
     Args:
-        teacher: the trained original; left untouched.
-        plan: the conversion plan (``dacnn_convert.plan``).
-        loaders: training and validation data.
-        config: fine-tuning settings.
-        calibrate_batches: training batches used for the ``act`` anchor fit and to re-estimate
+        teacher: the trained original; left untouched (its train/eval mode is restored).
+        train_loader: batches of (images, labels) for the fit, the BN step and the fine-tune.
+        val_loader: batches of (images, labels) for the accuracy after each step.
+        plan: the conversion plan (:func:`dacnn_convert.plan`); None makes one from
+            ``plan_options`` at the data's input size with ``init="act"``.
+        epochs: shorthand overriding ``config.epochs``.
+        config: fine-tuning settings; None = :meth:`TrainConfig.finetune`.
+        calibrate_batches: training batches for the ``act`` anchor fit and to re-estimate
             BN statistics (0 skips the BN step).
-        out: where ``model.safetensors``, ``report.json`` and ``report.md`` go; None writes nothing.
-        source: model source recorded in the checkpoint.
+        out: where ``model.safetensors``, ``report.json`` and ``report.md`` go (plus the
+            fine-tune's checkpoints); None writes nothing.
+        dtype: storage dtype of ``model.safetensors`` (``fp32``, ``fp16`` or ``bf16``).
+        source: model source recorded in the checkpoint (see :func:`dacnn_convert.save`).
         on_stage: called with (stage name, accuracy) after each measured step.
+        on_step, on_epoch: fine-tune progress callbacks (see :func:`dacnn_convert.distill`).
         resume: continue an interrupted fine-tune from ``out/state.pt``.
+        **plan_options: keywords of :func:`dacnn_convert.plan` when ``plan`` is None (``mode``
+            defaults to ``bank``; ``target_ratio=4`` asks the planner for a 4x smaller model).
 
     Returns:
-        :class:`PipelineResult`.
+        :class:`PipelineResult` (the student is ``result.model``).
+
+    Raises:
+        UsageError: a plan and plan options together, or an unknown option.
+        TraceError, PlanError, NonFiniteLossError: from planning, conversion, fine-tuning.
     """
+    unknown = sorted(set(plan_options) - _PLAN_OPTIONS)
+    if unknown:
+        raise UsageError(f"compress() got unknown option(s) {', '.join(unknown)}; plan options are "
+                         f"{', '.join(sorted(_PLAN_OPTIONS))}")  # fmt: skip
+    if plan is not None and plan_options:
+        raise UsageError(f"give either plan= or plan options ({', '.join(sorted(plan_options))}), not both")
+    cfg = config or TrainConfig.finetune()
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
     start = time.perf_counter()
     steps: dict[str, float] = {}
     notify = on_stage or (lambda name, acc: None)
-    limit = config.limit_batches
+    limit = cfg.limit_batches
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
@@ -116,27 +239,34 @@ def compress(
         steps[name] = time.perf_counter() - t
         return value
 
-    teacher_acc = timed("eval_teacher", lambda: evaluate(teacher, loaders.val, config.precision, limit))
-    notify("teacher", teacher_acc)
     calib = max(calibrate_batches, 1)
-    conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=loaders.train, calib_batches=calib))
+    if plan is None:
+        options = {"mode": "bank", "init": "act", **plan_options}
+        targeted = any(options.get(k) is not None for k in ("target_params", "target_ratio", "target_bytes"))
+        plan = timed("plan", lambda: make_plan(teacher, input_size=input_size_of(train_loader),
+                                               calib_loader=train_loader if targeted else None, **options))  # fmt: skip
+    teacher_acc = timed("eval_teacher", lambda: evaluate(teacher, val_loader, cfg.precision, limit))
+    notify("teacher", teacher_acc)
+    conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=train_loader, calib_batches=calib))
     student = conversion.model
-    converted_acc = timed("eval_converted", lambda: evaluate(student, loaders.val, config.precision, limit))
+    converted_acc = timed("eval_converted", lambda: evaluate(student, val_loader, cfg.precision, limit))
     notify("converted", converted_acc)
     if calibrate_batches > 0:
-        timed("calibrate", lambda: recalibrate_bn(student, loaders.train, calibrate_batches))
-    calibrated_acc = timed("eval_calibrated", lambda: evaluate(student, loaders.val, config.precision, limit))
+        timed("calibrate", lambda: recalibrate_bn(student, train_loader, calibrate_batches))
+    calibrated_acc = timed("eval_calibrated", lambda: evaluate(student, val_loader, cfg.precision, limit))
     notify("calibrated", calibrated_acc)
     fit = timed(
         "finetune",
-        lambda: distill(student, teacher, loaders.train, loaders.val, config=config, out=out, on_step=on_step,
-                        on_epoch=on_epoch, source=source, resume=resume, feature_layers=plan.stage_outputs()),  # fmt: skip
+        lambda: distill(student, teacher, train_loader, val_loader, config=cfg, out=out, on_step=on_step,
+                        on_epoch=on_epoch, source=source, resume=resume, feature_layers=plan.stage_outputs(),
+                        calibrate_batches=0),  # fmt: skip
     )
     finetuned_acc = fit.final_acc
     notify("finetuned", finetuned_acc)
     from .distill.distributed import is_main
 
-    ckpt = save(student, out / "model.safetensors", source=source) if out is not None and is_main() else None
+    main = out is not None and is_main()
+    ckpt = save(student, out / "model.safetensors", source=source, dtype=dtype) if main else None
     report = build_report(
         teacher,
         conversion,
@@ -145,9 +275,10 @@ def compress(
         ckpt.stat().st_size if ckpt else state_dict_bytes(student),
     )
     result = PipelineResult(
-        teacher_acc, converted_acc, calibrated_acc, finetuned_acc, report, fit, time.perf_counter() - start, ckpt, steps
-    )
-    if out is not None and is_main():
+        student, teacher_acc, converted_acc, calibrated_acc, finetuned_acc, report, fit, time.perf_counter() - start,
+        ckpt, steps,
+    )  # fmt: skip
+    if main:
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2))
         (out / "report.md").write_text(result.to_markdown())
     return result

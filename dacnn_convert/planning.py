@@ -347,9 +347,9 @@ def make_plan(
             a bank size that is not positive or above what its group can use.
         TraceError, PlanError: the model cannot be traced or run on ``input_size``.
     """
-    choose("mode", mode, MODES)
-    choose("init", init, INITS)
-    choose("regulator style", regulator_style, REGULATOR_STYLES)
+    mode = choose("mode", mode, MODES)
+    init = choose("init", init, INITS)
+    regulator_style = choose("regulator style", regulator_style, REGULATOR_STYLES)
     sites = analyze(model, input_size, leaf_modules)
     notes: list[str] = []
     if not sites:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, TRAIN_LR
 from .errors import RecipeError, suggest
 
 TASKS = ("convert", "train")
@@ -48,14 +49,14 @@ class Recipe:
     dataset: str | None = None
     epochs: int = 1
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float | None = None  # None: 0.05 for task train (from scratch), defaults.FINETUNE_LR for convert
     optimizer: str = "sgd"
     schedule: str = "cosine"
     step_every: int = 0
     weight_decay: float = 5e-4
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
-    calibrate_batches: int = 100
+    calibrate_batches: int = CALIBRATE_BATCHES
     precision: str = "auto"
     train_limit: int | None = None
     augment: str = "auto"
@@ -75,8 +76,15 @@ class Recipe:
         for name in ("calibrate_batches", "seed", "step_every"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise RecipeError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def resolved_lr(self) -> float:
+        """The peak learning rate: as written, else the default of the recipe's task."""
+        if self.lr is not None:
+            return self.lr
+        return TRAIN_LR if self.task == "train" else FINETUNE_LR
 
     def to_yaml(self) -> str:
         """The recipe as flat YAML (defaults included), as written next to results."""

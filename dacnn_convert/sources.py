@@ -1,16 +1,18 @@
 """Model sources: turn a name into an ``nn.Module`` and load weights into it.
 
-Four kinds of source are understood:
+Five kinds of source are understood:
 
 * ``resnet34``, ``vgg16_bn`` ... — a torchvision classification model;
-* ``timm:resnet50d`` — a timm model;
+* ``timm:resnet50d``, ``timm:resnet18.a1_in1k`` — a timm model, with or without a pretrained tag;
+* ``hf-hub:timm/resnet18.a1_in1k`` — a timm model on the Hugging Face hub (timm's own spelling);
 * ``dacnn:18-mix-reg`` — one of the paper's DACNNs, built from scratch (:mod:`models`);
 * ``my_pkg.models:make_net`` — a factory in the user's own code, imported only
   when given explicitly (never from a checkpoint's metadata, see :mod:`checkpoint`).
 
-Weights are ``DEFAULT`` (the library's pretrained weights, downloaded once),
-``none`` (random init) or a path to a state dict (``.safetensors`` or a
-``torch.save``-d dict read with ``weights_only=True``).
+Weights are ``DEFAULT`` (the library's pretrained weights, downloaded once), a torchvision
+weight enum (``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2``), ``none`` (random init)
+or a path to a state dict (``.safetensors`` or a ``torch.save``-d dict read with
+``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import socket
 import sys
 import urllib.error
 from collections.abc import Iterator
@@ -48,6 +49,8 @@ class ModelSpec:
     @property
     def display(self) -> str:
         """The spelling a user types on the command line."""
+        if self.kind == "timm" and self.name.startswith("hf-hub:"):
+            return self.name
         return {"torchvision": self.name, "timm": f"timm:{self.name}", "dacnn": f"dacnn:{self.name}"}.get(
             self.kind, self.name
         )
@@ -76,14 +79,18 @@ def parse_spec(text: str, num_classes: int | None = None) -> ModelSpec:
                 "e.g. dacnn:18-mix-reg, dacnn:18-plain-reg3, dacnn:14-plain-free"
             )
         return ModelSpec("dacnn", name, num_classes)
+    if text.startswith("hf-hub:"):
+        if "/" not in text[len("hf-hub:") :]:
+            raise UnknownModelError(f"{text!r}: a hub model is hf-hub:OWNER/NAME, e.g. hf-hub:timm/resnet18.a1_in1k")
+        return ModelSpec("timm", text, num_classes)  # timm.create_model reads hf-hub: names itself
     if text.startswith("timm:"):
         import timm
 
         name = text[len("timm:") :]
-        if name not in timm.list_models():
+        if not timm.is_model(name):  # accepts pretrained tags (resnet18.a1_in1k), as timm does
             raise UnknownModelError(
-                f"unknown timm model {name!r}.{suggest(name, timm.list_models())} "
-                "See timm.list_models() for the names."
+                f"unknown timm model {name!r}.{suggest(name.partition('.')[0], timm.list_models())} "
+                "See timm.list_models() for the names and timm.list_pretrained() for their tags."
             )
         return ModelSpec("timm", name, num_classes)
     if ":" in text:
@@ -112,7 +119,8 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
             not fit the model.
         UnknownModelError: a ``module:factory`` source cannot be imported.
     """
-    pretrained = isinstance(weights, str) and weights.upper() == "DEFAULT"
+    enum = torchvision_weights(spec, weights) if isinstance(weights, str) else None
+    pretrained = enum is not None or (isinstance(weights, str) and weights.upper() == "DEFAULT")
     if weights is None or (isinstance(weights, str) and weights.lower() == "none"):
         path = None
     elif pretrained:
@@ -120,7 +128,9 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
     else:
         path = Path(weights)
         if not path.is_file():
-            raise WeightsError(f"weights file {str(path)!r} does not exist; {OFFLINE_HINT}")
+            names = _weight_names(spec)
+            also = f"; {spec.name}'s pretrained weights are {', '.join(names)}" if names else ""
+            raise WeightsError(f"weights file {str(path)!r} does not exist{also}; {OFFLINE_HINT}")
 
     if spec.kind == "dacnn":
         if pretrained:
@@ -136,21 +146,48 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
     elif spec.kind == "timm":
         model = _build_timm(spec, pretrained)
     else:
-        model = _build_torchvision(spec, pretrained)
+        model = _build_torchvision(spec, enum or ("DEFAULT" if pretrained else None))
     if path is not None:
         model.load_state_dict(read_state_dict(path, model), strict=True)
     return model
 
 
-def _build_torchvision(spec: ModelSpec, pretrained: bool) -> nn.Module:
+def torchvision_weights(spec: ModelSpec, weights: str) -> Any:
+    """The torchvision weight enum ``weights`` names for ``spec`` (``IMAGENET1K_V2``,
+    ``ResNet50_Weights.IMAGENET1K_V2`` or ``DEFAULT``), or None when it names none."""
+    if spec.kind != "torchvision" or weights.lower() == "none":
+        return None
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(spec.name)
+    except (ValueError, KeyError):
+        return None
+    member = weights.rpartition(".")[2] if weights.partition(".")[0] == enum.__name__ else weights
+    member = "DEFAULT" if member.upper() == "DEFAULT" else member
+    return enum[member] if member in enum.__members__ else None
+
+
+def _weight_names(spec: ModelSpec) -> list[str]:
+    if spec.kind != "torchvision":
+        return []
+    import torchvision
+
+    try:
+        return list(torchvision.models.get_model_weights(spec.name).__members__)
+    except (ValueError, KeyError):
+        return []
+
+
+def _build_torchvision(spec: ModelSpec, weights: Any) -> nn.Module:
     import torchvision
 
     kwargs: dict[str, Any] = {}
-    if not pretrained and spec.num_classes is not None:
+    if weights is None and spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
     with _download_errors(spec):
-        model = torchvision.models.get_model(spec.name, weights="DEFAULT" if pretrained else None, **kwargs)
-    if pretrained and spec.num_classes is not None:
+        model = torchvision.models.get_model(spec.name, weights=weights, **kwargs)
+    if weights is not None and spec.num_classes is not None:
         _reset_last_linear(model, spec.num_classes)
     return model
 
@@ -161,10 +198,10 @@ def _build_timm(spec: ModelSpec, pretrained: bool) -> nn.Module:
     kwargs: dict[str, Any] = {}
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
-    if not pretrained:
+    if not pretrained and not spec.name.startswith("hf-hub:"):  # hub names fetch their config even so
         return timm.create_model(spec.name, pretrained=False, **kwargs)
     with _download_errors(spec), _hub_offline_unless_reachable():
-        return timm.create_model(spec.name, pretrained=True, **kwargs)
+        return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
 
 
 def _build_from_factory(spec: ModelSpec) -> nn.Module:
@@ -223,19 +260,35 @@ def _download_errors(spec: ModelSpec) -> Iterator[None]:
         ) from exc
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Can the hub client reach its endpoint, with its own settings?
+
+    Asked the way huggingface_hub itself would connect: its endpoint (``HF_ENDPOINT``, so
+    mirrors count), its HTTP session (proxies from the environment) and its offline flag
+    (``HF_HUB_OFFLINE=1`` means no).
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except Exception:  # any transport failure (httpx or requests, by hub version) means unreachable
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def _hub_offline_unless_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> Iterator[None]:
+def _hub_offline_unless_reachable(timeout_s: float = 3.0) -> Iterator[None]:
     """Skip huggingface_hub's ~45 s of retries when the hub cannot be reached at all.
 
-    With no route to the hub, offline mode still serves a cached file and fails at
-    once otherwise; with a route, nothing changes.
+    With no route to the hub, the download runs in the hub's offline mode for its duration
+    only (the flag is put back afterwards): a cached file is still served, anything else
+    fails at once with the one-line offline error; with a route, nothing changes.
     """
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
+    if hub_reachable(timeout_s):
         yield
         return
-    except OSError:
-        pass
     from huggingface_hub import constants
 
     previous = constants.HF_HUB_OFFLINE
@@ -299,10 +352,44 @@ def check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, where: st
             )
 
 
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model was made for: timm's pretrained config, else 3x224x224."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How a model's pretrained weights expect their images: size, normalisation, crop, resampling."""
+
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875  # validation: resize to size / crop_pct, centre-crop size
+    interpolation: str = "bilinear"
+
+
+def input_config(model: nn.Module, spec: ModelSpec | None = None, weights: str | None = None) -> InputConfig:
+    """The model's own preprocessing: timm's data config, torchvision's ``weights.transforms()``.
+
+    Without either (a user model, random weights) the ImageNet convention: 224 px, ImageNet
+    mean and std, 87.5% centre crop, bilinear.
+    """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
-        c, h, w = cfg["input_size"]
-        return int(c), int(h), int(w)
-    return (3, 224, 224)
+        import timm.data
+
+        data = timm.data.resolve_data_config({}, model=model)
+        c, h, w = data["input_size"]
+        return InputConfig((int(c), int(h), int(w)), tuple(data["mean"]), tuple(data["std"]),
+                           float(data.get("crop_pct", 0.875)), str(data.get("interpolation", "bilinear")))  # fmt: skip
+    enum = torchvision_weights(spec, weights or "DEFAULT") if spec is not None else None
+    if enum is not None:
+        t = enum.transforms()
+        crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+        interp = getattr(t.interpolation, "value", str(t.interpolation))
+        return InputConfig((3, crop, crop), tuple(t.mean), tuple(t.std), crop / resize, str(interp))
+    return InputConfig()
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model was made for: its pretrained config (:func:`input_config`), else 3x224x224."""
+    return input_config(model).input_size

@@ -152,3 +152,108 @@ def test_timm_offline_fails_fast_without_hub_retries(tmp_path, monkeypatch) -> N
     assert result.exit_code == 1, result.output
     assert "--weights none" in result.output
     assert time.perf_counter() - start < 20  # huggingface_hub alone would retry for ~45 s
+
+
+# -- issue 14: choices, help speed, one set of fine-tune options and defaults, the reported bugs --
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "value"),
+    [
+        (["convert"], "--optimizer", "foo"),
+        (["convert"], "--schedule", "linear"),
+        (["convert"], "--precision", "fp8"),
+        (["convert"], "--augment", "mixup"),
+        (["convert"], "--metric", "mse"),
+        (["train"], "--optimizer", "sgdd"),
+        (["bench"], "--precision", "half"),
+    ],
+)
+def test_every_choice_is_validated_up_front(command, flag, value) -> None:
+    args = [*command, *TINY, flag, value, "--dry-run"] if command == ["convert"] else [*command, *TINY, flag, value]
+    if command == ["bench"]:
+        args += ["--dataset", "synthetic"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert value in result.output and "is not one of" in result.output
+
+
+def test_help_lists_the_valid_choices() -> None:
+    out = runner.invoke(convert_app, ["--help"], env={"COLUMNS": "200"}).output
+    for choices in ("sgd", "adamw", "adagrad", "cosine", "step", "fp32", "bf16", "fp16", "flip"):
+        assert choices in out
+
+
+def test_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, dacnn_convert.cli; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+FINETUNE_FLAGS = {"epochs", "batch_size", "lr", "optimizer", "schedule", "warmup_steps", "weight_decay",
+                  "kd_temperature", "kd_alpha", "label_smoothing", "clip_grad", "calibrate_batches", "precision",
+                  "channels_last", "augment", "limit_batches", "train_limit", "seed", "download"}  # fmt: skip
+
+
+def _params(command) -> dict:
+    import inspect
+
+    return {n: p.default for n, p in inspect.signature(command).parameters.items()}
+
+
+def test_bench_has_the_same_fine_tune_options_and_defaults_as_convert() -> None:
+    from dacnn_convert.cli.bench import bench_command
+    from dacnn_convert.cli.convert import convert_command
+    from dacnn_convert.distill import TrainConfig
+
+    convert, bench = _params(convert_command), _params(bench_command)
+    assert FINETUNE_FLAGS <= set(convert) and FINETUNE_FLAGS <= set(bench)
+    for flag in FINETUNE_FLAGS - {"epochs"}:
+        assert convert[flag] == bench[flag], flag
+    ft = TrainConfig.finetune()  # ... and as distill() in Python
+    assert (convert["lr"], convert["warmup_steps"]) == (ft.lr, ft.warmup_steps)
+
+
+def test_dtype_is_kept_when_a_dataset_is_given(tmp_path) -> None:
+    from safetensors import safe_open
+
+    result = runner.invoke(convert_app, [*TINY, "--dtype", "fp16", "--calibrate-batches", "1", "--out",
+                                         str(tmp_path), *SYN])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata()["dtype"] == "fp16"
+        assert f.get_tensor(next(k for k in f.keys() if k.endswith("conv1.weight"))).dtype == torch.float16
+
+
+@pytest.mark.parametrize("init", ["act-seq", "fit"])
+def test_budget_mode_keeps_the_init_the_user_gave(init) -> None:
+    result = runner.invoke(convert_app, [*TINY, "--target-ratio", "1.5", "--dataset", "synthetic", "--init", init,
+                                         "--dry-run", "--limit-batches", "2"], env={"COLUMNS": "200"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"init {init}" in " ".join(result.output.split())  # the plan's title, however rich wraps it
+
+
+def test_checkpoints_get_the_umask_permissions_and_are_fsynced(tmp_path, monkeypatch) -> None:
+    import os
+
+    from dacnn_convert import save
+    from dacnn_convert.distill.trainer import _save_state
+
+    from .models import TinyResNet
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    old = os.umask(0o022)
+    try:
+        path = save(TinyResNet(), tmp_path / "m.safetensors")
+        state = _save_state(tmp_path / "state.pt", {"x": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    for p in (path, state):
+        assert (p.stat().st_mode & 0o777) == 0o644  # 0666 & ~umask, not mkstemp's 0600
+    assert len(synced) >= 4  # each file's data and its folder entry
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "state.pt"]  # no temp files left

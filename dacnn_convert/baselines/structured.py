@@ -111,7 +111,8 @@ def channel_prune(
     model.eval()  # a batch of one example would break BatchNorm in train mode
     for p in model.parameters():  # Torch-Pruning leaves frozen parameters alone
         p.requires_grad_(True)
-    example = torch.randn(1, *input_size)
+    first = next(model.parameters(), None)
+    example = torch.randn(1, *input_size, device=first.device if first is not None else "cpu")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     widest = max(m.out_channels for m in convs)
     per_layer = {m: widest_ratio for m in convs if m.out_channels == widest} if widest_ratio is not None else None

@@ -6,6 +6,8 @@ rich. Library errors become one line on stderr and exit code 1 (usage errors 2).
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from .bench import bench_command
@@ -41,11 +43,24 @@ convert_app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 convert_app.command()(convert_command)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group a command joined (without importing torch for --help)."""
+    distributed = sys.modules.get("dacnn_convert.distill.distributed")
+    if distributed is not None:
+        distributed.shutdown()
+
+
 def main() -> None:
     """Entry point of ``dacnn``."""
-    app()
+    try:
+        app()
+    finally:
+        _leave_process_group()
 
 
 def convert_main() -> None:
     """Entry point of ``dacnn-convert``."""
-    convert_app()
+    try:
+        convert_app()
+    finally:
+        _leave_process_group()

@@ -12,23 +12,37 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError
 from .common import (
+    Augment,
+    AugOpt,
     BatchOpt,
     CalibOpt,
+    ChannelsLastOpt,
     ClassesOpt,
+    ClipOpt,
     DataOptions,
+    DeviceOpt,
     DownloadOpt,
     EpochsOpt,
+    KdAOpt,
+    KdTOpt,
     LimitOpt,
     LrOpt,
     ModelArg,
+    Optimizer,
     OptimOpt,
+    Precision,
     PrecOpt,
     SchedOpt,
+    Schedule,
     SeedOpt,
     SizeOpt,
+    SmoothOpt,
     TrainLimitOpt,
+    WarmOpt,
+    WdOpt,
     WeightsOpt,
     console,
     fail,
@@ -68,16 +82,25 @@ def bench_command(
     input_size: SizeOpt = None,
     epochs: EpochsOpt = 1,
     batch_size: BatchOpt = 128,
-    lr: LrOpt = 0.02,
-    optimizer: OptimOpt = "sgd",
-    schedule: SchedOpt = "cosine",
-    calibrate_batches: CalibOpt = 20,
-    precision: PrecOpt = "auto",
+    lr: LrOpt = FINETUNE_LR,
+    optimizer: OptimOpt = Optimizer.sgd,
+    schedule: SchedOpt = Schedule.cosine,
+    warmup_steps: WarmOpt = FINETUNE_WARMUP_STEPS,
+    weight_decay: WdOpt = 5e-4,
+    kd_temperature: KdTOpt = 4.0,
+    kd_alpha: KdAOpt = 0.9,
+    label_smoothing: SmoothOpt = 0.0,
+    clip_grad: ClipOpt = None,
+    calibrate_batches: CalibOpt = CALIBRATE_BATCHES,
+    precision: PrecOpt = Precision.auto,
+    channels_last: ChannelsLastOpt = True,
+    augment: AugOpt = Augment.auto,
     limit_batches: LimitOpt = None,
     train_limit: TrainLimitOpt = None,
     latency_repeats: Annotated[int, typer.Option(min=1, help="timed runs per model and batch size")] = 20,
     download: DownloadOpt = False,
     seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Compare compression methods on one teacher at the same size, with the same KD fine-tune."""
     import torch
@@ -86,19 +109,22 @@ def bench_command(
     from ..sources import build_model, parse_spec
 
     try:
-        data = DataOptions(dataset, epochs, batch_size, lr, optimizer, schedule, calibrate_batches=calibrate_batches,
+        data = DataOptions(dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay,
+                           kd_temperature=kd_temperature, kd_alpha=kd_alpha, calibrate_batches=calibrate_batches,
                            precision=precision, limit_batches=limit_batches, train_limit=train_limit,
-                           download=download, seed=seed)  # fmt: skip
+                           download=download, seed=seed, augment=augment, label_smoothing=label_smoothing,
+                           warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last,
+                           device=device)  # fmt: skip
         config = BenchConfig(
             tuple(m.strip() for m in methods.split(",") if m.strip()), budget, match, repeats, calibrate_batches,
             latency_repeats=latency_repeats, train=data.config(),
         )  # fmt: skip
-        size = parse_input_size(input_size) or (3, 32, 32)
+        size = data.input_size(parse_input_size(input_size))
         with output_guard(out), console.status("benchmarking") as status:
             loaders = data.loaders(size)
             spec = parse_spec(model, num_classes or loaders.num_classes)
             torch.manual_seed(seed)
-            teacher = build_model(spec, weights).eval()
+            teacher = build_model(spec, weights).eval().to(data.torch_device())
 
             def on_event(event: str, d: dict) -> None:
                 if event == "method":

@@ -17,13 +17,24 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from ..defaults import CALIBRATE_BATCHES, DEVICE_HELP, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError, OutputError, UsageError, write_failed
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-class Mode(str, Enum):
+class Choice(str, Enum):
+    """A CLI choice: typer validates it and lists the values in --help; it prints as its value."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Mode(Choice):
     mix = "mix"
     plain = "plain"
     bank = "bank"
@@ -31,7 +42,7 @@ class Mode(str, Enum):
     none = "none"
 
 
-class Init(str, Enum):
+class Init(Choice):
     fit = "fit"
     act = "act"
     act_seq = "act-seq"
@@ -40,15 +51,44 @@ class Init(str, Enum):
     random = "random"
 
 
-class RegulatorStyle(str, Enum):
+class RegulatorStyle(Choice):
     adapter = "adapter"
     paper = "paper"
 
 
-class Dtype(str, Enum):
+class Dtype(Choice):
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
+
+
+class Optimizer(Choice):
+    sgd = "sgd"
+    adamw = "adamw"
+    adagrad = "adagrad"
+
+
+class Schedule(Choice):
+    cosine = "cosine"
+    step = "step"
+
+
+class Precision(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Augment(Choice):
+    auto = "auto"
+    flip = "flip"
+    none = "none"
+
+
+class Metric(Choice):
+    kl = "kl"
+    fit = "fit"
 
 
 def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
@@ -192,7 +232,7 @@ InitOpt = Annotated[
 ]
 WeightsOpt = Annotated[str, typer.Option(help="DEFAULT (pretrained, downloads), none (random), or a state-dict PATH")]
 ClassesOpt = Annotated[int | None, typer.Option(help="classes of the classifier (replaces the head if pretrained)")]
-SizeOpt = Annotated[str | None, typer.Option(help="example input: 224 or CxHxW; default from the model's config or 224")]
+SizeOpt = Annotated[str | None, typer.Option(help="example input: 224 or CxHxW; default 32 px with a registered dataset, else the model's pretrained config (timm data config, torchvision weights), else 224")]
 OutOpt = Annotated[Path | None, typer.Option(help="output folder (default runs/MODEL-MODE)")]
 DryOpt = Annotated[bool, typer.Option(help="print the plan and write nothing")]
 LeafOpt = Annotated[list[str] | None, typer.Option(help="package.module.Class that fx must not trace into (repeatable)")]
@@ -203,12 +243,12 @@ DatasetOpt = Annotated[
 EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="batch size")]
 LrOpt = Annotated[float, typer.Option(help="peak learning rate")]
-OptimOpt = Annotated[str, typer.Option(help="sgd (momentum 0.9, nesterov), adamw or adagrad (the paper's)")]
-SchedOpt = Annotated[str, typer.Option(help="cosine, or step (x0.1 at half the epochs, as the paper)")]
+OptimOpt = Annotated[Optimizer, typer.Option(help="sgd (momentum 0.9, nesterov), adamw or adagrad (the paper's)")]
+SchedOpt = Annotated[Schedule, typer.Option(help="cosine, or step (x0.1 at half the epochs, as the paper)")]
 KdTOpt = Annotated[float, typer.Option(help="distillation temperature T")]
 KdAOpt = Annotated[float, typer.Option(help="weight of the KD term (1 - alpha goes to cross-entropy)")]
 CalibOpt = Annotated[int, typer.Option(min=0, help="training batches to re-estimate BatchNorm statistics (0: skip)")]
-PrecOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU/GPU has bf16 units), fp32, bf16, fp16 (CUDA)")]
+PrecOpt = Annotated[Precision, typer.Option(help="auto (bf16 where the CPU/GPU has bf16 units), fp32, bf16, fp16 (CUDA)")]
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="cap batches per epoch and per evaluation (smoke runs)")]
 TrainLimitOpt = Annotated[int | None, typer.Option(min=1, help="train on a fixed random subset of N images")]
 DownloadOpt = Annotated[bool, typer.Option(help="let torchvision download a missing dataset")]
@@ -217,7 +257,7 @@ ResumeOpt = Annotated[bool, typer.Option(help="continue from OUT/state.pt (optim
 CkptOpt = Annotated[int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)")]
 
 
-class FeatureLoss(str, Enum):
+class FeatureLoss(Choice):
     none = "none"
     mse = "mse"
 
@@ -225,12 +265,13 @@ class FeatureLoss(str, Enum):
 FeatOpt = Annotated[FeatureLoss, typer.Option(help="also match stage outputs of teacher and student (mse)")]
 FeatWOpt = Annotated[float, typer.Option(min=0.0, help="weight of the feature loss")]
 PlotOpt = Annotated[bool, typer.Option(help="write OUT/accuracy.png, the accuracy curve of the fine-tune")]
-AugOpt = Annotated[str, typer.Option(help="auto (random flip as the paper, none for SVHN), flip or none")]
+AugOpt = Annotated[Augment, typer.Option(help="auto (random flip as the paper, none for SVHN), flip or none")]
 WdOpt = Annotated[float, typer.Option(min=0.0, help="weight decay")]
 SmoothOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="label smoothing of the cross-entropy term")]
 WarmOpt = Annotated[int, typer.Option(min=0, help="linear learning-rate warm-up steps")]
 ClipOpt = Annotated[float | None, typer.Option(min=0.0, help="clip the gradient norm to this value")]
 ChannelsLastOpt = Annotated[bool, typer.Option(help="train in channels_last (NHWC) memory format")]
+DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 
 
 @dataclass(frozen=True)
@@ -240,14 +281,14 @@ class DataOptions:
     dataset: str | None = None
     epochs: int = 1
     batch_size: int = 128
-    lr: float = 0.05
+    lr: float = FINETUNE_LR
     optimizer: str = "sgd"
     schedule: str = "cosine"
     weight_decay: float = 5e-4
     step_every: int = 0
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
-    calibrate_batches: int = 100
+    calibrate_batches: int = CALIBRATE_BATCHES
     precision: str = "auto"
     limit_batches: int | None = None
     train_limit: int | None = None
@@ -259,9 +300,15 @@ class DataOptions:
     plot: bool = False
     augment: str = "auto"
     label_smoothing: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = FINETUNE_WARMUP_STEPS
     clip_grad: float | None = None
     channels_last: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key, value in vars(self).items():  # CLI choices arrive as Enums; the library takes their values
+            if isinstance(value, Enum):
+                object.__setattr__(self, key, value.value)
 
     def config(self) -> Any:
         from ..distill import TrainConfig
@@ -275,17 +322,35 @@ class DataOptions:
             channels_last=self.channels_last,
         )  # fmt: skip
 
-    def loaders(self, size: tuple[int, int, int]) -> Any:
+    def torch_device(self) -> Any:
+        """The resolved ``--device`` (see :func:`dacnn_convert.distill.device.resolve_device`)."""
+        from ..distill.device import resolve_device
+
+        return resolve_device(self.device)
+
+    def input_size(self, given: tuple[int, int, int] | None, model_default: tuple[int, int, int] = (3, 224, 224)) -> tuple[int, int, int]:
+        """``--input-size`` if given, else 32 px for the registered datasets, else the model's own size."""
+        from ..distill.data import native_size
+
+        if given is not None:
+            return given
+        side = native_size(self.dataset) if self.dataset else None
+        return (model_default[0], side, side) if side else model_default
+
+    def loaders(self, size: tuple[int, int, int], image: Any = None) -> Any:
+        """Train/val loaders at ``size``; ``image``: the model's preprocessing for imagefolder data."""
         from ..distill import make_loaders
         from ..distill.distributed import init_from_env
 
         assert self.dataset is not None
-        rank, world = init_from_env()
+        device = self.torch_device()
+        rank, world = init_from_env(device)  # under torchrun: this process's GPU first, then the group
         if rank != 0:
             console.quiet = True  # rank 0 alone reports
         return make_loaders(
             self.dataset, self.batch_size, size[1], size[0], download=self.download, train_limit=self.train_limit,
-            seed=self.seed, rank=rank, world_size=world, augment=self.augment,
+            seed=self.seed, rank=rank, world_size=world, augment=self.augment, pin_memory=device.type == "cuda",
+            image=image,
         )  # fmt: skip
 
 
@@ -328,7 +393,7 @@ class _Progress:
         console.print(f"accuracy {name}: {100 * acc:.2f}%")
 
 
-class ExportFormat(str, Enum):
+class ExportFormat(Choice):
     onnx = "onnx"
     torchscript = "torchscript"
     safetensors = "safetensors"
@@ -339,4 +404,4 @@ class ExportFormat(str, Enum):
 TargetParamsOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many unique params (6M, 600K)")]
 TargetRatioOpt = Annotated[float | None, typer.Option(help="plan by budget: this many times fewer unique params")]
 TargetBytesOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many fp32 bytes (12MB, 10MiB)")]
-MetricOpt = Annotated[str | None, typer.Option(help="budget sensitivity: kl (needs data; default with --dataset, the better predictor) or fit (weights only)")]
+MetricOpt = Annotated[Metric | None, typer.Option(help="budget sensitivity: kl (needs data; default with --dataset, the better predictor) or fit (weights only)")]

@@ -10,25 +10,30 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError, UsageError, choose
 from .common import (
+    Augment,
     AugOpt,
+    BankOpt,
     BatchOpt,
     CalibOpt,
+    ChannelsLastOpt,
     CkptOpt,
     ClassesOpt,
-    ChannelsLastOpt,
     ClipOpt,
     DataOptions,
     DatasetOpt,
+    DeviceOpt,
     DownloadOpt,
     DryOpt,
     Dtype,
     DtypeOpt,
     EpochsOpt,
+    FactorOpt,
     FeatOpt,
-    FeatWOpt,
     FeatureLoss,
+    FeatWOpt,
     Init,
     InitOpt,
     KdAOpt,
@@ -36,40 +41,41 @@ from .common import (
     LeafOpt,
     LimitOpt,
     LrOpt,
+    MetricOpt,
     Mode,
     ModeOpt,
-    BankOpt,
-    FactorOpt,
-    OptModelArg,
-    MetricOpt,
-    RecipeOpt,
-    TargetBytesOpt,
-    TargetParamsOpt,
-    TargetRatioOpt,
+    Optimizer,
     OptimOpt,
+    OptModelArg,
     OutOpt,
     PlotOpt,
+    Precision,
     PrecOpt,
+    RecipeOpt,
     RegOpt,
     RegulatorStyle,
     ResumeOpt,
     SchedOpt,
+    Schedule,
     SeedOpt,
     SizeOpt,
     SmoothOpt,
     StyleOpt,
+    TargetBytesOpt,
+    TargetParamsOpt,
+    TargetRatioOpt,
     TrainLimitOpt,
     WarmOpt,
     WdOpt,
     WeightsOpt,
-    _Progress,
     _leaf_types,
+    _Progress,
     console,
     fail,
     output_guard,
     parse_amount,
-    parse_rank,
     parse_input_size,
+    parse_rank,
 )
 from .train import run_train
 
@@ -105,7 +111,7 @@ def run_convert(
     from ..convert import convert
     from ..planning import make_plan
     from ..report import build_report, state_dict_bytes
-    from ..sources import build_model, default_input_size, parse_spec
+    from ..sources import build_model, input_config, parse_spec
 
     spec = parse_spec(model, num_classes)
     size = parse_input_size(input_size)
@@ -114,13 +120,16 @@ def run_convert(
     with output_guard(None if dry_run else out):
         torch.manual_seed(data.seed if data is not None else 0)  # random weights (--weights none) are reproducible
         original = build_model(spec, weights).eval()
-        size = size or ((3, 32, 32) if data and data.dataset else default_input_size(original))
+        if data is not None and data.dataset:  # calibration, search and fine-tune run where the data goes
+            original.to(data.torch_device())
+        preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
+        size = data.input_size(size, preprocess.input_size) if data and data.dataset else size or preprocess.input_size
         init = init or (Init.act if data and data.dataset else Init.fit)
         if init in (Init.act, Init.act_seq) and not (data and data.dataset):
             raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
         by_budget = budget is not None and any(v is not None for v in budget[:3])
         wants_data = data is not None and data.dataset and (by_budget or not dry_run)
-        loaders = data.loaders(size) if wants_data else None  # loaded once: for the search and the fine-tune
+        loaders = data.loaders(size, preprocess) if wants_data else None  # loaded once: search and fine-tune
         explanation: list[str] = []
         advice: str | None = None
         if by_budget:
@@ -141,7 +150,7 @@ def run_convert(
         if recipe is not None:
             (out / "recipe.yaml").write_text(recipe.to_yaml())
         if data is not None and data.dataset:
-            return _run_pipeline(original, plan, spec, out, data, loaders)
+            return _run_pipeline(original, plan, spec, out, data, loaders, dtype.value)
         conversion = convert(original, plan)
         ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=dtype.value)
         report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
@@ -159,7 +168,8 @@ def _budget_search(original: Any, budget: tuple, style: str, init: str, size: An
 
     target = resolve_target(unique_params(original), *budget[:3])
     loader = loaders.train if loaders is not None else None
-    return search(original, target, size, loader, 8, budget[3], style, init if loader is None else None, leaves)
+    metric = None if budget[3] is None else str(budget[3])
+    return search(original, target, size, loader, 8, metric, style, init, leaves)
 
 
 def render_plan(plan: Any, source: str) -> None:
@@ -211,14 +221,15 @@ def render_report(report: Any) -> None:
         console.print(f"[yellow]warning:[/] {n}")
 
 
-def _run_pipeline(original: Any, plan: Any, spec: Any, out: Path, data: DataOptions, loaders: Any) -> dict[str, Any]:
+def _run_pipeline(original: Any, plan: Any, spec: Any, out: Path, data: DataOptions, loaders: Any, dtype: str) -> dict[str, Any]:
     from ..pipeline import compress
 
     out.mkdir(parents=True, exist_ok=True)
     with _Progress() as progress:
         result = compress(
-            original, plan, loaders, data.config(), data.calibrate_batches, out, spec,
-            on_stage=progress.stage, on_step=progress.step, on_epoch=progress.epoch_end, resume=data.resume,
+            original, loaders.train, loaders.val, plan, config=data.config(), calibrate_batches=data.calibrate_batches,
+            out=out, dtype=dtype, source=spec, on_stage=progress.stage, on_step=progress.step,
+            on_epoch=progress.epoch_end, resume=data.resume,
         )  # fmt: skip
     if data.plot and result.fit is not None:
         from ..report import plot_accuracy
@@ -267,13 +278,13 @@ def convert_command(
     dataset: DatasetOpt = None,
     epochs: EpochsOpt = 1,
     batch_size: BatchOpt = 128,
-    lr: LrOpt = 0.05,
-    optimizer: OptimOpt = "sgd",
-    schedule: SchedOpt = "cosine",
+    lr: LrOpt = FINETUNE_LR,
+    optimizer: OptimOpt = Optimizer.sgd,
+    schedule: SchedOpt = Schedule.cosine,
     kd_temperature: KdTOpt = 4.0,
     kd_alpha: KdAOpt = 0.9,
-    calibrate_batches: CalibOpt = 100,
-    precision: PrecOpt = "auto",
+    calibrate_batches: CalibOpt = CALIBRATE_BATCHES,
+    precision: PrecOpt = Precision.auto,
     limit_batches: LimitOpt = None,
     train_limit: TrainLimitOpt = None,
     download: DownloadOpt = False,
@@ -283,12 +294,13 @@ def convert_command(
     feature_loss: FeatOpt = FeatureLoss.none,
     feature_weight: FeatWOpt = 1.0,
     plot: PlotOpt = False,
-    augment: AugOpt = "auto",
+    augment: AugOpt = Augment.auto,
     weight_decay: WdOpt = 5e-4,
     label_smoothing: SmoothOpt = 0.0,
-    warmup_steps: WarmOpt = 0,
+    warmup_steps: WarmOpt = FINETUNE_WARMUP_STEPS,
     clip_grad: ClipOpt = None,
     channels_last: ChannelsLastOpt = True,
+    device: DeviceOpt = "auto",
     recipe: RecipeOpt = None,
     target_params: TargetParamsOpt = None,
     target_ratio: TargetRatioOpt = None,
@@ -314,7 +326,7 @@ def convert_command(
             train_limit=a.train_limit, download=a.download, seed=a.seed, resume=a.resume,
             checkpoint_every=a.checkpoint_every, feature_weight=a.feature_weight if a.feature_loss is FeatureLoss.mse else 0.0,
             plot=a.plot, augment=a.augment, label_smoothing=a.label_smoothing, warmup_steps=a.warmup_steps,
-            clip_grad=a.clip_grad, channels_last=a.channels_last,
+            clip_grad=a.clip_grad, channels_last=a.channels_last, device=a.device,
         )  # fmt: skip
         run_convert(
             a.model, a.mode, a.regulators, a.regulator_style, a.init, a.weights, a.num_classes, a.input_size, a.out,
@@ -351,7 +363,8 @@ def demo_command(
     epochs: EpochsOpt = 2,
     train_limit: Annotated[int, typer.Option(min=256, help="training images used (fixed random subset)")] = 15000,
     target_ratio: Annotated[float, typer.Option(min=1.0, help="how many times smaller the student is")] = 4.0,
-    precision: PrecOpt = "auto",
+    precision: PrecOpt = Precision.auto,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Quick start, offline: train a ResNet-18 teacher on Fashion-MNIST, shrink it 4x with filter banks, distil."""
     teacher = out / "teacher" / "best.safetensors"
@@ -363,14 +376,14 @@ def demo_command(
             # a warm-up and a lower peak lr than from-scratch recipes: short runs at 0.05 swung 83-86%
             run_train("resnet18", "fashion-mnist", teacher.parent, "none", "32", DataOptions(
                 "fashion-mnist", teacher_epochs, lr=0.03, precision=precision, train_limit=train_limit,
-                warmup_steps=100,
+                warmup_steps=100, device=device,
             ))  # fmt: skip
         console.print(f"planning a {target_ratio:g}x smaller student (filter banks, searched with the data), "
                       "fitting it to the activations; then BN recalibration and KD fine-tune")  # fmt: skip
         run_convert(
             "resnet18", Mode.bank, "none", RegulatorStyle.adapter, Init.act, str(teacher), 10, "32", out / "student",
             data=DataOptions("fashion-mnist", epochs, lr=0.02, precision=precision, train_limit=train_limit,
-                             calibrate_batches=50),
+                             calibrate_batches=50, warmup_steps=0, device=device),  # as measured in the README
             budget=(None, target_ratio, None, None),
         )  # fmt: skip
     except DacnnError as exc:
@@ -396,6 +409,7 @@ def plan_command(
     train_limit: TrainLimitOpt = None,
     explain: Annotated[bool, typer.Option(help="print the budget search: best candidates and each section's options")] = False,
     leaf_module: LeafOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Print the conversion plan, by mode or by a size target (nothing is converted or written)."""
     try:
@@ -403,7 +417,7 @@ def plan_command(
             raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
         budget = (parse_amount(target_params, "--target-params"), target_ratio, parse_amount(target_bytes, "--target-bytes"),
                   metric)  # fmt: skip
-        data = DataOptions(dataset=dataset, train_limit=train_limit) if dataset else None
+        data = DataOptions(dataset=dataset, train_limit=train_limit, device=device) if dataset else None
         found = run_convert(model, mode, regulators, RegulatorStyle.adapter, None, weights, num_classes, input_size,
                             None, True, leaf_module, Dtype.fp32, data, None, budget, render=False,
                             bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip

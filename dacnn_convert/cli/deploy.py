@@ -104,7 +104,7 @@ def latency_command(
     checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file written by dacnn-convert")],
     batch: Annotated[str, typer.Option(help="batch sizes, comma-separated")] = "1,64",
     precision: Annotated[str, typer.Option(help="precisions, comma-separated: fp32, bf16, fp16 (CUDA)")] = "fp32",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu (the default: deployment latency), auto, cuda or cuda:N")] = "cpu",
     repeats: Annotated[int, typer.Option(min=1, help="timed runs per setting")] = 20,
     input_size: SizeOpt = None,
     model_source: SkelOpt = None,
@@ -113,7 +113,6 @@ def latency_command(
     import dataclasses
     import json
 
-    import torch
 
     from ..checkpoint import load, read_metadata
     from ..convert import convert
@@ -123,8 +122,9 @@ def latency_command(
     from ..sources import ModelSpec, build_model, parse_spec
 
     try:
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda requested but no CUDA device is available; use --device cpu")
+        from ..distill.device import resolve_device
+
+        device = str(resolve_device(device))
         meta = read_metadata(checkpoint)
         if "plan" not in meta or "source" not in meta:
             raise CheckpointError(f"{checkpoint} has no conversion plan or source: was it written by dacnn-convert?")

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..errors import DacnnError
-from .common import DataOptions, DownloadOpt, LimitOpt, TrainLimitOpt, console, fail
+from .common import DataOptions, DeviceOpt, DownloadOpt, LimitOpt, TrainLimitOpt, console, fail
 
 recipe_app = typer.Typer(help="Recipes: YAML files that fix every setting of a paper table row or a conversion.",
                          no_args_is_help=True)  # fmt: skip
@@ -51,6 +51,7 @@ def recipe_run(
     out: Annotated[Path | None, typer.Option(help="output folder (default runs/recipes/RECIPE)")] = None,
     download: DownloadOpt = False,
     weights: Annotated[str | None, typer.Option(help="override the weights: DEFAULT, none or a PATH")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Run a recipe: train (paper rows) or convert + distil; writes recipe.yaml and result.json."""
     from ..recipes import load_recipe
@@ -59,14 +60,16 @@ def recipe_run(
         r = load_recipe(recipe).override(epochs=epochs, dataset=dataset, precision=precision, batch_size=batch_size,
                                          train_limit=train_limit, out=str(out) if out else None,
                                          weights=weights)  # fmt: skip
-        result = run_recipe(r, recipe, limit_batches, download)
+        result = run_recipe(r, recipe, limit_batches, download, device)
     except DacnnError as exc:
         raise fail(exc) from None
     console.print(f"{recipe}: top-1 {100 * result['accuracy']:.2f}% ({result['params']:,} params, "
                   f"{result['wall_s']:.0f} s); wrote {result['out']}/result.json")  # fmt: skip
 
 
-def run_recipe(r: Any, path: Path, limit_batches: int | None = None, download: bool = False) -> dict[str, Any]:
+def run_recipe(
+    r: Any, path: Path, limit_batches: int | None = None, download: bool = False, device: str = "auto"
+) -> dict[str, Any]:
     """Run the resolved recipe ``r``; return (and write) its result record."""
     import torch
 
@@ -81,9 +84,9 @@ def run_recipe(r: Any, path: Path, limit_batches: int | None = None, download: b
         raise RecipeError(f"{path}: a runnable recipe names a model and a dataset")
     out = Path(r.out) if r.out else Path("runs/recipes") / path.stem
     data = DataOptions(
-        r.dataset, r.epochs, r.batch_size, r.lr, r.optimizer, r.schedule, r.weight_decay, r.step_every,
+        r.dataset, r.epochs, r.batch_size, r.resolved_lr, r.optimizer, r.schedule, r.weight_decay, r.step_every,
         r.kd_temperature, r.kd_alpha, r.calibrate_batches, r.precision, limit_batches, r.train_limit, download,
-        seed=r.seed, augment=r.augment,
+        seed=r.seed, augment=r.augment, warmup_steps=0, device=device,
     )  # fmt: skip
     start = time.perf_counter()
     if r.task == "train":

@@ -7,23 +7,29 @@ from typing import Annotated, Any
 
 import typer
 
+from ..defaults import TRAIN_LR
 from ..errors import DacnnError
 from .common import (
+    Augment,
     AugOpt,
     BatchOpt,
-    CkptOpt,
     ChannelsLastOpt,
+    CkptOpt,
     ClipOpt,
     DataOptions,
+    DeviceOpt,
     DownloadOpt,
     EpochsOpt,
     LimitOpt,
     LrOpt,
     ModelArg,
+    Optimizer,
     OptimOpt,
+    Precision,
     PrecOpt,
     ResumeOpt,
     SchedOpt,
+    Schedule,
     SeedOpt,
     SizeOpt,
     SkelOpt,
@@ -49,22 +55,23 @@ def train_command(
     input_size: SizeOpt = None,
     epochs: EpochsOpt = 1,
     batch_size: BatchOpt = 128,
-    lr: LrOpt = 0.05,
-    optimizer: OptimOpt = "sgd",
-    schedule: SchedOpt = "cosine",
-    precision: PrecOpt = "auto",
+    lr: LrOpt = TRAIN_LR,
+    optimizer: OptimOpt = Optimizer.sgd,
+    schedule: SchedOpt = Schedule.cosine,
+    precision: PrecOpt = Precision.auto,
     limit_batches: LimitOpt = None,
     train_limit: TrainLimitOpt = None,
     download: DownloadOpt = False,
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
     checkpoint_every: CkptOpt = None,
-    augment: AugOpt = "auto",
+    augment: AugOpt = Augment.auto,
     weight_decay: WdOpt = 5e-4,
     label_smoothing: SmoothOpt = 0.0,
     warmup_steps: WarmOpt = 0,
     clip_grad: ClipOpt = None,
     channels_last: ChannelsLastOpt = True,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
     try:
@@ -72,7 +79,7 @@ def train_command(
             dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, precision=precision,
             limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed, resume=resume,
             checkpoint_every=checkpoint_every, augment=augment, label_smoothing=label_smoothing,
-            warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last,
+            warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last, device=device,
         ))  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None
@@ -87,13 +94,13 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
     from ..distill import train
     from ..sources import build_model, parse_spec
 
-    size = parse_input_size(input_size) or (3, 32, 32)
+    size = data.input_size(parse_input_size(input_size))
     config = data.config()
     with output_guard(out):
         loaders = data.loaders(size)
         spec = parse_spec(model, loaders.num_classes)
         torch.manual_seed(data.seed)  # the random init too: same seed, same run, in any process
-        net = build_model(spec, weights)
+        net = build_model(spec, weights).to(data.torch_device())
         with _Progress() as progress:
             result = train(net, loaders.train, loaders.val, config, out, progress.step, progress.epoch_end, spec, data.resume)
         (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2))
@@ -109,19 +116,21 @@ def eval_command(
     dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn or synthetic")],
     input_size: SizeOpt = None,
     batch_size: BatchOpt = 256,
-    precision: PrecOpt = "auto",
+    precision: PrecOpt = Precision.auto,
     limit_batches: LimitOpt = None,
     download: DownloadOpt = False,
     model: SkelOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Top-1 accuracy of a saved model (anchored or not) on a dataset's validation split."""
     from ..distill import evaluate
     from ..report import count_params
 
     try:
-        size = parse_input_size(input_size) or (3, 32, 32)
-        loaders = DataOptions(dataset, batch_size=batch_size, download=download).loaders(size)
-        net = load_checkpoint(checkpoint, model)
+        data = DataOptions(dataset, batch_size=batch_size, download=download, device=device)
+        size = data.input_size(parse_input_size(input_size))
+        loaders = data.loaders(size)
+        net = load_checkpoint(checkpoint, model).to(data.torch_device())
         acc = evaluate(net, loaders.val, precision, limit_batches)
     except DacnnError as exc:
         raise fail(exc) from None

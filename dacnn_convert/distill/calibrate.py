@@ -7,8 +7,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..convert import BN_STALE_ATTR
+from ..defaults import CALIBRATE_BATCHES
 
-def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = 100) -> int:
+
+def needs_bn_calibration(model: nn.Module) -> bool:
+    """Is ``model`` fresh from a conversion, with BN statistics that describe the original's kernels?"""
+    return bool(getattr(model, BN_STALE_ATTR, False))
+
+
+def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = CALIBRATE_BATCHES) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average.
 
     Anchoring changes each layer's kernel, so the statistics the pretrained BNs hold are
@@ -44,4 +52,6 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = 100) 
             m.momentum = mom
         for m, training in modes.items():
             m.training = training
+    if used and hasattr(model, BN_STALE_ATTR):
+        setattr(model, BN_STALE_ATTR, False)
     return used

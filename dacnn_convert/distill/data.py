@@ -17,11 +17,13 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write
 from ..errors import DatasetError, choose
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -60,9 +62,8 @@ def _unpack_debian_fashion_mnist(target: Path) -> bool:
     for n in names:
         out = target / n
         if not out.is_file():
-            tmp = out.with_suffix(".tmp")
-            tmp.write_bytes(gzip.decompress((DEBIAN_FASHION_MNIST / f"{n}.gz").read_bytes()))
-            tmp.replace(out)
+            raw = gzip.decompress((DEBIAN_FASHION_MNIST / f"{n}.gz").read_bytes())
+            atomic_write(out, lambda tmp, raw=raw: tmp.write_bytes(raw))
     return True
 
 
@@ -174,6 +175,7 @@ class TensorLoader:
         self.train, self.flip = train, flip
         self.seed, self.epoch = seed, 0
         self.rank, self.world_size = rank, world_size
+        self.pin_memory = False  # page-locked batches: asynchronous copies to a GPU
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle deterministically per epoch (as DistributedSampler.set_epoch)."""
@@ -190,7 +192,8 @@ class TensorLoader:
         order = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         for i in range(0, len(order), self.batch_size):
             idx = order[i : i + self.batch_size]
-            yield self.transform(self.x[idx], g), self.y[idx]
+            x, y = self.transform(self.x[idx], g), self.y[idx]
+            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
 
     def transform(self, x: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
         """uint8 NCHW -> normalised float at the model's size and channel count."""
@@ -233,17 +236,36 @@ class _EpochLoader:
         return iter(self.loader)
 
 
-def _imagefolder(root: Path, batch_size: int, size: int, flip: bool, seed: int, rank: int, world_size: int) -> Loaders:
-    """ImageNet-style ``root/train/CLASS/*.jpg`` and ``root/val/CLASS/*.jpg``, streamed from disk."""
+class ImagePreprocess(Protocol):
+    """How images are prepared for a pretrained model (``dacnn_convert.sources.InputConfig``)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    interpolation: str
+
+
+def _imagefolder(
+    root: Path, batch_size: int, size: int, flip: bool, seed: int, rank: int, world_size: int, pin_memory: bool = False,
+    image: ImagePreprocess | None = None,
+) -> Loaders:
+    """ImageNet-style ``root/train/CLASS/*.jpg`` and ``root/val/CLASS/*.jpg``, streamed from disk.
+
+    Images are prepared as the model's pretrained weights expect (``image``: mean, std, centre
+    crop, resampling), the ImageNet convention without one.
+    """
     from torchvision import datasets, transforms
 
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise DatasetError(f"imagefolder:{root} needs {root / split}/ with one sub-folder per class")
-    norm = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    resize = [transforms.Resize(int(size * 1.14)), transforms.CenterCrop(size)]
+    mean, std = (image.mean, image.std) if image is not None else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    crop_pct = image.crop_pct if image is not None else 0.875
+    mode = transforms.InterpolationMode(image.interpolation if image is not None else "bilinear")
+    norm = transforms.Normalize(list(mean), list(std))
+    resize = [transforms.Resize(int(round(size / crop_pct)), interpolation=mode), transforms.CenterCrop(size)]
     train_tf = transforms.Compose(
-        [transforms.RandomResizedCrop(size)] + ([transforms.RandomHorizontalFlip()] if flip else [])
+        [transforms.RandomResizedCrop(size, interpolation=mode)] + ([transforms.RandomHorizontalFlip()] if flip else [])
         + [transforms.ToTensor(), norm]
     )  # fmt: skip
     val_tf = transforms.Compose([*resize, transforms.ToTensor(), norm])
@@ -253,10 +275,18 @@ def _imagefolder(root: Path, batch_size: int, size: int, flip: bool, seed: int, 
         torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=seed) if world_size > 1 else None
     )
     workers = min(8, os.cpu_count() or 1)
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
     train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=sampler is None, sampler=sampler, **common)
     val = torch.utils.data.DataLoader(val_set, max(batch_size, 256), **common)
     return Loaders(_EpochLoader(train), _EpochLoader(val), len(train_set.classes), f"imagefolder:{root}")  # type: ignore[arg-type]
+
+
+NATIVE_SIZE = 32  # every registered dataset is trained at 32x32 (Fashion-MNIST's 28 px are resized)
+
+
+def native_size(name: str) -> int | None:
+    """The side a registered dataset is used at (32), None for ``imagefolder:`` (the model decides)."""
+    return None if name.startswith("imagefolder:") else NATIVE_SIZE
 
 
 def make_loaders(
@@ -270,6 +300,8 @@ def make_loaders(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: bool = False,
+    image: ImagePreprocess | None = None,
 ) -> Loaders:
     """Load dataset ``name`` and wrap it in train/val loaders.
 
@@ -283,6 +315,11 @@ def make_loaders(
         download: let torchvision fetch a missing dataset.
         train_limit: keep a fixed random subset of N training images (drawn with ``seed``).
         seed: shuffling seed.
+        rank, world_size: this process's shard of the training set (torchrun).
+        pin_memory: yield page-locked batches, for asynchronous copies to a GPU.
+        image: for ``imagefolder:`` data, the model's own preprocessing (mean, std, crop,
+            resampling; :func:`dacnn_convert.sources.input_config`); the registered 32 px
+            datasets are normalised by their own statistics.
 
     Raises:
         DatasetError: the data is missing (with where it must be and how to get it).
@@ -291,7 +328,7 @@ def make_loaders(
     choose("augment", augment, ("auto", "flip", "none"))
     if name.startswith("imagefolder:"):
         root = Path(name.split(":", 1)[1])
-        return _imagefolder(root, batch_size, input_size, augment != "none", seed, rank, world_size)
+        return _imagefolder(root, batch_size, input_size, augment != "none", seed, rank, world_size, pin_memory, image)
     choose("dataset", name, [*DATASETS, "imagefolder:PATH"])
     tx, ty, vx, vy = DATASETS[name](download=download)
     if train_limit is not None:
@@ -307,4 +344,5 @@ def make_loaders(
     common = dict(size=input_size, channels=channels, mean=mean, std=std, seed=seed)
     train = TensorLoader(tx, ty, batch_size, train=True, flip=flip, rank=rank, world_size=world_size, **common)
     val = TensorLoader(vx, vy, max(batch_size, 256), train=False, flip=False, **common)
+    train.pin_memory = val.pin_memory = pin_memory
     return Loaders(train, val, int(max(ty.max().item(), vy.max().item())) + 1, name)

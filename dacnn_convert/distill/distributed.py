@@ -8,20 +8,33 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env() -> tuple[int, int]:
+def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
     """Join the process group torchrun described in the environment; returns (rank, world size).
 
-    Without torchrun (no WORLD_SIZE, or 1) nothing happens and (0, 1) is returned. The
-    backend is NCCL on CUDA and gloo on CPU.
+    Without torchrun (no WORLD_SIZE, or 1) nothing happens and (0, 1) is returned. On a CUDA
+    ``device`` the process's GPU is selected first (NCCL needs it before the group exists) and
+    the backend is NCCL; on the CPU it is gloo. Call :func:`shutdown` when the job ends.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    cuda = device is not None and device.type == "cuda"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend_for(device))
     return dist.get_rank(), dist.get_world_size()
+
+
+def backend_for(device: torch.device | None) -> str:
+    """NCCL for CUDA devices, gloo for the CPU."""
+    return "nccl" if device is not None and device.type == "cuda" else "gloo"
+
+
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (the end of a torchrun job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

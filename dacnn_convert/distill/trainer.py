@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DacnnError, TrainingInterrupted, UsageError, choose, write_failed
+from ..atomic import atomic_write
+from ..defaults import FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
+from ..errors import DacnnError, TrainingInterrupted, UsageError, choose
+from .calibrate import CALIBRATE_BATCHES, needs_bn_calibration, recalibrate_bn
+from .device import device_of
 from .losses import FeatureTaps, feature_mse, kd_loss
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FINETUNE: dict[str, Any] = {"lr": FINETUNE_LR, "warmup_steps": FINETUNE_WARMUP_STEPS}  # TrainConfig.finetune()
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class TrainConfig:
     """Optimisation settings shared by ``train`` and ``distill`` (recipes set the same fields)."""
 
     epochs: int = 1
-    lr: float = 0.05
+    lr: float = TRAIN_LR
     optimizer: str = "sgd"  # sgd (momentum 0.9, nesterov) | adamw | adagrad (the paper's)
     schedule: str = "cosine"  # cosine | step (x0.1 at half the epochs, as the paper)
     step_every: int = 0  # with schedule=step: x0.1 every N epochs instead (the paper's SVHN: 20)
@@ -48,6 +52,16 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps; None = at the end of each epoch only
     channels_last: bool = True  # NHWC activations: measured +14% fp32 training throughput on a 2-core CPU
     seed: int = 0
+
+    @classmethod
+    def finetune(cls, **overrides: Any) -> TrainConfig:
+        """The settings for fine-tuning a converted pretrained network (``distill``'s default).
+
+        A converted student starts close to its teacher, so it wants a lower peak learning
+        rate than training from scratch and a short warm-up; chosen by measurement (see
+        :mod:`dacnn_convert.defaults`). ``overrides`` replace single fields.
+        """
+        return cls(**{**FINETUNE, **overrides})
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -72,6 +86,8 @@ class FitResult:
     wall_s: float = 0.0
     images_per_s: float = 0.0
     precision: str = "fp32"
+    calibrated_batches: int = 0  # BN statistics re-estimated on this many batches before training
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,7 +101,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     Raises:
         UsageError: fp16 requested on a CPU.
     """
-    choose("precision", precision, PRECISIONS)
+    precision = choose("precision", precision, PRECISIONS)
     if precision == "fp16" and device.type != "cuda":
         raise UsageError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
     if precision != "auto":
@@ -130,7 +146,7 @@ def evaluate(model: nn.Module, batches: Iterable, precision: str = "auto", limit
         for i, (x, y) in enumerate(batches):
             if limit_batches is not None and i >= limit_batches:
                 break
-            pred = model(x.to(device)).argmax(dim=1)
+            pred = model(to_device(x, device)).argmax(dim=1)
             correct += int((pred.cpu() == y).sum())
             total += len(y)
     model.train(was_training)
@@ -156,6 +172,19 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _channels_last(model: nn.Module) -> bool:
+    """Are ``model``'s 4-d weights stored channels_last (NHWC)?"""
+    w = next((p for p in model.parameters() if p.dim() == 4), None)
+    return w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a batch to ``device``; to a GPU from pinned memory without blocking the host."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
+
+
 class NonFiniteLossError(DacnnError):
     """The loss became NaN or infinite."""
 
@@ -164,16 +193,8 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> Path:
-    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise write_failed(path, exc) from exc
-    return path
+    """torch.save, atomically: a crash never leaves a half-written checkpoint."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _append_csv(path: Path, row: dict[str, float]) -> None:
@@ -238,9 +259,12 @@ def _fit(
         model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if world_size() > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(params, cfg)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     per_epoch = len(train_batches) if cfg.limit_batches is None else min(cfg.limit_batches, len(train_batches))
     total_steps = per_epoch * cfg.epochs
     result = FitResult(precision=precision)
@@ -250,7 +274,11 @@ def _fit(
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         first_epoch, skip, step = state["epoch"], state["batch"], state["step"]
         result.history, result.best_acc = state["history"], state["best_acc"]
     board = _tensorboard(out) if out is not None and is_main() else None
@@ -264,6 +292,8 @@ def _fit(
             return
         last_good = _save_state(state_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "epoch": epoch, "batch": batch, "step": step, "history": result.history, "best_acc": result.best_acc,
         })  # fmt: skip
 
@@ -285,7 +315,7 @@ def _fit(
                     continue
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
-                x, y = x.to(device), y.to(device)
+                x, y = to_device(x, device), to_device(y, device)
                 if cfg.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(precision, device):
@@ -297,10 +327,12 @@ def _fit(
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}. Lower --lr or use fp32"
                     )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if cfg.clip_grad:
+                    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
                     nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 step += 1
                 seen += len(y)
                 loss_sum += loss.item() * len(y)
@@ -391,8 +423,15 @@ def distill(
     resume: bool = False,
     stop_after: int | None = None,
     feature_layers: list[str] | None = None,
+    calibrate_batches: int = CALIBRATE_BATCHES,
 ) -> FitResult:
     """Fine-tune ``student`` on cross-entropy + Hinton KD from ``teacher`` (eval mode, no grad).
+
+    A student fresh from conversion still carries the original's BatchNorm statistics, which
+    no longer match its kernels; ``distill`` then re-estimates them first (on
+    ``calibrate_batches`` training batches) and says so in the result's ``notes``. Without a
+    ``config`` it uses :meth:`TrainConfig.finetune`, the settings measured for fine-tuning a
+    converted pretrained network (not the from-scratch defaults of :func:`train`).
 
     Args:
         student: the anchored model; trained in place.
@@ -400,7 +439,7 @@ def distill(
         train_batches: yields (images, labels); ``set_epoch`` is called when it exists.
         val_batches: yields (images, labels) for the per-epoch validation accuracy.
         epochs: shorthand overriding ``config.epochs``.
-        config: optimisation settings (:class:`TrainConfig`).
+        config: optimisation settings (:class:`TrainConfig`); None = :meth:`TrainConfig.finetune`.
         out: folder for ``best.safetensors``, ``last.safetensors``, ``metrics.csv`` and the
             resumable ``state.pt`` (model, optimiser, RNG, counters; written atomically).
         on_step, on_epoch: progress callbacks receiving plain dicts.
@@ -411,6 +450,7 @@ def distill(
         feature_layers: modules whose outputs are matched by MSE, weighted by
             ``config.feature_weight`` (e.g. ``plan.stage_outputs()``: names are shared by
             teacher and student).
+        calibrate_batches: batches for the BN re-estimation of a fresh student (0: never).
 
     Returns:
         :class:`FitResult` with the validation accuracy history and the best checkpoint.
@@ -418,16 +458,21 @@ def distill(
     Raises:
         NonFiniteLossError: the loss became NaN/inf (names the step and the last checkpoint).
     """
-    cfg = config or TrainConfig()
+    cfg = config or TrainConfig.finetune()
     if epochs is not None:
-        cfg = TrainConfig(**{**asdict(cfg), "epochs": epochs})
-    teacher.eval()
+        cfg = replace(cfg, epochs=epochs)
+    calibrated = 0
+    if calibrate_batches > 0 and needs_bn_calibration(student) and not resume:
+        calibrated = recalibrate_bn(student, train_batches, calibrate_batches)
+    device = device_of(student)
+    # the teacher is borrowed: moved beside the student, frozen, in eval mode, and given back as it came
+    teacher_was = (teacher.training, device_of(teacher), _channels_last(teacher))
+    teacher.eval().to(device)
     if cfg.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    frozen = {p: p.requires_grad for p in teacher.parameters()}  # restored on return: no side effect
+    frozen = {p: p.requires_grad for p in teacher.parameters()}
     for p in frozen:
         p.requires_grad_(False)
-    device = next(student.parameters()).device
     layers = list(feature_layers or [])
     taps = (FeatureTaps(student, layers), FeatureTaps(teacher, layers)) if layers and cfg.feature_weight > 0 else None
 
@@ -440,10 +485,18 @@ def distill(
         return value
 
     try:
-        return _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)
+        result = _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
+        teacher.train(teacher_was[0]).to(teacher_was[1])
+        if cfg.channels_last and not teacher_was[2]:
+            teacher.to(memory_format=torch.contiguous_format)
         if taps is not None:
             taps[0].remove()
             taps[1].remove()
+    if calibrated:
+        result.calibrated_batches = calibrated
+        result.notes.append(f"the student's BatchNorm statistics were those of the original network: re-estimated "
+                            f"on {calibrated} training batches before fine-tuning")  # fmt: skip
+    return result

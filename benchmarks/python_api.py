@@ -1,0 +1,182 @@
+"""Issue 14's benchmark: the README's Python snippets, run verbatim with plain torchvision loaders.
+
+A user who writes Python instead of using the CLI must get the same good result. This script
+reads the snippets marked ``<!-- python-api: NAME -->`` in README.md and executes them
+unchanged, with ``teacher``, ``train_loader`` and ``val_loader`` defined the way a user would
+define them: a stock ``torchvision.models.resnet18(num_classes=10)`` loaded from the
+Fashion-MNIST teacher of benchmarks/prune_bench.sh, and ``torchvision.datasets.FashionMNIST``
+with ordinary transforms, one epoch = a fixed 12,800-image subset (100 batches of 128).
+
+    python benchmarks/python_api.py                        # every README snippet + the issue's original call
+    python benchmarks/python_api.py --sweep                # the fine-tune defaults: lr x warm-up, BN batches
+
+Results (markdown + json, with machine and date) go to benchmarks/results/python_api/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Subset
+from torchvision import transforms as T
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+RESULTS = ROOT / "benchmarks" / "results" / "python_api"
+# What torchvision's own example code would do before README snippets: the issue's measured call.
+ORIGINAL = """\
+from dacnn_convert import anchor, distill
+
+student = anchor(teacher, mode="mix", regulators="all")
+result = distill(student, teacher, train_loader, val_loader, epochs=1)
+"""
+
+
+def readme_snippets() -> dict[str, str]:
+    """The code blocks of README.md that follow a ``<!-- python-api: NAME -->`` marker."""
+    text = (ROOT / "README.md").read_text()
+    found = re.findall(r"<!-- python-api: ([\w-]+) -->\s*```python\n(.*?)```", text, flags=re.S)
+    if not found:
+        raise SystemExit("README.md has no <!-- python-api: NAME --> snippets")
+    return dict(found)
+
+
+def fashion_root(cache: Path) -> Path:
+    """torchvision's FashionMNIST folder layout, unpacked from Debian's dataset-fashion-mnist (offline)."""
+    raw = cache / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in DEBIAN.glob("*.gz"):
+        target = raw / gz.stem
+        if not target.exists():
+            with gzip.open(gz) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return cache
+
+
+def loaders(seed: int, images: int) -> tuple[DataLoader, DataLoader]:
+    """Plain torchvision loaders: the teacher's 32 px, 3-channel, normalised input, random flips."""
+    norm = T.Normalize([0.2860] * 3, [0.3530] * 3)  # Fashion-MNIST's training-set mean and std
+    train_tf = T.Compose([T.Resize(32), T.Grayscale(3), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    val_tf = T.Compose([T.Resize(32), T.Grayscale(3), T.ToTensor(), norm])
+    root = fashion_root(Path.home() / ".cache" / "dacnn-bench")
+    train = torchvision.datasets.FashionMNIST(str(root), train=True, transform=train_tf)
+    val = torchvision.datasets.FashionMNIST(str(root), train=False, transform=val_tf)
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:images]
+    g = torch.Generator().manual_seed(seed)
+    return (
+        DataLoader(Subset(train, keep.tolist()), batch_size=128, shuffle=True, generator=g),
+        DataLoader(val, batch_size=256),
+    )
+
+
+def teacher_model(weights: Path) -> torch.nn.Module:
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def run_snippet(code: str, teacher: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> dict:
+    """Execute ``code`` as a user's script would and read back the student and its accuracy."""
+    from dacnn_convert import count_params
+    from dacnn_convert.distill import evaluate
+
+    scope = {"teacher": teacher, "train_loader": train_loader, "val_loader": val_loader}
+    start = time.perf_counter()
+    exec(compile(code, "<README snippet>", "exec"), scope)  # noqa: S102 - the README's own code
+    wall = time.perf_counter() - start
+    result = scope["result"]
+    student = getattr(result, "model", None) or scope["student"]
+    return {
+        "student_acc": evaluate(student, val_loader, "fp32"),
+        "student_params": count_params(student),
+        "notes": list((result.fit if hasattr(result, "fit") else result).notes),
+        "wall_s": wall,
+    }
+
+
+def sweep(teacher: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader, teacher_acc: float) -> list[dict]:
+    """Fine-tune settings for distill()'s default, and BN calibration batches, on the mix + regulators student."""
+    import copy
+
+    from dacnn_convert import TrainConfig, anchor, distill, recalibrate_bn
+    from dacnn_convert.distill import evaluate
+
+    rows = []
+    base = anchor(teacher, mode="mix", regulators="all", calib_loader=train_loader, calib_batches=50)
+    for batches in (10, 20, 50, 100):
+        student = copy.deepcopy(base)
+        recalibrate_bn(student, train_loader, batches)
+        rows.append({"what": f"BN recalibration on {batches} batches (no training)",
+                     "acc": evaluate(student, val_loader, "fp32"), "teacher_acc": teacher_acc})
+        print(rows[-1], flush=True)
+    for lr in (0.005, 0.01, 0.02, 0.05):
+        for warmup in (0, 20):
+            student = copy.deepcopy(base)
+            cfg = TrainConfig.finetune(lr=lr, warmup_steps=warmup, precision="fp32")
+            fit = distill(student, teacher, train_loader, val_loader, epochs=1, config=cfg)
+            rows.append({"what": f"distill 1 epoch, lr {lr}, warm-up {warmup} steps", "acc": fit.final_acc,
+                         "teacher_acc": teacher_acc, "wall_s": fit.wall_s})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", type=Path, default=ROOT / "runs/prune-bench/teacher/best.safetensors")
+    ap.add_argument("--images", type=int, default=12800, help="training images per epoch (a fixed subset)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true", help="measure distill()'s defaults instead of the snippets")
+    ap.add_argument("--only", default=None, help="comma-separated snippet names")
+    args = ap.parse_args()
+    if not args.teacher.is_file():
+        raise SystemExit(f"no teacher at {args.teacher}: run benchmarks/prune_bench.sh first (it trains it)")
+    from dacnn_convert.distill import evaluate
+
+    torch.manual_seed(args.seed)
+    teacher = teacher_model(args.teacher)
+    train_loader, val_loader = loaders(args.seed, args.images)
+    teacher_acc = evaluate(teacher, val_loader, "fp32")
+    print(f"teacher {100 * teacher_acc:.2f}%", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    header = {
+        "command": "python benchmarks/python_api.py" + (" --sweep" if args.sweep else ""),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU",
+        "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "teacher": str(args.teacher.relative_to(ROOT)) if args.teacher.is_relative_to(ROOT) else str(args.teacher),
+        "teacher_acc": teacher_acc,
+        "train_images": args.images,
+        "seed": args.seed,
+    }
+    if args.sweep:
+        rows = sweep(teacher, train_loader, val_loader, teacher_acc)
+        (RESULTS / "sweep.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+        return
+    snippets = {**readme_snippets(), "issue-14-original": ORIGINAL}
+    if args.only:
+        snippets = {k: v for k, v in snippets.items() if k in args.only.split(",")}
+    done = RESULTS / "snippets.json"
+    rows = [r for r in json.loads(done.read_text())["rows"] if r["snippet"] not in snippets] if (
+        args.only and done.is_file()) else []  # --only reruns some rows and keeps the others
+    for name, code in snippets.items():
+        torch.manual_seed(args.seed)
+        row = {"snippet": name, "code": code, **run_snippet(code, teacher, train_loader, val_loader)}
+        row["drop_points"] = 100 * (teacher_acc - row["student_acc"])
+        rows.append(row)
+        print(f"{name}: {100 * row['student_acc']:.2f}% (drop {row['drop_points']:.2f} points, "
+              f"{row['student_params']:,} params, {row['wall_s']:.0f} s)", flush=True)  # fmt: skip
+        done.write_text(json.dumps({**header, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Device placement: --device resolution, torchrun's process group, borrowed models given back.
+
+CUDA is absent on CI: its branches are exercised by monkeypatching what torch reports.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from dacnn_convert.distill import TrainConfig, distill, make_loaders
+from dacnn_convert.distill import device as device_mod
+from dacnn_convert.distill import distributed
+from dacnn_convert.distill.device import resolve_device
+from dacnn_convert.errors import UsageError
+
+from .models import TinyResNet
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_auto_is_the_cpu_without_cuda(monkeypatch) -> None:
+    _fake_gpus(monkeypatch, 0)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("CPU") == torch.device("cpu")
+
+
+def test_auto_and_cuda_follow_local_rank_under_torchrun(monkeypatch) -> None:
+    _fake_gpus(monkeypatch, 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # an explicit index wins
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "gpus", "message"),
+    [
+        ("cuda", 0, "no CUDA device is available on this machine; use cpu or auto"),
+        ("cuda:2", 2, "cuda:2 does not exist: this machine has 2 GPU"),
+        ("cuda:x", 2, "must be a number"),
+        ("tpu", 0, "unknown device 'tpu'; expected auto"),
+    ],
+)
+def test_bad_devices_say_what_exists(monkeypatch, spec, gpus, message) -> None:
+    _fake_gpus(monkeypatch, gpus)
+    with pytest.raises(UsageError, match=message):
+        resolve_device(spec)
+
+
+def test_process_group_sets_the_gpu_first_and_uses_nccl(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    assert distributed.init_from_env(torch.device("cuda", 1)) == (1, 2)
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl")]
+    calls.clear()
+    distributed.init_from_env(torch.device("cpu"))
+    assert calls == [("init", "gloo")]
+
+
+def test_shutdown_leaves_the_group_only_when_joined(monkeypatch) -> None:
+    destroyed = []
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(True))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    distributed.shutdown()
+    assert destroyed == []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    distributed.shutdown()
+    assert destroyed == [True]
+
+
+def test_batches_stay_put_on_the_cpu() -> None:
+    from dacnn_convert.distill.trainer import to_device
+
+    x = torch.ones(2)
+    assert to_device(x, torch.device("cpu")) is x
+
+
+def test_distill_gives_the_teacher_back_as_it_came() -> None:
+    torch.manual_seed(0)
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    teacher, student = TinyResNet().train(), TinyResNet()
+    teacher.conv1.weight.requires_grad_(False)  # the user's own freezing is kept
+    cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=1, channels_last=True)
+    distill(student, teacher, loaders.train, loaders.val, config=cfg, calibrate_batches=0)
+    assert teacher.training and all(m.training for m in teacher.modules())
+    assert not teacher.conv1.weight.requires_grad and teacher.fc.weight.requires_grad
+    assert teacher.conv1.weight.is_contiguous()  # channels_last was for the fine-tune only
+
+
+def test_latency_gives_models_back_in_their_mode() -> None:
+    from dacnn_convert.latency import compare_latency
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    rows = compare_latency({"m": model}, (3, 8, 8), batch=1, repeats=1, warmup=0)
+    assert rows[0].device == "cpu" and model.training and model[1].training
+
+
+def test_resume_state_holds_the_cuda_rng_and_scaler_slots(tmp_path) -> None:
+    torch.manual_seed(0)
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=1)
+    distill(TinyResNet(), TinyResNet(), loaders.train, loaders.val, config=cfg, out=tmp_path, calibrate_batches=0)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert "cuda_rng" in state and "scaler" in state
+    assert state["cuda_rng"] is None and state["scaler"] is None  # no CUDA here, no fp16 loss scaling
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval", "x.safetensors"], ["bench"], ["convert"], ["plan"], ["demo"]])
+def test_every_command_that_runs_a_model_takes_device(command) -> None:
+    from dacnn_convert.cli import app
+
+    out = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+    assert "--device" in out, out
+
+
+def test_cuda_on_a_machine_without_one_is_a_usage_error(monkeypatch, tmp_path) -> None:
+    from dacnn_convert.cli import app
+
+    _fake_gpus(monkeypatch, 0)
+    result = CliRunner().invoke(app, ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size",
+                                      "16", "--device", "cuda", "--out", str(tmp_path / "t")])  # fmt: skip
+    assert result.exit_code == 2 and "no CUDA device is available" in result.output, result.output
+    assert device_mod.DEVICE_HELP.split(";")[0] in CliRunner().invoke(app, ["train", "--help"],
+                                                                      env={"COLUMNS": "300"}).output  # fmt: skip
