@@ -7,17 +7,21 @@
 set -euo pipefail
 OUT=${OUT:-runs/gpu-smoke}
 mkdir -p "$OUT"
-pip install -q -e .[dev] >/dev/null 2>&1 || pip install -q -e . >/dev/null
-# the dataset: Debian's package when apt works, else the idx files copied beside the repo
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || true
+# Run from the source tree (a device machine is bare and offline: no pip install; missing packages
+# travel as wheels, see the device tool's README). Fashion-MNIST when its files are there, else synthetic.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DATA=${DATA:-fashion-mnist}
+if [ "$DATA" = fashion-mnist ] && [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -d "${DACNN_DATA:-$HOME/.cache/dacnn}/fashion-mnist" ]; then
+  DATA=synthetic
 fi
-python - <<'EOF'
+dacnn() { python -m dacnn_convert.cli "$@"; }
+dacnn-convert() { python -m dacnn_convert.cli convert "$@"; }
+python - <<'PY'
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
-EOF
+PY
 step() { echo "== $*"; start=$(date +%s); "$@"; echo "== ok in $(( $(date +%s) - start )) s"; }
-SYN=(--dataset fashion-mnist --train-limit 2048 --limit-batches 8 --device cuda)
+SYN=(--dataset "$DATA" --train-limit 2048 --limit-batches 8 --device cuda)
 step dacnn train resnet18 "${SYN[@]}" --epochs 1 --out "$OUT/teacher"
 step dacnn-convert resnet18 --weights "$OUT/teacher/best.safetensors" --num-classes 10 --mode bank \
   "${SYN[@]}" --epochs 1 --out "$OUT/bank"
@@ -28,6 +32,6 @@ step dacnn bench resnet18 --weights "$OUT/teacher/best.safetensors" --num-classe
 step torchrun --nproc_per_node=1 -m dacnn_convert.cli distill resnet18 --weights "$OUT/teacher/best.safetensors" \
   --num-classes 10 --mode bank "${SYN[@]}" --epochs 1 --out "$OUT/torchrun"
 step dacnn latency "$OUT/bank/model.safetensors" --device cuda --batch 1,64 --precision fp32,fp16 --input-size 32
-step dacnn recipe run recipes/cifar10/table7_dacnn_18_mix_reg_cifar_10.yaml --dataset fashion-mnist \
+step dacnn recipe run recipes/cifar10/table7_dacnn_18_mix_reg_cifar_10.yaml --dataset "$DATA" \
   --epochs 3 --train-limit 10000 --device cuda --out "$OUT/recipe"
 echo "== all steps passed on $(python -c 'import torch; print(torch.cuda.get_device_name(0))')"

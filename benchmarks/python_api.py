@@ -150,7 +150,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = {
         "command": "python benchmarks/python_api.py" + (" --sweep" if args.sweep else ""),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, no GPU",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                   + (f"GPU {torch.cuda.get_device_name()} (unused: the snippets run on the CPU)" if torch.cuda.is_available() else "no GPU"),
         "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "teacher": str(args.teacher.relative_to(ROOT)) if args.teacher.is_relative_to(ROOT) else str(args.teacher),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
-from .convert import PLAN_ATTR, convert
+from .convert import BN_STALE_ATTR, PLAN_ATTR, convert
 from .errors import CheckpointError
 from .planning import Plan
 from .sources import ModelSpec, build_model, check_state_dict, parse_spec
@@ -65,6 +65,8 @@ def save(
     plan = getattr(model, PLAN_ATTR, None)
     if plan is not None:
         meta["plan"] = plan.to_json()
+        if getattr(model, BN_STALE_ATTR, False):  # so distill() still recalibrates it after load()
+            meta["bn_stale"] = "1"
     if source is not None:
         meta["source"] = json.dumps(source.to_dict())
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
@@ -141,4 +143,6 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     expected = skeleton.state_dict()
     state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     skeleton.load_state_dict(state, strict=True)
+    if plan is not None:
+        setattr(skeleton, BN_STALE_ATTR, meta.get("bn_stale") == "1")
     return skeleton

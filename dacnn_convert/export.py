@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from .atomic import atomic_write
 from .errors import DacnnError, UsageError
 
 ONNX_DTYPES = ("fp32", "fp16", "bf16")
+MIN_OPSET = 18  # torch.onnx's dynamo exporter: an older opset is silently written as 18
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ def export_onnx(
     dtype: str = "fp32",
     opset: int = 18,
     check: bool = True,
+    dynamic_spatial: bool = False,
 ) -> OnnxExport:
     """Export ``model`` to ONNX with a dynamic batch axis, one initialiser per anchored kernel.
 
@@ -58,18 +61,24 @@ def export_onnx(
         input_size: (C, H, W) of one example.
         dtype: storage of floating initialisers: ``fp32``, ``fp16`` or ``bf16`` (a Cast back
             to fp32 follows each one, so the graph still computes in fp32).
-        opset: ONNX opset version.
+        opset: ONNX opset version, 18 or later.
         check: run the file with onnxruntime (if installed) and report the largest
             difference from PyTorch.
+        dynamic_spatial: also leave height and width free (a fully convolutional model
+            then runs at any input size); the check runs at another size as well.
 
     Raises:
-        DacnnError: onnx/onnxscript missing, or the export failed.
+        DacnnError: onnx/onnxscript missing, the export failed, or onnxruntime's outputs
+            are not finite or (fp32 storage) differ from PyTorch's by more than 1e-3; the file
+            is removed.
     """
     _require("onnxscript")
     import onnx
 
     if dtype not in ONNX_DTYPES:
         raise UsageError(f"unknown ONNX dtype {dtype!r}; expected one of: {', '.join(ONNX_DTYPES)}")
+    if opset < MIN_OPSET:
+        raise UsageError(f"opset {opset}: the exporter (torch.onnx, dynamo) writes opset {MIN_OPSET} or later")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -81,7 +90,7 @@ def export_onnx(
             raw = Path(tmp) / "raw.onnx"
             torch.onnx.export(
                 model, (x,), str(raw), dynamo=True, optimize=False, opset_version=opset,
-                dynamic_shapes=({0: torch.export.Dim("batch")},), input_names=["input"], output_names=["output"],
+                dynamic_shapes=(_dynamic_axes(dynamic_spatial),), input_names=["input"], output_names=["output"],
             )  # fmt: skip
             proto = onnx.load(str(raw))
     except Exception as exc:
@@ -92,8 +101,25 @@ def export_onnx(
     if dtype != "fp32":
         _store_floats_as(proto, dtype)
     atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
-    diff = _check_onnxruntime(model, path, input_size) if check else None
+    diff = None
+    if check:
+        sizes = [input_size] + ([(input_size[0], input_size[1] + 32, input_size[2] + 32)] if dynamic_spatial else [])
+        diffs = [_check_onnxruntime(model, path, s) for s in sizes]
+        diff = None if diffs[0] is None else max(d for d in diffs if d is not None)
+        limit = 1e-3 if dtype == "fp32" else float("inf")  # half storage rounds every weight: finite is the test
+        if diff is not None and not diff <= limit:  # NaN compares false: a NaN output fails too
+            path.unlink(missing_ok=True)
+            raise DacnnError(f"onnxruntime does not reproduce the model (max |diff| {diff}); nothing written. "
+                             "Non-finite weights, or an op the exporter got wrong")  # fmt: skip
     return OnnxExport(path, path.stat().st_size, len(proto.graph.initializer), diff)
+
+
+def _dynamic_axes(spatial: bool) -> dict[int, Any]:
+    """The batch axis, and with ``spatial`` height and width, left free in the exported graph."""
+    axes: dict[int, Any] = {0: torch.export.Dim("batch")}
+    if spatial:
+        axes[2] = axes[3] = torch.export.Dim.DYNAMIC  # the exporter derives each range itself
+    return axes
 
 
 def _strip_metadata(proto) -> None:  # noqa: ANN001

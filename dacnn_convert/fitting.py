@@ -275,8 +275,8 @@ def input_moments(
     for name in list(sums):
         h, c = sums.pop(name)
         norm = h.diagonal().mean().clamp_min(1e-12)
-        hn = h.div_(norm)
-        out[name] = (hn, hn if c is h else c.div_(norm))
+        hn = h.div_(norm).cpu()  # the fits run on the CPU in float64, whatever device the model is on
+        out[name] = (hn, hn if c is h else c.div_(norm).cpu())
     return out
 
 

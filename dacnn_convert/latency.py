@@ -72,11 +72,11 @@ def _time(
             order = names[i % len(names) :] + names[: i % len(names)]
             for name in order:
                 if dev.type == "cuda":
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize(dev)
                 start = time.perf_counter()
                 nets[name](x)
                 if dev.type == "cuda":
-                    torch.cuda.synchronize()
+                    torch.cuda.synchronize(dev)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start) * 1000)
     return [_row(name, t, batch, precision, dev.type) for name, t in times.items()]

@@ -373,7 +373,9 @@ def make_plan(
         kh, kw = members[0].kernel_size
         res = {s.out_size for s in members}
         resolution = next(iter(res)) if len(res) == 1 else None
-        where = f"{resolution[0]}px" if resolution else "all"
+        # named by section, not resolution: the same model converted at 32 or 224 px gets the
+        # same state-dict keys (files with the older "8px" names still load: their plan names them)
+        where = f"s{section_of[resolution]}" if resolution else "all"
         groups.append(
             Group(
                 name=f"g{i}_{where}_{co}x{ci}x{kh}x{kw}",

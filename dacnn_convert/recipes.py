@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, TRAIN_LR
+from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
 from .errors import RecipeError, suggest
 
 TASKS = ("convert", "train")
@@ -50,6 +50,7 @@ class Recipe:
     epochs: int = 1
     batch_size: int = 128
     lr: float | None = None  # None: 0.05 for task train (from scratch), defaults.FINETUNE_LR for convert
+    warmup_steps: int | None = None  # None: 0 for task train, defaults.FINETUNE_WARMUP_STEPS for convert
     optimizer: str = "sgd"
     schedule: str = "cosine"
     step_every: int = 0
@@ -73,8 +74,8 @@ class Recipe:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("calibrate_batches", "seed", "step_every"):
-            if getattr(self, name) < 0:
+        for name in ("calibrate_batches", "seed", "step_every", "warmup_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise RecipeError(f"lr must be > 0, got {self.lr}")
@@ -85,6 +86,17 @@ class Recipe:
         if self.lr is not None:
             return self.lr
         return TRAIN_LR if self.task == "train" else FINETUNE_LR
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        """Linear warm-up steps: as written, else the default of the recipe's task."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return 0 if self.task == "train" else FINETUNE_WARMUP_STEPS
+
+    def resolved(self) -> Recipe:
+        """This recipe with every task-dependent default written out (what recipe.yaml records)."""
+        return self.override(lr=self.resolved_lr, warmup_steps=self.resolved_warmup_steps)
 
     def to_yaml(self) -> str:
         """The recipe as flat YAML (defaults included), as written next to results."""

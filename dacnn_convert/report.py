@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .convert import Conversion
-from .layers import AnchoredConv2d
 from .planning import Plan, unique_params
 
 
@@ -22,48 +21,32 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one forward pass on one example, from forward hooks.
+    """Multiply-accumulates of one inference pass on one example (eval mode, no autograd).
 
-    Counts convolutions (anchored or not) and linear layers, the usual convention;
-    anchoring shares weights but computes the same convolutions, so MACs only grow by
-    the regulators — except filter banks, counted as the path their inference takes
-    (bank conv + 1x1 coefficients when that is cheaper than the merged kernel). The model is run in eval mode and its mode is restored.
+    Counted by :class:`torch.utils.flop_counter.FlopCounterMode` on the ops that actually run
+    (convolutions, matrix products, attention: every one a model uses, Conv1d and einsum
+    included), halved: the usual MAC convention, BatchNorm and activations not counted.
+    Filter banks count the path inference takes (the merged kernel where that is cheaper,
+    else the bank conv plus its 1x1); a first, uncounted pass builds the kernels a model
+    caches, so one-time work such as merging a bank is not counted as per-image cost. The
+    model's train/eval mode is restored.
     """
-    total = 0
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def conv_hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(m, AnchoredConv2d):  # a filter bank computes fewer MACs than its merged kernel
-            total += out.shape[2] * out.shape[3] * m.macs_per_position()
-            return
-        kh, kw = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
-        total += out.shape[2] * out.shape[3] * m.out_channels * (m.in_channels // m.groups) * kh * kw
-
-    def linear_hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() // out.shape[0] * m.in_features
-
-    handles = []
-    inner = {id(m.coeff) for m in model.modules() if isinstance(m, AnchoredConv2d) and m.coeff is not None}
-    for m in model.modules():
-        if id(m) in inner:  # a bank's 1x1 coefficients: counted by its AnchoredConv2d
-            continue
-        if isinstance(m, nn.Conv2d | AnchoredConv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
     modes = {m: m.training for m in model.modules()}
+    p = next(model.parameters(), None)
     try:
         model.eval()
-        p = next(model.parameters(), None)
+        x = torch.zeros(1, *input_size, device=p.device if p is not None else "cpu")
+        counter = FlopCounterMode(display=False)
         with torch.no_grad():
-            model(torch.zeros(1, *input_size, device=p.device if p is not None else "cpu"))
+            model(x)
+            with counter:
+                model(x)
     finally:
-        for h in handles:
-            h.remove()
         for m, training in modes.items():
             m.training = training
-    return int(total)
+    return int(counter.get_total_flops()) // 2
 
 
 def conv_params(model: nn.Module) -> int:

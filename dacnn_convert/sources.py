@@ -92,6 +92,14 @@ def parse_spec(text: str, num_classes: int | None = None) -> ModelSpec:
                 f"unknown timm model {name!r}.{suggest(name.partition('.')[0], timm.list_models())} "
                 "See timm.list_models() for the names and timm.list_pretrained() for their tags."
             )
+        arch, _, tag = name.partition(".")
+        if tag:  # timm.is_model ignores the tag: check it against the architecture's pretrained tags
+            tags = timm.list_pretrained(f"{arch}.*")
+            if name not in tags:
+                raise UnknownModelError(
+                    f"timm model {arch!r} has no pretrained tag {tag!r}.{suggest(name, tags)} "
+                    f"Its tags: {', '.join(t.partition('.')[2] for t in tags) or 'none'}"
+                )
         return ModelSpec("timm", name, num_classes)
     if ":" in text:
         return ModelSpec("module", text, num_classes)
@@ -367,17 +375,25 @@ class InputConfig:
     interpolation: str = "bilinear"
 
 
-def input_config(model: nn.Module, spec: ModelSpec | None = None, weights: str | None = None) -> InputConfig:
+def input_config(model: nn.Module | None, spec: ModelSpec | None = None, weights: str | None = None) -> InputConfig:
     """The model's own preprocessing: timm's data config, torchvision's ``weights.transforms()``.
 
-    Without either (a user model, random weights) the ImageNet convention: 224 px, ImageNet
-    mean and std, 87.5% centre crop, bilinear.
+    ``model`` may be None: timm names are then looked up in timm's registry of pretrained
+    configs (no model is built), torchvision names by their weight enum. Without either (a
+    user model, random weights) the ImageNet convention: 224 px, ImageNet mean and std, 87.5%
+    centre crop, bilinear.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if model is None and spec is not None and spec.kind == "timm" and not spec.name.startswith("hf-hub:"):
+        import timm.models
+
+        found = timm.models.get_pretrained_cfg(spec.name, allow_unregistered=True)
+        cfg = found.to_dict() if found is not None else None
     if isinstance(cfg, dict) and "input_size" in cfg:
         import timm.data
 
-        data = timm.data.resolve_data_config({}, model=model)
+        data = timm.data.resolve_data_config({}, model=model) if model is not None else timm.data.resolve_data_config(
+            {}, pretrained_cfg=cfg)  # fmt: skip
         c, h, w = data["input_size"]
         return InputConfig((int(c), int(h), int(w)), tuple(data["mean"]), tuple(data["std"]),
                            float(data.get("crop_pct", 0.875)), str(data.get("interpolation", "bilinear")))  # fmt: skip

@@ -99,4 +99,30 @@ def test_half_precision_storage_loads_back_as_fp32(tmp_path) -> None:
     floats = sum(v.numel() for v in student.state_dict().values() if v.is_floating_point())
     assert _data_bytes(full) - _data_bytes(half) == 2 * floats
     again = load(half, model=TinyResNet())
-    assert again.dacnn_anchors.g0_16px_8x8x3x3.dtype == torch.float32
+    assert again.dacnn_anchors.g0_s1_8x8x3x3.dtype == torch.float32
+
+
+def test_state_dict_keys_do_not_depend_on_the_conversion_size() -> None:
+    small = anchor(TinyResNet(), mode="mix", regulators="all", input_size=(3, 16, 16))
+    large = anchor(TinyResNet(), mode="mix", regulators="all", input_size=(3, 64, 64))
+    assert list(small.state_dict()) == list(large.state_dict())
+    assert "dacnn_anchors.g0_s1_8x8x3x3" in small.state_dict()
+
+
+def test_files_with_the_older_resolution_names_still_load(tmp_path) -> None:
+    import dataclasses
+
+    from dacnn_convert import convert, plan
+
+    model = TinyResNet()
+    p = plan(model, mode="mix", input_size=SIZE)
+    old = dataclasses.replace(p, groups=tuple(dataclasses.replace(g, name=g.name.replace("_s1_", "_16px_"))
+                                              for g in p.groups))  # as written before the rename
+    student = convert(model, old).model
+    path = save(student, tmp_path / "old.safetensors", source="tests.models:tiny_resnet")
+    again = load(path, model=TinyResNet())
+    assert "dacnn_anchors.g0_16px_8x8x3x3" in again.state_dict()
+    x = torch.randn(2, *SIZE)
+    student.eval(), again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), student(x))

@@ -291,3 +291,21 @@ def test_anchor_with_calibration_data_defaults_to_act() -> None:
     student = anchor(model, input_size=SIZE, calib_loader=data)
     assert student.dacnn_plan.init == "act"
     assert anchor(model, input_size=SIZE).dacnn_plan.init == "fit"
+
+
+def test_macs_count_every_op_a_model_uses() -> None:
+    from dacnn_convert.report import count_macs
+
+    class Mixed(nn.Module):  # a Conv1d (as ECA attention has) and an einsum: no hook counter sees them
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+            self.proj = nn.Parameter(torch.randn(4, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)  # 4 * 3 * 9 MACs at 8 x 8 positions
+            w = self.eca(y.mean((2, 3)).unsqueeze(1))  # 1 * 3 MACs at 4 positions
+            return torch.einsum("bc,cd->bd", (y * w.squeeze(1)[..., None, None]).mean((2, 3)), self.proj)  # 4 * 5
+
+    assert count_macs(Mixed(), (3, 8, 8)) == 4 * 3 * 9 * 64 + 3 * 4 + 4 * 5

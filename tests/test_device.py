@@ -118,7 +118,8 @@ def test_resume_state_holds_the_cuda_rng_and_scaler_slots(tmp_path) -> None:
     assert state["cuda_rng"] is None and state["scaler"] is None  # no CUDA here, no fp16 loss scaling
 
 
-@pytest.mark.parametrize("command", [["train"], ["eval", "x.safetensors"], ["bench"], ["convert"], ["plan"], ["demo"]])
+@pytest.mark.parametrize("command", [["train"], ["eval", "x.safetensors"], ["bench"], ["convert"], ["plan"], ["demo"],
+                                     ["recipe", "run", "x.yaml"], ["latency", "x.safetensors"]])  # fmt: skip
 def test_every_command_that_runs_a_model_takes_device(command) -> None:
     from dacnn_convert.cli import app
 
@@ -135,3 +136,12 @@ def test_cuda_on_a_machine_without_one_is_a_usage_error(monkeypatch, tmp_path) -
     assert result.exit_code == 2 and "no CUDA device is available" in result.output, result.output
     assert device_mod.DEVICE_HELP.split(";")[0] in CliRunner().invoke(app, ["train", "--help"],
                                                                       env={"COLUMNS": "300"}).output  # fmt: skip
+
+
+def test_under_torchrun_an_explicit_gpu_must_be_this_ranks(monkeypatch) -> None:
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UsageError, match="under torchrun each process uses the GPU of its LOCAL_RANK .here cuda:1"):
+        resolve_device("cuda:0")

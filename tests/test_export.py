@@ -89,3 +89,35 @@ def test_export_and_inspect_cli(tmp_path) -> None:
     assert json.loads(result.output)["format"] == "onnx"
     missing = runner.invoke(app, ["inspect", str(tmp_path / "nope.onnx")])
     assert missing.exit_code == 1 and "does not exist" in missing.output
+
+
+def test_onnx_opset_and_dynamic_spatial_axes(tmp_path, r18_mix_reg) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from dacnn_convert.errors import UsageError
+
+    with pytest.raises(UsageError, match="opset 17: the exporter .* writes opset 18 or later"):
+        export_onnx(r18_mix_reg, tmp_path / "old.onnx", (3, 32, 32), opset=17)
+    result = export_onnx(r18_mix_reg, tmp_path / "m.onnx", (3, 32, 32), opset=20, dynamic_spatial=True)
+    proto = onnx.load(str(result.path))
+    assert proto.opset_import[0].version == 20
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims[:1]) and all(d.dim_param for d in dims[2:])  # batch, H, W symbolic
+    sess = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 48, 40)  # another size than the export's
+    with torch.no_grad():
+        expected = r18_mix_reg(x).numpy()
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - expected).max() < 1e-4
+
+
+def test_onnx_export_of_non_finite_weights_fails_and_writes_nothing(tmp_path) -> None:
+    from dacnn_convert.errors import DacnnError
+
+    model = anchor(TinyResNet(), mode="mix", input_size=(3, 16, 16)).eval()
+    with torch.no_grad():
+        next(iter(model.dacnn_anchors.parameters())).fill_(float("nan"))
+    with pytest.raises(DacnnError, match="does not reproduce the model .max .diff. nan"):
+        export_onnx(model, tmp_path / "nan.onnx", (3, 16, 16))
+    assert not (tmp_path / "nan.onnx").exists()

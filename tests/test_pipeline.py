@@ -90,7 +90,7 @@ def test_finetune_defaults_are_not_the_from_scratch_ones() -> None:
 
 def test_compress_runs_the_whole_job_in_one_call(data, tmp_path) -> None:
     torch.manual_seed(0)
-    teacher = TinyResNet().eval()
+    teacher = TinyResNet().train()
     cfg = TrainConfig(epochs=1, lr=0.01, precision="fp32", limit_batches=2)
     result = compress(teacher, data.train, data.val, config=cfg, calibrate_batches=2, out=tmp_path,
                       mode="mix", regulators="all")  # fmt: skip
@@ -99,7 +99,7 @@ def test_compress_runs_the_whole_job_in_one_call(data, tmp_path) -> None:
     assert result.fit is not None and result.fit.calibrated_batches == 0  # calibrated once, before distill
     assert {"convert", "calibrate", "finetune"} <= set(result.steps)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "report.md").is_file()
-    assert not teacher.training  # the teacher comes back in the mode it was given
+    assert all(m.training for m in teacher.modules())  # the teacher comes back in the mode it was given
 
 
 def test_compress_saves_in_the_requested_dtype(data, tmp_path) -> None:
@@ -142,3 +142,12 @@ def test_anchor_takes_a_size_target_and_plans_with_the_data(data) -> None:
     assert student.dacnn_plan.mode == "budget" and student.dacnn_plan.init == "act"
     assert count_params(student) <= count_params(teacher) / 1.5
     assert not needs_bn_calibration(student)
+
+
+def test_the_stale_bn_mark_survives_save_and_load(tmp_path, data) -> None:
+    from dacnn_convert import load, save
+
+    stale = anchor(TinyResNet(), mode="mix", input_size=(3, 16, 16))
+    fresh = anchor(TinyResNet(), mode="mix", calib_loader=data.train, calib_batches=1)
+    assert needs_bn_calibration(load(save(stale, tmp_path / "a.safetensors"), model=TinyResNet()))
+    assert not needs_bn_calibration(load(save(fresh, tmp_path / "b.safetensors"), model=TinyResNet()))

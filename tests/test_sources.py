@@ -40,6 +40,8 @@ def test_timm_names_with_pretrained_tags_are_models() -> None:
     assert model.pretrained_cfg["tag"] == "a1_in1k"
     with pytest.raises(UnknownModelError, match="unknown timm model 'resnet1800.a1_in1k'.*list_pretrained"):
         parse_spec("timm:resnet1800.a1_in1k")
+    with pytest.raises(UnknownModelError, match="no pretrained tag 'bogus'.*Its tags: .*a1_in1k"):
+        parse_spec("timm:resnet18.bogus")
 
 
 def test_hf_hub_names_are_timm_models() -> None:

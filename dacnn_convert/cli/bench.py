@@ -106,7 +106,7 @@ def bench_command(
     import torch
 
     from ..bench import BenchConfig, run_bench
-    from ..sources import build_model, parse_spec
+    from ..sources import build_model, input_config, parse_spec
 
     try:
         data = DataOptions(dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay,
@@ -119,9 +119,10 @@ def bench_command(
             tuple(m.strip() for m in methods.split(",") if m.strip()), budget, match, repeats, calibrate_batches,
             latency_repeats=latency_repeats, train=data.config(),
         )  # fmt: skip
-        size = data.input_size(parse_input_size(input_size))
+        preprocess = input_config(None, parse_spec(model, num_classes), weights)
+        size = data.input_size(parse_input_size(input_size), preprocess.input_size)
         with output_guard(out), console.status("benchmarking") as status:
-            loaders = data.loaders(size)
+            loaders = data.loaders(size, preprocess)
             spec = parse_spec(model, num_classes or loaders.num_classes)
             torch.manual_seed(seed)
             teacher = build_model(spec, weights).eval().to(data.torch_device())

@@ -323,10 +323,19 @@ class DataOptions:
         )  # fmt: skip
 
     def torch_device(self) -> Any:
-        """The resolved ``--device`` (see :func:`dacnn_convert.distill.device.resolve_device`)."""
+        """The resolved ``--device`` (see :func:`dacnn_convert.distill.device.resolve_device`).
+
+        A CUDA device also becomes the current one: the CLI owns its process, and autocast,
+        pinned-memory copies and bf16 support checks then all speak of that GPU.
+        """
+        import torch
+
         from ..distill.device import resolve_device
 
-        return resolve_device(self.device)
+        device = resolve_device(self.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
 
     def input_size(self, given: tuple[int, int, int] | None, model_default: tuple[int, int, int] = (3, 224, 224)) -> tuple[int, int, int]:
         """``--input-size`` if given, else 32 px for the registered datasets, else the model's own size."""
@@ -398,6 +407,7 @@ class ExportFormat(Choice):
     torchscript = "torchscript"
     safetensors = "safetensors"
     pt = "pt"
+    dense = "dense"
 
 
 

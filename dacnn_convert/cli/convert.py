@@ -116,7 +116,7 @@ def run_convert(
     spec = parse_spec(model, num_classes)
     size = parse_input_size(input_size)
     leaves = _leaf_types(leaf_module or [])
-    out = out or Path("runs") / f"{spec.name.replace(':', '_')}-{mode.value}"
+    out = out or Path("runs") / f"{spec.name.replace(':', '_').replace('/', '_')}-{mode.value}"
     with output_guard(None if dry_run else out):
         torch.manual_seed(data.seed if data is not None else 0)  # random weights (--weights none) are reproducible
         original = build_model(spec, weights).eval()

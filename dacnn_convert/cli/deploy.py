@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -24,11 +24,14 @@ from .common import (
 
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file written by dacnn")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="onnx, torchscript, safetensors or pt")] = ExportFormat.onnx,  # noqa: A002
+    format: Annotated[ExportFormat, typer.Option("--format", help="onnx, torchscript, safetensors, pt, or dense (the "
+                                                 "original architecture's state dict: loads with strict=True, no dacnn needed)")] = ExportFormat.onnx,  # noqa: A002
     out: Annotated[Path | None, typer.Option(help="file to write (default: next to the checkpoint)")] = None,
     dtype: DtypeOpt = Dtype.fp32,
     input_size: SizeOpt = None,
     model_source: SkelOpt = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset version (18 or later)")] = 18,
+    dynamic_spatial: Annotated[bool, typer.Option(help="ONNX: leave height and width free, not only the batch")] = False,
 ) -> None:
     """Export a saved model keeping each anchored kernel stored once."""
     import torch
@@ -43,10 +46,14 @@ def export_command(
         size = parse_input_size(input_size) or (
             tuple(Plan.from_json(meta["plan"]).input_size) if "plan" in meta else (3, 224, 224)
         )
-        suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors", "pt": ".pt"}
+        suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors", "pt": ".pt",
+                  "dense": ".dense.safetensors"}  # fmt: skip
         out = out or checkpoint.with_name(checkpoint.name.split(".")[0] + f"-{dtype.value}" + suffix[format.value])
+        if format is ExportFormat.dense:
+            _export_dense(checkpoint, model, out, size, dtype.value, model_source)
+            return
         if format is ExportFormat.onnx:
-            result = export_onnx(model, out, size, dtype.value)
+            result = export_onnx(model, out, size, dtype.value, opset=opset, dynamic_spatial=dynamic_spatial)
             diff = f", onnxruntime max |diff| {result.max_abs_diff:.2e}" if result.max_abs_diff is not None else ""
             console.print(f"wrote {out} ({result.bytes:,} bytes, {result.initializers} initialisers{diff})")
             return
@@ -66,6 +73,34 @@ def export_command(
         raise fail(exc) from None
     except OSError as exc:  # the target folder is missing, read-only or full
         raise fail(write_failed(exc.filename or out, exc)) from None
+
+
+def _export_dense(checkpoint: Path, model: Any, out: Path, size: Any, dtype: str, model_source: str | None) -> None:
+    """Write the stock-architecture state dict, checked against a fresh instance of the original class."""
+    import json
+    import math
+
+    from ..checkpoint import read_metadata
+    from ..dense import DenseExportError, export_dense
+    from ..sources import ModelSpec, build_model, parse_spec
+
+    meta = read_metadata(checkpoint)
+    if model_source is not None:
+        classes = json.loads(meta["source"]).get("num_classes") if "source" in meta else None
+        spec = parse_spec(model_source, classes)
+    elif "source" in meta:
+        spec = ModelSpec.from_dict(json.loads(meta["source"]))
+    else:
+        raise UsageError(f"{checkpoint} does not say which architecture it came from: give --model NAME")
+    stock = build_model(spec, weights=None)
+    result = export_dense(model, out, stock, size, dtype)
+    diff = result.max_abs_diff
+    if diff is None or not math.isfinite(diff) or diff > 1e-3:
+        out.unlink(missing_ok=True)
+        raise DenseExportError(f"the stock {spec.display} does not reproduce the anchored model (max |diff| {diff}); "
+                               "nothing written")  # fmt: skip
+    console.print(f"wrote {out} ({result.bytes:,} bytes, {result.tensors} tensors): loads into {spec.display} with "
+                  f"strict=True, max |diff| vs the anchored model {diff:.2e} (eval mode)")  # fmt: skip
 
 
 def inspect_command(

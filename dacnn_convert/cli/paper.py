@@ -86,12 +86,12 @@ def run_recipe(
     data = DataOptions(
         r.dataset, r.epochs, r.batch_size, r.resolved_lr, r.optimizer, r.schedule, r.weight_decay, r.step_every,
         r.kd_temperature, r.kd_alpha, r.calibrate_batches, r.precision, limit_batches, r.train_limit, download,
-        seed=r.seed, augment=r.augment, warmup_steps=0, device=device,
+        seed=r.seed, augment=r.augment, warmup_steps=r.resolved_warmup_steps, device=device,
     )  # fmt: skip
     start = time.perf_counter()
     if r.task == "train":
         fit = run_train(r.model, r.dataset, out, r.weights or "none", r.input_size, data)
-        (out / "recipe.yaml").write_text(r.to_yaml())
+        (out / "recipe.yaml").write_text(r.resolved().to_yaml())
         from ..checkpoint import load
 
         model = load(fit.checkpoint) if fit.checkpoint else None
@@ -99,12 +99,13 @@ def run_recipe(
     else:
         done = run_convert(
             r.model, Mode(r.mode), r.regulators, RegulatorStyle(r.regulator_style), Init(r.init) if r.init else None,
-            r.weights or "DEFAULT", r.num_classes, r.input_size, out, False, None, data=data, recipe=r,
+            r.weights or "DEFAULT", r.num_classes, r.input_size, out, False, None, data=data, recipe=r.resolved(),
         )  # fmt: skip
         res = done["result"] if "result" in done else None
         accuracy = res.finetuned_acc if res is not None else float("nan")
         params = done["report"].params_after if "report" in done else res.report.params_after
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    where = data.torch_device()
+    device = torch.cuda.get_device_name(where) if where.type == "cuda" else "CPU"
     record = {
         "recipe": str(path), "model": r.model, "dataset": r.dataset, "epochs": r.epochs, "limit_batches": limit_batches,
         "train_limit": r.train_limit, "accuracy": accuracy, "error": 100 * (1 - accuracy), "params": params,

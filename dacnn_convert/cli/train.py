@@ -92,12 +92,13 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
     import torch
 
     from ..distill import train
-    from ..sources import build_model, parse_spec
+    from ..sources import build_model, input_config, parse_spec
 
-    size = data.input_size(parse_input_size(input_size))
+    preprocess = input_config(None, parse_spec(model, None), weights)
+    size = data.input_size(parse_input_size(input_size), preprocess.input_size)
     config = data.config()
     with output_guard(out):
-        loaders = data.loaders(size)
+        loaders = data.loaders(size, preprocess)
         spec = parse_spec(model, loaders.num_classes)
         torch.manual_seed(data.seed)  # the random init too: same seed, same run, in any process
         net = build_model(spec, weights).to(data.torch_device())
@@ -125,15 +126,29 @@ def eval_command(
     """Top-1 accuracy of a saved model (anchored or not) on a dataset's validation split."""
     from ..distill import evaluate
     from ..report import count_params
+    from ..sources import input_config
 
     try:
         data = DataOptions(dataset, batch_size=batch_size, download=download, device=device)
-        size = data.input_size(parse_input_size(input_size))
-        loaders = data.loaders(size)
-        net = load_checkpoint(checkpoint, model).to(data.torch_device())
+        net = load_checkpoint(checkpoint, model)
+        preprocess = input_config(net, _source_of(checkpoint, model))  # as the model was fine-tuned
+        size = data.input_size(parse_input_size(input_size), preprocess.input_size)
+        loaders = data.loaders(size, preprocess)
+        net = net.to(data.torch_device())
         acc = evaluate(net, loaders.val, precision, limit_batches)
     except DacnnError as exc:
         raise fail(exc) from None
     console.print(f"{checkpoint}: top-1 {100 * acc:.2f}% on {dataset} ({count_params(net):,} unique params)")
 
 
+def _source_of(checkpoint: Path, model: str | None) -> Any:
+    """The model source a checkpoint records (or the one given with --model), None if neither."""
+    import json
+
+    from ..checkpoint import read_metadata
+    from ..sources import ModelSpec, parse_spec
+
+    if model is not None:
+        return parse_spec(model)
+    meta = read_metadata(checkpoint)
+    return ModelSpec.from_dict(json.loads(meta["source"])) if "source" in meta else None

@@ -179,10 +179,8 @@ def _channels_last(model: nn.Module) -> bool:
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to ``device``; to a GPU from pinned memory without blocking the host."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
-    return t.to(device)
+    """Move a batch to ``device``; from pinned memory (the loaders' ``pin_memory``) without blocking the host."""
+    return t.to(device, non_blocking=device.type == "cuda" and t.is_pinned())
 
 
 class NonFiniteLossError(DacnnError):
@@ -275,8 +273,8 @@ def _fit(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"].cpu())
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+        if state.get("cuda_rng") is not None and device.type == "cuda":  # this process's GPU only
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         first_epoch, skip, step = state["epoch"], state["batch"], state["step"]
@@ -292,7 +290,7 @@ def _fit(
             return
         last_good = _save_state(state_path, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "epoch": epoch, "batch": batch, "step": step, "history": result.history, "best_acc": result.best_acc,
         })  # fmt: skip
@@ -462,7 +460,8 @@ def distill(
     if epochs is not None:
         cfg = replace(cfg, epochs=epochs)
     calibrated = 0
-    if calibrate_batches > 0 and needs_bn_calibration(student) and not resume:
+    resuming = resume and out is not None and (Path(out) / "state.pt").is_file()  # its BN stats are in there
+    if calibrate_batches > 0 and needs_bn_calibration(student) and not resuming:
         calibrated = recalibrate_bn(student, train_batches, calibrate_batches)
     device = device_of(student)
     # the teacher is borrowed: moved beside the student, frozen, in eval mode, and given back as it came
