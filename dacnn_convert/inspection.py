@@ -6,7 +6,10 @@ TorchScript archives written by :func:`export_torchscript`, and .onnx files.
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,17 +129,92 @@ def _inspect_state_dict(path: Path) -> Inspection:
     return Inspection(str(path), "state-dict", path.stat().st_size, len(tensors), params, pbytes, shared)
 
 
+class _Opaque:
+    """Stands in for every class a TorchScript archive names: holds its state, runs nothing."""
+
+    def __init__(self, *args: object) -> None:
+        self.args = args
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+@dataclass(frozen=True)
+class _TensorRecord:
+    storage: str
+    offset: int
+    shape: tuple[int, ...]
+    itemsize: int
+
+
+_ITEMSIZE = {"DoubleStorage": 8, "LongStorage": 8, "FloatStorage": 4, "IntStorage": 4, "HalfStorage": 2,
+             "BFloat16Storage": 2, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1}  # fmt: skip
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads a TorchScript ``data.pkl`` without importing or calling anything it names.
+
+    ``torch.jit.load`` would run the archive's code (its ``__setstate__`` methods): a file
+    handed to ``inspect`` must not be able to do that. Every global becomes a stand-in class,
+    tensors become records of (storage, offset, shape), storages stay names.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild
+        if module == "collections" and name == "OrderedDict":
+            return dict
+        return type(name, (_Opaque,), {"__module__": "dacnn_convert.inspection.archive"})
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.60}")
+        kind = getattr(pid[1], "__name__", str(pid[1]))
+        return (str(pid[2]), _ITEMSIZE.get(kind, 4))
+
+
+def _rebuild(storage: tuple[str, int], offset: int, size: Any, *rest: object) -> _TensorRecord:
+    return _TensorRecord(storage[0], int(offset), tuple(int(d) for d in size), storage[1])
+
+
+def _walk(obj: object, prefix: str, out: dict[str, _TensorRecord], depth: int = 0) -> None:
+    """Named tensors of the module tree, by attribute path (``layer1.0.conv1.weight``)."""
+    if depth > 200:
+        raise CheckpointError("the archive's module tree is nested more than 200 levels deep")
+    state = getattr(obj, "state", obj)
+    if isinstance(state, tuple) and len(state) == 1:
+        state = state[0]
+    if not isinstance(state, dict):
+        return
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, _TensorRecord):
+            out[name] = value
+        elif isinstance(value, _Opaque):
+            _walk(value, f"{name}.", out, depth + 1)
+
+
 def _inspect_torchscript(path: Path) -> Inspection:
-    module = torch.jit.load(str(path), map_location="cpu")
-    named = dict(module.named_parameters())
-    shared = []
-    for name, p in named.items():
-        if name.startswith("dacnn_anchors."):
-            shared.append((name, tuple(p.shape), ()))
-    params = sum(p.numel() for p in named.values())
-    pbytes = sum(p.numel() * p.element_size() for p in named.values())
-    notes = ("TorchScript archives keep each parameter once; users of an anchor are not recorded",)
-    return Inspection(str(path), "torchscript", path.stat().st_size, len(named), params, pbytes, tuple(shared),
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+            tensors: dict[str, _TensorRecord] = {}
+            _walk(_ArchiveUnpickler(io.BytesIO(z.read(data))).load(), "", tensors)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged or foreign archive: say so in one line
+        raise CheckpointError(f"{str(path)!r} is not a readable TorchScript archive: {str(exc)[:160]}") from exc
+    named = {k: t for k, t in tensors.items() if _is_param(k)}
+    by_storage: dict[tuple[str, int, tuple[int, ...]], list[str]] = {}
+    for name, t in named.items():
+        by_storage.setdefault((t.storage, t.offset, t.shape), []).append(name)
+    unique = [named[names[0]] for names in by_storage.values()]
+    params = sum(math.prod(t.shape) for t in unique)
+    pbytes = sum(math.prod(t.shape) * t.itemsize for t in unique)
+    shared = [(k, named[k].shape, ()) for k in named if k.startswith("dacnn_anchors.")]
+    shared += [(n[0], named[n[0]].shape, tuple(n)) for n in by_storage.values() if len(n) > 1]
+    notes = ("read without running the archive's code; users of an anchor are not recorded",)
+    return Inspection(str(path), "torchscript", path.stat().st_size, len(tensors), params, pbytes, tuple(shared),
                       notes=notes)  # fmt: skip
 
 

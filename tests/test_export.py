@@ -121,3 +121,31 @@ def test_onnx_export_of_non_finite_weights_fails_and_writes_nothing(tmp_path) ->
     with pytest.raises(DacnnError, match="does not reproduce the model .max .diff. nan"):
         export_onnx(model, tmp_path / "nan.onnx", (3, 16, 16))
     assert not (tmp_path / "nan.onnx").exists()
+
+
+def test_inspect_reads_torchscript_without_running_it(tmp_path, monkeypatch) -> None:
+    import os
+    import pickle
+    import zipfile
+
+    class Payload:  # what a hostile archive's __setstate__/reduce would run under torch.jit.load
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    bad = tmp_path / "evil.pt"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("evil/data.pkl", pickle.dumps({"weight": Payload()}, protocol=2))
+        z.writestr("evil/constants.pkl", pickle.dumps(()))
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load runs archive code"))
+    info = inspect_file(bad)
+    assert info.format == "torchscript" and info.params == 0
+    assert not (tmp_path / "ran").exists()
+    result = runner.invoke(app, ["inspect", str(bad)])
+    assert result.exit_code == 0 and not (tmp_path / "ran").exists()
+
+
+def test_inspect_counts_a_real_torchscript_archive_like_the_model(tmp_path, r18_mix_reg) -> None:
+    path = export_torchscript(r18_mix_reg, tmp_path / "m.pt", (3, 32, 32))
+    info = inspect_file(path)
+    assert info.params == count_params(r18_mix_reg) and info.param_bytes == 4 * count_params(r18_mix_reg)
+    assert {name for name, _, _ in info.shared} == {f"dacnn_anchors.{k}" for k, _ in r18_mix_reg.dacnn_anchors.named_parameters()}

@@ -110,14 +110,17 @@ def test_conversion_is_deterministic() -> None:
 
 
 def test_no_unsafe_deserialisation_in_the_package() -> None:
-    """torch.load only with weights_only=True, YAML only through safe_load, no pickle."""
+    """torch.load only with weights_only=True, YAML only through safe_load, no torch.jit.load
+    (it runs an archive's code), pickle only in inspection's unpickler that resolves no global."""
     root = Path(__file__).parents[1] / "dacnn_convert"
     for f in root.rglob("*.py"):
         text = f.read_text()
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{f}: {line.strip()}"
-        assert not re.search(r"^\s*import pickle|yaml\.load\(", text, re.M), f
+        assert not re.search(r"yaml\.load\(|torch\.jit\.load\(|pickle\.loads?\(", text), f
+        if re.search(r"^\s*import pickle", text, re.M):
+            assert f.name == "inspection.py" and "def find_class" in text, f
 
 
 def test_fine_tuning_is_deterministic() -> None:

@@ -237,3 +237,35 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, reference) -
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
     for key, value in reference.items():
         torch.testing.assert_close(_final(out)[key], value, rtol=0, atol=0)
+
+
+def test_a_finished_run_is_never_overwritten_unless_asked(tmp_path) -> None:
+    from dacnn_convert.cli import app
+
+    run = tmp_path / "t"
+    args = ["train", "tests.models:tiny_resnet", "--input-size", "16", "--dataset", "synthetic", "--epochs", "1",
+            "--limit-batches", "1", "--precision", "fp32", "--out", str(run)]  # fmt: skip
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "--resume" in again.output and "--overwrite" in again.output, again.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing touched
+    assert CliRunner().invoke(app, [*args, "--resume"]).exit_code == 0
+    replaced = CliRunner().invoke(app, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + one epoch: nothing appended
+
+
+def test_a_conversion_never_overwrites_its_own_input(tmp_path) -> None:
+    from dacnn_convert.cli import app
+
+    run = tmp_path / "t"
+    CliRunner().invoke(app, ["train", "tests.models:tiny_resnet", "--input-size", "16", "--dataset", "synthetic",
+                             "--epochs", "1", "--limit-batches", "1", "--out", str(run)])  # fmt: skip
+    teacher = (run / "best.safetensors").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(app, ["convert", "tests.models:tiny_resnet", "--weights", str(run / "best.safetensors"),
+                                          "--input-size", "16", "--dataset", "synthetic", "--epochs", "1",
+                                          "--limit-batches", "1", "--out", str(run), *extra])  # fmt: skip
+        assert result.exit_code == 2 and "own input" in result.output, result.output
+    assert (run / "best.safetensors").read_bytes() == teacher

@@ -33,6 +33,7 @@ from .common import (
     ModelArg,
     Optimizer,
     OptimOpt,
+    OverwriteOpt,
     Precision,
     PrecOpt,
     SchedOpt,
@@ -101,6 +102,7 @@ def bench_command(
     download: DownloadOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Compare compression methods on one teacher at the same size, with the same KD fine-tune."""
     import torch
@@ -114,14 +116,14 @@ def bench_command(
                            precision=precision, limit_batches=limit_batches, train_limit=train_limit,
                            download=download, seed=seed, augment=augment, label_smoothing=label_smoothing,
                            warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last,
-                           device=device)  # fmt: skip
+                           device=device, overwrite=overwrite)  # fmt: skip
         config = BenchConfig(
             tuple(m.strip() for m in methods.split(",") if m.strip()), budget, match, repeats, calibrate_batches,
             latency_repeats=latency_repeats, train=data.config(),
         )  # fmt: skip
         preprocess = input_config(None, parse_spec(model, num_classes), weights)
         size = data.input_size(parse_input_size(input_size), preprocess.input_size)
-        with output_guard(out), console.status("benchmarking") as status:
+        with output_guard(out, data, (weights,)), console.status("benchmarking") as status:
             loaders = data.loaders(size, preprocess)
             spec = parse_spec(model, num_classes or loaders.num_classes)
             torch.manual_seed(seed)

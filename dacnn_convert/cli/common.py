@@ -178,18 +178,50 @@ def check_writable(out: Path) -> None:
         ) from exc
 
 
+# What a run leaves in its --out folder: finding one of these there means a run lives there.
+RUN_FILES = ("best.safetensors", "last.safetensors", "state.pt", "metrics.csv", "history.json", "model.safetensors",
+             "report.json", "report.md", "bench.json", "bench.md")  # fmt: skip
+
+
+def check_fresh_output(out: Path, resume: bool = False, overwrite: bool = False, inputs: tuple[Any, ...] = ()) -> None:
+    """Refuse to write over a finished run or over this command's own inputs unless asked.
+
+    ``--resume`` continues the run there; ``--overwrite`` replaces it (its files are removed
+    first, so nothing of the old run is mixed into the new one, e.g. appended metrics).
+
+    Raises:
+        UsageError: ``out`` holds a run and neither flag was given, or an input file would be
+            overwritten (never allowed: choose another --out).
+    """
+    for given in inputs:
+        path = Path(given) if isinstance(given, str | Path) else None
+        if path is not None and path.is_file() and path.parent.resolve() == out.resolve() and path.name in RUN_FILES:
+            raise UsageError(f"--out {out} would overwrite this command's own input {path}; choose another --out")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise UsageError(f"{out} already holds a run ({', '.join(found)}); continue it with --resume, or replace it "
+                         "with --overwrite")  # fmt: skip
+    for name in found:
+        (out / name).unlink()
+
+
 @contextlib.contextmanager
-def output_guard(out: Path | None) -> Iterator[None]:
-    """Check ``out`` is writable; if the command then fails, remove ``out`` if it created it.
+def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tuple[Any, ...] = ()) -> Iterator[None]:
+    """Check ``out`` is writable and holds no other run; if the command then fails, remove ``out`` if it created it.
 
     Nothing half-written is left behind, except a resumable ``state.pt`` (training progress
     is never thrown away). An OSError while writing becomes a one-line :class:`OutputError`.
+    With ``data``, its ``resume``/``overwrite`` decide what happens to a run already in ``out``
+    (:func:`check_fresh_output`); ``inputs`` are files the command reads.
     """
     import shutil
 
     existed = out is None or out.exists()
     try:
         if out is not None:
+            check_fresh_output(out, data.resume if data else False, data.overwrite if data else False, inputs)
             check_writable(out)
         yield
     except BaseException as exc:
@@ -254,6 +286,7 @@ TrainLimitOpt = Annotated[int | None, typer.Option(min=1, help="train on a fixed
 DownloadOpt = Annotated[bool, typer.Option(help="let torchvision download a missing dataset")]
 SeedOpt = Annotated[int, typer.Option(help="random seed")]
 ResumeOpt = Annotated[bool, typer.Option(help="continue from OUT/state.pt (optimiser, schedule, RNG, counters)")]
+OverwriteOpt = Annotated[bool, typer.Option(help="replace a run already in --out (otherwise refused: use --resume to continue it)")]
 CkptOpt = Annotated[int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)")]
 
 
@@ -295,6 +328,7 @@ class DataOptions:
     download: bool = False
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     checkpoint_every: int | None = None
     feature_weight: float = 0.0
     plot: bool = False

@@ -48,6 +48,7 @@ from .common import (
     OptimOpt,
     OptModelArg,
     OutOpt,
+    OverwriteOpt,
     PlotOpt,
     Precision,
     PrecOpt,
@@ -117,7 +118,7 @@ def run_convert(
     size = parse_input_size(input_size)
     leaves = _leaf_types(leaf_module or [])
     out = out or Path("runs") / f"{spec.name.replace(':', '_').replace('/', '_')}-{mode.value}"
-    with output_guard(None if dry_run else out):
+    with output_guard(None if dry_run else out, data, (weights,)):
         torch.manual_seed(data.seed if data is not None else 0)  # random weights (--weights none) are reproducible
         original = build_model(spec, weights).eval()
         if data is not None and data.dataset:  # calibration, search and fine-tune run where the data goes
@@ -290,6 +291,7 @@ def convert_command(
     download: DownloadOpt = False,
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     checkpoint_every: CkptOpt = None,
     feature_loss: FeatOpt = FeatureLoss.none,
     feature_weight: FeatWOpt = 1.0,
@@ -323,7 +325,7 @@ def convert_command(
             dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
             schedule=a.schedule, weight_decay=a.weight_decay, kd_temperature=a.kd_temperature, kd_alpha=a.kd_alpha,
             calibrate_batches=a.calibrate_batches, precision=a.precision, limit_batches=a.limit_batches,
-            train_limit=a.train_limit, download=a.download, seed=a.seed, resume=a.resume,
+            train_limit=a.train_limit, download=a.download, seed=a.seed, resume=a.resume, overwrite=a.overwrite,
             checkpoint_every=a.checkpoint_every, feature_weight=a.feature_weight if a.feature_loss is FeatureLoss.mse else 0.0,
             plot=a.plot, augment=a.augment, label_smoothing=a.label_smoothing, warmup_steps=a.warmup_steps,
             clip_grad=a.clip_grad, channels_last=a.channels_last, device=a.device,
@@ -383,7 +385,7 @@ def demo_command(
         run_convert(
             "resnet18", Mode.bank, "none", RegulatorStyle.adapter, Init.act, str(teacher), 10, "32", out / "student",
             data=DataOptions("fashion-mnist", epochs, lr=0.02, precision=precision, train_limit=train_limit,
-                             calibrate_batches=50, warmup_steps=0, device=device),  # as measured in the README
+                             calibrate_batches=50, warmup_steps=0, device=device, overwrite=True),  # as measured
             budget=(None, target_ratio, None, None),
         )  # fmt: skip
     except DacnnError as exc:

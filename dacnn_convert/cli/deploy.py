@@ -148,7 +148,6 @@ def latency_command(
     import dataclasses
     import json
 
-
     from ..checkpoint import load, read_metadata
     from ..convert import convert
     from ..errors import CheckpointError

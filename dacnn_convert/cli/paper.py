@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..errors import DacnnError
-from .common import DataOptions, DeviceOpt, DownloadOpt, LimitOpt, TrainLimitOpt, console, fail
+from .common import DataOptions, DeviceOpt, DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt, console, fail
 
 recipe_app = typer.Typer(help="Recipes: YAML files that fix every setting of a paper table row or a conversion.",
                          no_args_is_help=True)  # fmt: skip
@@ -52,6 +52,7 @@ def recipe_run(
     download: DownloadOpt = False,
     weights: Annotated[str | None, typer.Option(help="override the weights: DEFAULT, none or a PATH")] = None,
     device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run a recipe: train (paper rows) or convert + distil; writes recipe.yaml and result.json."""
     from ..recipes import load_recipe
@@ -60,7 +61,7 @@ def recipe_run(
         r = load_recipe(recipe).override(epochs=epochs, dataset=dataset, precision=precision, batch_size=batch_size,
                                          train_limit=train_limit, out=str(out) if out else None,
                                          weights=weights)  # fmt: skip
-        result = run_recipe(r, recipe, limit_batches, download, device)
+        result = run_recipe(r, recipe, limit_batches, download, device, overwrite)
     except DacnnError as exc:
         raise fail(exc) from None
     console.print(f"{recipe}: top-1 {100 * result['accuracy']:.2f}% ({result['params']:,} params, "
@@ -68,7 +69,8 @@ def recipe_run(
 
 
 def run_recipe(
-    r: Any, path: Path, limit_batches: int | None = None, download: bool = False, device: str = "auto"
+    r: Any, path: Path, limit_batches: int | None = None, download: bool = False, device: str = "auto",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the resolved recipe ``r``; return (and write) its result record."""
     import torch
@@ -86,7 +88,7 @@ def run_recipe(
     data = DataOptions(
         r.dataset, r.epochs, r.batch_size, r.resolved_lr, r.optimizer, r.schedule, r.weight_decay, r.step_every,
         r.kd_temperature, r.kd_alpha, r.calibrate_batches, r.precision, limit_batches, r.train_limit, download,
-        seed=r.seed, augment=r.augment, warmup_steps=r.resolved_warmup_steps, device=device,
+        seed=r.seed, augment=r.augment, warmup_steps=r.resolved_warmup_steps, device=device, overwrite=overwrite,
     )  # fmt: skip
     start = time.perf_counter()
     if r.task == "train":

@@ -25,6 +25,7 @@ from .common import (
     ModelArg,
     Optimizer,
     OptimOpt,
+    OverwriteOpt,
     Precision,
     PrecOpt,
     ResumeOpt,
@@ -64,6 +65,7 @@ def train_command(
     download: DownloadOpt = False,
     seed: SeedOpt = 0,
     resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     checkpoint_every: CkptOpt = None,
     augment: AugOpt = Augment.auto,
     weight_decay: WdOpt = 5e-4,
@@ -77,7 +79,7 @@ def train_command(
     try:
         run_train(model, dataset, out, weights, input_size, DataOptions(
             dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, precision=precision,
-            limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed, resume=resume,
+            limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed, resume=resume, overwrite=overwrite,
             checkpoint_every=checkpoint_every, augment=augment, label_smoothing=label_smoothing,
             warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last, device=device,
         ))  # fmt: skip
@@ -97,7 +99,7 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
     preprocess = input_config(None, parse_spec(model, None), weights)
     size = data.input_size(parse_input_size(input_size), preprocess.input_size)
     config = data.config()
-    with output_guard(out):
+    with output_guard(out, data, (weights,)):
         loaders = data.loaders(size, preprocess)
         spec = parse_spec(model, loaders.num_classes)
         torch.manual_seed(data.seed)  # the random init too: same seed, same run, in any process
