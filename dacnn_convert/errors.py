@@ -58,9 +58,13 @@ class RecipeError(UsageError):
 
 
 class TrainingInterrupted(DacnnError):
-    """Ctrl-C during training: a checkpoint was saved; the message says how to resume."""
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved; the message says how to resume."""
 
     exit_code = 130  # the shell's code for SIGINT
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
 
 
 def write_failed(path: object, exc: OSError) -> OutputError:

@@ -224,14 +224,16 @@ def test_sigkill_at_five_random_steps_then_resume_matches_an_uninterrupted_run(t
         torch.testing.assert_close(final[key], value, rtol=0, atol=0)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, reference) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, reference, sig, code) -> None:
     out = tmp_path / "run"
     proc = _start(out)
     _wait_for_training(proc, out / "state.pt", 3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output
-    assert "interrupted at epoch" in output and "--resume" in output and "Traceback" not in output
+    assert proc.returncode == code, output
+    assert f"interrupted ({signal.Signals(sig).name})" in output
+    assert "at epoch" in output and "--resume" in output and "Traceback" not in output
     assert torch.load(out / "state.pt", weights_only=True)["step"] > 3
     proc = _start(out, "--resume")
     assert proc.wait(timeout=300) == 0, proc.stdout.read()

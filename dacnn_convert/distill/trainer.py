@@ -204,25 +204,29 @@ def _append_csv(path: Path, row: dict[str, float]) -> None:
 
 
 class _Interrupts:
-    """The first Ctrl-C becomes a flag the loop checks between steps; a second one aborts at once."""
+    """The first Ctrl-C or SIGTERM (what schedulers and ``kill`` send) becomes a flag the loop
+    checks between steps; a second one aborts at once. The caller's handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self.previous: Any = None
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _tensorboard(out: Path) -> Any:
@@ -298,7 +302,8 @@ def _fit(
     def interrupted(epoch: int, at_step: int) -> TrainingInterrupted:
         where = f"checkpoint saved to {state_path}; run the same command with --resume to continue" if (
             state_path is not None) else "nothing saved (no output folder)"
-        return TrainingInterrupted(f"interrupted at epoch {epoch + 1}, step {at_step}: {where}")
+        by = signal.Signals(interrupts.signum).name if interrupts.signum else "SIGINT"
+        return TrainingInterrupted(f"interrupted ({by}) at epoch {epoch + 1}, step {at_step}: {where}", interrupts.signum or 2)
 
     with _Interrupts() as interrupts:
         for epoch in range(first_epoch, cfg.epochs):
