@@ -2,7 +2,8 @@
 
     python benchmarks/bank_summary.py [--results benchmarks/results/bank_bench]
 
-Every BUDGET-TAG[-seedN]/bench.json is read; rows of one method at one budget are averaged over
+Every [MODEL-]BUDGET-TAG[-seedN]/bench.json is read (no MODEL: the ResNet-18 teacher); rows of one
+model and method at one budget are averaged over
 the seeds present (each seed shown too). Latency is shown relative to the teacher timed in the same
 run (interleaved), as other jobs shared the CPU during some runs. dacnn-bank's MACs are recounted
 from its saved model (the runs' counter counted each 1x1 coefficient conv twice). Targets of the issue are checked for dacnn-bank:
@@ -27,12 +28,13 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/prune-bench"),
                     help="where bank_bench.sh left the artefacts: bank MACs are recounted from them")  # fmt: skip
     args = ap.parse_args()
-    rows: dict[float, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    teachers: dict[float, float] = {}
+    rows: dict[tuple[str, float], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    teachers: dict[tuple[str, float], float] = {}
     meta: dict[str, str] = {}
     for f in sorted(args.results.glob("*/bench.json")):
         d = json.loads(f.read_text())
-        budget = float(d["config"]["budget"])
+        name = f.parent.name
+        budget = (name.split("-")[0] if not name[0].isdigit() else "resnet18", float(d["config"]["budget"]))
         teachers[budget] = d["teacher"]["acc_finetuned"]
         meta = d.get("meta", meta)
         for r in d["rows"]:
@@ -49,14 +51,17 @@ def main() -> None:
     lines += ["", "Per budget: `bash benchmarks/bank_bench.sh` (each run's bench.md beside this file); "
               "accuracies in %, mean over the data seeds present (each seed in brackets).", ""]
     verdicts = []
-    for budget in sorted(rows, reverse=True):
-        t = 100 * teachers[budget]
-        lines += [f"## {budget:.0%} of the teacher's parameters (teacher {t:.2f}%)", "",
+    for key in sorted(rows, key=lambda k: (k[0] != "resnet18", k[0], -k[1])):
+        model, budget = key
+        t = 100 * teachers[key]
+        title = f"{budget:.0%} of the teacher's parameters" if model == "resnet18" else (
+            f"Second architecture: {model} at {budget:.0%} of its teacher's parameters")  # fmt: skip
+        lines += [f"## {title} (teacher {t:.2f}%)", "",
                   "| method | unique params | smallest file (bytes) | MACs | CPU latency b1 / b64 (x teacher) | after compression "
                   "| + BN recal | fine-tuned | drop |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         means = {}
-        for method, rs in sorted(rows[budget].items(), key=lambda kv: -statistics.fmean(r["acc_finetuned"] for r in kv[1])):
+        for method, rs in sorted(rows[key].items(), key=lambda kv: -statistics.fmean(r["acc_finetuned"] for r in kv[1])):
             fine = [100 * r["acc_finetuned"] for r in rs]
             mean = statistics.fmean(fine)
             means[method] = (mean, statistics.fmean(100 * r["acc_calibrated"] for r in rs))
@@ -71,15 +76,18 @@ def main() -> None:
         lines.append("")
         if "dacnn-bank" in means:
             bank, recal = means["dacnn-bank"]
+            at = f"{budget:.0%}" if model == "resnet18" else f"{model} {budget:.0%}"
+            seeds = len(rows[key]["dacnn-bank"])
+            at += f" ({seeds} seed{'s' if seeds > 1 else ''})"
             target = TARGET_DROP.get(round(budget, 2))
             if target is not None:
-                verdicts.append(f"- {budget:.0%}: drop {t - bank:.2f} (target <= {target}): "
+                verdicts.append(f"- {at}: drop {t - bank:.2f} (target <= {target}): "
                                 f"{'met' if t - bank <= target else 'missed'}")  # fmt: skip
             if "group-norm" in means:
                 gap = bank - means["group-norm"][0]
-                verdicts.append(f"- {budget:.0%}: vs group-norm {gap:+.2f} points: {'ahead' if gap > 0 else 'behind'}")
+                verdicts.append(f"- {at}: vs group-norm {gap:+.2f} points: {'ahead' if gap > 0 else 'behind'}")
             if round(budget, 2) == 0.25:
-                verdicts.append(f"- 25%: after BN recalibration alone {t - recal:.2f} points below the teacher "
+                verdicts.append(f"- {at}: after BN recalibration alone {t - recal:.2f} points below the teacher "
                                 f"(target <= 1.5): {'met' if t - recal <= 1.5 else 'missed'}")  # fmt: skip
     lines += ["## Targets (dacnn-bank)", "", *verdicts, "", "![accuracy vs unique parameters](summary.png)"]
     (args.results / "summary.md").write_text("\n".join(lines) + "\n")
@@ -100,6 +108,8 @@ def _plot(rows: dict, teachers: dict, path: Path) -> None:
     from dacnn_convert.report import figure, save_figure
 
     fig, ax = figure(size=(6.5, 4))
+    rows = {k: v for k, v in rows.items() if k[0] == "resnet18"}  # one architecture per plot
+    teachers = {k: v for k, v in teachers.items() if k[0] == "resnet18"}
     methods = sorted({m for by in rows.values() for m in by})
     for i, method in enumerate(methods):
         pts = sorted((rs[0]["params"], statistics.fmean(100 * r["acc_finetuned"] for r in rs))

@@ -32,6 +32,9 @@ _EXPORTS = {
     "count_params": ".report",
     "DacnnError": ".errors",
     "PipelineResult": ".pipeline",
+    "from_pretrained": ".card",
+    "model_card": ".card",
+    "save_pretrained": ".card",
     "anchor": ".pipeline",
     "compress": ".pipeline",
     "Plan": ".planning",
@@ -62,12 +65,15 @@ __all__ = [
     "distill",
     "export_onnx",
     "export_torchscript",
+    "from_pretrained",
     "inspect_file",
     "load",
     "measure_latency",
+    "model_card",
     "plan",
     "recalibrate_bn",
     "save",
+    "save_pretrained",
 ]
 __version__ = "0.1.0"
 
@@ -79,6 +85,7 @@ if TYPE_CHECKING:
     from .export import export_onnx, export_torchscript
     from .inspection import inspect_file
     from .latency import measure_latency
+    from .card import from_pretrained, model_card, save_pretrained
     from .pipeline import PipelineResult, anchor, compress
     from .planning import Plan
     from .report import ConversionReport, build_report, count_macs, count_params

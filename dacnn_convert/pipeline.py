@@ -185,6 +185,7 @@ def compress(
     on_step: Callable[[dict[str, float]], None] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     resume: bool = False,
+    command: str | None = None,
     **plan_options: Any,
 ) -> PipelineResult:
     """The whole job: plan, convert with the data-aware fit, recalibrate BN, distil, measure.
@@ -209,6 +210,7 @@ def compress(
         on_stage: called with (stage name, accuracy) after each measured step.
         on_step, on_epoch: fine-tune progress callbacks (see :func:`dacnn_convert.distill`).
         resume: continue an interrupted fine-tune from ``out/state.pt``.
+        command: the command line recorded in ``out/README.md``, the model card.
         **plan_options: keywords of :func:`dacnn_convert.plan` when ``plan`` is None (``mode``
             defaults to ``bank``; ``target_ratio=4`` asks the planner for a 4x smaller model).
 
@@ -279,6 +281,12 @@ def compress(
         ckpt, steps,
     )  # fmt: skip
     if main:
+        from .card import model_card
+
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2))
         (out / "report.md").write_text(result.to_markdown())
+        steps_acc = {"original": teacher_acc, "right after conversion": converted_acc,
+                     "after BN recalibration": calibrated_acc, "after KD fine-tune": finetuned_acc}  # fmt: skip
+        dataset = getattr(train_loader, "name", None) or getattr(getattr(train_loader, "dataset", None), "name", None)
+        (out / "README.md").write_text(model_card(report, command, steps_acc, dataset))
     return result

@@ -100,6 +100,7 @@ def run_convert(
     render: bool = True,
     bank_size: str = "0.5",
     factorize_unshared: str | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Load, plan, convert, measure and write; with ``data``, also calibrate and distil.
 
@@ -108,6 +109,7 @@ def run_convert(
     """
     import torch
 
+    from ..card import model_card
     from ..checkpoint import save
     from ..convert import convert
     from ..planning import make_plan
@@ -151,15 +153,37 @@ def run_convert(
         if recipe is not None:
             (out / "recipe.yaml").write_text(recipe.to_yaml())
         if data is not None and data.dataset:
-            return _run_pipeline(original, plan, spec, out, data, loaders, dtype.value)
+            return _run_pipeline(original, plan, spec, out, data, loaders, dtype.value, command)
         conversion = convert(original, plan)
         ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=dtype.value)
         report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
         (out / "report.json").write_text(report.to_json())
         (out / "report.md").write_text(report.to_markdown())
+        (out / "README.md").write_text(model_card(report, command))
     render_report(report)
     console.print(f"wrote {ckpt}, {out / 'report.json'}, {out / 'report.md'}")
     return {"plan": plan, "report": report, "out": out}
+
+
+def command_line(ctx: typer.Context | None) -> str | None:
+    """The command being run, rebuilt from the flags given on the command line (for model cards)."""
+    import shlex
+
+    if ctx is None:
+        return None
+    words = ["dacnn-convert"]
+    for name, value in ctx.params.items():
+        if getattr(ctx.get_parameter_source(name), "name", "") != "COMMANDLINE" or value is None:
+            continue
+        value = value.value if isinstance(value, Enum) else value
+        if name == "model":
+            words.insert(1, shlex.quote(str(value)))
+        elif isinstance(value, bool):
+            words.append(f"--{'' if value else 'no-'}{name.replace('_', '-')}")
+        else:
+            for v in value if isinstance(value, list) else [value]:
+                words += [f"--{name.replace('_', '-')}", shlex.quote(str(v))]
+    return " ".join(words)
 
 
 def _budget_search(original: Any, budget: tuple, style: str, init: str, size: Any, leaves: Any, loaders: Any) -> Any:
@@ -222,7 +246,9 @@ def render_report(report: Any) -> None:
         console.print(f"[yellow]warning:[/] {n}")
 
 
-def _run_pipeline(original: Any, plan: Any, spec: Any, out: Path, data: DataOptions, loaders: Any, dtype: str) -> dict[str, Any]:
+def _run_pipeline(
+    original: Any, plan: Any, spec: Any, out: Path, data: DataOptions, loaders: Any, dtype: str, command: str | None
+) -> dict[str, Any]:
     from ..pipeline import compress
 
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +256,7 @@ def _run_pipeline(original: Any, plan: Any, spec: Any, out: Path, data: DataOpti
         result = compress(
             original, loaders.train, loaders.val, plan, config=data.config(), calibrate_batches=data.calibrate_batches,
             out=out, dtype=dtype, source=spec, on_stage=progress.stage, on_step=progress.step,
-            on_epoch=progress.epoch_end, resume=data.resume,
+            on_epoch=progress.epoch_end, resume=data.resume, command=command,
         )  # fmt: skip
     if data.plot and result.fit is not None:
         from ..report import plot_accuracy
@@ -335,7 +361,7 @@ def convert_command(
             a.dry_run, a.leaf_module, a.dtype, data, resolved,
             (parse_amount(a.target_params, "--target-params"), a.target_ratio,
              parse_amount(a.target_bytes, "--target-bytes"), a.metric),
-            bank_size=a.bank_size, factorize_unshared=a.factorize_unshared,
+            bank_size=a.bank_size, factorize_unshared=a.factorize_unshared, command=command_line(ctx),
         )  # fmt: skip
     except DacnnError as exc:
         raise fail(exc) from None

@@ -176,6 +176,7 @@ class TensorLoader:
         self.seed, self.epoch = seed, 0
         self.rank, self.world_size = rank, world_size
         self.pin_memory = False  # page-locked batches: asynchronous copies to a GPU
+        self.name: str | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle deterministically per epoch (as DistributedSampler.set_epoch)."""
@@ -345,4 +346,5 @@ def make_loaders(
     train = TensorLoader(tx, ty, batch_size, train=True, flip=flip, rank=rank, world_size=world_size, **common)
     val = TensorLoader(vx, vy, max(batch_size, 256), train=False, flip=False, **common)
     train.pin_memory = val.pin_memory = pin_memory
+    train.name = val.name = name  # what the data is called, for reports and model cards
     return Loaders(train, val, int(max(ty.max().item(), vy.max().item())) + 1, name)
