@@ -404,7 +404,7 @@ def demo_command(
             # a warm-up and a lower peak lr than from-scratch recipes: short runs at 0.05 swung 83-86%
             run_train("resnet18", "fashion-mnist", teacher.parent, "none", "32", DataOptions(
                 "fashion-mnist", teacher_epochs, lr=0.03, precision=precision, train_limit=train_limit,
-                warmup_steps=100, device=device,
+                warmup_steps=100, device=device, overwrite=True,  # no finished teacher there: start afresh
             ))  # fmt: skip
         console.print(f"planning a {target_ratio:g}x smaller student (filter banks, searched with the data), "
                       "fitting it to the activations; then BN recalibration and KD fine-tune")  # fmt: skip
