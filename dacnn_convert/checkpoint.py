@@ -22,6 +22,7 @@ from .sources import ModelSpec, build_model, check_state_dict, parse_spec
 
 FORMAT = "dacnn-convert/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STORAGE_DTYPES = (*DTYPES, "int8")  # what save() writes; int8 is per-channel quantized (quantize_int8)
 
 
 def save(
@@ -38,7 +39,10 @@ def save(
         path: destination, conventionally ``*.safetensors``.
         source: the model source (``"resnet18"``, ``"timm:resnet50d"`` or a
             :class:`ModelSpec`) so :func:`load` can rebuild it; optional.
-        dtype: storage type of floating tensors: ``fp32``, ``fp16`` or ``bf16``.
+        dtype: storage type of floating tensors: ``fp32``, ``fp16``, ``bf16``, or ``int8``:
+            every weight of two or more dimensions (each anchor and bank once, free convs,
+            coefficients, linears) as per-output-channel symmetric int8 with an fp32 scale per
+            channel, dequantized by :func:`load`; vectors (BatchNorm, biases) stay fp32.
         pruned: the model's layers were narrowed by channel pruning; :func:`load` rebuilds
             the source architecture and shrinks it to the stored tensor shapes.
 
@@ -50,16 +54,24 @@ def save(
     """
     from safetensors.torch import save_file
 
+    if source is None:
+        source = getattr(model, SOURCE_ATTR, None)  # a model from load() keeps the source its file named
     if isinstance(source, str):
         source = parse_spec(source, _num_classes(model))
     if source is not None and source.num_classes is None:
         source = ModelSpec(source.kind, source.name, _num_classes(model))
-    target = DTYPES[dtype]
-    state = {
-        k: (v.detach().to(target) if v.is_floating_point() else v.detach()).contiguous().cpu()
-        for k, v in model.state_dict().items()
-    }
+    if dtype == "int8":
+        state, quantized = quantize_int8(model.state_dict())
+    else:
+        target = DTYPES[dtype]
+        state = {
+            k: (v.detach().to(target) if v.is_floating_point() else v.detach()).contiguous().cpu()
+            for k, v in model.state_dict().items()
+        }
+        quantized = []
     meta = {"format": FORMAT, "dtype": dtype}
+    if quantized:
+        meta["int8"] = json.dumps(quantized)
     if pruned:
         meta["structure"] = "pruned"
     plan = getattr(model, PLAN_ATTR, None)
@@ -70,6 +82,44 @@ def save(
     if source is not None:
         meta["source"] = json.dumps(source.to_dict())
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+SOURCE_ATTR = "dacnn_source"  # set by load(): save() of the same model records the same source
+INT8_SCALE = ".int8_scale"  # suffix of the per-channel scales of an int8-stored tensor
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Per-output-channel symmetric int8 of every floating tensor with two or more dimensions.
+
+    ``w ≈ q * s`` with ``q`` in [-127, 127] and ``s = max|w_c| / 127`` per output channel
+    (dim 0), the scales stored in fp32 beside each tensor as ``KEY.int8_scale``. Returns the
+    state to write and the keys quantized.
+    """
+    out: dict[str, torch.Tensor] = {}
+    keys = []
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if v.is_floating_point() and v.dim() >= 2:
+            flat = v.float().reshape(v.shape[0], -1)
+            scale = (flat.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+            out[k] = (flat / scale[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(v.shape).contiguous()
+            out[k + INT8_SCALE] = scale.contiguous()
+            keys.append(k)
+        else:
+            out[k] = v.contiguous()
+    return out, keys
+
+
+def dequantize_int8(state: dict[str, torch.Tensor], keys: list[str]) -> dict[str, torch.Tensor]:
+    """Undo :func:`quantize_int8` (fp32 tensors back, scales removed)."""
+    state = dict(state)
+    for k in keys:
+        scale = state.pop(k + INT8_SCALE, None)
+        if scale is None or k not in state or state[k].dtype != torch.int8 or scale.shape[0] != state[k].shape[0]:
+            raise CheckpointError(f"int8 tensor {k} has no matching per-channel scale; the file is damaged")
+        q = state[k]
+        state[k] = (q.float().reshape(q.shape[0], -1) * scale.float()[:, None]).reshape(q.shape)
+    return state
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -129,6 +179,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         model = build_model(spec, weights=None)
     try:
         state = load_file(str(path))
+        if "int8" in meta:
+            state = dequantize_int8(state, [str(k) for k in json.loads(meta["int8"])])
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"cannot read tensors of {str(path)!r}: {str(exc)[:160]}") from exc
     if meta.get("structure") == "pruned":
@@ -143,6 +197,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     expected = skeleton.state_dict()
     state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     skeleton.load_state_dict(state, strict=True)
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        raise CheckpointError(f"{str(path)!r}: tensor {bad} holds NaN or infinite values; the file is damaged or the "
+                              "run that wrote it diverged")  # fmt: skip
     if plan is not None:
         setattr(skeleton, BN_STALE_ATTR, meta.get("bn_stale") == "1")
+    if spec is not None:
+        setattr(skeleton, SOURCE_ATTR, spec)
     return skeleton

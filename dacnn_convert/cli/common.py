@@ -60,6 +60,7 @@ class Dtype(Choice):
     fp32 = "fp32"
     fp16 = "fp16"
     bf16 = "bf16"
+    int8 = "int8"
 
 
 class Optimizer(Choice):

@@ -41,6 +41,9 @@ def export_command(
     from ..planning import Plan
 
     try:
+        if dtype is Dtype.int8 and format is not ExportFormat.safetensors:
+            raise UsageError("--dtype int8 (per-channel int8 weights) applies to --format safetensors; ONNX takes "
+                             "fp32, fp16 or bf16")  # fmt: skip
         model = load_checkpoint(checkpoint, model_source)
         meta = read_metadata(checkpoint)
         size = parse_input_size(input_size) or (
@@ -62,7 +65,12 @@ def export_command(
         if format is ExportFormat.torchscript:
             export_torchscript(model, out, size)  # type: ignore[arg-type]
         elif format is ExportFormat.safetensors:
-            save(model, out, source=None, dtype=dtype.value)
+            import json
+
+            from ..sources import ModelSpec
+
+            source = ModelSpec.from_dict(json.loads(meta["source"])) if "source" in meta else model_source
+            save(model, out, source=source, dtype=dtype.value)  # with its source: it loads, evaluates, exports again
         else:
             from ..checkpoint import DTYPES
 
