@@ -149,3 +149,33 @@ def test_inspect_counts_a_real_torchscript_archive_like_the_model(tmp_path, r18_
     info = inspect_file(path)
     assert info.params == count_params(r18_mix_reg) and info.param_bytes == 4 * count_params(r18_mix_reg)
     assert {name for name, _, _ in info.shared} == {f"dacnn_anchors.{k}" for k, _ in r18_mix_reg.dacnn_anchors.named_parameters()}
+
+
+def test_static_int8_onnx_quantizes_each_anchor_once(tmp_path) -> None:
+    import onnx
+
+    from dacnn_convert.distill import make_loaders
+    from dacnn_convert.export import onnx_accuracy, quantize_onnx_int8
+
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    student = anchor(randomize_bn(TinyResNet()), mode="mix", input_size=(3, 16, 16)).eval()
+    fp32 = export_onnx(student, tmp_path / "a.onnx", (3, 16, 16))
+    result = quantize_onnx_int8(fp32.path, tmp_path / "q.onnx", loaders.train, 2)
+    proto = onnx.load(str(result.path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    names = [f"dacnn_anchors.{k}" for k, _ in student.dacnn_anchors.named_parameters()]
+    assert not any(n in inits for n in names)  # no anchor left in fp32 (behind an Identity)
+    assert all(inits[f"{n}_quantized"].data_type == onnx.TensorProto.INT8 for n in names)  # each quantized once
+    assert sum(1 for k in inits if k.startswith("dacnn_anchors.") and k.endswith("_quantized")) == len(names)
+    assert result.shared_int8 >= 1 and result.int8_weights >= len(names)  # (QDQ overhead outweighs a tiny model)
+    assert 0.0 <= onnx_accuracy(result.path, loaders.val, 1) <= 1.0
+
+
+def test_cli_int8_onnx_needs_a_dataset(tmp_path) -> None:
+    ckpt = save(anchor(TinyResNet(), input_size=(3, 16, 16)), tmp_path / "m.safetensors", source="tests.models:tiny_resnet")
+    bad = runner.invoke(app, ["export", str(ckpt), "--format", "onnx", "--quantize", "int8", "--model", "tests.models:tiny_resnet"])
+    assert bad.exit_code == 2 and "needs --dataset" in bad.output
+    ok = runner.invoke(app, ["export", str(ckpt), "--format", "onnx", "--quantize", "int8", "--dataset", "synthetic",
+                             "--calibrate-batches", "2", "--limit-batches", "1", "--model", "tests.models:tiny_resnet"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert "int8 weights" in ok.output and "fp32" in ok.output
