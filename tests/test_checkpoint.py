@@ -129,33 +129,31 @@ def test_files_with_the_older_resolution_names_still_load(tmp_path) -> None:
 
 
 def test_int8_storage_quantizes_each_anchor_once_and_loads_back_close(tmp_path) -> None:
-    import json
-
     from safetensors import safe_open
 
     student = anchor(TinyResNet(), mode="bank", bank_size=0.5, input_size=SIZE).eval()
     full = save(student, tmp_path / "a.safetensors")
     small = save(student, tmp_path / "b.safetensors", dtype="int8")
     tensors = student.state_dict()
-    expected = sum(v.numel() + 4 * v.shape[0] if v.dim() >= 2 else v.numel() * v.element_size()
-                   for v in tensors.values())  # 1 byte per weight + an fp32 scale per output channel  # fmt: skip
+    expected = sum(v.numel() + 2 * v.shape[0] if v.dim() >= 2 else v.numel() * v.element_size()
+                   for v in tensors.values())  # 1 byte per weight + an fp16 scale per output channel  # fmt: skip
     assert _data_bytes(small) == expected < 0.5 * _data_bytes(full)
     with safe_open(str(small), "pt") as f:
         meta = f.metadata()
         anchors = [k for k in f.keys() if k.startswith("dacnn_anchors.") and not k.endswith(".int8_scale")]
         assert all(f.get_tensor(k).dtype == torch.int8 for k in anchors)
         assert len(anchors) == len(list(student.dacnn_anchors.parameters()))  # each bank stored once
-    assert meta["dtype"] == "int8" and set(anchors) <= set(json.loads(meta["int8"]))
+    assert meta["dtype"] == "int8" and meta["int8"] == "per-channel"
     again = load(small, model=TinyResNet()).eval()
     x = torch.randn(4, *SIZE)
     with torch.no_grad():
         ref, got = student(x), again(x)
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()  # 8 bits per channel: close, not equal
     for name, w in student.state_dict().items():
-        if w.dim() >= 2:  # per-channel symmetric: error at most half a step of that channel's scale
+        if w.dim() >= 2:  # per channel: half an int8 step, plus |q| <= 127 times the fp16 scale's rounding
             step = w.reshape(w.shape[0], -1).abs().amax(1) / 127
             err = (again.state_dict()[name] - w).reshape(w.shape[0], -1).abs().amax(1)
-            assert bool((err <= step / 2 + 1e-7).all()), name
+            assert bool((err <= step * (0.5 + 127 * 2**-11) + 1e-7).all()), name
 
 
 def test_a_file_with_non_finite_weights_is_refused_on_load(tmp_path) -> None:
