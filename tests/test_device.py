@@ -145,3 +145,40 @@ def test_under_torchrun_an_explicit_gpu_must_be_this_ranks(monkeypatch) -> None:
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(UsageError, match="under torchrun each process uses the GPU of its LOCAL_RANK .here cuda:1"):
         resolve_device("cuda:0")
+
+
+def test_fp16_training_scales_the_loss_and_the_scaler_resumes(tmp_path, monkeypatch) -> None:
+    """The fp16 path (CUDA only in use) exercised on the CPU: GradScaler scales, unscales for
+    clipping, steps, and its state travels in state.pt."""
+    from dacnn_convert.distill import trainer
+
+    calls = []
+    real = torch.amp.GradScaler
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def unscale_(self, opt):
+            calls.append("unscale")
+            return super().unscale_(opt)
+
+    monkeypatch.setattr(trainer, "resolve_precision", lambda p, d: "fp16")
+    monkeypatch.setattr(torch.amp, "GradScaler", Spy)
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=2, clip_grad=1.0, channels_last=False)
+    result = trainer.train(TinyResNet(), loaders.train, loaders.val, cfg, out=tmp_path)
+    assert result.precision == "fp16" and calls == ["unscale", "unscale"]  # clip the true gradients each step
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+
+
+def test_a_state_file_from_before_the_cuda_fields_still_resumes(tmp_path) -> None:
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=1)
+    from dacnn_convert.distill import train
+
+    train(TinyResNet(), loaders.train, loaders.val, cfg, out=tmp_path)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    del state["cuda_rng"], state["scaler"]  # as written by earlier versions
+    torch.save(state, tmp_path / "state.pt")
+    result = train(TinyResNet(), loaders.train, loaders.val, TrainConfig(**{**cfg.__dict__, "epochs": 2}), out=tmp_path,
+                   resume=True)  # fmt: skip
+    assert len(result.history) == 2
