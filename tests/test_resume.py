@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dacnn_convert.distill import TrainConfig, make_loaders, train
@@ -31,3 +32,40 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path) -> None:
         assert [h["epoch"] for h in result.history] == [1, 2]
     rows = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,train_loss,train_acc,val_acc") and len(rows) == 3
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "not a readable training state"),
+        ("foreign", "not a dacnn training state"),
+        ("model", "belongs to another model"),
+        ("optimizer", "written with optimizer sgd, this run uses adamw"),
+        ("batch", "written with 2 steps per epoch and this run has 1"),
+    ],
+)
+def test_resume_checks_the_state_file_first_and_says_what_differs(tmp_path, damage, message) -> None:
+    from dacnn_convert.distill import TrainConfig, make_loaders, train
+    from dacnn_convert.distill.trainer import ResumeError
+
+    from .models import TinyResNet
+
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=2)
+    train(TinyResNet(), loaders.train, loaders.val, cfg, out=tmp_path)
+    state = tmp_path / "state.pt"
+    model, again = TinyResNet(), {**cfg.__dict__, "epochs": 2}
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(2)}, state)
+    elif damage == "model":
+        model = TinyResNet(width=4)
+    elif damage == "optimizer":
+        again["optimizer"] = "adamw"
+    else:
+        again["limit_batches"] = 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ResumeError, match=message):
+        train(model, loaders.train, loaders.val, TrainConfig(**again), out=tmp_path, resume=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing half-restored

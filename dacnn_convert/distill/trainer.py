@@ -187,12 +187,57 @@ class NonFiniteLossError(DacnnError):
     """The loss became NaN or infinite."""
 
 
+class ResumeError(DacnnError):
+    """``state.pt`` cannot continue this run (unreadable, or from another model, optimiser or data)."""
+
+
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> Path:
     """torch.save, atomically: a crash never leaves a half-written checkpoint."""
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+STATE_KEYS = ("model", "optimizer", "rng", "epoch", "batch", "step", "history", "best_acc")
+
+
+def _resume_state(
+    path: Path, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer, per_epoch: int, cfg: TrainConfig
+) -> dict[str, Any]:
+    """``path`` read and checked against this run before anything is restored from it.
+
+    Raises:
+        ResumeError: unreadable or truncated, not a training state, or written by a run with
+            another model, optimiser or number of steps per epoch (says which).
+    """
+    def refuse(why: str) -> ResumeError:
+        return ResumeError(f"cannot resume from {path}: {why}; to start over instead, use --overwrite (resume=False)")
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise refuse(f"it is not a readable training state ({str(exc).splitlines()[0][:120] or type(exc).__name__})") from exc
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise refuse("it is not a dacnn training state (keys missing)")
+    mine, theirs = model.state_dict(), state["model"]
+    if not isinstance(theirs, dict):
+        raise refuse("its model entry is not a state dict")
+    missing = [k for k in mine if k not in theirs]
+    if missing or len(theirs) != len(mine):
+        raise refuse(f"it belongs to another model ({len(missing)} of this model's tensors missing, e.g. {missing[:2]})")
+    shape = next((k for k in mine if tuple(theirs[k].shape) != tuple(mine[k].shape)), None)
+    if shape is not None:
+        raise refuse(f"it belongs to another model ({shape} has shape {tuple(theirs[shape].shape)}, here {tuple(mine[shape].shape)})")
+    name = state.get("optimizer_name")
+    groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
+    if (name is not None and name != cfg.optimizer) or len(groups) != len(opt.param_groups):
+        raise refuse(f"it was written with optimizer {name or 'another'}, this run uses {cfg.optimizer}")
+    written = state.get("steps_per_epoch")
+    if written is not None and written != per_epoch:
+        raise refuse(f"it was written with {written} steps per epoch and this run has {per_epoch} "
+                     "(another --batch-size, --train-limit or --limit-batches?)")  # fmt: skip
+    return state
 
 
 def _append_csv(path: Path, row: dict[str, float]) -> None:
@@ -273,7 +318,7 @@ def _fit(
     state_path = out / "state.pt" if out is not None else None
     first_epoch, skip, step = 0, 0, 0
     if resume and state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = _resume_state(state_path, device, model, opt, per_epoch, cfg)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"].cpu())
@@ -296,6 +341,7 @@ def _fit(
             "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "steps_per_epoch": per_epoch, "optimizer_name": cfg.optimizer,
             "epoch": epoch, "batch": batch, "step": step, "history": result.history, "best_acc": result.best_acc,
         })  # fmt: skip
 
