@@ -78,6 +78,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .card import from_pretrained, model_card, save_pretrained
     from .checkpoint import load, save
     from .convert import Conversion, apply, convert, plan
     from .distill import TrainConfig, distill, recalibrate_bn
@@ -85,7 +86,6 @@ if TYPE_CHECKING:
     from .export import export_onnx, export_torchscript
     from .inspection import inspect_file
     from .latency import measure_latency
-    from .card import from_pretrained, model_card, save_pretrained
     from .pipeline import PipelineResult, anchor, compress
     from .planning import Plan
     from .report import ConversionReport, build_report, count_macs, count_params

@@ -13,8 +13,8 @@ import contextlib
 import io
 import tempfile
 import warnings
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -179,3 +179,16 @@ def test_cli_int8_onnx_needs_a_dataset(tmp_path) -> None:
                              "--calibrate-batches", "2", "--limit-batches", "1", "--model", "tests.models:tiny_resnet"])  # fmt: skip
     assert ok.exit_code == 0, ok.output
     assert "int8 weights" in ok.output and "fp32" in ok.output
+
+
+def test_a_safetensors_export_keeps_its_source_so_it_loads_again(tmp_path) -> None:
+    from dacnn_convert import load
+    from dacnn_convert.checkpoint import read_metadata
+
+    model = anchor(torchvision.models.resnet18(num_classes=10), mode="mix", input_size=(3, 32, 32))
+    ckpt = save(model, tmp_path / "m.safetensors", source="resnet18")
+    result = runner.invoke(app, ["export", str(ckpt), "--format", "safetensors", "--dtype", "int8"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "m-int8.safetensors"
+    assert json.loads(read_metadata(out)["source"]) == {"kind": "torchvision", "name": "resnet18", "num_classes": 10}
+    assert count_params(load(out)) == count_params(model)  # no --model needed: the file names its source

@@ -156,6 +156,17 @@ def load_checkpoint(path: Path, model: str | None = None) -> Any:
     return load(path, model=build_model(parse_spec(model, classes), weights=None))
 
 
+def source_of(model: Any, given: str | None = None) -> Any:
+    """The model source of a loaded checkpoint: ``--model`` if given, else the one its file records."""
+    from ..checkpoint import SOURCE_ATTR
+    from ..sources import parse_spec
+
+    recorded = getattr(model, SOURCE_ATTR, None)
+    if given is None:
+        return recorded
+    return parse_spec(given, recorded.num_classes if recorded is not None else None)
+
+
 SkelOpt = Annotated[
     str | None, typer.Option("--model", help="model source for checkpoints of user code (package.module:factory)")
 ]

@@ -19,6 +19,7 @@ from .common import (
     fail,
     load_checkpoint,
     parse_input_size,
+    source_of,
 )
 
 
@@ -74,13 +75,8 @@ def export_command(
             raise UsageError("--dtype applies to onnx, safetensors and pt; TorchScript is written in fp32")
         if format is ExportFormat.torchscript:
             export_torchscript(model, out, size)  # type: ignore[arg-type]
-        elif format is ExportFormat.safetensors:
-            import json
-
-            from ..sources import ModelSpec
-
-            source = ModelSpec.from_dict(json.loads(meta["source"])) if "source" in meta else model_source
-            save(model, out, source=source, dtype=dtype.value)  # with its source: it loads, evaluates, exports again
+        elif format is ExportFormat.safetensors:  # save() records the source load() found: it loads again
+            save(model, out, source=source_of(model, model_source), dtype=dtype.value)
         else:
             from ..checkpoint import DTYPES
 
@@ -116,20 +112,13 @@ def _export_int8_onnx(
 
 def _export_dense(checkpoint: Path, model: Any, out: Path, size: Any, dtype: str, model_source: str | None) -> None:
     """Write the stock-architecture state dict, checked against a fresh instance of the original class."""
-    import json
     import math
 
-    from ..checkpoint import read_metadata
     from ..dense import DenseExportError, export_dense
-    from ..sources import ModelSpec, build_model, parse_spec
+    from ..sources import build_model
 
-    meta = read_metadata(checkpoint)
-    if model_source is not None:
-        classes = json.loads(meta["source"]).get("num_classes") if "source" in meta else None
-        spec = parse_spec(model_source, classes)
-    elif "source" in meta:
-        spec = ModelSpec.from_dict(json.loads(meta["source"]))
-    else:
+    spec = source_of(model, model_source)
+    if spec is None:
         raise UsageError(f"{checkpoint} does not say which architecture it came from: give --model NAME")
     stock = build_model(spec, weights=None)
     result = export_dense(model, out, stock, size, dtype)

@@ -45,6 +45,7 @@ from .common import (
     load_checkpoint,
     output_guard,
     parse_input_size,
+    source_of,
 )
 
 
@@ -133,7 +134,7 @@ def eval_command(
     try:
         data = DataOptions(dataset, batch_size=batch_size, download=download, device=device)
         net = load_checkpoint(checkpoint, model)
-        preprocess = input_config(net, _source_of(checkpoint, model))  # as the model was fine-tuned
+        preprocess = input_config(net, source_of(net, model))  # as the model was fine-tuned
         size = data.input_size(parse_input_size(input_size), preprocess.input_size)
         loaders = data.loaders(size, preprocess)
         net = net.to(data.torch_device())
@@ -141,16 +142,3 @@ def eval_command(
     except DacnnError as exc:
         raise fail(exc) from None
     console.print(f"{checkpoint}: top-1 {100 * acc:.2f}% on {dataset} ({count_params(net):,} unique params)")
-
-
-def _source_of(checkpoint: Path, model: str | None) -> Any:
-    """The model source a checkpoint records (or the one given with --model), None if neither."""
-    import json
-
-    from ..checkpoint import read_metadata
-    from ..sources import ModelSpec, parse_spec
-
-    if model is not None:
-        return parse_spec(model)
-    meta = read_metadata(checkpoint)
-    return ModelSpec.from_dict(json.loads(meta["source"])) if "source" in meta else None
