@@ -98,14 +98,14 @@ def main() -> None:
 def _macs(path: Path) -> int:
     """MACs of a saved anchored model at 32 px, counted as its inference runs (banks: bank conv + 1x1, or merged)."""
     from dacnn_convert import load
-    from dacnn_convert.report import count_macs
+    from dacnn_convert.core.report import count_macs
 
     return count_macs(load(path), (3, 32, 32))
 
 
 def _plot(rows: dict, teachers: dict, path: Path) -> None:
     """Fine-tuned accuracy vs unique parameters, one line per method across budgets, teacher dashed."""
-    from dacnn_convert.report import figure, save_figure
+    from dacnn_convert.core.report import figure, save_figure
 
     fig, ax = figure(size=(6.5, 4))
     rows = {k: v for k, v in rows.items() if k[0] == "resnet18"}  # one architecture per plot

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import torch
+from _env import machine  # benchmarks/ is on sys.path when run as a script
 
 from dacnn_convert import convert, count_params, load, plan
-from dacnn_convert.distill import evaluate, make_loaders, recalibrate_bn
-
-from _env import machine  # benchmarks/ is on sys.path when run as a script
+from dacnn_convert.train import evaluate, make_loaders, recalibrate_bn
 
 LAYOUTS = [  # (label, plan keywords)
     ("mix, act init (earlier mode)", dict(mode="mix")),

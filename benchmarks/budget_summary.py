@@ -118,7 +118,7 @@ def to_markdown(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[di
 
 
 def plot(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[dict]], path: Path) -> None:
-    from dacnn_convert.report import figure, save_figure
+    from dacnn_convert.core.report import figure, save_figure
 
     fig, ax = figure(size=(6.5, 4))
     series: dict[str, list[tuple[float, float]]] = {}

@@ -30,7 +30,7 @@ import torch
 torch.set_num_threads(2)
 import timm, torchvision
 from dacnn_convert import convert, plan
-from dacnn_convert.sources import build_model, parse_spec, default_input_size
+from dacnn_convert.io.sources import build_model, parse_spec, default_input_size
 
 name, mode, repeats, bank, calib, calib_batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
 name, _, px = name.partition("@")

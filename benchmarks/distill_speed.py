@@ -15,12 +15,11 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _env import machine  # benchmarks/ is on sys.path when run as a script
 
 from dacnn_convert import anchor
-from dacnn_convert.distill import TrainConfig, distill, kd_loss
-from dacnn_convert.distill.trainer import autocast
-
-from _env import machine  # benchmarks/ is on sys.path when run as a script
+from dacnn_convert.train import TrainConfig, distill, kd_loss
+from dacnn_convert.train.trainer import autocast
 
 
 class Batches:

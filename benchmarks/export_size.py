@@ -15,11 +15,10 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _env import machine  # benchmarks/ is on sys.path when run as a script
 
 from dacnn_convert import anchor, count_params, export_onnx, export_torchscript, save
 from dacnn_convert.latency import compare_latency
-
-from _env import machine  # benchmarks/ is on sys.path when run as a script
 
 CONVERSIONS = [("mix", "none"), ("mix", "all"), ("plain", "none")]
 

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from _env import machine  # benchmarks/ is on sys.path when run as a script
 
 from dacnn_convert import convert, load, plan
-from dacnn_convert.distill import TrainConfig, distill, evaluate, make_loaders, recalibrate_bn
-
-from _env import machine  # benchmarks/ is on sys.path when run as a script
+from dacnn_convert.train import TrainConfig, distill, evaluate, make_loaders, recalibrate_bn
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dacnn_convert import load, save
-from dacnn_convert.distill import evaluate, make_loaders
+from dacnn_convert.train import evaluate, make_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "prune-bench"

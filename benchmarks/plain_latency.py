@@ -11,11 +11,10 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _env import machine  # benchmarks/ is on sys.path when run as a script
 
 from dacnn_convert import anchor
 from dacnn_convert.latency import compare_latency
-
-from _env import machine  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def teacher_model(weights: Path) -> torch.nn.Module:
 def run_snippet(code: str, teacher: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader) -> dict:
     """Execute ``code`` as a user's script would and read back the student and its accuracy."""
     from dacnn_convert import count_params
-    from dacnn_convert.distill import evaluate
+    from dacnn_convert.train import evaluate
 
     scope = {"teacher": teacher, "train_loader": train_loader, "val_loader": val_loader}
     start = time.perf_counter()
@@ -109,7 +109,7 @@ def sweep(teacher: torch.nn.Module, train_loader: DataLoader, val_loader: DataLo
     import copy
 
     from dacnn_convert import TrainConfig, anchor, distill, recalibrate_bn
-    from dacnn_convert.distill import evaluate
+    from dacnn_convert.train import evaluate
 
     rows = []
     base = anchor(teacher, mode="mix", regulators="all", calib_loader=train_loader, calib_batches=50)
@@ -140,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.teacher.is_file():
         raise SystemExit(f"no teacher at {args.teacher}: run benchmarks/prune_bench.sh first (it trains it)")
-    from dacnn_convert.distill import evaluate
+    from dacnn_convert.train import evaluate
 
     torch.manual_seed(args.seed)
     teacher = teacher_model(args.teacher)

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from dacnn_convert.budget import OPTIONS, calibration_reference, compose, score_sections
-from dacnn_convert.convert import convert
-from dacnn_convert.distill import TrainConfig, distill, evaluate, make_loaders
-from dacnn_convert.distill.calibrate import recalibrate_bn
-from dacnn_convert.planning import make_plan, unique_params
-from dacnn_convert.sources import build_model, parse_spec
+from dacnn_convert.core.convert import convert
+from dacnn_convert.core.planning import make_plan, unique_params
+from dacnn_convert.io.sources import build_model, parse_spec
+from dacnn_convert.train import TrainConfig, distill, evaluate, make_loaders
+from dacnn_convert.train.calibrate import recalibrate_bn
 
 # Every distinct single-section option, the two hand modes without regulators, and the combinations the
 # planner picked or ranked near the top at 25/40/60% of the teacher's size.
@@ -162,7 +162,7 @@ def main() -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from dacnn_convert.report import figure, save_figure
+    from dacnn_convert.core.report import figure, save_figure
 
     fig, axes = figure(1, 2, size=(10, 4))
     for ax, metric in zip(axes, ("fit", "kl"), strict=True):

@@ -16,37 +16,35 @@ The public names are imported on first use, so ``import dacnn_convert`` (and the
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Conversion": ".convert",
-    "apply": ".convert",
-    "convert": ".convert",
-    "plan": ".convert",
-    "ConversionReport": ".report",
-    "build_report": ".report",
-    "count_macs": ".report",
-    "count_params": ".report",
+    "Conversion": ".core.convert",
+    "apply": ".core.convert",
+    "convert": ".core.convert",
+    "plan": ".pipeline",
+    "ConversionReport": ".core.report",
+    "build_report": ".core.report",
+    "count_macs": ".core.report",
+    "count_params": ".core.report",
     "DacnnError": ".errors",
     "PipelineResult": ".pipeline",
-    "from_pretrained": ".card",
-    "model_card": ".card",
-    "save_pretrained": ".card",
+    "from_pretrained": ".io.card",
+    "model_card": ".io.card",
+    "save_pretrained": ".io.card",
     "anchor": ".pipeline",
     "compress": ".pipeline",
-    "Plan": ".planning",
-    "TrainConfig": ".distill",
-    "distill": ".distill",
-    "recalibrate_bn": ".distill",
-    "export_onnx": ".export",
-    "export_torchscript": ".export",
-    "inspect_file": ".inspection",
+    "Plan": ".core.planning",
+    "TrainConfig": ".train",
+    "distill": ".train",
+    "recalibrate_bn": ".train",
+    "export_onnx": ".io.export",
+    "export_torchscript": ".io.export",
+    "inspect_file": ".io.inspection",
     "measure_latency": ".latency",
-    "load": ".checkpoint",
-    "save": ".checkpoint",
+    "load": ".io.checkpoint",
+    "save": ".io.checkpoint",
 }
 __all__ = [
     "Conversion",
@@ -78,41 +76,25 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .card import from_pretrained, model_card, save_pretrained
-    from .checkpoint import load, save
-    from .convert import Conversion, apply, convert, plan
-    from .distill import TrainConfig, distill, recalibrate_bn
+    from .core.convert import Conversion, apply, convert
+    from .core.planning import Plan
+    from .core.report import ConversionReport, build_report, count_macs, count_params
     from .errors import DacnnError
-    from .export import export_onnx, export_torchscript
-    from .inspection import inspect_file
+    from .io.card import from_pretrained, model_card, save_pretrained
+    from .io.checkpoint import load, save
+    from .io.export import export_onnx, export_torchscript
+    from .io.inspection import inspect_file
     from .latency import measure_latency
-    from .pipeline import PipelineResult, anchor, compress
-    from .planning import Plan
-    from .report import ConversionReport, build_report, count_macs, count_params
+    from .pipeline import PipelineResult, anchor, compress, plan
+    from .train import TrainConfig, distill, recalibrate_bn
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'dacnn_convert' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    if name not in _SHADOWED:
-        globals()[name] = value  # later lookups skip this function
+    globals()[name] = value  # later lookups skip this function
     return value
-
-
-# Functions named like a submodule: importing the submodule binds its name on the package,
-# so these are looked up on every access (as the eager ``from .distill import distill`` did).
-_SHADOWED = frozenset({"convert", "distill"})
-
-
-class _Package(types.ModuleType):
-    def __getattribute__(self, name: str) -> Any:
-        if name in _SHADOWED:
-            return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        return super().__getattribute__(name)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __dir__() -> list[str]:

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 from .baselines import Context, get_method
+from .core.planning import unique_params
+from .core.report import count_macs, figure, save_figure, state_dict_bytes
 from .defaults import CALIBRATE_BATCHES
-from .distill import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
 from .errors import UsageError
 from .latency import compare_latency
-from .planning import unique_params
-from .report import count_macs, figure, save_figure, state_dict_bytes
+from .train import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
 
 COLUMNS = (
     "method", "seed", "params", "bytes", "sparse_bytes", "ratio", "prune_ratio", "macs", "latency_b1_ms",

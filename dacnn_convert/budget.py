@@ -6,7 +6,7 @@
     worst-scored sections first ─► banks and low-rank convs grown into what is left ─► one Plan
 
 ``bank:f`` gives each share group of the section a bank of f x C_out filters
-(:mod:`dacnn_convert.banks`); ``lr:f`` factorises the section's unshared convs (stride-2 first
+(:mod:`dacnn_convert.core.banks`); ``lr:f`` factorises the section's unshared convs (stride-2 first
 convs, downsample 1x1s) at rank f x C_out. The grids are :data:`BANK_GRID` and :data:`RANK_GRID`.
 
 Costs are exact plan arithmetic (no model is built). Sensitivity is measured per section
@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .banks import bank_params, bankable, factorizable
+from .core.banks import bank_params, bankable, factorizable
+from .core.graph import ConvSite
+from .core.planning import Group, Plan, RegulatorSpec, bank_group, make_plan
 from .errors import PlanError, UsageError, choose
-from .graph import ConvSite
-from .planning import Group, Plan, RegulatorSpec, bank_group, make_plan
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
 BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625)  # bank filters as a fraction of C_out
@@ -197,7 +197,7 @@ def compose(
 
 
 def _fit_score(model: nn.Module, plan: Plan) -> float:
-    from .convert import convert
+    from .core.convert import convert
 
     errors = convert(model, replace(plan, init="fit")).fit_errors
     total = max(plan.conv_params_before, 1)
@@ -207,8 +207,8 @@ def _fit_score(model: nn.Module, plan: Plan) -> float:
 def _kl_score(
     model: nn.Module, plan: Plan, batches: list[torch.Tensor], reference: list[torch.Tensor], moments: Any = None
 ) -> float:
-    from .convert import convert
-    from .distill.calibrate import recalibrate_bn
+    from .core.convert import convert
+    from .train.calibrate import recalibrate_bn
 
     student = convert(model, replace(plan, init="act"), calib_loader=[(x, None) for x in batches],
                       calib_batches=len(batches), moments=moments).model  # fmt: skip
@@ -309,7 +309,7 @@ def score_sections(
     With ``kl``, the input moments of every conv are collected once (one pass over ``batches``)
     and reused by every candidate's data-aware fit.
     """
-    from .fitting import input_moments
+    from .core.fitting import input_moments
 
     n = len(mix.sections)
     moments = None

@@ -20,7 +20,7 @@ FINETUNE_WARMUP_STEPS = 20
 # (80.1, 79.8, 79.9, 79.9%), 50 leaves room for larger models.
 CALIBRATE_BATCHES = 50
 
-# What --device accepts (every command that runs a model; dacnn_convert.distill.device).
+# What --device accepts (every command that runs a model; dacnn_convert.train.device).
 DEVICE_HELP = "auto (the CUDA device when present; under torchrun the one of LOCAL_RANK), cpu, cuda or cuda:N"
 
 # Training a network from scratch (TrainConfig's default, `dacnn train`, the paper's recipes).

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .distill.trainer import autocast, resolve_precision
+from .train.trainer import autocast, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def compare_latency(
     ``device`` is ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; every model goes back to its own
     device and train/eval mode afterwards.
     """
-    from .distill.device import device_of, resolve_device
+    from .train.device import device_of, resolve_device
 
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .models.dacnn import from_name, kernel_and_fc_params
-from .planning import unique_params
+from .core.models import from_name, kernel_and_fc_params
+from .core.planning import unique_params
 
 
 @dataclass(frozen=True)

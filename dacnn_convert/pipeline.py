@@ -20,17 +20,59 @@ from typing import Any
 
 from torch import nn
 
-from .banks import BankSize, BankValue
-from .checkpoint import save
-from .convert import convert
-from .convert import plan as make_plan
-from .distill import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
-from .distill.calibrate import CALIBRATE_BATCHES
+from .budget import resolve_target, search
+from .core.banks import BankSize, BankValue
+from .core.convert import convert
+from .core.planning import Plan, make_plan, unique_params
+from .core.report import ConversionReport, build_report, state_dict_bytes
 from .errors import UsageError
-from .planning import Plan
-from .report import ConversionReport, build_report, state_dict_bytes
+from .io.checkpoint import save
+from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
+from .train.calibrate import CALIBRATE_BATCHES
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+
+def plan(
+    model: nn.Module,
+    mode: str = "mix",
+    regulators: str | Sequence[int] | None = "none",
+    regulator_style: str = "adapter",
+    init: str | None = None,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    *,
+    target_params: int | None = None,
+    target_ratio: float | None = None,
+    target_bytes: int | None = None,
+    calib_loader: Iterable | None = None,
+    calib_batches: int = 8,
+    metric: str | None = None,
+    bank_size: BankSize = 0.5,
+    factorize_unshared: BankValue | None = None,
+) -> Plan:
+    """Decide what to share: by ``mode``, or — given a target size — by budget search.
+
+    Without a target this is :func:`dacnn_convert.core.planning.make_plan` (see it for the
+    arguments). With ``target_params``, ``target_ratio`` (times smaller) or ``target_bytes``
+    (fp32), :func:`dacnn_convert.budget.search` picks free / mix / plain / bank per section and
+    where regulators go, never exceeding the target; ``mode`` and ``regulators`` are then
+    ignored, and ``calib_loader`` makes the search use the ``kl`` sensitivity. ``init`` None
+    means ``act`` with ``calib_loader``, else ``fit``; an init given is kept as given.
+
+    Raises:
+        UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
+    """
+    init = init or ("act" if calib_loader is not None else "fit")
+    if target_params is None and target_ratio is None and target_bytes is None:
+        return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules,
+                         bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
+    target = resolve_target(unique_params(model), target_params, target_ratio, target_bytes)
+    return search(model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init,
+                  leaf_modules).plan  # fmt: skip
+
+
+_plan = plan  # compress() takes a ``plan`` argument
 
 
 @dataclass
@@ -139,7 +181,7 @@ def anchor(
             over training data.
         calib_batches: how many batches of ``calib_loader`` the fit and the BN step use.
         bank_size: filters per bank for ``mode="bank"``: an integer, a fraction of C_out
-            or per section (``"1:1.0,2:0.5,4:0.125"``); see :mod:`dacnn_convert.banks`.
+            or per section (``"1:1.0,2:0.5,4:0.125"``); see :mod:`dacnn_convert.core.banks`.
         factorize_unshared: rank (integer or fraction of C_out) of a low-rank factorisation
             of every conv that shares with nothing; None keeps them dense.
         target_params, target_ratio, target_bytes: a size target instead of ``mode``: the
@@ -157,7 +199,7 @@ def anchor(
     if init is None:
         init = "act" if calib_loader is not None else "fit"
     size = input_size or input_size_of(calib_loader)
-    p = make_plan(model, mode, regulators, regulator_style, init, size, leaf_modules,
+    p = _plan(model, mode, regulators, regulator_style, init, size, leaf_modules,
                   target_params=target_params, target_ratio=target_ratio, target_bytes=target_bytes,
                   calib_loader=calib_loader, bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
     student = convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model
@@ -166,7 +208,7 @@ def anchor(
     return student
 
 
-_PLAN_OPTIONS = frozenset(inspect.signature(make_plan).parameters) - {"model", "calib_loader", "input_size"}
+_PLAN_OPTIONS = frozenset(inspect.signature(_plan).parameters) - {"model", "calib_loader", "input_size"}
 
 
 def compress(
@@ -245,7 +287,7 @@ def compress(
     if plan is None:
         options = {"mode": "bank", "init": "act", **plan_options}
         targeted = any(options.get(k) is not None for k in ("target_params", "target_ratio", "target_bytes"))
-        plan = timed("plan", lambda: make_plan(teacher, input_size=input_size_of(train_loader),
+        plan = timed("plan", lambda: _plan(teacher, input_size=input_size_of(train_loader),
                                                calib_loader=train_loader if targeted else None, **options))  # fmt: skip
     teacher_acc = timed("eval_teacher", lambda: evaluate(teacher, val_loader, cfg.precision, limit))
     notify("teacher", teacher_acc)
@@ -265,7 +307,7 @@ def compress(
     )
     finetuned_acc = fit.final_acc
     notify("finetuned", finetuned_acc)
-    from .distill.distributed import is_main
+    from .train.distributed import is_main
 
     main = out is not None and is_main()
     ckpt = save(student, out / "model.safetensors", source=source, dtype=dtype) if main else None
@@ -281,7 +323,7 @@ def compress(
         ckpt, steps,
     )  # fmt: skip
     if main:
-        from .card import model_card
+        from .io.card import model_card
 
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2))
         (out / "report.md").write_text(result.to_markdown())

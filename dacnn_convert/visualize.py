@@ -26,7 +26,7 @@ class FilterImages:
 
     def save_grid(self, path: str | Path) -> Path:
         """One row per layer, one column per filter, as a PNG."""
-        from .report import figure, save_figure
+        from .core.report import figure, save_figure
 
         rows, cols = len(self.images), max(len(v) for v in self.images.values())
         fig, axes = figure(rows, cols, size=(1.4 * cols, 1.5 * rows), grid=True)

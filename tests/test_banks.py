@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dacnn_convert import convert, count_params, load, plan, save
-from dacnn_convert.banks import parse_bank_size
+from dacnn_convert.core.banks import parse_bank_size
+from dacnn_convert.core.fitting import fit_bank
+from dacnn_convert.core.layers import AnchoredConv2d
 from dacnn_convert.errors import UsageError
-from dacnn_convert.fitting import fit_bank
-from dacnn_convert.layers import AnchoredConv2d
 
 from .models import TinyResNet, randomize_bn
 
@@ -139,7 +139,7 @@ def test_bank_checkpoint_round_trip(tmp_path) -> None:
 
 
 def test_macs_fall_with_small_banks() -> None:
-    from dacnn_convert.report import count_macs
+    from dacnn_convert.core.report import count_macs
 
     model = TinyResNet()
     small = convert(model, plan(model, mode="bank", bank_size=0.25, input_size=SIZE)).model
@@ -266,7 +266,7 @@ def test_cli_bank_mode_and_bad_values(tmp_path) -> None:
 
 
 def test_channel_alignment_keeps_the_function_and_raises_similarity() -> None:
-    from dacnn_convert.align import align_channels, private_chains
+    from dacnn_convert.core.align import align_channels, private_chains
 
     model = randomize_bn(TinyResNet()).eval()
     p = plan(model, mode="bank", bank_size=0.5, input_size=SIZE)
@@ -305,7 +305,7 @@ def test_per_member_refit_never_raises_the_output_error() -> None:
 def test_sampled_patches_are_rows_of_the_full_unfold(k: int, stride: int, pad: int, dil: int) -> None:
     from torch import nn
 
-    from dacnn_convert.fitting import _patches
+    from dacnn_convert.core.fitting import _patches
 
     conv = nn.Conv2d(3, 4, k, stride, pad, dil)
     x = torch.randn(2, 3, 9, 9)
@@ -325,7 +325,7 @@ def test_a_fraction_above_a_groups_rank_is_clamped_with_a_note() -> None:
 
 def test_lowrank_and_bank_bench_methods_fit_the_budget() -> None:
     from dacnn_convert.baselines import Context, get_method
-    from dacnn_convert.planning import make_plan, with_low_rank
+    from dacnn_convert.core.planning import make_plan, with_low_rank
 
     model = randomize_bn(TinyResNet()).eval()
     base = make_plan(model, "none", input_size=SIZE)

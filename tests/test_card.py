@@ -8,9 +8,9 @@ import yaml
 from typer.testing import CliRunner
 
 from dacnn_convert import anchor, count_params, from_pretrained, save_pretrained
-from dacnn_convert.card import HubError
 from dacnn_convert.cli import convert_app
 from dacnn_convert.errors import CheckpointError
+from dacnn_convert.io.card import HubError
 
 from .models import TinyResNet
 
@@ -55,7 +55,7 @@ def test_save_and_load_pretrained_round_trip_a_local_folder(tmp_path) -> None:
 
 
 def test_hub_ids_offline_and_bad_names_are_one_line(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("dacnn_convert.sources.hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr("dacnn_convert.io.sources.hub_reachable", lambda timeout_s=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(HubError, match="cannot fetch someone/model from the Hugging Face hub"):
         from_pretrained("someone/model")

@@ -11,7 +11,7 @@ import torchvision
 
 from dacnn_convert import anchor, count_params, load, save
 from dacnn_convert.errors import CheckpointError
-from dacnn_convert.sources import ModelSpec
+from dacnn_convert.io.sources import ModelSpec
 
 from .models import TinyResNet, randomize_bn
 

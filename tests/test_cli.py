@@ -207,7 +207,7 @@ def _params(command) -> dict:
 def test_bench_has_the_same_fine_tune_options_and_defaults_as_convert() -> None:
     from dacnn_convert.cli.bench import bench_command
     from dacnn_convert.cli.convert import convert_command
-    from dacnn_convert.distill import TrainConfig
+    from dacnn_convert.train import TrainConfig
 
     convert, bench = _params(convert_command), _params(bench_command)
     assert FINETUNE_FLAGS <= set(convert) and FINETUNE_FLAGS <= set(bench)
@@ -240,7 +240,7 @@ def test_checkpoints_get_the_umask_permissions_and_are_fsynced(tmp_path, monkeyp
     import os
 
     from dacnn_convert import save
-    from dacnn_convert.distill.trainer import _save_state
+    from dacnn_convert.train.trainer import _save_state
 
     from .models import TinyResNet
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from dacnn_convert import anchor, convert, count_params, plan
+from dacnn_convert.core.layers import AnchoredConv2d
 from dacnn_convert.errors import PlanError, TraceError, UsageError
-from dacnn_convert.layers import AnchoredConv2d
 
 from .models import NoConv, TinyResNet, TinyVGG, Untraceable, randomize_bn
 
@@ -294,7 +294,7 @@ def test_anchor_with_calibration_data_defaults_to_act() -> None:
 
 
 def test_macs_count_every_op_a_model_uses() -> None:
-    from dacnn_convert.report import count_macs
+    from dacnn_convert.core.report import count_macs
 
     class Mixed(nn.Module):  # a Conv1d (as ECA attention has) and an einsum: no hook counter sees them
         def __init__(self) -> None:

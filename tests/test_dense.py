@@ -9,8 +9,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dacnn_convert import anchor, save
-from dacnn_convert.dense import DenseExportError, check_dense, dense_state_dict, export_dense
-from dacnn_convert.distill import make_loaders
+from dacnn_convert.io.dense import DenseExportError, check_dense, dense_state_dict, export_dense
+from dacnn_convert.train import make_loaders
 
 from .models import randomize_bn
 

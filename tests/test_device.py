@@ -10,11 +10,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from dacnn_convert.distill import TrainConfig, distill, make_loaders
-from dacnn_convert.distill import device as device_mod
-from dacnn_convert.distill import distributed
-from dacnn_convert.distill.device import resolve_device
 from dacnn_convert.errors import UsageError
+from dacnn_convert.train import TrainConfig, distill, distributed, make_loaders
+from dacnn_convert.train import device as device_mod
+from dacnn_convert.train.device import resolve_device
 
 from .models import TinyResNet
 
@@ -82,7 +81,7 @@ def test_shutdown_leaves_the_group_only_when_joined(monkeypatch) -> None:
 
 
 def test_batches_stay_put_on_the_cpu() -> None:
-    from dacnn_convert.distill.trainer import to_device
+    from dacnn_convert.train.trainer import to_device
 
     x = torch.ones(2)
     assert to_device(x, torch.device("cpu")) is x
@@ -150,7 +149,7 @@ def test_under_torchrun_an_explicit_gpu_must_be_this_ranks(monkeypatch) -> None:
 def test_fp16_training_scales_the_loss_and_the_scaler_resumes(tmp_path, monkeypatch) -> None:
     """The fp16 path (CUDA only in use) exercised on the CPU: GradScaler scales, unscales for
     clipping, steps, and its state travels in state.pt."""
-    from dacnn_convert.distill import trainer
+    from dacnn_convert.train import trainer
 
     calls = []
     real = torch.amp.GradScaler
@@ -173,7 +172,7 @@ def test_fp16_training_scales_the_loss_and_the_scaler_resumes(tmp_path, monkeypa
 def test_a_state_file_from_before_the_cuda_fields_still_resumes(tmp_path) -> None:
     loaders = make_loaders("synthetic", batch_size=16, input_size=16)
     cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=1)
-    from dacnn_convert.distill import train
+    from dacnn_convert.train import train
 
     train(TinyResNet(), loaders.train, loaders.val, cfg, out=tmp_path)
     state = torch.load(tmp_path / "state.pt", weights_only=True)

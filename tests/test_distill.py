@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from dacnn_convert import anchor
-from dacnn_convert.distill import TrainConfig, distill, evaluate, kd_loss, make_loaders, recalibrate_bn, train
-from dacnn_convert.distill import data as data_mod
-from dacnn_convert.distill.trainer import NonFiniteLossError, resolve_precision
 from dacnn_convert.errors import DatasetError, UsageError
+from dacnn_convert.train import TrainConfig, distill, evaluate, kd_loss, make_loaders, recalibrate_bn, train
+from dacnn_convert.train import data as data_mod
+from dacnn_convert.train.trainer import NonFiniteLossError, resolve_precision
 
 from .models import TinyResNet
 
@@ -118,7 +118,7 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path, monkeypatch) -> None
 
 def test_feature_loss_matches_stages_by_name() -> None:
     from dacnn_convert import plan
-    from dacnn_convert.distill.losses import FeatureTaps, feature_mse
+    from dacnn_convert.train.losses import FeatureTaps, feature_mse
 
     teacher = TinyResNet().eval()
     p = plan(teacher, input_size=(3, 16, 16))
@@ -162,7 +162,7 @@ def test_imagefolder_dataset(tmp_path) -> None:
 
 def test_auto_precision_needs_native_bf16_units(tmp_path, monkeypatch) -> None:
     """AVX-512 without bf16 units emulates bf16 (slower than fp32): auto must pick fp32 there."""
-    from dacnn_convert.distill import trainer
+    from dacnn_convert.train import trainer
 
     plain = tmp_path / "cpuinfo"
     plain.write_text("flags\t\t: fpu sse avx2 avx512f avx512bw\n")

@@ -154,8 +154,8 @@ def test_inspect_counts_a_real_torchscript_archive_like_the_model(tmp_path, r18_
 def test_static_int8_onnx_quantizes_each_anchor_once(tmp_path) -> None:
     import onnx
 
-    from dacnn_convert.distill import make_loaders
-    from dacnn_convert.export import onnx_accuracy, quantize_onnx_int8
+    from dacnn_convert.io.export import onnx_accuracy, quantize_onnx_int8
+    from dacnn_convert.train import make_loaders
 
     loaders = make_loaders("synthetic", batch_size=16, input_size=16)
     student = anchor(randomize_bn(TinyResNet()), mode="mix", input_size=(3, 16, 16)).eval()
@@ -183,7 +183,7 @@ def test_cli_int8_onnx_needs_a_dataset(tmp_path) -> None:
 
 def test_a_safetensors_export_keeps_its_source_so_it_loads_again(tmp_path) -> None:
     from dacnn_convert import load
-    from dacnn_convert.checkpoint import read_metadata
+    from dacnn_convert.io.checkpoint import read_metadata
 
     model = anchor(torchvision.models.resnet18(num_classes=10), mode="mix", input_size=(3, 32, 32))
     ckpt = save(model, tmp_path / "m.safetensors", source="resnet18")

@@ -9,12 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from dacnn_convert.cli import app
+from dacnn_convert.core.models import dacnn, from_name, kernel_and_fc_params
+from dacnn_convert.core.planning import unique_params
 from dacnn_convert.errors import UsageError
-from dacnn_convert.models import dacnn, from_name, kernel_and_fc_params
+from dacnn_convert.io.sources import parse_spec
 from dacnn_convert.paper import param_rows
-from dacnn_convert.planning import unique_params
 from dacnn_convert.recipes import find_recipes, load_recipe
-from dacnn_convert.sources import parse_spec
 
 K3 = 9  # a 3x3 kernel
 

@@ -126,7 +126,7 @@ def test_no_unsafe_deserialisation_in_the_package() -> None:
 def test_fine_tuning_is_deterministic() -> None:
     """Same seed and flags: identical metrics, epoch by epoch, and identical weights."""
     from dacnn_convert import anchor
-    from dacnn_convert.distill import TrainConfig, distill, make_loaders
+    from dacnn_convert.train import TrainConfig, distill, make_loaders
 
     from .models import TinyResNet
 

@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 
 from dacnn_convert import anchor, save
 from dacnn_convert.cli import app, convert_app
-from dacnn_convert.distill import TrainConfig, make_loaders, train
-from dacnn_convert.distill.trainer import NonFiniteLossError
 from dacnn_convert.errors import OutputError
+from dacnn_convert.train import TrainConfig, make_loaders, train
+from dacnn_convert.train.trainer import NonFiniteLossError
 
 from .models import NanAfter, TinyResNet, TinyVGG
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dacnn_convert.distill import TrainConfig, make_loaders, train
+from dacnn_convert.train import TrainConfig, make_loaders, train
 
 from .models import TinyResNet
 
@@ -45,8 +45,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path) -> None:
     ],
 )
 def test_resume_checks_the_state_file_first_and_says_what_differs(tmp_path, damage, message) -> None:
-    from dacnn_convert.distill import TrainConfig, make_loaders, train
-    from dacnn_convert.distill.trainer import ResumeError
+    from dacnn_convert.train import TrainConfig, make_loaders, train
+    from dacnn_convert.train.trainer import ResumeError
 
     from .models import TinyResNet
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dacnn_convert.cli import convert_app
 from dacnn_convert.errors import UnknownModelError, WeightsError
-from dacnn_convert.sources import (
+from dacnn_convert.io.sources import (
     InputConfig,
     ModelSpec,
     build_model,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import save
-from ..convert import convert, plan
-from ..planning import unique_params
+from ..core.convert import convert
+from ..core.planning import unique_params
+from ..io.checkpoint import save
+from ..pipeline import plan
 from . import Compressed, Context, register_method
 
 
@@ -93,7 +94,7 @@ class LowRank:
         if target_params is None:
             raise PlanError("lowrank needs a parameter budget (--budget or --match)")
         init = "act" if ctx.calib_loader is not None else "fit"
-        from ..planning import with_low_rank
+        from ..core.planning import with_low_rank
 
         base = plan(teacher, "none", init=init, input_size=ctx.input_size)  # traced once
         lo, hi = 1e-3, 1.0

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..checkpoint import save
+from ..core.planning import unique_params
 from ..errors import CheckpointError, PlanError
-from ..planning import unique_params
+from ..io.checkpoint import save
 from . import Compressed, Context, register_method
 from .structured import ensure_unshared
 

@@ -5,7 +5,7 @@ produces it (Li et al. 2017, "Pruning Filters for Efficient ConvNets"); ``group-
 by the L2 norm over every weight the group touches (Fang et al. 2023, DepGraph). Both
 prune the same fraction of channels in every layer. Torch-Pruning's ``pruning_ratio`` is a
 channel ratio, so it is searched by bisection until the unique parameter count is within
-1% of the target. The result is a dense, smaller model; :func:`resize_to_state` rebuilds
+1% of the target. The result is a dense, smaller model; :func:`dacnn_convert.io.resize.resize_to_state` rebuilds
 its skeleton from tensor shapes alone, so the artefact reloads without pickles.
 """
 
@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoint import save
+from ..core.planning import unique_params
 from ..errors import PlanError, UsageError
-from ..planning import unique_params
+from ..io.checkpoint import save
 from . import Compressed, Context, register_method
 
 TOLERANCE = 0.01
@@ -44,40 +44,6 @@ def ensure_unshared(model: nn.Module, method: str) -> None:
             f"{method} cannot prune a model with shared weights: Torch-Pruning un-shares them silently and the "
             "'compressed' model grows. Prune the original model, or anchor after pruning"
         )
-
-
-def resize_to_state(model: nn.Module, shapes: Mapping[str, torch.Size | tuple[int, ...]]) -> nn.Module:
-    """Shrink every conv, BatchNorm and linear layer of ``model`` in place to the given tensor shapes.
-
-    Only shapes are read (``{state_dict key: shape}``), so a pruned model's file reloads into
-    its original architecture without storing code. Values are left uninitialised.
-    """
-    for name, m in model.named_modules():
-        prefix = f"{name}." if name else ""
-        shape = shapes.get(f"{prefix}weight")
-        if isinstance(m, nn.Conv2d) and shape is not None and tuple(shape) != tuple(m.weight.shape):
-            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-            m.out_channels = shape[0]
-            m.groups = shape[0] if depthwise else m.groups
-            m.in_channels = shape[1] * m.groups
-            m.weight = nn.Parameter(torch.empty(tuple(shape)))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(shape[0]))
-        elif isinstance(m, nn.Linear) and shape is not None and tuple(shape) != tuple(m.weight.shape):
-            m.out_features, m.in_features = shape
-            m.weight = nn.Parameter(torch.empty(tuple(shape)))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(shape[0]))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            stats = shapes.get(f"{prefix}running_mean", shape)
-            if stats is not None and stats[0] != m.num_features:
-                n = stats[0]
-                m.num_features = n
-                if m.affine:
-                    m.weight, m.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
-                if m.track_running_stats:
-                    m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
-    return model
 
 
 def _classifier_heads(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:

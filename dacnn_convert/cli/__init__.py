@@ -45,7 +45,7 @@ convert_app.command()(convert_command)
 
 def _leave_process_group() -> None:
     """Under torchrun, leave the process group a command joined (without importing torch for --help)."""
-    distributed = sys.modules.get("dacnn_convert.distill.distributed")
+    distributed = sys.modules.get("dacnn_convert.train.distributed")
     if distributed is not None:
         distributed.shutdown()
 

@@ -108,7 +108,7 @@ def bench_command(
     import torch
 
     from ..bench import BenchConfig, run_bench
-    from ..sources import build_model, input_config, parse_spec
+    from ..io.sources import build_model, input_config, parse_spec
 
     try:
         data = DataOptions(dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay,

@@ -109,7 +109,7 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
 
 def parse_rank(text: str | None, what: str) -> int | float | None:
     """``64`` -> 64 filters, ``0.25`` -> a quarter of C_out; raises UsageError naming ``what``."""
-    from ..banks import parse_value
+    from ..core.banks import parse_value
 
     return None if text is None else parse_value(text, what)
 
@@ -146,8 +146,8 @@ def load_checkpoint(path: Path, model: str | None = None) -> Any:
     """
     import json
 
-    from ..checkpoint import load, read_metadata
-    from ..sources import build_model, parse_spec
+    from ..io.checkpoint import load, read_metadata
+    from ..io.sources import build_model, parse_spec
 
     if model is None:
         return load(path)
@@ -158,8 +158,8 @@ def load_checkpoint(path: Path, model: str | None = None) -> Any:
 
 def source_of(model: Any, given: str | None = None) -> Any:
     """The model source of a loaded checkpoint: ``--model`` if given, else the one its file records."""
-    from ..checkpoint import SOURCE_ATTR
-    from ..sources import parse_spec
+    from ..io.checkpoint import SOURCE_ATTR
+    from ..io.sources import parse_spec
 
     recorded = getattr(model, SOURCE_ATTR, None)
     if given is None:
@@ -357,7 +357,7 @@ class DataOptions:
                 object.__setattr__(self, key, value.value)
 
     def config(self) -> Any:
-        from ..distill import TrainConfig
+        from ..train import TrainConfig
 
         return TrainConfig(
             epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, schedule=self.schedule, step_every=self.step_every,
@@ -369,14 +369,14 @@ class DataOptions:
         )  # fmt: skip
 
     def torch_device(self) -> Any:
-        """The resolved ``--device`` (see :func:`dacnn_convert.distill.device.resolve_device`).
+        """The resolved ``--device`` (see :func:`dacnn_convert.train.device.resolve_device`).
 
         A CUDA device also becomes the current one: the CLI owns its process, and autocast,
         pinned-memory copies and bf16 support checks then all speak of that GPU.
         """
         import torch
 
-        from ..distill.device import resolve_device
+        from ..train.device import resolve_device
 
         device = resolve_device(self.device)
         if device.type == "cuda":
@@ -385,7 +385,7 @@ class DataOptions:
 
     def input_size(self, given: tuple[int, int, int] | None, model_default: tuple[int, int, int] = (3, 224, 224)) -> tuple[int, int, int]:
         """``--input-size`` if given, else 32 px for the registered datasets, else the model's own size."""
-        from ..distill.data import native_size
+        from ..train.data import native_size
 
         if given is not None:
             return given
@@ -394,8 +394,8 @@ class DataOptions:
 
     def loaders(self, size: tuple[int, int, int], image: Any = None) -> Any:
         """Train/val loaders at ``size``; ``image``: the model's preprocessing for imagefolder data."""
-        from ..distill import make_loaders
-        from ..distill.distributed import init_from_env
+        from ..train import make_loaders
+        from ..train.distributed import init_from_env
 
         assert self.dataset is not None
         device = self.torch_device()

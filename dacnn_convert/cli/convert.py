@@ -109,12 +109,12 @@ def run_convert(
     """
     import torch
 
-    from ..card import model_card
-    from ..checkpoint import save
-    from ..convert import convert
-    from ..planning import make_plan
-    from ..report import build_report, state_dict_bytes
-    from ..sources import build_model, input_config, parse_spec
+    from ..core.convert import convert
+    from ..core.planning import make_plan
+    from ..core.report import build_report, state_dict_bytes
+    from ..io.card import model_card
+    from ..io.checkpoint import save
+    from ..io.sources import build_model, input_config, parse_spec
 
     spec = parse_spec(model, num_classes)
     size = parse_input_size(input_size)
@@ -189,7 +189,7 @@ def command_line(ctx: typer.Context | None) -> str | None:
 def _budget_search(original: Any, budget: tuple, style: str, init: str, size: Any, leaves: Any, loaders: Any) -> Any:
     """The budget search for (target params, ratio, bytes, metric); scored on the training data when given."""
     from ..budget import resolve_target, search
-    from ..planning import unique_params
+    from ..core.planning import unique_params
 
     target = resolve_target(unique_params(original), *budget[:3])
     loader = loaders.train if loaders is not None else None
@@ -259,7 +259,7 @@ def _run_pipeline(
             on_epoch=progress.epoch_end, resume=data.resume, command=command,
         )  # fmt: skip
     if data.plot and result.fit is not None:
-        from ..report import plot_accuracy
+        from ..core.report import plot_accuracy
 
         marks = {"teacher": result.teacher_acc, "after BN recalibration": result.calibrated_acc}
         console.print(f"wrote {plot_accuracy(result.fit.history, marks, out / 'accuracy.png')}")

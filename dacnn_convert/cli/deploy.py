@@ -42,9 +42,9 @@ def export_command(
     """Export a saved model keeping each anchored kernel stored once."""
     import torch
 
-    from ..checkpoint import read_metadata, save
-    from ..export import export_onnx, export_torchscript
-    from ..planning import Plan
+    from ..core.planning import Plan
+    from ..io.checkpoint import read_metadata, save
+    from ..io.export import export_onnx, export_torchscript
 
     try:
         if quantize is not None and (quantize != "int8" or format is not ExportFormat.onnx or dataset is None):
@@ -78,7 +78,7 @@ def export_command(
         elif format is ExportFormat.safetensors:  # save() records the source load() found: it loads again
             save(model, out, source=source_of(model, model_source), dtype=dtype.value)
         else:
-            from ..checkpoint import DTYPES
+            from ..io.checkpoint import DTYPES
 
             state = {k: v.to(DTYPES[dtype.value]) if v.is_floating_point() else v for k, v in model.state_dict().items()}
             torch.save(state, out)
@@ -95,7 +95,7 @@ def _export_int8_onnx(
     """fp32 ONNX, then static int8 with calibration batches; both scored on the validation split."""
     import tempfile
 
-    from ..export import export_onnx, onnx_accuracy, quantize_onnx_int8
+    from ..io.export import export_onnx, onnx_accuracy, quantize_onnx_int8
     from .common import DataOptions
 
     loaders = DataOptions(dataset, device="cpu").loaders(size)
@@ -114,8 +114,8 @@ def _export_dense(checkpoint: Path, model: Any, out: Path, size: Any, dtype: str
     """Write the stock-architecture state dict, checked against a fresh instance of the original class."""
     import math
 
-    from ..dense import DenseExportError, export_dense
-    from ..sources import build_model
+    from ..io.dense import DenseExportError, export_dense
+    from ..io.sources import build_model
 
     spec = source_of(model, model_source)
     if spec is None:
@@ -138,7 +138,7 @@ def inspect_command(
     """Unique parameters, bytes and the sharing structure (anchor -> members) of a saved model."""
     import json
 
-    from ..inspection import inspect_file
+    from ..io.inspection import inspect_file
 
     try:
         info = inspect_file(path)
@@ -176,15 +176,15 @@ def latency_command(
     import dataclasses
     import json
 
-    from ..checkpoint import load, read_metadata
-    from ..convert import convert
+    from ..core.convert import convert
+    from ..core.planning import Plan
     from ..errors import CheckpointError
+    from ..io.checkpoint import load, read_metadata
+    from ..io.sources import ModelSpec, build_model, parse_spec
     from ..latency import compare_latency
-    from ..planning import Plan
-    from ..sources import ModelSpec, build_model, parse_spec
 
     try:
-        from ..distill.device import resolve_device
+        from ..train.device import resolve_device
 
         device = str(resolve_device(device))
         meta = read_metadata(checkpoint)

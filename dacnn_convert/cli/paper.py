@@ -75,7 +75,7 @@ def run_recipe(
     """Run the resolved recipe ``r``; return (and write) its result record."""
     import torch
 
-    from ..planning import unique_params
+    from ..core.planning import unique_params
     from .common import Init, Mode, RegulatorStyle
     from .convert import run_convert
     from .train import run_train
@@ -94,7 +94,7 @@ def run_recipe(
     if r.task == "train":
         fit = run_train(r.model, r.dataset, out, r.weights or "none", r.input_size, data)
         (out / "recipe.yaml").write_text(r.resolved().to_yaml())
-        from ..checkpoint import load
+        from ..io.checkpoint import load
 
         model = load(fit.checkpoint) if fit.checkpoint else None
         accuracy, params = fit.best_acc, unique_params(model) if model is not None else 0
@@ -170,7 +170,7 @@ def table_accuracy(
         console.print(f"| {Path(r['recipe']).stem}{short} | {r['model']} | {r['dataset']} | {r['epochs']} | {paper} | "
                       f"{r['error']:.2f} | {r['params']:,} | {r['device']} | {r['wall_s']:.0f} |", soft_wrap=True)  # fmt: skip
     if png is not None and records:
-        from ..report import figure, save_figure
+        from ..core.report import figure, save_figure
 
         fig, ax = figure(size=(6, 4))
         for r in records:

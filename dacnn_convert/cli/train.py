@@ -94,8 +94,8 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
 
     import torch
 
-    from ..distill import train
-    from ..sources import build_model, input_config, parse_spec
+    from ..io.sources import build_model, input_config, parse_spec
+    from ..train import train
 
     preprocess = input_config(None, parse_spec(model, None), weights)
     size = data.input_size(parse_input_size(input_size), preprocess.input_size)
@@ -127,9 +127,9 @@ def eval_command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Top-1 accuracy of a saved model (anchored or not) on a dataset's validation split."""
-    from ..distill import evaluate
-    from ..report import count_params
-    from ..sources import input_config
+    from ..core.report import count_params
+    from ..io.sources import input_config
+    from ..train import evaluate
 
     try:
         data = DataOptions(dataset, batch_size=batch_size, download=download, device=device)

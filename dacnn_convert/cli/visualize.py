@@ -27,7 +27,7 @@ def visualize_command(
         if Path(checkpoint).suffix == ".safetensors":
             model = load_checkpoint(Path(checkpoint), model_source)
         else:
-            from ..sources import build_model, parse_spec
+            from ..io.sources import build_model, parse_spec
 
             model = build_model(parse_spec(checkpoint), weights="none")
         size = parse_input_size(input_size) or (3, 32, 32)

@@ -1,10 +1,15 @@
 # Written by dacnn-convert 0.1.0 before the package was split into core/io/train (commit e0d9d03):
 #   python tests/data/make_v0.1.py   (then copied here). Never regenerate: the point is old files.
-import torch, torchvision, os, json
-import dacnn_convert as dc
-from dacnn_convert.checkpoint import save, load
+import json
+import os
+
+import torch
+import torchvision
+from dacnn_convert.checkpoint import load, save
 from dacnn_convert.sources import parse_spec
-from dacnn_convert.baselines import get_method
+
+import dacnn_convert as dc
+
 torch.manual_seed(0)
 out = {}
 for name, kw, dtype in [("squeezenet1_1", dict(mode="mix", regulators="all"), "int8"), ("resnet18", dict(mode="bank", bank_size=0.0625, factorize_unshared=0.0625), "int8")]:

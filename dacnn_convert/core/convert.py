@@ -4,60 +4,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .banks import BankSize, BankValue
-from .errors import PlanError, UsageError
+from ..errors import PlanError, UsageError
 from .fitting import FITS, fit_activations, fit_bank, input_moments
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
-from .planning import Group, Plan, make_plan
-
-
-def plan(
-    model: nn.Module,
-    mode: str = "mix",
-    regulators: str | Sequence[int] | None = "none",
-    regulator_style: str = "adapter",
-    init: str | None = None,
-    input_size: tuple[int, int, int] = (3, 224, 224),
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    *,
-    target_params: int | None = None,
-    target_ratio: float | None = None,
-    target_bytes: int | None = None,
-    calib_loader: Iterable | None = None,
-    calib_batches: int = 8,
-    metric: str | None = None,
-    bank_size: BankSize = 0.5,
-    factorize_unshared: BankValue | None = None,
-) -> Plan:
-    """Decide what to share: by ``mode``, or — given a target size — by budget search.
-
-    Without a target this is :func:`dacnn_convert.planning.make_plan` (see it for the
-    arguments). With ``target_params``, ``target_ratio`` (times smaller) or ``target_bytes``
-    (fp32), :func:`dacnn_convert.budget.search` picks free / mix / plain / bank per section and
-    where regulators go, never exceeding the target; ``mode`` and ``regulators`` are then
-    ignored, and ``calib_loader`` makes the search use the ``kl`` sensitivity. ``init`` None
-    means ``act`` with ``calib_loader``, else ``fit``; an init given is kept as given.
-
-    Raises:
-        UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
-    """
-    init = init or ("act" if calib_loader is not None else "fit")
-    if target_params is None and target_ratio is None and target_bytes is None:
-        return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules,
-                         bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
-    from .budget import resolve_target, search
-    from .planning import unique_params
-
-    target = resolve_target(unique_params(model), target_params, target_ratio, target_bytes)
-    return search(model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init,
-                  leaf_modules).plan  # fmt: skip
+from .planning import Group, Plan
 
 PLAN_ATTR = "dacnn_plan"
 # True on a freshly converted model whose BatchNorm statistics still describe the original's
@@ -126,14 +83,14 @@ def convert(
             the inputs each member actually sees (the original model is run on them); for
             ``"act-seq"`` to the inputs it sees in the student converted so far, matching the
             original's outputs (one pass over the batches per group). Banks are fitted by
-            whitened SVD (:func:`dacnn_convert.fitting.fit_bank`); without data, by the SVD of
+            whitened SVD (:func:`dacnn_convert.core.fitting.fit_bank`); without data, by the SVD of
             the kernels.
         calib_batches: how many batches of ``calib_loader`` to use.
         moments: input moments of the original model's convs, as
-            :func:`dacnn_convert.fitting.input_moments` returns them, to reuse across many
+            :func:`dacnn_convert.core.fitting.input_moments` returns them, to reuse across many
             conversions of one model (the budget search); replaces passes over ``calib_loader``.
         align: first permute each member's private input channels to match the first member
-            of its group (:func:`dacnn_convert.align.align_channels`; the function is unchanged).
+            of its group (:func:`dacnn_convert.core.align.align_channels`; the function is unchanged).
 
     Raises:
         PlanError: a planned conv is missing or has another shape in ``model``.

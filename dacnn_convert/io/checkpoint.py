@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
+from ..core.planning import Plan
+from ..errors import CheckpointError
 from .atomic import atomic_write
-from .convert import BN_STALE_ATTR, PLAN_ATTR, convert
-from .errors import CheckpointError
-from .planning import Plan
+from .resize import resize_to_state
 from .sources import ModelSpec, build_model, check_state_dict, parse_spec
 
 FORMAT = "dacnn-convert/1"
@@ -187,8 +188,6 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     except Exception as exc:
         raise CheckpointError(f"cannot read tensors of {str(path)!r}: {str(exc)[:160]}") from exc
     if meta.get("structure") == "pruned":
-        from .baselines.structured import resize_to_state
-
         model = resize_to_state(model, {k: v.shape for k, v in state.items()})
     skeleton = convert(model, plan, init="none").model if plan is not None else model
     try:

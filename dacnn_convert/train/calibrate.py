@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..convert import BN_STALE_ATTR
+from ..core.convert import BN_STALE_ATTR
 from ..defaults import CALIBRATE_BATCHES
 
 

@@ -16,7 +16,7 @@ Modes (paper section 3, "Weights Sharing" and "Mixed Architecture"):
 * ``sharesnet`` — only the second conv of each residual block is shared per stage
   (Boulch 2017).
 * ``bank`` — the groups of ``mix``, each sharing a bank of k filters with a free 1x1
-  coefficient conv per member (see :mod:`dacnn_convert.banks`); ``bank_size`` sets k.
+  coefficient conv per member (see :mod:`dacnn_convert.core.banks`); ``bank_size`` sets k.
 * ``none`` — nothing shared (a baseline that round-trips through the tool).
 
 With any mode, ``factorize_unshared`` replaces each conv that shares with nothing by a
@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import PlanError, UsageError, choose
 from .banks import (
     BankSize,
     BankValue,
@@ -45,7 +46,6 @@ from .banks import (
     rank_limit,
     resolve_rank,
 )
-from .errors import PlanError, UsageError, choose
 from .graph import ConvSite, analyze
 
 MODES: dict[str, Callable[[list[ConvSite]], list[list[ConvSite]]]] = {}

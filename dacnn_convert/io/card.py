@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import CheckpointError, DacnnError
-from .report import ConversionReport
+from ..errors import CheckpointError, DacnnError
+from ..core.report import ConversionReport
 
 WEIGHTS = "model.safetensors"
 CARD = "README.md"

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import write_failed
+from ..errors import write_failed
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atomic import atomic_write
 from ..defaults import FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
 from ..errors import DacnnError, TrainingInterrupted, UsageError, choose
+from ..io.atomic import atomic_write
 from .calibrate import CALIBRATE_BATCHES, needs_bn_calibration, recalibrate_bn
 from .device import device_of
 from .losses import FeatureTaps, feature_mse, kd_loss
@@ -296,7 +296,7 @@ def _fit(
     resume: bool = False,
     stop_after: int | None = None,
 ) -> FitResult:
-    from ..checkpoint import save
+    from ..io.checkpoint import save
     from .distributed import all_sum, is_main, world_size
 
     torch.manual_seed(cfg.seed)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UnknownModelError, WeightsError, suggest
+from ..errors import UnknownModelError, WeightsError, suggest
 
 OFFLINE_HINT = (
     "use --weights none for random initialisation, or --weights PATH for a local "
@@ -70,7 +70,7 @@ def parse_spec(text: str, num_classes: int | None = None) -> ModelSpec:
         UnknownModelError: the name is in none of the sources; the message lists close names.
     """
     if text.startswith("dacnn:"):
-        from .models.dacnn import NAME
+        from ..core.models import NAME
 
         name = text[len("dacnn:") :]
         if NAME.match(name) is None:
@@ -146,7 +146,7 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
                 f"there are no published weights for {spec.display}; train one (dacnn train {spec.display} "
                 "--dataset cifar100 --out runs/x) and pass --weights runs/x/best.safetensors, or --weights none"
             )
-        from .models.dacnn import from_name
+        from ..core.models import from_name
 
         model = from_name(spec.name, spec.num_classes or 100)
     elif spec.kind == "module":

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -89,7 +89,7 @@ def _inspect_safetensors(path: Path) -> Inspection:
             shared.append((f"dacnn_anchors.{g['name']}", tuple(g["shape"]), tuple(g["members"])))
     source = json.loads(meta["source"]) if "source" in meta else None
     if not shared and source is not None and source.get("kind") == "dacnn":  # sharing is in the architecture
-        from .models.dacnn import from_name
+        from ..core.models import from_name
 
         shared = _architecture_sharing(from_name(source["name"], source.get("num_classes") or 100))
     return Inspection(str(path), "safetensors", path.stat().st_size, tensors, params, param_bytes, tuple(shared),
@@ -98,7 +98,7 @@ def _inspect_safetensors(path: Path) -> Inspection:
 
 def _architecture_sharing(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
     """(anchor tensor, shape, member convs) read from a built model's anchored convs."""
-    from .layers import BANK_NAME, AnchoredConv2d
+    from ..core.layers import BANK_NAME, AnchoredConv2d
 
     users: dict[str, list[str]] = {}
     for name, m in model.named_modules():
@@ -164,7 +164,7 @@ class _ArchiveUnpickler(pickle.Unpickler):
             return _rebuild
         if module == "collections" and name == "OrderedDict":
             return dict
-        return type(name, (_Opaque,), {"__module__": "dacnn_convert.inspection.archive"})
+        return type(name, (_Opaque,), {"__module__": "dacnn_convert.io.inspection.archive"})
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_write
 from ..errors import DatasetError, choose
+from ..io.atomic import atomic_write
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATASETS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -238,7 +238,7 @@ class _EpochLoader:
 
 
 class ImagePreprocess(Protocol):
-    """How images are prepared for a pretrained model (``dacnn_convert.sources.InputConfig``)."""
+    """How images are prepared for a pretrained model (``dacnn_convert.io.sources.InputConfig``)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -319,7 +319,7 @@ def make_loaders(
         rank, world_size: this process's shard of the training set (torchrun).
         pin_memory: yield page-locked batches, for asynchronous copies to a GPU.
         image: for ``imagefolder:`` data, the model's own preprocessing (mean, std, crop,
-            resampling; :func:`dacnn_convert.sources.input_config`); the registered 32 px
+            resampling; :func:`dacnn_convert.io.sources.input_config`); the registered 32 px
             datasets are normalised by their own statistics.
 
     Raises:

@@ -61,7 +61,7 @@ class AnchoredConv2d(nn.Module):
     regulator: added in parallel (``adapter``) or applied in series (``paper``).
     With ``coefficients=k`` the anchor is a filter bank B (k x C_in x kh x kw) and the conv
     computes ``coeff(conv(x, B))`` with its own 1x1 ``coeff`` (C_out x k): the paper's anchor
-    and serial regulator, linear (:mod:`dacnn_convert.banks`). In eval mode without autograd
+    and serial regulator, linear (:mod:`dacnn_convert.core.banks`). In eval mode without autograd
     it applies the merged kernel ``coeff @ B`` instead when that costs fewer MACs; that kernel
     is cached per member (C_out x C_in x kh x kw in memory, never in ``state_dict`` or on disk),
     so banks with k near C_out trade RAM for speed at inference. Saved files stay small.

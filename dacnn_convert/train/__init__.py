@@ -1,4 +1,4 @@
-"""Recovering accuracy after conversion: data, losses, BN calibration and the training loop."""
+"""Recovering accuracy after conversion: data, losses, BN calibration and the training loop (on core/ and io/)."""
 
 from .calibrate import recalibrate_bn
 from .data import DATASETS, Loaders, make_loaders

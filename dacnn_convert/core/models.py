@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..layers import BANK_NAME, AnchorBank, AnchoredConv2d
+from .layers import BANK_NAME, AnchorBank, AnchoredConv2d
 
 LAYOUTS = {18: (2, 2, 2, 2), 24: (2, 3, 4, 2), 34: (3, 4, 6, 3)}
 MIX_CHANNELS = (64, 128, 256, 512)

@@ -13,7 +13,7 @@ low-rank factorisation of its own kernel (``factorize_unshared``).
 Sizes are given as an integer k, a fraction of C_out (``0.25``), or per 1-based section
 (``"1:1.0,2:0.5,4:0.125"``; a bare value is the default for unlisted sections; a section
 neither listed nor covered by a default stays free). Everything here is arithmetic on
-:class:`~dacnn_convert.graph.ConvSite` data: no weights are read.
+:class:`~dacnn_convert.core.graph.ConvSite` data: no weights are read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import UsageError
+from ..errors import UsageError
 from .graph import ConvSite
 
 BankValue = int | float

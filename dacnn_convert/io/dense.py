@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import PLAN_ATTR
-from .errors import DacnnError
-from .layers import BANK_NAME, AnchoredConv2d
+from ..core.convert import PLAN_ATTR
+from ..core.layers import BANK_NAME, AnchoredConv2d
+from ..errors import DacnnError
 
 
 class DenseExportError(DacnnError):
