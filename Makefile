@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: setup data demo test test-all bench
+.PHONY: setup data demo lint test test-slow test-all ci bench
 
 setup:
 	$(PIP) install -q -e '.[dev]'
@@ -15,11 +15,22 @@ data:
 demo: setup data
 	dacnn demo --out runs/demo
 
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
+
 test: setup data
 	$(PYTHON) -m pytest
 
+test-slow: setup data
+	$(PYTHON) -m pytest -m slow
+
 test-all: setup data
 	$(PYTHON) -m pytest -m ''
+
+# what .ci/run does: the README's test command, then the linters and the slow tier
+ci: test lint test-slow
 
 bench: setup
 	$(PYTHON) benchmarks/convert_speed.py

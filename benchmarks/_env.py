@@ -14,7 +14,11 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     cpu = platform.machine()
     if cpuinfo.is_file():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")), cpu)
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")), cpu
+        )
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}; "
-            f"python {platform.python_version()}; {date.today()}")  # fmt: skip
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}; "
+        f"python {platform.python_version()}; {date.today()}"
+    )

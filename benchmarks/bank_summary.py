@@ -25,8 +25,12 @@ TARGET_DROP = {0.5: 0.1, 0.25: 0.3, 0.1: 1.0}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/bank_bench"))
-    ap.add_argument("--runs", type=Path, default=Path("runs/prune-bench"),
-                    help="where bank_bench.sh left the artefacts: bank MACs are recounted from them")  # fmt: skip
+    ap.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/prune-bench"),
+        help="where bank_bench.sh left the artefacts: bank MACs are recounted from them",
+    )
     args = ap.parse_args()
     rows: dict[tuple[str, float], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     teachers: dict[tuple[str, float], float] = {}
@@ -45,34 +49,52 @@ def main() -> None:
             rows[budget][r["method"]].append(r)
     lines = ["# Filter banks vs the baselines at 50%, 25% and 10% of the teacher (issue 13)", ""]
     lines += [f"{k}: {v}  " for k, v in meta.items() if k != "Command"]  # each run's command is in its bench.md
-    lines += ["CPU: 2-core Intel Xeon with AVX-512 (no bf16 units), fp32  ",
-              "Smallest file: safetensors as saved; magnitude pruning's bitmask + values file (its dense file is "
-              "the teacher's size)."]  # fmt: skip
-    lines += ["", "Per budget: `bash benchmarks/bank_bench.sh` (each run's bench.md beside this file); "
-              "accuracies in %, mean over the data seeds present (each seed in brackets).", ""]
+    lines += [
+        "CPU: 2-core Intel Xeon with AVX-512 (no bf16 units), fp32  ",
+        "Smallest file: safetensors as saved; magnitude pruning's bitmask + values file (its dense file is "
+        "the teacher's size).",
+    ]
+    lines += [
+        "",
+        "Per budget: `bash benchmarks/bank_bench.sh` (each run's bench.md beside this file); "
+        "accuracies in %, mean over the data seeds present (each seed in brackets).",
+        "",
+    ]
     verdicts = []
     for key in sorted(rows, key=lambda k: (k[0] != "resnet18", k[0], -k[1])):
         model, budget = key
         t = 100 * teachers[key]
-        title = f"{budget:.0%} of the teacher's parameters" if model == "resnet18" else (
-            f"Second architecture: {model} at {budget:.0%} of its teacher's parameters")  # fmt: skip
-        lines += [f"## {title} (teacher {t:.2f}%)", "",
-                  "| method | unique params | smallest file (bytes) | MACs | CPU latency b1 / b64 (x teacher) | after compression "
-                  "| + BN recal | fine-tuned | drop |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        title = (
+            f"{budget:.0%} of the teacher's parameters"
+            if model == "resnet18"
+            else (f"Second architecture: {model} at {budget:.0%} of its teacher's parameters")
+        )
+        lines += [
+            f"## {title} (teacher {t:.2f}%)",
+            "",
+            "| method | unique params | smallest file (bytes) | MACs | CPU latency b1 / b64 (x teacher) | after compression "
+            "| + BN recal | fine-tuned | drop |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         means = {}
-        for method, rs in sorted(rows[key].items(), key=lambda kv: -statistics.fmean(r["acc_finetuned"] for r in kv[1])):
+        for method, rs in sorted(
+            rows[key].items(), key=lambda kv: -statistics.fmean(r["acc_finetuned"] for r in kv[1])
+        ):
             fine = [100 * r["acc_finetuned"] for r in rs]
             mean = statistics.fmean(fine)
             means[method] = (mean, statistics.fmean(100 * r["acc_calibrated"] for r in rs))
             seeds = f" ({' / '.join(f'{v:.2f}' for v in fine)})" if len(rs) > 1 else ""
             r0 = rs[0]
-            lat = " / ".join(f"{r0[f'latency_{b}_ms'] / r0[f'teacher_{b}']:.2f}x" if r0[f"latency_{b}_ms"] else "-"
-                             for b in ("b1", "b64"))  # fmt: skip
+            lat = " / ".join(
+                f"{r0[f'latency_{b}_ms'] / r0[f'teacher_{b}']:.2f}x" if r0[f"latency_{b}_ms"] else "-"
+                for b in ("b1", "b64")
+            )
             size = min(b for b in (r0["bytes"], r0["sparse_bytes"]) if b)
-            lines.append(f"| {method} | {r0['params']:,} | {size:,} | {r0['macs'] / 1e6:.1f}M | {lat} "
-                         f"| {statistics.fmean(100 * r['acc_compressed'] for r in rs):.2f} | "
-                         f"{means[method][1]:.2f} | {mean:.2f}{seeds} | {t - mean:.2f} |")  # fmt: skip
+            lines.append(
+                f"| {method} | {r0['params']:,} | {size:,} | {r0['macs'] / 1e6:.1f}M | {lat} "
+                f"| {statistics.fmean(100 * r['acc_compressed'] for r in rs):.2f} | "
+                f"{means[method][1]:.2f} | {mean:.2f}{seeds} | {t - mean:.2f} |"
+            )
         lines.append("")
         if "dacnn-bank" in means:
             bank, recal = means["dacnn-bank"]
@@ -81,14 +103,17 @@ def main() -> None:
             at += f" ({seeds} seed{'s' if seeds > 1 else ''})"
             target = TARGET_DROP.get(round(budget, 2))
             if target is not None:
-                verdicts.append(f"- {at}: drop {t - bank:.2f} (target <= {target}): "
-                                f"{'met' if t - bank <= target else 'missed'}")  # fmt: skip
+                verdicts.append(
+                    f"- {at}: drop {t - bank:.2f} (target <= {target}): {'met' if t - bank <= target else 'missed'}"
+                )
             if "group-norm" in means:
                 gap = bank - means["group-norm"][0]
                 verdicts.append(f"- {at}: vs group-norm {gap:+.2f} points: {'ahead' if gap > 0 else 'behind'}")
             if round(budget, 2) == 0.25:
-                verdicts.append(f"- {at}: after BN recalibration alone {t - recal:.2f} points below the teacher "
-                                f"(target <= 1.5): {'met' if t - recal <= 1.5 else 'missed'}")  # fmt: skip
+                verdicts.append(
+                    f"- {at}: after BN recalibration alone {t - recal:.2f} points below the teacher "
+                    f"(target <= 1.5): {'met' if t - recal <= 1.5 else 'missed'}"
+                )
     lines += ["## Targets (dacnn-bank)", "", *verdicts, "", "![accuracy vs unique parameters](summary.png)"]
     (args.results / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(rows, teachers, args.results / "summary.png")
@@ -112,10 +137,20 @@ def _plot(rows: dict, teachers: dict, path: Path) -> None:
     teachers = {k: v for k, v in teachers.items() if k[0] == "resnet18"}
     methods = sorted({m for by in rows.values() for m in by})
     for i, method in enumerate(methods):
-        pts = sorted((rs[0]["params"], statistics.fmean(100 * r["acc_finetuned"] for r in rs))
-                     for by in rows.values() for m, rs in by.items() if m == method)  # fmt: skip
-        ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", color=f"C{i}", label=method,
-                linewidth=2.5 if method == "dacnn-bank" else 1)  # fmt: skip
+        pts = sorted(
+            (rs[0]["params"], statistics.fmean(100 * r["acc_finetuned"] for r in rs))
+            for by in rows.values()
+            for m, rs in by.items()
+            if m == method
+        )
+        ax.plot(
+            [p for p, _ in pts],
+            [a for _, a in pts],
+            marker="o",
+            color=f"C{i}",
+            label=method,
+            linewidth=2.5 if method == "dacnn-bank" else 1,
+        )
     teacher = statistics.fmean(teachers.values())
     ax.axhline(100 * teacher, color="black", linestyle="--", linewidth=0.8, label=f"teacher {100 * teacher:.2f}%")
     ax.set_xscale("log")

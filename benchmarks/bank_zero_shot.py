@@ -24,10 +24,14 @@ LAYOUTS = [  # (label, plan keywords)
     ("mix, act init (earlier mode)", dict(mode="mix")),
     ("bank k=C_out in 1-3, C_out/4 in 4", dict(mode="bank", bank_size="1:1.0,2:1.0,3:1.0,4:0.25")),
     ("bank k=C_out/4 everywhere", dict(mode="bank", bank_size=0.25)),
-    ("bank C_out/2 in 1-3, C_out/8 in 4 + low-rank C_out/4", dict(mode="bank", bank_size="1:0.5,2:0.5,3:0.5,4:0.125",
-                                                                   factorize_unshared=0.25)),
-    ("bank C_out/4 in 1-3, C_out/16 in 4 + low-rank C_out/8", dict(mode="bank", bank_size="1:0.25,2:0.25,3:0.25,4:0.0625",
-                                                                    factorize_unshared=0.125)),
+    (
+        "bank C_out/2 in 1-3, C_out/8 in 4 + low-rank C_out/4",
+        dict(mode="bank", bank_size="1:0.5,2:0.5,3:0.5,4:0.125", factorize_unshared=0.25),
+    ),
+    (
+        "bank C_out/4 in 1-3, C_out/16 in 4 + low-rank C_out/8",
+        dict(mode="bank", bank_size="1:0.25,2:0.25,3:0.25,4:0.0625", factorize_unshared=0.125),
+    ),
     ("per-layer low-rank C_out/4, no sharing", dict(mode="none", factorize_unshared=0.25)),
     ("planner (banks), 50% budget", dict(target_ratio=2.0)),
     ("planner (banks), 25% budget", dict(target_ratio=4.0)),
@@ -67,15 +71,19 @@ def main() -> None:
             torch.manual_seed(0)
             start = time.time()
             p = plan(teacher, input_size=(3, 32, 32), init=args.init, calib_loader=loaders.train, **kw)
-            student = convert(teacher, p, calib_loader=loaders.train, calib_batches=args.calib, align=align == "on").model
+            student = convert(
+                teacher, p, calib_loader=loaders.train, calib_batches=args.calib, align=align == "on"
+            ).model
             took = time.time() - start
             after = evaluate(student, loaders.val, precision="fp32")
             recalibrate_bn(student, loaders.train, args.calib)
             recal = evaluate(student, loaders.val, precision="fp32")
             n = count_params(student)
             with args.out.open("a") as f:
-                f.write(f"| {label}{', ' + args.init if args.init != 'act' else ''} | {align} | {n:,} ({100 * n / n0:.1f}%) | {100 * after:.2f} | {100 * recal:.2f} | "
-                        f"{100 * (base - recal):.2f} | {took:.0f} |\n")  # fmt: skip
+                f.write(
+                    f"| {label}{', ' + args.init if args.init != 'act' else ''} | {align} | {n:,} ({100 * n / n0:.1f}%) | {100 * after:.2f} | {100 * recal:.2f} | "
+                    f"{100 * (base - recal):.2f} | {took:.0f} |\n"
+                )
 
 
 if __name__ == "__main__":

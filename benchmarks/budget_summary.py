@@ -63,11 +63,21 @@ def compare(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[dict]]
         target = rows[0]["target"]
         fitting = [r for r in hand.values() if r["params"] <= target]
         best_hand = max(fitting, key=lambda r: r["acc_finetuned"]) if fitting else None
-        out.append({
-            "budget": name, "target": target, "planner": planner, "group_norm": gn, "best_hand": best_hand,
-            "beats_hand": None if best_hand is None or planner is None else planner["acc_finetuned"] > best_hand["acc_finetuned"],
-            "beats_group_norm": None if gn is None or planner is None else planner["acc_finetuned"] > gn["acc_finetuned"],
-        })  # fmt: skip
+        out.append(
+            {
+                "budget": name,
+                "target": target,
+                "planner": planner,
+                "group_norm": gn,
+                "best_hand": best_hand,
+                "beats_hand": None
+                if best_hand is None or planner is None
+                else planner["acc_finetuned"] > best_hand["acc_finetuned"],
+                "beats_group_norm": None
+                if gn is None or planner is None
+                else planner["acc_finetuned"] > gn["acc_finetuned"],
+            }
+        )
     return out
 
 
@@ -83,16 +93,22 @@ def _pct(r: dict | None) -> str:
 def to_markdown(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[dict]], verdicts: list[dict]) -> str:
     yes = {True: "yes", False: "**no**", None: "—"}
     lines = [
-        "# Budget planner vs hand-written modes vs group-norm (ResNet-18, Fashion-MNIST)", "",
-        (f"Teacher: {teacher['params']:,} unique params, {100 * teacher['acc_finetuned']:.2f}%. "
-        "Every model: BN recalibration, then the same KD fine-tune (see each bench.md for the command). "
-        "With repeats (BUDGET-seedN/: another training subset and data order), accuracies are means, "
-        "each seed in brackets. Hand modes have one size whatever the budget; the best one that fits "
-        "the budget is compared."), "",
-        ("| budget | target params | planner: sections, params, acc | best hand mode within budget | group-norm: params, acc "
-        "| planner beats hand mode | planner beats group-norm |"),
+        "# Budget planner vs hand-written modes vs group-norm (ResNet-18, Fashion-MNIST)",
+        "",
+        (
+            f"Teacher: {teacher['params']:,} unique params, {100 * teacher['acc_finetuned']:.2f}%. "
+            "Every model: BN recalibration, then the same KD fine-tune (see each bench.md for the command). "
+            "With repeats (BUDGET-seedN/: another training subset and data order), accuracies are means, "
+            "each seed in brackets. Hand modes have one size whatever the budget; the best one that fits "
+            "the budget is compared."
+        ),
+        "",
+        (
+            "| budget | target params | planner: sections, params, acc | best hand mode within budget | group-norm: params, acc "
+            "| planner beats hand mode | planner beats group-norm |"
+        ),
         "|---|---:|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for v in verdicts:
         p, h, g = v["planner"], v["best_hand"], v["group_norm"]
         if p is None:
@@ -103,17 +119,28 @@ def to_markdown(teacher: dict, hand: dict[str, dict], budgets: dict[str, list[di
             ptxt = f"{secs}, regulators in {regs}, {p['params']:,}, {_pct(p)}"
         htxt = "none fits" if h is None else f"{h['method']}, {h['params']:,}, {_pct(h)}"
         gtxt = "—" if g is None else f"{g['params']:,}, {_pct(g)}"
-        lines.append(f"| {float(v['budget']):.0%} | {v['target']:,} | {ptxt} | {htxt} | {gtxt} | "
-                     f"{yes[v['beats_hand']]} | {yes[v['beats_group_norm']]} |")  # fmt: skip
-    lines += ["", "All rows:", "", "| run | method | data seed | params | acc calibrated | acc fine-tuned | drop | notes |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+        lines.append(
+            f"| {float(v['budget']):.0%} | {v['target']:,} | {ptxt} | {htxt} | {gtxt} | "
+            f"{yes[v['beats_hand']]} | {yes[v['beats_group_norm']]} |"
+        )
+    lines += [
+        "",
+        "All rows:",
+        "",
+        "| run | method | data seed | params | acc calibrated | acc fine-tuned | drop | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in hand.values():
-        lines.append(f"| hand ({Path(r['source']).parent.name}) | {r['method']} | 0 | {r['params']:,} | "
-                     f"{100 * r['acc_calibrated']:.2f} | {_pct(r)} | {100 * r['drop']:.2f} | {r['notes']} |")  # fmt: skip
+        lines.append(
+            f"| hand ({Path(r['source']).parent.name}) | {r['method']} | 0 | {r['params']:,} | "
+            f"{100 * r['acc_calibrated']:.2f} | {_pct(r)} | {100 * r['drop']:.2f} | {r['notes']} |"
+        )
     for name, rows in budgets.items():
         for r in rows:
-            lines.append(f"| {float(name):.0%} | {r['method']} | {r['data_seed']} | {r['params']:,} | {100 * r['acc_calibrated']:.2f} | "
-                         f"{_pct(r)} | {100 * r['drop']:.2f} | {r['notes']} |")  # fmt: skip
+            lines.append(
+                f"| {float(name):.0%} | {r['method']} | {r['data_seed']} | {r['params']:,} | {100 * r['acc_calibrated']:.2f} | "
+                f"{_pct(r)} | {100 * r['drop']:.2f} | {r['notes']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

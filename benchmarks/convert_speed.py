@@ -73,9 +73,22 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for name in args.models.split(","):
-        res = subprocess.run([sys.executable, "-c", CHILD, name, args.mode, str(args.repeats), args.bank_size,
-                              str(args.calib), str(args.calib_batch)],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                name,
+                args.mode,
+                str(args.repeats),
+                args.bank_size,
+                str(args.calib),
+                str(args.calib_batch),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     from _env import machine  # benchmarks/ is on sys.path when run as a script

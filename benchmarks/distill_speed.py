@@ -84,8 +84,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/distill_speed.md"))
     args = ap.parse_args()
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
-               for _ in range(args.steps + args.warmup)]  # fmt: skip
+    batches = [
+        (torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g))
+        for _ in range(args.steps + args.warmup)
+    ]
     rows = []
     for precision in args.precisions.split(","):
         # alternate the two loops and keep each one's best, so neither gains from running second

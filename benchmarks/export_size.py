@@ -55,8 +55,10 @@ def main() -> None:
                 for row in compare_latency(variants, size, b, p, repeats=reps):
                     lat.append((name, row.model, b, p, row.median_ms))
                     print(lat[-1], flush=True)
-    cmd = (f"python benchmarks/export_size.py --models {args.models} --size {args.size} --repeats {args.repeats} "
-           f"--batches {args.batches} --precisions {args.precisions}")  # fmt: skip
+    cmd = (
+        f"python benchmarks/export_size.py --models {args.models} --size {args.size} --repeats {args.repeats} "
+        f"--batches {args.batches} --precisions {args.precisions}"
+    )
     lines = [
         "# Export sizes and CPU latency of anchored models",
         "",
@@ -69,9 +71,14 @@ def main() -> None:
     ]
     for name, label, ob, pb, st, ox, ts, diff in sizes:
         lines.append(f"| {name} | {label} | {ob:,} | {pb:,} | {st:,} | {ox:,} | {ts:,} | {ox / pb:.4f} | {diff:.1e} |")
-    lines += ["", "Latency: median ms per batch (ratio to the original at the same batch and precision); the "
-              "variants of a model run interleaved, so they share the machine's background load.", "",
-              "| model | variant | batch | precision | median ms | vs original |", "|---|---|---:|---|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "Latency: median ms per batch (ratio to the original at the same batch and precision); the "
+        "variants of a model run interleaved, so they share the machine's background load.",
+        "",
+        "| model | variant | batch | precision | median ms | vs original |",
+        "|---|---|---:|---|---:|---:|",
+    ]
     base = {(n, b, p): ms for n, v, b, p, ms in lat if v == "original"}
     for n, v, b, p, ms in lat:
         lines.append(f"| {n} | {v} | {b} | {p} | {ms:.2f} | {ms / base[(n, b, p)]:.3f}x |")

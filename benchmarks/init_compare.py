@@ -52,8 +52,10 @@ def main() -> None:
         tuned = distill(student, teacher, loaders.train, loaders.val, config=cfg).final_acc
         rows.append({"init": init, "convert_s": seconds, "converted": converted, "calibrated": calibrated, "kd": tuned})
         print(json.dumps(rows[-1]), flush=True)
-    cmd = (f"python benchmarks/init_compare.py --teacher {args.teacher} --mode {args.mode} --regulators "
-           f"{args.regulators} --calib {args.calib} --kd-batches {args.kd_batches}")  # fmt: skip
+    cmd = (
+        f"python benchmarks/init_compare.py --teacher {args.teacher} --mode {args.mode} --regulators "
+        f"{args.regulators} --calib {args.calib} --kd-batches {args.kd_batches}"
+    )
     lines = [
         f"# Anchor initialisation on a trained network ({args.dataset}, mode {args.mode}, regulators {args.regulators})",
         "",

@@ -21,10 +21,17 @@ def main() -> None:
     torch.manual_seed(0)
     original = torchvision.models.resnet18(num_classes=10).eval()
     plain = anchor(original, mode="plain", input_size=(3, 32, 32)).eval()
-    lines = ["# Plain-mode latency, batch 1", "", "Command: `python benchmarks/plain_latency.py`  ",
-             f"Machine: {machine()}  ", "torchvision ResNet-18 (10 classes, random weights), 3x32x32, fp32, "
-             "200 interleaved runs per round after 10 warm-up runs.", "",
-             "| round | original median ms | plain median ms | ratio |", "|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "# Plain-mode latency, batch 1",
+        "",
+        "Command: `python benchmarks/plain_latency.py`  ",
+        f"Machine: {machine()}  ",
+        "torchvision ResNet-18 (10 classes, random weights), 3x32x32, fp32, "
+        "200 interleaved runs per round after 10 warm-up runs.",
+        "",
+        "| round | original median ms | plain median ms | ratio |",
+        "|---:|---:|---:|---:|",
+    ]
     for rnd in range(3):
         rows = compare_latency({"original": original, "plain": plain}, (3, 32, 32), 1, "fp32", repeats=200, warmup=10)
         a, b = rows[0].median_ms, rows[1].median_ms

@@ -116,16 +116,27 @@ def sweep(teacher: torch.nn.Module, train_loader: DataLoader, val_loader: DataLo
     for batches in (10, 20, 50, 100):
         student = copy.deepcopy(base)
         recalibrate_bn(student, train_loader, batches)
-        rows.append({"what": f"BN recalibration on {batches} batches (no training)",
-                     "acc": evaluate(student, val_loader, "fp32"), "teacher_acc": teacher_acc})
+        rows.append(
+            {
+                "what": f"BN recalibration on {batches} batches (no training)",
+                "acc": evaluate(student, val_loader, "fp32"),
+                "teacher_acc": teacher_acc,
+            }
+        )
         print(rows[-1], flush=True)
     for lr in (0.005, 0.01, 0.02, 0.05):
         for warmup in (0, 20):
             student = copy.deepcopy(base)
             cfg = TrainConfig.finetune(lr=lr, warmup_steps=warmup, precision="fp32")
             fit = distill(student, teacher, train_loader, val_loader, epochs=1, config=cfg)
-            rows.append({"what": f"distill 1 epoch, lr {lr}, warm-up {warmup} steps", "acc": fit.final_acc,
-                         "teacher_acc": teacher_acc, "wall_s": fit.wall_s})
+            rows.append(
+                {
+                    "what": f"distill 1 epoch, lr {lr}, warm-up {warmup} steps",
+                    "acc": fit.final_acc,
+                    "teacher_acc": teacher_acc,
+                    "wall_s": fit.wall_s,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -151,7 +162,11 @@ def main() -> None:
     header = {
         "command": "python benchmarks/python_api.py" + (" --sweep" if args.sweep else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                   + (f"GPU {torch.cuda.get_device_name()} (unused: the snippets run on the CPU)" if torch.cuda.is_available() else "no GPU"),
+        + (
+            f"GPU {torch.cuda.get_device_name()} (unused: the snippets run on the CPU)"
+            if torch.cuda.is_available()
+            else "no GPU"
+        ),
         "versions": f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "teacher": str(args.teacher.relative_to(ROOT)) if args.teacher.is_relative_to(ROOT) else str(args.teacher),
@@ -167,15 +182,21 @@ def main() -> None:
     if args.only:
         snippets = {k: v for k, v in snippets.items() if k in args.only.split(",")}
     done = RESULTS / "snippets.json"
-    rows = [r for r in json.loads(done.read_text())["rows"] if r["snippet"] not in snippets] if (
-        args.only and done.is_file()) else []  # --only reruns some rows and keeps the others
+    rows = (
+        [r for r in json.loads(done.read_text())["rows"] if r["snippet"] not in snippets]
+        if (args.only and done.is_file())
+        else []
+    )  # --only reruns some rows and keeps the others
     for name, code in snippets.items():
         torch.manual_seed(args.seed)
         row = {"snippet": name, "code": code, **run_snippet(code, teacher, train_loader, val_loader)}
         row["drop_points"] = 100 * (teacher_acc - row["student_acc"])
         rows.append(row)
-        print(f"{name}: {100 * row['student_acc']:.2f}% (drop {row['drop_points']:.2f} points, "
-              f"{row['student_params']:,} params, {row['wall_s']:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"{name}: {100 * row['student_acc']:.2f}% (drop {row['drop_points']:.2f} points, "
+            f"{row['student_params']:,} params, {row['wall_s']:.0f} s)",
+            flush=True,
+        )
         done.write_text(json.dumps({**header, "rows": rows}, indent=2))
 
 

@@ -33,12 +33,19 @@ from dacnn_convert.train.calibrate import recalibrate_bn
 # planner picked or ranked near the top at 25/40/60% of the teacher's size.
 CANDIDATES = [
     ("mix", "free", "free", "free"),  # section 1 has one configuration: plain there is the same plan
-    ("free", "mix", "free", "free"), ("free", "plain", "free", "free"),
-    ("free", "free", "mix", "free"), ("free", "free", "plain", "free"),
-    ("free", "free", "free", "mix"), ("free", "free", "free", "plain"),
-    ("free", "free", "mix", "mix"), ("free", "free", "mix", "plain"), ("free", "mix", "mix", "plain"),
-    ("free", "plain", "plain", "plain"), ("mix", "mix", "mix", "mix"), ("plain", "plain", "plain", "plain"),
-]  # fmt: skip
+    ("free", "mix", "free", "free"),
+    ("free", "plain", "free", "free"),
+    ("free", "free", "mix", "free"),
+    ("free", "free", "plain", "free"),
+    ("free", "free", "free", "mix"),
+    ("free", "free", "free", "plain"),
+    ("free", "free", "mix", "mix"),
+    ("free", "free", "mix", "plain"),
+    ("free", "mix", "mix", "plain"),
+    ("free", "plain", "plain", "plain"),
+    ("mix", "mix", "mix", "mix"),
+    ("plain", "plain", "plain", "plain"),
+]
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -87,7 +94,10 @@ def main() -> None:
     scores = {}
     for metric in ("fit", "kl"):
         t0 = time.perf_counter()
-        scores[metric] = {(s.section, s.option): s.sensitivity for s in score_sections(teacher, mix, plain, metric, batches, reference)}
+        scores[metric] = {
+            (s.section, s.option): s.sensitivity
+            for s in score_sections(teacher, mix, plain, metric, batches, reference)
+        }
         scores[f"{metric}_s"] = time.perf_counter() - t0
     # distill's per-epoch validation sees one batch (it is not used); accuracy is measured after, on all 10k
     probe = [next(iter(loaders.val))]
@@ -106,11 +116,15 @@ def main() -> None:
         distill(student, teacher, loaders.train, probe, config=cfg)
         acc = evaluate(student, loaders.val)
         row = {
-            "choice": "/".join(choice), "params": unique_params(student), "plan_params": p.params_after,
+            "choice": "/".join(choice),
+            "params": unique_params(student),
+            "plan_params": p.params_after,
             "fit": sum(scores["fit"][k, o] for k, o in enumerate(choice, 1)),
             "kl": sum(scores["kl"][k, o] for k, o in enumerate(choice, 1)),
-            "acc_calibrated": acc_cal, "acc_finetuned": acc, "wall_s": time.perf_counter() - t0,
-        }  # fmt: skip
+            "acc_calibrated": acc_cal,
+            "acc_finetuned": acc,
+            "wall_s": time.perf_counter() - t0,
+        }
         rows.append(row)
         (out / "rows.partial.json").write_text(json.dumps(rows, indent=2))
     acc = [r["acc_finetuned"] for r in rows]
@@ -124,36 +138,52 @@ def main() -> None:
         if len(members) >= 3:
             a = [r["acc_finetuned"] for r in members]
             bands[f"{lo:.0%}-{min(hi, 1):.0%}"] = {
-                "n": len(members), **{m: spearman([-r[m] for r in members], a) for m in ("fit", "kl")},
-            }  # fmt: skip
+                "n": len(members),
+                **{m: spearman([-r[m] for r in members], a) for m in ("fit", "kl")},
+            }
     result = {
-        "teacher_acc": teacher_acc, "teacher_params": unique_params(teacher), "options": OPTIONS,
+        "teacher_acc": teacher_acc,
+        "teacher_params": unique_params(teacher),
+        "options": OPTIONS,
         "section_scores": {m: {f"{k}:{o}": v for (k, o), v in scores[m].items()} for m in ("fit", "kl")},
         "score_seconds": {m: scores[f"{m}_s"] for m in ("fit", "kl")},
-        "rows": rows, "spearman_finetuned": corr, "spearman_calibrated": corr_cal, "spearman_bands": bands,
-        "config": vars(args), "wall_s": time.perf_counter() - started,
-    }  # fmt: skip
+        "rows": rows,
+        "spearman_finetuned": corr,
+        "spearman_calibrated": corr_cal,
+        "spearman_bands": bands,
+        "config": vars(args),
+        "wall_s": time.perf_counter() - started,
+    }
     (out / "sensitivity_rank.json").write_text(json.dumps(result, indent=2))
     (out / "rows.partial.json").unlink(missing_ok=True)
     lines = [
-        "# Sensitivity vs accuracy after fine-tuning (ResNet-18, Fashion-MNIST)", "",
-        (f"`python benchmarks/sensitivity_rank.py --epochs {args.epochs} --train-limit {args.train_limit}` — "
-        f"teacher {100 * teacher_acc:.2f}%, {unique_params(teacher):,} params; each candidate: act init, BN "
-        f"recalibration (20 batches), KD fine-tune {args.epochs} epoch(s) on {args.train_limit:,} images, lr {args.lr}. "
-        f"Scores: the planner's summed per-section sensitivity on {args.calib_batches} calibration batches "
-        f"(fit {scores['fit_s']:.0f} s, kl {scores['kl_s']:.0f} s for all sections). Wall time {result['wall_s'] / 60:.0f} min."), "",
+        "# Sensitivity vs accuracy after fine-tuning (ResNet-18, Fashion-MNIST)",
+        "",
+        (
+            f"`python benchmarks/sensitivity_rank.py --epochs {args.epochs} --train-limit {args.train_limit}` — "
+            f"teacher {100 * teacher_acc:.2f}%, {unique_params(teacher):,} params; each candidate: act init, BN "
+            f"recalibration (20 batches), KD fine-tune {args.epochs} epoch(s) on {args.train_limit:,} images, lr {args.lr}. "
+            f"Scores: the planner's summed per-section sensitivity on {args.calib_batches} calibration batches "
+            f"(fit {scores['fit_s']:.0f} s, kl {scores['kl_s']:.0f} s for all sections). Wall time {result['wall_s'] / 60:.0f} min."
+        ),
+        "",
         "| sections 1/2/3/4 | params | fit | kl | acc calibrated | acc fine-tuned |",
         "|---|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for r in sorted(rows, key=lambda r: -r["acc_finetuned"]):
-        lines.append(f"| {r['choice']} | {r['params']:,} | {r['fit']:.4g} | {r['kl']:.4g} | "
-                     f"{100 * r['acc_calibrated']:.2f} | {100 * r['acc_finetuned']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['choice']} | {r['params']:,} | {r['fit']:.4g} | {r['kl']:.4g} | "
+            f"{100 * r['acc_calibrated']:.2f} | {100 * r['acc_finetuned']:.2f} |"
+        )
     lines += [
-        "", "Spearman's rho between −sensitivity and accuracy (1 = ranks candidates perfectly):", "",
-        "| candidates | n | fit | kl |", "|---|---:|---:|---:|",
+        "",
+        "Spearman's rho between −sensitivity and accuracy (1 = ranks candidates perfectly):",
+        "",
+        "| candidates | n | fit | kl |",
+        "|---|---:|---:|---:|",
         f"| all, accuracy after fine-tune | {len(rows)} | {corr['fit']:.3f} | {corr['kl']:.3f} |",
         f"| all, accuracy after BN recalibration only | {len(rows)} | {corr_cal['fit']:.3f} | {corr_cal['kl']:.3f} |",
-    ]  # fmt: skip
+    ]
     for name, b in bands.items():
         lines.append(f"| size {name} of the teacher, after fine-tune | {b['n']} | {b['fit']:.3f} | {b['kl']:.3f} |")
     lines += ["", f"For reference, unique params alone: rho = {corr['params']:.3f}.", ""]
@@ -166,7 +196,9 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = figure(1, 2, size=(10, 4))
     for ax, metric in zip(axes, ("fit", "kl"), strict=True):
-        ax.scatter([r[metric] for r in rows], [100 * r["acc_finetuned"] for r in rows], c=[r["params"] / 1e6 for r in rows])
+        ax.scatter(
+            [r[metric] for r in rows], [100 * r["acc_finetuned"] for r in rows], c=[r["params"] / 1e6 for r in rows]
+        )
         for r in rows:
             ax.annotate(r["choice"], (r[metric], 100 * r["acc_finetuned"]), fontsize=6)
         ax.set_xscale("symlog", linthresh=1e-3)

@@ -32,9 +32,22 @@ from .latency import compare_latency
 from .train import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
 
 COLUMNS = (
-    "method", "seed", "params", "bytes", "sparse_bytes", "ratio", "prune_ratio", "macs", "latency_b1_ms",
-    "latency_b64_ms", "acc_compressed", "acc_calibrated", "acc_finetuned", "drop", "wall_s",
-)  # fmt: skip
+    "method",
+    "seed",
+    "params",
+    "bytes",
+    "sparse_bytes",
+    "ratio",
+    "prune_ratio",
+    "macs",
+    "latency_b1_ms",
+    "latency_b64_ms",
+    "acc_compressed",
+    "acc_calibrated",
+    "acc_finetuned",
+    "drop",
+    "wall_s",
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,8 @@ class BenchConfig:
 
 @dataclass
 class BenchRow:
-    """One method, one seed. Accuracies and drop (teacher - fine-tuned) are fractions; latency in ms per batch (median)."""
+    """One method, one seed. Accuracies and drop (teacher - fine-tuned) are fractions; latency in ms per batch
+    (median)."""
 
     method: str
     seed: int
@@ -105,16 +119,27 @@ class BenchResult:
         for name in dict.fromkeys(r.method for r in self.rows):
             rows = [r for r in self.rows if r.method == name]
             accs = [r.acc_finetuned for r in rows]
-            mean = {c: statistics.fmean(getattr(r, c) for r in rows) for c in ("acc_compressed", "acc_calibrated",
-                    "acc_finetuned", "drop", "wall_s")}  # fmt: skip
-            out.append({**asdict(rows[0]), **mean, "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                        "n": len(rows)})  # fmt: skip
+            mean = {
+                c: statistics.fmean(getattr(r, c) for r in rows)
+                for c in ("acc_compressed", "acc_calibrated", "acc_finetuned", "drop", "wall_s")
+            }
+            out.append(
+                {**asdict(rows[0]), **mean, "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(rows)}
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
         cfg = asdict(self.config)
-        return {"target_params": self.target_params, "teacher": asdict(self.teacher), "rows": [asdict(r) for r in self.rows],
-                "summary": self.summary(), "latency": self.latency, "config": cfg, "wall_s": self.wall_s, "meta": self.meta}  # fmt: skip
+        return {
+            "target_params": self.target_params,
+            "teacher": asdict(self.teacher),
+            "rows": [asdict(r) for r in self.rows],
+            "summary": self.summary(),
+            "latency": self.latency,
+            "config": cfg,
+            "wall_s": self.wall_s,
+            "meta": self.meta,
+        }
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -128,32 +153,46 @@ class BenchResult:
         many = self.config.repeats > 1
         pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
         ms = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-        head = ("| method | unique params | bytes on disk | compression | prune ratio | MACs | latency b1 (ms) | "
-                "latency b64 (ms) | acc compressed | acc BN-recal | acc fine-tuned | drop vs teacher (points) | wall (s) |")  # fmt: skip
+        head = (
+            "| method | unique params | bytes on disk | compression | prune ratio | MACs | latency b1 (ms) | "
+            "latency b64 (ms) | acc compressed | acc BN-recal | acc fine-tuned | drop vs teacher (points) | wall (s) |"
+        )
         lines = [f"{k}: {v}  " for k, v in self.meta.items()] + ([""] if self.meta else [])
         lines += [head, "|" + "---|" + "---:|" * 12]
         t = self.teacher
-        lines.append(f"| teacher | {t.params:,} | {t.bytes:,} | 1.00x | 0.0% | {t.macs / 1e6:.1f}M | {ms(t.latency_b1_ms)} | "
-                     f"{ms(t.latency_b64_ms)} | – | – | {pct(t.acc_finetuned)} | – | – |")  # fmt: skip
+        lines.append(
+            f"| teacher | {t.params:,} | {t.bytes:,} | 1.00x | 0.0% | {t.macs / 1e6:.1f}M | {ms(t.latency_b1_ms)} | "
+            f"{ms(t.latency_b64_ms)} | – | – | {pct(t.acc_finetuned)} | – | – |"
+        )
         for s in self.summary():
             size = f"{s['bytes']:,}" + (f" (sparse {s['sparse_bytes']:,})" if s["sparse_bytes"] else "")
             acc = pct(s["acc_finetuned"]) + (f" ± {100 * s['acc_std']:.2f}" if many else "")
             lines.append(
                 f"| {s['method']} | {s['params']:,} | {size} | {s['ratio']:.2f}x | {100 * s['prune_ratio']:.1f}% | "
-                f"{s['macs'] / 1e6:.1f}M | {ms(s['latency_b1_ms'])} | {ms(s['latency_b64_ms'])} | {pct(s['acc_compressed'])} | "
+                f"{s['macs'] / 1e6:.1f}M | {ms(s['latency_b1_ms'])} | {ms(s['latency_b64_ms'])} | "
+                f"{pct(s['acc_compressed'])} | "
                 f"{pct(s['acc_calibrated'])} | {acc} | {100 * s['drop']:.2f} | {s['wall_s']:.0f} |"
-            )  # fmt: skip
+            )
         cfg = self.config
         target = f"{self.target_params:,} unique parameters" if self.target_params else "none (fixed-size methods only)"
         lines += [
             "",
             f"Budget for the pruning methods: {target}"
-            + (f" (the size of {cfg.match})" if cfg.match else f" ({cfg.budget:.0%} of the teacher)" if cfg.budget else "")
+            + (
+                f" (the size of {cfg.match})"
+                if cfg.match
+                else f" ({cfg.budget:.0%} of the teacher)"
+                if cfg.budget
+                else ""
+            )
             + ". Pruning methods hit it within 1%; anchoring methods have the size their plan gives.",
-            f"Same for every method: BN recalibration on {cfg.calibrate_batches} batches, then {cfg.train.epochs} epochs of "
-            f"KD fine-tuning ({cfg.train.optimizer}, lr {cfg.train.lr}, {cfg.train.schedule}, T={cfg.train.kd_temperature}, "
+            f"Same for every method: BN recalibration on {cfg.calibrate_batches} batches, then "
+            f"{cfg.train.epochs} epochs of "
+            f"KD fine-tuning ({cfg.train.optimizer}, lr {cfg.train.lr}, {cfg.train.schedule}, "
+            f"T={cfg.train.kd_temperature}, "
             f"alpha={cfg.train.kd_alpha}), precision {cfg.train.precision}; seeds 0..{cfg.repeats - 1}.",
-            f"Total wall time {self.wall_s / 60:.1f} min. Drop = teacher accuracy minus fine-tuned accuracy (positive: worse than the teacher). Latency: median over "
+            f"Total wall time {self.wall_s / 60:.1f} min. Drop = teacher accuracy minus fine-tuned accuracy "
+            f"(positive: worse than the teacher). Latency: median over "
             f"{cfg.latency_repeats} runs, every model interleaved with the teacher, CPU.",
         ]
         notes = {s["method"]: s["notes"] for s in self.summary() if s["notes"]}
@@ -164,10 +203,19 @@ class BenchResult:
         """PNG of fine-tuned accuracy vs unique parameters (log scale), teacher marked (paper's Fig. 5 style)."""
         fig, ax = figure(size=(6, 4))
         for i, s in enumerate(self.summary()):
-            ax.errorbar(s["params"], 100 * s["acc_finetuned"], yerr=100 * s["acc_std"], fmt="o", color=f"C{i}",
-                        capsize=3, label=s["method"])  # fmt: skip
+            ax.errorbar(
+                s["params"],
+                100 * s["acc_finetuned"],
+                yerr=100 * s["acc_std"],
+                fmt="o",
+                color=f"C{i}",
+                capsize=3,
+                label=s["method"],
+            )
         t = self.teacher
-        ax.plot(t.params, 100 * t.acc_finetuned, marker="*", markersize=14, color="black", linestyle="", label="teacher")
+        ax.plot(
+            t.params, 100 * t.acc_finetuned, marker="*", markersize=14, color="black", linestyle="", label="teacher"
+        )
         ax.axhline(100 * t.acc_finetuned, color="black", linewidth=0.8, linestyle="--")
         ax.set_xscale("log")
         ax.set_xlabel("unique parameters")
@@ -252,26 +300,55 @@ def run_bench(
                 recalibrate_bn(model, loaders.train, config.calibrate_batches)
             acc_b = evaluate(model, loaders.val, precision, limit)
             notify("stage", {"method": name, "stage": "calibrated", "acc": acc_b})
-            distill(model, teacher, loaders.train, loaders.val, config=replace(config.train, seed=seed),
-                    calibrate_batches=0)  # the BN step above is the bench's, the same for every method
+            distill(
+                model, teacher, loaders.train, loaders.val, config=replace(config.train, seed=seed), calibrate_batches=0
+            )  # the BN step above is the bench's, the same for every method
             model = compressed.finalize(model)
             acc_f = evaluate(model, loaders.val, precision, limit)
             notify("stage", {"method": name, "stage": "finetuned", "acc": acc_f})
             folder = (out / (name if config.repeats == 1 else f"{name}-seed{seed}")) if out is not None else None
             sizes = compressed.save(model, folder) if folder is not None else {"safetensors": state_dict_bytes(model)}
             row = BenchRow(
-                name, seed, compressed.params, sizes["safetensors"], sizes.get("sparse"), teacher_params / compressed.params,
-                1 - compressed.params / teacher_params, count_macs(model, input_size), None, None, acc_c, acc_b, acc_f,
-                teacher_acc - acc_f, time.perf_counter() - began, compressed.notes,
-            )  # fmt: skip
+                name,
+                seed,
+                compressed.params,
+                sizes["safetensors"],
+                sizes.get("sparse"),
+                teacher_params / compressed.params,
+                1 - compressed.params / teacher_params,
+                count_macs(model, input_size),
+                None,
+                None,
+                acc_c,
+                acc_b,
+                acc_f,
+                teacher_acc - acc_f,
+                time.perf_counter() - began,
+                compressed.notes,
+            )
             rows.append(row)
             if out is not None:  # a long benchmark cut short keeps what it measured
                 (out / "bench.partial.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
             if seed == 0:
                 finals[name] = model.to(memory_format=torch.contiguous_format)
             notify("done", asdict(row))
-    t_row = BenchRow("teacher", 0, teacher_params, state_dict_bytes(teacher), None, 1.0, 0.0,
-                     count_macs(teacher, input_size), None, None, teacher_acc, teacher_acc, teacher_acc, 0.0, 0.0)  # fmt: skip
+    t_row = BenchRow(
+        "teacher",
+        0,
+        teacher_params,
+        state_dict_bytes(teacher),
+        None,
+        1.0,
+        0.0,
+        count_macs(teacher, input_size),
+        None,
+        None,
+        teacher_acc,
+        teacher_acc,
+        teacher_acc,
+        0.0,
+        0.0,
+    )
     latency: list[dict[str, Any]] = []
     for batch in config.latency_batches:
         notify("latency", {"batch": batch})

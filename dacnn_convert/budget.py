@@ -86,34 +86,49 @@ class BudgetResult:
         """What to do for a better plan, or None: a ``fit``-scored search is little better than size alone."""
         if self.metric != "fit":
             return None
-        return ("scored by fit (weights only), which ranked conversions little better than their size in "
-                "benchmarks/sensitivity_rank.py (Spearman 0.42 against accuracy after fine-tuning; kl: 0.91): "
-                "give calibration data (--dataset, or calib_loader=) for the kl score")  # fmt: skip
+        return (
+            "scored by fit (weights only), which ranked conversions little better than their size in "
+            "benchmarks/sensitivity_rank.py (Spearman 0.42 against accuracy after fine-tuning; kl: 0.91): "
+            "give calibration data (--dataset, or calib_loader=) for the kl score"
+        )
 
     def explain(self) -> list[str]:
         """One line per section and one per group: what was chosen and why."""
         lines = [
-            (f"target {self.target:,} params; chosen {self.plan.params_after:,} "
-             f"({4 * self.plan.params_after / 1e6:.2f} MB in fp32, "
-             f"{self.plan.params_before / self.plan.params_after:.2f}x smaller), summed {self.metric} sensitivity "
-             f"{self.sensitivity:.4g}; {self.feasible:,} of {self.candidates:,} candidates fit the budget"),
+            (
+                f"target {self.target:,} params; chosen {self.plan.params_after:,} "
+                f"({4 * self.plan.params_after / 1e6:.2f} MB in fp32, "
+                f"{self.plan.params_before / self.plan.params_after:.2f}x smaller), summed {self.metric} sensitivity "
+                f"{self.sensitivity:.4g}; {self.feasible:,} of {self.candidates:,} candidates fit the budget"
+            ),
         ]
         for choice, params, sens in self.runners_up:
             lines.append(f"  candidate {'/'.join(choice)}: {params:,} params, sensitivity {sens:.4g}")
         by = {(s.section, s.option): s for s in self.scores}
         for k, option in enumerate(self.choice, start=1):
-            alts = ", ".join(f"{o}: {by[k, o].sensitivity:.3g} (-{by[k, o].params_saved:,})"
-                             for o in (*BANK_OPTIONS, *RANK_OPTIONS) if (k, o) in by)  # fmt: skip
+            alts = ", ".join(
+                f"{o}: {by[k, o].sensitivity:.3g} (-{by[k, o].params_saved:,})"
+                for o in (*BANK_OPTIONS, *RANK_OPTIONS)
+                if (k, o) in by
+            )
             reg = " + regulators" if k in self.regulator_sections else ""
             rank = f" + unshared convs {self.ranks[k - 1]}" if self.ranks and self.ranks[k - 1] != "dense" else ""
             lines.append(f"section {k}: {option}{reg}{rank}; options, sensitivity (params saved): {alts}")
         lines += [f"  grown: {g}" for g in self.grown]
         for g in self.plan.groups:
-            what = f"share {'x'.join(map(str, g.shape))}" if g.kind == "anchor" else (
-                f"share a bank of {g.rank} filters ({'x'.join(map(str, g.shape))}) + a 1x1 each"
-                if len(g.members) > 1 else f"low-rank, rank {g.rank}")  # fmt: skip
-            lines.append(f"  group {g.name}: {len(g.members)} conv(s) {what} "
-                         f"(sections {','.join(map(str, g.sections))}): {', '.join(g.members)}")  # fmt: skip
+            what = (
+                f"share {'x'.join(map(str, g.shape))}"
+                if g.kind == "anchor"
+                else (
+                    f"share a bank of {g.rank} filters ({'x'.join(map(str, g.shape))}) + a 1x1 each"
+                    if len(g.members) > 1
+                    else f"low-rank, rank {g.rank}"
+                )
+            )
+            lines.append(
+                f"  group {g.name}: {len(g.members)} conv(s) {what} "
+                f"(sections {','.join(map(str, g.sections))}): {', '.join(g.members)}"
+            )
         shared = {m for g in self.plan.groups for m in g.members}
         free = [s.name for s in self.plan.sites if s.name not in shared]
         lines.append(f"  free convs ({len(free)}): {', '.join(free) if free else 'none'}")
@@ -175,7 +190,9 @@ def compose(
     mix_secs = {k for k, o in enumerate(choice, start=1) if o == "mix"}
     plain_secs = {k for k, o in enumerate(choice, start=1) if o == "plain"}
     groups: list[Group] = [g for g in mix.groups if set(g.sections) <= mix_secs]
-    section_of = {s.name: k for k, res in enumerate(mix.sections, start=1) for s in mix.sites if s.out_size == tuple(res)}
+    section_of = {
+        s.name: k for k, res in enumerate(mix.sections, start=1) for s in mix.sites if s.out_size == tuple(res)
+    }
     for i, g in enumerate(plain.groups):
         members = tuple(m for m in g.members if section_of[m] in plain_secs)
         if len(members) < 2:
@@ -185,8 +202,12 @@ def compose(
         secs = tuple(sorted({section_of[m] for m in members}))
         groups.append(Group(f"plain{i}_{'x'.join(map(str, shape))}", members, shape, None, secs))  # type: ignore[arg-type]
     anchored = {m for g in groups for m in g.members}
-    regs: list[RegulatorSpec] = [r for src, secs in ((mix, mix_secs), (plain, plain_secs)) for r in src.regulators
-                                 if r.section in secs & regs_in and r.host in anchored]  # fmt: skip
+    regs: list[RegulatorSpec] = [
+        r
+        for src, secs in ((mix, mix_secs), (plain, plain_secs))
+        for r in src.regulators
+        if r.section in secs & regs_in and r.host in anchored
+    ]
     for k, option in enumerate(choice, start=1):
         if option.startswith("bank:"):
             groups += _bank_groups(mix, k, _fraction(option))
@@ -210,8 +231,13 @@ def _kl_score(
     from .core.convert import convert
     from .train.calibrate import recalibrate_bn
 
-    student = convert(model, replace(plan, init="act"), calib_loader=[(x, None) for x in batches],
-                      calib_batches=len(batches), moments=moments).model  # fmt: skip
+    student = convert(
+        model,
+        replace(plan, init="act"),
+        calib_loader=[(x, None) for x in batches],
+        calib_batches=len(batches),
+        moments=moments,
+    ).model
     recalibrate_bn(student, batches, len(batches))
     student.eval()
     total = 0.0
@@ -314,14 +340,20 @@ def score_sections(
     n = len(mix.sections)
     moments = None
     if metric == "kl" and (len(options) > len(OPTIONS) or ranks):
-        names = [s.name for s in mix.sites if s.groups == 1 and s.padding_mode == "zeros" and not isinstance(s.padding, str)
-                 and not s.reused]  # fmt: skip
+        names = [
+            s.name
+            for s in mix.sites
+            if s.groups == 1 and s.padding_mode == "zeros" and not isinstance(s.padding, str) and not s.reused
+        ]
         moments = input_moments(model, names, [(x, None) for x in batches], len(batches))
     scores: list[SectionScore] = []
     free = ("free",) * n
-    trials = [(k, o, tuple(o if j == k else "free" for j in range(1, n + 1)), None) for k in range(1, n + 1)
-              for o in options]  # fmt: skip
-    trials += [(k, r, free, tuple(r if j == k else "dense" for j in range(1, n + 1))) for k in range(1, n + 1) for r in ranks]
+    trials = [
+        (k, o, tuple(o if j == k else "free" for j in range(1, n + 1)), None) for k in range(1, n + 1) for o in options
+    ]
+    trials += [
+        (k, r, free, tuple(r if j == k else "dense" for j in range(1, n + 1))) for k in range(1, n + 1) for r in ranks
+    ]
     for k, option, choice, rank in trials:
         p = compose(mix, plain, choice, ranks=rank)
         if option != "free" and not p.groups:
@@ -345,7 +377,9 @@ def _pareto(pairs: list[tuple[float, int, str, str]]) -> list[tuple[float, int, 
     return kept
 
 
-def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: int, metric: str = "fit") -> BudgetResult:
+def pick(
+    mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: int, metric: str = "fit"
+) -> BudgetResult:
     """Exhaustive search over per-section options, regulators, then growth into the budget left (deterministic).
 
     Costs add up section by section except where plain members of several sections share
@@ -377,9 +411,12 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
 
     per_section = []
     for k in range(1, n + 1):
-        pairs = [(cost(k, o)[0] + cost(k, r)[0], (0 if o == "plain" else cost(k, o)[1]) + cost(k, r)[1], o, r)
-                 for o in share[k - 1] for r in rank_opts[k - 1]
-                 if o != "plain" or r == "dense"]  # plain shares the unshared convs too: nothing left to factorise  # fmt: skip
+        pairs = [
+            (cost(k, o)[0] + cost(k, r)[0], (0 if o == "plain" else cost(k, o)[1]) + cost(k, r)[1], o, r)
+            for o in share[k - 1]
+            for r in rank_opts[k - 1]
+            if o != "plain" or r == "dense"
+        ]  # plain shares the unshared convs too: nothing left to factorise
         plain_pairs = [p for p in pairs if p[2] == "plain"]
         per_section.append(_pareto([p for p in pairs if p[2] != "plain"]) + _pareto(plain_pairs))
     searched = 1
@@ -417,8 +454,10 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
     sens, expected, choice, ranks = best
     p = compose(mix, plain, choice, ranks=ranks)
     if p.params_after != expected:  # the additive arithmetic and the composed plan must agree exactly
-        raise PlanError(f"budget search bug: {'/'.join(choice)} ({'/'.join(ranks)}) was costed at {expected:,} params "
-                        f"but composes to {p.params_after:,}; please report it")  # fmt: skip
+        raise PlanError(
+            f"budget search bug: {'/'.join(choice)} ({'/'.join(ranks)}) was costed at {expected:,} params "
+            f"but composes to {p.params_after:,}; please report it"
+        )
     regs: list[int] = []
     for k in sorted(range(1, n + 1), key=lambda k: (-by[k, choice[k - 1]].sensitivity, k)):
         if choice[k - 1] not in ("mix", "plain"):
@@ -431,8 +470,20 @@ def pick(mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: 
     p, grown = _grow(p, target_params, section_sens)
     top = tuple((c, m, s) for s, m, c in ranked)
     rank_out = ranks if any(len(opts) > 1 for opts in rank_opts) else ()
-    return BudgetResult(p, target_params, metric, choice, tuple(sorted(regs)), sens, tuple(scores), candidates, feasible,
-                        top, rank_out, tuple(grown))  # fmt: skip
+    return BudgetResult(
+        p,
+        target_params,
+        metric,
+        choice,
+        tuple(sorted(regs)),
+        sens,
+        tuple(scores),
+        candidates,
+        feasible,
+        top,
+        rank_out,
+        tuple(grown),
+    )
 
 
 def _grow(p: Plan, target_params: int, section_sens: dict[int, float]) -> tuple[Plan, list[str]]:
@@ -443,8 +494,10 @@ def _grow(p: Plan, target_params: int, section_sens: dict[int, float]) -> tuple[
     """
     groups = list(p.groups)
     left = target_params - p.params_after
-    order = sorted((i for i, g in enumerate(groups) if g.kind == "bank"),
-                   key=lambda i: (-section_sens.get(groups[i].sections[0] if groups[i].sections else 0, 0.0), i))  # fmt: skip
+    order = sorted(
+        (i for i, g in enumerate(groups) if g.kind == "bank"),
+        key=lambda i: (-section_sens.get(groups[i].sections[0] if groups[i].sections else 0, 0.0), i),
+    )
     start = {i: groups[i].rank for i in order}
     while True:
         for i in order:
@@ -466,12 +519,19 @@ def _grow(p: Plan, target_params: int, section_sens: dict[int, float]) -> tuple[
 
 
 def _resized(g: Group, k: int) -> Group:
-    name = g.name if len(g.members) == 1 else g.name.rsplit("_bank", 1)[0] + f"_bank{k}x" + "x".join(map(str, g.shape[1:]))
+    name = (
+        g.name if len(g.members) == 1 else g.name.rsplit("_bank", 1)[0] + f"_bank{k}x" + "x".join(map(str, g.shape[1:]))
+    )
     return replace(g, name=name, shape=(k, *g.shape[1:]))
 
 
-def resolve_target(params_before: int, target_params: int | None = None, target_ratio: float | None = None,
-                   target_bytes: int | None = None, bytes_per_param: int = 4) -> int:  # fmt: skip
+def resolve_target(
+    params_before: int,
+    target_params: int | None = None,
+    target_ratio: float | None = None,
+    target_bytes: int | None = None,
+    bytes_per_param: int = 4,
+) -> int:
     """One budget in unique parameters from whichever target was given (bytes at ``bytes_per_param``).
 
     Raises:

@@ -91,6 +91,4 @@ def choose(kind: str, value: str, choices: Iterable[str]) -> str:
     options = list(choices)
     if value in options:
         return options[options.index(value)]
-    raise UsageError(
-        f"unknown {kind} {value!r}; expected one of: {', '.join(options)}.{suggest(value, options)}"
-    )
+    raise UsageError(f"unknown {kind} {value!r}; expected one of: {', '.join(options)}.{suggest(value, options)}")

@@ -60,8 +60,13 @@ def compare_latency(
 
 
 def _time(
-    models: dict[str, nn.Module], input_size: tuple[int, int, int], batch: int, precision: str, dev: torch.device,
-    repeats: int, warmup: int,
+    models: dict[str, nn.Module],
+    input_size: tuple[int, int, int],
+    batch: int,
+    precision: str,
+    dev: torch.device,
+    repeats: int,
+    warmup: int,
 ) -> list[LatencyRow]:
     nets = {name: m.to(dev).eval() for name, m in models.items()}
     x = torch.randn(batch, *input_size, device=dev)

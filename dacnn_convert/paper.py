@@ -50,12 +50,32 @@ PAPER: list[PaperRow] = [
     PaperRow("1", "DACNN14 (VGG based), BN", _d("14-plain"), None, error=42.29),
     PaperRow("1", "DACNN18 (ResNet based), no BN", _d("18-plain-nobn"), None, error=97.17),
     PaperRow("1", "DACNN18 (ResNet based), BN", _d("18-plain"), None, error=38.63),
-    *[PaperRow("2", f"{d} layers, shared", _d(f"{d}-plain"), p, "M", e) for d, p, e in [
-        (3, "0.164", 56.91), (5, "0.164", 40.11), (7, "0.164", 42.22), (9, "0.164", 42.40), (11, "0.165", 42.37),
-        (14, "0.165", 42.29), (18, "0.166", 38.63), (34, "0.168", 38.88)]],
-    *[PaperRow("2", f"{d} layers, free (no sharing)", _d(f"{d}-plain-free"), p, "M", e) for d, p, e in [
-        (3, "0.45", 54.41), (5, "0.74", 33.74), (7, "1.03", 32.66), (9, "1.33", 32.67), (11, "1.63", 30.36),
-        (14, "2.06", 30.44), (18, "2.66", 28.31), (34, "5.02", 27.22)]],
+    *[
+        PaperRow("2", f"{d} layers, shared", _d(f"{d}-plain"), p, "M", e)
+        for d, p, e in [
+            (3, "0.164", 56.91),
+            (5, "0.164", 40.11),
+            (7, "0.164", 42.22),
+            (9, "0.164", 42.40),
+            (11, "0.165", 42.37),
+            (14, "0.165", 42.29),
+            (18, "0.166", 38.63),
+            (34, "0.168", 38.88),
+        ]
+    ],
+    *[
+        PaperRow("2", f"{d} layers, free (no sharing)", _d(f"{d}-plain-free"), p, "M", e)
+        for d, p, e in [
+            (3, "0.45", 54.41),
+            (5, "0.74", 33.74),
+            (7, "1.03", 32.66),
+            (9, "1.33", 32.67),
+            (11, "1.63", 30.36),
+            (14, "2.06", 30.44),
+            (18, "2.66", 28.31),
+            (34, "5.02", 27.22),
+        ]
+    ],
     PaperRow("3", "VGG", "vgg16-1fc", "14.90", "M", 30.20),
     PaperRow("3", "DACNN-14 (MIX)", _d("14-mix"), "4.73", "M", 30.54),
     PaperRow("3", "ResNet-18", "resnet18", "11.13", "M", 27.31),
@@ -63,11 +83,23 @@ PAPER: list[PaperRow] = [
     PaperRow("3", "ResNet-34", "resnet34", "21.24", "M", 26.10),
     PaperRow("3", "DACNN-34 (MIX)", _d("34-mix"), "4.91", "M", 27.70),
     PaperRow("4", "regulators: none", _d("18-plain"), None, "K", 38.63),
-    *[PaperRow("4", f"regulators: section {k}", _d(f"18-plain-reg{k}"), "32", "K", e, extra_over=_d("18-plain"))
-      for k, e in [(1, 38.28), (2, 38.09), (3, 37.46), (4, 38.07)]],
+    *[
+        PaperRow("4", f"regulators: section {k}", _d(f"18-plain-reg{k}"), "32", "K", e, extra_over=_d("18-plain"))
+        for k, e in [(1, 38.28), (2, 38.09), (3, 37.46), (4, 38.07)]
+    ],
     PaperRow("4", "regulators: all", _d("18-plain-reg"), "128", "K", 35.39, extra_over=_d("18-plain")),
-    *[PaperRow("5", f"DACNN-{d} (REG), extra over plain DACNN-18", _d(f"{d}-plain-reg"), p, "M", e,
-               extra_over=_d("18-plain")) for d, p, e in [(18, "0.32", 35.39), (24, "0.52", 34.86), (34, "0.68", 33.88)]],
+    *[
+        PaperRow(
+            "5",
+            f"DACNN-{d} (REG), extra over plain DACNN-18",
+            _d(f"{d}-plain-reg"),
+            p,
+            "M",
+            e,
+            extra_over=_d("18-plain"),
+        )
+        for d, p, e in [(18, "0.32", 35.39), (24, "0.52", 34.86), (34, "0.68", 33.88)]
+    ],
     PaperRow("6", "VGG (1-fc)", "vgg16-1fc", "14.90", "M", 31.20),
     PaperRow("6", "ResNet18", "resnet18", "11.13", "M", 27.31),
     PaperRow("6", "ResNet34", "resnet34", "21.24", "M", 26.10),
@@ -152,6 +184,17 @@ def param_rows(count: Callable[[nn.Module], int] = kernel_and_fc_params) -> list
     for label, model, paper_ratio, _ in TABLE8:
         n, everything = measure(model, 10)
         ratio = 100 * (1 - n / resnet)
-        rows.append(ParamRow("8", f"{label}: prune ratio vs ResNet-18", model, float(paper_ratio), "%", ratio, n,
-                             everything, f"{ratio:.1f}" == paper_ratio))  # fmt: skip
+        rows.append(
+            ParamRow(
+                "8",
+                f"{label}: prune ratio vs ResNet-18",
+                model,
+                float(paper_ratio),
+                "%",
+                ratio,
+                n,
+                everything,
+                f"{ratio:.1f}" == paper_ratio,
+            )
+        )
     return rows

@@ -65,11 +65,21 @@ def plan(
     """
     init = init or ("act" if calib_loader is not None else "fit")
     if target_params is None and target_ratio is None and target_bytes is None:
-        return make_plan(model, mode, regulators, regulator_style, init, input_size, leaf_modules,
-                         bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
+        return make_plan(
+            model,
+            mode,
+            regulators,
+            regulator_style,
+            init,
+            input_size,
+            leaf_modules,
+            bank_size=bank_size,
+            factorize_unshared=factorize_unshared,
+        )
     target = resolve_target(unique_params(model), target_params, target_ratio, target_bytes)
-    return search(model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init,
-                  leaf_modules).plan  # fmt: skip
+    return search(
+        model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init, leaf_modules
+    ).plan
 
 
 _plan = plan  # compress() takes a ``plan`` argument
@@ -199,9 +209,21 @@ def anchor(
     if init is None:
         init = "act" if calib_loader is not None else "fit"
     size = input_size or input_size_of(calib_loader)
-    p = _plan(model, mode, regulators, regulator_style, init, size, leaf_modules,
-                  target_params=target_params, target_ratio=target_ratio, target_bytes=target_bytes,
-                  calib_loader=calib_loader, bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
+    p = _plan(
+        model,
+        mode,
+        regulators,
+        regulator_style,
+        init,
+        size,
+        leaf_modules,
+        target_params=target_params,
+        target_ratio=target_ratio,
+        target_bytes=target_bytes,
+        calib_loader=calib_loader,
+        bank_size=bank_size,
+        factorize_unshared=factorize_unshared,
+    )
     student = convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model
     if calib_loader is not None and calib_batches > 0:
         recalibrate_bn(student, calib_loader, calib_batches)
@@ -265,8 +287,10 @@ def compress(
     """
     unknown = sorted(set(plan_options) - _PLAN_OPTIONS)
     if unknown:
-        raise UsageError(f"compress() got unknown option(s) {', '.join(unknown)}; plan options are "
-                         f"{', '.join(sorted(_PLAN_OPTIONS))}")  # fmt: skip
+        raise UsageError(
+            f"compress() got unknown option(s) {', '.join(unknown)}; plan options are "
+            f"{', '.join(sorted(_PLAN_OPTIONS))}"
+        )
     if plan is not None and plan_options:
         raise UsageError(f"give either plan= or plan options ({', '.join(sorted(plan_options))}), not both")
     cfg = config or TrainConfig.finetune()
@@ -287,8 +311,15 @@ def compress(
     if plan is None:
         options = {"mode": "bank", "init": "act", **plan_options}
         targeted = any(options.get(k) is not None for k in ("target_params", "target_ratio", "target_bytes"))
-        plan = timed("plan", lambda: _plan(teacher, input_size=input_size_of(train_loader),
-                                               calib_loader=train_loader if targeted else None, **options))  # fmt: skip
+        plan = timed(
+            "plan",
+            lambda: _plan(
+                teacher,
+                input_size=input_size_of(train_loader),
+                calib_loader=train_loader if targeted else None,
+                **options,
+            ),
+        )
     teacher_acc = timed("eval_teacher", lambda: evaluate(teacher, val_loader, cfg.precision, limit))
     notify("teacher", teacher_acc)
     conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=train_loader, calib_batches=calib))
@@ -301,9 +332,20 @@ def compress(
     notify("calibrated", calibrated_acc)
     fit = timed(
         "finetune",
-        lambda: distill(student, teacher, train_loader, val_loader, config=cfg, out=out, on_step=on_step,
-                        on_epoch=on_epoch, source=source, resume=resume, feature_layers=plan.stage_outputs(),
-                        calibrate_batches=0),  # fmt: skip
+        lambda: distill(
+            student,
+            teacher,
+            train_loader,
+            val_loader,
+            config=cfg,
+            out=out,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            source=source,
+            resume=resume,
+            feature_layers=plan.stage_outputs(),
+            calibrate_batches=0,
+        ),
     )
     finetuned_acc = fit.final_acc
     notify("finetuned", finetuned_acc)
@@ -319,16 +361,28 @@ def compress(
         ckpt.stat().st_size if ckpt else state_dict_bytes(student),
     )
     result = PipelineResult(
-        student, teacher_acc, converted_acc, calibrated_acc, finetuned_acc, report, fit, time.perf_counter() - start,
-        ckpt, steps,
-    )  # fmt: skip
+        student,
+        teacher_acc,
+        converted_acc,
+        calibrated_acc,
+        finetuned_acc,
+        report,
+        fit,
+        time.perf_counter() - start,
+        ckpt,
+        steps,
+    )
     if main:
         from .io.card import model_card
 
         (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2))
         (out / "report.md").write_text(result.to_markdown())
-        steps_acc = {"original": teacher_acc, "right after conversion": converted_acc,
-                     "after BN recalibration": calibrated_acc, "after KD fine-tune": finetuned_acc}  # fmt: skip
+        steps_acc = {
+            "original": teacher_acc,
+            "right after conversion": converted_acc,
+            "after BN recalibration": calibrated_acc,
+            "after KD fine-tune": finetuned_acc,
+        }
         dataset = getattr(train_loader, "name", None) or getattr(getattr(train_loader, "dataset", None), "name", None)
         (out / "README.md").write_text(model_card(report, command, steps_acc, dataset))
     return result

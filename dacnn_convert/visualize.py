@@ -78,7 +78,7 @@ def visualize_filters(
     try:
         for name in layers:
             captured: list[torch.Tensor] = []
-            hook = modules[name].register_forward_hook(lambda m, i, o: captured.append(o))
+            hook = modules[name].register_forward_hook(lambda m, i, o, into=captured: into.append(o))
             try:
                 with torch.no_grad():
                     model(torch.zeros(1, *input_size))

@@ -37,7 +37,9 @@ def test_bank_plan_arithmetic_is_exact() -> None:
     assert count_params(student) == p.params_after
     keys = set(student.state_dict()) - set(model.state_dict())
     assert {k for k in keys if k.startswith("dacnn_anchors.")} == {f"dacnn_anchors.{g.name}" for g in p.groups}
-    assert {k for k in keys if not k.startswith("dacnn_anchors.")} == {f"{m}.coeff.weight" for g in p.groups for m in g.members}
+    assert {k for k in keys if not k.startswith("dacnn_anchors.")} == {
+        f"{m}.coeff.weight" for g in p.groups for m in g.members
+    }
 
 
 def test_per_section_sizes_and_factorized_unshared_convs() -> None:
@@ -211,6 +213,7 @@ def test_parse_bank_size_forms() -> None:
     assert parse_bank_size({2: 0.5}).value(2) == 0.5
 
 
+@pytest.mark.slow
 def test_onnx_one_initialiser_per_bank_and_torchscript(tmp_path) -> None:
     from dacnn_convert import export_onnx, export_torchscript, inspect_file
 
@@ -248,8 +251,20 @@ def test_cli_bank_mode_and_bad_values(tmp_path) -> None:
 
     runner = CliRunner()
     base = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16"]
-    ok = runner.invoke(app, [*base, "--mode", "bank", "--bank-size", "1:0.5,2:0.25", "--factorize-unshared", "0.5",
-                             "--out", str(tmp_path / "b")])  # fmt: skip
+    ok = runner.invoke(
+        app,
+        [
+            *base,
+            "--mode",
+            "bank",
+            "--bank-size",
+            "1:0.5,2:0.25",
+            "--factorize-unshared",
+            "0.5",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert "bank 4x8x3x3" in (tmp_path / "b" / "report.md").read_text()
     for flags, message in (

@@ -96,12 +96,18 @@ def test_unreachable_budget_names_the_closest() -> None:
 def test_unknown_method_suggests_the_closest() -> None:
     with pytest.raises(UsageError, match="Did you mean: l1-filter"):
         get_method("l1-filtr")
-    assert {"dacnn-mix", "dacnn-mix-reg", "dacnn-plain", "sharesnet", "magnitude", "l1-filter", "group-norm"} <= set(METHODS)
+    assert {"dacnn-mix", "dacnn-mix-reg", "dacnn-plain", "sharesnet", "magnitude", "l1-filter", "group-norm"} <= set(
+        METHODS
+    )
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"budget": 1.5}, "fraction"), ({"budget": 0.5, "match": "dacnn-mix"}, "either"), ({"match": "magnitude"}, "fixed size")],
+    [
+        ({"budget": 1.5}, "fraction"),
+        ({"budget": 0.5, "match": "dacnn-mix"}, "either"),
+        ({"match": "magnitude"}, "fixed size"),
+    ],
 )
 def test_bench_config_rejects_bad_budgets(kwargs: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
@@ -110,8 +116,13 @@ def test_bench_config_rejects_bad_budgets(kwargs: dict, message: str) -> None:
 
 def test_two_method_bench_writes_every_column_and_a_png(tmp_path) -> None:
     loaders = make_loaders("synthetic", batch_size=32, input_size=16)
-    config = BenchConfig(("dacnn-mix", "l1-filter"), match="dacnn-mix", calibrate_batches=1, latency_repeats=2,
-                         train=TrainConfig(epochs=1, limit_batches=2))  # fmt: skip
+    config = BenchConfig(
+        ("dacnn-mix", "l1-filter"),
+        match="dacnn-mix",
+        calibrate_batches=1,
+        latency_repeats=2,
+        train=TrainConfig(epochs=1, limit_batches=2),
+    )
     teacher = wide()
     result = run_bench(teacher, loaders, (3, 16, 16), config, out=tmp_path)
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
@@ -123,8 +134,19 @@ def test_two_method_bench_writes_every_column_and_a_png(tmp_path) -> None:
     assert l1.bytes == (tmp_path / "l1-filter" / "model.safetensors").stat().st_size
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "bench.md").read_text()
-    for header in ("unique params", "bytes on disk", "compression", "prune ratio", "MACs", "latency b1", "latency b64",
-                   "acc compressed", "acc fine-tuned", "drop vs teacher", "wall"):  # fmt: skip
+    for header in (
+        "unique params",
+        "bytes on disk",
+        "compression",
+        "prune ratio",
+        "MACs",
+        "latency b1",
+        "latency b64",
+        "acc compressed",
+        "acc fine-tuned",
+        "drop vs teacher",
+        "wall",
+    ):
         assert header in md
     assert json.loads((tmp_path / "bench.json").read_text())["target_params"] == mix.params
     # the pruned artefact is a real smaller model that reloads from shapes alone
@@ -133,8 +155,21 @@ def test_two_method_bench_writes_every_column_and_a_png(tmp_path) -> None:
 
 
 def test_bench_cli_refuses_pruning_without_a_budget(tmp_path) -> None:
-    result = CliRunner().invoke(app, ["bench", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16",
-                                      "--methods", "dacnn-mix,magnitude", "--out", str(tmp_path)])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "tests.models:tiny_resnet",
+            "--dataset",
+            "synthetic",
+            "--input-size",
+            "16",
+            "--methods",
+            "dacnn-mix,magnitude",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 2
     assert "--budget" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "bench.md").exists()

@@ -62,7 +62,7 @@ def test_identical_members_have_zero_sensitivity() -> None:
     plain = make_plan(model, "plain", "all", input_size=SIZE)
     by = {(s.section, s.option): s.sensitivity for s in score_sections(model, mix, plain, "fit")}
     assert by[2, "mix"] == pytest.approx(0.0, abs=1e-10)
-    assert by[2, "free"] == 0.0 and by[1, "mix"] > 0 and by[2, "plain"] > 0
+    assert by[1, "mix"] > 0 and by[2, "plain"] > by[2, "mix"]  # section 1's kernels still differ
 
 
 def test_search_is_deterministic_and_uses_the_budget_for_regulators(searched) -> None:
@@ -83,7 +83,7 @@ def test_kl_sensitivity_with_data(searched) -> None:
     batches, reference = calibration_reference(model.train(), loaders.train, 2)
     assert model.training and len(batches) == len(reference) == 2  # the caller's mode is restored
     assert torch.allclose(reference[0].exp().sum(1), torch.ones(len(batches[0])))
-    assert {s.sensitivity for s in result.scores if s.option == "free"} == {0.0}
+    assert all(s.sensitivity > 0 for s in result.scores if s.option != "free")  # random kernels differ
 
 
 def test_public_plan_takes_targets() -> None:
@@ -97,15 +97,28 @@ def test_public_plan_takes_targets() -> None:
 
 
 def test_explain_lists_every_group_and_section() -> None:
-    result = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16",
-                                      "--target-params", "5K", "--explain"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            "tests.models:tiny_resnet",
+            "--weights",
+            "none",
+            "--input-size",
+            "16",
+            "--target-params",
+            "5K",
+            "--explain",
+        ],
+    )
     assert result.exit_code == 0, result.output
     p = search(TinyResNet(), 5_000, SIZE).plan
     for g in p.groups:
         assert g.name in result.output
     assert "section 1:" in result.output and "section 2:" in result.output and "candidate" in result.output
-    quiet = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16",
-                                     "--target-params", "5K"])  # fmt: skip
+    quiet = CliRunner().invoke(
+        app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--target-params", "5K"]
+    )
     assert quiet.exit_code == 0 and "candidate" not in quiet.output and p.groups[0].name in quiet.output
     assert "note: scored by fit" in quiet.output and "--dataset" in quiet.output  # no data: say how to do better
     bad = CliRunner().invoke(app, ["plan", "tests.models:tiny_resnet", "--weights", "none", "--target-params", "six"])

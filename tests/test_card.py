@@ -34,8 +34,22 @@ def test_every_conversion_folder_gets_a_model_card(tmp_path) -> None:
 
 
 def test_a_distilled_conversion_card_has_the_accuracy_of_each_step_and_the_dataset(tmp_path) -> None:
-    result = CliRunner().invoke(convert_app, [*TINY, "--dataset", "synthetic", "--epochs", "1", "--limit-batches",
-                                              "1", "--calibrate-batches", "1", "--out", str(tmp_path)])  # fmt: skip
+    result = CliRunner().invoke(
+        convert_app,
+        [
+            *TINY,
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "1",
+            "--calibrate-batches",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     card = (tmp_path / "README.md").read_text()
     assert _front_matter(card)["datasets"] == ["synthetic"]

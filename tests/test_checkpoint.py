@@ -116,8 +116,9 @@ def test_files_with_the_older_resolution_names_still_load(tmp_path) -> None:
 
     model = TinyResNet()
     p = plan(model, mode="mix", input_size=SIZE)
-    old = dataclasses.replace(p, groups=tuple(dataclasses.replace(g, name=g.name.replace("_s1_", "_16px_"))
-                                              for g in p.groups))  # as written before the rename
+    old = dataclasses.replace(
+        p, groups=tuple(dataclasses.replace(g, name=g.name.replace("_s1_", "_16px_")) for g in p.groups)
+    )  # as written before the rename
     student = convert(model, old).model
     path = save(student, tmp_path / "old.safetensors", source="tests.models:tiny_resnet")
     again = load(path, model=TinyResNet())
@@ -135,8 +136,9 @@ def test_int8_storage_quantizes_each_anchor_once_and_loads_back_close(tmp_path) 
     full = save(student, tmp_path / "a.safetensors")
     small = save(student, tmp_path / "b.safetensors", dtype="int8")
     tensors = student.state_dict()
-    expected = sum(v.numel() + 2 * v.shape[0] if v.dim() >= 2 else v.numel() * v.element_size()
-                   for v in tensors.values())  # 1 byte per weight + an fp16 scale per output channel  # fmt: skip
+    expected = sum(
+        v.numel() + 2 * v.shape[0] if v.dim() >= 2 else v.numel() * v.element_size() for v in tensors.values()
+    )  # 1 byte per weight + an fp16 scale per output channel
     assert _data_bytes(small) == expected < 0.5 * _data_bytes(full)
     with safe_open(str(small), "pt") as f:
         meta = f.metadata()

@@ -63,6 +63,7 @@ def test_a_timm_class_loads_dense_weights_too() -> None:
     assert check_dense(student, timm.create_model("resnet18", num_classes=10), dense_state_dict(student), SIZE) < 1e-5
 
 
+@pytest.mark.slow
 def test_data_fitted_bank_round_trips_through_a_file(teacher, tmp_path) -> None:
     from safetensors.torch import load_file
 

@@ -117,8 +117,19 @@ def test_resume_state_holds_the_cuda_rng_and_scaler_slots(tmp_path) -> None:
     assert state["cuda_rng"] is None and state["scaler"] is None  # no CUDA here, no fp16 loss scaling
 
 
-@pytest.mark.parametrize("command", [["train"], ["eval", "x.safetensors"], ["bench"], ["convert"], ["plan"], ["demo"],
-                                     ["recipe", "run", "x.yaml"], ["latency", "x.safetensors"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train"],
+        ["eval", "x.safetensors"],
+        ["bench"],
+        ["convert"],
+        ["plan"],
+        ["demo"],
+        ["recipe", "run", "x.yaml"],
+        ["latency", "x.safetensors"],
+    ],
+)
 def test_every_command_that_runs_a_model_takes_device(command) -> None:
     from dacnn_convert.cli import app
 
@@ -130,11 +141,26 @@ def test_cuda_on_a_machine_without_one_is_a_usage_error(monkeypatch, tmp_path) -
     from dacnn_convert.cli import app
 
     _fake_gpus(monkeypatch, 0)
-    result = CliRunner().invoke(app, ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size",
-                                      "16", "--device", "cuda", "--out", str(tmp_path / "t")])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "tests.models:tiny_resnet",
+            "--dataset",
+            "synthetic",
+            "--input-size",
+            "16",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+    )
     assert result.exit_code == 2 and "no CUDA device is available" in result.output, result.output
-    assert device_mod.DEVICE_HELP.split(";")[0] in CliRunner().invoke(app, ["train", "--help"],
-                                                                      env={"COLUMNS": "300"}).output  # fmt: skip
+    assert (
+        device_mod.DEVICE_HELP.split(";")[0]
+        in CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).output
+    )
 
 
 def test_under_torchrun_an_explicit_gpu_must_be_this_ranks(monkeypatch) -> None:
@@ -178,6 +204,12 @@ def test_a_state_file_from_before_the_cuda_fields_still_resumes(tmp_path) -> Non
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     del state["cuda_rng"], state["scaler"]  # as written by earlier versions
     torch.save(state, tmp_path / "state.pt")
-    result = train(TinyResNet(), loaders.train, loaders.val, TrainConfig(**{**cfg.__dict__, "epochs": 2}), out=tmp_path,
-                   resume=True)  # fmt: skip
+    result = train(
+        TinyResNet(),
+        loaders.train,
+        loaders.val,
+        TrainConfig(**{**cfg.__dict__, "epochs": 2}),
+        out=tmp_path,
+        resume=True,
+    )
     assert len(result.history) == 2

@@ -59,8 +59,15 @@ def test_distill_student_learns_from_teacher(tmp_path) -> None:
     student = anchor(teacher, mode="plain", init="random", input_size=(3, 16, 16))
     start = evaluate(student, loaders.val, "fp32")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    result = distill(student, teacher, loaders.train, loaders.val, epochs=2,
-                     config=TrainConfig(lr=0.1, precision="fp32"), out=tmp_path)  # fmt: skip
+    result = distill(
+        student,
+        teacher,
+        loaders.train,
+        loaders.val,
+        epochs=2,
+        config=TrainConfig(lr=0.1, precision="fp32"),
+        out=tmp_path,
+    )
     assert result.final_acc > start
     assert (tmp_path / "best.safetensors").is_file() and (tmp_path / "last.safetensors").is_file()
     for key, value in teacher.state_dict().items():  # never updated, BN statistics included

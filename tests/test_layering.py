@@ -51,8 +51,6 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
-
-
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
 def test_no_module_imports_a_layer_above_its_own(path: Path) -> None:
     own = layer_of(module_name(path))
@@ -74,7 +72,7 @@ def test_the_package_root_imports_no_cli_and_there_are_no_circles() -> None:
         state[node] = 1
         for nxt in sorted(edges[node]):
             if state.get(nxt) == 1:
-                raise AssertionError("import circle: " + " -> ".join([*path[path.index(nxt):], nxt]))
+                raise AssertionError("import circle: " + " -> ".join([*path[path.index(nxt) :], nxt]))
             if nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = 2

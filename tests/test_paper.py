@@ -46,12 +46,17 @@ def test_exact_parameter_integers(name: str) -> None:
     assert kernel_and_fc_params(from_name(name)) == EXACT[name]
 
 
+@pytest.mark.slow
 def test_paper_values_reproduced_where_consistent() -> None:
     assert EXACT["14-mix"] == 4_734_756 and round(EXACT["14-mix"] / 1e6, 2) == 4.73
     assert round(EXACT["18-mix-reg"] / 1e6, 2) == 5.60
     ok = {(r.table, r.row) for r in param_rows() if r.matches}
-    assert {("3", "DACNN-14 (MIX)"), ("6", "DACNN-18 (MIX, REG)"), ("4", "regulators: all"),
-            ("4", "regulators: section 3")} <= ok  # fmt: skip
+    assert {
+        ("3", "DACNN-14 (MIX)"),
+        ("6", "DACNN-18 (MIX, REG)"),
+        ("4", "regulators: all"),
+        ("4", "regulators: section 3"),
+    } <= ok
 
 
 def test_all_params_add_free_batchnorms() -> None:
@@ -61,8 +66,21 @@ def test_all_params_add_free_batchnorms() -> None:
     assert unique_params(from_name("18-plain-nobn")) == EXACT["34-plain"]
 
 
-@pytest.mark.parametrize("name", ["3-plain", "5-mix", "11-plain", "17-mix", "18-plain", "24-plain-reg", "34-mix",
-                                  "18-mix-reg", "14-plain-free", "18-plain-nobn"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "3-plain",
+        "5-mix",
+        "11-plain",
+        "17-mix",
+        "18-plain",
+        "24-plain-reg",
+        "34-mix",
+        "18-mix-reg",
+        "14-plain-free",
+        "18-plain-nobn",
+    ],
+)
 def test_forward_shapes(name: str) -> None:
     assert from_name(name, num_classes=7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
@@ -109,11 +127,27 @@ def test_every_bundled_recipe_loads_and_names_a_known_model() -> None:
 
 def test_recipe_smoke_run_on_synthetic_data(tmp_path) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text("task: train\nmodel: dacnn:5-plain\ndataset: cifar100\nepochs: 90\noptimizer: adagrad\nlr: 0.1\n"
-                    "schedule: step\ninput_size: '16'\npaper_table: '2'\npaper_error: 40.11\n")  # fmt: skip
+    path.write_text(
+        "task: train\nmodel: dacnn:5-plain\ndataset: cifar100\nepochs: 90\noptimizer: adagrad\nlr: 0.1\n"
+        "schedule: step\ninput_size: '16'\npaper_table: '2'\npaper_error: 40.11\n"
+    )
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["recipe", "run", str(path), "--dataset", "synthetic", "--epochs", "1",
-                                      "--limit-batches", "2", "--out", str(out)])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "recipe",
+            "run",
+            str(path),
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((out / "result.json").read_text())
     assert record["params"] == unique_params(from_name("5-plain", 10)) and record["paper_error"] == 40.11

@@ -73,11 +73,12 @@ def test_anchor_with_data_fits_to_activations_and_recalibrates(data) -> None:
     with_data = anchor(teacher, mode="mix", calib_loader=data.train, calib_batches=2)
     assert with_data.dacnn_plan.init == "act"
     assert with_data.dacnn_plan.input_size == (3, 16, 16)  # taken from the data
-    by_hand = convert(teacher, plan(teacher, mode="mix", init="act", input_size=(3, 16, 16)),
-                      calib_loader=data.train, calib_batches=2).model  # fmt: skip
+    by_hand = convert(
+        teacher, plan(teacher, mode="mix", init="act", input_size=(3, 16, 16)), calib_loader=data.train, calib_batches=2
+    ).model
     before = _bn_means(by_hand)
     recalibrate_bn(by_hand, data.train, 2)
-    for a, b, c in zip(_bn_means(with_data), _bn_means(by_hand), before, strict=True):
+    for a, b, _ in zip(_bn_means(with_data), _bn_means(by_hand), before, strict=True):
         torch.testing.assert_close(a, b)
     assert any(not torch.allclose(b, c) for b, c in zip(_bn_means(by_hand), before, strict=True))
 
@@ -92,8 +93,9 @@ def test_compress_runs_the_whole_job_in_one_call(data, tmp_path) -> None:
     torch.manual_seed(0)
     teacher = TinyResNet().train()
     cfg = TrainConfig(epochs=1, lr=0.01, precision="fp32", limit_batches=2)
-    result = compress(teacher, data.train, data.val, config=cfg, calibrate_batches=2, out=tmp_path,
-                      mode="mix", regulators="all")  # fmt: skip
+    result = compress(
+        teacher, data.train, data.val, config=cfg, calibrate_batches=2, out=tmp_path, mode="mix", regulators="all"
+    )
     assert result.report.mode == "mix" and result.report.regulators > 0
     assert result.model.dacnn_plan.init == "act" and not needs_bn_calibration(result.model)
     assert result.fit is not None and result.fit.calibrated_batches == 0  # calibrated once, before distill

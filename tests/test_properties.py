@@ -29,7 +29,9 @@ class RandomNet(nn.Module):
                 stride = s["stride"] if i == 0 else 1
                 groups = s["groups"] if cin % s["groups"] == 0 and s["width"] % s["groups"] == 0 else 1
                 k = s["kernel"]
-                layers: list[nn.Module] = [nn.Conv2d(cin, s["width"], k, stride, k // 2, groups=groups, bias=not s["bn"])]
+                layers: list[nn.Module] = [
+                    nn.Conv2d(cin, s["width"], k, stride, k // 2, groups=groups, bias=not s["bn"])
+                ]
                 if s["bn"]:
                     layers.append(nn.BatchNorm2d(s["width"]))
                 layers.append(nn.ReLU())
@@ -44,16 +46,24 @@ class RandomNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
-stage = st.fixed_dictionaries({
-    "depth": st.integers(1, 3), "width": st.sampled_from([4, 8]), "stride": st.sampled_from([1, 2]),
-    "kernel": st.sampled_from([1, 3]), "groups": st.sampled_from([1, 1, 2, 4]), "bn": st.booleans(),
-    "residual": st.booleans(),
-})  # fmt: skip
+stage = st.fixed_dictionaries(
+    {
+        "depth": st.integers(1, 3),
+        "width": st.sampled_from([4, 8]),
+        "stride": st.sampled_from([1, 2]),
+        "kernel": st.sampled_from([1, 3]),
+        "groups": st.sampled_from([1, 1, 2, 4]),
+        "bn": st.booleans(),
+        "residual": st.booleans(),
+    }
+)
 
 
 ANCHOR_CASES = dict(
-    stages=st.lists(stage, min_size=1, max_size=3), mode=st.sampled_from(["mix", "plain", "sharesnet", "none"]),
-    regulators=st.sampled_from(["none", "all"]), seed=st.integers(0, 2**16),
+    stages=st.lists(stage, min_size=1, max_size=3),
+    mode=st.sampled_from(["mix", "plain", "sharesnet", "none"]),
+    regulators=st.sampled_from(["none", "all"]),
+    seed=st.integers(0, 2**16),
 )
 
 
@@ -144,8 +154,12 @@ def test_fine_tuning_is_deterministic() -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(stages=st.lists(stage, min_size=1, max_size=3), size=st.sampled_from([0.25, 0.5, 1.0, 2]),
-       factorize=st.sampled_from([None, 0.5]), seed=st.integers(0, 2**16))  # fmt: skip
+@given(
+    stages=st.lists(stage, min_size=1, max_size=3),
+    size=st.sampled_from([0.25, 0.5, 1.0, 2]),
+    factorize=st.sampled_from([None, 0.5]),
+    seed=st.integers(0, 2**16),
+)
 def test_bank_invariants(stages, size, factorize, seed) -> None:
     """Banks: shape kept, count = plan arithmetic, one tensor per bank; full rank reproduces the original."""
     from dacnn_convert.errors import UsageError
@@ -166,8 +180,9 @@ def test_bank_invariants(stages, size, factorize, seed) -> None:
     for g in p.groups:
         if len(g.members) > 1:
             site = p.site(g.members[0])
-            limits.setdefault(g.sections[0], set()).add(min(len(g.members) * site.out_channels,
-                                                            site.weight_numel // site.out_channels))  # fmt: skip
+            limits.setdefault(g.sections[0], set()).add(
+                min(len(g.members) * site.out_channels, site.weight_numel // site.out_channels)
+            )
     if limits and all(len(ks) == 1 for ks in limits.values()):  # one full rank per section: the function is unchanged
         exact = plan(model, mode="bank", bank_size={k: ks.pop() for k, ks in limits.items()}, input_size=SIZE)
         with torch.no_grad():

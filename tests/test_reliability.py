@@ -68,32 +68,72 @@ def _recipe(tmp: Path, text: str) -> list[str]:
 # (row name, command builder given tmp_path and the broken files, exit code, text in the error)
 MATRIX = [
     ("unknown model name", lambda t, f: ["resnt18", "--weights", "none"], 1, "Did you mean: resnet18"),
-    ("model fails to trace", lambda t, f: ["tests.models:untraceable", "--weights", "none", "--input-size", "16"], 1,
-     "--leaf-module tests.models.Gate"),
-    ("model without Conv2d", lambda t, f: ["tests.models:no_conv", "--weights", "none", "--input-size", "16"], 1,
-     "no nn.Conv2d"),
-    ("input size too small", lambda t, f: ["tests.models:tiny_vgg", "--weights", "none", "--input-size", "1"], 1,
-     "too small"),
+    (
+        "model fails to trace",
+        lambda t, f: ["tests.models:untraceable", "--weights", "none", "--input-size", "16"],
+        1,
+        "--leaf-module tests.models.Gate",
+    ),
+    (
+        "model without Conv2d",
+        lambda t, f: ["tests.models:no_conv", "--weights", "none", "--input-size", "16"],
+        1,
+        "no nn.Conv2d",
+    ),
+    (
+        "input size too small",
+        lambda t, f: ["tests.models:tiny_vgg", "--weights", "none", "--input-size", "1"],
+        1,
+        "too small",
+    ),
     ("weights file missing", lambda t, f: [*TINY[:1], "--weights", str(t / "nope.safetensors")], 1, "does not exist"),
-    ("weights not a state dict", lambda t, f: [*TINY[:1], "--weights", str(f["list"]), "--input-size", "16"], 1,
-     "state dict"),
-    ("weights of another architecture", lambda t, f: [*TINY[:1], "--weights", str(f["vgg"]), "--input-size", "16"],
-     1, "conv1.weight"),
-    ("weights with another num_classes", lambda t, f: [*TINY[:1], "--weights", str(f["three"]), "--input-size", "16",
-     "--num-classes", "10"], 1, "num-classes"),
-    ("weights file truncated", lambda t, f: [*TINY[:1], "--weights", str(f["truncated"]), "--input-size", "16"], 1,
-     "safetensors"),
-    ("not safetensors despite the suffix", lambda t, f: [*TINY[:1], "--weights", str(f["garbage"]), "--input-size",
-     "16"], 1, "safetensors"),
-    (".pt pickle that runs code", lambda t, f: [*TINY[:1], "--weights", str(f["evil"]), "--input-size", "16"], 1,
-     "weights_only"),
+    (
+        "weights not a state dict",
+        lambda t, f: [*TINY[:1], "--weights", str(f["list"]), "--input-size", "16"],
+        1,
+        "state dict",
+    ),
+    (
+        "weights of another architecture",
+        lambda t, f: [*TINY[:1], "--weights", str(f["vgg"]), "--input-size", "16"],
+        1,
+        "conv1.weight",
+    ),
+    (
+        "weights with another num_classes",
+        lambda t, f: [*TINY[:1], "--weights", str(f["three"]), "--input-size", "16", "--num-classes", "10"],
+        1,
+        "num-classes",
+    ),
+    (
+        "weights file truncated",
+        lambda t, f: [*TINY[:1], "--weights", str(f["truncated"]), "--input-size", "16"],
+        1,
+        "safetensors",
+    ),
+    (
+        "not safetensors despite the suffix",
+        lambda t, f: [*TINY[:1], "--weights", str(f["garbage"]), "--input-size", "16"],
+        1,
+        "safetensors",
+    ),
+    (
+        ".pt pickle that runs code",
+        lambda t, f: [*TINY[:1], "--weights", str(f["evil"]), "--input-size", "16"],
+        1,
+        "weights_only",
+    ),
     ("recipe with an unknown key", lambda t, f: _recipe(t, "epoch: 3\n"), 2, "Did you mean: epochs"),
     ("recipe with a wrong type", lambda t, f: _recipe(t, "epochs: three\n"), 2, "epochs must be an integer"),
     ("recipe with negative epochs", lambda t, f: _recipe(t, "epochs: -2\n"), 2, "epochs must be >= 1"),
     ("dataset missing offline", lambda t, f: [*TINY, "--dataset", "cifar10"], 1, "--download"),
     ("--regulators 9 on a 2-section net", lambda t, f: [*TINY, "--regulators", "9"], 2, "out of range"),
-    ("--precision fp16 on CPU", lambda t, f: [*TINY, "--dataset", "synthetic", "--precision", "fp16"], 2,
-     "needs a CUDA device"),
+    (
+        "--precision fp16 on CPU",
+        lambda t, f: [*TINY, "--dataset", "synthetic", "--precision", "fp16"],
+        2,
+        "needs a CUDA device",
+    ),
     ("output folder not writable", lambda t, f: [*TINY, "--out", str(f["good"] / "sub")], 1, "cannot write"),
 ]
 
@@ -119,7 +159,9 @@ def test_bad_input_matrix(tmp_path, monkeypatch, row, build, code, text) -> None
 def test_cuda_requested_but_absent(tmp_path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    path = save(anchor(TinyResNet(), input_size=(3, 16, 16)), tmp_path / "m.safetensors", source="tests.models:tiny_resnet")
+    path = save(
+        anchor(TinyResNet(), input_size=(3, 16, 16)), tmp_path / "m.safetensors", source="tests.models:tiny_resnet"
+    )
     result = runner.invoke(app, ["latency", str(path), "--device", "cuda", "--model", "tests.models:tiny_resnet"])
     assert result.exit_code == 2 and "no CUDA device" in result.output and "Traceback" not in result.output
 
@@ -166,15 +208,34 @@ def test_nan_in_the_loss_names_the_step_and_the_last_good_checkpoint(tmp_path) -
     assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 4  # the last checkpoint before the NaN
 
 
-TRAIN = [sys.executable, "-m", "dacnn_convert.cli", "train", "tests.models:tiny_resnet", "--dataset", "synthetic",
-         "--input-size", "16", "--epochs", "6", "--batch-size", "32", "--lr", "0.05", "--precision", "fp32",
-         "--checkpoint-every", "1"]  # fmt: skip
+TRAIN = [
+    sys.executable,
+    "-m",
+    "dacnn_convert.cli",
+    "train",
+    "tests.models:tiny_resnet",
+    "--dataset",
+    "synthetic",
+    "--input-size",
+    "16",
+    "--epochs",
+    "6",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.05",
+    "--precision",
+    "fp32",
+    "--checkpoint-every",
+    "1",
+]
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*TRAIN, "--out", str(out), *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [*TRAIN, "--out", str(out), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for_training(proc: subprocess.Popen, state: Path, old_step: int) -> None:
@@ -201,6 +262,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
     return _final(out)
 
 
+@pytest.mark.slow
 def test_sigkill_at_five_random_steps_then_resume_matches_an_uninterrupted_run(tmp_path, reference) -> None:
     rng = random.Random(0)
     out = tmp_path / "run"
@@ -224,6 +286,7 @@ def test_sigkill_at_five_random_steps_then_resume_matches_an_uninterrupted_run(t
         torch.testing.assert_close(final[key], value, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, reference, sig, code) -> None:
     out = tmp_path / "run"
@@ -245,8 +308,22 @@ def test_a_finished_run_is_never_overwritten_unless_asked(tmp_path) -> None:
     from dacnn_convert.cli import app
 
     run = tmp_path / "t"
-    args = ["train", "tests.models:tiny_resnet", "--input-size", "16", "--dataset", "synthetic", "--epochs", "1",
-            "--limit-batches", "1", "--precision", "fp32", "--out", str(run)]  # fmt: skip
+    args = [
+        "train",
+        "tests.models:tiny_resnet",
+        "--input-size",
+        "16",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--limit-batches",
+        "1",
+        "--precision",
+        "fp32",
+        "--out",
+        str(run),
+    ]
     assert CliRunner().invoke(app, args).exit_code == 0
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     again = CliRunner().invoke(app, args)
@@ -262,12 +339,44 @@ def test_a_conversion_never_overwrites_its_own_input(tmp_path) -> None:
     from dacnn_convert.cli import app
 
     run = tmp_path / "t"
-    CliRunner().invoke(app, ["train", "tests.models:tiny_resnet", "--input-size", "16", "--dataset", "synthetic",
-                             "--epochs", "1", "--limit-batches", "1", "--out", str(run)])  # fmt: skip
+    CliRunner().invoke(
+        app,
+        [
+            "train",
+            "tests.models:tiny_resnet",
+            "--input-size",
+            "16",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--limit-batches",
+            "1",
+            "--out",
+            str(run),
+        ],
+    )
     teacher = (run / "best.safetensors").read_bytes()
     for extra in ([], ["--overwrite"]):
-        result = CliRunner().invoke(app, ["convert", "tests.models:tiny_resnet", "--weights", str(run / "best.safetensors"),
-                                          "--input-size", "16", "--dataset", "synthetic", "--epochs", "1",
-                                          "--limit-batches", "1", "--out", str(run), *extra])  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            [
+                "convert",
+                "tests.models:tiny_resnet",
+                "--weights",
+                str(run / "best.safetensors"),
+                "--input-size",
+                "16",
+                "--dataset",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--limit-batches",
+                "1",
+                "--out",
+                str(run),
+                *extra,
+            ],
+        )
         assert result.exit_code == 2 and "own input" in result.output, result.output
     assert (run / "best.safetensors").read_bytes() == teacher

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torchvision
 
 from dacnn_convert import anchor, count_params, plan
@@ -37,6 +38,7 @@ def test_resnet34_mix() -> None:
     assert count_params(anchor(model, mode="mix", input_size=(3, 32, 32))) == 21_797_672 - saved == 5_393_192
 
 
+@pytest.mark.slow
 def test_vgg16_bn_mix() -> None:
     model = torchvision.models.vgg16_bn()
     assert count_params(model) == 138_365_992

@@ -32,7 +32,9 @@ class Anchored:
         def store(m: nn.Module, folder: Path) -> dict[str, int]:
             return {"safetensors": save(m, folder / "model.safetensors", source=ctx.source).stat().st_size}
 
-        return Compressed(model, unique_params(model), lambda m: m, store, f"plan: {self.mode}, regulators {self.regulators}")
+        return Compressed(
+            model, unique_params(model), lambda m: m, store, f"plan: {self.mode}, regulators {self.regulators}"
+        )
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,9 @@ class Budgeted:
 
         if target_params is None:
             raise PlanError("dacnn-budget needs a parameter budget (--budget or --match)")
-        result = search(teacher, target_params, ctx.input_size, ctx.calib_loader, min(ctx.calib_batches, 8),
-                        space=self.space)  # fmt: skip
+        result = search(
+            teacher, target_params, ctx.input_size, ctx.calib_loader, min(ctx.calib_batches, 8), space=self.space
+        )
         model = convert(teacher, result.plan, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:
@@ -71,8 +74,14 @@ class Budgeted:
 
 
 register_method(Budgeted())
-register_method(Budgeted("dacnn-bank", "budget planner with filter banks: free/mix/plain/bank per section + "
-                                       "low-rank unshared convs, fitted to the activations", space="bank"))  # fmt: skip
+register_method(
+    Budgeted(
+        "dacnn-bank",
+        "budget planner with filter banks: free/mix/plain/bank per section + "
+        "low-rank unshared convs, fitted to the activations",
+        space="bank",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -114,8 +123,13 @@ class LowRank:
             return {"safetensors": save(m, folder / "model.safetensors", source=ctx.source).stat().st_size}
 
         ranks = sorted({g.rank for g in best.groups})
-        return Compressed(model, unique_params(model), lambda m: m, store,
-                          f"rank fraction {lo:.4f} of C_out ({len(best.groups)} convs, ranks {ranks[0]}-{ranks[-1]})")  # fmt: skip
+        return Compressed(
+            model,
+            unique_params(model),
+            lambda m: m,
+            store,
+            f"rank fraction {lo:.4f} of C_out ({len(best.groups)} convs, ranks {ranks[0]}-{ranks[-1]})",
+        )
 
 
 register_method(LowRank())

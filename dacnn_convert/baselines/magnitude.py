@@ -119,9 +119,12 @@ class Magnitude:
             return {"safetensors": dense, "sparse": save_sparse(m, folder / "model.sparse.safetensors").stat().st_size}
 
         return Compressed(
-            model, target_params, make_permanent, store,
+            model,
+            target_params,
+            make_permanent,
+            store,
             "dense compute: no speed-up without sparse kernels; bytes also given as bitmask + values",
-        )  # fmt: skip
+        )
 
 
 register_method(Magnitude())

@@ -83,9 +83,14 @@ def channel_prune(
     widest = max(m.out_channels for m in convs)
     per_layer = {m: widest_ratio for m in convs if m.out_channels == widest} if widest_ratio is not None else None
     pruner = tp.pruner.MetaPruner(
-        model, example, importance=imp, pruning_ratio=ratio, pruning_ratio_dict=per_layer,
-        ignored_layers=_classifier_heads(model, example), global_pruning=False,
-    )  # fmt: skip
+        model,
+        example,
+        importance=imp,
+        pruning_ratio=ratio,
+        pruning_ratio_dict=per_layer,
+        ignored_layers=_classifier_heads(model, example),
+        global_pruning=False,
+    )
     pruner.step()
     model.train(was_training)
     return model
@@ -174,4 +179,6 @@ class ChannelPruning:
 
 
 register_method(ChannelPruning("l1-filter", "l1", "L1-norm filter pruning (Li et al. 2017) via Torch-Pruning"))
-register_method(ChannelPruning("group-norm", "group", "DepGraph group-norm pruning (Fang et al. 2023) via Torch-Pruning"))
+register_method(
+    ChannelPruning("group-norm", "group", "DepGraph group-norm pruning (Fang et al. 2023) via Torch-Pruning")
+)

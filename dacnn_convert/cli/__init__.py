@@ -39,6 +39,7 @@ app.add_typer(table_app, name="table")
 def _dacnn() -> None:
     """dacnn: deep anchored CNNs (Huang, Dwivedi, Roig) — convert, fine-tune, evaluate."""
 
+
 convert_app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 convert_app.command()(convert_command)
 

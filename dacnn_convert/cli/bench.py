@@ -72,9 +72,16 @@ def bench_command(
     dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn, synthetic or imagefolder:PATH")],
     weights: WeightsOpt = "none",
     num_classes: ClassesOpt = None,
-    methods: Annotated[str, typer.Option(help="comma-separated: dacnn-mix, dacnn-mix-reg, dacnn-plain, sharesnet, "
-                                              "dacnn-budget, dacnn-bank, lowrank, magnitude, l1-filter, group-norm")] = DEFAULT_METHODS,
-    budget: Annotated[float | None, typer.Option(help="size budget as a fraction of the teacher's params (0.25 keeps a quarter)")] = None,
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: dacnn-mix, dacnn-mix-reg, dacnn-plain, sharesnet, "
+            "dacnn-budget, dacnn-bank, lowrank, magnitude, l1-filter, group-norm"
+        ),
+    ] = DEFAULT_METHODS,
+    budget: Annotated[
+        float | None, typer.Option(help="size budget as a fraction of the teacher's params (0.25 keeps a quarter)")
+    ] = None,
     match: Annotated[str | None, typer.Option(help="prune to the size of this anchoring method")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="seeds per method; mean ± std reported")] = 1,
     out: Annotated[Path, typer.Option(help="folder for bench.md/json/csv/png and each method's artefact")] = Path(
@@ -111,16 +118,39 @@ def bench_command(
     from ..io.sources import build_model, input_config, parse_spec
 
     try:
-        data = DataOptions(dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay,
-                           kd_temperature=kd_temperature, kd_alpha=kd_alpha, calibrate_batches=calibrate_batches,
-                           precision=precision, limit_batches=limit_batches, train_limit=train_limit,
-                           download=download, seed=seed, augment=augment, label_smoothing=label_smoothing,
-                           warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last,
-                           device=device, overwrite=overwrite)  # fmt: skip
+        data = DataOptions(
+            dataset,
+            epochs,
+            batch_size,
+            lr,
+            optimizer,
+            schedule,
+            weight_decay,
+            kd_temperature=kd_temperature,
+            kd_alpha=kd_alpha,
+            calibrate_batches=calibrate_batches,
+            precision=precision,
+            limit_batches=limit_batches,
+            train_limit=train_limit,
+            download=download,
+            seed=seed,
+            augment=augment,
+            label_smoothing=label_smoothing,
+            warmup_steps=warmup_steps,
+            clip_grad=clip_grad,
+            channels_last=channels_last,
+            device=device,
+            overwrite=overwrite,
+        )
         config = BenchConfig(
-            tuple(m.strip() for m in methods.split(",") if m.strip()), budget, match, repeats, calibrate_batches,
-            latency_repeats=latency_repeats, train=data.config(),
-        )  # fmt: skip
+            tuple(m.strip() for m in methods.split(",") if m.strip()),
+            budget,
+            match,
+            repeats,
+            calibrate_batches,
+            latency_repeats=latency_repeats,
+            train=data.config(),
+        )
         preprocess = input_config(None, parse_spec(model, num_classes), weights)
         size = data.input_size(parse_input_size(input_size), preprocess.input_size)
         with output_guard(out, data, (weights,)), console.status("benchmarking") as status:
@@ -133,8 +163,10 @@ def bench_command(
                 if event == "method":
                     status.update(f"{d['method']} (seed {d['seed']}): compressing, calibrating, fine-tuning")
                 elif event == "done":
-                    console.print(f"{d['method']} seed {d['seed']}: {d['params']:,} params, accuracy "
-                                  f"{100 * d['acc_compressed']:.2f}% -> {100 * d['acc_finetuned']:.2f}% ({d['wall_s']:.0f} s)")  # fmt: skip
+                    console.print(
+                        f"{d['method']} seed {d['seed']}: {d['params']:,} params, accuracy "
+                        f"{100 * d['acc_compressed']:.2f}% -> {100 * d['acc_finetuned']:.2f}% ({d['wall_s']:.0f} s)"
+                    )
                 elif event == "latency":
                     status.update(f"timing every model at batch {d['batch']}")
 
@@ -145,13 +177,31 @@ def bench_command(
     for col in ("method", "params", "bytes", "prune", "MACs", "b1 ms", "b64 ms", "acc before", "acc after", "drop"):
         table.add_column(col, justify="left" if col == "method" else "right")
     t = result.teacher
-    table.add_row("teacher", f"{t.params:,}", f"{t.bytes:,}", "0%", f"{t.macs / 1e6:.0f}M", f"{t.latency_b1_ms or 0:.2f}",
-                  f"{t.latency_b64_ms or 0:.1f}", "", f"{100 * t.acc_finetuned:.2f}%", "")  # fmt: skip
+    table.add_row(
+        "teacher",
+        f"{t.params:,}",
+        f"{t.bytes:,}",
+        "0%",
+        f"{t.macs / 1e6:.0f}M",
+        f"{t.latency_b1_ms or 0:.2f}",
+        f"{t.latency_b64_ms or 0:.1f}",
+        "",
+        f"{100 * t.acc_finetuned:.2f}%",
+        "",
+    )
     for s in result.summary():
         std = f" ± {100 * s['acc_std']:.2f}" if repeats > 1 else ""
-        table.add_row(s["method"], f"{s['params']:,}", f"{s['bytes']:,}", f"{100 * s['prune_ratio']:.1f}%",
-                      f"{s['macs'] / 1e6:.0f}M", f"{s['latency_b1_ms'] or 0:.2f}", f"{s['latency_b64_ms'] or 0:.1f}",
-                      f"{100 * s['acc_calibrated']:.2f}%", f"{100 * s['acc_finetuned']:.2f}%{std}",
-                      f"{100 * s['drop']:.2f}")  # fmt: skip
+        table.add_row(
+            s["method"],
+            f"{s['params']:,}",
+            f"{s['bytes']:,}",
+            f"{100 * s['prune_ratio']:.1f}%",
+            f"{s['macs'] / 1e6:.0f}M",
+            f"{s['latency_b1_ms'] or 0:.2f}",
+            f"{s['latency_b64_ms'] or 0:.1f}",
+            f"{100 * s['acc_calibrated']:.2f}%",
+            f"{100 * s['acc_finetuned']:.2f}%{std}",
+            f"{100 * s['drop']:.2f}",
+        )
     console.print(table)
     console.print(f"wrote {out}/bench.md, bench.json, bench.csv, bench.png ({result.wall_s / 60:.1f} min)")

@@ -118,12 +118,22 @@ def parse_amount(text: str | None, what: str) -> int | None:
     """``6M`` -> 6,000,000; ``600K``, ``12MB`` (10^6), ``12MiB`` (2^20), ``5000`` as they read."""
     if text is None:
         return None
-    units = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10,
-             "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+    units = {
+        "": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     body = text.strip().upper().replace(",", "").replace("_", "")
     number = body.rstrip("KMGIB")
     try:
-        return int(float(number) * units[body[len(number):]])
+        return int(float(number) * units[body[len(number) :]])
     except (ValueError, KeyError):
         raise UsageError(f"{what} takes a number like 6M, 600K or 12MB; got {text!r}") from None
 
@@ -185,14 +195,22 @@ def check_writable(out: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
             pass
     except OSError as exc:
-        raise OutputError(
-            f"cannot write to {str(out)!r} ({exc.strerror or exc}); choose another --out"
-        ) from exc
+        raise OutputError(f"cannot write to {str(out)!r} ({exc.strerror or exc}); choose another --out") from exc
 
 
 # What a run leaves in its --out folder: finding one of these there means a run lives there.
-RUN_FILES = ("best.safetensors", "last.safetensors", "state.pt", "metrics.csv", "history.json", "model.safetensors",
-             "report.json", "report.md", "bench.json", "bench.md")  # fmt: skip
+RUN_FILES = (
+    "best.safetensors",
+    "last.safetensors",
+    "state.pt",
+    "metrics.csv",
+    "history.json",
+    "model.safetensors",
+    "report.json",
+    "report.md",
+    "bench.json",
+    "bench.md",
+)
 
 
 def check_fresh_output(out: Path, resume: bool = False, overwrite: bool = False, inputs: tuple[Any, ...] = ()) -> None:
@@ -213,8 +231,9 @@ def check_fresh_output(out: Path, resume: bool = False, overwrite: bool = False,
     if not found or resume:
         return
     if not overwrite:
-        raise UsageError(f"{out} already holds a run ({', '.join(found)}); continue it with --resume, or replace it "
-                         "with --overwrite")  # fmt: skip
+        raise UsageError(
+            f"{out} already holds a run ({', '.join(found)}); continue it with --resume, or replace it with --overwrite"
+        )
     for name in found:
         (out / name).unlink()
 
@@ -255,34 +274,60 @@ ModelArg = Annotated[
 ]
 OptModelArg = Annotated[
     str | None,
-    typer.Argument(help="torchvision name (resnet34), timm:NAME, dacnn:18-mix or package.module:factory; "
-                        "optional with --recipe"),
-]  # fmt: skip
+    typer.Argument(
+        help="torchvision name (resnet34), timm:NAME, dacnn:18-mix or package.module:factory; optional with --recipe"
+    ),
+]
 RecipeOpt = Annotated[Path | None, typer.Option(help="a YAML recipe; flags given on the command line override it")]
-ModeOpt = Annotated[Mode, typer.Option(help="mix: share per stage; plain: one network-wide kernel; bank: a bank of "
-                                            "k filters per stage + a 1x1 per conv (--bank-size); sharesnet; none")]  # fmt: skip
-BankOpt = Annotated[str, typer.Option(help="with --mode bank, filters per bank: an integer (64), a fraction of C_out "
-                                           "(0.25) or per section (1:1.0,2:0.5,4:0.125; unlisted sections stay free)")]  # fmt: skip
-FactorOpt = Annotated[str | None, typer.Option(help="low-rank factorise every conv that shares with nothing: rank "
-                                                    "as an integer or a fraction of C_out (0.25)")]  # fmt: skip
+ModeOpt = Annotated[
+    Mode,
+    typer.Option(
+        help="mix: share per stage; plain: one network-wide kernel; bank: a bank of "
+        "k filters per stage + a 1x1 per conv (--bank-size); sharesnet; none"
+    ),
+]
+BankOpt = Annotated[
+    str,
+    typer.Option(
+        help="with --mode bank, filters per bank: an integer (64), a fraction of C_out "
+        "(0.25) or per section (1:1.0,2:0.5,4:0.125; unlisted sections stay free)"
+    ),
+]
+FactorOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="low-rank factorise every conv that shares with nothing: rank as an integer or a fraction of C_out (0.25)"
+    ),
+]
 RegOpt = Annotated[str, typer.Option(help="regulators in sections: none, all, or 1-based numbers like 1,3")]
 StyleOpt = Annotated[
     RegulatorStyle, typer.Option(help="adapter: parallel, zero-init (function kept); paper: in series")
 ]
 InitOpt = Annotated[
     Init | None,
-    typer.Option(help="anchor init: act (data-aware; default with --dataset), act-seq (data-aware, layer by "
-                 "layer on the converted student), fit (weight least squares; default without data), mean, first, random"),
+    typer.Option(
+        help="anchor init: act (data-aware; default with --dataset), act-seq (data-aware, layer by "
+        "layer on the converted student), fit (weight least squares; default without data), mean, first, random"
+    ),
 ]
 WeightsOpt = Annotated[str, typer.Option(help="DEFAULT (pretrained, downloads), none (random), or a state-dict PATH")]
 ClassesOpt = Annotated[int | None, typer.Option(help="classes of the classifier (replaces the head if pretrained)")]
-SizeOpt = Annotated[str | None, typer.Option(help="example input: 224 or CxHxW; default 32 px with a registered dataset, else the model's pretrained config (timm data config, torchvision weights), else 224")]
+SizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="example input: 224 or CxHxW; default 32 px with a registered dataset, else the model's pretrained "
+        "config (timm data config, torchvision weights), else 224"
+    ),
+]
 OutOpt = Annotated[Path | None, typer.Option(help="output folder (default runs/MODEL-MODE)")]
 DryOpt = Annotated[bool, typer.Option(help="print the plan and write nothing")]
-LeafOpt = Annotated[list[str] | None, typer.Option(help="package.module.Class that fx must not trace into (repeatable)")]
+LeafOpt = Annotated[
+    list[str] | None, typer.Option(help="package.module.Class that fx must not trace into (repeatable)")
+]
 DtypeOpt = Annotated[Dtype, typer.Option(help="storage type of the checkpoint's floating tensors")]
 DatasetOpt = Annotated[
-    str | None, typer.Option(help="fine-tune on fashion-mnist, cifar10, cifar100, svhn or synthetic (KD from the original)")
+    str | None,
+    typer.Option(help="fine-tune on fashion-mnist, cifar10, cifar100, svhn or synthetic (KD from the original)"),
 ]
 EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs")]
 BatchOpt = Annotated[int, typer.Option(min=1, help="batch size")]
@@ -292,13 +337,17 @@ SchedOpt = Annotated[Schedule, typer.Option(help="cosine, or step (x0.1 at half 
 KdTOpt = Annotated[float, typer.Option(help="distillation temperature T")]
 KdAOpt = Annotated[float, typer.Option(help="weight of the KD term (1 - alpha goes to cross-entropy)")]
 CalibOpt = Annotated[int, typer.Option(min=0, help="training batches to re-estimate BatchNorm statistics (0: skip)")]
-PrecOpt = Annotated[Precision, typer.Option(help="auto (bf16 where the CPU/GPU has bf16 units), fp32, bf16, fp16 (CUDA)")]
+PrecOpt = Annotated[
+    Precision, typer.Option(help="auto (bf16 where the CPU/GPU has bf16 units), fp32, bf16, fp16 (CUDA)")
+]
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="cap batches per epoch and per evaluation (smoke runs)")]
 TrainLimitOpt = Annotated[int | None, typer.Option(min=1, help="train on a fixed random subset of N images")]
 DownloadOpt = Annotated[bool, typer.Option(help="let torchvision download a missing dataset")]
 SeedOpt = Annotated[int, typer.Option(help="random seed")]
 ResumeOpt = Annotated[bool, typer.Option(help="continue from OUT/state.pt (optimiser, schedule, RNG, counters)")]
-OverwriteOpt = Annotated[bool, typer.Option(help="replace a run already in --out (otherwise refused: use --resume to continue it)")]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="replace a run already in --out (otherwise refused: use --resume to continue it)")
+]
 CkptOpt = Annotated[int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)")]
 
 
@@ -360,13 +409,24 @@ class DataOptions:
         from ..train import TrainConfig
 
         return TrainConfig(
-            epochs=self.epochs, lr=self.lr, optimizer=self.optimizer, schedule=self.schedule, step_every=self.step_every,
-            weight_decay=self.weight_decay, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
-            precision=self.precision, limit_batches=self.limit_batches, seed=self.seed,
-            checkpoint_every=self.checkpoint_every, feature_weight=self.feature_weight,
-            label_smoothing=self.label_smoothing, warmup_steps=self.warmup_steps, clip_grad=self.clip_grad,
+            epochs=self.epochs,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            step_every=self.step_every,
+            weight_decay=self.weight_decay,
+            kd_temperature=self.kd_temperature,
+            kd_alpha=self.kd_alpha,
+            precision=self.precision,
+            limit_batches=self.limit_batches,
+            seed=self.seed,
+            checkpoint_every=self.checkpoint_every,
+            feature_weight=self.feature_weight,
+            label_smoothing=self.label_smoothing,
+            warmup_steps=self.warmup_steps,
+            clip_grad=self.clip_grad,
             channels_last=self.channels_last,
-        )  # fmt: skip
+        )
 
     def torch_device(self) -> Any:
         """The resolved ``--device`` (see :func:`dacnn_convert.train.device.resolve_device`).
@@ -383,7 +443,9 @@ class DataOptions:
             torch.cuda.set_device(device)
         return device
 
-    def input_size(self, given: tuple[int, int, int] | None, model_default: tuple[int, int, int] = (3, 224, 224)) -> tuple[int, int, int]:
+    def input_size(
+        self, given: tuple[int, int, int] | None, model_default: tuple[int, int, int] = (3, 224, 224)
+    ) -> tuple[int, int, int]:
         """``--input-size`` if given, else 32 px for the registered datasets, else the model's own size."""
         from ..train.data import native_size
 
@@ -403,10 +465,19 @@ class DataOptions:
         if rank != 0:
             console.quiet = True  # rank 0 alone reports
         return make_loaders(
-            self.dataset, self.batch_size, size[1], size[0], download=self.download, train_limit=self.train_limit,
-            seed=self.seed, rank=rank, world_size=world, augment=self.augment, pin_memory=device.type == "cuda",
+            self.dataset,
+            self.batch_size,
+            size[1],
+            size[0],
+            download=self.download,
+            train_limit=self.train_limit,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            augment=self.augment,
+            pin_memory=device.type == "cuda",
             image=image,
-        )  # fmt: skip
+        )
 
 
 class _Progress:
@@ -416,9 +487,13 @@ class _Progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-            console=console, transient=True,
-        )  # fmt: skip
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
         self.task: Any = None
         self.epoch = 0
 
@@ -456,8 +531,12 @@ class ExportFormat(Choice):
     dense = "dense"
 
 
-
 TargetParamsOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many unique params (6M, 600K)")]
 TargetRatioOpt = Annotated[float | None, typer.Option(help="plan by budget: this many times fewer unique params")]
 TargetBytesOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many fp32 bytes (12MB, 10MiB)")]
-MetricOpt = Annotated[Metric | None, typer.Option(help="budget sensitivity: kl (needs data; default with --dataset, the better predictor) or fit (weights only)")]
+MetricOpt = Annotated[
+    Metric | None,
+    typer.Option(
+        help="budget sensitivity: kl (needs data; default with --dataset, the better predictor) or fit (weights only)"
+    ),
+]

@@ -144,8 +144,17 @@ def run_convert(
                 if advice:
                     console.print(f"note: {advice}", highlight=False, soft_wrap=True)
         else:
-            plan = make_plan(original, mode.value, regulators, regulator_style.value, init.value, size, leaves,
-                             bank_size=bank_size, factorize_unshared=parse_rank(factorize_unshared, "--factorize-unshared"))  # fmt: skip
+            plan = make_plan(
+                original,
+                mode.value,
+                regulators,
+                regulator_style.value,
+                init.value,
+                size,
+                leaves,
+                bank_size=bank_size,
+                factorize_unshared=parse_rank(factorize_unshared, "--factorize-unshared"),
+            )
         if dry_run:
             if render:
                 render_plan(plan, spec.display)
@@ -207,7 +216,9 @@ def render_plan(plan: Any, source: str) -> None:
         table.add_row(g.name, ",".join(map(str, g.sections)), "\n".join(g.members), kernel)
     console.print(table)
     for r in plan.regulators:
-        console.print(f"regulator ({plan.regulator_style}) on {r.host}: {r.in_channels}->{r.out_channels}, section {r.section}")
+        console.print(
+            f"regulator ({plan.regulator_style}) on {r.host}: {r.in_channels}->{r.out_channels}, section {r.section}"
+        )
     console.print(
         f"unique params {plan.params_before:,} -> {plan.params_after:,} "
         f"({plan.params_before / plan.params_after:.2f}x); dry run: nothing written"
@@ -219,14 +230,31 @@ def render_plan(plan: Any, source: str) -> None:
 def render_report(report: Any) -> None:
     """Print the per-group table and the summary of a conversion."""
     table = Table(title=f"{report.source}: mode {report.mode}, init {report.init}")
-    for col in ("anchor", "section", "resolution", "kernel", "members", "params before", "params after", "fit err", "energy"):
+    for col in (
+        "anchor",
+        "section",
+        "resolution",
+        "kernel",
+        "members",
+        "params before",
+        "params after",
+        "fit err",
+        "energy",
+    ):
         table.add_column(col, justify="right" if col.startswith(("params", "fit", "members", "energy")) else "left")
     for g in report.groups:
         err = f"{g.max_fit_error:.3f}" if g.max_fit_error is not None else "-"
         table.add_row(
-            g.anchor, ",".join(map(str, g.sections)), g.resolution, g.kernel, str(g.members),
-            f"{g.params_before:,}", f"{g.params_after:,}", err, f"{g.energy:.3f}" if g.energy is not None else "-",
-        )  # fmt: skip
+            g.anchor,
+            ",".join(map(str, g.sections)),
+            g.resolution,
+            g.kernel,
+            str(g.members),
+            f"{g.params_before:,}",
+            f"{g.params_after:,}",
+            err,
+            f"{g.energy:.3f}" if g.energy is not None else "-",
+        )
     console.print(table)
     summary = Table(title="summary")
     for col in ("measure", "before", "after", "ratio"):
@@ -239,7 +267,9 @@ def render_report(report: Any) -> None:
         summary.add_row(
             "bytes on disk", f"{report.bytes_before:,}", f"{report.bytes_after:,}", f"{report.bytes_ratio:.2f}x"
         )
-    summary.add_row("MACs", f"{report.macs_before:,}", f"{report.macs_after:,}", f"{report.macs_after / report.macs_before:.2f}x")
+    summary.add_row(
+        "MACs", f"{report.macs_before:,}", f"{report.macs_after:,}", f"{report.macs_after / report.macs_before:.2f}x"
+    )
     summary.add_row("regulators added", "", f"{report.regulators} ({report.regulator_params:,} params)", "")
     console.print(summary)
     for n in report.notes:
@@ -254,10 +284,21 @@ def _run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     with _Progress() as progress:
         result = compress(
-            original, loaders.train, loaders.val, plan, config=data.config(), calibrate_batches=data.calibrate_batches,
-            out=out, dtype=dtype, source=spec, on_stage=progress.stage, on_step=progress.step,
-            on_epoch=progress.epoch_end, resume=data.resume, command=command,
-        )  # fmt: skip
+            original,
+            loaders.train,
+            loaders.val,
+            plan,
+            config=data.config(),
+            calibrate_batches=data.calibrate_batches,
+            out=out,
+            dtype=dtype,
+            source=spec,
+            on_stage=progress.stage,
+            on_step=progress.step,
+            on_epoch=progress.epoch_end,
+            resume=data.resume,
+            command=command,
+        )
     if data.plot and result.fit is not None:
         from ..core.report import plot_accuracy
 
@@ -348,21 +389,58 @@ def convert_command(
         if a.model is None:
             raise UsageError("give a MODEL (e.g. resnet34) or a --recipe that names one")
         data = DataOptions(
-            dataset=a.dataset, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
-            schedule=a.schedule, weight_decay=a.weight_decay, kd_temperature=a.kd_temperature, kd_alpha=a.kd_alpha,
-            calibrate_batches=a.calibrate_batches, precision=a.precision, limit_batches=a.limit_batches,
-            train_limit=a.train_limit, download=a.download, seed=a.seed, resume=a.resume, overwrite=a.overwrite,
-            checkpoint_every=a.checkpoint_every, feature_weight=a.feature_weight if a.feature_loss is FeatureLoss.mse else 0.0,
-            plot=a.plot, augment=a.augment, label_smoothing=a.label_smoothing, warmup_steps=a.warmup_steps,
-            clip_grad=a.clip_grad, channels_last=a.channels_last, device=a.device,
-        )  # fmt: skip
+            dataset=a.dataset,
+            epochs=a.epochs,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            optimizer=a.optimizer,
+            schedule=a.schedule,
+            weight_decay=a.weight_decay,
+            kd_temperature=a.kd_temperature,
+            kd_alpha=a.kd_alpha,
+            calibrate_batches=a.calibrate_batches,
+            precision=a.precision,
+            limit_batches=a.limit_batches,
+            train_limit=a.train_limit,
+            download=a.download,
+            seed=a.seed,
+            resume=a.resume,
+            overwrite=a.overwrite,
+            checkpoint_every=a.checkpoint_every,
+            feature_weight=a.feature_weight if a.feature_loss is FeatureLoss.mse else 0.0,
+            plot=a.plot,
+            augment=a.augment,
+            label_smoothing=a.label_smoothing,
+            warmup_steps=a.warmup_steps,
+            clip_grad=a.clip_grad,
+            channels_last=a.channels_last,
+            device=a.device,
+        )
         run_convert(
-            a.model, a.mode, a.regulators, a.regulator_style, a.init, a.weights, a.num_classes, a.input_size, a.out,
-            a.dry_run, a.leaf_module, a.dtype, data, resolved,
-            (parse_amount(a.target_params, "--target-params"), a.target_ratio,
-             parse_amount(a.target_bytes, "--target-bytes"), a.metric),
-            bank_size=a.bank_size, factorize_unshared=a.factorize_unshared, command=command_line(ctx),
-        )  # fmt: skip
+            a.model,
+            a.mode,
+            a.regulators,
+            a.regulator_style,
+            a.init,
+            a.weights,
+            a.num_classes,
+            a.input_size,
+            a.out,
+            a.dry_run,
+            a.leaf_module,
+            a.dtype,
+            data,
+            resolved,
+            (
+                parse_amount(a.target_params, "--target-params"),
+                a.target_ratio,
+                parse_amount(a.target_bytes, "--target-bytes"),
+                a.metric,
+            ),
+            bank_size=a.bank_size,
+            factorize_unshared=a.factorize_unshared,
+            command=command_line(ctx),
+        )
     except DacnnError as exc:
         raise fail(exc) from None
 
@@ -381,8 +459,13 @@ def apply_recipe(ctx: typer.Context, path: Path, a: SimpleNamespace) -> Any:
         if key in vars(a) and key not in given and value is not None:
             value = Path(value) if key == "out" else value
             setattr(a, key, enums[key](choose(key, value, [e.value for e in enums[key]])) if key in enums else value)
-    return rec.override(**{k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
-                           for k, v in vars(a).items() if k in vars(rec)})  # fmt: skip
+    return rec.override(
+        **{
+            k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
+            for k, v in vars(a).items()
+            if k in vars(rec)
+        }
+    )
 
 
 def demo_command(
@@ -400,24 +483,56 @@ def demo_command(
         if teacher.is_file():
             console.print(f"reusing the teacher in {teacher}")
         else:
-            console.print(f"training a ResNet-18 teacher on {train_limit} Fashion-MNIST images ({teacher_epochs} epochs)")
+            console.print(
+                f"training a ResNet-18 teacher on {train_limit} Fashion-MNIST images ({teacher_epochs} epochs)"
+            )
             # a warm-up and a lower peak lr than from-scratch recipes: short runs at 0.05 swung 83-86%
-            run_train("resnet18", "fashion-mnist", teacher.parent, "none", "32", DataOptions(
-                "fashion-mnist", teacher_epochs, lr=0.03, precision=precision, train_limit=train_limit,
-                warmup_steps=100, device=device, overwrite=True,  # no finished teacher there: start afresh
-            ))  # fmt: skip
-        console.print(f"planning a {target_ratio:g}x smaller student (filter banks, searched with the data), "
-                      "fitting it to the activations; then BN recalibration and KD fine-tune")  # fmt: skip
+            run_train(
+                "resnet18",
+                "fashion-mnist",
+                teacher.parent,
+                "none",
+                "32",
+                DataOptions(
+                    "fashion-mnist",
+                    teacher_epochs,
+                    lr=0.03,
+                    precision=precision,
+                    train_limit=train_limit,
+                    warmup_steps=100,
+                    device=device,
+                    overwrite=True,  # no finished teacher there: start afresh
+                ),
+            )
+        console.print(
+            f"planning a {target_ratio:g}x smaller student (filter banks, searched with the data), "
+            "fitting it to the activations; then BN recalibration and KD fine-tune"
+        )
         run_convert(
-            "resnet18", Mode.bank, "none", RegulatorStyle.adapter, Init.act, str(teacher), 10, "32", out / "student",
-            data=DataOptions("fashion-mnist", epochs, lr=0.02, precision=precision, train_limit=train_limit,
-                             calibrate_batches=50, warmup_steps=0, device=device, overwrite=True),  # as measured
+            "resnet18",
+            Mode.bank,
+            "none",
+            RegulatorStyle.adapter,
+            Init.act,
+            str(teacher),
+            10,
+            "32",
+            out / "student",
+            data=DataOptions(
+                "fashion-mnist",
+                epochs,
+                lr=0.02,
+                precision=precision,
+                train_limit=train_limit,
+                calibrate_batches=50,
+                warmup_steps=0,
+                device=device,
+                overwrite=True,
+            ),  # as measured
             budget=(None, target_ratio, None, None),
-        )  # fmt: skip
+        )
     except DacnnError as exc:
         raise fail(exc) from None
-
-
 
 
 def plan_command(
@@ -435,7 +550,9 @@ def plan_command(
     metric: MetricOpt = None,
     dataset: DatasetOpt = None,
     train_limit: TrainLimitOpt = None,
-    explain: Annotated[bool, typer.Option(help="print the budget search: best candidates and each section's options")] = False,
+    explain: Annotated[
+        bool, typer.Option(help="print the budget search: best candidates and each section's options")
+    ] = False,
     leaf_module: LeafOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -443,12 +560,33 @@ def plan_command(
     try:
         if model is None:
             raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
-        budget = (parse_amount(target_params, "--target-params"), target_ratio, parse_amount(target_bytes, "--target-bytes"),
-                  metric)  # fmt: skip
+        budget = (
+            parse_amount(target_params, "--target-params"),
+            target_ratio,
+            parse_amount(target_bytes, "--target-bytes"),
+            metric,
+        )
         data = DataOptions(dataset=dataset, train_limit=train_limit, device=device) if dataset else None
-        found = run_convert(model, mode, regulators, RegulatorStyle.adapter, None, weights, num_classes, input_size,
-                            None, True, leaf_module, Dtype.fp32, data, None, budget, render=False,
-                            bank_size=bank_size, factorize_unshared=factorize_unshared)  # fmt: skip
+        found = run_convert(
+            model,
+            mode,
+            regulators,
+            RegulatorStyle.adapter,
+            None,
+            weights,
+            num_classes,
+            input_size,
+            None,
+            True,
+            leaf_module,
+            Dtype.fp32,
+            data,
+            None,
+            budget,
+            render=False,
+            bank_size=bank_size,
+            factorize_unshared=factorize_unshared,
+        )
     except DacnnError as exc:
         raise fail(exc) from None
     for line in found["explain"] if explain else []:

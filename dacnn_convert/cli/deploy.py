@@ -25,19 +25,33 @@ from .common import (
 
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="a .safetensors file written by dacnn")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="onnx, torchscript, safetensors, pt, or dense (the "
-                                                 "original architecture's state dict: loads with strict=True, no dacnn needed)")] = ExportFormat.onnx,  # noqa: A002
+    format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="onnx, torchscript, safetensors, pt, or dense (the "
+            "original architecture's state dict: loads with strict=True, no dacnn needed)",
+        ),
+    ] = ExportFormat.onnx,  # noqa: A002
     out: Annotated[Path | None, typer.Option(help="file to write (default: next to the checkpoint)")] = None,
     dtype: DtypeOpt = Dtype.fp32,
     input_size: SizeOpt = None,
     model_source: SkelOpt = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version (18 or later)")] = 18,
-    quantize: Annotated[str | None, typer.Option(help="ONNX: int8 = static int8 (per-channel weights, activations "
-                                                      "calibrated on --dataset)")] = None,
-    dataset: Annotated[str | None, typer.Option(help="with --quantize: calibration batches and the accuracy check")] = None,
+    quantize: Annotated[
+        str | None,
+        typer.Option(help="ONNX: int8 = static int8 (per-channel weights, activations calibrated on --dataset)"),
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="with --quantize: calibration batches and the accuracy check")
+    ] = None,
     calibrate_batches: Annotated[int, typer.Option(min=1, help="with --quantize: calibration batches")] = 20,
-    limit_batches: Annotated[int | None, typer.Option(min=1, help="with --quantize: cap the accuracy check's batches")] = None,
-    dynamic_spatial: Annotated[bool, typer.Option(help="ONNX: leave height and width free, not only the batch")] = False,
+    limit_batches: Annotated[
+        int | None, typer.Option(min=1, help="with --quantize: cap the accuracy check's batches")
+    ] = None,
+    dynamic_spatial: Annotated[
+        bool, typer.Option(help="ONNX: leave height and width free, not only the batch")
+    ] = False,
 ) -> None:
     """Export a saved model keeping each anchored kernel stored once."""
     import torch
@@ -50,15 +64,21 @@ def export_command(
         if quantize is not None and (quantize != "int8" or format is not ExportFormat.onnx or dataset is None):
             raise UsageError("--quantize int8 applies to --format onnx and needs --dataset for calibration")
         if dtype is Dtype.int8 and format is not ExportFormat.safetensors:
-            raise UsageError("--dtype int8 (per-channel int8 weights) applies to --format safetensors; ONNX takes "
-                             "fp32, fp16 or bf16")  # fmt: skip
+            raise UsageError(
+                "--dtype int8 (per-channel int8 weights) applies to --format safetensors; ONNX takes fp32, fp16 or bf16"
+            )
         model = load_checkpoint(checkpoint, model_source)
         meta = read_metadata(checkpoint)
         size = parse_input_size(input_size) or (
             tuple(Plan.from_json(meta["plan"]).input_size) if "plan" in meta else (3, 224, 224)
         )
-        suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors", "pt": ".pt",
-                  "dense": ".dense.safetensors"}  # fmt: skip
+        suffix = {
+            "onnx": ".onnx",
+            "torchscript": ".torchscript.pt",
+            "safetensors": ".safetensors",
+            "pt": ".pt",
+            "dense": ".dense.safetensors",
+        }
         out = out or checkpoint.with_name(checkpoint.name.split(".")[0] + f"-{dtype.value}" + suffix[format.value])
         if format is ExportFormat.dense:
             _export_dense(checkpoint, model, out, size, dtype.value, model_source)
@@ -80,7 +100,9 @@ def export_command(
         else:
             from ..io.checkpoint import DTYPES
 
-            state = {k: v.to(DTYPES[dtype.value]) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            state = {
+                k: v.to(DTYPES[dtype.value]) if v.is_floating_point() else v for k, v in model.state_dict().items()
+            }
             torch.save(state, out)
         console.print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     except DacnnError as exc:
@@ -104,10 +126,12 @@ def _export_int8_onnx(
         result = quantize_onnx_int8(fp32.path, out, loaders.train, batches)
         acc32 = onnx_accuracy(fp32.path, loaders.val, limit)
     acc8 = onnx_accuracy(out, loaders.val, limit)
-    console.print(f"wrote {out}: {result.bytes:,} bytes ({result.bytes / result.fp32_bytes:.1%} of fp32's "
-                  f"{result.fp32_bytes:,}), {result.int8_weights} int8 weights ({result.shared_int8} shared by several "
-                  f"convs, each stored once); onnxruntime top-1 on {dataset}: fp32 {100 * acc32:.2f}% -> int8 "
-                  f"{100 * acc8:.2f}%")  # fmt: skip
+    console.print(
+        f"wrote {out}: {result.bytes:,} bytes ({result.bytes / result.fp32_bytes:.1%} of fp32's "
+        f"{result.fp32_bytes:,}), {result.int8_weights} int8 weights ({result.shared_int8} shared by several "
+        f"convs, each stored once); onnxruntime top-1 on {dataset}: fp32 {100 * acc32:.2f}% -> int8 "
+        f"{100 * acc8:.2f}%"
+    )
 
 
 def _export_dense(checkpoint: Path, model: Any, out: Path, size: Any, dtype: str, model_source: str | None) -> None:
@@ -125,10 +149,13 @@ def _export_dense(checkpoint: Path, model: Any, out: Path, size: Any, dtype: str
     diff = result.max_abs_diff
     if diff is None or not math.isfinite(diff) or diff > 1e-3:
         out.unlink(missing_ok=True)
-        raise DenseExportError(f"the stock {spec.display} does not reproduce the anchored model (max |diff| {diff}); "
-                               "nothing written")  # fmt: skip
-    console.print(f"wrote {out} ({result.bytes:,} bytes, {result.tensors} tensors): loads into {spec.display} with "
-                  f"strict=True, max |diff| vs the anchored model {diff:.2e} (eval mode)")  # fmt: skip
+        raise DenseExportError(
+            f"the stock {spec.display} does not reproduce the anchored model (max |diff| {diff}); nothing written"
+        )
+    console.print(
+        f"wrote {out} ({result.bytes:,} bytes, {result.tensors} tensors): loads into {spec.display} with "
+        f"strict=True, max |diff| vs the anchored model {diff:.2e} (eval mode)"
+    )
 
 
 def inspect_command(
@@ -204,9 +231,11 @@ def latency_command(
         size = parse_input_size(input_size) or tuple(plan.input_size)
         batches = [int(b) for b in batch.split(",")]
         rows = [
-            row for p in precision.split(",") for b in batches
+            row
+            for p in precision.split(",")
+            for b in batches
             for row in compare_latency(models, size, b, p, device, repeats)  # type: ignore[arg-type]
-        ]  # fmt: skip
+        ]
     except (DacnnError, ValueError) as exc:
         raise fail(exc if isinstance(exc, DacnnError) else UsageError(str(exc))) from None
     table = Table(title=f"latency on {device} ({repeats} interleaved runs after warm-up)")
@@ -217,6 +246,3 @@ def latency_command(
         ratio = r.median_ms / base[(r.batch, r.precision)]
         table.add_row(r.model, str(r.batch), r.precision, f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{ratio:.3f}x")
     console.print(table)
-
-
-

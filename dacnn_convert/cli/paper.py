@@ -16,8 +16,9 @@ from rich.table import Table
 from ..errors import DacnnError
 from .common import DataOptions, DeviceOpt, DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt, console, fail
 
-recipe_app = typer.Typer(help="Recipes: YAML files that fix every setting of a paper table row or a conversion.",
-                         no_args_is_help=True)  # fmt: skip
+recipe_app = typer.Typer(
+    help="Recipes: YAML files that fix every setting of a paper table row or a conversion.", no_args_is_help=True
+)
 table_app = typer.Typer(help="The paper's tables next to ours.", no_args_is_help=True)
 
 
@@ -58,18 +59,30 @@ def recipe_run(
     from ..recipes import load_recipe
 
     try:
-        r = load_recipe(recipe).override(epochs=epochs, dataset=dataset, precision=precision, batch_size=batch_size,
-                                         train_limit=train_limit, out=str(out) if out else None,
-                                         weights=weights)  # fmt: skip
+        r = load_recipe(recipe).override(
+            epochs=epochs,
+            dataset=dataset,
+            precision=precision,
+            batch_size=batch_size,
+            train_limit=train_limit,
+            out=str(out) if out else None,
+            weights=weights,
+        )
         result = run_recipe(r, recipe, limit_batches, download, device, overwrite)
     except DacnnError as exc:
         raise fail(exc) from None
-    console.print(f"{recipe}: top-1 {100 * result['accuracy']:.2f}% ({result['params']:,} params, "
-                  f"{result['wall_s']:.0f} s); wrote {result['out']}/result.json")  # fmt: skip
+    console.print(
+        f"{recipe}: top-1 {100 * result['accuracy']:.2f}% ({result['params']:,} params, "
+        f"{result['wall_s']:.0f} s); wrote {result['out']}/result.json"
+    )
 
 
 def run_recipe(
-    r: Any, path: Path, limit_batches: int | None = None, download: bool = False, device: str = "auto",
+    r: Any,
+    path: Path,
+    limit_batches: int | None = None,
+    download: bool = False,
+    device: str = "auto",
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the resolved recipe ``r``; return (and write) its result record."""
@@ -86,10 +99,27 @@ def run_recipe(
         raise RecipeError(f"{path}: a runnable recipe names a model and a dataset")
     out = Path(r.out) if r.out else Path("runs/recipes") / path.stem
     data = DataOptions(
-        r.dataset, r.epochs, r.batch_size, r.resolved_lr, r.optimizer, r.schedule, r.weight_decay, r.step_every,
-        r.kd_temperature, r.kd_alpha, r.calibrate_batches, r.precision, limit_batches, r.train_limit, download,
-        seed=r.seed, augment=r.augment, warmup_steps=r.resolved_warmup_steps, device=device, overwrite=overwrite,
-    )  # fmt: skip
+        r.dataset,
+        r.epochs,
+        r.batch_size,
+        r.resolved_lr,
+        r.optimizer,
+        r.schedule,
+        r.weight_decay,
+        r.step_every,
+        r.kd_temperature,
+        r.kd_alpha,
+        r.calibrate_batches,
+        r.precision,
+        limit_batches,
+        r.train_limit,
+        download,
+        seed=r.seed,
+        augment=r.augment,
+        warmup_steps=r.resolved_warmup_steps,
+        device=device,
+        overwrite=overwrite,
+    )
     start = time.perf_counter()
     if r.task == "train":
         fit = run_train(r.model, r.dataset, out, r.weights or "none", r.input_size, data)
@@ -100,22 +130,45 @@ def run_recipe(
         accuracy, params = fit.best_acc, unique_params(model) if model is not None else 0
     else:
         done = run_convert(
-            r.model, Mode(r.mode), r.regulators, RegulatorStyle(r.regulator_style), Init(r.init) if r.init else None,
-            r.weights or "DEFAULT", r.num_classes, r.input_size, out, False, None, data=data, recipe=r.resolved(),
-        )  # fmt: skip
+            r.model,
+            Mode(r.mode),
+            r.regulators,
+            RegulatorStyle(r.regulator_style),
+            Init(r.init) if r.init else None,
+            r.weights or "DEFAULT",
+            r.num_classes,
+            r.input_size,
+            out,
+            False,
+            None,
+            data=data,
+            recipe=r.resolved(),
+        )
         res = done["result"] if "result" in done else None
         accuracy = res.finetuned_acc if res is not None else float("nan")
         params = done["report"].params_after if "report" in done else res.report.params_after
     where = data.torch_device()
     device = torch.cuda.get_device_name(where) if where.type == "cuda" else "CPU"
     record = {
-        "recipe": str(path), "model": r.model, "dataset": r.dataset, "epochs": r.epochs, "limit_batches": limit_batches,
-        "train_limit": r.train_limit, "accuracy": accuracy, "error": 100 * (1 - accuracy), "params": params,
-        "wall_s": time.perf_counter() - start, "device": device, "date": str(date.today()),
-        "command": " ".join(["dacnn", *map(shlex.quote, sys.argv[1:])]), "paper_table": r.paper_table,
-        "paper_row": r.paper_row, "paper_error": r.paper_error, "paper_params": r.paper_params,
+        "recipe": str(path),
+        "model": r.model,
+        "dataset": r.dataset,
+        "epochs": r.epochs,
+        "limit_batches": limit_batches,
+        "train_limit": r.train_limit,
+        "accuracy": accuracy,
+        "error": 100 * (1 - accuracy),
+        "params": params,
+        "wall_s": time.perf_counter() - start,
+        "device": device,
+        "date": str(date.today()),
+        "command": " ".join(["dacnn", *map(shlex.quote, sys.argv[1:])]),
+        "paper_table": r.paper_table,
+        "paper_row": r.paper_row,
+        "paper_error": r.paper_error,
+        "paper_params": r.paper_params,
         "out": str(out),
-    }  # fmt: skip
+    }
     (out / "result.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -129,7 +182,9 @@ def table_params(
 
     rows = param_rows()
     if markdown:
-        console.print("| table | row | paper | ours (kernels + FC) | ours, all params | rounds to paper |", soft_wrap=True)
+        console.print(
+            "| table | row | paper | ours (kernels + FC) | ours, all params | rounds to paper |", soft_wrap=True
+        )
         console.print("|---|---|---:|---:|---:|:---:|", soft_wrap=True)
     else:
         table = Table(title="parameters: paper vs ours")
@@ -140,15 +195,19 @@ def table_params(
         ours = f"{r.ours:.3f}{r.unit}" if r.unit != "K" else f"{r.ours:.1f}K"
         mark = "–" if r.matches is None else ("yes" if r.matches else "no")
         if markdown:
-            console.print(f"| {r.table} | {r.row} | {paper} | {ours} ({r.ours_exact:,}) | {r.all_params:,} | {mark} |",
-                          soft_wrap=True)  # fmt: skip
+            console.print(
+                f"| {r.table} | {r.row} | {paper} | {ours} ({r.ours_exact:,}) | {r.all_params:,} | {mark} |",
+                soft_wrap=True,
+            )
         else:
             table.add_row(r.table, r.row, paper, ours, f"{r.ours_exact:,}", f"{r.all_params:,}", mark)
     if not markdown:
         console.print(table)
     n = sum(r.matches is not None for r in rows)
-    console.print(f"{sum(bool(r.matches) for r in rows)} of {n} printed counts reproduced; docs/paper-tables.md "
-                  "explains the others.")  # fmt: skip
+    console.print(
+        f"{sum(bool(r.matches) for r in rows)} of {n} printed counts reproduced; docs/paper-tables.md "
+        "explains the others."
+    )
 
 
 @table_app.command("accuracy")
@@ -161,14 +220,19 @@ def table_accuracy(
     """Paper error vs ours for every recipe result found, as Markdown (and a PNG)."""
     records = [json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))]
     records = [r for r in records if "paper_error" in r]
-    console.print("| recipe | model | dataset | epochs | paper err (%) | ours err (%) | params | device | wall (s) |",
-                  soft_wrap=True)  # fmt: skip
+    console.print(
+        "| recipe | model | dataset | epochs | paper err (%) | ours err (%) | params | device | wall (s) |",
+        soft_wrap=True,
+    )
     console.print("|---|---|---|---:|---:|---:|---:|---|---:|", soft_wrap=True)
     for r in records:
         short = "" if r.get("limit_batches") is None and r.get("train_limit") is None else " (short run)"
         paper = "–" if r["paper_error"] is None else f"{r['paper_error']:.2f}"
-        console.print(f"| {Path(r['recipe']).stem}{short} | {r['model']} | {r['dataset']} | {r['epochs']} | {paper} | "
-                      f"{r['error']:.2f} | {r['params']:,} | {r['device']} | {r['wall_s']:.0f} |", soft_wrap=True)  # fmt: skip
+        console.print(
+            f"| {Path(r['recipe']).stem}{short} | {r['model']} | {r['dataset']} | {r['epochs']} | {paper} | "
+            f"{r['error']:.2f} | {r['params']:,} | {r['device']} | {r['wall_s']:.0f} |",
+            soft_wrap=True,
+        )
     if png is not None and records:
         from ..core.report import figure, save_figure
 

@@ -78,12 +78,36 @@ def train_command(
 ) -> None:
     """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
     try:
-        run_train(model, dataset, out, weights, input_size, DataOptions(
-            dataset, epochs, batch_size, lr, optimizer, schedule, weight_decay, precision=precision,
-            limit_batches=limit_batches, train_limit=train_limit, download=download, seed=seed, resume=resume, overwrite=overwrite,
-            checkpoint_every=checkpoint_every, augment=augment, label_smoothing=label_smoothing,
-            warmup_steps=warmup_steps, clip_grad=clip_grad, channels_last=channels_last, device=device,
-        ))  # fmt: skip
+        run_train(
+            model,
+            dataset,
+            out,
+            weights,
+            input_size,
+            DataOptions(
+                dataset,
+                epochs,
+                batch_size,
+                lr,
+                optimizer,
+                schedule,
+                weight_decay,
+                precision=precision,
+                limit_batches=limit_batches,
+                train_limit=train_limit,
+                download=download,
+                seed=seed,
+                resume=resume,
+                overwrite=overwrite,
+                checkpoint_every=checkpoint_every,
+                augment=augment,
+                label_smoothing=label_smoothing,
+                warmup_steps=warmup_steps,
+                clip_grad=clip_grad,
+                channels_last=channels_last,
+                device=device,
+            ),
+        )
     except DacnnError as exc:
         raise fail(exc) from None
 
@@ -106,7 +130,9 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
         torch.manual_seed(data.seed)  # the random init too: same seed, same run, in any process
         net = build_model(spec, weights).to(data.torch_device())
         with _Progress() as progress:
-            result = train(net, loaders.train, loaders.val, config, out, progress.step, progress.epoch_end, spec, data.resume)
+            result = train(
+                net, loaders.train, loaders.val, config, out, progress.step, progress.epoch_end, spec, data.resume
+            )
         (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2))
     console.print(
         f"best val acc {100 * result.best_acc:.2f}% in {result.wall_s:.0f} s ({result.images_per_s:.0f} img/s, "

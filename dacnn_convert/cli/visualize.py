@@ -12,7 +12,9 @@ from .common import SizeOpt, SkelOpt, console, fail, load_checkpoint, output_gua
 
 
 def visualize_command(
-    checkpoint: Annotated[str, typer.Argument(help="a .safetensors file, or a model source (dacnn:5-plain) for random weights")],
+    checkpoint: Annotated[
+        str, typer.Argument(help="a .safetensors file, or a model source (dacnn:5-plain) for random weights")
+    ],
     layers: Annotated[str, typer.Option(help="comma-separated module names, e.g. sections.0.1.0,sections.1.0.0")],
     filters: Annotated[int, typer.Option(min=1, help="the first N filters of each layer")] = 5,
     steps: Annotated[int, typer.Option(min=1, help="gradient-ascent steps per layer")] = 100,

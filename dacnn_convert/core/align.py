@@ -64,8 +64,11 @@ def private_chains(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = (
                 break
             if isinstance(m, nn.BatchNorm2d) and bn is None and m.num_features == modules[node.target].out_channels:
                 bn = str(user.target)
-            elif not (isinstance(m, _ELEMENTWISE) or (user.op == "call_function" and user.target in _FUNCTIONS)
-                      or (user.op == "call_method" and user.target in _METHODS)):  # fmt: skip
+            elif not (
+                isinstance(m, _ELEMENTWISE)
+                or (user.op == "call_function" and user.target in _FUNCTIONS)
+                or (user.op == "call_method" and user.target in _METHODS)
+            ):
                 break
             cur = user
     return chains
@@ -98,7 +101,9 @@ def _permute(modules: dict[str, nn.Module], chain: Chain, perm: torch.Tensor) ->
         b.weight.copy_(b.weight[:, perm])
 
 
-def align_channels(model: nn.Module, plan: Plan, leaf_modules: Sequence[type[nn.Module]] = ()) -> tuple[nn.Module, Alignment]:
+def align_channels(
+    model: nn.Module, plan: Plan, leaf_modules: Sequence[type[nn.Module]] = ()
+) -> tuple[nn.Module, Alignment]:
     """A copy of ``model``, same function, whose group members' private input channels match the first member's.
 
     Only members whose input channels are private (see :func:`private_chains`) and whose producer

@@ -80,10 +80,10 @@ def parse_bank_size(value: BankSize, what: str = "bank size") -> BankSpec:
         return BankSpec(None)
     if isinstance(value, Mapping):
         items = []
-        for k, v in value.items():
-            if v is not None:
-                check_value(v, f"{what} of section {k}")
-            items.append((int(k), v))
+        for k, size in value.items():
+            if size is not None:
+                check_value(size, f"{what} of section {k}")
+            items.append((int(k), size))
         return BankSpec(None, tuple(sorted(items)))
     if not isinstance(value, str):
         check_value(value, what)
@@ -98,7 +98,9 @@ def parse_bank_size(value: BankSize, what: str = "bank size") -> BankSpec:
         try:
             k = int(sec)
         except ValueError:
-            raise UsageError(f"{what}: {sec!r} is not a section number (in {value!r}; sections are 1, 2, ...)") from None
+            raise UsageError(
+                f"{what}: {sec!r} is not a section number (in {value!r}; sections are 1, 2, ...)"
+            ) from None
         if k in per:
             raise UsageError(f"{what}: section {k} is given twice in {value!r}")
         per[k] = parse_value(v, f"{what} of section {k}")

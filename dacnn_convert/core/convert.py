@@ -6,7 +6,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -101,7 +101,9 @@ def convert(
     if sequential and calib_loader is None:
         raise UsageError("init 'act-seq' runs the partly converted student on real inputs: pass calib_loader=...")
     if align and moments is not None:
-        raise UsageError("align=True permutes channels, so precomputed moments no longer match: pass calib_loader instead")
+        raise UsageError(
+            "align=True permutes channels, so precomputed moments no longer match: pass calib_loader instead"
+        )
     alignment = None
     if align:
         from .align import align_channels
@@ -131,16 +133,18 @@ def convert(
     conversion = Conversion(student, plan)
     if alignment is not None and alignment.permuted:
         gain = sum(a - b for _, b, a in alignment.permuted) / len(alignment.permuted)
-        conversion.notes.append(f"aligned the private channels of {len(alignment.permuted)} conv(s); mean cosine "
-                                f"similarity to their group's first member +{gain:.3f}")  # fmt: skip
+        conversion.notes.append(
+            f"aligned the private channels of {len(alignment.permuted)} conv(s); mean cosine "
+            f"similarity to their group's first member +{gain:.3f}"
+        )
     swap = _Swap(originals, modules, bank, plan, init, conversion)
     ordered = sorted(plan.groups, key=lambda g: min(plan.site(m).order for m in g.members))
     chunks = [ordered] if not data_aware or sequential or moments is not None else _chunks(plan, ordered)
     for chunk in chunks:
         found: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = moments or {}
         if init == "act" and moments is None:  # one calibration pass per chunk of groups, memory bounded
-            ready = [m for g in chunk if _act_ready(plan, g) for m in g.members]
-            found = input_moments(model, ready, calib_loader, calib_batches)  # type: ignore[arg-type]
+            wanted = [m for g in chunk if _act_ready(plan, g) for m in g.members]
+            found = input_moments(model, wanted, calib_loader, calib_batches)  # type: ignore[arg-type]
         for g in chunk:
             if sequential and _act_ready(plan, g):
                 # inputs as the student, converted up to here, feeds them (GPTQ-style, layer by layer)
@@ -148,7 +152,11 @@ def convert(
             ready = data_aware and _act_ready(plan, g) and all(m in found for m in g.members)
             use = [found[m] for m in g.members] if ready else None
             if data_aware and use is None:
-                why = "members differ in shape or padding" if not _act_ready(plan, g) else "no input moments for its members"
+                why = (
+                    "members differ in shape or padding"
+                    if not _act_ready(plan, g)
+                    else "no input moments for its members"
+                )
                 conversion.notes.append(f"{g.name}: {why}; weight-space fit used instead of {init}")
             (_convert_bank if g.kind == "bank" else _convert_anchor)(swap, g, use, sequential)
         del found
@@ -170,12 +178,20 @@ class _Swap:
     conversion: Conversion
 
 
-def _convert_anchor(swap: _Swap, g: Group, moments: list[tuple[torch.Tensor, torch.Tensor]] | None, sequential: bool) -> None:
+def _convert_anchor(
+    swap: _Swap, g: Group, moments: list[tuple[torch.Tensor, torch.Tensor]] | None, sequential: bool
+) -> None:
     """Fit one shared (sliced) anchor and swap its members for :class:`AnchoredConv2d`."""
-    originals, modules, bank, plan, init, conversion = (swap.originals, swap.modules, swap.bank, swap.plan, swap.init,
-                                                         swap.conversion)  # fmt: skip
+    originals, modules, bank, plan, init, conversion = (
+        swap.originals,
+        swap.modules,
+        swap.bank,
+        swap.plan,
+        swap.init,
+        swap.conversion,
+    )
     student = conversion.model
-    weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
+    weights = [cast(nn.Conv2d, originals[m]).weight.detach().float().cpu() for m in g.members]
     if init == "none":
         fit = None
     elif moments is not None:
@@ -199,17 +215,19 @@ def _convert_anchor(swap: _Swap, g: Group, moments: list[tuple[torch.Tensor, tor
                 if bias is not None:
                     bias = bias / _safe(scale)
             elif scale is not None and new.scale is not None:
-                new.scale.copy_(scale)  # type: ignore[union-attr]
+                new.scale.copy_(scale)
             if bias is not None:
                 new.bias.copy_(bias)  # type: ignore[union-attr]
         _set(student, name, new)
 
 
-def _convert_bank(swap: _Swap, g: Group, moments: list[tuple[torch.Tensor, torch.Tensor]] | None, sequential: bool) -> None:
+def _convert_bank(
+    swap: _Swap, g: Group, moments: list[tuple[torch.Tensor, torch.Tensor]] | None, sequential: bool
+) -> None:
     """Fit one filter bank (whitened SVD) and swap its members for banked :class:`AnchoredConv2d`."""
     originals, bank, plan, init, conversion = swap.originals, swap.bank, swap.plan, swap.init, swap.conversion
     student = conversion.model
-    weights = [originals[m].weight.detach().float().cpu() for m in g.members]  # type: ignore[union-attr]
+    weights = [cast(nn.Conv2d, originals[m]).weight.detach().float().cpu() for m in g.members]
     fit = None
     if init not in ("none", "random"):
         if moments is not None and sequential:

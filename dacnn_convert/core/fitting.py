@@ -135,7 +135,9 @@ def _rank1(weights: list[torch.Tensor], chunk: int = 64) -> tuple[torch.Tensor, 
     return anchor.to(dtype), [scales[:, i].to(dtype).contiguous() for i in range(len(weights))]
 
 
-def _als(weights: list[torch.Tensor], shape: tuple[int, ...], iters: int, tol: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _als(
+    weights: list[torch.Tensor], shape: tuple[int, ...], iters: int, tol: float
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Alternating least squares when members cover different leading slices of the anchor."""
     # Start from the largest member: a mean of members with opposite-sign channels can
     # be near zero, a poor start for this non-convex problem.
@@ -180,6 +182,7 @@ def _patches(m: torch.nn.Conv2d, x: torch.Tensor, rows: int | None = None, seed:
     """
     import torch.nn.functional as F
 
+    assert not isinstance(m.padding, str), "callers pass convs with numeric padding (_act_ready)"
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
     n, _, h, w = x.shape
     ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -390,7 +393,8 @@ def fit_bank(
     the same input statistics. With ``refit``, each C_l is then refitted to its own H_l with B
     fixed (a k x k solve), which lowers every member's output error on its calibration inputs
     (not yet the default: its effect on accuracy is still to be measured, and the committed
-    benchmarks ran without it). Without ``moments``, S = I: the best rank-k fit of the kernels. Everything is solved in float64; each bank
+    benchmarks ran without it). Without ``moments``, S = I: the best rank-k fit of the kernels. Everything is
+    solved in float64; each bank
     filter is rescaled to the members' mean filter norm (the coefficients absorb it) so that
     both factors train at the scale of the original kernels.
 
@@ -401,7 +405,7 @@ def fit_bank(
     d = int(torch.tensor(shape[1:]).prod())
     m = torch.cat([w.reshape(w.shape[0], -1).double() for w in weights])  # (sum co, d)
     if moments is not None:
-        h = sum(hl.double() for hl in moments)
+        h = torch.stack([hl.double() for hl in moments]).sum(0)
         h = h + ridge * float(h.diagonal().mean()) * torch.eye(d, dtype=torch.float64)
         s = torch.linalg.cholesky(h)
     else:

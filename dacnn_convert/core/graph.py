@@ -74,7 +74,7 @@ class ConvSite:
         fixed = {k: (tuple(v) if k in tuples else v) for k, v in data.items()}
         if isinstance(fixed["padding"], list):
             fixed["padding"] = tuple(fixed["padding"])
-        return cls(**fixed)
+        return cls(**fixed)  # type: ignore[arg-type]  # a mistyped field raises TypeError: Plan.from_dict maps it
 
 
 class _Tracer(fx.Tracer):
@@ -186,7 +186,8 @@ def analyze(
         first = str(root).splitlines()[0] if str(root) else type(root).__name__
         raise PlanError(
             f"the model fails on an input of size {tuple(input_size)}"
-            + (f" at {node}" if node else "") + f": {first[:200]}. "
+            + (f" at {node}" if node else "")
+            + f": {first[:200]}. "
             "Is --input-size right for this network (too small for its downsampling?)"
         ) from exc
     finally:

@@ -35,7 +35,9 @@ class Regulator(nn.Module):
     forever; the host's BN + ReLU follow the sum instead.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int] = (1, 1), adapter: bool = False) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: tuple[int, int] = (1, 1), adapter: bool = False
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
@@ -93,8 +95,9 @@ class AnchoredConv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.groups, self.padding_mode = dilation, groups, padding_mode
-        self._reversed_padding = (
-            [p for p in reversed(padding) for _ in range(2)] if not isinstance(padding, str) else None
+        # F.pad's order (left, right, top, bottom); only used with a non-zeros padding_mode, never with 'same'
+        self._reversed_padding: list[int] = (
+            [p for p in reversed(padding) for _ in range(2)] if not isinstance(padding, str) else []
         )
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.scale = nn.Parameter(torch.ones(out_channels)) if scale else None
@@ -152,19 +155,27 @@ class AnchoredConv2d(nn.Module):
     def _bank_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``coeff(conv(x, B))``, or one conv with the merged kernel (cached) at inference when cheaper."""
         full = getattr(self._bank, self.anchor)
+        coeff = self.coeff
+        assert coeff is not None, "only banked convs (with coefficients) take this path"
         inference = not (self.training or torch.is_grad_enabled() or torch.jit.is_scripting() or _exporting())
         if inference and self.merged_is_cheaper:
-            key = (full.data_ptr(), full._version, self.coeff.weight.data_ptr(), self.coeff.weight._version)
+            key = (full.data_ptr(), full._version, coeff.weight.data_ptr(), coeff.weight._version)
             cached = self.__dict__.get("_dense")
             if cached is None or cached[0] != key:
                 self.__dict__["_dense"] = cached = (key, self.weight.contiguous())
             return self._conv(x, cached[1])
-        return self.coeff(self._conv(x, full))
+        return coeff(self._conv(x, full))
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
             return F.conv2d(
-                F.pad(x, self._reversed_padding, mode=self.padding_mode), w, None, self.stride, 0, self.dilation, self.groups
+                F.pad(x, self._reversed_padding, mode=self.padding_mode),
+                w,
+                None,
+                self.stride,
+                0,
+                self.dilation,
+                self.groups,
             )
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 

@@ -57,8 +57,13 @@ class DacnnConfig:
 
     @property
     def name(self) -> str:
-        regs = "" if not self.regulators else "-reg" if self.regulators == (1, 2, 3, 4) else "-reg" + "".join(
-            map(str, self.regulators))  # fmt: skip
+        regs = (
+            ""
+            if not self.regulators
+            else "-reg"
+            if self.regulators == (1, 2, 3, 4)
+            else "-reg" + "".join(map(str, self.regulators))
+        )
         return f"{self.depth}-{self.variant}{regs}{'' if self.shared else '-free'}{'' if self.bn else '-nobn'}"
 
 
@@ -108,11 +113,16 @@ class Unit(nn.Sequential):
 class Block(nn.Module):
     """A residual basic block of (possibly shared) convs, with an optional regulator."""
 
-    def __init__(self, b: _Builder, cin: int, cout: int, first: str | None, second: str | None, regulator: bool) -> None:
+    def __init__(
+        self, b: _Builder, cin: int, cout: int, first: str | None, second: str | None, regulator: bool
+    ) -> None:
         super().__init__()
         self.conv1, self.bn1 = b.conv(cin, cout, first), b.norm(cout)
-        self.regulator = nn.Sequential(nn.Conv2d(cout, cout, 1, bias=False), b.norm(cout), nn.ReLU(inplace=True)) if (
-            regulator) else None  # fmt: skip
+        self.regulator = (
+            nn.Sequential(nn.Conv2d(cout, cout, 1, bias=False), b.norm(cout), nn.ReLU(inplace=True))
+            if (regulator)
+            else None
+        )
         self.conv2, self.bn2 = b.conv(cout, cout, second), b.norm(cout)
         self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), b.norm(cout)) if cin != cout else None
         self.relu = nn.ReLU(inplace=True)
@@ -139,8 +149,12 @@ class DACNN(nn.Module):
             cin = 3
             for k, n in enumerate(section_sizes(cfg.depth - 1), start=1):
                 c = widths[k - 1]
-                units = [Unit(b, cin if i == 0 else c, c, None if (i == 0 and (k == 1 or cfg.variant == "mix"))
-                              else anchor(k)) for i in range(n)]  # fmt: skip
+                units = [
+                    Unit(
+                        b, cin if i == 0 else c, c, None if (i == 0 and (k == 1 or cfg.variant == "mix")) else anchor(k)
+                    )
+                    for i in range(n)
+                ]
                 sections.append(nn.Sequential(*([nn.MaxPool2d(2)] if k > 1 else []), *units))
                 cin = c
             self.stem: nn.Module = nn.Identity()
@@ -149,8 +163,10 @@ class DACNN(nn.Module):
             cin = widths[0]
             for k, n in enumerate(cfg.layout or LAYOUTS[cfg.depth], start=1):
                 c, reg = widths[k - 1], k in cfg.regulators
-                blocks = [Block(b, cin if i == 0 else c, c, None if (i == 0 and cin != c) else anchor(k), anchor(k), reg)
-                          for i in range(n)]  # fmt: skip
+                blocks = [
+                    Block(b, cin if i == 0 else c, c, None if (i == 0 and cin != c) else anchor(k), anchor(k), reg)
+                    for i in range(n)
+                ]
                 sections.append(nn.Sequential(*([nn.MaxPool2d(2)] if k > 1 else []), *blocks))
                 cin = c
         self.sections = nn.Sequential(*sections)

@@ -208,7 +208,12 @@ class Plan:
     def has_scale(self, name: str) -> bool:
         """A ``fit``-initialised member with no BatchNorm to fold into keeps its own channel scales."""
         g = self.group_of(name)
-        return self.init in ("fit", "act", "act-seq") and g is not None and g.kind == "anchor" and self.site(name).bn is None
+        return (
+            self.init in ("fit", "act", "act-seq")
+            and g is not None
+            and g.kind == "anchor"
+            and self.site(name).bn is None
+        )
 
     @property
     def scale_params(self) -> int:
@@ -238,14 +243,14 @@ class Plan:
                 mode=str(data["mode"]),
                 init=str(data["init"]),
                 regulator_style=str(data["regulator_style"]),
-                input_size=tuple(data["input_size"]),  # type: ignore[arg-type]
+                input_size=tuple(data["input_size"]),
                 sites=tuple(ConvSite.from_dict(s) for s in data["sites"]),
                 groups=tuple(
                     Group(
                         name=str(g["name"]),
                         members=tuple(g["members"]),
-                        shape=tuple(g["shape"]),  # type: ignore[arg-type]
-                        resolution=tuple(g["resolution"]) if g["resolution"] is not None else None,  # type: ignore[arg-type]
+                        shape=tuple(g["shape"]),
+                        resolution=tuple(g["resolution"]) if g["resolution"] is not None else None,
                         sections=tuple(g["sections"]),
                         kind=str(g.get("kind", "anchor")),
                     )
@@ -256,13 +261,13 @@ class Plan:
                         host=str(r["host"]),
                         in_channels=int(r["in_channels"]),
                         out_channels=int(r["out_channels"]),
-                        stride=tuple(r["stride"]),  # type: ignore[arg-type]
+                        stride=tuple(r["stride"]),
                         section=int(r["section"]),
                     )
                     for r in data["regulators"]
                 ),
                 params_before=int(data["params_before"]),
-                sections=tuple(tuple(s) for s in data["sections"]),  # type: ignore[misc]
+                sections=tuple(tuple(s) for s in data["sections"]),
                 notes=tuple(data.get("notes", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -396,7 +401,7 @@ def make_plan(
         mode=mode,
         init=init,
         regulator_style=regulator_style,
-        input_size=tuple(input_size),  # type: ignore[arg-type]
+        input_size=(input_size[0], input_size[1], input_size[2]),
         sites=tuple(sites),
         groups=tuple(groups),
         regulators=tuple(regs),
@@ -418,13 +423,17 @@ def _banks(
         if value is None:
             continue
         if not bankable(members):
-            notes.append(f"{members[0].name} and {len(members) - 1} other(s) stay free: a bank needs dense convs (groups=1)")
+            notes.append(
+                f"{members[0].name} and {len(members) - 1} other(s) stay free: a bank needs dense convs (groups=1)"
+            )
             continue
         limit = rank_limit(members[0], len(members))
         if isinstance(value, float) and filters_for(value, members[0]) > limit:
             # one fraction serves groups of many shapes in a section (bottleneck 1x1s): give this one all it can use
-            notes.append(f"{members[0].name} and {len(members) - 1} other(s): bank size {value} clamped to the "
-                         f"{limit} filters the group can use")  # fmt: skip
+            notes.append(
+                f"{members[0].name} and {len(members) - 1} other(s): bank size {value} clamped to the "
+                f"{limit} filters the group can use"
+            )
             k = limit
         else:
             k = resolve_rank(value, members[0], len(members))
@@ -435,9 +444,19 @@ def _banks(
 def bank_group(members: Sequence[ConvSite], k: int, section: int | None, index: int | str) -> Group:
     """The :class:`Group` of a bank of ``k`` filters for ``members`` (one member: a low-rank conv)."""
     _, ci, kh, kw = members[0].weight_shape
-    name = f"lr_{members[0].name.replace('.', '_')}" if len(members) == 1 else f"g{index}_s{section}_bank{k}x{ci}x{kh}x{kw}"
-    return Group(name, tuple(s.name for s in members), (k, ci, kh, kw), members[0].out_size,
-                 (section,) if section else (), "bank")  # fmt: skip
+    name = (
+        f"lr_{members[0].name.replace('.', '_')}"
+        if len(members) == 1
+        else f"g{index}_s{section}_bank{k}x{ci}x{kh}x{kw}"
+    )
+    return Group(
+        name,
+        tuple(s.name for s in members),
+        (k, ci, kh, kw),
+        members[0].out_size,
+        (section,) if section else (),
+        "bank",
+    )
 
 
 def _low_rank(
@@ -455,7 +474,10 @@ def _low_rank(
             continue
         r = min(filters_for(value, s), rank_limit(s, 1))
         if bank_params(s, 1, r) >= s.weight_numel:
-            notes.append(f"{s.name} stays dense: rank {r} would not make it smaller ({bank_params(s, 1, r):,} >= {s.weight_numel:,})")
+            notes.append(
+                f"{s.name} stays dense: rank {r} would not make it smaller ({bank_params(s, 1, r):,} >= "
+                f"{s.weight_numel:,})"
+            )
             continue
         out.append(bank_group([s], r, section_of.get(s.out_size), 0))
     if not out:
@@ -502,6 +524,5 @@ def with_low_rank(plan: Plan, value: BankValue) -> Plan:
     if plan.groups:
         raise PlanError("with_low_rank takes a plan of mode 'none' (nothing shared yet)")
     notes: list[str] = []
-    section_of = {tuple(r): k for k, r in enumerate(plan.sections, start=1)}
+    section_of = {(r[0], r[1]): k for k, r in enumerate(plan.sections, start=1)}
     return replace(plan, groups=tuple(_low_rank(list(plan.sites), value, section_of, notes)), notes=tuple(notes))
-

@@ -130,7 +130,9 @@ class ConversionReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(ratio=self.ratio, conv_ratio=self.conv_ratio, bytes_ratio=self.bytes_ratio, prune_ratio=self.prune_ratio)
+        d.update(
+            ratio=self.ratio, conv_ratio=self.conv_ratio, bytes_ratio=self.bytes_ratio, prune_ratio=self.prune_ratio
+        )
         return d
 
     def to_json(self) -> str:
@@ -161,15 +163,20 @@ class ConversionReport:
         )
         if self.bytes_ratio is not None:
             lines.append(f"| bytes on disk | {self.bytes_before:,} | {self.bytes_after:,} | {self.bytes_ratio:.2f}x |")
-        lines.append(f"| MACs | {self.macs_before:,} | {self.macs_after:,} | {self.macs_after / self.macs_before:.2f}x |")
+        lines.append(
+            f"| MACs | {self.macs_before:,} | {self.macs_after:,} | {self.macs_after / self.macs_before:.2f}x |"
+        )
         lines += [
             "",
             f"Prune ratio (1 - after/before): {self.prune_ratio:.1%}. Regulators add {self.regulator_params:,} params.",
             "Fit error: relative weight error of each member (filter banks fitted to data: relative output error "
             "on the calibration inputs); energy: the share of the (whitened) kernels' energy a bank keeps.",
             "Anchoring shares weights but computes the same convolutions: MACs change only by the regulators"
-            + (" and the filter banks (bank conv + 1x1 coefficients where that is cheaper)." if any(
-                g.kernel.startswith("bank") for g in self.groups) else "."),
+            + (
+                " and the filter banks (bank conv + 1x1 coefficients where that is cheaper)."
+                if any(g.kernel.startswith("bank") for g in self.groups)
+                else "."
+            ),
         ]
         lines += [f"- note: {n}" for n in self.notes]
         return "\n".join(lines) + "\n"

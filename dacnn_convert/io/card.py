@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import CheckpointError, DacnnError
 from ..core.report import ConversionReport
+from ..errors import CheckpointError, DacnnError
 
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
@@ -42,36 +42,81 @@ def model_card(
         base_model: the hub id or name of the original model.
     """
     base = base_model or report.source
-    front = ["---", "library_name: dacnn-convert", "tags:", "- model-compression", "- weight-sharing",
-             "- deep-anchored-cnn", "- safetensors", f"base_model: {base}"]  # fmt: skip
+    front = [
+        "---",
+        "library_name: dacnn-convert",
+        "tags:",
+        "- model-compression",
+        "- weight-sharing",
+        "- deep-anchored-cnn",
+        "- safetensors",
+        f"base_model: {base}",
+    ]
     if dataset:
         front += ["datasets:", f"- {dataset}"]
     front.append("---")
-    lines = [*front, "", f"# {report.source}, anchored ({report.mode})", "",
-             f"A deep anchored version of `{base}` made with [dacnn-convert](https://pypi.org/project/dacnn-convert/): "
-             "convolution kernels shared across layers (anchors, filter banks), every BatchNorm free.", "",
-             "| | original | this model | ratio |", "|---|---:|---:|---:|",
-             f"| unique parameters | {report.params_before:,} | {report.params_after:,} | {report.ratio:.2f}x |"]  # fmt: skip
+    lines = [
+        *front,
+        "",
+        f"# {report.source}, anchored ({report.mode})",
+        "",
+        f"A deep anchored version of `{base}` made with [dacnn-convert](https://pypi.org/project/dacnn-convert/): "
+        "convolution kernels shared across layers (anchors, filter banks), every BatchNorm free.",
+        "",
+        "| | original | this model | ratio |",
+        "|---|---:|---:|---:|",
+        f"| unique parameters | {report.params_before:,} | {report.params_after:,} | {report.ratio:.2f}x |",
+    ]
     if report.bytes_before and report.bytes_after:
-        lines.append(f"| bytes on disk | {report.bytes_before:,} | {report.bytes_after:,} | {report.bytes_ratio:.2f}x |")
-    lines.append(f"| MACs at {'x'.join(map(str, report.input_size))} | {report.macs_before:,} | "
-                 f"{report.macs_after:,} | {report.macs_after / report.macs_before:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| bytes on disk | {report.bytes_before:,} | {report.bytes_after:,} | {report.bytes_ratio:.2f}x |"
+        )
+    lines.append(
+        f"| MACs at {'x'.join(map(str, report.input_size))} | {report.macs_before:,} | "
+        f"{report.macs_after:,} | {report.macs_after / report.macs_before:.2f}x |"
+    )
     if accuracy:
         lines += ["", f"Top-1 accuracy{f' on {dataset}' if dataset else ''}:", "", "| step | top-1 |", "|---|---:|"]
         lines += [f"| {step} | {100 * acc:.2f}% |" for step, acc in accuracy.items()]
-    lines += ["", "## Plan", "", f"mode `{report.mode}`, init `{report.init}`, {report.regulators} regulators "
-              f"({report.regulator_style})", "", "| anchor | sections | kernel | members |", "|---|---|---|---:|"]  # fmt: skip
+    lines += [
+        "",
+        "## Plan",
+        "",
+        f"mode `{report.mode}`, init `{report.init}`, {report.regulators} regulators ({report.regulator_style})",
+        "",
+        "| anchor | sections | kernel | members |",
+        "|---|---|---|---:|",
+    ]
     lines += [f"| {g.anchor} | {','.join(map(str, g.sections))} | {g.kernel} | {g.members} |" for g in report.groups]
     if command:
         lines += ["", "## Made with", "", "```bash", command, "```"]
-    lines += ["", "## Load", "", "With dacnn-convert (shared kernels stay shared):", "", "```python",
-              "from dacnn_convert import from_pretrained", 'model = from_pretrained("THIS_FOLDER_OR_HUB_ID").eval()',
-              "```", "", "Without it: `dacnn export model.safetensors --format dense` writes the original "
-              "architecture's state dict, which the original class loads with `strict=True`:", "", "```python",
-              "from safetensors.torch import load_file", 'model.load_state_dict(load_file("model-fp32.dense.safetensors"))',
-              "```", "", "ONNX Runtime: `dacnn export model.safetensors --format onnx`, then", "", "```python",
-              "import onnxruntime as ort", 'session = ort.InferenceSession("model-fp32.onnx")',
-              'logits = session.run(None, {"input": images})[0]', "```"]  # fmt: skip
+    lines += [
+        "",
+        "## Load",
+        "",
+        "With dacnn-convert (shared kernels stay shared):",
+        "",
+        "```python",
+        "from dacnn_convert import from_pretrained",
+        'model = from_pretrained("THIS_FOLDER_OR_HUB_ID").eval()',
+        "```",
+        "",
+        "Without it: `dacnn export model.safetensors --format dense` writes the original "
+        "architecture's state dict, which the original class loads with `strict=True`:",
+        "",
+        "```python",
+        "from safetensors.torch import load_file",
+        'model.load_state_dict(load_file("model-fp32.dense.safetensors"))',
+        "```",
+        "",
+        "ONNX Runtime: `dacnn export model.safetensors --format onnx`, then",
+        "",
+        "```python",
+        "import onnxruntime as ort",
+        'session = ort.InferenceSession("model-fp32.onnx")',
+        'logits = session.run(None, {"input": images})[0]',
+        "```",
+    ]
     if report.notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
     return "\n".join(lines) + "\n"
@@ -102,8 +147,10 @@ def save_pretrained(
         from .sources import hub_reachable
 
         if not hub_reachable():
-            raise HubError(f"the Hugging Face hub is unreachable (offline?): {folder} was written but not pushed to "
-                           f"{push_to_hub}; push it later with huggingface_hub.upload_folder")  # fmt: skip
+            raise HubError(
+                f"the Hugging Face hub is unreachable (offline?): {folder} was written but not pushed to "
+                f"{push_to_hub}; push it later with huggingface_hub.upload_folder"
+            )
         try:
             from huggingface_hub import HfApi
 
@@ -144,6 +191,8 @@ def from_pretrained(name: str | Path, model: nn.Module | None = None) -> nn.Modu
 
         local = hf_hub_download(str(name), WEIGHTS, local_files_only=not hub_reachable())
     except Exception as exc:
-        raise HubError(f"cannot fetch {name} from the Hugging Face hub (offline, or no such repo): "
-                       f"{str(exc).splitlines()[0][:160]}") from exc  # fmt: skip
+        raise HubError(
+            f"cannot fetch {name} from the Hugging Face hub (offline, or no such repo): "
+            f"{str(exc).splitlines()[0][:160]}"
+        ) from exc
     return load(local, model)

@@ -95,7 +95,8 @@ def quantize_int8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     ``w ≈ q * s`` with ``q`` in [-127, 127] and ``s = max|w_c| / 127`` per output channel
     (dim 0), the scales stored in fp16 beside each tensor as ``KEY.int8_scale`` (as GGUF does:
     their 2^-11 relative rounding is small beside int8's half step; with fp32 scales the 10% bank
-    model of benchmarks/results/int8_storage.md took 27.1% of its fp32 file, with fp16 26.9%). Returns the state to write and the keys quantized.
+    model of benchmarks/results/int8_storage.md took 27.1% of its fp32 file, with fp16 26.9%). Returns the
+    state to write and the keys quantized.
     """
     out: dict[str, torch.Tensor] = {}
     keys = []
@@ -104,7 +105,9 @@ def quantize_int8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
         if v.is_floating_point() and v.dim() >= 2:
             flat = v.float().reshape(v.shape[0], -1)
             scale = (flat.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float16).tiny).half()
-            out[k] = (flat / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(v.shape).contiguous()
+            out[k] = (
+                (flat / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(v.shape).contiguous()
+            )
             out[k + INT8_SCALE] = scale.contiguous()
             keys.append(k)
         else:
@@ -199,8 +202,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     skeleton.load_state_dict(state, strict=True)
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
-        raise CheckpointError(f"{str(path)!r}: tensor {bad} holds NaN or infinite values; the file is damaged or the "
-                              "run that wrote it diverged")  # fmt: skip
+        raise CheckpointError(
+            f"{str(path)!r}: tensor {bad} holds NaN or infinite values; the file is damaged or the "
+            "run that wrote it diverged"
+        )
     if plan is not None:
         setattr(skeleton, BN_STALE_ATTR, meta.get("bn_stale") == "1")
     if spec is not None:

@@ -62,7 +62,11 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(m, AnchoredConv2d):
             continue
         prefix = f"{name}."
-        for key in [k for k in state if k.startswith(prefix) and k[len(prefix):].split(".")[0] in ("scale", "coeff", "regulator")]:
+        for key in [
+            k
+            for k in state
+            if k.startswith(prefix) and k[len(prefix) :].split(".")[0] in ("scale", "coeff", "regulator")
+        ]:
             del state[key]
         with torch.no_grad():
             w = m.weight.detach().clone()

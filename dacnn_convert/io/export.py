@@ -90,9 +90,16 @@ def export_onnx(
             warnings.simplefilter("ignore")
             raw = Path(tmp) / "raw.onnx"
             torch.onnx.export(
-                model, (x,), str(raw), dynamo=True, optimize=False, opset_version=opset,
-                dynamic_shapes=(_dynamic_axes(dynamic_spatial),), input_names=["input"], output_names=["output"],
-            )  # fmt: skip
+                model,
+                (x,),
+                str(raw),
+                dynamo=True,
+                optimize=False,
+                opset_version=opset,
+                dynamic_shapes=(_dynamic_axes(dynamic_spatial),),
+                input_names=["input"],
+                output_names=["output"],
+            )
             proto = onnx.load(str(raw))
     except Exception as exc:
         raise DacnnError(f"ONNX export failed: {str(exc).splitlines()[0][:200]}") from exc
@@ -110,8 +117,10 @@ def export_onnx(
         limit = 1e-3 if dtype == "fp32" else float("inf")  # half storage rounds every weight: finite is the test
         if diff is not None and not diff <= limit:  # NaN compares false: a NaN output fails too
             path.unlink(missing_ok=True)
-            raise DacnnError(f"onnxruntime does not reproduce the model (max |diff| {diff}); nothing written. "
-                             "Non-finite weights, or an op the exporter got wrong")  # fmt: skip
+            raise DacnnError(
+                f"onnxruntime does not reproduce the model (max |diff| {diff}); nothing written. "
+                "Non-finite weights, or an op the exporter got wrong"
+            )
     return OnnxExport(path, path.stat().st_size, len(proto.graph.initializer), diff)
 
 
@@ -144,7 +153,9 @@ def _store_floats_as(proto, dtype: str) -> None:  # noqa: ANN001
         values = torch.from_numpy(numpy_helper.to_array(init).copy()).to(target[1])
         name = init.name
         init.CopyFrom(
-            helper.make_tensor(f"{name}__{dtype}", target[0], list(values.shape), values.view(torch.int16).numpy().tobytes(), raw=True)
+            helper.make_tensor(
+                f"{name}__{dtype}", target[0], list(values.shape), values.view(torch.int16).numpy().tobytes(), raw=True
+            )
         )
         casts.append(helper.make_node("Cast", [f"{name}__{dtype}"], [name], to=TensorProto.FLOAT))
     nodes = list(proto.graph.node)
@@ -242,8 +253,15 @@ def quantize_onnx_int8(fp32: str | Path, path: str | Path, batches: Iterable, nu
             out = Path(tmp) / "int8.onnx"
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                quantize_static(str(clean), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                weight_type=QuantType.QInt8, activation_type=QuantType.QInt8)  # fmt: skip
+                quantize_static(
+                    str(clean),
+                    str(out),
+                    Reader(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QInt8,
+                )
             proto = onnx.load(str(out))
             atomic_write(path, lambda t: onnx.save(proto, str(t)))
     except DacnnError:

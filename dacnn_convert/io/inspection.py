@@ -92,8 +92,17 @@ def _inspect_safetensors(path: Path) -> Inspection:
         from ..core.models import from_name
 
         shared = _architecture_sharing(from_name(source["name"], source.get("num_classes") or 100))
-    return Inspection(str(path), "safetensors", path.stat().st_size, tensors, params, param_bytes, tuple(shared),
-                      source, meta.get("dtype"))  # fmt: skip
+    return Inspection(
+        str(path),
+        "safetensors",
+        path.stat().st_size,
+        tensors,
+        params,
+        param_bytes,
+        tuple(shared),
+        source,
+        meta.get("dtype"),
+    )
 
 
 def _architecture_sharing(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
@@ -109,14 +118,18 @@ def _architecture_sharing(model: torch.nn.Module) -> list[tuple[str, tuple[int, 
 
 
 def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 4)
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(
+        dtype, 4
+    )
 
 
 def _inspect_state_dict(path: Path) -> Inspection:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read {str(path)!r} as a weights-only torch file: {str(exc).splitlines()[0][:160]}") from exc
+        raise CheckpointError(
+            f"cannot read {str(path)!r} as a weights-only torch file: {str(exc).splitlines()[0][:160]}"
+        ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -147,8 +160,18 @@ class _TensorRecord:
     itemsize: int
 
 
-_ITEMSIZE = {"DoubleStorage": 8, "LongStorage": 8, "FloatStorage": 4, "IntStorage": 4, "HalfStorage": 2,
-             "BFloat16Storage": 2, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1}  # fmt: skip
+_ITEMSIZE = {
+    "DoubleStorage": 8,
+    "LongStorage": 8,
+    "FloatStorage": 4,
+    "IntStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "ShortStorage": 2,
+    "CharStorage": 1,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+}
 
 
 class _ArchiveUnpickler(pickle.Unpickler):
@@ -214,8 +237,9 @@ def _inspect_torchscript(path: Path) -> Inspection:
     shared = [(k, named[k].shape, ()) for k in named if k.startswith("dacnn_anchors.")]
     shared += [(n[0], named[n[0]].shape, tuple(n)) for n in by_storage.values() if len(n) > 1]
     notes = ("read without running the archive's code; users of an anchor are not recorded",)
-    return Inspection(str(path), "torchscript", path.stat().st_size, len(tensors), params, pbytes, tuple(shared),
-                      notes=notes)  # fmt: skip
+    return Inspection(
+        str(path), "torchscript", path.stat().st_size, len(tensors), params, pbytes, tuple(shared), notes=notes
+    )
 
 
 def _inspect_onnx(path: Path) -> Inspection:
@@ -248,6 +272,8 @@ def _inspect_onnx(path: Path) -> Inspection:
             params += arr.size
             pbytes += arr.nbytes
     shared = tuple(
-        (name, tuple(inits[name].dims), tuple(u)) for name, u in users.items() if len(u) > 1 and len(inits[name].dims) == 4
+        (name, tuple(inits[name].dims), tuple(u))
+        for name, u in users.items()
+        if len(u) > 1 and len(inits[name].dims) == 4
     )
     return Inspection(str(path), "onnx", path.stat().st_size, len(inits), params, pbytes, shared)

@@ -33,8 +33,7 @@ from torch import nn
 from ..errors import UnknownModelError, WeightsError, suggest
 
 OFFLINE_HINT = (
-    "use --weights none for random initialisation, or --weights PATH for a local "
-    "state dict (.safetensors or .pt)"
+    "use --weights none for random initialisation, or --weights PATH for a local state dict (.safetensors or .pt)"
 )
 
 
@@ -330,9 +329,8 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
                 "with torch.load(weights_only=True), so no code in them can run. If you trust its source, re-save "
                 "its state dict as .safetensors"
             ) from exc
-        raise WeightsError(
-            f"cannot read weights file {str(path)!r}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
-        ) from exc
+        why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {why}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -392,11 +390,19 @@ def input_config(model: nn.Module | None, spec: ModelSpec | None = None, weights
     if isinstance(cfg, dict) and "input_size" in cfg:
         import timm.data
 
-        data = timm.data.resolve_data_config({}, model=model) if model is not None else timm.data.resolve_data_config(
-            {}, pretrained_cfg=cfg)  # fmt: skip
+        data = (
+            timm.data.resolve_data_config({}, model=model)
+            if model is not None
+            else timm.data.resolve_data_config({}, pretrained_cfg=cfg)
+        )
         c, h, w = data["input_size"]
-        return InputConfig((int(c), int(h), int(w)), tuple(data["mean"]), tuple(data["std"]),
-                           float(data.get("crop_pct", 0.875)), str(data.get("interpolation", "bilinear")))  # fmt: skip
+        return InputConfig(
+            (int(c), int(h), int(w)),
+            tuple(data["mean"]),
+            tuple(data["std"]),
+            float(data.get("crop_pct", 0.875)),
+            str(data.get("interpolation", "bilinear")),
+        )
     enum = torchvision_weights(spec, weights or "DEFAULT") if spec is not None else None
     if enum is not None:
         t = enum.transforms()

@@ -247,7 +247,14 @@ class ImagePreprocess(Protocol):
 
 
 def _imagefolder(
-    root: Path, batch_size: int, size: int, flip: bool, seed: int, rank: int, world_size: int, pin_memory: bool = False,
+    root: Path,
+    batch_size: int,
+    size: int,
+    flip: bool,
+    seed: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool = False,
     image: ImagePreprocess | None = None,
 ) -> Loaders:
     """ImageNet-style ``root/train/CLASS/*.jpg`` and ``root/val/CLASS/*.jpg``, streamed from disk.
@@ -266,15 +273,14 @@ def _imagefolder(
     norm = transforms.Normalize(list(mean), list(std))
     resize = [transforms.Resize(int(round(size / crop_pct)), interpolation=mode), transforms.CenterCrop(size)]
     train_tf = transforms.Compose(
-        [transforms.RandomResizedCrop(size, interpolation=mode)] + ([transforms.RandomHorizontalFlip()] if flip else [])
+        [transforms.RandomResizedCrop(size, interpolation=mode)]
+        + ([transforms.RandomHorizontalFlip()] if flip else [])
         + [transforms.ToTensor(), norm]
-    )  # fmt: skip
+    )
     val_tf = transforms.Compose([*resize, transforms.ToTensor(), norm])
     train_set = datasets.ImageFolder(str(root / "train"), train_tf)
     val_set = datasets.ImageFolder(str(root / "val"), val_tf)
-    sampler = (
-        torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=seed) if world_size > 1 else None
-    )
+    sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=seed) if world_size > 1 else None
     workers = min(8, os.cpu_count() or 1)
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
     train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=sampler is None, sampler=sampler, **common)

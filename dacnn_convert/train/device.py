@@ -38,15 +38,21 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         if index and not index.isdigit():
             raise UsageError(f"device {spec!r}: the GPU index must be a number, e.g. cuda:0")
         if not torch.cuda.is_available():
-            raise UsageError(f"device {spec!r} requested, but no CUDA device is available on this machine; use cpu or auto")
+            raise UsageError(
+                f"device {spec!r} requested, but no CUDA device is available on this machine; use cpu or auto"
+            )
         n = int(index) if index else local_rank()
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1 and n != local_rank():
-            raise UsageError(f"device {spec!r}: under torchrun each process uses the GPU of its LOCAL_RANK "
-                             f"(here cuda:{local_rank()}); use cuda or auto")  # fmt: skip
+            raise UsageError(
+                f"device {spec!r}: under torchrun each process uses the GPU of its LOCAL_RANK "
+                f"(here cuda:{local_rank()}); use cuda or auto"
+            )
         count = torch.cuda.device_count()
         if n >= count:
-            raise UsageError(f"device cuda:{n} does not exist: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+            raise UsageError(
+                f"device cuda:{n} does not exist: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            )
         return torch.device("cuda", n)
     raise UsageError(f"unknown device {spec!r}; expected {DEVICE_HELP}")
 

@@ -21,8 +21,12 @@ def kd_loss(
     """
     s, t = student_logits.float(), teacher_logits.float()
     ce = F.cross_entropy(s, targets, label_smoothing=label_smoothing)
-    kl = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1), log_target=True,
-                  reduction="batchmean")  # fmt: skip
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, dim=1),
+        F.log_softmax(t / temperature, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    )
     return (1.0 - alpha) * ce + alpha * temperature**2 * kl
 
 

@@ -211,13 +211,16 @@ def _resume_state(
         ResumeError: unreadable or truncated, not a training state, or written by a run with
             another model, optimiser or number of steps per epoch (says which).
     """
+
     def refuse(why: str) -> ResumeError:
         return ResumeError(f"cannot resume from {path}: {why}; to start over instead, use --overwrite (resume=False)")
 
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise refuse(f"it is not a readable training state ({str(exc).splitlines()[0][:120] or type(exc).__name__})") from exc
+        raise refuse(
+            f"it is not a readable training state ({str(exc).splitlines()[0][:120] or type(exc).__name__})"
+        ) from exc
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise refuse("it is not a dacnn training state (keys missing)")
     mine, theirs = model.state_dict(), state["model"]
@@ -225,18 +228,25 @@ def _resume_state(
         raise refuse("its model entry is not a state dict")
     missing = [k for k in mine if k not in theirs]
     if missing or len(theirs) != len(mine):
-        raise refuse(f"it belongs to another model ({len(missing)} of this model's tensors missing, e.g. {missing[:2]})")
+        raise refuse(
+            f"it belongs to another model ({len(missing)} of this model's tensors missing, e.g. {missing[:2]})"
+        )
     shape = next((k for k in mine if tuple(theirs[k].shape) != tuple(mine[k].shape)), None)
     if shape is not None:
-        raise refuse(f"it belongs to another model ({shape} has shape {tuple(theirs[shape].shape)}, here {tuple(mine[shape].shape)})")
+        raise refuse(
+            f"it belongs to another model ({shape} has shape {tuple(theirs[shape].shape)}, here "
+            f"{tuple(mine[shape].shape)})"
+        )
     name = state.get("optimizer_name")
     groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
     if (name is not None and name != cfg.optimizer) or len(groups) != len(opt.param_groups):
         raise refuse(f"it was written with optimizer {name or 'another'}, this run uses {cfg.optimizer}")
     written = state.get("steps_per_epoch")
     if written is not None and written != per_epoch:
-        raise refuse(f"it was written with {written} steps per epoch and this run has {per_epoch} "
-                     "(another --batch-size, --train-limit or --limit-batches?)")  # fmt: skip
+        raise refuse(
+            f"it was written with {written} steps per epoch and this run has {per_epoch} "
+            "(another --batch-size, --train-limit or --limit-batches?)"
+        )
     return state
 
 
@@ -337,19 +347,34 @@ def _fit(
         nonlocal last_good
         if state_path is None or not is_main():
             return
-        last_good = _save_state(state_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "steps_per_epoch": per_epoch, "optimizer_name": cfg.optimizer,
-            "epoch": epoch, "batch": batch, "step": step, "history": result.history, "best_acc": result.best_acc,
-        })  # fmt: skip
+        last_good = _save_state(
+            state_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "steps_per_epoch": per_epoch,
+                "optimizer_name": cfg.optimizer,
+                "epoch": epoch,
+                "batch": batch,
+                "step": step,
+                "history": result.history,
+                "best_acc": result.best_acc,
+            },
+        )
 
     def interrupted(epoch: int, at_step: int) -> TrainingInterrupted:
-        where = f"checkpoint saved to {state_path}; run the same command with --resume to continue" if (
-            state_path is not None) else "nothing saved (no output folder)"
+        where = (
+            f"checkpoint saved to {state_path}; run the same command with --resume to continue"
+            if (state_path is not None)
+            else "nothing saved (no output folder)"
+        )
         by = signal.Signals(interrupts.signum).name if interrupts.signum else "SIGINT"
-        return TrainingInterrupted(f"interrupted ({by}) at epoch {epoch + 1}, step {at_step}: {where}", interrupts.signum or 2)
+        return TrainingInterrupted(
+            f"interrupted ({by}) at epoch {epoch + 1}, step {at_step}: {where}", interrupts.signum or 2
+        )
 
     with _Interrupts() as interrupts:
         for epoch in range(first_epoch, cfg.epochs):
@@ -371,7 +396,9 @@ def _fit(
                     logits = net(x)
                     loss = step_loss(logits, x, y)
                 if not torch.isfinite(loss):
-                    where = f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
+                    where = (
+                        f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
+                    )
                     raise NonFiniteLossError(
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}. Lower --lr or use fp32"
                     )
@@ -398,8 +425,16 @@ def _fit(
                     return result
                 if on_step is not None and is_main():
                     elapsed = time.perf_counter() - start
-                    on_step({"epoch": epoch + 1, "step": i + 1, "steps": per_epoch, "loss": loss_sum / count,
-                             "acc": correct / count, "images_per_s": seen / elapsed})  # fmt: skip
+                    on_step(
+                        {
+                            "epoch": epoch + 1,
+                            "step": i + 1,
+                            "steps": per_epoch,
+                            "loss": loss_sum / count,
+                            "acc": correct / count,
+                            "images_per_s": seen / elapsed,
+                        }
+                    )
             skip = 0
             loss_sum, correct, count = all_sum([loss_sum, correct, count])
             val_acc = evaluate(model, val_batches, precision)
@@ -535,7 +570,9 @@ def distill(
         return value
 
     try:
-        result = _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)
+        result = _fit(
+            student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after
+        )
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
@@ -547,6 +584,8 @@ def distill(
             taps[1].remove()
     if calibrated:
         result.calibrated_batches = calibrated
-        result.notes.append(f"the student's BatchNorm statistics were those of the original network: re-estimated "
-                            f"on {calibrated} training batches before fine-tuning")  # fmt: skip
+        result.notes.append(
+            f"the student's BatchNorm statistics were those of the original network: re-estimated "
+            f"on {calibrated} training batches before fine-tuning"
+        )
     return result
