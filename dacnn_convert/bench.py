@@ -283,14 +283,17 @@ def run_bench(
     rows: list[BenchRow] = []
     finals: dict[str, nn.Module] = {}
     base_seed = getattr(loaders.train, "seed", None)
+    first = next(teacher.parameters(), None)
+    cuda = [first.device] if first is not None and first.device.type == "cuda" else []
     for seed in range(config.repeats):
         if base_seed is not None:  # a new data order per repeat, the same for every method
             loaders.train.seed = base_seed + seed  # type: ignore[attr-defined]
         for name in config.methods:
             began = time.perf_counter()
             notify("method", {"method": name, "seed": seed})
-            torch.manual_seed(seed)
-            compressed = get_method(name).compress(teacher, target, replace(ctx, seed=seed))
+            with torch.random.fork_rng(devices=cuda):  # seeded for the method, the caller's RNG untouched
+                torch.manual_seed(seed)
+                compressed = get_method(name).compress(teacher, target, replace(ctx, seed=seed))
             model = compressed.model
             for p in model.parameters():  # a frozen teacher's copies inherit its flags
                 p.requires_grad_(True)

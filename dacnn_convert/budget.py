@@ -41,6 +41,7 @@ from torch import nn
 
 from .core.banks import bank_params, bankable, factorizable
 from .core.graph import ConvSite
+from .core.modes import mode
 from .core.planning import Group, Plan, RegulatorSpec, bank_group, make_plan
 from .errors import PlanError, UsageError, choose
 
@@ -305,18 +306,15 @@ def calibration_reference(
     """
     batches: list[torch.Tensor] = []
     reference: list[torch.Tensor] = []
-    was = model.training
-    model.eval()
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
-    for i, (x, *_) in enumerate(calib_loader):
-        if i >= calib_batches:
-            break
-        x = x.to(device)
-        batches.append(x)
-        with torch.no_grad():
+    with mode(model), torch.no_grad():
+        for i, (x, *_) in enumerate(calib_loader):
+            if i >= calib_batches:
+                break
+            x = x.to(device)
+            batches.append(x)
             reference.append(F.log_softmax(model(x), 1))
-    model.train(was)
     return batches, reference
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.modes import mode
 from .train.trainer import autocast, resolve_precision
 
 
@@ -49,14 +50,13 @@ def compare_latency(
 
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
-    was = {name: (device_of(m), {mod: mod.training for mod in m.modules()}) for name, m in models.items()}
+    was = {name: device_of(m) for name, m in models.items()}
     try:
-        return _time(models, input_size, batch, precision, dev, repeats, warmup)
+        with mode(*models.values()):
+            return _time(models, input_size, batch, precision, dev, repeats, warmup)
     finally:
         for name, m in models.items():
-            m.to(was[name][0])
-            for mod, training in was[name][1].items():
-                mod.training = training
+            m.to(was[name])
 
 
 def _time(
@@ -68,7 +68,7 @@ def _time(
     repeats: int,
     warmup: int,
 ) -> list[LatencyRow]:
-    nets = {name: m.to(dev).eval() for name, m in models.items()}
+    nets = {name: m.to(dev) for name, m in models.items()}
     x = torch.randn(batch, *input_size, device=dev)
     times: dict[str, list[float]] = {name: [] for name in nets}
     names = list(nets)

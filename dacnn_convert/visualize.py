@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .core.modes import mode
 from .errors import UsageError, suggest
 
 
@@ -54,7 +55,7 @@ def visualize_filters(
     """Optimise one input image per (layer, filter) to maximise that filter's mean response.
 
     Args:
-        model: any model; it is put in eval mode and not changed.
+        model: any model; run in eval mode, its modes and ``requires_grad`` flags come back as they were.
         layers: qualified module names (``sections.0.1.0`` or ``layer1.0.conv2``).
         filters: the first N output channels, or explicit channel indices.
         input_size: (C, H, W) of the optimised image.
@@ -69,43 +70,58 @@ def visualize_filters(
     for name in layers:
         if name not in modules:
             raise UsageError(f"no layer {name!r} in the model.{suggest(name, modules)} Layers are module names")
-    model.eval()
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
         p.requires_grad_(False)
-    images: dict[str, torch.Tensor] = {}
-    activation: dict[str, list[float]] = {}
     try:
-        for name in layers:
-            captured: list[torch.Tensor] = []
-            hook = modules[name].register_forward_hook(lambda m, i, o, into=captured: into.append(o))
-            try:
-                with torch.no_grad():
-                    model(torch.zeros(1, *input_size))
-                channels = captured[-1].shape[1]
-                chosen = list(range(min(filters, channels))) if isinstance(filters, int) else list(filters)
-                if any(not 0 <= f < channels for f in chosen):
-                    raise UsageError(f"{name} has {channels} filters; got indices {chosen}")
-                g = torch.Generator().manual_seed(seed)
-                x = (0.1 * torch.randn(len(chosen), *input_size, generator=g)).requires_grad_(True)
-                opt = torch.optim.Adam([x], lr=lr)
-                index = torch.tensor(chosen)
-                for _ in range(steps):
-                    captured.clear()
-                    opt.zero_grad()
-                    model(x)
-                    out = captured[-1]
-                    response = out[torch.arange(len(chosen)), index].mean(dim=(1, 2))
-                    (-(response.sum()) + l2 * x.square().sum()).backward()
-                    opt.step()
-            finally:
-                hook.remove()
-            img = x.detach()
-            lo = img.amin(dim=(1, 2, 3), keepdim=True)
-            hi = img.amax(dim=(1, 2, 3), keepdim=True)
-            images[name] = (img - lo) / (hi - lo).clamp_min(1e-8)
-            activation[name] = [float(v) for v in response.detach()]
+        with mode(model):
+            images, activation = _optimise(model, modules, layers, filters, input_size, steps, lr, l2, seed)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return FilterImages(images, activation)
+
+
+def _optimise(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    layers: Sequence[str],
+    filters: int | Sequence[int],
+    input_size: tuple[int, int, int],
+    steps: int,
+    lr: float,
+    l2: float,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    images: dict[str, torch.Tensor] = {}
+    activation: dict[str, list[float]] = {}
+    for name in layers:
+        captured: list[torch.Tensor] = []
+        hook = modules[name].register_forward_hook(lambda m, i, o, into=captured: into.append(o))
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, *input_size))
+            channels = captured[-1].shape[1]
+            chosen = list(range(min(filters, channels))) if isinstance(filters, int) else list(filters)
+            if any(not 0 <= f < channels for f in chosen):
+                raise UsageError(f"{name} has {channels} filters; got indices {chosen}")
+            g = torch.Generator().manual_seed(seed)
+            x = (0.1 * torch.randn(len(chosen), *input_size, generator=g)).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=lr)
+            index = torch.tensor(chosen)
+            for _ in range(steps):
+                captured.clear()
+                opt.zero_grad()
+                model(x)
+                out = captured[-1]
+                response = out[torch.arange(len(chosen)), index].mean(dim=(1, 2))
+                (-(response.sum()) + l2 * x.square().sum()).backward()
+                opt.step()
+        finally:
+            hook.remove()
+        img = x.detach()
+        lo = img.amin(dim=(1, 2, 3), keepdim=True)
+        hi = img.amax(dim=(1, 2, 3), keepdim=True)
+        images[name] = (img - lo) / (hi - lo).clamp_min(1e-8)
+        activation[name] = [float(v) for v in response.detach()]
+    return images, activation

@@ -409,6 +409,7 @@ class DataOptions:
         from ..train import TrainConfig
 
         return TrainConfig(
+            catch_signals=True,  # a command checkpoints on Ctrl-C / SIGTERM
             epochs=self.epochs,
             lr=self.lr,
             optimizer=self.optimizer,

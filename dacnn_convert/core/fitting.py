@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .modes import mode
+
 FITS: dict[str, Callable[[list[torch.Tensor], tuple[int, ...]], Fit]] = {}
 
 
@@ -200,21 +202,14 @@ def _patches(m: torch.nn.Conv2d, x: torch.Tensor, rows: int | None = None, seed:
 
 def _run_batches(models: list[torch.nn.Module], batches: Iterable, num_batches: int) -> None:
     """Run every model, in eval mode and without gradients, on the same batches; modes restored."""
-    modes = {m: m.training for model in models for m in model.modules()}
     device = next(models[0].parameters()).device
-    try:
-        for model in models:
-            model.eval()
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if i >= num_batches:
-                    break
-                x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
-                for model in models:
-                    model(x)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with mode(*models), torch.no_grad():
+        for i, batch in enumerate(batches):
+            if i >= num_batches:
+                break
+            x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
+            for model in models:
+                model(x)
 
 
 def input_moments(

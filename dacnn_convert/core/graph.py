@@ -19,6 +19,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import PlanError, TraceError
+from .modes import mode
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
@@ -173,11 +174,9 @@ def analyze(
         PlanError: the forward pass failed on the example input (e.g. too small).
     """
     gm = trace(model, leaf_modules)
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        # ShapeProp prints a traceback of its own before raising: keep the user's terminal clean
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        with mode(model), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            # ShapeProp prints a traceback of its own before raising: keep the user's terminal clean
             p = next(model.parameters(), None)  # the example goes where the model is (CPU or GPU)
             ShapeProp(gm).propagate(torch.zeros(1, *input_size, device=p.device if p is not None else "cpu"))
     except Exception as exc:
@@ -190,9 +189,6 @@ def analyze(
             + f": {first[:200]}. "
             "Is --input-size right for this network (too small for its downsampling?)"
         ) from exc
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return _sites(gm, model)
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .convert import Conversion
+from .modes import mode
 from .planning import Plan, unique_params
 
 
@@ -33,19 +34,13 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    modes = {m: m.training for m in model.modules()}
     p = next(model.parameters(), None)
-    try:
-        model.eval()
+    with mode(model), torch.no_grad():
         x = torch.zeros(1, *input_size, device=p.device if p is not None else "cpu")
         counter = FlopCounterMode(display=False)
-        with torch.no_grad():
+        model(x)
+        with counter:
             model(x)
-            with counter:
-                model(x)
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return int(counter.get_total_flops()) // 2
 
 
@@ -231,23 +226,19 @@ def build_report(
 
 
 def figure(rows: int = 1, cols: int = 1, size: tuple[float, float] = (5, 3.5), grid: bool = False) -> tuple[Any, Any]:
-    """A matplotlib figure on the non-interactive backend; ``grid`` always returns a 2-D array of axes."""
-    import matplotlib
+    """A matplotlib figure outside pyplot (no backend is chosen, no global figure list grows);
+    ``grid`` always returns a 2-D array of axes."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(rows, cols, figsize=size, dpi=120, squeeze=not grid)
+    fig = Figure(figsize=size, dpi=120)
+    return fig, fig.subplots(rows, cols, squeeze=not grid)
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Lay out, write as PNG, close; returns the path."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

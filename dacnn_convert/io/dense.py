@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core.convert import PLAN_ATTR
 from ..core.layers import BANK_NAME, AnchoredConv2d
+from ..core.modes import mode
 from ..errors import DacnnError
 
 
@@ -133,16 +134,9 @@ def check_dense(
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:240]
         raise DenseExportError(f"the dense weights do not load into {type(stock).__name__}: {first}") from exc
-    modes = {m: m.training for net in (anchored, stock) for m in net.modules()}
-    try:
-        anchored.eval()
-        stock.eval()
+    with mode(anchored, stock), torch.no_grad():
         x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            return float((anchored(x) - stock(x)).abs().max())
-    finally:
-        for m, training in modes.items():
-            m.training = training
+        return float((anchored(x) - stock(x)).abs().max())
 
 
 def export_dense(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.modes import mode
 from ..errors import DacnnError, UsageError
 from .atomic import atomic_write
 
@@ -82,11 +83,14 @@ def export_onnx(
         raise UsageError(f"opset {opset}: the exporter (torch.onnx, dynamo) writes opset {MIN_OPSET} or later")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    model.eval()
     x = torch.randn(2, *input_size)
     try:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            mode(model),
+            tempfile.TemporaryDirectory() as tmp,
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             raw = Path(tmp) / "raw.onnx"
             torch.onnx.export(
@@ -103,8 +107,6 @@ def export_onnx(
             proto = onnx.load(str(raw))
     except Exception as exc:
         raise DacnnError(f"ONNX export failed: {str(exc).splitlines()[0][:200]}") from exc
-    finally:
-        model.train(was_training)
     _strip_metadata(proto)
     if dtype != "fp32":
         _store_floats_as(proto, dtype)
@@ -171,25 +173,17 @@ def _check_onnxruntime(model: nn.Module, path: Path, input_size: tuple[int, int,
     x = torch.randn(3, *input_size)  # another batch size than the export's: the axis is dynamic
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with mode(model), torch.no_grad():
         expected = model(x).numpy()
-    model.train(was_training)
     return float(abs(got - expected).max())
 
 
 def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
     """Trace ``model`` to TorchScript and save it; each anchor stays one tensor in the archive."""
     path = Path(path)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, torch.randn(1, *input_size))
-    finally:
-        model.train(was_training)
+    with mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, torch.randn(1, *input_size))
     atomic_write(path, lambda tmp: traced.save(str(tmp)))
     return path
 

@@ -211,12 +211,26 @@ def _build_timm(spec: ModelSpec, pretrained: bool) -> nn.Module:
         return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
 
 
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[None]:
+    """The working directory on ``sys.path`` for one import, as ``python -m`` would have it (the
+    user's code is usually where they run); ``sys.path`` is as it was afterwards."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _build_from_factory(spec: ModelSpec) -> nn.Module:
     module_name, _, attr = spec.name.partition(":")
-    if os.getcwd() not in sys.path:  # as `python -m` would: the user's code is usually where they run
-        sys.path.insert(0, os.getcwd())
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        with _cwd_importable():
+            factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise UnknownModelError(
             f"cannot import {attr!r} from {module_name!r} ({exc}); a user model is given as "

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core.convert import BN_STALE_ATTR
+from ..core.modes import mode
 from ..defaults import CALIBRATE_BATCHES
 
 
@@ -32,15 +33,13 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = CALIB
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = {m: m.momentum for m in bns}
-    modes = {m: m.training for m in model.modules()}
     device = next(model.parameters()).device
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the calibration batches
     used = 0
     try:
-        model.train()
-        with torch.no_grad():
+        with mode(model, train=True), torch.no_grad():
             for batch in batches:
                 if used >= num_batches:
                     break
@@ -50,8 +49,6 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = CALIB
     finally:
         for m, mom in momenta.items():
             m.momentum = mom
-        for m, training in modes.items():
-            m.training = training
     if used and hasattr(model, BN_STALE_ATTR):
         setattr(model, BN_STALE_ATTR, False)
     return used
