@@ -19,7 +19,7 @@ from _env import machine  # benchmarks/ is on sys.path when run as a script
 
 from dacnn_convert import anchor
 from dacnn_convert.train import TrainConfig, distill, kd_loss
-from dacnn_convert.train.trainer import autocast
+from dacnn_convert.train.precision import autocast
 
 
 class Batches:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .core.modes import mode
-from .train.trainer import autocast, resolve_precision
+from .train.precision import autocast, resolve_precision
 
 
 @dataclass(frozen=True)

@@ -327,7 +327,7 @@ def test_checkpoints_get_the_umask_permissions_and_are_fsynced(tmp_path, monkeyp
     import os
 
     from dacnn_convert import save
-    from dacnn_convert.train.trainer import _save_state
+    from dacnn_convert.train.state import save_state as _save_state
 
     from .models import TinyResNet
 

@@ -81,7 +81,7 @@ def test_shutdown_leaves_the_group_only_when_joined(monkeypatch) -> None:
 
 
 def test_batches_stay_put_on_the_cpu() -> None:
-    from dacnn_convert.train.trainer import to_device
+    from dacnn_convert.train.evaluation import to_device
 
     x = torch.ones(2)
     assert to_device(x, torch.device("cpu")) is x
@@ -175,7 +175,7 @@ def test_under_torchrun_an_explicit_gpu_must_be_this_ranks(monkeypatch) -> None:
 def test_fp16_training_scales_the_loss_and_the_scaler_resumes(tmp_path, monkeypatch) -> None:
     """The fp16 path (CUDA only in use) exercised on the CPU: GradScaler scales, unscales for
     clipping, steps, and its state travels in state.pt."""
-    from dacnn_convert.train import trainer
+    from dacnn_convert.train import loop
 
     calls = []
     real = torch.amp.GradScaler
@@ -185,11 +185,14 @@ def test_fp16_training_scales_the_loss_and_the_scaler_resumes(tmp_path, monkeypa
             calls.append("unscale")
             return super().unscale_(opt)
 
-    monkeypatch.setattr(trainer, "resolve_precision", lambda p, d: "fp16")
+    from dacnn_convert.train import evaluation
+
+    monkeypatch.setattr(loop, "resolve_precision", lambda p, d: "fp16")
+    monkeypatch.setattr(evaluation, "resolve_precision", lambda p, d: "fp16")
     monkeypatch.setattr(torch.amp, "GradScaler", Spy)
     loaders = make_loaders("synthetic", batch_size=16, input_size=16)
     cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=2, clip_grad=1.0, channels_last=False)
-    result = trainer.train(TinyResNet(), loaders.train, loaders.val, cfg, out=tmp_path)
+    result = loop.train(TinyResNet(), loaders.train, loaders.val, cfg, out=tmp_path)
     assert result.precision == "fp16" and calls == ["unscale", "unscale"]  # clip the true gradients each step
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["scaler"] is not None and state["scaler"]["scale"] > 0

@@ -13,7 +13,8 @@ from dacnn_convert import anchor
 from dacnn_convert.errors import DatasetError, UsageError
 from dacnn_convert.train import TrainConfig, distill, evaluate, kd_loss, make_loaders, recalibrate_bn, train
 from dacnn_convert.train import data as data_mod
-from dacnn_convert.train.trainer import NonFiniteLossError, resolve_precision
+from dacnn_convert.train.precision import resolve_precision
+from dacnn_convert.train.state import NonFiniteLossError
 
 from .models import TinyResNet
 
@@ -169,15 +170,15 @@ def test_imagefolder_dataset(tmp_path) -> None:
 
 def test_auto_precision_needs_native_bf16_units(tmp_path, monkeypatch) -> None:
     """AVX-512 without bf16 units emulates bf16 (slower than fp32): auto must pick fp32 there."""
-    from dacnn_convert.train import trainer
+    from dacnn_convert.train import precision
 
     plain = tmp_path / "cpuinfo"
     plain.write_text("flags\t\t: fpu sse avx2 avx512f avx512bw\n")
     native = tmp_path / "cpuinfo-bf16"
     native.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
-    assert not trainer.cpu_has_bf16_units(str(plain)) and trainer.cpu_has_bf16_units(str(native))
-    assert not trainer.cpu_has_bf16_units(str(tmp_path / "missing"))
-    monkeypatch.setattr(trainer, "cpu_has_bf16_units", lambda: False)
+    assert not precision.cpu_has_bf16_units(str(plain)) and precision.cpu_has_bf16_units(str(native))
+    assert not precision.cpu_has_bf16_units(str(tmp_path / "missing"))
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    monkeypatch.setattr(trainer, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"

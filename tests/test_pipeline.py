@@ -128,7 +128,7 @@ def test_every_public_name_resolves_lazily_and_no_function_is_shadowed_by_a_subm
 
     import dacnn_convert
     import dacnn_convert.core.convert
-    import dacnn_convert.train.trainer  # binds the submodule names on their packages
+    import dacnn_convert.train.loop  # binds the submodule names on their packages
 
     assert sorted(dacnn_convert.__all__) == sorted(dacnn_convert._EXPORTS)
     for name in dacnn_convert.__all__:

@@ -26,8 +26,9 @@ from dacnn_convert import anchor, save
 from dacnn_convert.cli import app, convert_app
 from dacnn_convert.errors import OutputError
 from dacnn_convert.train import TrainConfig, make_loaders, train
-from dacnn_convert.train.trainer import NonFiniteLossError
+from dacnn_convert.train.state import NonFiniteLossError
 
+from .faults import Killed, kill_after
 from .models import NanAfter, TinyResNet, TinyVGG
 
 runner = CliRunner()
@@ -190,7 +191,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 def test_disk_full_while_checkpointing_training_keeps_the_last_state(tmp_path, monkeypatch) -> None:
     loaders = make_loaders("synthetic", batch_size=64, input_size=16)
     cfg = TrainConfig(epochs=1, precision="fp32", checkpoint_every=2)
-    train(TinyResNet(), loaders.train, loaders.val, cfg, out=tmp_path, stop_after=2)
+    with pytest.raises(Killed):
+        train(TinyResNet(), loaders.train, loaders.val, cfg, out=tmp_path, on_step=kill_after(2))
     state = (tmp_path / "state.pt").read_bytes()
     monkeypatch.setattr(torch, "save", _disk_full_after(10))
     with pytest.raises(OutputError, match="state.pt"):

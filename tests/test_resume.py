@@ -7,6 +7,7 @@ import torch
 
 from dacnn_convert.train import TrainConfig, make_loaders, train
 
+from .faults import Killed, kill_after
 from .models import TinyResNet
 
 
@@ -15,7 +16,11 @@ def _run(out, stop_after=None, resume=False):
     model = TinyResNet()
     loaders = make_loaders("synthetic", batch_size=64, input_size=16)  # 8 batches per epoch
     cfg = TrainConfig(epochs=2, lr=0.05, precision="fp32", checkpoint_every=3)
-    result = train(model, loaders.train, loaders.val, cfg, out=out, resume=resume, stop_after=stop_after)
+    if stop_after is not None:
+        with pytest.raises(Killed):
+            train(model, loaders.train, loaders.val, cfg, out=out, on_step=kill_after(stop_after))
+        return model, None
+    result = train(model, loaders.train, loaders.val, cfg, out=out, resume=resume)
     return model, result
 
 
@@ -46,7 +51,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path) -> None:
 )
 def test_resume_checks_the_state_file_first_and_says_what_differs(tmp_path, damage, message) -> None:
     from dacnn_convert.train import TrainConfig, make_loaders, train
-    from dacnn_convert.train.trainer import ResumeError
+    from dacnn_convert.train.state import ResumeError
 
     from .models import TinyResNet
 

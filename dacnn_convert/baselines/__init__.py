@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from ..errors import choose
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,17 @@ class Method(Protocol):
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed: ...
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method")
 
 
 def register_method(method: Method) -> Method:
     """Add ``method`` to :data:`METHODS` under its name."""
-    METHODS[method.name] = method
-    return method
+    return METHODS.add(method.name, method)
 
 
 def get_method(name: str) -> Method:
     """Look up a method; an unknown name lists the valid ones and the closest match."""
-    return METHODS[choose("method", name, METHODS)]
+    return METHODS.get_or_raise(name)
 
 
 from . import anchored, magnitude, structured  # noqa: E402,F401  (they register themselves)

@@ -197,7 +197,7 @@ def _convert_anchor(
     elif moments is not None:
         fit = fit_activations(weights, moments)
     else:
-        fit = FITS["fit" if init in ("act", "act-seq") else init](weights, g.shape)
+        fit = FITS.get_or_raise("fit" if init in ("act", "act-seq") else init)(weights, g.shape)
     if fit is not None:
         conversion.fit_errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
         with torch.no_grad():

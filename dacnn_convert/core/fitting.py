@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..registry import Registry
 from .modes import mode
 
-FITS: dict[str, Callable[[list[torch.Tensor], tuple[int, ...]], Fit]] = {}
+FITS: Registry[Callable[[list[torch.Tensor], tuple[int, ...]], Fit]] = Registry("init")
 
 
 @dataclass
@@ -34,14 +35,7 @@ class Fit:
     errors: list[float]  # ||W_l - a_l W_G|| / ||W_l|| per member
 
 
-def register_fit(name: str) -> Callable:
-    """Decorator: register an initialisation under ``name``."""
-
-    def wrap(fn: Callable) -> Callable:
-        FITS[name] = fn
-        return fn
-
-    return wrap
+register_fit = FITS.register  # decorator: a weight-space initialisation under a name
 
 
 def _slice(anchor: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d
+from .planning import parse_regulators
 
 LAYOUTS = {18: (2, 2, 2, 2), 24: (2, 3, 4, 2), 34: (3, 4, 6, 3)}
 MIX_CHANNELS = (64, 128, 256, 512)
@@ -183,21 +184,6 @@ class DACNN(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _parse_regulators(regulators: str | Sequence[int] | None) -> tuple[int, ...]:
-    if regulators in (None, "none", ""):
-        return ()
-    if regulators == "all":
-        return (1, 2, 3, 4)
-    items = regulators.split(",") if isinstance(regulators, str) else list(regulators)
-    try:
-        secs = tuple(sorted({int(s) for s in items}))
-    except ValueError:
-        raise UsageError(f"regulators takes none, all or section numbers 1-4 like '1,3'; got {regulators!r}") from None
-    if not secs or min(secs) < 1 or max(secs) > 4:
-        raise UsageError(f"regulator sections are 1..4 (a DACNN has 4 sections); got {regulators!r}")
-    return secs
-
-
 def dacnn(
     depth: int = 18,
     variant: str = "plain",
@@ -224,7 +210,7 @@ def dacnn(
         raise UsageError(f"variant must be plain or mix, got {variant!r}")
     if not (3 <= depth <= 17 or depth in LAYOUTS):
         raise UsageError(f"depth must be 3..17 (non-residual) or one of {sorted(LAYOUTS)} (residual); got {depth}")
-    regs = _parse_regulators(regulators)
+    regs = parse_regulators(regulators, 4)  # a DACNN has 4 sections
     if regs and depth <= 17:
         raise UsageError("regulators attach to residual blocks: use depth 18, 24 or 34")
     return DACNN(DacnnConfig(depth, variant, regs, shared, bn, num_classes))

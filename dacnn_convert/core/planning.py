@@ -306,12 +306,12 @@ def parse_regulators(value: str | Sequence[int] | None, n_sections: int) -> tupl
     try:
         items = [int(v) for v in value.split(",")] if isinstance(value, str) else [int(v) for v in value]
     except ValueError as exc:
-        raise UsageError(f"--regulators takes none, all or section numbers like 1,3; got {value!r}") from exc
+        raise UsageError(f"regulators takes none, all or section numbers like 1,3; got {value!r}") from exc
     bad = [i for i in items if not 1 <= i <= n_sections]
     if bad:
         raise UsageError(
             f"regulator section {bad[0]} is out of range: this network has {n_sections} anchored "
-            f"section(s), numbered 1..{n_sections} (see the plan with --dry-run)"
+            f"section(s), numbered 1..{n_sections} (the plan lists them)"
         )
     return tuple(sorted(set(items)))
 

@@ -1,9 +1,11 @@
 """Recovering accuracy after conversion: data, losses, BN calibration and the training loop (on core/ and io/)."""
 
 from .calibrate import recalibrate_bn
+from .config import FitResult, TrainConfig
 from .data import DATASETS, Loaders, make_loaders
+from .evaluation import evaluate
+from .loop import distill, train
 from .losses import kd_loss
-from .trainer import FitResult, TrainConfig, distill, evaluate, train
 
 __all__ = [
     "DATASETS",

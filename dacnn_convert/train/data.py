@@ -25,24 +25,17 @@ import torch.nn.functional as F
 
 from ..errors import DatasetError, choose
 from ..io.atomic import atomic_write
+from ..registry import Registry
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-DATASETS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+DATASETS: Registry[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = Registry("dataset")
+# decorator: a loader returning (train_x, train_y, val_x, val_y), uint8 NCHW / int64
+register_dataset = DATASETS.register
 
 
 def cache_dir() -> Path:
     """Where datasets are unpacked or downloaded: $DACNN_DATA, else ~/.cache/dacnn."""
     return Path(os.environ.get("DACNN_DATA", Path.home() / ".cache" / "dacnn"))
-
-
-def register_dataset(name: str) -> Callable:
-    """Decorator: register a loader returning (train_x, train_y, val_x, val_y) as uint8 NCHW / int64."""
-
-    def wrap(fn: Callable) -> Callable:
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -336,8 +329,7 @@ def make_loaders(
     if name.startswith("imagefolder:"):
         root = Path(name.split(":", 1)[1])
         return _imagefolder(root, batch_size, input_size, augment != "none", seed, rank, world_size, pin_memory, image)
-    choose("dataset", name, [*DATASETS, "imagefolder:PATH"])
-    tx, ty, vx, vy = DATASETS[name](download=download)
+    tx, ty, vx, vy = DATASETS.get_or_raise(name, extra=("imagefolder:PATH",))(download=download)
     if train_limit is not None:
         g = torch.Generator().manual_seed(seed)
         keep = torch.randperm(len(tx), generator=g)[:train_limit]

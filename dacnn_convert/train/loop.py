@@ -6,13 +6,11 @@ that the CLI renders with rich. Checkpoints are written atomically (temp file + 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,138 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.modes import mode
-from ..defaults import FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
-from ..errors import DacnnError, TrainingInterrupted, UsageError, choose
-from ..io.atomic import atomic_write
+from ..errors import TrainingInterrupted
 from .calibrate import CALIBRATE_BATCHES, needs_bn_calibration, recalibrate_bn
+from .config import FitResult, TrainConfig
 from .device import device_of
+from .evaluation import evaluate, to_device
+from .interrupts import Interrupts
 from .losses import FeatureTaps, feature_mse, kd_loss
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-FINETUNE: dict[str, Any] = {"lr": FINETUNE_LR, "warmup_steps": FINETUNE_WARMUP_STEPS}  # TrainConfig.finetune()
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings shared by ``train`` and ``distill`` (recipes set the same fields)."""
-
-    epochs: int = 1
-    lr: float = TRAIN_LR
-    optimizer: str = "sgd"  # sgd (momentum 0.9, nesterov) | adamw | adagrad (the paper's)
-    schedule: str = "cosine"  # cosine | step (x0.1 at half the epochs, as the paper)
-    step_every: int = 0  # with schedule=step: x0.1 every N epochs instead (the paper's SVHN: 20)
-    weight_decay: float = 5e-4
-    warmup_steps: int = 0
-    label_smoothing: float = 0.0
-    clip_grad: float | None = None
-    kd_temperature: float = 4.0
-    kd_alpha: float = 0.9
-    feature_weight: float = 0.0  # weight of the stage-feature MSE (used when feature layers are given)
-    precision: str = "auto"
-    limit_batches: int | None = None
-    checkpoint_every: int | None = None  # steps; None = at the end of each epoch only
-    channels_last: bool = True  # NHWC activations: measured +14% fp32 training throughput on a 2-core CPU
-    seed: int = 0
-    # Ctrl-C / SIGTERM stop at the next step boundary with a checkpoint and a resume hint. Off by
-    # default: a library call installs no signal handler unless asked (the CLI asks).
-    catch_signals: bool = False
-
-    @classmethod
-    def finetune(cls, **overrides: Any) -> TrainConfig:
-        """The settings for fine-tuning a converted pretrained network (``distill``'s default).
-
-        A converted student starts close to its teacher, so it wants a lower peak learning
-        rate than training from scratch and a short warm-up; chosen by measurement (see
-        :mod:`dacnn_convert.defaults`). ``overrides`` replace single fields.
-        """
-        return cls(**{**FINETUNE, **overrides})
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise UsageError(f"epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be > 0, got {self.lr}")
-        choose("optimizer", self.optimizer, ("sgd", "adamw", "adagrad"))
-        choose("schedule", self.schedule, ("cosine", "step"))
-        choose("precision", self.precision, PRECISIONS)
-        if not 0.0 <= self.kd_alpha <= 1.0:
-            raise UsageError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
-
-
-@dataclass
-class FitResult:
-    """Accuracies (fractions in [0, 1]), the per-epoch history and where the best model went."""
-
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_acc: float = 0.0
-    final_acc: float = 0.0
-    checkpoint: Path | None = None
-    wall_s: float = 0.0
-    images_per_s: float = 0.0
-    precision: str = "fp32"
-    calibrated_batches: int = 0  # BN statistics re-estimated on this many batches before training
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["checkpoint"] = str(self.checkpoint) if self.checkpoint else None
-        return d
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the hardware runs it fast (CUDA, CPUs with bf16 units), else fp32.
-
-    Raises:
-        UsageError: fp16 requested on a CPU.
-    """
-    precision = choose("precision", precision, PRECISIONS)
-    if precision == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16_units() else "fp32"
-
-
-def cpu_has_bf16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX-BF16)?
-
-    oneDNN reports bf16 as supported on any AVX-512 CPU, where it emulates it: measured on an
-    AVX-512 Xeon without bf16 units, a ResNet-18 training step under bf16 autocast took 1.6x
-    as long as in fp32 (and ~50x on an AVX2-only EPYC). Only native units make bf16 pay.
-    """
-    from pathlib import Path
-
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context for ``precision`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def evaluate(model: nn.Module, batches: Iterable, precision: str = "auto", limit_batches: int | None = None) -> float:
-    """Top-1 accuracy (fraction) of ``model`` in eval mode; its train/eval mode is restored."""
-    device = next(model.parameters()).device
-    precision = resolve_precision(precision, device)
-    correct = total = 0
-    with mode(model), torch.no_grad(), autocast(precision, device):
-        for i, (x, y) in enumerate(batches):
-            if limit_batches is not None and i >= limit_batches:
-                break
-            pred = model(to_device(x, device)).argmax(dim=1)
-            correct += int((pred.cpu() == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
+from .precision import autocast, resolve_precision
+from .state import NonFiniteLossError, append_csv, resume_state, save_state, tensorboard_writer
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -179,120 +54,7 @@ def _channels_last(model: nn.Module) -> bool:
     return w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a batch to ``device``; from pinned memory (the loaders' ``pin_memory``) without blocking the host."""
-    return t.to(device, non_blocking=device.type == "cuda" and t.is_pinned())
-
-
-class NonFiniteLossError(DacnnError):
-    """The loss became NaN or infinite."""
-
-
-class ResumeError(DacnnError):
-    """``state.pt`` cannot continue this run (unreadable, or from another model, optimiser or data)."""
-
-
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> Path:
-    """torch.save, atomically: a crash never leaves a half-written checkpoint."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-STATE_KEYS = ("model", "optimizer", "rng", "epoch", "batch", "step", "history", "best_acc")
-
-
-def _resume_state(
-    path: Path, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer, per_epoch: int, cfg: TrainConfig
-) -> dict[str, Any]:
-    """``path`` read and checked against this run before anything is restored from it.
-
-    Raises:
-        ResumeError: unreadable or truncated, not a training state, or written by a run with
-            another model, optimiser or number of steps per epoch (says which).
-    """
-
-    def refuse(why: str) -> ResumeError:
-        return ResumeError(f"cannot resume from {path}: {why}; to start over instead, use --overwrite (resume=False)")
-
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:
-        raise refuse(
-            f"it is not a readable training state ({str(exc).splitlines()[0][:120] or type(exc).__name__})"
-        ) from exc
-    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
-        raise refuse("it is not a dacnn training state (keys missing)")
-    mine, theirs = model.state_dict(), state["model"]
-    if not isinstance(theirs, dict):
-        raise refuse("its model entry is not a state dict")
-    missing = [k for k in mine if k not in theirs]
-    if missing or len(theirs) != len(mine):
-        raise refuse(
-            f"it belongs to another model ({len(missing)} of this model's tensors missing, e.g. {missing[:2]})"
-        )
-    shape = next((k for k in mine if tuple(theirs[k].shape) != tuple(mine[k].shape)), None)
-    if shape is not None:
-        raise refuse(
-            f"it belongs to another model ({shape} has shape {tuple(theirs[shape].shape)}, here "
-            f"{tuple(mine[shape].shape)})"
-        )
-    name = state.get("optimizer_name")
-    groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
-    if (name is not None and name != cfg.optimizer) or len(groups) != len(opt.param_groups):
-        raise refuse(f"it was written with optimizer {name or 'another'}, this run uses {cfg.optimizer}")
-    written = state.get("steps_per_epoch")
-    if written is not None and written != per_epoch:
-        raise refuse(
-            f"it was written with {written} steps per epoch and this run has {per_epoch} "
-            "(another --batch-size, --train-limit or --limit-batches?)"
-        )
-    return state
-
-
-def _append_csv(path: Path, row: dict[str, float]) -> None:
-    new = not path.exists()
-    with path.open("a") as f:
-        if new:
-            f.write(",".join(row) + "\n")
-        f.write(",".join(f"{v:.6g}" for v in row.values()) + "\n")
-
-
-class _Interrupts:
-    """The first Ctrl-C or SIGTERM (what schedulers and ``kill`` send) becomes a flag the loop
-    checks between steps; a second one aborts at once. The caller's handlers come back on exit."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.requested = False
-        self.signum = 0
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Interrupts:
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-def _tensorboard(out: Path) -> Any:
-    """A TensorBoard writer in ``out/tb`` when tensorboard is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tb"))
 
 
 def _fit(
@@ -322,7 +84,6 @@ def _fit_seeded(
     on_epoch: Callable[[dict[str, float]], None] | None,
     source: Any = None,
     resume: bool = False,
-    stop_after: int | None = None,
 ) -> FitResult:
     from ..io.checkpoint import save
     from .distributed import all_sum, is_main, world_size
@@ -345,7 +106,7 @@ def _fit_seeded(
     state_path = out / "state.pt" if out is not None else None
     first_epoch, skip, step = 0, 0, 0
     if resume and state_path is not None and state_path.is_file():
-        state = _resume_state(state_path, device, model, opt, per_epoch, cfg)
+        state = resume_state(state_path, device, model, opt, per_epoch, cfg)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"].cpu())
@@ -355,7 +116,7 @@ def _fit_seeded(
             scaler.load_state_dict(state["scaler"])
         first_epoch, skip, step = state["epoch"], state["batch"], state["step"]
         result.history, result.best_acc = state["history"], state["best_acc"]
-    board = _tensorboard(out) if out is not None and is_main() else None
+    board = tensorboard_writer(out) if out is not None and is_main() else None
     start = time.perf_counter()
     seen = 0
     last_good: Path | None = state_path if state_path is not None and state_path.is_file() else None
@@ -364,7 +125,7 @@ def _fit_seeded(
         nonlocal last_good
         if state_path is None or not is_main():
             return
-        last_good = _save_state(
+        last_good = save_state(
             state_path,
             {
                 "model": model.state_dict(),
@@ -393,7 +154,7 @@ def _fit_seeded(
             f"interrupted ({by}) at epoch {epoch + 1}, step {at_step}: {where}", interrupts.signum or 2
         )
 
-    with _Interrupts(cfg.catch_signals) as interrupts:
+    with Interrupts(cfg.catch_signals) as interrupts:
         for epoch in range(first_epoch, cfg.epochs):
             if hasattr(train_batches, "set_epoch"):
                 train_batches.set_epoch(epoch)
@@ -436,10 +197,6 @@ def _fit_seeded(
                 if interrupts.requested:  # Ctrl-C: stop at this step boundary, a consistent state
                     checkpoint(epoch, i + 1)
                     raise interrupted(epoch, step)
-                if stop_after is not None and step >= stop_after:  # test hook: simulate a killed run
-                    if board is not None:
-                        board.close()
-                    return result
                 if on_step is not None and is_main():
                     elapsed = time.perf_counter() - start
                     on_step(
@@ -465,7 +222,7 @@ def _fit_seeded(
             }
             result.history.append(row)
             if out is not None and is_main():
-                _append_csv(out / "metrics.csv", row)
+                append_csv(out / "metrics.csv", row)
                 if board is not None:
                     for key, value in row.items():
                         if key != "epoch":
@@ -499,7 +256,6 @@ def train(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     source: Any = None,
     resume: bool = False,
-    stop_after: int | None = None,
 ) -> FitResult:
     """Train ``model`` with cross-entropy (a reference teacher). See :func:`distill` for arguments."""
     cfg = config or TrainConfig()
@@ -507,7 +263,7 @@ def train(
     def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
 
-    return _fit(model, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after)
+    return _fit(model, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume)
 
 
 def distill(
@@ -522,7 +278,6 @@ def distill(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     source: Any = None,
     resume: bool = False,
-    stop_after: int | None = None,
     feature_layers: list[str] | None = None,
     calibrate_batches: int = CALIBRATE_BATCHES,
 ) -> FitResult:
@@ -547,7 +302,6 @@ def distill(
         source: model source recorded in checkpoints (see :func:`dacnn_convert.save`).
         resume: continue from ``out/state.pt`` when it exists (same optimiser, schedule,
             RNG and counters; a run stopped mid-epoch skips the batches it already did).
-        stop_after: stop after this many steps in total (a test hook that simulates a crash).
         feature_layers: modules whose outputs are matched by MSE, weighted by
             ``config.feature_weight`` (e.g. ``plan.stage_outputs()``: names are shared by
             teacher and student).
@@ -587,9 +341,7 @@ def distill(
         return value
 
     try:
-        result = _fit(
-            student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume, stop_after
-        )
+        result = _fit(student, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)

@@ -1,0 +1,94 @@
+"""What a run leaves on disk to be resumed: state.pt (atomic), its compatibility check, metrics.csv, TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DacnnError
+from ..io.atomic import atomic_write
+from .config import TrainConfig
+
+
+class NonFiniteLossError(DacnnError):
+    """The loss became NaN or infinite."""
+
+
+class ResumeError(DacnnError):
+    """``state.pt`` cannot continue this run (unreadable, or from another model, optimiser or data)."""
+
+
+def save_state(path: Path, state: dict[str, Any]) -> Path:
+    """torch.save, atomically: a crash never leaves a half-written checkpoint."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+STATE_KEYS = ("model", "optimizer", "rng", "epoch", "batch", "step", "history", "best_acc")
+
+
+def resume_state(
+    path: Path, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer, per_epoch: int, cfg: TrainConfig
+) -> dict[str, Any]:
+    """``path`` read and checked against this run before anything is restored from it.
+
+    Raises:
+        ResumeError: unreadable or truncated, not a training state, or written by a run with
+            another model, optimiser or number of steps per epoch (says which).
+    """
+
+    def refuse(why: str) -> ResumeError:
+        return ResumeError(f"cannot resume from {path}: {why}; to start over instead, use --overwrite (resume=False)")
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise refuse(
+            f"it is not a readable training state ({str(exc).splitlines()[0][:120] or type(exc).__name__})"
+        ) from exc
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise refuse("it is not a dacnn training state (keys missing)")
+    mine, theirs = model.state_dict(), state["model"]
+    if not isinstance(theirs, dict):
+        raise refuse("its model entry is not a state dict")
+    missing = [k for k in mine if k not in theirs]
+    if missing or len(theirs) != len(mine):
+        raise refuse(
+            f"it belongs to another model ({len(missing)} of this model's tensors missing, e.g. {missing[:2]})"
+        )
+    shape = next((k for k in mine if tuple(theirs[k].shape) != tuple(mine[k].shape)), None)
+    if shape is not None:
+        raise refuse(
+            f"it belongs to another model ({shape} has shape {tuple(theirs[shape].shape)}, here "
+            f"{tuple(mine[shape].shape)})"
+        )
+    name = state.get("optimizer_name")
+    groups = state["optimizer"].get("param_groups", []) if isinstance(state["optimizer"], dict) else []
+    if (name is not None and name != cfg.optimizer) or len(groups) != len(opt.param_groups):
+        raise refuse(f"it was written with optimizer {name or 'another'}, this run uses {cfg.optimizer}")
+    written = state.get("steps_per_epoch")
+    if written is not None and written != per_epoch:
+        raise refuse(
+            f"it was written with {written} steps per epoch and this run has {per_epoch} "
+            "(another --batch-size, --train-limit or --limit-batches?)"
+        )
+    return state
+
+
+def append_csv(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with path.open("a") as f:
+        if new:
+            f.write(",".join(row) + "\n")
+        f.write(",".join(f"{v:.6g}" for v in row.values()) + "\n")
+
+
+def tensorboard_writer(out: Path) -> Any:
+    """A TensorBoard writer in ``out/tb`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tb"))
