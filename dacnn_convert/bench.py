@@ -65,17 +65,17 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if not self.methods:
-            raise UsageError("--methods is empty; name at least one method")
+            raise UsageError("«methods» is empty; name at least one method")
         for name in (*self.methods, *([self.match] if self.match else [])):
             get_method(name)
         if self.budget is not None and self.match is not None:
-            raise UsageError("give either --budget or --match, not both")
+            raise UsageError("give either «budget» or «match», not both")
         if self.budget is not None and not 0 < self.budget < 1:
-            raise UsageError(f"--budget is a fraction of the teacher's parameters in (0, 1); got {self.budget}")
+            raise UsageError(f"«budget» is a fraction of the teacher's parameters in (0, 1); got {self.budget}")
         if self.match is not None and not get_method(self.match).fixed_size:
-            raise UsageError(f"--match needs a method with a fixed size (an anchoring method), not {self.match!r}")
+            raise UsageError(f"«match» needs a method with a fixed size (an anchoring method), not {self.match!r}")
         if self.repeats < 1:
-            raise UsageError(f"--repeats must be >= 1, got {self.repeats}")
+            raise UsageError(f"«repeats» must be >= 1, got {self.repeats}")
 
 
 @dataclass
@@ -276,7 +276,7 @@ def run_bench(
     ctx = Context(input_size, loaders.train, config.calibrate_batches, 0, source)
     target = target_size(teacher, config, ctx)
     if target is None and any(not get_method(m).fixed_size for m in config.methods):
-        raise UsageError("pruning methods need a size: give --budget FRACTION or --match METHOD")
+        raise UsageError("pruning methods need a size: give «budget» FRACTION or «match» METHOD")
     teacher_params = unique_params(teacher)
     precision, limit = config.train.precision, config.train.limit_batches
     teacher_acc = evaluate(teacher, loaders.val, precision, limit)

@@ -43,7 +43,7 @@ from .core.banks import bank_params, bankable, factorizable
 from .core.graph import ConvSite
 from .core.modes import mode
 from .core.planning import Group, Plan, RegulatorSpec, bank_group, make_plan
-from .errors import PlanError, UsageError, choose
+from .errors import PlanError, UsageError, choose, render
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
 BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625)  # bank filters as a fraction of C_out
@@ -83,14 +83,18 @@ class BudgetResult:
     ranks: tuple[str, ...] = ()  # per section: "dense" or "lr:f" for the convs that share with nothing
     grown: tuple[str, ...] = ()  # what the leftover budget bought after the search, one line each
 
-    def advice(self) -> str | None:
-        """What to do for a better plan, or None: a ``fit``-scored search is little better than size alone."""
+    def advice(self, cli: bool = False) -> str | None:
+        """What to do for a better plan, or None: a ``fit``-scored search is little better than size alone.
+
+        ``cli`` names the setting as a command-line flag instead of a Python keyword.
+        """
         if self.metric != "fit":
             return None
-        return (
+        return render(
             "scored by fit (weights only), which ranked conversions little better than their size in "
             "benchmarks/sensitivity_rank.py (Spearman 0.42 against accuracy after fine-tuning; kl: 0.91): "
-            "give calibration data (--dataset, or calib_loader=) for the kl score"
+            "give calibration data («dataset») for the kl score",
+            cli,
         )
 
     def explain(self) -> list[str]:
@@ -284,13 +288,13 @@ def search(
     choose("metric", metric, METRICS)
     choose("search space", space, SPACES)
     if metric == "kl" and calib_loader is None:
-        raise UsageError("the kl sensitivity needs calibration data: give --dataset (or use --metric fit)")
+        raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
     init = init or ("act" if calib_loader is not None else "fit")
     mix = make_plan(model, "mix", "all", regulator_style, init, input_size, leaf_modules)
     plain = make_plan(model, "plain", "all", regulator_style, init, input_size, leaf_modules)
     n = len(mix.sections)
     if n > MAX_SECTIONS:
-        raise PlanError(f"{n} sections: the exhaustive search takes at most {MAX_SECTIONS}; use --mode instead")
+        raise PlanError(f"{n} sections: the exhaustive search takes at most {MAX_SECTIONS}; use «mode» instead")
     batches, reference = calibration_reference(model, calib_loader, calib_batches) if metric == "kl" else ([], [])
     options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
     scores = score_sections(model, mix, plain, metric, batches, reference, options, ranks)
@@ -423,7 +427,7 @@ def pick(
     if searched > MAX_COMBINATIONS:
         raise PlanError(
             f"{n} sections give {searched:,} combinations to search, more than {MAX_COMBINATIONS:,}: use the anchor "
-            "space (space='anchor') or a hand-written --mode bank --bank-size per section"
+            "space (space='anchor') or a hand-written «mode» bank with a «bank-size» per section"
         )
     best: tuple[float, int, tuple[str, ...], tuple[str, ...]] | None = None
     feasible = 0
@@ -537,7 +541,7 @@ def resolve_target(
     """
     given = [t for t in (target_params, target_ratio, target_bytes) if t is not None]
     if len(given) != 1:
-        raise UsageError("give exactly one of --target-params, --target-ratio, --target-bytes")
+        raise UsageError("give exactly one of «target-params», «target-ratio», «target-bytes»")
     if not given[0] > 0:
         raise UsageError(f"the target must be positive, got {given[0]}")
     if target_ratio is not None:

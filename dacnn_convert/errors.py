@@ -7,13 +7,49 @@ The CLI turns :class:`DacnnError` into one line and exit code 1; :class:`UsageEr
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+
+# A setting named in a message is written «name» (the CLI flag's name): str(error) shows how a
+# Python caller sets it (``budget=``), the CLI how a command does (``--budget``).
+PYTHON_SPELLING = {
+    "dataset": "calib_loader=",
+    "leaf-module": "leaf_modules=",
+    "dry-run": "plan()",
+    "overwrite": "resume=False",
+    "resume": "resume=True",
+    "download": "download=True",
+}
+_SETTING = re.compile(r"«([a-z][a-z0-9-]*)(?:=([^»]+))?»")
+
+
+def _python(match: re.Match[str]) -> str:
+    name, value = match[1], match[2]
+    if value is None:
+        return PYTHON_SPELLING.get(name, name.replace("-", "_") + "=")
+    literal = value if re.fullmatch(r"[0-9.eE+-]+|True|False|None", value) else repr(value)
+    return f"{name.replace('-', '_')}={literal}"
+
+
+def render(message: str, cli: bool) -> str:
+    """``message`` with each «setting» (or «setting=value») spelled for the CLI (``--name value``)
+    or for Python (``name=value``)."""
+    if cli:
+        return _SETTING.sub(lambda m: f"--{m[1]}" + (f" {m[2]}" if m[2] is not None else ""), message)
+    return _SETTING.sub(_python, message)
 
 
 class DacnnError(Exception):
     """Base class of every error this package raises on purpose."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return render(super().__str__(), cli=False)
+
+    def cli_message(self) -> str:
+        """The message with settings named as command-line flags (what the CLI prints)."""
+        return render(super().__str__(), cli=True)
 
 
 class UsageError(DacnnError, ValueError):
@@ -26,7 +62,10 @@ class UnknownModelError(DacnnError, KeyError):
     """The model name is not in torchvision, timm or the DACNN builders."""
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
+        return render(str(self.args[0]), cli=False)
+
+    def cli_message(self) -> str:
+        return render(str(self.args[0]), cli=True)
 
 
 class WeightsError(DacnnError):
@@ -72,7 +111,7 @@ def write_failed(path: object, exc: OSError) -> OutputError:
     reason = exc.strerror or str(exc)
     return OutputError(
         f"could not write {str(path)!r} ({reason}); any previous file there is intact. "
-        "Free some space or choose another --out"
+        "Free some space or choose another «out»"
     )
 
 

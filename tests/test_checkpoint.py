@@ -165,3 +165,26 @@ def test_a_file_with_non_finite_weights_is_refused_on_load(tmp_path) -> None:
     path = save(student, tmp_path / "nan.safetensors")
     with pytest.raises(CheckpointError, match="holds NaN or infinite values"):
         load(path, model=TinyResNet())
+
+
+def test_weights_the_users_model_ties_are_stored_once_and_tied_again_on_load(tmp_path) -> None:
+    model = TinyResNet().eval()
+    model.fc2 = torch.nn.Linear(16, 10)
+    model.fc2.weight = model.fc.weight  # tied by the user (as language models tie embeddings)
+    path = save(model, tmp_path / "m.safetensors")
+    skeleton = TinyResNet()
+    skeleton.fc2 = torch.nn.Linear(16, 10)  # untied: load() ties it as it was saved
+    back = load(path, model=skeleton).eval()
+    assert back.fc2.weight is back.fc.weight and count_params(back) == count_params(model)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(back(x), model(x))
+
+
+def test_a_converted_mnasnet_loads_again_its_modules_get_their_state_dict_version(tmp_path) -> None:
+    # MNASNet refuses a state dict without the per-module version that safetensors cannot store
+    model = torchvision.models.mnasnet0_5(num_classes=10).eval()
+    student = anchor(model, input_size=(3, 32, 32))
+    back = load(save(student, tmp_path / "m.safetensors", source=ModelSpec("torchvision", "mnasnet0_5", 10))).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), student.eval()(x))

@@ -227,7 +227,7 @@ def test_errors_teach_the_fix() -> None:
         plan(TinyResNet(), mode="mixx", input_size=SIZE)
     with pytest.raises(UsageError, match="out of range.*1..2"):
         plan(TinyResNet(), regulators="3", input_size=SIZE)
-    with pytest.raises(PlanError, match="input-size"):
+    with pytest.raises(PlanError, match="Is input_size= right"):
         plan(TinyResNet(), input_size=(3, 0, 0))
 
 
@@ -308,3 +308,13 @@ def test_macs_count_every_op_a_model_uses() -> None:
             return torch.einsum("bc,cd->bd", (y * w.squeeze(1)[..., None, None]).mean((2, 3)), self.proj)  # 4 * 5
 
     assert count_macs(Mixed(), (3, 8, 8)) == 4 * 3 * 9 * 64 + 3 * 4 + 4 * 5
+
+
+@pytest.mark.parametrize("mode", ["mix", "none", "bank"])
+def test_convs_tied_by_the_user_are_refused_in_one_line_before_the_arithmetic(mode: str) -> None:
+    model = TinyResNet()
+    model.layer1[1].conv1.weight = model.layer1[0].conv1.weight
+    with pytest.raises(PlanError, match=r"layer1.1.conv1 and layer1.0.conv1 share one weight tensor .* Untie them"):
+        plan(model, mode=mode, input_size=SIZE)
+    with pytest.raises(PlanError, match="share one weight tensor"):
+        plan(model, input_size=SIZE, target_params=1000)

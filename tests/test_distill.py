@@ -90,7 +90,7 @@ def test_config_and_precision_errors() -> None:
         TrainConfig(epochs=0)
     with pytest.raises(UsageError, match="optimizer"):
         TrainConfig(optimizer="adam")
-    with pytest.raises(UsageError, match="fp16 needs a CUDA"):
+    with pytest.raises(UsageError, match="precision='fp16' needs a CUDA device; on CPU use precision='bf16'"):
         resolve_precision("fp16", torch.device("cpu"))
 
 
@@ -118,7 +118,7 @@ def test_fashion_mnist_from_debian_idx_files(tmp_path, monkeypatch) -> None:
 
 def test_missing_dataset_offline_is_a_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DACNN_DATA", str(tmp_path))
-    with pytest.raises(DatasetError, match="--download"):
+    with pytest.raises(DatasetError, match="pass download=True to fetch it"):
         make_loaders("cifar10")
     with pytest.raises(UsageError, match="Did you mean: cifar10"):
         make_loaders("cifar1O")

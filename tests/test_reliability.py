@@ -382,3 +382,11 @@ def test_a_conversion_never_overwrites_its_own_input(tmp_path) -> None:
         )
         assert result.exit_code == 2 and "own input" in result.output, result.output
     assert (run / "best.safetensors").read_bytes() == teacher
+
+
+def test_a_library_error_names_python_keywords_and_the_cli_names_flags() -> None:
+    from dacnn_convert.errors import UsageError
+
+    exc = UsageError("give «budget» or «match», or «dataset»; «precision=fp16» needs CUDA; use «overwrite»")
+    assert str(exc) == "give budget= or match=, or calib_loader=; precision='fp16' needs CUDA; use resume=False"
+    assert exc.cli_message() == "give --budget or --match, or --dataset; --precision fp16 needs CUDA; use --overwrite"

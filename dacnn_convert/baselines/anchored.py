@@ -55,7 +55,7 @@ class Budgeted:
         from ..errors import PlanError
 
         if target_params is None:
-            raise PlanError("dacnn-budget needs a parameter budget (--budget or --match)")
+            raise PlanError("dacnn-budget needs a parameter budget («budget» or «match»)")
         result = search(
             teacher, target_params, ctx.input_size, ctx.calib_loader, min(ctx.calib_batches, 8), space=self.space
         )
@@ -101,7 +101,7 @@ class LowRank:
         from ..errors import PlanError
 
         if target_params is None:
-            raise PlanError("lowrank needs a parameter budget (--budget or --match)")
+            raise PlanError("lowrank needs a parameter budget («budget» or «match»)")
         init = "act" if ctx.calib_loader is not None else "fit"
         from ..core.planning import with_low_rank
 

@@ -107,7 +107,7 @@ class Magnitude:
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
         ensure_unshared(teacher, self.name)
         if target_params is None:
-            raise PlanError("magnitude pruning needs a parameter budget (--budget or --match)")
+            raise PlanError("magnitude pruning needs a parameter budget («budget» or «match»)")
         import copy
 
         model = copy.deepcopy(teacher).to(memory_format=torch.contiguous_format)  # global pruning flattens weights

@@ -169,7 +169,7 @@ class ChannelPruning:
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
         ensure_unshared(teacher, self.name)
         if target_params is None:
-            raise PlanError(f"{self.name} needs a parameter budget (--budget or --match)")
+            raise PlanError(f"{self.name} needs a parameter budget («budget» or «match»)")
         model, ratios = search_ratio(teacher, target_params, self.importance, ctx.input_size)
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:

@@ -265,7 +265,7 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
 
 def fail(exc: DacnnError) -> typer.Exit:
     """Print a library error as one line and return the exit to raise."""
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {exc.cli_message()}", highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 

@@ -137,7 +137,7 @@ def run_convert(
         advice: str | None = None
         if by_budget:
             found = _budget_search(original, budget, regulator_style.value, init.value, size, leaves, loaders)
-            plan, explanation, advice = found.plan, found.explain(), found.advice()
+            plan, explanation, advice = found.plan, found.explain(), found.advice(cli=True)
             if render:
                 for line in explanation:
                     console.print(line, highlight=False, soft_wrap=True)

@@ -162,8 +162,8 @@ def check_sections(spec: BankSpec, n_sections: int, what: str = "bank size") -> 
             raise UsageError(
                 f"{what}: section {k} has no group to give a bank; this network has {n_sections} section(s) "
                 f"where two or more convs of one configuration can share, numbered 1..{n_sections} (see them "
-                "with --dry-run); a conv that shares with nothing can be factorised instead (factorize_unshared, "
-                "CLI --factorize-unshared)"
+                "with «dry-run»); a conv that shares with nothing can be factorised instead "
+                "(«factorize-unshared»)"
             )
 
 

@@ -127,7 +127,7 @@ def convert(
         raise PlanError("the model is already anchored; convert the original model instead")
     data_aware = init in ("act", "act-seq")
     if data_aware and calib_loader is None and moments is None:
-        raise UsageError(f"init {init!r} fits anchors to real inputs: pass calib_loader=... (CLI: --dataset)")
+        raise UsageError(f"init {init!r} fits anchors to real inputs: pass «dataset»")
 
     bank = AnchorBank({g.name: g.shape for g in plan.groups})
     conversion = Conversion(student, plan)

@@ -187,7 +187,7 @@ def analyze(
             f"the model fails on an input of size {tuple(input_size)}"
             + (f" at {node}" if node else "")
             + f": {first[:200]}. "
-            "Is --input-size right for this network (too small for its downsampling?)"
+            "Is «input-size» right for this network (too small for its downsampling?)"
         ) from exc
     return _sites(gm, model)
 

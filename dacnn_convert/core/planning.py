@@ -293,6 +293,20 @@ def unique_params(model: nn.Module) -> int:
     return total
 
 
+def _refuse_tied_convs(model: nn.Module, sites: Sequence[ConvSite]) -> None:
+    """A plan counts each conv's kernel once; two convs tied to one tensor would be counted twice."""
+    owner: dict[int, str] = {}
+    for s in sites:
+        weight = model.get_submodule(s.name).weight
+        first = owner.setdefault(weight.data_ptr(), s.name)
+        if first != s.name:
+            raise PlanError(
+                f"{s.name} and {first} share one weight tensor (tied in the model), and a plan assumes each "
+                "conv owns its kernel. Untie them first (conv.weight = nn.Parameter(conv.weight.detach().clone())), "
+                "or make the module that ties them a leaf module so that it is left as it is"
+            )
+
+
 def parse_regulators(value: str | Sequence[int] | None, n_sections: int) -> tuple[int, ...]:
     """``none`` / ``all`` / ``1,3`` (1-based sections) to a tuple of section indices.
 
@@ -362,6 +376,7 @@ def make_plan(
             f"{type(model).__name__} has no nn.Conv2d in its traced forward pass: nothing to anchor "
             "(convs inside leaf modules and subclasses such as timm's Conv2dSame are not converted)"
         )
+    _refuse_tied_convs(model, sites)
     groups_sites = MODES[mode](sites)
     resolutions = sorted(
         {s.out_size for g in groups_sites for s in g},

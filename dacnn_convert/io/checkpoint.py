@@ -19,7 +19,7 @@ from ..core.planning import Plan
 from ..errors import CheckpointError
 from .atomic import atomic_write
 from .resize import resize_to_state
-from .sources import ModelSpec, build_model, check_state_dict, parse_spec
+from .sources import ModelSpec, build_model, check_state_dict, parse_spec, with_module_versions
 
 FORMAT = "dacnn-convert/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,16 +61,21 @@ def save(
         source = parse_spec(source, _num_classes(model))
     if source is not None and source.num_classes is None:
         source = ModelSpec(source.kind, source.name, _num_classes(model))
+    full = model.state_dict()
+    tied = tied_keys(full)  # tensors the user's model ties (anchors are already stored once)
+    full = {k: v for k, v in full.items() if k not in tied}
     if dtype == "int8":
-        state, quantized = quantize_int8(model.state_dict())
+        state, quantized = quantize_int8(full)
     else:
         target = DTYPES[dtype]
         state = {
             k: (v.detach().to(target) if v.is_floating_point() else v.detach()).contiguous().cpu()
-            for k, v in model.state_dict().items()
+            for k, v in full.items()
         }
         quantized = []
     meta = {"format": FORMAT, "dtype": dtype}
+    if tied:
+        meta["tied"] = json.dumps(tied)  # stored once; load() ties them again
     if quantized:
         meta["int8"] = "per-channel"  # the quantized tensors are those with a KEY.int8_scale beside them
     if pruned:
@@ -86,6 +91,33 @@ def save(
 
 
 SOURCE_ATTR = "dacnn_source"  # set by load(): save() of the same model records the same source
+
+
+def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: first key}`` for every state-dict entry that is the same tensor as an earlier one
+    (a user's tied weights): safetensors refuses to store a tensor twice."""
+    first: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    tied: dict[str, str] = {}
+    for key, value in state.items():
+        if value.numel() == 0:
+            continue
+        ident = (value.data_ptr(), value.storage_offset(), tuple(value.shape), tuple(value.stride()))
+        if ident in first:
+            tied[key] = first[ident]
+        else:
+            first[ident] = key
+    return tied
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Make each tied parameter the very tensor it was tied to when saved (not a copy of it)."""
+    for alias, key in tied.items():
+        owner_name, _, leaf = alias.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if leaf in owner._parameters:
+            owner.register_parameter(leaf, model.get_parameter(key))
+
+
 INT8_SCALE = ".int8_scale"  # suffix of the per-channel scales of an int8-stored tensor
 
 
@@ -150,6 +182,19 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{str(path)!r} is not a valid .safetensors file ({str(exc)[:120]})") from exc
 
 
+def _read_tied(meta: dict[str, str], state: dict[str, torch.Tensor], path: str | Path) -> dict[str, str]:
+    if "tied" not in meta:
+        return {}
+    try:
+        tied = json.loads(meta["tied"])
+        ok = isinstance(tied, dict) and all(isinstance(a, str) and v in state for a, v in tied.items())
+    except (json.JSONDecodeError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{str(path)!r} has malformed 'tied' metadata; was it edited?")
+    return tied
+
+
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`, with its anchored kernels shared again.
 
@@ -190,6 +235,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise
     except Exception as exc:
         raise CheckpointError(f"cannot read tensors of {str(path)!r}: {str(exc)[:160]}") from exc
+    tied = _read_tied(meta, state, path)
+    for alias, key in tied.items():
+        state[alias] = state[key]
     if meta.get("structure") == "pruned":
         model = resize_to_state(model, {k: v.shape for k, v in state.items()})
     skeleton = convert(model, plan, init="none").model if plan is not None else model
@@ -199,7 +247,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise CheckpointError(f"{exc}; the file does not match its recorded plan (tampered or wrong model)") from exc
     expected = skeleton.state_dict()
     state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
-    skeleton.load_state_dict(state, strict=True)
+    skeleton.load_state_dict(with_module_versions(state, skeleton), strict=True)
+    _retie(skeleton, tied)
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
         raise CheckpointError(

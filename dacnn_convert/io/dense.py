@@ -30,6 +30,7 @@ from ..core.convert import PLAN_ATTR
 from ..core.layers import BANK_NAME, AnchoredConv2d
 from ..core.modes import mode
 from ..errors import DacnnError
+from .sources import with_module_versions
 
 
 class DenseExportError(DacnnError):
@@ -130,7 +131,7 @@ def check_dense(
         DenseExportError: ``stock`` is not the architecture ``state`` was made for.
     """
     try:
-        stock.load_state_dict(state, strict=True)
+        stock.load_state_dict(with_module_versions(state, stock), strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:240]
         raise DenseExportError(f"the dense weights do not load into {type(stock).__name__}: {first}") from exc

@@ -22,7 +22,8 @@ import importlib
 import os
 import sys
 import urllib.error
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import nn
 from ..errors import UnknownModelError, WeightsError, suggest
 
 OFFLINE_HINT = (
-    "use --weights none for random initialisation, or --weights PATH for a local state dict (.safetensors or .pt)"
+    "use «weights» none for random initialisation, or «weights» PATH for a local state dict (.safetensors or .pt)"
 )
 
 
@@ -143,7 +144,7 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
         if pretrained:
             raise WeightsError(
                 f"there are no published weights for {spec.display}; train one (dacnn train {spec.display} "
-                "--dataset cifar100 --out runs/x) and pass --weights runs/x/best.safetensors, or --weights none"
+                "--dataset cifar100 --out runs/x) and pass «weights» runs/x/best.safetensors, or «weights» none"
             )
         from ..core.models import from_name
 
@@ -155,7 +156,7 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
     else:
         model = _build_torchvision(spec, enum or ("DEFAULT" if pretrained else None))
     if path is not None:
-        model.load_state_dict(read_state_dict(path, model), strict=True)
+        model.load_state_dict(with_module_versions(read_state_dict(path, model), model), strict=True)
     return model
 
 
@@ -354,6 +355,20 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
     return state
 
 
+def with_module_versions(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` carrying the per-module ``version`` metadata of ``model``'s own state dict.
+
+    safetensors stores tensors only, and some modules refuse a state dict without the version
+    their class writes (torchvision's MNASNet: "version should be set to 1 or 2"). A state that
+    already carries versions (a torch.save'd state dict) keeps its own.
+    """
+    if getattr(state, "_metadata", None) is not None:
+        return dict(state) if not isinstance(state, dict) else state
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    out._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return out
+
+
 def check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
     """Raise :class:`WeightsError` naming the first missing, unexpected or mis-shaped key."""
     expected = model.state_dict()
@@ -368,7 +383,7 @@ def check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, where: st
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise WeightsError(
                 f"{where}: {key} has shape {tuple(state[key].shape)}, the model expects "
-                f"{tuple(tensor.shape)} (wrong --num-classes or architecture?)"
+                f"{tuple(tensor.shape)} (wrong «num-classes» or architecture?)"
             )
 
 

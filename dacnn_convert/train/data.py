@@ -83,7 +83,7 @@ def _torchvision(cls, root: Path, download: bool, **kwargs):
         return cls(str(root), download=download, **kwargs)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
         raise DatasetError(
-            f"{cls.__name__} is not in {root} ({str(exc).splitlines()[0]}); pass --download to fetch it "
+            f"{cls.__name__} is not in {root} ({str(exc).splitlines()[0]}); pass «download» to fetch it "
             f"(needs internet), or put the files there yourself (set DACNN_DATA to use another folder)"
         ) from exc
     except OSError as exc:

@@ -145,7 +145,7 @@ def _fit_seeded(
 
     def interrupted(epoch: int, at_step: int) -> TrainingInterrupted:
         where = (
-            f"checkpoint saved to {state_path}; run the same command with --resume to continue"
+            f"checkpoint saved to {state_path}; run it again with «resume» to continue"
             if (state_path is not None)
             else "nothing saved (no output folder)"
         )
@@ -178,7 +178,7 @@ def _fit_seeded(
                         f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
                     )
                     raise NonFiniteLossError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}. Lower --lr or use fp32"
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}. Lower «lr» or use fp32"
                     )
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

@@ -18,7 +18,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """
     precision = choose("precision", precision, PRECISIONS)
     if precision == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+        raise UsageError("«precision=fp16» needs a CUDA device; on CPU use «precision=bf16» or «precision=fp32»")
     if precision != "auto":
         return precision
     if device.type == "cuda":

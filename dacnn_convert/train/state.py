@@ -40,7 +40,7 @@ def resume_state(
     """
 
     def refuse(why: str) -> ResumeError:
-        return ResumeError(f"cannot resume from {path}: {why}; to start over instead, use --overwrite (resume=False)")
+        return ResumeError(f"cannot resume from {path}: {why}; to start over instead, use «overwrite»")
 
     try:
         state = torch.load(path, map_location=device, weights_only=True)
@@ -72,7 +72,7 @@ def resume_state(
     if written is not None and written != per_epoch:
         raise refuse(
             f"it was written with {written} steps per epoch and this run has {per_epoch} "
-            "(another --batch-size, --train-limit or --limit-batches?)"
+            "(another «batch-size», «train-limit» or «limit-batches»?)"
         )
     return state
 
