@@ -1,4 +1,4 @@
-"""Recipes: flat YAML files that fix every setting of a run, loaded into a frozen, typed config.
+"""Recipes: the one typed configuration of a run, for Python, YAML files and the CLI alike.
 
     model: resnet34            # any model source, or a DACNN builder name like dacnn:18-mix-reg
     mode: mix
@@ -8,7 +8,10 @@
 
 Read with ``yaml.safe_load`` only (no tags, no code). Unknown keys, wrong types and values out
 of range are refused with the key named; command-line flags override the file, and the
-resolved recipe is written next to the results (``recipe.yaml``).
+resolved recipe is written next to the results (``recipe.yaml``). Every option of
+``dacnn-convert``, ``dacnn distill``, ``dacnn train`` and ``dacnn bench`` is a field here of the
+same name (``--target-params`` is ``target_params``), except the actions of one invocation:
+``--recipe``, ``--dry-run``, ``--resume`` and ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
 from .errors import RecipeError, suggest
 
-TASKS = ("convert", "train")
+TASKS = ("convert", "train", "bench")
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,9 @@ class Recipe:
     """Every setting of a conversion (+ distillation) or a from-scratch training run.
 
     ``task: convert`` runs ``dacnn-convert`` (with ``dataset``: calibrate and distil);
-    ``task: train`` trains ``model`` from scratch, as the paper's tables do. ``paper_*`` keys
-    record what the paper reports for this row, so results can be put side by side.
+    ``task: train`` trains ``model`` from scratch, as the paper's tables do; ``task: bench``
+    compares ``methods`` at one size (``dacnn bench --recipe``). ``paper_*`` keys record what
+    the paper reports for this row, so results can be put side by side.
     """
 
     task: str = "convert"
@@ -46,6 +50,12 @@ class Recipe:
     bank_size: str = "0.5"
     factorize_unshared: str | None = None
     init: str | None = None
+    leaf_module: str | None = None  # comma-separated package.module.Class names fx must not trace into
+    target_params: int | str | None = None  # plan by budget: 6M, 600K or an integer
+    target_ratio: float | None = None
+    target_bytes: int | str | None = None
+    metric: str | None = None  # fit | kl: the budget search's score
+    dtype: str = "fp32"  # storage of the written model: fp32 | fp16 | bf16 | int8
     dataset: str | None = None
     epochs: int = 1
     batch_size: int = 128
@@ -59,10 +69,25 @@ class Recipe:
     kd_alpha: float = 0.9
     calibrate_batches: int = CALIBRATE_BATCHES
     precision: str = "auto"
+    limit_batches: int | None = None
     train_limit: int | None = None
     augment: str = "auto"
+    label_smoothing: float = 0.0
+    clip_grad: float | None = None
+    feature_loss: str = "none"  # none | mse: also match stage outputs of teacher and student
+    feature_weight: float = 1.0
+    checkpoint_every: int | None = None
+    channels_last: bool = True
+    plot: bool = False
+    download: bool = False
+    device: str = "auto"
     seed: int = 0
     out: str | None = None
+    methods: str | None = None  # bench: comma-separated method names
+    budget: float | None = None  # bench: size as a fraction of the teacher's parameters
+    match: str | None = None  # bench: prune to the size of this anchoring method
+    repeats: int = 1  # bench: seeds per method
+    latency_repeats: int = 20
     paper_table: str | None = None
     paper_row: str | None = None
     paper_params: float | None = None
@@ -71,14 +96,19 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise RecipeError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "repeats", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("calibrate_batches", "seed", "step_every", "warmup_steps"):
+        for name in ("calibrate_batches", "seed", "step_every", "warmup_steps", "limit_batches", "train_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise RecipeError(f"lr must be > 0, got {self.lr}")
+        for name in ("label_smoothing", "feature_weight", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.budget is not None and not 0 < self.budget < 1:
+            raise RecipeError(f"budget is a fraction of the teacher's parameters in (0, 1), got {self.budget}")
 
     @property
     def resolved_lr(self) -> float:
@@ -93,6 +123,32 @@ class Recipe:
         if self.warmup_steps is not None:
             return self.warmup_steps
         return 0 if self.task == "train" else FINETUNE_WARMUP_STEPS
+
+    def train_config(self, **runtime: Any) -> Any:
+        """The training loop's settings of this recipe (:class:`dacnn_convert.TrainConfig`), the
+        task's defaults resolved; ``runtime`` adds what a run decides, e.g. ``catch_signals``."""
+        from .train import TrainConfig
+
+        return TrainConfig(
+            epochs=self.epochs,
+            lr=self.resolved_lr,
+            optimizer=self.optimizer,
+            schedule=self.schedule,
+            step_every=self.step_every,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.resolved_warmup_steps,
+            label_smoothing=self.label_smoothing,
+            clip_grad=self.clip_grad,
+            kd_temperature=self.kd_temperature,
+            kd_alpha=self.kd_alpha,
+            feature_weight=self.feature_weight if self.feature_loss == "mse" else 0.0,
+            precision=self.precision,
+            limit_batches=self.limit_batches,
+            checkpoint_every=self.checkpoint_every,
+            channels_last=self.channels_last,
+            seed=self.seed,
+            **runtime,
+        )
 
     def resolved(self) -> Recipe:
         """This recipe with every task-dependent default written out (what recipe.yaml records)."""
@@ -119,6 +175,8 @@ def _accepts(annotation: Any, value: Any) -> bool:
             return True
         if t in (int, str) and isinstance(value, t) and not isinstance(value, bool):
             return True
+        if t is bool and isinstance(value, bool):
+            return True
     return False
 
 
@@ -129,7 +187,7 @@ def _build(data: dict[str, Any], where: str) -> Recipe:
         if key not in known:
             raise RecipeError(f"{where}: unknown key {key!r}.{suggest(key, known)} Valid keys: {', '.join(known)}")
         if not _accepts(hints[key], value):
-            words = {int: "an integer", float: "a number", str: "a string", type(None): "null"}
+            words = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
             options = typing.get_args(hints[key]) or (hints[key],)
             expected = " or ".join(words[t] for t in options)
             raise RecipeError(f"{where}: {key} must be {expected}, got {value!r} ({type(value).__name__})")

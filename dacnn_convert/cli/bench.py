@@ -36,6 +36,7 @@ from .common import (
     OverwriteOpt,
     Precision,
     PrecOpt,
+    RecipeOpt,
     SchedOpt,
     Schedule,
     SeedOpt,
@@ -49,6 +50,7 @@ from .common import (
     fail,
     output_guard,
     parse_input_size,
+    recipe_from_command,
 )
 
 DEFAULT_METHODS = "dacnn-mix-reg,dacnn-mix,magnitude,l1-filter,group-norm"
@@ -68,6 +70,7 @@ def _environment() -> dict[str, str]:
 
 
 def bench_command(
+    ctx: typer.Context,
     model: ModelArg,
     dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn, synthetic or imagefolder:PATH")],
     weights: WeightsOpt = "none",
@@ -110,45 +113,29 @@ def bench_command(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
+    recipe: RecipeOpt = None,
 ) -> None:
-    """Compare compression methods on one teacher at the same size, with the same KD fine-tune."""
+    """Compare compression methods on one teacher at the same size, with the same KD fine-tune.
+
+    With --recipe FILE (``task: bench``), the recipe's settings apply wherever no flag was given.
+    """
     import torch
 
     from ..bench import BenchConfig, run_bench
     from ..io.sources import build_model, input_config, parse_spec
 
     try:
-        data = DataOptions(
-            dataset,
-            epochs,
-            batch_size,
-            lr,
-            optimizer,
-            schedule,
-            weight_decay,
-            kd_temperature=kd_temperature,
-            kd_alpha=kd_alpha,
-            calibrate_batches=calibrate_batches,
-            precision=precision,
-            limit_batches=limit_batches,
-            train_limit=train_limit,
-            download=download,
-            seed=seed,
-            augment=augment,
-            label_smoothing=label_smoothing,
-            warmup_steps=warmup_steps,
-            clip_grad=clip_grad,
-            channels_last=channels_last,
-            device=device,
-            overwrite=overwrite,
-        )
+        rec = recipe_from_command(ctx, "bench", recipe)
+        model, weights, out = rec.model, rec.weights or "none", Path(rec.out or "runs/bench")
+        num_classes, input_size, seed, repeats = rec.num_classes, rec.input_size, rec.seed, rec.repeats
+        data = DataOptions.from_recipe(rec, overwrite=overwrite)
         config = BenchConfig(
-            tuple(m.strip() for m in methods.split(",") if m.strip()),
-            budget,
-            match,
-            repeats,
-            calibrate_batches,
-            latency_repeats=latency_repeats,
+            tuple(m.strip() for m in (rec.methods or DEFAULT_METHODS).split(",") if m.strip()),
+            rec.budget,
+            rec.match,
+            rec.repeats,
+            rec.calibrate_batches,
+            latency_repeats=rec.latency_repeats,
             train=data.config(),
         )
         preprocess = input_config(None, parse_spec(model, num_classes), weights)

@@ -263,6 +263,40 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
         raise
 
 
+# options that act on one invocation rather than describe the run: not recipe fields
+ACTIONS = frozenset({"recipe", "dry_run", "resume", "overwrite", "explain"})
+
+
+def recipe_from_command(ctx: typer.Context, task: str, path: Path | None = None) -> Any:
+    """The resolved :class:`~dacnn_convert.recipes.Recipe` of a command: the recipe file's values
+    (if ``path``), overridden by every flag given on the command line; where neither says, the
+    command's own default. Flags are recipe fields of the same name (the one mapping).
+
+    Raises:
+        RecipeError: the file is unreadable or invalid; UsageError: a recipe of another task.
+    """
+    from ..recipes import Recipe, load_recipe
+
+    rec = load_recipe(path) if path is not None else Recipe(task=task)
+    if rec.task != task:
+        raise UsageError(f"{path} is a {rec.task!r} recipe: run it with `dacnn recipe run {path}`")
+    # by name: typer vendors its own click, whose ParameterSource is not click's
+    given = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    fields = set(vars(rec))
+    changes: dict[str, Any] = {}
+    for key, value in ctx.params.items():
+        if key in ACTIONS or key not in fields or (path is not None and key not in given):
+            continue
+        if isinstance(value, Enum):
+            value = value.value
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, list | tuple):  # a repeatable flag (--leaf-module): comma-separated in a recipe
+            value = ",".join(value) or None
+        changes[key] = value
+    return rec.override(**changes)
+
+
 def fail(exc: DacnnError) -> typer.Exit:
     """Print a library error as one line and return the exit to raise."""
     err_console.print(f"[bold red]error:[/] {exc.cli_message()}", highlight=False, soft_wrap=True)
@@ -404,6 +438,39 @@ class DataOptions:
         for key, value in vars(self).items():  # CLI choices arrive as Enums; the library takes their values
             if isinstance(value, Enum):
                 object.__setattr__(self, key, value.value)
+
+    @classmethod
+    def from_recipe(cls, rec: Any, resume: bool = False, overwrite: bool = False) -> DataOptions:
+        """The data and fine-tuning options of a resolved recipe (the one place they are mapped)."""
+        return cls(
+            dataset=rec.dataset,
+            epochs=rec.epochs,
+            batch_size=rec.batch_size,
+            lr=rec.resolved_lr,
+            optimizer=rec.optimizer,
+            schedule=rec.schedule,
+            weight_decay=rec.weight_decay,
+            step_every=rec.step_every,
+            kd_temperature=rec.kd_temperature,
+            kd_alpha=rec.kd_alpha,
+            calibrate_batches=rec.calibrate_batches,
+            precision=rec.precision,
+            limit_batches=rec.limit_batches,
+            train_limit=rec.train_limit,
+            download=rec.download,
+            seed=rec.seed,
+            resume=resume,
+            overwrite=overwrite,
+            checkpoint_every=rec.checkpoint_every,
+            feature_weight=rec.feature_weight if rec.feature_loss == "mse" else 0.0,
+            plot=rec.plot,
+            augment=rec.augment,
+            label_smoothing=rec.label_smoothing,
+            warmup_steps=rec.resolved_warmup_steps,
+            clip_grad=rec.clip_grad,
+            channels_last=rec.channels_last,
+            device=rec.device,
+        )
 
     def config(self) -> Any:
         from ..train import TrainConfig

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
-from ..errors import DacnnError, UsageError, choose
+from ..errors import DacnnError, UsageError
 from .common import (
     Augment,
     AugOpt,
@@ -34,7 +33,6 @@ from .common import (
     FeatOpt,
     FeatureLoss,
     FeatWOpt,
-    Init,
     InitOpt,
     KdAOpt,
     KdTOpt,
@@ -77,35 +75,26 @@ from .common import (
     parse_amount,
     parse_input_size,
     parse_rank,
+    recipe_from_command,
 )
 from .train import run_train
 
 
 def run_convert(
-    model: str,
-    mode: Mode = Mode.mix,
-    regulators: str = "none",
-    regulator_style: RegulatorStyle = RegulatorStyle.adapter,
-    init: Init | None = None,
-    weights: str = "DEFAULT",
-    num_classes: int | None = None,
-    input_size: str | None = None,
-    out: Path | None = None,
-    dry_run: bool = False,
-    leaf_module: list[str] | None = None,
-    dtype: Dtype = Dtype.fp32,
+    rec: Any,
     data: DataOptions | None = None,
-    recipe: Any = None,
-    budget: tuple[int | None, float | None, int | None, str | None] | None = None,
+    *,
+    dry_run: bool = False,
     render: bool = True,
-    bank_size: str = "0.5",
-    factorize_unshared: str | None = None,
+    write_recipe: bool = False,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Load, plan, convert, measure and write; with ``data``, also calibrate and distil.
+    """Load, plan, convert, measure and write, as the resolved recipe ``rec`` says; with
+    ``data`` (and ``rec.dataset``), also calibrate and distil.
 
-    ``recipe`` (the resolved :class:`Recipe`) is written to ``OUT/recipe.yaml``; ``budget``
-    (target params, ratio, bytes, metric) replaces mode and regulators by a budget search.
+    ``write_recipe`` writes ``rec`` to ``OUT/recipe.yaml``; a size target in ``rec``
+    (``target_params``/``target_ratio``/``target_bytes``) replaces mode and regulators by a
+    budget search.
     """
     import torch
 
@@ -116,27 +105,37 @@ def run_convert(
     from ..io.checkpoint import save
     from ..io.sources import build_model, input_config, parse_spec
 
-    spec = parse_spec(model, num_classes)
-    size = parse_input_size(input_size)
-    leaves = _leaf_types(leaf_module or [])
-    out = out or Path("runs") / f"{spec.name.replace(':', '_').replace('/', '_')}-{mode.value}"
+    if rec.model is None:
+        raise UsageError("give a MODEL (e.g. resnet34) or a --recipe that names one")
+    weights = rec.weights or "DEFAULT"
+    spec = parse_spec(rec.model, rec.num_classes)
+    size = parse_input_size(rec.input_size)
+    leaves = _leaf_types([n for n in (rec.leaf_module or "").split(",") if n.strip()])
+    out = Path(rec.out) if rec.out else Path("runs") / f"{spec.name.replace(':', '_').replace('/', '_')}-{rec.mode}"
+    with_data = data is not None and bool(data.dataset)
     with output_guard(None if dry_run else out, data, (weights,)):
-        torch.manual_seed(data.seed if data is not None else 0)  # random weights (--weights none) are reproducible
+        torch.manual_seed(rec.seed)  # random weights (--weights none) are reproducible
         original = build_model(spec, weights).eval()
-        if data is not None and data.dataset:  # calibration, search and fine-tune run where the data goes
-            original.to(data.torch_device())
+        if with_data:  # calibration, search and fine-tune run where the data goes
+            original.to(data.torch_device())  # type: ignore[union-attr]
         preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
-        size = data.input_size(size, preprocess.input_size) if data and data.dataset else size or preprocess.input_size
-        init = init or (Init.act if data and data.dataset else Init.fit)
-        if init in (Init.act, Init.act_seq) and not (data and data.dataset):
-            raise UsageError(f"--init {init.value} fits anchors to real inputs: give --dataset (or use --init fit)")
-        by_budget = budget is not None and any(v is not None for v in budget[:3])
-        wants_data = data is not None and data.dataset and (by_budget or not dry_run)
-        loaders = data.loaders(size, preprocess) if wants_data else None  # loaded once: search and fine-tune
+        size = data.input_size(size, preprocess.input_size) if with_data else size or preprocess.input_size  # type: ignore[union-attr]
+        init = rec.init or ("act" if with_data else "fit")  # the one place this policy lives for the CLI
+        if init in ("act", "act-seq") and not with_data:
+            raise UsageError(f"--init {init} fits anchors to real inputs: give --dataset (or use --init fit)")
+        budget = (
+            parse_amount(None if rec.target_params is None else str(rec.target_params), "--target-params"),
+            rec.target_ratio,
+            parse_amount(None if rec.target_bytes is None else str(rec.target_bytes), "--target-bytes"),
+            rec.metric,
+        )
+        by_budget = any(v is not None for v in budget[:3])
+        wants_data = with_data and (by_budget or not dry_run)
+        loaders = data.loaders(size, preprocess) if wants_data else None  # type: ignore[union-attr]
         explanation: list[str] = []
         advice: str | None = None
         if by_budget:
-            found = _budget_search(original, budget, regulator_style.value, init.value, size, leaves, loaders)
+            found = _budget_search(original, budget, rec.regulator_style, init, size, leaves, loaders)
             plan, explanation, advice = found.plan, found.explain(), found.advice(cli=True)
             if render:
                 for line in explanation:
@@ -146,25 +145,25 @@ def run_convert(
         else:
             plan = make_plan(
                 original,
-                mode.value,
-                regulators,
-                regulator_style.value,
-                init.value,
+                rec.mode,
+                rec.regulators,
+                rec.regulator_style,
+                init,
                 size,
                 leaves,
-                bank_size=bank_size,
-                factorize_unshared=parse_rank(factorize_unshared, "--factorize-unshared"),
+                bank_size=rec.bank_size,
+                factorize_unshared=parse_rank(rec.factorize_unshared, "--factorize-unshared"),
             )
         if dry_run:
             if render:
                 render_plan(plan, spec.display)
             return {"plan": plan, "explain": explanation, "advice": advice}
-        if recipe is not None:
-            (out / "recipe.yaml").write_text(recipe.to_yaml())
-        if data is not None and data.dataset:
-            return _run_pipeline(original, plan, spec, out, data, loaders, dtype.value, command)
+        if write_recipe:
+            (out / "recipe.yaml").write_text(rec.resolved().to_yaml())
+        if with_data:
+            return _run_pipeline(original, plan, spec, out, data, loaders, rec.dtype, command)  # type: ignore[arg-type]
         conversion = convert(original, plan)
-        ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=dtype.value)
+        ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=rec.dtype)
         report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
         (out / "report.json").write_text(report.to_json())
         (out / "report.md").write_text(report.to_markdown())
@@ -382,90 +381,16 @@ def convert_command(
     With --recipe FILE, the recipe's settings apply wherever no flag was given.
     """
     try:
-        a = SimpleNamespace(**ctx.params)
-        resolved = None
-        if recipe is not None:
-            resolved = apply_recipe(ctx, recipe, a)
-        if a.model is None:
-            raise UsageError("give a MODEL (e.g. resnet34) or a --recipe that names one")
-        data = DataOptions(
-            dataset=a.dataset,
-            epochs=a.epochs,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            optimizer=a.optimizer,
-            schedule=a.schedule,
-            weight_decay=a.weight_decay,
-            kd_temperature=a.kd_temperature,
-            kd_alpha=a.kd_alpha,
-            calibrate_batches=a.calibrate_batches,
-            precision=a.precision,
-            limit_batches=a.limit_batches,
-            train_limit=a.train_limit,
-            download=a.download,
-            seed=a.seed,
-            resume=a.resume,
-            overwrite=a.overwrite,
-            checkpoint_every=a.checkpoint_every,
-            feature_weight=a.feature_weight if a.feature_loss is FeatureLoss.mse else 0.0,
-            plot=a.plot,
-            augment=a.augment,
-            label_smoothing=a.label_smoothing,
-            warmup_steps=a.warmup_steps,
-            clip_grad=a.clip_grad,
-            channels_last=a.channels_last,
-            device=a.device,
-        )
-        run_convert(
-            a.model,
-            a.mode,
-            a.regulators,
-            a.regulator_style,
-            a.init,
-            a.weights,
-            a.num_classes,
-            a.input_size,
-            a.out,
-            a.dry_run,
-            a.leaf_module,
-            a.dtype,
-            data,
-            resolved,
-            (
-                parse_amount(a.target_params, "--target-params"),
-                a.target_ratio,
-                parse_amount(a.target_bytes, "--target-bytes"),
-                a.metric,
-            ),
-            bank_size=a.bank_size,
-            factorize_unshared=a.factorize_unshared,
-            command=command_line(ctx),
-        )
+        rec = recipe_from_command(ctx, "convert", recipe)
+        if ctx.info_name == "distill" and not rec.dataset and not dry_run:
+            raise UsageError(
+                "dacnn distill needs --dataset: the data to calibrate and fine-tune on "
+                "(to convert without data, use dacnn convert)"
+            )
+        data = DataOptions.from_recipe(rec, resume=resume, overwrite=overwrite)
+        run_convert(rec, data, dry_run=dry_run, write_recipe=recipe is not None, command=command_line(ctx))
     except DacnnError as exc:
         raise fail(exc) from None
-
-
-def apply_recipe(ctx: typer.Context, path: Path, a: SimpleNamespace) -> Any:
-    """Fill ``a`` from the recipe wherever the flag was not given; return the resolved recipe."""
-    from ..recipes import load_recipe
-
-    rec = load_recipe(path)
-    if rec.task != "convert":
-        raise UsageError(f"{path} is a {rec.task!r} recipe: run it with `dacnn recipe run {path}`")
-    enums = {"mode": Mode, "regulator_style": RegulatorStyle, "init": Init}
-    # by name: typer vendors its own click, whose ParameterSource is not click's
-    given = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
-    for key, value in vars(rec).items():
-        if key in vars(a) and key not in given and value is not None:
-            value = Path(value) if key == "out" else value
-            setattr(a, key, enums[key](choose(key, value, [e.value for e in enums[key]])) if key in enums else value)
-    return rec.override(
-        **{
-            k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v)
-            for k, v in vars(a).items()
-            if k in vars(rec)
-        }
-    )
 
 
 def demo_command(
@@ -508,34 +433,33 @@ def demo_command(
             f"planning a {target_ratio:g}x smaller student (filter banks, searched with the data), "
             "fitting it to the activations; then BN recalibration and KD fine-tune"
         )
-        run_convert(
-            "resnet18",
-            Mode.bank,
-            "none",
-            RegulatorStyle.adapter,
-            Init.act,
-            str(teacher),
-            10,
-            "32",
-            out / "student",
-            data=DataOptions(
-                "fashion-mnist",
-                epochs,
-                lr=0.02,
-                precision=precision,
-                train_limit=train_limit,
-                calibrate_batches=50,
-                warmup_steps=0,
-                device=device,
-                overwrite=True,
-            ),  # as measured
-            budget=(None, target_ratio, None, None),
+        from ..recipes import Recipe
+
+        student = Recipe(
+            model="resnet18",
+            mode="bank",
+            init="act",
+            weights=str(teacher),
+            num_classes=10,
+            input_size="32",
+            out=str(out / "student"),
+            dataset="fashion-mnist",
+            epochs=epochs,
+            lr=0.02,  # as measured
+            warmup_steps=0,
+            calibrate_batches=50,
+            precision=precision.value,
+            train_limit=train_limit,
+            device=device,
+            target_ratio=target_ratio,
         )
+        run_convert(student, DataOptions.from_recipe(student, overwrite=True))
     except DacnnError as exc:
         raise fail(exc) from None
 
 
 def plan_command(
+    ctx: typer.Context,
     model: OptModelArg = None,
     weights: WeightsOpt = "DEFAULT",
     num_classes: ClassesOpt = None,
@@ -560,33 +484,9 @@ def plan_command(
     try:
         if model is None:
             raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
-        budget = (
-            parse_amount(target_params, "--target-params"),
-            target_ratio,
-            parse_amount(target_bytes, "--target-bytes"),
-            metric,
-        )
-        data = DataOptions(dataset=dataset, train_limit=train_limit, device=device) if dataset else None
-        found = run_convert(
-            model,
-            mode,
-            regulators,
-            RegulatorStyle.adapter,
-            None,
-            weights,
-            num_classes,
-            input_size,
-            None,
-            True,
-            leaf_module,
-            Dtype.fp32,
-            data,
-            None,
-            budget,
-            render=False,
-            bank_size=bank_size,
-            factorize_unshared=factorize_unshared,
-        )
+        rec = recipe_from_command(ctx, "convert")
+        data = DataOptions.from_recipe(rec) if dataset else None
+        found = run_convert(rec, data, dry_run=True, render=False)
     except DacnnError as exc:
         raise fail(exc) from None
     for line in found["explain"] if explain else []:

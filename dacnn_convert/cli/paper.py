@@ -89,7 +89,6 @@ def run_recipe(
     import torch
 
     from ..core.planning import unique_params
-    from .common import Init, Mode, RegulatorStyle
     from .convert import run_convert
     from .train import run_train
 
@@ -98,28 +97,8 @@ def run_recipe(
 
         raise RecipeError(f"{path}: a runnable recipe names a model and a dataset")
     out = Path(r.out) if r.out else Path("runs/recipes") / path.stem
-    data = DataOptions(
-        r.dataset,
-        r.epochs,
-        r.batch_size,
-        r.resolved_lr,
-        r.optimizer,
-        r.schedule,
-        r.weight_decay,
-        r.step_every,
-        r.kd_temperature,
-        r.kd_alpha,
-        r.calibrate_batches,
-        r.precision,
-        limit_batches,
-        r.train_limit,
-        download,
-        seed=r.seed,
-        augment=r.augment,
-        warmup_steps=r.resolved_warmup_steps,
-        device=device,
-        overwrite=overwrite,
-    )
+    r = r.override(limit_batches=limit_batches, download=download or None, device=device, out=str(out))
+    data = DataOptions.from_recipe(r, overwrite=overwrite)
     start = time.perf_counter()
     if r.task == "train":
         fit = run_train(r.model, r.dataset, out, r.weights or "none", r.input_size, data)
@@ -129,21 +108,7 @@ def run_recipe(
         model = load(fit.checkpoint) if fit.checkpoint else None
         accuracy, params = fit.best_acc, unique_params(model) if model is not None else 0
     else:
-        done = run_convert(
-            r.model,
-            Mode(r.mode),
-            r.regulators,
-            RegulatorStyle(r.regulator_style),
-            Init(r.init) if r.init else None,
-            r.weights or "DEFAULT",
-            r.num_classes,
-            r.input_size,
-            out,
-            False,
-            None,
-            data=data,
-            recipe=r.resolved(),
-        )
+        done = run_convert(r, data, write_recipe=True)
         res = done["result"] if "result" in done else None
         accuracy = res.finetuned_acc if res is not None else float("nan")
         params = done["report"].params_after if "report" in done else res.report.params_after

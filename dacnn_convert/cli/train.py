@@ -45,11 +45,13 @@ from .common import (
     load_checkpoint,
     output_guard,
     parse_input_size,
+    recipe_from_command,
     source_of,
 )
 
 
 def train_command(
+    ctx: typer.Context,
     model: ModelArg,
     dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn or synthetic")],
     out: Annotated[Path, typer.Option(help="folder for best.safetensors, last.safetensors and history.json")],
@@ -78,36 +80,8 @@ def train_command(
 ) -> None:
     """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
     try:
-        run_train(
-            model,
-            dataset,
-            out,
-            weights,
-            input_size,
-            DataOptions(
-                dataset,
-                epochs,
-                batch_size,
-                lr,
-                optimizer,
-                schedule,
-                weight_decay,
-                precision=precision,
-                limit_batches=limit_batches,
-                train_limit=train_limit,
-                download=download,
-                seed=seed,
-                resume=resume,
-                overwrite=overwrite,
-                checkpoint_every=checkpoint_every,
-                augment=augment,
-                label_smoothing=label_smoothing,
-                warmup_steps=warmup_steps,
-                clip_grad=clip_grad,
-                channels_last=channels_last,
-                device=device,
-            ),
-        )
+        rec = recipe_from_command(ctx, "train")
+        run_train(model, dataset, out, weights, input_size, DataOptions.from_recipe(rec, resume, overwrite))
     except DacnnError as exc:
         raise fail(exc) from None
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -297,7 +297,7 @@ def _refuse_tied_convs(model: nn.Module, sites: Sequence[ConvSite]) -> None:
     """A plan counts each conv's kernel once; two convs tied to one tensor would be counted twice."""
     owner: dict[int, str] = {}
     for s in sites:
-        weight = model.get_submodule(s.name).weight
+        weight = cast(nn.Conv2d, model.get_submodule(s.name)).weight
         first = owner.setdefault(weight.data_ptr(), s.name)
         if first != s.name:
             raise PlanError(

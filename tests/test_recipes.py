@@ -1,0 +1,69 @@
+"""One configuration schema: every option of convert/distill/train/bench is a recipe field."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dacnn_convert.cli import app
+from dacnn_convert.cli.common import ACTIONS
+from dacnn_convert.errors import RecipeError
+from dacnn_convert.recipes import Recipe, load_recipe
+
+FIELDS = {f.name for f in dataclasses.fields(Recipe)}
+RUNNER = CliRunner()
+
+
+@pytest.mark.parametrize("command", ["convert", "distill", "train", "bench"])
+def test_every_option_of_a_run_command_is_a_recipe_field_of_the_same_name(command: str) -> None:
+    click_command = typer.main.get_command(app).commands[command]  # type: ignore[attr-defined]
+    options = {p.name for p in click_command.params} - ACTIONS - {"ctx"}
+    assert options - FIELDS == set(), f"{command} options a recipe cannot set"
+
+
+def test_a_recipe_sets_a_size_target_and_flags_override_it(tmp_path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tests.models:tiny_resnet\nweights: none\ninput_size: '16'\ntarget_params: 5K\n")
+    planned = RUNNER.invoke(app, ["convert", "--recipe", str(recipe), "--dry-run"])
+    assert planned.exit_code == 0, planned.output
+    assert "mode budget" in planned.output  # the recipe's target made it a budget search
+    by_flag = RUNNER.invoke(app, ["convert", "--recipe", str(recipe), "--dry-run", "--target-params", "8K"])
+    assert by_flag.exit_code == 0, by_flag.output
+
+    def after(output: str) -> int:
+        return int(re.search(r"unique params [\d,]+ -> ([\d,]+)", output)[1].replace(",", ""))  # type: ignore[index]
+
+    assert after(planned.output) <= 5_000 < after(by_flag.output) <= 8_000
+
+
+def test_a_bench_recipe_runs_through_dacnn_bench(tmp_path) -> None:
+    recipe = tmp_path / "b.yaml"
+    recipe.write_text(
+        "task: bench\nmodel: tests.models:tiny_resnet\ndataset: synthetic\ninput_size: '16'\nmethods: dacnn-mix\n"
+        "epochs: 1\nlimit_batches: 2\nprecision: fp32\ncalibrate_batches: 1\nlatency_repeats: 1\n"
+        f"out: {tmp_path / 'out'}\n"
+    )
+    done = RUNNER.invoke(app, ["bench", "tests.models:tiny_resnet", "--dataset", "synthetic", "--recipe", str(recipe)])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "out" / "bench.json").is_file() and "dacnn-mix" in done.output
+
+
+def test_recipe_types_and_ranges_are_checked_with_the_key_named(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: resnet18\nchannels_last: 3\n")
+    with pytest.raises(RecipeError, match="channels_last must be true or false, got 3"):
+        load_recipe(bad)
+    bad.write_text("task: bench\nbudget: 1.5\n")
+    with pytest.raises(RecipeError, match=r"budget is a fraction .* in \(0, 1\)"):
+        load_recipe(bad)
+    assert Recipe(feature_loss="mse", feature_weight=0.5).train_config().feature_weight == 0.5
+    assert Recipe(feature_weight=0.5).train_config().feature_weight == 0.0  # no feature loss asked
+
+
+def test_distill_without_data_is_refused_instead_of_distilling_nothing() -> None:
+    done = RUNNER.invoke(app, ["distill", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16"])
+    assert done.exit_code == 2 and "dacnn distill needs --dataset" in done.output
