@@ -17,6 +17,7 @@ same name (``--target-params`` is ``target_params``), except the actions of one 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -25,6 +26,7 @@ from typing import Any
 
 from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
 from .errors import RecipeError, suggest
+from .io.files import unreadable
 
 TASKS = ("convert", "train", "bench")
 
@@ -94,6 +96,9 @@ class Recipe:
     paper_error: float | None = None
 
     def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{name} must be a finite number, got {value}")
         if self.task not in TASKS:
             raise RecipeError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("epochs", "batch_size", "repeats", "latency_repeats"):
@@ -206,12 +211,20 @@ def load_recipe(path: str | Path) -> Recipe:
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist; `dacnn recipe list` shows the bundled ones")
+    why = unreadable(path, "recipe")
+    if why is not None:
+        hint = "; `dacnn recipe list` shows the bundled ones" if not path.exists() else ""
+        raise RecipeError(why + hint)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply; a recipe is a flat mapping of key: value lines") from None
     if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
         raise RecipeError(f"{path}: a recipe is a flat mapping of key: value lines")
     return _build(data, str(path))

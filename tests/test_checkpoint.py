@@ -188,3 +188,13 @@ def test_a_converted_mnasnet_loads_again_its_modules_get_their_state_dict_versio
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(back(x), student.eval()(x))
+
+
+@pytest.mark.parametrize("key", ["plan", "source", "tied"])
+def test_metadata_nested_absurdly_deep_is_refused_in_one_line(tmp_path, key: str) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"format": "dacnn-convert/1", "dtype": "fp32", key: "[" * 100_000 + "]" * 100_000}
+    save_file(TinyResNet().state_dict(), str(tmp_path / "deep.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="malformed"):
+        load(tmp_path / "deep.safetensors", model=TinyResNet())

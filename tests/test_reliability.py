@@ -57,6 +57,9 @@ def _files(tmp: Path) -> dict[str, Path]:
     save_file(TinyResNet(num_classes=3).state_dict(), str(tmp / "three.safetensors"))
     with (tmp / "evil.pt").open("wb") as f:
         pickle.dump({"conv1.weight": Evil(str(tmp / "pwned"))}, f, protocol=2)
+    os.mkfifo(tmp / "fifo.safetensors")
+    (tmp / "latin1.yaml").write_bytes("model: r\xe9snet\n".encode("latin-1"))
+    (tmp / "deep.yaml").write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
     return {p.stem: p for p in tmp.iterdir()}
 
 
@@ -65,6 +68,8 @@ def _recipe(tmp: Path, text: str) -> list[str]:
     path.write_text("model: tests.models:tiny_resnet\nweights: none\ninput_size: '16'\n" + text)
     return ["--recipe", str(path)]
 
+
+SYNTH = ["--dataset", "synthetic", "--epochs", "1", "--limit-batches", "1"]
 
 # (row name, command builder given tmp_path and the broken files, exit code, text in the error)
 MATRIX = [
@@ -136,6 +141,32 @@ MATRIX = [
         "needs a CUDA device",
     ),
     ("output folder not writable", lambda t, f: [*TINY, "--out", str(f["good"] / "sub")], 1, "cannot write"),
+    # numbers a user types: zero, NaN, infinity, overflow and out-of-range values get one line naming the range
+    ("--kd-temperature 0", lambda t, f: [*TINY, *SYNTH, "--kd-temperature", "0"], 2, "kd_temperature must be > 0"),
+    ("--lr inf", lambda t, f: [*TINY, *SYNTH, "--lr", "inf"], 2, "lr must be a finite number"),
+    ("--lr nan", lambda t, f: [*TINY, *SYNTH, "--lr", "nan"], 2, "lr must be a finite number"),
+    ("--kd-alpha 2", lambda t, f: [*TINY, *SYNTH, "--kd-alpha", "2"], 2, "kd_alpha must be [0, 1]"),
+    ("--weight-decay inf", lambda t, f: [*TINY, *SYNTH, "--weight-decay", "inf"], 2, "must be a finite number"),
+    ("--seed -1", lambda t, f: [*TINY, *SYNTH, "--seed", "-1"], 2, "seed must be >= 0"),
+    ("--target-ratio 0", lambda t, f: [*TINY, "--target-ratio", "0"], 2, "the target must be positive"),
+    ("--target-params -5", lambda t, f: [*TINY, "--target-params", "-5"], 2, "the target must be positive"),
+    ("--target-bytes 1e999", lambda t, f: [*TINY, "--target-bytes", "1e999"], 2, "must be a finite size"),
+    ("--num-classes 0", lambda t, f: [*TINY, "--num-classes", "0"], 2, "--num-classes must be >= 1"),
+    ("--input-size 99999999", lambda t, f: [*TINY[:3], "--input-size", "99999999"], 2, "out of range"),
+    ("--input-size 3x-1x16", lambda t, f: [*TINY[:3], "--input-size", "3x-1x16"], 2, "each >= 1"),
+    ("--bank-size nan", lambda t, f: [*TINY, "--mode", "bank", "--bank-size", "nan"], 2, "is not a bank size"),
+    # files that are not what they should be
+    (
+        "weights is a directory",
+        lambda t, f: [*TINY[:1], "--weights", str(t), "--input-size", "16"],
+        1,
+        "is a directory",
+    ),
+    ("weights is a FIFO", lambda t, f: [*TINY[:1], "--weights", str(f["fifo"]), "--input-size", "16"], 1, "is a FIFO"),
+    ("recipe is a directory", lambda t, f: ["--recipe", str(t)], 2, "is a directory"),
+    ("recipe value not finite", lambda t, f: _recipe(t, "lr: .inf\n"), 2, "lr must be a finite number"),
+    ("recipe not UTF-8", lambda t, f: ["--recipe", str(f["latin1"])], 2, "not UTF-8"),
+    ("recipe nested absurdly deep", lambda t, f: ["--recipe", str(f["deep"])], 2, "flat mapping"),
 ]
 
 

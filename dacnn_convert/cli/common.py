@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -101,10 +102,15 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     except ValueError as exc:
         raise UsageError(f"--input-size takes 224 or CxHxW like 3x32x32; got {text!r}") from exc
     if len(parts) == 1:
-        return (3, parts[0], parts[0])
+        parts = [3, parts[0], parts[0]]
     if len(parts) == 3 and min(parts) > 0:
+        if max(parts[1:]) > MAX_SIDE or parts[0] > 64:
+            raise UsageError(f"--input-size {text!r} is out of range: at most 64 channels and {MAX_SIDE} px a side")
         return (parts[0], parts[1], parts[2])
-    raise UsageError(f"--input-size takes 224 or CxHxW like 3x32x32; got {text!r}")
+    raise UsageError(f"--input-size takes 224 or CxHxW like 3x32x32 (each >= 1); got {text!r}")
+
+
+MAX_SIDE = 8192  # px: an example input of 3x8192x8192 is already 805 MB in fp32
 
 
 def parse_rank(text: str | None, what: str) -> int | float | None:
@@ -133,9 +139,12 @@ def parse_amount(text: str | None, what: str) -> int | None:
     body = text.strip().upper().replace(",", "").replace("_", "")
     number = body.rstrip("KMGIB")
     try:
-        return int(float(number) * units[body[len(number) :]])
+        value = float(number) * units[body[len(number) :]]
     except (ValueError, KeyError):
         raise UsageError(f"{what} takes a number like 6M, 600K or 12MB; got {text!r}") from None
+    if not math.isfinite(value) or value > 1e15:
+        raise UsageError(f"{what} must be a finite size below 10^15; got {text!r}")
+    return int(value)
 
 
 def _leaf_types(names: list[str]) -> list[type]:

@@ -18,6 +18,7 @@ from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
 from ..core.planning import Plan
 from ..errors import CheckpointError
 from .atomic import atomic_write
+from .files import unreadable
 from .resize import resize_to_state
 from .sources import ModelSpec, build_model, check_state_dict, parse_spec, with_module_versions
 
@@ -173,8 +174,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    why = unreadable(path, "checkpoint")
+    if why is not None:
+        raise CheckpointError(why)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -188,7 +190,7 @@ def _read_tied(meta: dict[str, str], state: dict[str, torch.Tensor], path: str |
     try:
         tied = json.loads(meta["tied"])
         ok = isinstance(tied, dict) and all(isinstance(a, str) and v in state for a, v in tied.items())
-    except (json.JSONDecodeError, TypeError):
+    except (json.JSONDecodeError, TypeError, RecursionError):
         ok = False
     if not ok:
         raise CheckpointError(f"{str(path)!r} has malformed 'tied' metadata; was it edited?")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from .files import unreadable
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -50,8 +51,9 @@ def inspect_file(path: str | Path) -> Inspection:
         CheckpointError: missing or unreadable file, or an unknown format.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} does not exist")
+    why = unreadable(path, "file")
+    if why is not None:
+        raise CheckpointError(why)
     if path.suffix == ".onnx":
         return _inspect_onnx(path)
     if path.suffix == ".safetensors":

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnknownModelError, WeightsError, suggest
+from ..errors import UnknownModelError, UsageError, WeightsError, suggest
+from .files import unreadable
 
 OFFLINE_HINT = (
     "use «weights» none for random initialisation, or «weights» PATH for a local state dict (.safetensors or .pt)"
@@ -68,7 +69,10 @@ def parse_spec(text: str, num_classes: int | None = None) -> ModelSpec:
 
     Raises:
         UnknownModelError: the name is in none of the sources; the message lists close names.
+        UsageError: ``num_classes`` below 1.
     """
+    if num_classes is not None and num_classes < 1:
+        raise UsageError(f"«num-classes» must be >= 1 (the classifier's outputs), got {num_classes}")
     if text.startswith("dacnn:"):
         from ..core.models import NAME
 
@@ -135,10 +139,13 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
         path = None
     else:
         path = Path(weights)
-        if not path.is_file():
+        why = unreadable(path, "weights file")
+        if why is not None and not path.exists():
             names = _weight_names(spec)
             also = f"; {spec.name}'s pretrained weights are {', '.join(names)}" if names else ""
-            raise WeightsError(f"weights file {str(path)!r} does not exist{also}; {OFFLINE_HINT}")
+            raise WeightsError(f"{why}{also}; {OFFLINE_HINT}")
+        if why is not None:
+            raise WeightsError(why)
 
     if spec.kind == "dacnn":
         if pretrained:

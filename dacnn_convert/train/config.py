@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,34 @@ class TrainConfig:
         return cls(**{**FINETUNE, **overrides})
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise UsageError(f"epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be > 0, got {self.lr}")
+        for name, value in vars(self).items():  # NaN and infinities pass every comparison below unnoticed
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value}")
+        ranges = {  # name: (lowest, highest, lowest allowed itself)
+            "epochs": (1, None, True),
+            "lr": (0, None, False),
+            "kd_temperature": (0, None, False),
+            "kd_alpha": (0, 1, True),
+            "weight_decay": (0, None, True),
+            "label_smoothing": (0, 1, True),
+            "feature_weight": (0, None, True),
+            "warmup_steps": (0, None, True),
+            "step_every": (0, None, True),
+            "clip_grad": (0, None, False),
+            "limit_batches": (1, None, True),
+            "checkpoint_every": (1, None, True),
+        }
+        for name, (low, high, closed) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (value < low if closed else value <= low) or (high is not None and value > high):
+                span = f"[{low}, {high}]" if high is not None else (f">= {low}" if closed else f"> {low}")
+                why = " (the softmax temperature divides the logits)" if name == "kd_temperature" else ""
+                raise UsageError(f"{name} must be {span}, got {value}{why}")
         choose("optimizer", self.optimizer, ("sgd", "adamw", "adagrad"))
         choose("schedule", self.schedule, ("cosine", "step"))
         choose("precision", self.precision, PRECISIONS)
-        if not 0.0 <= self.kd_alpha <= 1.0:
-            raise UsageError(f"kd_alpha must be in [0, 1], got {self.kd_alpha}")
 
 
 @dataclass
