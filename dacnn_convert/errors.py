@@ -52,6 +52,11 @@ class DacnnError(Exception):
         return render(super().__str__(), cli=True)
 
 
+def marked(exc: BaseException) -> str:
+    """The message of ``exc`` with its «settings» still marked, to wrap it in another DacnnError."""
+    return str(exc.args[0]) if isinstance(exc, DacnnError) and exc.args else str(exc)
+
+
 class UsageError(DacnnError, ValueError):
     """A flag or argument has a value outside its allowed set."""
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .core.modes import mode
+from .errors import UsageError
 from .train.precision import autocast, resolve_precision
 
 
@@ -48,6 +49,10 @@ def compare_latency(
     """
     from .train.device import device_of, resolve_device
 
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise UsageError(
+            f"latency needs «batch» >= 1 and «repeats» >= 1 (got batch {batch}, repeats {repeats}, warmup {warmup})"
+        )
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     was = {name: device_of(m) for name, m in models.items()}

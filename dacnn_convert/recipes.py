@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
-from .errors import RecipeError, suggest
+from .errors import RecipeError, marked, suggest
 from .io.files import unreadable
 
 TASKS = ("convert", "train", "bench")
@@ -199,7 +199,7 @@ def _build(data: dict[str, Any], where: str) -> Recipe:
     try:
         return Recipe(**data)
     except RecipeError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
+        raise RecipeError(f"{where}: {marked(exc)}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from dacnn_convert import anchor, save
 from dacnn_convert.cli import app, convert_app
-from dacnn_convert.errors import OutputError
+from dacnn_convert.errors import OutputError, UsageError
 from dacnn_convert.train import TrainConfig, make_loaders, train
 from dacnn_convert.train.state import NonFiniteLossError
 
@@ -421,3 +421,30 @@ def test_a_library_error_names_python_keywords_and_the_cli_names_flags() -> None
     exc = UsageError("give «budget» or «match», or «dataset»; «precision=fp16» needs CUDA; use «overwrite»")
     assert str(exc) == "give budget= or match=, or calib_loader=; precision='fp16' needs CUDA; use resume=False"
     assert exc.cli_message() == "give --budget or --match, or --dataset; --precision fp16 needs CUDA; use --overwrite"
+
+
+def test_latency_of_batch_zero_is_refused_not_reported() -> None:
+    from dacnn_convert import measure_latency
+
+    with pytest.raises(UsageError, match="latency needs batch= >= 1"):
+        measure_latency(TinyResNet(), (3, 16, 16), batch=0)
+
+
+def test_limit_batches_caps_the_validation_of_a_fine_tune_too(monkeypatch) -> None:
+    from dacnn_convert.train import TrainConfig, loop, make_loaders, train
+
+    seen: list[int | None] = []
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda m, b, p, limit=None: seen.append(limit) or real(m, b, p, limit))
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    train(TinyResNet(), loaders.train, loaders.val, TrainConfig(epochs=1, precision="fp32", limit_batches=2))
+    assert seen == [2]  # the accuracy compared with the teacher's is measured on the same capped set
+
+
+def test_eval_warns_when_the_model_has_other_classes_than_the_dataset(tmp_path) -> None:
+    student = anchor(TinyResNet(num_classes=1000), input_size=(3, 16, 16))
+    path = save(student, tmp_path / "k.safetensors", source="tests.models:tiny_resnet")
+    args = ["eval", str(path), "--dataset", "synthetic", "--limit-batches", "1", "--input-size", "16"]
+    result = runner.invoke(app, [*args, "--model", "tests.models:tiny_resnet"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the model has 1000 outputs and synthetic 10 classes" in result.output

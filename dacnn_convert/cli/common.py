@@ -168,11 +168,38 @@ def load_checkpoint(path: Path, model: str | None = None) -> Any:
     from ..io.checkpoint import load, read_metadata
     from ..io.sources import build_model, parse_spec
 
-    if model is None:
-        return load(path)
     meta = read_metadata(path)
-    classes = json.loads(meta["source"]).get("num_classes") if "source" in meta else None
+    try:
+        recorded = json.loads(meta["source"]) if "source" in meta else None
+    except (json.JSONDecodeError, RecursionError):
+        recorded = None  # load() names the malformed metadata
+    if model is None:
+        if isinstance(recorded, dict) and recorded.get("kind") == "module":
+            raise UsageError(
+                f"{path} comes from user code, which is never imported from a file: name it with "
+                f"--model {recorded.get('name')}"
+            )
+        return load(path)
+    classes = recorded.get("num_classes") if isinstance(recorded, dict) else None
     return load(path, model=build_model(parse_spec(model, classes), weights=None))
+
+
+def check_input_size(model: Any, size: tuple[int, int, int]) -> None:
+    """Run one zero example of ``size`` through ``model`` so that a wrong --input-size is one line
+    here, not a traceback from deep inside an exporter or a timing loop."""
+    import torch
+
+    from ..core.modes import mode
+    from ..train.device import device_of
+
+    try:
+        with mode(model), torch.no_grad():
+            model(torch.zeros(1, *size, device=device_of(model)))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"the model fails on an input of size {tuple(size)}: {first}; is --input-size right?"
+        ) from None
 
 
 def source_of(model: Any, given: str | None = None) -> Any:

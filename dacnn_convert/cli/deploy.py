@@ -15,6 +15,7 @@ from .common import (
     ExportFormat,
     SizeOpt,
     SkelOpt,
+    check_input_size,
     console,
     fail,
     load_checkpoint,
@@ -72,6 +73,7 @@ def export_command(
         size = parse_input_size(input_size) or (
             tuple(Plan.from_json(meta["plan"]).input_size) if "plan" in meta else (3, 224, 224)
         )
+        check_input_size(model, size)
         suffix = {
             "onnx": ".onnx",
             "torchscript": ".torchscript.pt",
@@ -229,7 +231,11 @@ def latency_command(
             models["anchored"] = convert(original, dataclasses.replace(plan, regulators=()), init="none").model
         models["anchored+reg" if plan.regulators else "anchored"] = load(checkpoint, model=original)
         size = parse_input_size(input_size) or tuple(plan.input_size)
-        batches = [int(b) for b in batch.split(",")]
+        try:
+            batches = [int(b) for b in batch.split(",")]
+        except ValueError:
+            raise UsageError(f"--batch takes batch sizes like 1,64; got {batch!r}") from None
+        check_input_size(models["original"], size)
         rows = [
             row
             for p in precision.split(",")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
 from ..core.planning import Plan
-from ..errors import CheckpointError
+from ..errors import CheckpointError, marked
 from .atomic import atomic_write
 from .files import unreadable
 from .resize import resize_to_state
@@ -246,7 +246,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     try:
         check_state_dict(state, skeleton, str(path))
     except Exception as exc:
-        raise CheckpointError(f"{exc}; the file does not match its recorded plan (tampered or wrong model)") from exc
+        raise CheckpointError(
+            f"{marked(exc)}; the file does not match its recorded plan (tampered or wrong model)"
+        ) from exc
     expected = skeleton.state_dict()
     state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     skeleton.load_state_dict(with_module_versions(state, skeleton), strict=True)

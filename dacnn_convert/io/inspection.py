@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from .files import unreadable
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ def inspect_file(path: str | Path) -> Inspection:
     return _inspect_state_dict(path)
 
 
-def _is_param(name: str) -> bool:
-    return not name.endswith(_BUFFERS)
+def _is_param(name: str, dtype: str = "F32") -> bool:
+    """Whether a stored tensor is a parameter: not a BatchNorm statistic, not an int8 weight's scale,
+    and floating (or int8: a quantized weight); integer tensors are buffers (Swin's position index)."""
+    return not name.endswith((*_BUFFERS, ".int8_scale")) and dtype in ("F64", "F32", "F16", "BF16", "I8")
 
 
 def _inspect_safetensors(path: Path) -> Inspection:
@@ -81,7 +84,7 @@ def _inspect_safetensors(path: Path) -> Inspection:
             for d in t.get_shape():
                 numel *= d
             tensors += 1
-            if _is_param(key):
+            if _is_param(key, t.get_dtype()):
                 params += numel
                 param_bytes += numel * _itemsize(t.get_dtype())
     shared: list[tuple[str, tuple[int, ...], tuple[str, ...]]] = []
@@ -138,8 +141,9 @@ def _inspect_state_dict(path: Path) -> Inspection:
     seen: dict[tuple[int, int], list[str]] = {}
     for k, v in tensors.items():
         seen.setdefault((v.untyped_storage().data_ptr(), v.storage_offset()), []).append(k)
-    params = sum(tensors[names[0]].numel() for names in seen.values() if _is_param(names[0]))
-    pbytes = sum(tensors[n[0]].numel() * tensors[n[0]].element_size() for n in seen.values() if _is_param(n[0]))
+    kept = [n[0] for n in seen.values() if _is_param(n[0]) and tensors[n[0]].dtype in (*_FLOATS, torch.int8)]
+    params = sum(tensors[n].numel() for n in kept)
+    pbytes = sum(tensors[n].numel() * tensors[n].element_size() for n in kept)
     shared = tuple((n[0], tuple(tensors[n[0]].shape), tuple(n)) for n in seen.values() if len(n) > 1)
     return Inspection(str(path), "state-dict", path.stat().st_size, len(tensors), params, pbytes, shared)
 
@@ -160,6 +164,7 @@ class _TensorRecord:
     offset: int
     shape: tuple[int, ...]
     itemsize: int
+    kind: str = "FloatStorage"
 
 
 _ITEMSIZE = {
@@ -195,11 +200,11 @@ class _ArchiveUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.60}")
         kind = getattr(pid[1], "__name__", str(pid[1]))
-        return (str(pid[2]), _ITEMSIZE.get(kind, 4))
+        return (str(pid[2]), _ITEMSIZE.get(kind, 4), kind)
 
 
-def _rebuild(storage: tuple[str, int], offset: int, size: Any, *rest: object) -> _TensorRecord:
-    return _TensorRecord(storage[0], int(offset), tuple(int(d) for d in size), storage[1])
+def _rebuild(storage: tuple[str, int, str], offset: int, size: Any, *rest: object) -> _TensorRecord:
+    return _TensorRecord(storage[0], int(offset), tuple(int(d) for d in size), storage[1], storage[2])
 
 
 def _walk(obj: object, prefix: str, out: dict[str, _TensorRecord], depth: int = 0) -> None:
@@ -229,7 +234,8 @@ def _inspect_torchscript(path: Path) -> Inspection:
         raise
     except Exception as exc:  # a damaged or foreign archive: say so in one line
         raise CheckpointError(f"{str(path)!r} is not a readable TorchScript archive: {str(exc)[:160]}") from exc
-    named = {k: t for k, t in tensors.items() if _is_param(k)}
+    parameter_kinds = ("DoubleStorage", "FloatStorage", "HalfStorage", "BFloat16Storage", "CharStorage")
+    named = {k: t for k, t in tensors.items() if _is_param(k) and t.kind in parameter_kinds}
     by_storage: dict[tuple[str, int, tuple[int, ...]], list[str]] = {}
     for name, t in named.items():
         by_storage.setdefault((t.storage, t.offset, t.shape), []).append(name)

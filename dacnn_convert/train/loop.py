@@ -211,7 +211,7 @@ def _fit_seeded(
                     )
             skip = 0
             loss_sum, correct, count = all_sum([loss_sum, correct, count])
-            val_acc = evaluate(model, val_batches, precision)
+            val_acc = evaluate(model, val_batches, precision, cfg.limit_batches)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / max(count, 1),
