@@ -24,7 +24,7 @@ import torch
 
 from dacnn_convert.budget import OPTIONS, calibration_reference, compose, score_sections
 from dacnn_convert.core.convert import convert
-from dacnn_convert.core.planning import make_plan, unique_params
+from dacnn_convert.core.planning import count_params, make_plan
 from dacnn_convert.io.sources import build_model, parse_spec
 from dacnn_convert.train import TrainConfig, distill, evaluate, make_loaders
 from dacnn_convert.train.calibrate import recalibrate_bn
@@ -117,7 +117,7 @@ def main() -> None:
         acc = evaluate(student, loaders.val)
         row = {
             "choice": "/".join(choice),
-            "params": unique_params(student),
+            "params": count_params(student),
             "plan_params": p.params_after,
             "fit": sum(scores["fit"][k, o] for k, o in enumerate(choice, 1)),
             "kl": sum(scores["kl"][k, o] for k, o in enumerate(choice, 1)),
@@ -134,7 +134,7 @@ def main() -> None:
     corr_cal = {m: spearman([-r[m] for r in rows], [r["acc_calibrated"] for r in rows]) for m in ("fit", "kl")}
     bands = {}
     for lo, hi in ((0, 0.45), (0.45, 1.01)):
-        members = [r for r in rows if lo * unique_params(teacher) < r["params"] <= hi * unique_params(teacher)]
+        members = [r for r in rows if lo * count_params(teacher) < r["params"] <= hi * count_params(teacher)]
         if len(members) >= 3:
             a = [r["acc_finetuned"] for r in members]
             bands[f"{lo:.0%}-{min(hi, 1):.0%}"] = {
@@ -143,7 +143,7 @@ def main() -> None:
             }
     result = {
         "teacher_acc": teacher_acc,
-        "teacher_params": unique_params(teacher),
+        "teacher_params": count_params(teacher),
         "options": OPTIONS,
         "section_scores": {m: {f"{k}:{o}": v for (k, o), v in scores[m].items()} for m in ("fit", "kl")},
         "score_seconds": {m: scores[f"{m}_s"] for m in ("fit", "kl")},
@@ -161,7 +161,7 @@ def main() -> None:
         "",
         (
             f"`python benchmarks/sensitivity_rank.py --epochs {args.epochs} --train-limit {args.train_limit}` — "
-            f"teacher {100 * teacher_acc:.2f}%, {unique_params(teacher):,} params; each candidate: act init, BN "
+            f"teacher {100 * teacher_acc:.2f}%, {count_params(teacher):,} params; each candidate: act init, BN "
             f"recalibration (20 batches), KD fine-tune {args.epochs} epoch(s) on {args.train_limit:,} images, lr {args.lr}. "
             f"Scores: the planner's summed per-section sensitivity on {args.calib_batches} calibration batches "
             f"(fit {scores['fit_s']:.0f} s, kl {scores['kl_s']:.0f} s for all sections). Wall time {result['wall_s'] / 60:.0f} min."

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_write_text
 from .baselines import Context, get_method
-from .core.planning import unique_params
+from .core.planning import count_params
 from .core.report import count_macs, figure, save_figure, state_dict_bytes
 from .defaults import CALIBRATE_BATCHES
 from .errors import UsageError
@@ -229,9 +230,9 @@ class BenchResult:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         files = {"md": out / "bench.md", "json": out / "bench.json", "csv": out / "bench.csv"}
-        files["md"].write_text(self.to_markdown())
-        files["json"].write_text(json.dumps(self.to_dict(), indent=2))
-        files["csv"].write_text(self.to_csv())
+        atomic_write_text(files["md"], self.to_markdown())
+        atomic_write_text(files["json"], json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(files["csv"], self.to_csv())
         files["png"] = self.plot(out / "bench.png")
         return files
 
@@ -239,7 +240,7 @@ class BenchResult:
 def target_size(teacher: nn.Module, config: BenchConfig, ctx: Context) -> int | None:
     """The parameter budget of the pruning methods, from ``--budget`` or the size of ``--match``."""
     if config.budget is not None:
-        return round(config.budget * unique_params(teacher))
+        return round(config.budget * count_params(teacher))
     if config.match is not None:
         return get_method(config.match).compress(teacher, None, replace(ctx, calib_loader=None)).params
     return None
@@ -277,7 +278,7 @@ def run_bench(
     target = target_size(teacher, config, ctx)
     if target is None and any(not get_method(m).fixed_size for m in config.methods):
         raise UsageError("pruning methods need a size: give «budget» FRACTION or «match» METHOD")
-    teacher_params = unique_params(teacher)
+    teacher_params = count_params(teacher)
     precision, limit = config.train.precision, config.train.limit_batches
     teacher_acc = evaluate(teacher, loaders.val, precision, limit)
     rows: list[BenchRow] = []
@@ -331,7 +332,7 @@ def run_bench(
             )
             rows.append(row)
             if out is not None:  # a long benchmark cut short keeps what it measured
-                (out / "bench.partial.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+                atomic_write_text(out / "bench.partial.json", json.dumps([asdict(r) for r in rows], indent=2))
             if seed == 0:
                 finals[name] = model.to(memory_format=torch.contiguous_format)
             notify("done", asdict(row))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .core.models import from_name, kernel_and_fc_params
-from .core.planning import unique_params
+from .core.planning import count_params
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def param_rows(count: Callable[[nn.Module], int] = kernel_and_fc_params) -> list
     def measure(model: str, classes: int) -> tuple[int, int]:
         if (model, classes) not in cache:
             m = build_reference(model, classes)
-            cache[model, classes] = (count(m), unique_params(m))
+            cache[model, classes] = (count(m), count_params(m))
         return cache[model, classes]
 
     rows = []

@@ -20,10 +20,11 @@ from typing import Any
 
 from torch import nn
 
+from .atomic import atomic_write_text
 from .budget import resolve_target, search
 from .core.banks import BankSize, BankValue
 from .core.convert import convert
-from .core.planning import Plan, make_plan, unique_params
+from .core.planning import InitName, ModeName, Plan, RegulatorStyleName, count_params, make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
 from .errors import UsageError
 from .io.checkpoint import save
@@ -35,10 +36,10 @@ DEFAULT_INPUT_SIZE = (3, 224, 224)
 
 def plan(
     model: nn.Module,
-    mode: str = "mix",
+    mode: ModeName = "mix",
     regulators: str | Sequence[int] | None = "none",
-    regulator_style: str = "adapter",
-    init: str | None = None,
+    regulator_style: RegulatorStyleName = "adapter",
+    init: InitName | None = None,
     input_size: tuple[int, int, int] = (3, 224, 224),
     leaf_modules: Sequence[type[nn.Module]] = (),
     *,
@@ -76,7 +77,7 @@ def plan(
             bank_size=bank_size,
             factorize_unshared=factorize_unshared,
         )
-    target = resolve_target(unique_params(model), target_params, target_ratio, target_bytes)
+    target = resolve_target(count_params(model), target_params, target_ratio, target_bytes)
     return search(
         model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init, leaf_modules
     ).plan
@@ -151,10 +152,10 @@ def input_size_of(batches: Iterable | None, default: tuple[int, int, int] = DEFA
 
 def anchor(
     model: nn.Module,
-    mode: str = "mix",
+    mode: ModeName = "mix",
     regulators: str | Sequence[int] | None = "none",
-    regulator_style: str = "adapter",
-    init: str | None = None,
+    regulator_style: RegulatorStyleName = "adapter",
+    init: InitName | None = None,
     input_size: tuple[int, int, int] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
     calib_loader: Iterable | None = None,
@@ -375,8 +376,8 @@ def compress(
     if main:
         from .io.card import model_card
 
-        (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2))
-        (out / "report.md").write_text(result.to_markdown())
+        atomic_write_text(out / "report.json", json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(out / "report.md", result.to_markdown())
         steps_acc = {
             "original": teacher_acc,
             "right after conversion": converted_acc,
@@ -384,5 +385,5 @@ def compress(
             "after KD fine-tune": finetuned_acc,
         }
         dataset = getattr(train_loader, "name", None) or getattr(getattr(train_loader, "dataset", None), "name", None)
-        (out / "README.md").write_text(model_card(report, command, steps_acc, dataset))
+        atomic_write_text(out / "README.md", model_card(report, command, steps_acc, dataset))
     return result

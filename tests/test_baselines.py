@@ -16,7 +16,7 @@ from dacnn_convert.baselines import METHODS, Context, get_method
 from dacnn_convert.baselines.magnitude import load_sparse, magnitude_prune, make_permanent, save_sparse
 from dacnn_convert.bench import COLUMNS, BenchConfig, run_bench
 from dacnn_convert.cli import app
-from dacnn_convert.core.planning import unique_params
+from dacnn_convert.core.planning import count_params
 from dacnn_convert.errors import PlanError, UsageError
 from dacnn_convert.train import TrainConfig, make_loaders
 from tests.models import TinyResNet
@@ -33,17 +33,17 @@ def wide() -> nn.Module:
 @pytest.mark.parametrize("fraction", [0.5, 0.25])
 def test_channel_pruning_hits_the_budget_within_one_percent(method: str, fraction: float) -> None:
     teacher = wide()
-    target = round(fraction * unique_params(teacher))
+    target = round(fraction * count_params(teacher))
     out = get_method(method).compress(teacher, target, CTX)
     assert abs(out.params - target) / target <= 0.01
-    assert out.params == unique_params(out.model)
+    assert out.params == count_params(out.model)
     assert out.model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
-    assert unique_params(teacher) == 676_682  # the teacher is untouched
+    assert count_params(teacher) == 676_682  # the teacher is untouched
 
 
 def test_magnitude_pruning_reaches_the_exact_sparsity() -> None:
     teacher = wide()
-    total = unique_params(teacher)
+    total = count_params(teacher)
     target = total // 3
     out = get_method("magnitude").compress(teacher, target, CTX)
     zeros = sum(int((m.weight == 0).sum()) for m in out.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
@@ -151,7 +151,7 @@ def test_two_method_bench_writes_every_column_and_a_png(tmp_path) -> None:
     assert json.loads((tmp_path / "bench.json").read_text())["target_params"] == mix.params
     # the pruned artefact is a real smaller model that reloads from shapes alone
     reloaded = load(tmp_path / "l1-filter" / "model.safetensors", model=copy.deepcopy(wide()))
-    assert unique_params(reloaded) == l1.params
+    assert count_params(reloaded) == l1.params
 
 
 def test_bench_cli_refuses_pruning_without_a_budget(tmp_path) -> None:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from dacnn_convert import convert, plan
 from dacnn_convert.budget import calibration_reference, compose, pick, resolve_target, score_sections, search
 from dacnn_convert.cli import app
-from dacnn_convert.core.planning import make_plan, unique_params
+from dacnn_convert.core.planning import count_params, make_plan
 from dacnn_convert.errors import PlanError, UsageError
 from dacnn_convert.train import make_loaders
 
@@ -33,7 +33,7 @@ def searched():
 @given(fraction=st.floats(0.0, 1.2))
 def test_budget_is_never_exceeded(searched, fraction: float) -> None:
     model, mix, plain, scores = searched
-    target = int(fraction * unique_params(model))
+    target = int(fraction * count_params(model))
     try:
         result = pick(mix, plain, scores, target)
     except PlanError as exc:
@@ -49,7 +49,7 @@ def test_plan_arithmetic_equals_the_built_model(searched, choice, regs) -> None:
     model, mix, plain, _ = searched
     p = compose(mix, plain, choice, regs)
     student = convert(model, p).model
-    assert unique_params(student) == p.params_after
+    assert count_params(student) == p.params_after
     assert student(torch.randn(2, *SIZE)).shape == (2, 10)
 
 
@@ -88,7 +88,7 @@ def test_kl_sensitivity_with_data(searched) -> None:
 
 def test_public_plan_takes_targets() -> None:
     model = TinyResNet()
-    assert plan(model, input_size=SIZE, target_ratio=2).params_after <= unique_params(model) / 2
+    assert plan(model, input_size=SIZE, target_ratio=2).params_after <= count_params(model) / 2
     assert plan(model, input_size=SIZE, target_bytes=30_000).params_after <= 7_500
     with pytest.raises(UsageError, match="exactly one"):
         resolve_target(100, target_params=10, target_ratio=2)
@@ -131,7 +131,7 @@ def test_budget_planner_is_a_bench_method() -> None:
     method = get_method("dacnn-budget")
     assert not method.fixed_size
     out = method.compress(TinyResNet().eval(), 7_000, Context(SIZE))
-    assert out.params <= 7_000 and out.params == unique_params(out.model)
+    assert out.params <= 7_000 and out.params == count_params(out.model)
     assert "sections free/mix" in out.notes
 
 
@@ -142,10 +142,10 @@ def test_bank_search_fills_at_least_97_percent_and_never_exceeds(searched, fract
     from dacnn_convert.budget import BANK_OPTIONS, RANK_OPTIONS
 
     scores = _bank_scores(model, mix, plain, BANK_OPTIONS, RANK_OPTIONS)
-    target = int(fraction * unique_params(model))
+    target = int(fraction * count_params(model))
     result = pick(mix, plain, scores, target)
     assert 0.97 * target <= result.plan.params_after <= target
-    assert unique_params(convert(model, result.plan).model) == result.plan.params_after  # arithmetic = built model
+    assert count_params(convert(model, result.plan).model) == result.plan.params_after  # arithmetic = built model
 
 
 _SCORES: dict = {}

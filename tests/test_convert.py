@@ -318,3 +318,14 @@ def test_convs_tied_by_the_user_are_refused_in_one_line_before_the_arithmetic(mo
         plan(model, mode=mode, input_size=SIZE)
     with pytest.raises(PlanError, match="share one weight tensor"):
         plan(model, input_size=SIZE, target_params=1000)
+
+
+def test_the_literal_types_of_the_public_api_name_exactly_the_registered_choices() -> None:
+    from typing import get_args
+
+    from dacnn_convert.core.fitting import FITS
+    from dacnn_convert.core.planning import INITS, MODES, REGULATOR_STYLES, InitName, ModeName, RegulatorStyleName
+
+    assert set(get_args(ModeName)) == set(MODES)
+    assert set(get_args(InitName)) == set(INITS) | {"none"} and set(FITS) <= set(INITS)
+    assert set(get_args(RegulatorStyleName)) == set(REGULATOR_STYLES)

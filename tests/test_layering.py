@@ -1,6 +1,6 @@
 """The package's layers, read from its import graph: a lower layer never imports an upper one.
 
-    errors, defaults, registry  <  core  <  io  <  train  <  applications  <  cli
+    errors, defaults, registry, atomic  <  core  <  io  <  train  <  applications  <  cli
 
 Lazy imports inside functions count too, so an import circle cannot come back hidden in a body.
 """
@@ -19,7 +19,16 @@ LAYER_NAMES = ["errors/defaults", "core", "io", "train", "applications", "cli"]
 
 def layer_of(module: str) -> int:
     top = module.split(".")[1] if "." in module else ""
-    layers = {"errors": BASE, "defaults": BASE, "registry": BASE, "core": CORE, "io": IO, "train": TRAIN, "cli": CLI}
+    layers = {
+        "errors": BASE,
+        "defaults": BASE,
+        "registry": BASE,
+        "atomic": BASE,
+        "core": CORE,
+        "io": IO,
+        "train": TRAIN,
+        "cli": CLI,
+    }
     return layers.get(top, APPS)
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dacnn_convert.cli import app
 from dacnn_convert.core.models import dacnn, from_name, kernel_and_fc_params
-from dacnn_convert.core.planning import unique_params
+from dacnn_convert.core.planning import count_params
 from dacnn_convert.errors import UsageError
 from dacnn_convert.io.sources import parse_spec
 from dacnn_convert.paper import param_rows
@@ -62,8 +62,8 @@ def test_paper_values_reproduced_where_consistent() -> None:
 def test_all_params_add_free_batchnorms() -> None:
     m = from_name("18-plain")
     bn_channels = 128 * (1 + 16)  # stem + every block conv, each with a free BN (weight + bias)
-    assert unique_params(m) == EXACT["34-plain"] + 2 * bn_channels
-    assert unique_params(from_name("18-plain-nobn")) == EXACT["34-plain"]
+    assert count_params(m) == EXACT["34-plain"] + 2 * bn_channels
+    assert count_params(from_name("18-plain-nobn")) == EXACT["34-plain"]
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_recipe_smoke_run_on_synthetic_data(tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     record = json.loads((out / "result.json").read_text())
-    assert record["params"] == unique_params(from_name("5-plain", 10)) and record["paper_error"] == 40.11
+    assert record["params"] == count_params(from_name("5-plain", 10)) and record["paper_error"] == 40.11
     resolved = load_recipe(out / "recipe.yaml")
     assert resolved.epochs == 1 and resolved.dataset == "synthetic" and resolved.optimizer == "adagrad"
 
@@ -187,5 +187,5 @@ def test_saved_dacnn_reloads_and_inspects_with_its_sharing(tmp_path) -> None:
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
     info = inspect_file(path)
-    assert info.params == unique_params(model)
+    assert info.params == count_params(model)
     assert [(name, len(users)) for name, _, users in info.shared] == [("dacnn_anchors.shared", 3)]

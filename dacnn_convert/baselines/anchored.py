@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..core.convert import convert
-from ..core.planning import unique_params
+from ..core.planning import count_params
 from ..io.checkpoint import save
 from ..pipeline import plan
 from . import Compressed, Context, register_method
@@ -33,7 +33,7 @@ class Anchored:
             return {"safetensors": save(m, folder / "model.safetensors", source=ctx.source).stat().st_size}
 
         return Compressed(
-            model, unique_params(model), lambda m: m, store, f"plan: {self.mode}, regulators {self.regulators}"
+            model, count_params(model), lambda m: m, store, f"plan: {self.mode}, regulators {self.regulators}"
         )
 
 
@@ -70,7 +70,7 @@ class Budgeted:
             note += f", unshared convs {'/'.join(result.ranks)}"
         if result.grown:
             note += f"; grown: {'; '.join(result.grown)}"
-        return Compressed(model, unique_params(model), lambda m: m, store, note)
+        return Compressed(model, count_params(model), lambda m: m, store, note)
 
 
 register_method(Budgeted())
@@ -125,7 +125,7 @@ class LowRank:
         ranks = sorted({g.rank for g in best.groups})
         return Compressed(
             model,
-            unique_params(model),
+            count_params(model),
             lambda m: m,
             store,
             f"rank fraction {lo:.4f} of C_out ({len(best.groups)} convs, ranks {ranks[0]}-{ranks[-1]})",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..core.planning import unique_params
+from ..core.planning import count_params
 from ..errors import CheckpointError, PlanError
 from ..io.checkpoint import save
 from . import Compressed, Context, register_method
@@ -111,7 +111,7 @@ class Magnitude:
         import copy
 
         model = copy.deepcopy(teacher).to(memory_format=torch.contiguous_format)  # global pruning flattens weights
-        total = unique_params(model)
+        total = count_params(model)
         magnitude_prune(model, total - target_params)
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.planning import unique_params
+from ..core.planning import count_params
 from ..errors import PlanError, UsageError
 from ..io.checkpoint import save
 from . import Compressed, Context, register_method
@@ -123,8 +123,8 @@ def search_ratio(
     Raises:
         PlanError: no ratio gets within 1% (the model is too narrow for this budget).
     """
-    if target >= unique_params(teacher):
-        raise PlanError(f"the budget {target:,} is not below the model's {unique_params(teacher):,} parameters")
+    if target >= count_params(teacher):
+        raise PlanError(f"the budget {target:,} is not below the model's {count_params(teacher):,} parameters")
     base = copy.deepcopy(teacher).to(memory_format=torch.contiguous_format)
     # ratios closer than 1/(4 * widest layer) prune the same channels: no point bisecting further
     widest = max((m.out_channels for m in base.modules() if isinstance(m, nn.Conv2d)), default=1)
@@ -132,7 +132,7 @@ def search_ratio(
 
     def uniform(r: float) -> tuple[int, nn.Module]:
         m = channel_prune(copy.deepcopy(base), r, importance, input_size)
-        return unique_params(m), m
+        return count_params(m), m
 
     tries = _bisect(uniform, target, 0.0, 0.999, steps)
     best = min(tries, key=lambda t: t[0])
@@ -144,7 +144,7 @@ def search_ratio(
 
             def widest(r: float) -> tuple[int, nn.Module]:
                 m = channel_prune(copy.deepcopy(base), r0, importance, input_size, widest_ratio=r)
-                return unique_params(m), m
+                return count_params(m), m
 
             fine = min(_bisect(widest, target, r0, 0.999, steps), key=lambda t: t[0])
             if fine[0] < best[0]:
@@ -175,7 +175,7 @@ class ChannelPruning:
         def store(m: nn.Module, folder: Path) -> dict[str, int]:
             return {"safetensors": save(m, folder / "model.safetensors", source=ctx.source, pruned=True).stat().st_size}
 
-        return Compressed(model, unique_params(model), lambda m: m, store, ratios)
+        return Compressed(model, count_params(model), lambda m: m, store, ratios)
 
 
 register_method(ChannelPruning("l1-filter", "l1", "L1-norm filter pruning (Li et al. 2017) via Torch-Pruning"))

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..atomic import atomic_write_text
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError, UsageError
 from .common import (
@@ -159,15 +160,15 @@ def run_convert(
                 render_plan(plan, spec.display)
             return {"plan": plan, "explain": explanation, "advice": advice}
         if write_recipe:
-            (out / "recipe.yaml").write_text(rec.resolved().to_yaml())
+            atomic_write_text(out / "recipe.yaml", rec.resolved().to_yaml())
         if with_data:
             return _run_pipeline(original, plan, spec, out, data, loaders, rec.dtype, command)  # type: ignore[arg-type]
         conversion = convert(original, plan)
         ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=rec.dtype)
         report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
-        (out / "report.json").write_text(report.to_json())
-        (out / "report.md").write_text(report.to_markdown())
-        (out / "README.md").write_text(model_card(report, command))
+        atomic_write_text(out / "report.json", report.to_json())
+        atomic_write_text(out / "report.md", report.to_markdown())
+        atomic_write_text(out / "README.md", model_card(report, command))
     render_report(report)
     console.print(f"wrote {ckpt}, {out / 'report.json'}, {out / 'report.md'}")
     return {"plan": plan, "report": report, "out": out}
@@ -197,9 +198,9 @@ def command_line(ctx: typer.Context | None) -> str | None:
 def _budget_search(original: Any, budget: tuple, style: str, init: str, size: Any, leaves: Any, loaders: Any) -> Any:
     """The budget search for (target params, ratio, bytes, metric); scored on the training data when given."""
     from ..budget import resolve_target, search
-    from ..core.planning import unique_params
+    from ..core.planning import count_params
 
-    target = resolve_target(unique_params(original), *budget[:3])
+    target = resolve_target(count_params(original), *budget[:3])
     loader = loaders.train if loaders is not None else None
     metric = None if budget[3] is None else str(budget[3])
     return search(original, target, size, loader, 8, metric, style, init, leaves)

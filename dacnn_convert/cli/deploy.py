@@ -105,7 +105,9 @@ def export_command(
             state = {
                 k: v.to(DTYPES[dtype.value]) if v.is_floating_point() else v for k, v in model.state_dict().items()
             }
-            torch.save(state, out)
+            from ..atomic import atomic_write
+
+            atomic_write(out, lambda tmp: torch.save(state, tmp))
         console.print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     except DacnnError as exc:
         raise fail(exc) from None

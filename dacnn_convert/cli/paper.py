@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..atomic import atomic_write_text
 from ..errors import DacnnError
 from .common import DataOptions, DeviceOpt, DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt, console, fail
 
@@ -88,7 +89,7 @@ def run_recipe(
     """Run the resolved recipe ``r``; return (and write) its result record."""
     import torch
 
-    from ..core.planning import unique_params
+    from ..core.planning import count_params
     from .convert import run_convert
     from .train import run_train
 
@@ -102,11 +103,11 @@ def run_recipe(
     start = time.perf_counter()
     if r.task == "train":
         fit = run_train(r.model, r.dataset, out, r.weights or "none", r.input_size, data)
-        (out / "recipe.yaml").write_text(r.resolved().to_yaml())
+        atomic_write_text(out / "recipe.yaml", r.resolved().to_yaml())
         from ..io.checkpoint import load
 
         model = load(fit.checkpoint) if fit.checkpoint else None
-        accuracy, params = fit.best_acc, unique_params(model) if model is not None else 0
+        accuracy, params = fit.best_acc, count_params(model) if model is not None else 0
     else:
         done = run_convert(r, data, write_recipe=True)
         res = done["result"] if "result" in done else None
@@ -134,7 +135,7 @@ def run_recipe(
         "paper_params": r.paper_params,
         "out": str(out),
     }
-    (out / "result.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / "result.json", json.dumps(record, indent=2))
     return record
 
 

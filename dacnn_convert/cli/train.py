@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..atomic import atomic_write_text
 from ..defaults import TRAIN_LR
 from ..errors import DacnnError
 from .common import (
@@ -108,7 +109,7 @@ def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str
             result = train(
                 net, loaders.train, loaders.val, config, out, progress.step, progress.epoch_end, spec, data.resume
             )
-        (out / "history.json").write_text(json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(out / "history.json", json.dumps(result.to_dict(), indent=2))
     console.print(
         f"best val acc {100 * result.best_acc:.2f}% in {result.wall_s:.0f} s ({result.images_per_s:.0f} img/s, "
         f"{result.precision}); wrote {result.checkpoint}"

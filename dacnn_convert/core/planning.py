@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from torch import nn
 
 from ..errors import PlanError, UsageError, choose
+from ..registry import Registry
 from .banks import (
     BankSize,
     BankValue,
@@ -48,20 +49,15 @@ from .banks import (
 )
 from .graph import ConvSite, analyze
 
-MODES: dict[str, Callable[[list[ConvSite]], list[list[ConvSite]]]] = {}
+MODES: Registry[Callable[[list[ConvSite]], list[list[ConvSite]]]] = Registry("mode")
+register_mode = MODES.register  # decorator: a grouping policy under a name
 INITS = ("fit", "act", "act-seq", "mean", "first", "random")
 REGULATOR_STYLES = ("adapter", "paper")
 GROUP_KINDS = ("anchor", "bank")
-
-
-def register_mode(name: str) -> Callable:
-    """Decorator: register a grouping policy under ``name``."""
-
-    def wrap(fn: Callable[[list[ConvSite]], list[list[ConvSite]]]) -> Callable:
-        MODES[name] = fn
-        return fn
-
-    return wrap
+# The names a type checker knows (tests/test_convert.py keeps them equal to the registries)
+ModeName = Literal["mix", "plain", "sharesnet", "bank", "none"]
+InitName = Literal["fit", "act", "act-seq", "mean", "first", "random", "none"]
+RegulatorStyleName = Literal["adapter", "paper"]
 
 
 def _candidates(sites: list[ConvSite]) -> list[ConvSite]:
@@ -281,7 +277,7 @@ class Plan:
             raise PlanError(f"conversion plan is not valid JSON: {exc}") from exc
 
 
-def unique_params(model: nn.Module) -> int:
+def count_params(model: nn.Module) -> int:
     """Number of parameters counting each shared tensor once (by storage)."""
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     total = 0
@@ -332,10 +328,10 @@ def parse_regulators(value: str | Sequence[int] | None, n_sections: int) -> tupl
 
 def make_plan(
     model: nn.Module,
-    mode: str = "mix",
+    mode: ModeName = "mix",
     regulators: str | Sequence[int] | None = "none",
-    regulator_style: str = "adapter",
-    init: str = "fit",
+    regulator_style: RegulatorStyleName = "adapter",
+    init: InitName = "fit",
     input_size: tuple[int, int, int] = (3, 224, 224),
     leaf_modules: Sequence[type[nn.Module]] = (),
     *,
@@ -366,9 +362,9 @@ def make_plan(
             a bank size that is not positive or above what its group can use.
         TraceError, PlanError: the model cannot be traced or run on ``input_size``.
     """
-    mode = choose("mode", mode, MODES)
-    init = choose("init", init, INITS)
-    regulator_style = choose("regulator style", regulator_style, REGULATOR_STYLES)
+    mode = cast(ModeName, choose("mode", mode, MODES))  # a str from the CLI or a recipe is checked here
+    init = cast(InitName, choose("init", init, INITS))
+    regulator_style = cast(RegulatorStyleName, choose("regulator style", regulator_style, REGULATOR_STYLES))
     sites = analyze(model, input_size, leaf_modules)
     notes: list[str] = []
     if not sites:
@@ -420,7 +416,7 @@ def make_plan(
         sites=tuple(sites),
         groups=tuple(groups),
         regulators=tuple(regs),
-        params_before=unique_params(model),
+        params_before=count_params(model),
         sections=tuple(resolutions),
         notes=tuple(notes),
     )

@@ -11,14 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from .convert import Conversion
 from .modes import mode
-from .planning import Plan, unique_params
-
-
-def count_params(model: nn.Module) -> int:
-    """Unique parameters of ``model``: a tensor shared by several layers counts once."""
-    return unique_params(model)
+from .planning import Plan, count_params
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
@@ -238,7 +234,7 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     """Lay out, write as PNG, close; returns the path."""
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 

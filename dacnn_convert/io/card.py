@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from ..atomic import atomic_write_text
 from ..core.report import ConversionReport
 from ..errors import CheckpointError, DacnnError
 
@@ -142,7 +143,7 @@ def save_pretrained(
     folder = Path(folder)
     save(model, folder / WEIGHTS, source=source)
     if card is not None:
-        (folder / CARD).write_text(card)
+        atomic_write_text(folder / CARD, card)
     if push_to_hub is not None:
         from .sources import hub_reachable
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
 from ..core.planning import Plan
 from ..errors import CheckpointError, marked
-from .atomic import atomic_write
 from .files import unreadable
 from .resize import resize_to_state
 from .sources import ModelSpec, build_model, check_state_dict, parse_spec, with_module_versions

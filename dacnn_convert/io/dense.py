@@ -164,7 +164,7 @@ def export_dense(
     """
     from safetensors.torch import save_file
 
-    from .atomic import atomic_write
+    from ..atomic import atomic_write
     from .checkpoint import DTYPES
 
     state = dense_state_dict(model)

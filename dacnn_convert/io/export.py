@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from ..core.modes import mode
 from ..errors import DacnnError, UsageError
-from .atomic import atomic_write
 
 ONNX_DTYPES = ("fp32", "fp16", "bf16")
 MIN_OPSET = 18  # torch.onnx's dynamo exporter: an older opset is silently written as 18

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write
 from ..errors import DatasetError, choose
-from ..io.atomic import atomic_write
 from ..registry import Registry
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from ..errors import DacnnError
-from ..io.atomic import atomic_write
 from .config import TrainConfig
 
 
