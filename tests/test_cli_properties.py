@@ -43,6 +43,12 @@ def _files(root: Path) -> dict[str, Path]:
     (root / "empty.safetensors").write_bytes(b"")
     (root / "folder").mkdir()
     os.mkfifo(root / "fifo.safetensors")
+    (root / "recipe.yaml").write_text(  # a runnable recipe, and ways a recipe can be wrong
+        f"model: {MODEL}\nweights: none\ninput_size: '16'\ndataset: synthetic\nepochs: 1\nprecision: fp32\n"
+    )
+    (root / "latin1.yaml").write_bytes("model: r\xe9snet\n".encode("latin-1"))
+    (root / "deep.yaml").write_text("model: " + "[" * 3000 + "]" * 3000 + "\n")
+    (root / "unknown.yaml").write_text("modle: resnet18\n")
     return {p.name: p for p in root.iterdir()} | {"missing.safetensors": root / "missing.safetensors"}
 
 
@@ -58,12 +64,14 @@ FILE_NAMES = st.sampled_from(
         "missing.safetensors",
     ]
 )
+RECIPES = st.sampled_from(["recipe.yaml", "latin1.yaml", "deep.yaml", "unknown.yaml", "folder", "garbage.pt"])
 
 
 @st.composite
 def invocations(draw: st.DrawFn) -> tuple[str, list[str]]:
     """(command name, its arguments before paths are filled in: FILE and OUT are placeholders)."""
-    command = draw(st.sampled_from(["convert", "plan", "inspect", "eval", "export", "latency", "visualize"]))
+    commands = ["convert", "plan", "inspect", "eval", "export", "latency", "visualize", "table", "recipe"]
+    command = draw(st.sampled_from(commands))
     if command == "convert":
         args = [MODEL, "--weights", "none", "--input-size", draw(SIZES), "--dry-run"]
         args += draw(st.sampled_from([[], ["--mode", "bank", "--bank-size", draw(NUMBERS)], ["--regulators", "9"]]))
@@ -80,6 +88,10 @@ def invocations(draw: st.DrawFn) -> tuple[str, list[str]]:
     elif command == "latency":
         args = ["FILE", "--batch", draw(NUMBERS), "--repeats", draw(st.sampled_from(["1", "0", "-2"]))]
         args += ["--input-size", draw(SIZES)]
+    elif command == "table":
+        args = [draw(st.sampled_from(["params", "accuracy"])), *draw(st.sampled_from([[], ["--markdown"]]))]
+    elif command == "recipe":
+        args = ["run", "RECIPE", "--limit-batches", draw(st.sampled_from(["1", "0", "-1"])), "--out", "OUT"]
     else:
         args = ["FILE", "--filters", draw(NUMBERS), "--steps", "1", "--out", "OUT"]
     if command in ("eval", "export", "latency", "visualize"):  # user code is named, never read from a file
@@ -87,10 +99,12 @@ def invocations(draw: st.DrawFn) -> tuple[str, list[str]]:
     return command, args
 
 
-def _check(tmp: Path, files: dict[str, Path], command: str, args: list[str], file_name: str, n: int) -> None:
+def _check(
+    tmp: Path, files: dict[str, Path], command: str, args: list[str], file_name: str, recipe: str, n: int
+) -> None:
     out = tmp / f"out{n}"
-    target = out / ("o.png" if command == "visualize" else "o.bin")
-    fill = {"FILE": str(files[file_name]), "OUT": str(target)}
+    target = out if command == "recipe" else out / ("o.png" if command == "visualize" else "o.bin")
+    fill = {"FILE": str(files[file_name]), "OUT": str(target), "RECIPE": str(files[recipe])}
     argv = [command, *[fill.get(a, a) for a in args]]
     before = _tree(tmp)
     result = RUNNER.invoke(app, argv)
@@ -116,9 +130,9 @@ def _run(tmp_path_factory: pytest.TempPathFactory, examples: int) -> None:
     count = iter(range(10**6))
 
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(invocations(), FILE_NAMES)
-    def check(invocation: tuple[str, list[str]], file_name: str) -> None:
-        _check(tmp, files, invocation[0], invocation[1], file_name, next(count))
+    @given(invocations(), FILE_NAMES, RECIPES)
+    def check(invocation: tuple[str, list[str]], file_name: str, recipe: str) -> None:
+        _check(tmp, files, invocation[0], invocation[1], file_name, recipe, next(count))
 
     check()
 
@@ -131,4 +145,4 @@ def test_every_command_exits_cleanly_on_drawn_options_and_tampered_files(tmp_pat
 
 @pytest.mark.slow
 def test_every_command_exits_cleanly_many_examples(tmp_path_factory) -> None:
-    _run(tmp_path_factory, examples=1000)
+    _run(tmp_path_factory, examples=500)
