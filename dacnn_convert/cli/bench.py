@@ -14,7 +14,9 @@ from rich.table import Table
 
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError
-from .common import (
+from .common import DataOptions, console, fail, parse_input_size, recipe_from_command
+from .guards import output_guard
+from .options import (
     Augment,
     AugOpt,
     BatchOpt,
@@ -22,7 +24,6 @@ from .common import (
     ChannelsLastOpt,
     ClassesOpt,
     ClipOpt,
-    DataOptions,
     DeviceOpt,
     DownloadOpt,
     EpochsOpt,
@@ -46,11 +47,6 @@ from .common import (
     WarmOpt,
     WdOpt,
     WeightsOpt,
-    console,
-    fail,
-    output_guard,
-    parse_input_size,
-    recipe_from_command,
 )
 
 DEFAULT_METHODS = "dacnn-mix-reg,dacnn-mix,magnitude,l1-filter,group-norm"

@@ -13,6 +13,18 @@ from ..atomic import atomic_write_text
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError, UsageError
 from .common import (
+    DataOptions,
+    _leaf_types,
+    _Progress,
+    console,
+    fail,
+    parse_amount,
+    parse_input_size,
+    parse_rank,
+    recipe_from_command,
+)
+from .guards import output_guard
+from .options import (
     Augment,
     AugOpt,
     BankOpt,
@@ -22,7 +34,6 @@ from .common import (
     CkptOpt,
     ClassesOpt,
     ClipOpt,
-    DataOptions,
     DatasetOpt,
     DeviceOpt,
     DownloadOpt,
@@ -68,15 +79,6 @@ from .common import (
     WarmOpt,
     WdOpt,
     WeightsOpt,
-    _leaf_types,
-    _Progress,
-    console,
-    fail,
-    output_guard,
-    parse_amount,
-    parse_input_size,
-    parse_rank,
-    recipe_from_command,
 )
 from .train import run_train
 

@@ -9,19 +9,9 @@ import typer
 from rich.table import Table
 
 from ..errors import DacnnError, UsageError, write_failed
-from .common import (
-    Dtype,
-    DtypeOpt,
-    ExportFormat,
-    SizeOpt,
-    SkelOpt,
-    check_input_size,
-    console,
-    fail,
-    load_checkpoint,
-    parse_input_size,
-    source_of,
-)
+from .common import console, fail, load_checkpoint, parse_input_size, source_of
+from .guards import check_input_size
+from .options import Dtype, DtypeOpt, ExportFormat, SizeOpt, SkelOpt
 
 
 def export_command(

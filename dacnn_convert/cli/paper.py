@@ -15,7 +15,8 @@ from rich.table import Table
 
 from ..atomic import atomic_write_text
 from ..errors import DacnnError
-from .common import DataOptions, DeviceOpt, DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt, console, fail
+from .common import DataOptions, console, fail
+from .options import DeviceOpt, DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt
 
 recipe_app = typer.Typer(
     help="Recipes: YAML files that fix every setting of a paper table row or a conversion.", no_args_is_help=True

@@ -11,13 +11,23 @@ from ..atomic import atomic_write_text
 from ..defaults import TRAIN_LR
 from ..errors import DacnnError
 from .common import (
+    DataOptions,
+    _Progress,
+    console,
+    fail,
+    load_checkpoint,
+    parse_input_size,
+    recipe_from_command,
+    source_of,
+)
+from .guards import check_input_size, output_guard
+from .options import (
     Augment,
     AugOpt,
     BatchOpt,
     ChannelsLastOpt,
     CkptOpt,
     ClipOpt,
-    DataOptions,
     DeviceOpt,
     DownloadOpt,
     EpochsOpt,
@@ -40,15 +50,6 @@ from .common import (
     WarmOpt,
     WdOpt,
     WeightsOpt,
-    _Progress,
-    check_input_size,
-    console,
-    fail,
-    load_checkpoint,
-    output_guard,
-    parse_input_size,
-    recipe_from_command,
-    source_of,
 )
 
 

@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 
 from ..errors import DacnnError
-from .common import SizeOpt, SkelOpt, console, fail, load_checkpoint, output_guard, parse_input_size
+from .common import console, fail, load_checkpoint, parse_input_size
+from .guards import output_guard
+from .options import SizeOpt, SkelOpt
 
 
 def visualize_command(
