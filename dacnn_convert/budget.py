@@ -43,6 +43,7 @@ from .core.banks import bank_params, bankable, factorizable
 from .core.graph import ConvSite
 from .core.modes import mode
 from .core.planning import Group, Plan, RegulatorSpec, bank_group, make_plan
+from .defaults import default_init
 from .errors import PlanError, UsageError, choose, render
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
@@ -289,7 +290,7 @@ def search(
     choose("search space", space, SPACES)
     if metric == "kl" and calib_loader is None:
         raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
-    init = init or ("act" if calib_loader is not None else "fit")
+    init = default_init(init, calib_loader is not None)
     mix = make_plan(model, "mix", "all", regulator_style, init, input_size, leaf_modules)
     plain = make_plan(model, "plain", "all", regulator_style, init, input_size, leaf_modules)
     n = len(mix.sections)

@@ -25,3 +25,9 @@ DEVICE_HELP = "auto (the CUDA device when present; under torchrun the one of LOC
 
 # Training a network from scratch (TrainConfig's default, `dacnn train`, the paper's recipes).
 TRAIN_LR = 0.05
+
+
+def default_init(init: str | None, with_data: bool) -> str:
+    """The init a conversion uses when none is given: fitted to the activations ("act") when
+    calibration data is given, else to the weights ("fit") — the one place this policy lives."""
+    return init if init is not None else ("act" if with_data else "fit")

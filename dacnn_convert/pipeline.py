@@ -26,6 +26,7 @@ from .core.banks import BankSize, BankValue
 from .core.convert import convert
 from .core.planning import InitName, ModeName, Plan, RegulatorStyleName, count_params, make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
+from .defaults import default_init
 from .errors import UsageError
 from .io.checkpoint import save
 from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
@@ -64,7 +65,7 @@ def plan(
     Raises:
         UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
     """
-    init = init or ("act" if calib_loader is not None else "fit")
+    init = default_init(init, calib_loader is not None)
     if target_params is None and target_ratio is None and target_bytes is None:
         return make_plan(
             model,
@@ -207,8 +208,7 @@ def anchor(
         UsageError: an argument is outside its allowed values.
         TraceError, PlanError: the model cannot be traced, run or converted (or nothing fits the target).
     """
-    if init is None:
-        init = "act" if calib_loader is not None else "fit"
+    init = default_init(init, calib_loader is not None)
     size = input_size or input_size_of(calib_loader)
     p = _plan(
         model,

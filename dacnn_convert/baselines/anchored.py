@@ -9,6 +9,7 @@ from torch import nn
 
 from ..core.convert import convert
 from ..core.planning import count_params
+from ..defaults import default_init
 from ..io.checkpoint import save
 from ..pipeline import plan
 from . import Compressed, Context, register_method
@@ -25,7 +26,7 @@ class Anchored:
     fixed_size: bool = True
 
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
-        init = "act" if ctx.calib_loader is not None else "fit"
+        init = default_init(None, ctx.calib_loader is not None)
         p = plan(teacher, self.mode, self.regulators, init=init, input_size=ctx.input_size)
         model = convert(teacher, p, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
@@ -102,7 +103,7 @@ class LowRank:
 
         if target_params is None:
             raise PlanError("lowrank needs a parameter budget («budget» or «match»)")
-        init = "act" if ctx.calib_loader is not None else "fit"
+        init = default_init(None, ctx.calib_loader is not None)
         from ..core.planning import with_low_rank
 
         base = plan(teacher, "none", init=init, input_size=ctx.input_size)  # traced once

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..atomic import atomic_write_text
-from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
+from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, default_init
 from ..errors import DacnnError, UsageError
 from .common import (
     DataOptions,
@@ -123,7 +123,7 @@ def run_convert(
             original.to(data.torch_device())  # type: ignore[union-attr]
         preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
         size = data.input_size(size, preprocess.input_size) if with_data else size or preprocess.input_size  # type: ignore[union-attr]
-        init = rec.init or ("act" if with_data else "fit")  # the one place this policy lives for the CLI
+        init = default_init(rec.init, with_data)
         if init in ("act", "act-seq") and not with_data:
             raise UsageError(f"--init {init} fits anchors to real inputs: give --dataset (or use --init fit)")
         budget = (
