@@ -24,7 +24,8 @@ import torch
 
 from dacnn_convert.budget import OPTIONS, calibration_reference, compose, score_sections
 from dacnn_convert.core.convert import convert
-from dacnn_convert.core.planning import count_params, make_plan
+from dacnn_convert.core.plan import count_params
+from dacnn_convert.core.planning import make_plan
 from dacnn_convert.io.sources import build_model, parse_spec
 from dacnn_convert.train import TrainConfig, distill, evaluate, make_loaders
 from dacnn_convert.train.calibrate import recalibrate_bn

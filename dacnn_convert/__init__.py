@@ -35,7 +35,7 @@ _EXPORTS = {
     "save_pretrained": ".io.card",
     "anchor": ".pipeline",
     "compress": ".pipeline",
-    "Plan": ".core.planning",
+    "Plan": ".core.plan",
     "TrainConfig": ".train",
     "distill": ".train",
     "recalibrate_bn": ".train",
@@ -77,7 +77,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .core.convert import Conversion, apply, convert
-    from .core.planning import Plan
+    from .core.plan import Plan
     from .core.report import ConversionReport, build_report, count_macs, count_params
     from .errors import DacnnError
     from .io.card import from_pretrained, model_card, save_pretrained

@@ -25,7 +25,7 @@ from torch import nn
 
 from .atomic import atomic_write_text
 from .baselines import Context, get_method
-from .core.planning import count_params
+from .core.plan import count_params
 from .core.report import count_macs, figure, save_figure, state_dict_bytes
 from .defaults import CALIBRATE_BATCHES
 from .errors import UsageError

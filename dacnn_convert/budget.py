@@ -42,7 +42,8 @@ from torch import nn
 from .core.banks import bank_params, bankable, factorizable
 from .core.graph import ConvSite
 from .core.modes import mode
-from .core.planning import Group, Plan, RegulatorSpec, bank_group, make_plan
+from .core.plan import Group, Plan, RegulatorSpec
+from .core.planning import bank_group, make_plan
 from .defaults import default_init
 from .errors import PlanError, UsageError, choose, render
 

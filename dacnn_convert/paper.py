@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .core.models import from_name, kernel_and_fc_params
-from .core.planning import count_params
+from .core.plan import count_params
 
 
 @dataclass(frozen=True)

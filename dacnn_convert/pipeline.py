@@ -24,7 +24,8 @@ from .atomic import atomic_write_text
 from .budget import resolve_target, search
 from .core.banks import BankSize, BankValue
 from .core.convert import convert
-from .core.planning import InitName, ModeName, Plan, RegulatorStyleName, count_params, make_plan
+from .core.plan import Plan, count_params
+from .core.planning import InitName, ModeName, RegulatorStyleName, make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
 from .defaults import default_init
 from .errors import UsageError

@@ -16,7 +16,7 @@ from dacnn_convert.baselines import METHODS, Context, get_method
 from dacnn_convert.baselines.magnitude import load_sparse, magnitude_prune, make_permanent, save_sparse
 from dacnn_convert.bench import COLUMNS, BenchConfig, run_bench
 from dacnn_convert.cli import app
-from dacnn_convert.core.planning import count_params
+from dacnn_convert.core.plan import count_params
 from dacnn_convert.errors import PlanError, UsageError
 from dacnn_convert.train import TrainConfig, make_loaders
 from tests.models import TinyResNet

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from dacnn_convert import convert, plan
 from dacnn_convert.budget import calibration_reference, compose, pick, resolve_target, score_sections, search
 from dacnn_convert.cli import app
-from dacnn_convert.core.planning import count_params, make_plan
+from dacnn_convert.core.plan import count_params
+from dacnn_convert.core.planning import make_plan
 from dacnn_convert.errors import PlanError, UsageError
 from dacnn_convert.train import make_loaders
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from dacnn_convert.cli import app
 from dacnn_convert.core.models import dacnn, from_name, kernel_and_fc_params
-from dacnn_convert.core.planning import count_params
+from dacnn_convert.core.plan import count_params
 from dacnn_convert.errors import UsageError
 from dacnn_convert.io.sources import parse_spec
 from dacnn_convert.paper import param_rows

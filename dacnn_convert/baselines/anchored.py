@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..core.convert import convert
-from ..core.planning import count_params
+from ..core.plan import count_params
 from ..defaults import default_init
 from ..io.checkpoint import save
 from ..pipeline import plan

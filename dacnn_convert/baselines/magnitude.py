@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..core.planning import count_params
+from ..core.plan import count_params
 from ..errors import CheckpointError, PlanError
 from ..io.checkpoint import save
 from . import Compressed, Context, register_method

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.planning import count_params
+from ..core.plan import count_params
 from ..errors import PlanError, UsageError
 from ..io.checkpoint import save
 from . import Compressed, Context, register_method

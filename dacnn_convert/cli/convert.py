@@ -200,7 +200,7 @@ def command_line(ctx: typer.Context | None) -> str | None:
 def _budget_search(original: Any, budget: tuple, style: str, init: str, size: Any, leaves: Any, loaders: Any) -> Any:
     """The budget search for (target params, ratio, bytes, metric); scored on the training data when given."""
     from ..budget import resolve_target, search
-    from ..core.planning import count_params
+    from ..core.plan import count_params
 
     target = resolve_target(count_params(original), *budget[:3])
     loader = loaders.train if loaders is not None else None

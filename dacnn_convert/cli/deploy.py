@@ -47,7 +47,7 @@ def export_command(
     """Export a saved model keeping each anchored kernel stored once."""
     import torch
 
-    from ..core.planning import Plan
+    from ..core.plan import Plan
     from ..io.checkpoint import read_metadata, save
     from ..io.export import export_onnx, export_torchscript
 
@@ -198,7 +198,7 @@ def latency_command(
     import json
 
     from ..core.convert import convert
-    from ..core.planning import Plan
+    from ..core.plan import Plan
     from ..errors import CheckpointError
     from ..io.checkpoint import load, read_metadata
     from ..io.sources import ModelSpec, build_model, parse_spec

@@ -90,7 +90,7 @@ def run_recipe(
     """Run the resolved recipe ``r``; return (and write) its result record."""
     import torch
 
-    from ..core.planning import count_params
+    from ..core.plan import count_params
     from .convert import run_convert
     from .train import run_train
 

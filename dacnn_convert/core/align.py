@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import trace
-from .planning import Plan
+from .plan import Plan
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Mish)
 _FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu}

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import PlanError, UsageError
 from .fitting import FITS, fit_activations, fit_bank, input_moments
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
-from .planning import Group, Plan
+from .plan import Group, Plan
 
 PLAN_ATTR = "dacnn_plan"
 # True on a freshly converted model whose BatchNorm statistics still describe the original's

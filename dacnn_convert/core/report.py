@@ -14,7 +14,7 @@ from torch import nn
 from ..atomic import atomic_write
 from .convert import Conversion
 from .modes import mode
-from .planning import Plan, count_params
+from .plan import Plan, count_params
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:

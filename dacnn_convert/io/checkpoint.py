@@ -16,7 +16,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
-from ..core.planning import Plan
+from ..core.plan import Plan
 from ..errors import CheckpointError, marked
 from .files import unreadable
 from .resize import resize_to_state

@@ -1,0 +1,205 @@
+"""The plan as data: frozen, printable, JSON-serialisable groups, regulators and their arithmetic.
+
+Made by :mod:`dacnn_convert.core.planning` (or the budget search), applied by
+:mod:`dacnn_convert.core.convert`, stored in every checkpoint and re-applied by ``load()``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import PlanError
+from .graph import ConvSite
+
+GROUP_KINDS = ("anchor", "bank")
+
+
+@dataclass(frozen=True)
+class Group:
+    """One anchored tensor and the convs that use it.
+
+    ``kind="anchor"``: members use the leading slice ``W[:c_out, :c_in]`` of one kernel.
+    ``kind="bank"``: ``shape`` is (k, C_in, kh, kw), k shared filters; each member adds its
+    own 1x1 coefficient conv (C_out x k). A bank with one member is a low-rank conv.
+    """
+
+    name: str  # parameter name inside the model's ``dacnn_anchors`` module
+    members: tuple[str, ...]
+    shape: tuple[int, int, int, int]  # the anchor's shape; members use its leading slice
+    resolution: tuple[int, int] | None  # output (H, W) of the stage, None for network-wide
+    sections: tuple[int, ...]  # 1-based sections its members live in
+    kind: str = "anchor"
+
+    def __post_init__(self) -> None:
+        if self.kind not in GROUP_KINDS:
+            raise PlanError(f"group {self.name!r} has kind {self.kind!r}; expected one of: {', '.join(GROUP_KINDS)}")
+
+    @property
+    def rank(self) -> int:
+        """Filters in a bank (its first dimension)."""
+        return self.shape[0]
+
+
+@dataclass(frozen=True)
+class RegulatorSpec:
+    """A regulator (1x1 conv + BN [+ ReLU]) attached to one anchored conv (paper section 3)."""
+
+    host: str
+    in_channels: int
+    out_channels: int
+    stride: tuple[int, int]
+    section: int
+
+    @property
+    def params(self) -> int:
+        return self.in_channels * self.out_channels + 2 * self.out_channels
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a conversion will do, as data."""
+
+    mode: str
+    init: str
+    regulator_style: str
+    input_size: tuple[int, int, int]
+    sites: tuple[ConvSite, ...]
+    groups: tuple[Group, ...]
+    regulators: tuple[RegulatorSpec, ...]
+    params_before: int  # unique parameters of the original model
+    sections: tuple[tuple[int, int], ...]  # output resolution of each 1-based section
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    # -- lookups ---------------------------------------------------------------
+    def site(self, name: str) -> ConvSite:
+        """The conv called ``name``; raises PlanError naming the valid convs otherwise."""
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise PlanError(f"no conv {name!r} in this plan; convs: {', '.join(s.name for s in self.sites)}")
+
+    def group_of(self, name: str) -> Group | None:
+        return next((g for g in self.groups if name in g.members), None)
+
+    def stage_outputs(self) -> list[str]:
+        """Per section, the module whose output ends it (the BN after its last conv, else the conv).
+
+        Names are the same in the original and the converted model, so these match teacher
+        and student features stage by stage (for feature distillation).
+        """
+        names = []
+        for res in self.sections:
+            last = max((s for s in self.sites if s.out_size == tuple(res)), key=lambda s: s.order)
+            names.append(last.bn or last.name)
+        return names
+
+    # -- arithmetic ------------------------------------------------------------
+    @property
+    def conv_params_before(self) -> int:
+        return sum(s.weight_numel for s in self.sites)
+
+    @property
+    def saved_params(self) -> int:
+        """Kernel parameters removed by sharing: members' kernels minus one anchor each."""
+        return sum(sum(self.site(m).weight_numel for m in g.members) - self.group_params(g) for g in self.groups)
+
+    def group_params(self, group: Group) -> int:
+        """Parameters a group stores: its anchor, plus every member's 1x1 coefficients for a bank."""
+        co, ci, kh, kw = group.shape
+        coeff = sum(self.site(m).out_channels for m in group.members) * co if group.kind == "bank" else 0
+        return co * ci * kh * kw + coeff
+
+    @property
+    def regulator_params(self) -> int:
+        return sum(r.params for r in self.regulators)
+
+    def has_scale(self, name: str) -> bool:
+        """A ``fit``-initialised member with no BatchNorm to fold into keeps its own channel scales."""
+        g = self.group_of(name)
+        return (
+            self.init in ("fit", "act", "act-seq")
+            and g is not None
+            and g.kind == "anchor"
+            and self.site(name).bn is None
+        )
+
+    @property
+    def scale_params(self) -> int:
+        return sum(self.site(m).out_channels for g in self.groups for m in g.members if self.has_scale(m))
+
+    @property
+    def params_after(self) -> int:
+        """Unique parameters of the converted model: exact, no model needs to be built."""
+        return self.params_before - self.saved_params + self.regulator_params + self.scale_params
+
+    @property
+    def conv_params_after(self) -> int:
+        return self.conv_params_before - self.saved_params
+
+    # -- serialisation ---------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Rebuild a plan from :meth:`to_dict` output; raises PlanError on malformed data."""
+        try:
+            return cls(
+                mode=str(data["mode"]),
+                init=str(data["init"]),
+                regulator_style=str(data["regulator_style"]),
+                input_size=tuple(data["input_size"]),
+                sites=tuple(ConvSite.from_dict(s) for s in data["sites"]),
+                groups=tuple(
+                    Group(
+                        name=str(g["name"]),
+                        members=tuple(g["members"]),
+                        shape=tuple(g["shape"]),
+                        resolution=tuple(g["resolution"]) if g["resolution"] is not None else None,
+                        sections=tuple(g["sections"]),
+                        kind=str(g.get("kind", "anchor")),
+                    )
+                    for g in data["groups"]
+                ),
+                regulators=tuple(
+                    RegulatorSpec(
+                        host=str(r["host"]),
+                        in_channels=int(r["in_channels"]),
+                        out_channels=int(r["out_channels"]),
+                        stride=tuple(r["stride"]),
+                        section=int(r["section"]),
+                    )
+                    for r in data["regulators"]
+                ),
+                params_before=int(data["params_before"]),
+                sections=tuple(tuple(s) for s in data["sections"]),
+                notes=tuple(data.get("notes", ())),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"malformed conversion plan ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"conversion plan is not valid JSON: {exc}") from exc
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters counting each shared tensor once (by storage)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    total = 0
+    for p in model.parameters():
+        key = (p.data_ptr(), p.numel(), tuple(p.shape))
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
