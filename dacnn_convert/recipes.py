@@ -17,6 +17,7 @@ same name (``--target-params`` is ``target_params``), except the actions of one 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import types
 import typing
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
-from .errors import RecipeError, marked, suggest
+from .errors import RecipeError, UsageError, marked, suggest
 from .io.files import unreadable
 
 TASKS = ("convert", "train", "bench")
@@ -233,3 +234,72 @@ def load_recipe(path: str | Path) -> Recipe:
 def find_recipes(root: str | Path = "recipes") -> list[Path]:
     """Every ``*.yaml`` recipe under ``root``, sorted."""
     return sorted(Path(root).rglob("*.yaml"))
+
+
+# Reading the values a recipe (or a flag) holds as text
+
+
+def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
+    """``224`` -> (3, 224, 224); ``1x28x28`` -> (1, 28, 28); None stays None."""
+    if text is None:
+        return None
+    try:
+        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+    except ValueError as exc:
+        raise UsageError(f"«input-size» takes 224 or CxHxW like 3x32x32; got {text!r}") from exc
+    if len(parts) == 1:
+        parts = [3, parts[0], parts[0]]
+    if len(parts) == 3 and min(parts) > 0:
+        if max(parts[1:]) > MAX_SIDE or parts[0] > 64:
+            raise UsageError(f"«input-size» {text!r} is out of range: at most 64 channels and {MAX_SIDE} px a side")
+        return (parts[0], parts[1], parts[2])
+    raise UsageError(f"«input-size» takes 224 or CxHxW like 3x32x32 (each >= 1); got {text!r}")
+
+
+MAX_SIDE = 8192  # px: an example input of 3x8192x8192 is already 805 MB in fp32
+
+
+def parse_rank(text: str | None, what: str) -> int | float | None:
+    """``64`` -> 64 filters, ``0.25`` -> a quarter of C_out; raises UsageError naming ``what``."""
+    from .core.banks import parse_value
+
+    return None if text is None else parse_value(text, what)
+
+
+def parse_amount(text: str | None, what: str) -> int | None:
+    """``6M`` -> 6,000,000; ``600K``, ``12MB`` (10^6), ``12MiB`` (2^20), ``5000`` as they read."""
+    if text is None:
+        return None
+    units = {
+        "": 1,
+        "K": 10**3,
+        "M": 10**6,
+        "G": 10**9,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
+    body = text.strip().upper().replace(",", "").replace("_", "")
+    number = body.rstrip("KMGIB")
+    try:
+        value = float(number) * units[body[len(number) :]]
+    except (ValueError, KeyError):
+        raise UsageError(f"{what} takes a number like 6M, 600K or 12MB; got {text!r}") from None
+    if not math.isfinite(value) or value > 1e15:
+        raise UsageError(f"{what} must be a finite size below 10^15; got {text!r}")
+    return int(value)
+
+
+def leaf_types(names: list[str]) -> list[type]:
+    """The module classes named ``package.module.ClassName`` that fx must not trace into."""
+    found = []
+    for name in names:
+        module, _, cls = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), cls))
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise UsageError(f"«leaf-module» {name!r} is not an importable class (package.module.ClassName)") from exc
+    return found

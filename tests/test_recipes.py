@@ -67,3 +67,28 @@ def test_recipe_types_and_ranges_are_checked_with_the_key_named(tmp_path) -> Non
 def test_distill_without_data_is_refused_instead_of_distilling_nothing() -> None:
     done = RUNNER.invoke(app, ["distill", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16"])
     assert done.exit_code == 2 and "dacnn distill needs --dataset" in done.output
+
+
+def test_a_conversion_job_is_one_library_call_returning_a_typed_result(tmp_path) -> None:
+    from dacnn_convert.jobs import run_convert_job
+    from dacnn_convert.train import make_loaders
+
+    rec = Recipe(model="tests.models:tiny_resnet", weights="none", input_size="16", out=str(tmp_path / "a"))
+    job = run_convert_job(rec)
+    assert job.pipeline is None and job.report is not None and job.plan.init == "fit"  # no data: weight fit
+    assert job.report.params_after == job.plan.params_after and (tmp_path / "a" / "model.safetensors") in job.files
+    with_data = Recipe(
+        model="tests.models:tiny_resnet",
+        weights="none",
+        input_size="16",
+        dataset="synthetic",
+        epochs=1,
+        limit_batches=1,
+        calibrate_batches=1,
+        precision="fp32",
+        target_ratio=1.5,
+        out=str(tmp_path / "b"),
+    )
+    job = run_convert_job(with_data, loaders_for=lambda size, _: make_loaders("synthetic", 16, size[1]))
+    assert job.search is not None and job.plan.init == "act" and job.pipeline is not None  # data: act fit, distilled
+    assert job.pipeline.fit is not None and (tmp_path / "b" / "report.json").is_file()

@@ -14,7 +14,8 @@ from rich.table import Table
 
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError
-from .common import DataOptions, console, fail, parse_input_size, recipe_from_command
+from ..recipes import parse_input_size
+from .common import DataOptions, console, fail, recipe_from_command
 from .guards import output_guard
 from .options import (
     Augment,

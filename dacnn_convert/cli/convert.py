@@ -9,20 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ..atomic import atomic_write_text
-from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, default_init
+from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError, UsageError
-from .common import (
-    DataOptions,
-    _leaf_types,
-    _Progress,
-    console,
-    fail,
-    parse_amount,
-    parse_input_size,
-    parse_rank,
-    recipe_from_command,
-)
+from .common import DataOptions, _Progress, console, fail, recipe_from_command
 from .guards import output_guard
 from .options import (
     Augment,
@@ -91,89 +80,50 @@ def run_convert(
     render: bool = True,
     write_recipe: bool = False,
     command: str | None = None,
-) -> dict[str, Any]:
-    """Load, plan, convert, measure and write, as the resolved recipe ``rec`` says; with
-    ``data`` (and ``rec.dataset``), also calibrate and distil.
+) -> Any:
+    """Guard the output folder, run :func:`dacnn_convert.jobs.run_convert_job` on the resolved
+    recipe ``rec`` (with ``data``: on its loaders and device), and render what it returns."""
+    from ..jobs import output_folder, run_convert_job
 
-    ``write_recipe`` writes ``rec`` to ``OUT/recipe.yaml``; a size target in ``rec``
-    (``target_params``/``target_ratio``/``target_bytes``) replaces mode and regulators by a
-    budget search.
-    """
-    import torch
-
-    from ..core.convert import convert
-    from ..core.planning import make_plan
-    from ..core.report import build_report, state_dict_bytes
-    from ..io.card import model_card
-    from ..io.checkpoint import save
-    from ..io.sources import build_model, input_config, parse_spec
-
-    if rec.model is None:
-        raise UsageError("give a MODEL (e.g. resnet34) or a --recipe that names one")
     weights = rec.weights or "DEFAULT"
-    spec = parse_spec(rec.model, rec.num_classes)
-    size = parse_input_size(rec.input_size)
-    leaves = _leaf_types([n for n in (rec.leaf_module or "").split(",") if n.strip()])
-    out = Path(rec.out) if rec.out else Path("runs") / f"{spec.name.replace(':', '_').replace('/', '_')}-{rec.mode}"
     with_data = data is not None and bool(data.dataset)
-    with output_guard(None if dry_run else out, data, (weights,)):
-        torch.manual_seed(rec.seed)  # random weights (--weights none) are reproducible
-        original = build_model(spec, weights).eval()
-        if with_data:  # calibration, search and fine-tune run where the data goes
-            original.to(data.torch_device())  # type: ignore[union-attr]
-        preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
-        size = data.input_size(size, preprocess.input_size) if with_data else size or preprocess.input_size  # type: ignore[union-attr]
-        init = default_init(rec.init, with_data)
-        if init in ("act", "act-seq") and not with_data:
-            raise UsageError(f"--init {init} fits anchors to real inputs: give --dataset (or use --init fit)")
-        budget = (
-            parse_amount(None if rec.target_params is None else str(rec.target_params), "--target-params"),
-            rec.target_ratio,
-            parse_amount(None if rec.target_bytes is None else str(rec.target_bytes), "--target-bytes"),
-            rec.metric,
+    with output_guard(None if dry_run else output_folder(rec), data, (weights,)), _Progress() as progress:
+        job = run_convert_job(
+            rec,
+            loaders_for=data.loaders if with_data else None,  # type: ignore[union-attr]
+            device=data.torch_device() if with_data else None,  # type: ignore[union-attr]
+            dry_run=dry_run,
+            write_recipe=write_recipe,
+            command=command,
+            resume=data.resume if data is not None else False,
+            config=data.config() if with_data else None,  # type: ignore[union-attr]
+            on_stage=progress.stage,
+            on_step=progress.step,
+            on_epoch=progress.epoch_end,
         )
-        by_budget = any(v is not None for v in budget[:3])
-        wants_data = with_data and (by_budget or not dry_run)
-        loaders = data.loaders(size, preprocess) if wants_data else None  # type: ignore[union-attr]
-        explanation: list[str] = []
-        advice: str | None = None
-        if by_budget:
-            found = _budget_search(original, budget, rec.regulator_style, init, size, leaves, loaders)
-            plan, explanation, advice = found.plan, found.explain(), found.advice(cli=True)
-            if render:
-                for line in explanation:
-                    console.print(line, highlight=False, soft_wrap=True)
-                if advice:
-                    console.print(f"note: {advice}", highlight=False, soft_wrap=True)
-        else:
-            plan = make_plan(
-                original,
-                rec.mode,
-                rec.regulators,
-                rec.regulator_style,
-                init,
-                size,
-                leaves,
-                bank_size=rec.bank_size,
-                factorize_unshared=parse_rank(rec.factorize_unshared, "--factorize-unshared"),
-            )
-        if dry_run:
-            if render:
-                render_plan(plan, spec.display)
-            return {"plan": plan, "explain": explanation, "advice": advice}
-        if write_recipe:
-            atomic_write_text(out / "recipe.yaml", rec.resolved().to_yaml())
-        if with_data:
-            return _run_pipeline(original, plan, spec, out, data, loaders, rec.dtype, command)  # type: ignore[arg-type]
-        conversion = convert(original, plan)
-        ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=rec.dtype)
-        report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
-        atomic_write_text(out / "report.json", report.to_json())
-        atomic_write_text(out / "report.md", report.to_markdown())
-        atomic_write_text(out / "README.md", model_card(report, command))
-    render_report(report)
-    console.print(f"wrote {ckpt}, {out / 'report.json'}, {out / 'report.md'}")
-    return {"plan": plan, "report": report, "out": out}
+    if not render:
+        return job
+    if job.search is not None:
+        for line in job.search.explain():
+            console.print(line, highlight=False, soft_wrap=True)
+        advice = job.search.advice(cli=True)
+        if advice:
+            console.print(f"note: {advice}", highlight=False, soft_wrap=True)
+    if dry_run:
+        render_plan(job.plan, job.source)
+        return job
+    if job.pipeline is not None:
+        if data is not None and data.plot and job.pipeline.fit is not None:
+            from ..core.report import plot_accuracy
+
+            marks = {"teacher": job.pipeline.teacher_acc, "after BN recalibration": job.pipeline.calibrated_acc}
+            console.print(f"wrote {plot_accuracy(job.pipeline.fit.history, marks, job.out / 'accuracy.png')}")
+        render_report(job.pipeline.report)
+        render_accuracy(job.pipeline)
+    else:
+        render_report(job.report)
+    console.print(f"wrote {', '.join(str(f) for f in job.files if f.name != 'recipe.yaml')}")
+    return job
 
 
 def command_line(ctx: typer.Context | None) -> str | None:
@@ -195,17 +145,6 @@ def command_line(ctx: typer.Context | None) -> str | None:
             for v in value if isinstance(value, list) else [value]:
                 words += [f"--{name.replace('_', '-')}", shlex.quote(str(v))]
     return " ".join(words)
-
-
-def _budget_search(original: Any, budget: tuple, style: str, init: str, size: Any, leaves: Any, loaders: Any) -> Any:
-    """The budget search for (target params, ratio, bytes, metric); scored on the training data when given."""
-    from ..budget import resolve_target, search
-    from ..core.plan import count_params
-
-    target = resolve_target(count_params(original), *budget[:3])
-    loader = loaders.train if loaders is not None else None
-    metric = None if budget[3] is None else str(budget[3])
-    return search(original, target, size, loader, 8, metric, style, init, leaves)
 
 
 def render_plan(plan: Any, source: str) -> None:
@@ -276,40 +215,6 @@ def render_report(report: Any) -> None:
     console.print(summary)
     for n in report.notes:
         console.print(f"[yellow]warning:[/] {n}")
-
-
-def _run_pipeline(
-    original: Any, plan: Any, spec: Any, out: Path, data: DataOptions, loaders: Any, dtype: str, command: str | None
-) -> dict[str, Any]:
-    from ..pipeline import compress
-
-    out.mkdir(parents=True, exist_ok=True)
-    with _Progress() as progress:
-        result = compress(
-            original,
-            loaders.train,
-            loaders.val,
-            plan,
-            config=data.config(),
-            calibrate_batches=data.calibrate_batches,
-            out=out,
-            dtype=dtype,
-            source=spec,
-            on_stage=progress.stage,
-            on_step=progress.step,
-            on_epoch=progress.epoch_end,
-            resume=data.resume,
-            command=command,
-        )
-    if data.plot and result.fit is not None:
-        from ..core.report import plot_accuracy
-
-        marks = {"teacher": result.teacher_acc, "after BN recalibration": result.calibrated_acc}
-        console.print(f"wrote {plot_accuracy(result.fit.history, marks, out / 'accuracy.png')}")
-    render_report(result.report)
-    render_accuracy(result)
-    console.print(f"wrote {out / 'model.safetensors'}, {out / 'report.json'}, {out / 'report.md'}")
-    return {"plan": plan, "result": result, "out": out}
 
 
 def render_accuracy(result: Any) -> None:
@@ -489,11 +394,12 @@ def plan_command(
             raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
         rec = recipe_from_command(ctx, "convert")
         data = DataOptions.from_recipe(rec) if dataset else None
-        found = run_convert(rec, data, dry_run=True, render=False)
+        job = run_convert(rec, data, dry_run=True, render=False)
     except DacnnError as exc:
         raise fail(exc) from None
-    for line in found["explain"] if explain else []:
+    for line in job.search.explain() if explain and job.search is not None else []:
         console.print(line, highlight=False, soft_wrap=True)
-    render_plan(found["plan"], model)
-    if found["advice"]:
-        console.print(f"note: {found['advice']}", highlight=False, soft_wrap=True)
+    render_plan(job.plan, model)
+    advice = job.search.advice(cli=True) if job.search is not None else None
+    if advice:
+        console.print(f"note: {advice}", highlight=False, soft_wrap=True)

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..errors import DacnnError, UsageError, write_failed
-from .common import console, fail, load_checkpoint, parse_input_size, source_of
+from ..recipes import parse_input_size
+from .common import console, fail, load_checkpoint, source_of
 from .guards import check_input_size
 from .options import Dtype, DtypeOpt, ExportFormat, SizeOpt, SkelOpt
 

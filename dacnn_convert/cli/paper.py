@@ -111,9 +111,9 @@ def run_recipe(
         accuracy, params = fit.best_acc, count_params(model) if model is not None else 0
     else:
         done = run_convert(r, data, write_recipe=True)
-        res = done["result"] if "result" in done else None
+        res = done.pipeline
         accuracy = res.finetuned_acc if res is not None else float("nan")
-        params = done["report"].params_after if "report" in done else res.report.params_after
+        params = done.report.params_after
     where = data.torch_device()
     device = torch.cuda.get_device_name(where) if where.type == "cuda" else "CPU"
     record = {

@@ -10,16 +10,8 @@ import typer
 from ..atomic import atomic_write_text
 from ..defaults import TRAIN_LR
 from ..errors import DacnnError
-from .common import (
-    DataOptions,
-    _Progress,
-    console,
-    fail,
-    load_checkpoint,
-    parse_input_size,
-    recipe_from_command,
-    source_of,
-)
+from ..recipes import parse_input_size
+from .common import DataOptions, _Progress, console, fail, load_checkpoint, recipe_from_command, source_of
 from .guards import check_input_size, output_guard
 from .options import (
     Augment,

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import DacnnError
-from .common import console, fail, load_checkpoint, parse_input_size
+from ..recipes import parse_input_size
+from .common import console, fail, load_checkpoint
 from .guards import output_guard
 from .options import SizeOpt, SkelOpt
 

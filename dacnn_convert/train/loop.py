@@ -88,6 +88,8 @@ def _fit_seeded(
     from ..io.checkpoint import save
     from .distributed import all_sum, is_main, world_size
 
+    if out is not None and is_main():
+        out.mkdir(parents=True, exist_ok=True)  # a library caller's folder need not exist yet
     device = next(model.parameters()).device
     precision = resolve_precision(cfg.precision, device)
     if cfg.channels_last:

@@ -1,0 +1,179 @@
+"""One conversion job, as a resolved recipe describes it: build the model, plan, convert (with
+data: calibrate and distil too), write the files, and return what happened as one typed result.
+
+``dacnn-convert``, ``dacnn distill``, ``dacnn plan``, ``dacnn demo`` and ``dacnn recipe run`` all
+call :func:`run_convert_job`; the CLI only resolves the recipe, guards the output folder,
+supplies data loaders and renders the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_write_text
+from .core.plan import Plan, count_params
+from .core.report import ConversionReport
+from .defaults import default_init
+from .errors import UsageError
+from .pipeline import PipelineResult
+from .recipes import Recipe, leaf_types, parse_amount, parse_input_size, parse_rank
+
+LoadersFor = Callable[[tuple[int, int, int], Any], Any]  # (input size, preprocessing) -> Loaders
+
+
+@dataclass
+class ConvertJobResult:
+    """What a job did: the plan (and, for a size target, the search), and either the conversion
+    report (no data) or the whole pipeline's result (with data); ``out`` None for a dry run."""
+
+    plan: Plan
+    source: str
+    out: Path | None = None
+    search: Any = None  # budget.SearchResult when the plan came from a size target
+    report: ConversionReport | None = None
+    pipeline: PipelineResult | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def output_folder(rec: Recipe) -> Path:
+    """Where a job writes: ``rec.out``, else ``runs/MODEL-MODE``."""
+    from .io.sources import parse_spec
+
+    if rec.out:
+        return Path(rec.out)
+    name = parse_spec(rec.model, rec.num_classes).name if rec.model else "model"
+    return Path("runs") / f"{name.replace(':', '_').replace('/', '_')}-{rec.mode}"
+
+
+def run_convert_job(
+    rec: Recipe,
+    *,
+    loaders_for: LoadersFor | None = None,
+    device: torch.device | None = None,
+    dry_run: bool = False,
+    write_recipe: bool = False,
+    command: str | None = None,
+    resume: bool = False,
+    config: Any = None,
+    on_stage: Callable[[str, float], None] | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> ConvertJobResult:
+    """Run the conversion ``rec`` describes.
+
+    Args:
+        rec: the resolved recipe (task ``convert``).
+        loaders_for: builds the train/val loaders once the input size is known; with it (and
+            ``rec.dataset``) the job fits to the activations, recalibrates BatchNorm and distils.
+        device: where the model and data go (default: CPU).
+        dry_run: plan only; nothing is built beyond the plan, nothing is written.
+        write_recipe: write ``rec`` (resolved) to ``OUT/recipe.yaml``.
+        command: the command line, for the model card.
+        resume, config, on_stage, on_step, on_epoch: as :func:`dacnn_convert.compress`;
+            ``config`` defaults to ``rec.train_config()``.
+
+    Raises:
+        UsageError: the recipe asks for something impossible (a data-aware init without data, ...);
+        DacnnError: from loading, planning, converting or training.
+    """
+    from .core.convert import convert
+    from .core.planning import make_plan
+    from .core.report import build_report, state_dict_bytes
+    from .io.card import model_card
+    from .io.checkpoint import save
+    from .io.sources import build_model, input_config, parse_spec
+
+    if rec.model is None:
+        raise UsageError("give a model (e.g. resnet34), or a recipe that names one")
+    weights = rec.weights or "DEFAULT"
+    spec = parse_spec(rec.model, rec.num_classes)
+    size = parse_input_size(rec.input_size)
+    leaves = leaf_types([n for n in (rec.leaf_module or "").split(",") if n.strip()])
+    out = output_folder(rec)
+    with_data = loaders_for is not None and bool(rec.dataset)
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(rec.seed)  # random weights (weights "none") are reproducible
+        original = build_model(spec, weights).eval()
+    if device is not None:
+        original.to(device)  # calibration, search and fine-tune run where the data goes
+    preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
+    if size is None:
+        from .train.data import native_size
+
+        side = native_size(rec.dataset) if with_data and rec.dataset else None
+        size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
+    init = default_init(rec.init, with_data)
+    if init in ("act", "act-seq") and not with_data:
+        raise UsageError(f"«init» {init} fits anchors to real inputs: give «dataset» (or use «init=fit»)")
+    target = (
+        parse_amount(None if rec.target_params is None else str(rec.target_params), "«target-params»"),
+        rec.target_ratio,
+        parse_amount(None if rec.target_bytes is None else str(rec.target_bytes), "«target-bytes»"),
+    )
+    by_budget = any(v is not None for v in target)
+    loaders = loaders_for(size, preprocess) if with_data and (by_budget or not dry_run) else None  # type: ignore[misc]
+    search = None
+    if by_budget:
+        from .budget import resolve_target
+        from .budget import search as budget_search
+
+        wanted = resolve_target(count_params(original), *target)
+        loader = loaders.train if loaders is not None else None
+        search = budget_search(original, wanted, size, loader, 8, rec.metric, rec.regulator_style, init, leaves)
+        plan = search.plan
+    else:
+        plan = make_plan(
+            original,
+            rec.mode,  # type: ignore[arg-type]  # checked by make_plan
+            rec.regulators,
+            rec.regulator_style,  # type: ignore[arg-type]
+            init,  # type: ignore[arg-type]
+            size,
+            leaves,
+            bank_size=rec.bank_size,
+            factorize_unshared=parse_rank(rec.factorize_unshared, "«factorize-unshared»"),
+        )
+    result = ConvertJobResult(plan, spec.display, None if dry_run else out, search)
+    if dry_run:
+        return result
+    if write_recipe:
+        result.files.append(atomic_write_text(out / "recipe.yaml", rec.resolved().to_yaml()))
+    if with_data:
+        from .pipeline import compress
+
+        assert loaders is not None
+        result.pipeline = compress(
+            original,
+            loaders.train,
+            loaders.val,
+            plan,
+            config=config if config is not None else rec.train_config(),
+            calibrate_batches=rec.calibrate_batches,
+            out=out,
+            dtype=rec.dtype,
+            source=spec,
+            on_stage=on_stage,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            resume=resume,
+            command=command,
+        )
+        result.report = result.pipeline.report
+        result.files += [out / "model.safetensors", out / "report.json", out / "report.md"]
+        return result
+    conversion = convert(original, plan)
+    ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=rec.dtype)
+    report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
+    result.report = report
+    result.files += [
+        ckpt,
+        atomic_write_text(out / "report.json", report.to_json()),
+        atomic_write_text(out / "report.md", report.to_markdown()),
+        atomic_write_text(out / "README.md", model_card(report, command)),
+    ]
+    return result
