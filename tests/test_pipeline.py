@@ -154,3 +154,15 @@ def test_the_stale_bn_mark_survives_save_and_load(tmp_path, data) -> None:
     fresh = anchor(TinyResNet(), mode="mix", calib_loader=data.train, calib_batches=1)
     assert needs_bn_calibration(load(save(stale, tmp_path / "a.safetensors"), model=TinyResNet()))
     assert not needs_bn_calibration(load(save(fresh, tmp_path / "b.safetensors"), model=TinyResNet()))
+
+
+def test_apply_takes_calibration_data_for_a_data_aware_plan(data) -> None:
+    from dacnn_convert import apply
+
+    teacher = TinyResNet().eval()
+    p = plan(teacher, input_size=(3, 16, 16), calib_loader=data.train)
+    assert p.init == "act"
+    student = apply(teacher, p, calib_loader=data.train, calib_batches=2)
+    reference = convert(teacher, p, calib_loader=data.train, calib_batches=2).model
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(student.eval()(x), reference.eval()(x))

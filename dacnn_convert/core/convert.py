@@ -313,6 +313,16 @@ def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply(model: nn.Module, plan: Plan) -> nn.Module:
-    """Return a converted copy of ``model`` following ``plan`` (``model`` is left untouched)."""
-    return convert(model, plan).model
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    calib_loader: Iterable | None = None,
+    calib_batches: int = 100,
+    align: bool = False,
+) -> nn.Module:
+    """Return a converted copy of ``model`` following ``plan`` (``model`` is left untouched), as
+    torch.ao's ``convert`` returns the converted model; with ``calib_loader`` a data-aware plan
+    (``init="act"``) is fitted to those batches. :func:`convert` is the same step returning the
+    fit report too (:class:`Conversion`)."""
+    return convert(model, plan, calib_loader=calib_loader, calib_batches=calib_batches, align=align).model
