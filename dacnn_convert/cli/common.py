@@ -169,28 +169,19 @@ class DataOptions:
         )
 
     def config(self) -> Any:
-        from ..train import TrainConfig
+        """The training settings, through the one mapping (:meth:`Recipe.train_config`); a command
+        checkpoints on Ctrl-C / SIGTERM."""
+        from dataclasses import fields
 
-        return TrainConfig(
-            catch_signals=True,  # a command checkpoints on Ctrl-C / SIGTERM
-            epochs=self.epochs,
-            lr=self.lr,
-            optimizer=self.optimizer,
-            schedule=self.schedule,
-            step_every=self.step_every,
-            weight_decay=self.weight_decay,
-            kd_temperature=self.kd_temperature,
-            kd_alpha=self.kd_alpha,
-            precision=self.precision,
-            limit_batches=self.limit_batches,
-            seed=self.seed,
-            checkpoint_every=self.checkpoint_every,
+        from ..recipes import Recipe
+
+        names = {f.name for f in fields(Recipe)} - {"feature_weight"}
+        rec = Recipe(
+            **{k: v for k, v in vars(self).items() if k in names},
+            feature_loss="mse" if self.feature_weight > 0 else "none",
             feature_weight=self.feature_weight,
-            label_smoothing=self.label_smoothing,
-            warmup_steps=self.warmup_steps,
-            clip_grad=self.clip_grad,
-            channels_last=self.channels_last,
         )
+        return rec.train_config(catch_signals=True)
 
     def torch_device(self) -> Any:
         """The resolved ``--device`` (see :func:`dacnn_convert.train.device.resolve_device`).
