@@ -81,6 +81,40 @@ def run_convert_job(
         UsageError: the recipe asks for something impossible (a data-aware init without data, ...);
         DacnnError: from loading, planning, converting or training.
     """
+    # ``rec.seed`` seeds everything random here (weights "none", regulators, init "random") in a
+    # forked RNG: the same recipe gives the same model, and the caller's random state is untouched
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(rec.seed)
+        return _run_convert_job(
+            rec,
+            loaders_for=loaders_for,
+            device=device,
+            dry_run=dry_run,
+            write_recipe=write_recipe,
+            command=command,
+            resume=resume,
+            config=config,
+            on_stage=on_stage,
+            on_step=on_step,
+            on_epoch=on_epoch,
+        )
+
+
+def _run_convert_job(
+    rec: Recipe,
+    *,
+    loaders_for: LoadersFor | None = None,
+    device: torch.device | None = None,
+    dry_run: bool = False,
+    write_recipe: bool = False,
+    command: str | None = None,
+    resume: bool = False,
+    config: Any = None,
+    on_stage: Callable[[str, float], None] | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> ConvertJobResult:
+    """The job itself (see :func:`run_convert_job`)."""
     from .core.convert import convert
     from .core.planning import make_plan
     from .core.report import build_report, state_dict_bytes
@@ -96,9 +130,7 @@ def run_convert_job(
     leaves = leaf_types([n for n in (rec.leaf_module or "").split(",") if n.strip()])
     out = output_folder(rec)
     with_data = loaders_for is not None and bool(rec.dataset)
-    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
-        torch.manual_seed(rec.seed)  # random weights (weights "none") are reproducible
-        original = build_model(spec, weights).eval()
+    original = build_model(spec, weights).eval()
     if device is not None:
         original.to(device)  # calibration, search and fine-tune run where the data goes
     preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
@@ -109,7 +141,7 @@ def run_convert_job(
         size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
     init = default_init(rec.init, with_data)
     if init in ("act", "act-seq") and not with_data:
-        raise UsageError(f"«init» {init} fits anchors to real inputs: give «dataset» (or use «init=fit»)")
+        raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
     target = (
         parse_amount(None if rec.target_params is None else str(rec.target_params), "«target-params»"),
         rec.target_ratio,

@@ -30,6 +30,18 @@ from .errors import RecipeError, UsageError, marked, suggest
 from .io.files import unreadable
 
 TASKS = ("convert", "train", "bench")
+CHOICES = {  # the values the library accepts, mirrored by the CLI's choice flags
+    "mode": ("mix", "plain", "sharesnet", "bank", "none"),
+    "regulator_style": ("adapter", "paper"),
+    "init": ("fit", "act", "act-seq", "mean", "first", "random"),
+    "metric": ("fit", "kl"),
+    "dtype": ("fp32", "fp16", "bf16", "int8"),
+    "feature_loss": ("none", "mse"),
+    "optimizer": ("sgd", "adamw", "adagrad"),
+    "schedule": ("cosine", "step"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "augment": ("auto", "flip", "none"),
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,10 @@ class Recipe:
                 raise RecipeError(f"{name} must be a finite number, got {value}")
         if self.task not in TASKS:
             raise RecipeError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name, allowed in CHOICES.items():  # a typo must fail at load, not after a fine-tune
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise RecipeError(f"{name} must be one of {', '.join(allowed)}, got {value!r}{suggest(value, allowed)}")
         for name in ("epochs", "batch_size", "repeats", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -190,6 +206,8 @@ def _build(data: dict[str, Any], where: str) -> Recipe:
     hints = typing.get_type_hints(Recipe)
     known = [f.name for f in fields(Recipe)]
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise RecipeError(f"{where}: keys are names like epochs, got {key!r} ({type(key).__name__})")
         if key not in known:
             raise RecipeError(f"{where}: unknown key {key!r}.{suggest(key, known)} Valid keys: {', '.join(known)}")
         if not _accepts(hints[key], value):
@@ -251,7 +269,7 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
         parts = [3, parts[0], parts[0]]
     if len(parts) == 3 and min(parts) > 0:
         if max(parts[1:]) > MAX_SIDE or parts[0] > 64:
-            raise UsageError(f"«input-size» {text!r} is out of range: at most 64 channels and {MAX_SIDE} px a side")
+            raise UsageError(f"«input-size={text}» is out of range: at most 64 channels and {MAX_SIDE} px a side")
         return (parts[0], parts[1], parts[2])
     raise UsageError(f"«input-size» takes 224 or CxHxW like 3x32x32 (each >= 1); got {text!r}")
 

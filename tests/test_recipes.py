@@ -92,3 +92,50 @@ def test_a_conversion_job_is_one_library_call_returning_a_typed_result(tmp_path)
     job = run_convert_job(with_data, loaders_for=lambda size, _: make_loaders("synthetic", 16, size[1]))
     assert job.search is not None and job.plan.init == "act" and job.pipeline is not None  # data: act fit, distilled
     assert job.pipeline.fit is not None and (tmp_path / "b" / "report.json").is_file()
+
+
+def test_recipe_choices_and_keys_are_checked_at_load(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    for text, message in [
+        ("dtype: fp64\n", "dtype must be one of fp32, fp16, bf16, int8, got 'fp64'"),
+        ("feature_loss: MSE\n", "feature_loss must be one of none, mse"),
+        ("mode: mixx\n", "Did you mean: mix"),
+        ("1: 2\n", "keys are names like epochs, got 1 (int)"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            load_recipe(bad)
+
+
+def test_recipe_run_refuses_a_bench_recipe_and_keeps_the_recipes_device(tmp_path) -> None:
+    bench = tmp_path / "b.yaml"
+    bench.write_text("task: bench\nmodel: tests.models:tiny_resnet\ndataset: synthetic\n")
+    done = RUNNER.invoke(app, ["recipe", "run", str(bench)])
+    assert done.exit_code == 2 and f"run it with `dacnn bench --recipe {bench}`" in done.output
+    refused = RUNNER.invoke(app, ["convert", "--recipe", str(bench)])
+    assert refused.exit_code == 2 and "dacnn bench --recipe" in refused.output
+
+
+def test_the_seed_of_a_job_seeds_its_regulators_and_leaves_the_callers_rng_alone(tmp_path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from dacnn_convert.jobs import run_convert_job
+
+    def regulator_weights(seed: int, name: str) -> dict[str, torch.Tensor]:
+        rec = Recipe(
+            model="tests.models:tiny_resnet",
+            weights="none",
+            input_size="16",
+            regulators="all",
+            seed=seed,
+            out=str(tmp_path / name),
+        )
+        run_convert_job(rec)
+        return {k: v for k, v in load_file(str(tmp_path / name / "model.safetensors")).items() if "regulator" in k}
+
+    before = torch.get_rng_state()
+    a, again, other = regulator_weights(0, "a"), regulator_weights(0, "b"), regulator_weights(1, "c")
+    assert torch.equal(before, torch.get_rng_state())  # the caller's random state is untouched
+    assert a and all(torch.equal(a[k], again[k]) for k in a)  # same seed, same model
+    assert any(not torch.equal(a[k], other[k]) for k in a)  # another seed, other random weights

@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
-from ..errors import DacnnError
+from ..errors import DacnnError, UsageError
 from ..recipes import parse_input_size
 from .common import DataOptions, console, fail, recipe_from_command
 from .guards import output_guard
@@ -32,9 +32,9 @@ from .options import (
     KdTOpt,
     LimitOpt,
     LrOpt,
-    ModelArg,
     Optimizer,
     OptimOpt,
+    OptModelArg,
     OverwriteOpt,
     Precision,
     PrecOpt,
@@ -68,8 +68,10 @@ def _environment() -> dict[str, str]:
 
 def bench_command(
     ctx: typer.Context,
-    model: ModelArg,
-    dataset: Annotated[str, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn, synthetic or imagefolder:PATH")],
+    model: OptModelArg = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="fashion-mnist, cifar10, cifar100, svhn, synthetic or imagefolder:PATH")
+    ] = None,
     weights: WeightsOpt = "none",
     num_classes: ClassesOpt = None,
     methods: Annotated[
@@ -123,6 +125,8 @@ def bench_command(
 
     try:
         rec = recipe_from_command(ctx, "bench", recipe)
+        if rec.model is None or rec.dataset is None:
+            raise UsageError("dacnn bench needs a MODEL and --dataset (on the command line or in the --recipe)")
         model, weights, out = rec.model, rec.weights or "none", Path(rec.out or "runs/bench")
         num_classes, input_size, seed, repeats = rec.num_classes, rec.input_size, rec.seed, rec.repeats
         data = DataOptions.from_recipe(rec, overwrite=overwrite)

@@ -74,7 +74,8 @@ def recipe_from_command(ctx: typer.Context, task: str, path: Path | None = None)
 
     rec = load_recipe(path) if path is not None else Recipe(task=task)
     if rec.task != task:
-        raise UsageError(f"{path} is a {rec.task!r} recipe: run it with `dacnn recipe run {path}`")
+        how = f"dacnn bench --recipe {path}" if rec.task == "bench" else f"dacnn recipe run {path}"
+        raise UsageError(f"{path} is a {rec.task!r} recipe: run it with `{how}`")
     # by name: typer vendors its own click, whose ParameterSource is not click's
     given = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
     fields = set(vars(rec))

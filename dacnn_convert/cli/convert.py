@@ -85,6 +85,8 @@ def run_convert(
     recipe ``rec`` (with ``data``: on its loaders and device), and render what it returns."""
     from ..jobs import output_folder, run_convert_job
 
+    if rec.model is None:  # before any folder is made or checked
+        raise UsageError("give a MODEL (e.g. resnet34) or a --recipe that names one")
     weights = rec.weights or "DEFAULT"
     with_data = data is not None and bool(data.dataset)
     with output_guard(None if dry_run else output_folder(rec), data, (weights,)), _Progress() as progress:

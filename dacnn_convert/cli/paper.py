@@ -14,9 +14,10 @@ import typer
 from rich.table import Table
 
 from ..atomic import atomic_write_text
-from ..errors import DacnnError
+from ..defaults import DEVICE_HELP
+from ..errors import DacnnError, UsageError
 from .common import DataOptions, console, fail
-from .options import DeviceOpt, DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt
+from .options import DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt
 
 recipe_app = typer.Typer(
     help="Recipes: YAML files that fix every setting of a paper table row or a conversion.", no_args_is_help=True
@@ -54,7 +55,7 @@ def recipe_run(
     out: Annotated[Path | None, typer.Option(help="output folder (default runs/recipes/RECIPE)")] = None,
     download: DownloadOpt = False,
     weights: Annotated[str | None, typer.Option(help="override the weights: DEFAULT, none or a PATH")] = None,
-    device: DeviceOpt = "auto",
+    device: Annotated[str | None, typer.Option(help="override the device: " + DEVICE_HELP)] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Run a recipe: train (paper rows) or convert + distil; writes recipe.yaml and result.json."""
@@ -84,7 +85,7 @@ def run_recipe(
     path: Path,
     limit_batches: int | None = None,
     download: bool = False,
-    device: str = "auto",
+    device: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the resolved recipe ``r``; return (and write) its result record."""
@@ -94,12 +95,15 @@ def run_recipe(
     from .convert import run_convert
     from .train import run_train
 
+    if r.task == "bench":
+        raise UsageError(f"{path} is a bench recipe: run it with `dacnn bench --recipe {path}`")
     if r.model is None or r.dataset is None:
         from ..errors import RecipeError
 
         raise RecipeError(f"{path}: a runnable recipe names a model and a dataset")
     out = Path(r.out) if r.out else Path("runs/recipes") / path.stem
     r = r.override(limit_batches=limit_batches, download=download or None, device=device, out=str(out))
+    limit_batches = r.limit_batches  # the recipe's own cap counts as a short run too
     data = DataOptions.from_recipe(r, overwrite=overwrite)
     start = time.perf_counter()
     if r.task == "train":

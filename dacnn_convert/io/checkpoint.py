@@ -115,8 +115,12 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
     for alias, key in tied.items():
         owner_name, _, leaf = alias.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
+        try:
+            target = model.get_parameter(key)
+        except AttributeError:
+            continue  # tied to a buffer: the values were loaded, there is no parameter to share
         if leaf in owner._parameters:
-            owner.register_parameter(leaf, model.get_parameter(key))
+            owner.register_parameter(leaf, target)
 
 
 INT8_SCALE = ".int8_scale"  # suffix of the per-channel scales of an int8-stored tensor

@@ -35,7 +35,7 @@ from ..errors import UnknownModelError, UsageError, WeightsError, suggest
 from .files import unreadable
 
 OFFLINE_HINT = (
-    "use «weights» none for random initialisation, or «weights» PATH for a local state dict (.safetensors or .pt)"
+    "use «weights=none» for random initialisation, or «weights=PATH» for a local state dict (.safetensors or .pt)"
 )
 
 
@@ -151,7 +151,7 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
         if pretrained:
             raise WeightsError(
                 f"there are no published weights for {spec.display}; train one (dacnn train {spec.display} "
-                "--dataset cifar100 --out runs/x) and pass «weights» runs/x/best.safetensors, or «weights» none"
+                "--dataset cifar100 --out runs/x) and pass «weights=runs/x/best.safetensors», or «weights=none»"
             )
         from ..core.models import from_name
 
@@ -328,6 +328,24 @@ def _hub_offline_unless_reachable(timeout_s: float = 3.0) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
+def _untie(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Fill in the weights a dacnn file stored once for a model that ties them (``tied`` metadata)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tied = (f.metadata() or {}).get("tied")
+    if tied is None:
+        return
+    try:
+        pairs = json.loads(tied)
+        for alias, key in pairs.items():
+            state[alias] = state[key]
+    except (json.JSONDecodeError, RecursionError, AttributeError, KeyError, TypeError):
+        raise WeightsError(f"{str(path)!r} has malformed 'tied' metadata; was it edited?") from None
+
+
 def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``weights_only`` torch file.
 
@@ -342,6 +360,7 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+            _untie(state, path)
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # any parse failure means the same thing to the user
