@@ -85,127 +85,97 @@ def run_convert_job(
     # forked RNG: the same recipe gives the same model, and the caller's random state is untouched
     with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
         torch.manual_seed(rec.seed)
-        return _run_convert_job(
-            rec,
-            loaders_for=loaders_for,
-            device=device,
-            dry_run=dry_run,
-            write_recipe=write_recipe,
-            command=command,
-            resume=resume,
-            config=config,
-            on_stage=on_stage,
-            on_step=on_step,
-            on_epoch=on_epoch,
+        from .core.convert import convert
+        from .core.planning import make_plan
+        from .core.report import build_report, state_dict_bytes
+        from .io.card import model_card
+        from .io.checkpoint import save
+        from .io.sources import build_model, input_config, parse_spec
+
+        if rec.model is None:
+            raise UsageError("give a model (e.g. resnet34), or a recipe that names one")
+        weights = rec.weights or "DEFAULT"
+        spec = parse_spec(rec.model, rec.num_classes)
+        size = parse_input_size(rec.input_size)
+        leaves = leaf_types([n for n in (rec.leaf_module or "").split(",") if n.strip()])
+        out = output_folder(rec)
+        with_data = loaders_for is not None and bool(rec.dataset)
+        original = build_model(spec, weights).eval()
+        if device is not None:
+            original.to(device)  # calibration, search and fine-tune run where the data goes
+        preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
+        if size is None:
+            from .train.data import native_size
+
+            side = native_size(rec.dataset) if with_data and rec.dataset else None
+            size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
+        init = default_init(rec.init, with_data)
+        if init in ("act", "act-seq") and not with_data:
+            raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
+        target = (
+            parse_amount(None if rec.target_params is None else str(rec.target_params), "«target-params»"),
+            rec.target_ratio,
+            parse_amount(None if rec.target_bytes is None else str(rec.target_bytes), "«target-bytes»"),
         )
+        by_budget = any(v is not None for v in target)
+        loaders = loaders_for(size, preprocess) if with_data and (by_budget or not dry_run) else None  # type: ignore[misc]
+        search = None
+        if by_budget:
+            from .budget import resolve_target
+            from .budget import search as budget_search
 
+            wanted = resolve_target(count_params(original), *target)
+            loader = loaders.train if loaders is not None else None
+            search = budget_search(original, wanted, size, loader, 8, rec.metric, rec.regulator_style, init, leaves)
+            plan = search.plan
+        else:
+            plan = make_plan(
+                original,
+                rec.mode,  # type: ignore[arg-type]  # checked by make_plan
+                rec.regulators,
+                rec.regulator_style,  # type: ignore[arg-type]
+                init,  # type: ignore[arg-type]
+                size,
+                leaves,
+                bank_size=rec.bank_size,
+                factorize_unshared=parse_rank(rec.factorize_unshared, "«factorize-unshared»"),
+            )
+        result = ConvertJobResult(plan, spec.display, None if dry_run else out, search)
+        if dry_run:
+            return result
+        if write_recipe:
+            result.files.append(atomic_write_text(out / "recipe.yaml", rec.resolved().to_yaml()))
+        if with_data:
+            from .pipeline import compress
 
-def _run_convert_job(
-    rec: Recipe,
-    *,
-    loaders_for: LoadersFor | None = None,
-    device: torch.device | None = None,
-    dry_run: bool = False,
-    write_recipe: bool = False,
-    command: str | None = None,
-    resume: bool = False,
-    config: Any = None,
-    on_stage: Callable[[str, float], None] | None = None,
-    on_step: Callable[[dict[str, float]], None] | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> ConvertJobResult:
-    """The job itself (see :func:`run_convert_job`)."""
-    from .core.convert import convert
-    from .core.planning import make_plan
-    from .core.report import build_report, state_dict_bytes
-    from .io.card import model_card
-    from .io.checkpoint import save
-    from .io.sources import build_model, input_config, parse_spec
-
-    if rec.model is None:
-        raise UsageError("give a model (e.g. resnet34), or a recipe that names one")
-    weights = rec.weights or "DEFAULT"
-    spec = parse_spec(rec.model, rec.num_classes)
-    size = parse_input_size(rec.input_size)
-    leaves = leaf_types([n for n in (rec.leaf_module or "").split(",") if n.strip()])
-    out = output_folder(rec)
-    with_data = loaders_for is not None and bool(rec.dataset)
-    original = build_model(spec, weights).eval()
-    if device is not None:
-        original.to(device)  # calibration, search and fine-tune run where the data goes
-    preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
-    if size is None:
-        from .train.data import native_size
-
-        side = native_size(rec.dataset) if with_data and rec.dataset else None
-        size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
-    init = default_init(rec.init, with_data)
-    if init in ("act", "act-seq") and not with_data:
-        raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
-    target = (
-        parse_amount(None if rec.target_params is None else str(rec.target_params), "«target-params»"),
-        rec.target_ratio,
-        parse_amount(None if rec.target_bytes is None else str(rec.target_bytes), "«target-bytes»"),
-    )
-    by_budget = any(v is not None for v in target)
-    loaders = loaders_for(size, preprocess) if with_data and (by_budget or not dry_run) else None  # type: ignore[misc]
-    search = None
-    if by_budget:
-        from .budget import resolve_target
-        from .budget import search as budget_search
-
-        wanted = resolve_target(count_params(original), *target)
-        loader = loaders.train if loaders is not None else None
-        search = budget_search(original, wanted, size, loader, 8, rec.metric, rec.regulator_style, init, leaves)
-        plan = search.plan
-    else:
-        plan = make_plan(
-            original,
-            rec.mode,  # type: ignore[arg-type]  # checked by make_plan
-            rec.regulators,
-            rec.regulator_style,  # type: ignore[arg-type]
-            init,  # type: ignore[arg-type]
-            size,
-            leaves,
-            bank_size=rec.bank_size,
-            factorize_unshared=parse_rank(rec.factorize_unshared, "«factorize-unshared»"),
-        )
-    result = ConvertJobResult(plan, spec.display, None if dry_run else out, search)
-    if dry_run:
+            assert loaders is not None
+            result.pipeline = compress(
+                original,
+                loaders.train,
+                loaders.val,
+                plan,
+                config=config if config is not None else rec.train_config(),
+                calibrate_batches=rec.calibrate_batches,
+                out=out,
+                dtype=rec.dtype,
+                source=spec,
+                on_stage=on_stage,
+                on_step=on_step,
+                on_epoch=on_epoch,
+                resume=resume,
+                command=command,
+            )
+            result.report = result.pipeline.report
+            result.files += [out / "model.safetensors", out / "report.json", out / "report.md"]
+            return result
+        conversion = convert(original, plan)
+        ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=rec.dtype)
+        report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
+        result.report = report
+        result.files += [
+            ckpt,
+            atomic_write_text(out / "report.json", report.to_json()),
+            atomic_write_text(out / "report.md", report.to_markdown()),
+            atomic_write_text(out / "README.md", model_card(report, command)),
+        ]
         return result
-    if write_recipe:
-        result.files.append(atomic_write_text(out / "recipe.yaml", rec.resolved().to_yaml()))
-    if with_data:
-        from .pipeline import compress
-
-        assert loaders is not None
-        result.pipeline = compress(
-            original,
-            loaders.train,
-            loaders.val,
-            plan,
-            config=config if config is not None else rec.train_config(),
-            calibrate_batches=rec.calibrate_batches,
-            out=out,
-            dtype=rec.dtype,
-            source=spec,
-            on_stage=on_stage,
-            on_step=on_step,
-            on_epoch=on_epoch,
-            resume=resume,
-            command=command,
-        )
-        result.report = result.pipeline.report
-        result.files += [out / "model.safetensors", out / "report.json", out / "report.md"]
-        return result
-    conversion = convert(original, plan)
-    ckpt = save(conversion.model, out / "model.safetensors", source=spec, dtype=rec.dtype)
-    report = build_report(original, conversion, spec.display, state_dict_bytes(original), ckpt.stat().st_size)
-    result.report = report
-    result.files += [
-        ckpt,
-        atomic_write_text(out / "report.json", report.to_json()),
-        atomic_write_text(out / "report.md", report.to_markdown()),
-        atomic_write_text(out / "README.md", model_card(report, command)),
-    ]
-    return result
