@@ -198,3 +198,14 @@ def test_metadata_nested_absurdly_deep_is_refused_in_one_line(tmp_path, key: str
     save_file(TinyResNet().state_dict(), str(tmp_path / "deep.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match="malformed"):
         load(tmp_path / "deep.safetensors", model=TinyResNet())
+
+
+def test_a_tied_model_file_given_as_weights_fills_in_its_tied_keys(tmp_path) -> None:
+    from dacnn_convert.io.sources import read_state_dict
+
+    model = TinyResNet()
+    model.fc2 = torch.nn.Linear(16, 10)
+    model.fc2.weight = model.fc.weight
+    state = read_state_dict(save(model, tmp_path / "m.safetensors"))
+    assert set(state) == set(model.state_dict())  # the stored-once tensor comes back under both names
+    torch.testing.assert_close(state["fc2.weight"], state["fc.weight"])

@@ -138,35 +138,20 @@ class DataOptions:
 
     @classmethod
     def from_recipe(cls, rec: Any, resume: bool = False, overwrite: bool = False) -> DataOptions:
-        """The data and fine-tuning options of a resolved recipe (the one place they are mapped)."""
+        """The data and fine-tuning options of a resolved recipe: its fields of the same name, with
+        the task's defaults resolved (the one place they are mapped)."""
+        from dataclasses import fields
+
+        same = {f.name: getattr(rec, f.name) for f in fields(cls) if hasattr(rec, f.name)}
         return cls(
-            dataset=rec.dataset,
-            epochs=rec.epochs,
-            batch_size=rec.batch_size,
-            lr=rec.resolved_lr,
-            optimizer=rec.optimizer,
-            schedule=rec.schedule,
-            weight_decay=rec.weight_decay,
-            step_every=rec.step_every,
-            kd_temperature=rec.kd_temperature,
-            kd_alpha=rec.kd_alpha,
-            calibrate_batches=rec.calibrate_batches,
-            precision=rec.precision,
-            limit_batches=rec.limit_batches,
-            train_limit=rec.train_limit,
-            download=rec.download,
-            seed=rec.seed,
-            resume=resume,
-            overwrite=overwrite,
-            checkpoint_every=rec.checkpoint_every,
-            feature_weight=rec.feature_weight if rec.feature_loss == "mse" else 0.0,
-            plot=rec.plot,
-            augment=rec.augment,
-            label_smoothing=rec.label_smoothing,
-            warmup_steps=rec.resolved_warmup_steps,
-            clip_grad=rec.clip_grad,
-            channels_last=rec.channels_last,
-            device=rec.device,
+            **{
+                **same,
+                "lr": rec.resolved_lr,
+                "warmup_steps": rec.resolved_warmup_steps,
+                "feature_weight": rec.feature_weight if rec.feature_loss == "mse" else 0.0,
+                "resume": resume,
+                "overwrite": overwrite,
+            }
         )
 
     def config(self) -> Any:

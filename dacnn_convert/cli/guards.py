@@ -94,9 +94,9 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
         raise
 
 
-def check_input_size(model: Any, size: tuple[int, int, int]) -> None:
+def check_input_size(model: Any, size: tuple[int, int, int]) -> int:
     """Run one zero example of ``size`` through ``model`` so that a wrong --input-size is one line
-    here, not a traceback from deep inside an exporter or a timing loop."""
+    here, not a traceback from deep inside an exporter or a timing loop; returns the output width."""
     import torch
 
     from ..core.modes import mode
@@ -104,7 +104,7 @@ def check_input_size(model: Any, size: tuple[int, int, int]) -> None:
 
     try:
         with mode(model), torch.no_grad():
-            model(torch.zeros(1, *size, device=device_of(model)))
+            return int(model(torch.zeros(1, *size, device=device_of(model))).shape[-1])
     except (RuntimeError, ValueError, IndexError) as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise UsageError(

@@ -133,8 +133,7 @@ def eval_command(
         size = data.input_size(parse_input_size(input_size), preprocess.input_size)
         loaders = data.loaders(size, preprocess)
         net = net.to(data.torch_device())
-        check_input_size(net, size)
-        outputs = _output_width(net, size)
+        outputs = check_input_size(net, size)
         acc = evaluate(net, loaders.val, precision, limit_batches)
     except DacnnError as exc:
         raise fail(exc) from None
@@ -146,13 +145,3 @@ def eval_command(
             soft_wrap=True,
         )
     console.print(f"{checkpoint}: top-1 {100 * acc:.2f}% on {dataset} ({count_params(net):,} unique params)")
-
-
-def _output_width(net: Any, size: tuple[int, int, int]) -> int:
-    import torch
-
-    from ..core.modes import mode
-    from ..train.device import device_of
-
-    with mode(net), torch.no_grad():
-        return int(net(torch.zeros(1, *size, device=device_of(net))).shape[-1])

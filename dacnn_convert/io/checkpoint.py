@@ -20,7 +20,7 @@ from ..core.plan import Plan
 from ..errors import CheckpointError, marked
 from .files import unreadable
 from .resize import resize_to_state
-from .sources import ModelSpec, build_model, check_state_dict, parse_spec, with_module_versions
+from .sources import ModelSpec, build_model, check_state_dict, fill_tied, parse_spec, with_module_versions
 
 FORMAT = "dacnn-convert/1"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -188,19 +188,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{str(path)!r} is not a valid .safetensors file ({str(exc)[:120]})") from exc
 
 
-def _read_tied(meta: dict[str, str], state: dict[str, torch.Tensor], path: str | Path) -> dict[str, str]:
-    if "tied" not in meta:
-        return {}
-    try:
-        tied = json.loads(meta["tied"])
-        ok = isinstance(tied, dict) and all(isinstance(a, str) and v in state for a, v in tied.items())
-    except (json.JSONDecodeError, TypeError, RecursionError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"{str(path)!r} has malformed 'tied' metadata; was it edited?")
-    return tied
-
-
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`, with its anchored kernels shared again.
 
@@ -241,9 +228,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise
     except Exception as exc:
         raise CheckpointError(f"cannot read tensors of {str(path)!r}: {str(exc)[:160]}") from exc
-    tied = _read_tied(meta, state, path)
-    for alias, key in tied.items():
-        state[alias] = state[key]
+    tied = fill_tied(state, meta.get("tied"), path, CheckpointError)
     if meta.get("structure") == "pruned":
         model = resize_to_state(model, {k: v.shape for k, v in state.items()})
     skeleton = convert(model, plan, init="none").model if plan is not None else model

@@ -328,22 +328,25 @@ def _hub_offline_unless_reachable(timeout_s: float = 3.0) -> Iterator[None]:
         constants.HF_HUB_OFFLINE = previous
 
 
-def _untie(state: dict[str, torch.Tensor], path: Path) -> None:
-    """Fill in the weights a dacnn file stored once for a model that ties them (``tied`` metadata)."""
+def fill_tied(
+    state: dict[str, torch.Tensor], tied_json: str | None, path: str | Path, error: type[Exception] = WeightsError
+) -> dict[str, str]:
+    """Put back in ``state`` the weights a dacnn file stored once because the model ties them (its
+    ``tied`` metadata, ``{alias: stored key}``); returns those ties. Malformed metadata raises ``error``."""
     import json
 
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        tied = (f.metadata() or {}).get("tied")
-    if tied is None:
-        return
+    if tied_json is None:
+        return {}
     try:
-        pairs = json.loads(tied)
-        for alias, key in pairs.items():
-            state[alias] = state[key]
-    except (json.JSONDecodeError, RecursionError, AttributeError, KeyError, TypeError):
-        raise WeightsError(f"{str(path)!r} has malformed 'tied' metadata; was it edited?") from None
+        tied = json.loads(tied_json)
+        ok = isinstance(tied, dict) and all(isinstance(a, str) and v in state for a, v in tied.items())
+    except (json.JSONDecodeError, TypeError, RecursionError):
+        ok = False
+    if not ok:
+        raise error(f"{str(path)!r} has malformed 'tied' metadata; was it edited?")
+    for alias, key in tied.items():
+        state[alias] = state[key]
+    return tied
 
 
 def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -357,10 +360,12 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
     """
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             state = load_file(str(path))
-            _untie(state, path)
+            with safe_open(str(path), framework="pt") as f:
+                fill_tied(state, (f.metadata() or {}).get("tied"), path)
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # any parse failure means the same thing to the user
