@@ -17,6 +17,7 @@ same name (``--target-params`` is ``target_params``), except the actions of one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import types
@@ -30,18 +31,31 @@ from .errors import RecipeError, UsageError, marked, suggest
 from .io.files import unreadable
 
 TASKS = ("convert", "train", "bench")
-CHOICES = {  # the values the library accepts, mirrored by the CLI's choice flags
-    "mode": ("mix", "plain", "sharesnet", "bank", "none"),
-    "regulator_style": ("adapter", "paper"),
-    "init": ("fit", "act", "act-seq", "mean", "first", "random"),
-    "metric": ("fit", "kl"),
-    "dtype": ("fp32", "fp16", "bf16", "int8"),
-    "feature_loss": ("none", "mse"),
-    "optimizer": ("sgd", "adamw", "adagrad"),
-    "schedule": ("cosine", "step"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "augment": ("auto", "flip", "none"),
-}
+FEATURE_LOSSES = ("none", "mse")
+
+
+@functools.cache
+def choices() -> dict[str, tuple[str, ...]]:
+    """The values each choice field takes: the library's own registries and lists (imported when
+    a recipe is first checked, so reading this module does not import torch)."""
+    from .budget import METRICS
+    from .core.planning import INITS, MODES, REGULATOR_STYLES
+    from .io.checkpoint import DTYPES
+    from .train.config import OPTIMIZERS, PRECISIONS, SCHEDULES
+    from .train.data import AUGMENTS
+
+    return {
+        "mode": tuple(MODES),
+        "regulator_style": REGULATOR_STYLES,
+        "init": INITS,
+        "metric": METRICS,
+        "dtype": (*DTYPES, "int8"),
+        "feature_loss": FEATURE_LOSSES,
+        "optimizer": OPTIMIZERS,
+        "schedule": SCHEDULES,
+        "precision": PRECISIONS,
+        "augment": AUGMENTS,
+    }
 
 
 @dataclass(frozen=True)
@@ -114,7 +128,7 @@ class Recipe:
                 raise RecipeError(f"{name} must be a finite number, got {value}")
         if self.task not in TASKS:
             raise RecipeError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name, allowed in CHOICES.items():  # a typo must fail at load, not after a fine-tune
+        for name, allowed in choices().items():  # a typo must fail at load, not after a fine-tune
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise RecipeError(f"{name} must be one of {', '.join(allowed)}, got {value!r}{suggest(value, allowed)}")

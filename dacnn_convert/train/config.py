@@ -11,6 +11,8 @@ from ..defaults import FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
 from ..errors import UsageError, choose
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw", "adagrad")
+SCHEDULES = ("cosine", "step")
 
 
 FINETUNE: dict[str, Any] = {"lr": FINETUNE_LR, "warmup_steps": FINETUNE_WARMUP_STEPS}  # TrainConfig.finetune()
@@ -77,8 +79,8 @@ class TrainConfig:
                 span = f"[{low}, {high}]" if high is not None else (f">= {low}" if closed else f"> {low}")
                 why = " (the softmax temperature divides the logits)" if name == "kd_temperature" else ""
                 raise UsageError(f"{name} must be {span}, got {value}{why}")
-        choose("optimizer", self.optimizer, ("sgd", "adamw", "adagrad"))
-        choose("schedule", self.schedule, ("cosine", "step"))
+        choose("optimizer", self.optimizer, OPTIMIZERS)
+        choose("schedule", self.schedule, SCHEDULES)
         choose("precision", self.precision, PRECISIONS)
 
 

@@ -27,6 +27,7 @@ from ..atomic import atomic_write
 from ..errors import DatasetError, choose
 from ..registry import Registry
 
+AUGMENTS = ("auto", "flip", "none")  # auto: random flips as the paper, none for SVHN (digits)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATASETS: Registry[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = Registry("dataset")
 # decorator: a loader returning (train_x, train_y, val_x, val_y), uint8 NCHW / int64
@@ -325,7 +326,7 @@ def make_loaders(
         DatasetError: the data is missing (with where it must be and how to get it).
         UsageError: unknown dataset or augmentation.
     """
-    choose("augment", augment, ("auto", "flip", "none"))
+    choose("augment", augment, AUGMENTS)
     if name.startswith("imagefolder:"):
         root = Path(name.split(":", 1)[1])
         return _imagefolder(root, batch_size, input_size, augment != "none", seed, rank, world_size, pin_memory, image)
