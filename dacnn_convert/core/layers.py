@@ -142,7 +142,7 @@ class AnchoredConv2d(nn.Module):
         if self.training or torch.is_grad_enabled() or _exporting():
             return self.weight
         full = getattr(self._bank, self.anchor)
-        key = (full.data_ptr(), full._version)
+        key = (full.data_ptr(), full._version, full.dtype, full.device)
         cached = self.__dict__.get("_dense")
         if cached is not None and cached[0] == key:  # the common case: one lookup, no slicing
             return cached[1]
@@ -159,10 +159,22 @@ class AnchoredConv2d(nn.Module):
         assert coeff is not None, "only banked convs (with coefficients) take this path"
         inference = not (self.training or torch.is_grad_enabled() or torch.jit.is_scripting() or _exporting())
         if inference and self.merged_is_cheaper:
-            key = (full.data_ptr(), full._version, coeff.weight.data_ptr(), coeff.weight._version)
+            # Keyed on the tensors' versions, dtype and device, and always merged outside autocast in
+            # the parameters' own dtype: a kernel merged under bf16 autocast and reused in fp32 crashed
+            # (issue 23). Autocast still casts the merged kernel per call, as it does a conv's weight.
+            key = (
+                full.data_ptr(),
+                full._version,
+                coeff.weight.data_ptr(),
+                coeff.weight._version,
+                full.dtype,
+                full.device,
+            )
             cached = self.__dict__.get("_dense")
             if cached is None or cached[0] != key:
-                self.__dict__["_dense"] = cached = (key, self.weight.contiguous())
+                with torch.autocast(full.device.type, enabled=False):
+                    merged = self.weight.to(full.dtype).contiguous()
+                self.__dict__["_dense"] = cached = (key, merged)
             return self._conv(x, cached[1])
         return coeff(self._conv(x, full))
 
