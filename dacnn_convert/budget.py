@@ -39,23 +39,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core.banks import bank_params, bankable, factorizable
+from .core.banks import bank_params, bankable, factorizable, rank_limit
 from .core.graph import ConvSite
+from .core.knapsack import Option, Solution, front
 from .core.modes import mode
 from .core.plan import Group, Plan, RegulatorSpec
-from .core.planning import bank_group, make_plan
+from .core.planning import bank_group, linear_groups, make_plan
 from .defaults import default_init
 from .errors import PlanError, UsageError, choose, render
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
-BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625)  # bank filters as a fraction of C_out
-RANK_GRID = (0.5, 0.25, 0.125)  # low-rank ranks of unshared convs, as a fraction of C_out
+BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)  # bank filters as a fraction of C_out
+# low-rank ranks of unshared convs, as a fraction of each conv's rank limit min(C_out, C_in x kh x kw):
+# of C_out for most 3x3 convs, of C_in for the expanding 1x1s of inverted residuals
+RANK_GRID = (0.5, 0.25, 0.125, 0.0625, 0.03125)
 BANK_OPTIONS = (*OPTIONS, *(f"bank:{f}" for f in BANK_GRID))  # "bank:1.0": k = C_out (a fraction, always)
 RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
 SPACES = ("bank", "anchor")  # bank: every option; anchor: free / mix / plain + regulators only
 METRICS = ("fit", "kl")
-MAX_SECTIONS = 8
-MAX_COMBINATIONS = 2_000_000  # Pareto-kept combinations the exhaustive search will enumerate
 
 
 @dataclass(frozen=True)
@@ -147,32 +148,38 @@ def _fraction(option: str) -> float:
 
 
 def _bank_groups(mix: Plan, section: int, f: float) -> list[Group]:
-    """A bank of f x C_out filters (at most what the group can use) for each share group of ``section``."""
+    """A bank of f x C_out filters (at most what the group can use) for each share group of ``section``.
+
+    Share groups are mix's conv groups and the same-shape Linears of the section
+    (:func:`~dacnn_convert.core.planning.linear_groups`).
+    """
+    res = tuple(mix.sections[section - 1])
+    shared = [(f"{i}", [mix.site(m) for m in g.members]) for i, g in enumerate(mix.groups) if g.sections == (section,)]
+    shared += [(f"l{i}", members) for i, members in enumerate(linear_groups(mix.sites)) if members[0].out_size == res]
     out = []
-    for i, g in enumerate(mix.groups):
-        members = [mix.site(m) for m in g.members]
-        if g.sections != (section,) or not bankable(members):
+    for index, members in shared:
+        if not bankable(members):
             continue
         co, ci, kh, kw = members[0].weight_shape
         k = min(max(1, round(f * co)), len(members) * co, ci * kh * kw)
         if bank_params(members[0], len(members), k) < sum(m.weight_numel for m in members):
-            out.append(bank_group(members, k, section, i))
+            out.append(bank_group(members, k, section, index))
     return out
 
 
 def unshared_sites(mix: Plan) -> list[ConvSite]:
-    """Convs that share with nothing in ``mix`` and can be factorised, each in a section."""
-    grouped = {m for g in mix.groups for m in g.members}
+    """Convs and Linears that share with nothing in ``mix`` and can be factorised, each in a section."""
+    grouped = {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
     sections = {tuple(r) for r in mix.sections}
     return [s for s in mix.sites if s.name not in grouped and factorizable(s) and s.out_size in sections]
 
 
 def _low_rank_groups(mix: Plan, section: int, f: float) -> list[Group]:
-    """A rank f x C_out factorisation of each unshared conv of ``section`` that it makes smaller."""
+    """Rank f x min(C_out, C_in x kh x kw) factorisations of the unshared layers of ``section`` that shrink them."""
     res = tuple(mix.sections[section - 1])
     out = []
     for s in unshared_sites(mix):
-        r = min(max(1, round(f * s.out_channels)), s.out_channels, s.weight_numel // s.out_channels)
+        r = max(1, round(f * rank_limit(s, 1)))
         if s.out_size == res and bank_params(s, 1, r) < s.weight_numel:
             out.append(bank_group([s], r, section, 0))
     return out
@@ -209,11 +216,12 @@ def compose(
         secs = tuple(sorted({section_of[m] for m in members}))
         groups.append(Group(f"plain{i}_{'x'.join(map(str, shape))}", members, shape, None, secs))  # type: ignore[arg-type]
     anchored = {m for g in groups for m in g.members}
+    # a plan numbers sections by where its own groups are: take each regulator's section from its host
     regs: list[RegulatorSpec] = [
-        r
+        replace(r, section=section_of[r.host])
         for src, secs in ((mix, mix_secs), (plain, plain_secs))
         for r in src.regulators
-        if r.section in secs & regs_in and r.host in anchored
+        if section_of[r.host] in secs & regs_in and r.host in anchored
     ]
     for k, option in enumerate(choice, start=1):
         if option.startswith("bank:"):
@@ -224,10 +232,25 @@ def compose(
     return replace(mix, mode="budget", groups=tuple(groups), regulators=tuple(sorted(regs, key=lambda r: r.host)))
 
 
-def _fit_score(model: nn.Module, plan: Plan) -> float:
-    from .core.convert import convert
+def _fit_score(model: nn.Module, plan: Plan, spectra: dict[tuple[str, ...], Any] | None = None) -> float:
+    """Kernel energy the plan's fits cannot represent, as a fraction of all kernel parameters.
 
-    errors = convert(model, replace(plan, init="fit")).fit_errors
+    Banks and low-rank layers are priced from one eigendecomposition per group, kept in
+    ``spectra`` across candidates (every bank size of a group reuses it; the fit is the same
+    weight-space SVD); a plan with anchors is converted and its fit errors read.
+    """
+    from .core.convert import convert, kernel_of
+    from .core.fitting import bank_spectrum
+
+    if spectra is not None and all(g.kind == "bank" for g in plan.groups):
+        modules = dict(model.named_modules())
+        errors = {}
+        for g in plan.groups:
+            if g.members not in spectra:
+                spectra[g.members] = bank_spectrum([kernel_of(modules[m]).detach().float().cpu() for m in g.members])
+            errors[g.name] = dict(zip(g.members, spectra[g.members].errors(g.rank), strict=True))
+    else:
+        errors = convert(model, replace(plan, init="fit")).fit_errors
     total = max(plan.conv_params_before, 1)
     return sum(err**2 * plan.site(m).weight_numel for g in errors.values() for m, err in g.items()) / total
 
@@ -294,13 +317,59 @@ def search(
     init = default_init(init, calib_loader is not None)
     mix = make_plan(model, "mix", "all", regulator_style, init, input_size, leaf_modules)
     plain = make_plan(model, "plain", "all", regulator_style, init, input_size, leaf_modules)
-    n = len(mix.sections)
-    if n > MAX_SECTIONS:
-        raise PlanError(f"{n} sections: the exhaustive search takes at most {MAX_SECTIONS}; use «mode» instead")
-    batches, reference = calibration_reference(model, calib_loader, calib_batches) if metric == "kl" else ([], [])
+    mix = every_resolution(mix)
     options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
+    fixed = fixed_parts(model, mix)
+    # pure arithmetic first: a target below the floor is refused before any candidate is scored
+    pick(
+        mix, plain, score_sections(model, mix, plain, "size", options=options, ranks=ranks), target_params, fixed=fixed
+    )
+    batches, reference = calibration_reference(model, calib_loader, calib_batches) if metric == "kl" else ([], [])
     scores = score_sections(model, mix, plain, metric, batches, reference, options, ranks)
-    return pick(mix, plain, scores, target_params, metric)
+    return pick(mix, plain, scores, target_params, metric, fixed=fixed)
+
+
+def every_resolution(mix: Plan) -> Plan:
+    """``mix`` with a section for every output resolution that holds a conv, not only those with a share group.
+
+    Mix sections are where two convs of one configuration meet; a VGG or GoogLeNet also has
+    resolutions with single convs, which plain mode can still share and low rank can still
+    factorise. The extra sections come after mix's own, so its groups keep their numbers.
+    """
+    known = {tuple(r) for r in mix.sections}
+    first = {}
+    for s in mix.sites:
+        first.setdefault(s.out_size, s.order)
+    extra = sorted((r for r in first if r not in known), key=lambda r: (-r[0] * r[1], first[r]))
+    return replace(mix, sections=(*mix.sections, *extra))
+
+
+def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
+    """What no option of the search shrinks, by kind, in parameters (for the floor's message)."""
+    described = {s.name for s in mix.sites}
+    linear = sum(  # Linears the plan does not describe: subclasses such as attention's out_proj
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in described
+    )
+    stem = sum(s.weight_numel for s in mix.sites if s.fed_by_input)
+    grouped = sum(s.weight_numel for s in mix.sites if s.groups > 1 and not s.fed_by_input)
+    other = mix.params_before - mix.conv_params_before - linear
+    parts = (
+        ("Linear subclasses (attention projections)", linear),
+        ("BatchNorm, biases and other non-conv parameters", other),
+        ("the layer(s) fed by the image", stem),
+        ("grouped and depthwise convs (shared by mix only)", grouped),
+    )
+    return tuple((what, n) for what, n in parts if n > 0)
+
+
+def _floor_message(mix: Plan, target: int, smallest: int, fixed: Sequence[tuple[str, int]]) -> str:
+    held = "; ".join(f"{what} {n:,}" for what, n in fixed)
+    return (
+        f"no conversion fits {target:,} params: the smallest possible is {smallest:,} "
+        f"({100 * smallest / mix.params_before:.1f}% of {mix.params_before:,}), every section shared or "
+        f"factorised as far as the search goes. Held there by {held or 'nothing fixed'}, plus the smallest "
+        f"banks and ranks of the grid. Raise the target to at least {smallest:,}, or prune as well"
+    )
 
 
 def calibration_reference(
@@ -336,21 +405,22 @@ def score_sections(
 ) -> tuple[SectionScore, ...]:
     """The sensitivity of each (section, option) and (section, rank), converting that alone.
 
+    ``metric`` is ``fit``, ``kl`` or ``size`` (no scoring: every option's sensitivity is 0, its
+    saving exact; what the search needs to tell whether a target is reachable at all).
+
     With ``kl``, the input moments of every conv are collected once (one pass over ``batches``)
     and reused by every candidate's data-aware fit.
     """
+    from .core.convert import whitenable
     from .core.fitting import input_moments
 
     n = len(mix.sections)
     moments = None
     if metric == "kl" and (len(options) > len(OPTIONS) or ranks):
-        names = [
-            s.name
-            for s in mix.sites
-            if s.groups == 1 and s.padding_mode == "zeros" and not isinstance(s.padding, str) and not s.reused
-        ]
+        names = [s.name for s in mix.sites if whitenable(s) and not s.reused]
         moments = input_moments(model, names, [(x, None) for x in batches], len(batches))
     scores: list[SectionScore] = []
+    spectra: dict[tuple[str, ...], Any] = {}  # one decomposition per group, shared by its bank sizes
     free = ("free",) * n
     trials = [
         (k, o, tuple(o if j == k else "free" for j in range(1, n + 1)), None) for k in range(1, n + 1) for o in options
@@ -362,39 +432,38 @@ def score_sections(
         p = compose(mix, plain, choice, ranks=rank)
         if option != "free" and not p.groups:
             continue  # nothing to convert in this section that way
-        if option == "free":
+        if option == "free" or metric == "size":  # "size": the arithmetic alone, every option costed 0
             sens = 0.0
         elif metric == "fit":
-            sens = _fit_score(model, p)
+            sens = _fit_score(model, p, spectra)
         else:
             sens = _kl_score(model, p, list(batches), list(reference), moments)
         scores.append(SectionScore(k, option, sens, p.saved_params - p.scale_params))
     return tuple(scores)
 
 
-def _pareto(pairs: list[tuple[float, int, str, str]]) -> list[tuple[float, int, str, str]]:
-    """Keep (sensitivity, saved, option, rank) pairs that no other pair beats on both counts."""
-    kept = []
-    for a in sorted(pairs, key=lambda t: (t[0], -t[1], t[2], t[3])):
-        if not kept or a[1] > kept[-1][1]:
-            kept.append(a)
-    return kept
-
-
 def pick(
-    mix: Plan, plain: Plan, scores: Sequence[SectionScore], target_params: int, metric: str = "fit"
+    mix: Plan,
+    plain: Plan,
+    scores: Sequence[SectionScore],
+    target_params: int,
+    metric: str = "fit",
+    fixed: Sequence[tuple[str, int]] = (),
 ) -> BudgetResult:
-    """Exhaustive search over per-section options, regulators, then growth into the budget left (deterministic).
+    """The least summed sensitivity whose params fit ``target_params``, exactly; then regulators and growth.
 
-    Costs add up section by section except where plain members of several sections share
-    one master kernel; those are computed exactly for every set of plain sections. Per
-    section, (option, rank) pairs that another pair beats on both sensitivity and size are
-    dropped before the search (they can never be chosen); ``feasible`` counts the kept
-    combinations that fit, ``candidates`` every combination of the space.
+    Per section the options are (share option, rank of the unshared convs) pairs with additive
+    costs, a multiple-choice knapsack solved exactly over non-dominated partial plans
+    (:mod:`dacnn_convert.core.knapsack`): any number of sections and options. Costs add up
+    section by section except where plain members of several sections share one master kernel;
+    each set of plain sections is solved on its own with that kernel's exact saving added.
+    ``candidates`` counts every combination of the space, ``feasible`` the non-dominated plans
+    that fit (the five best are kept as runners-up).
+
+    ``fixed`` names what no option shrinks (:func:`fixed_parts`), for the message when nothing fits.
 
     Raises:
-        PlanError: nothing fits ``target_params`` (the smallest reachable size is named), or
-            more than :data:`MAX_COMBINATIONS` combinations are left to search.
+        PlanError: nothing fits ``target_params``; the smallest reachable size and what holds it are named.
     """
     n = len(mix.sections)
     by = {(s.section, s.option): s for s in scores}
@@ -403,59 +472,43 @@ def pick(
     candidates = 1
     for k in range(n):
         candidates *= len(share[k]) * len(rank_opts[k])
-    plain_saved: dict[frozenset[int], int] = {}
-    for size in range(n + 1):
-        for secs in itertools.combinations(range(1, n + 1), size):
-            p = compose(mix, plain, ["plain" if k in secs else "free" for k in range(1, n + 1)])
-            plain_saved[frozenset(secs)] = p.saved_params - p.scale_params
 
     def cost(k: int, o: str) -> tuple[float, int]:
         s = by.get((k, o))
         return (s.sensitivity, s.params_saved) if s is not None else (0.0, 0)
 
-    per_section = []
-    for k in range(1, n + 1):
-        pairs = [
-            (cost(k, o)[0] + cost(k, r)[0], (0 if o == "plain" else cost(k, o)[1]) + cost(k, r)[1], o, r)
+    per_section = [
+        [
+            Option((o, r), (0 if o == "plain" else cost(k, o)[1]) + cost(k, r)[1], cost(k, o)[0] + cost(k, r)[0])
             for o in share[k - 1]
             for r in rank_opts[k - 1]
-            if o != "plain" or r == "dense"
-        ]  # plain shares the unshared convs too: nothing left to factorise
-        plain_pairs = [p for p in pairs if p[2] == "plain"]
-        per_section.append(_pareto([p for p in pairs if p[2] != "plain"]) + _pareto(plain_pairs))
-    searched = 1
-    for pairs in per_section:
-        searched *= len(pairs)
-    if searched > MAX_COMBINATIONS:
-        raise PlanError(
-            f"{n} sections give {searched:,} combinations to search, more than {MAX_COMBINATIONS:,}: use the anchor "
-            "space (space='anchor') or a hand-written «mode» bank with a «bank-size» per section"
-        )
-    best: tuple[float, int, tuple[str, ...], tuple[str, ...]] | None = None
-    feasible = 0
-    smallest: int | None = None
-    ranked: list[tuple[float, int, tuple[str, ...]]] = []  # the five best, kept sorted
-    for combo in itertools.product(*per_section):
-        plains = frozenset(k for k, c in enumerate(combo, start=1) if c[2] == "plain")
-        params = mix.params_before - sum(c[1] for c in combo) - plain_saved[plains]
-        smallest = params if smallest is None else min(smallest, params)
-        if params > target_params:
-            continue
-        feasible += 1
-        sens = sum(c[0] for c in combo)
-        choice, ranks = tuple(c[2] for c in combo), tuple(c[3] for c in combo)
-        if len(ranked) < 5 or (sens, params) < ranked[-1][:2]:
-            label = tuple(o if r == "dense" else f"{o}+{r}" for o, r in zip(choice, ranks, strict=True))
-            ranked = sorted([*ranked, (sens, params, label)])[:5]
-        key = (sens, params, choice, ranks)
-        if best is None or key < best:
-            best = key
-    if best is None:
-        raise PlanError(
-            f"no conversion fits {target_params:,} params: the smallest possible is {smallest:,} "
-            "(every section shared as far as the search goes). Raise the target, or prune as well"
-        )
-    sens, expected, choice, ranks = best
+            if o != "plain" or r == "dense"  # plain shares the unshared convs too: nothing left to factorise
+        ]
+        for k in range(1, n + 1)
+    ]
+    plain_able = [k for k in range(1, n + 1) if "plain" in share[k - 1]]
+    need = mix.params_before - target_params
+    solutions: list[Solution[tuple[str, str]]] = []
+    most_saved = 0
+    for size in range(len(plain_able) + 1):
+        for secs in itertools.combinations(plain_able, size):
+            p = compose(mix, plain, ["plain" if k in secs else "free" for k in range(1, n + 1)])
+            extra = p.saved_params - p.scale_params  # the shared master kernel's exact saving
+            classes = [
+                [c for c in per_section[k - 1] if (c.label[0] == "plain") == (k in secs)] for k in range(1, n + 1)
+            ]
+            most_saved = max(most_saved, extra + sum(max((c.saved for c in cl), default=0) for cl in classes))
+            solutions += [Solution(f.labels, f.saved + extra, f.cost) for f in front(classes, need - extra)]
+    if not solutions:
+        raise PlanError(_floor_message(mix, target_params, mix.params_before - most_saved, fixed))
+    solutions.sort(key=lambda f: (f.cost, -f.saved, f.labels))
+    ranked = [
+        (tuple(o if r == "dense" else f"{o}+{r}" for o, r in f.labels), mix.params_before - f.saved, f.cost)
+        for f in solutions[:5]
+    ]
+    best = solutions[0]
+    choice, ranks = tuple(o for o, _ in best.labels), tuple(r for _, r in best.labels)
+    sens, expected, feasible = best.cost, mix.params_before - best.saved, len(solutions)
     p = compose(mix, plain, choice, ranks=ranks)
     if p.params_after != expected:  # the additive arithmetic and the composed plan must agree exactly
         raise PlanError(
@@ -472,7 +525,7 @@ def pick(
             p = trial
     section_sens = {k: by[k, choice[k - 1]].sensitivity + cost(k, ranks[k - 1])[0] for k in range(1, n + 1)}
     p, grown = _grow(p, target_params, section_sens)
-    top = tuple((c, m, s) for s, m, c in ranked)
+    top = tuple(ranked)
     rank_out = ranks if any(len(opts) > 1 for opts in rank_opts) else ()
     return BudgetResult(
         p,

@@ -73,6 +73,61 @@ class TinyVGG(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
+class VGGHead(nn.Module):
+    """torchvision's VGG in miniature: single convs at 16x16 and 8x8 (no mix group there), two at 4x4,
+    and a classifier of three Linears (32*2*2 -> 64 -> 64 -> classes) holding most parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 3
+        for c in (8, "M", 16, "M", 32, 32, "M"):
+            if c == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            layers += [nn.Conv2d(cin, int(c), 3, padding=1), nn.BatchNorm2d(int(c)), nn.ReLU()]
+            cin = int(c)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(32 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class MLPBlock(nn.Module):
+    """A ConvNeXt block in its Linear form: depthwise 3x3, channels-last LayerNorm, Linear MLP, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, 2 * c)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        return x + self.fc2(self.act(self.fc1(y))).permute(0, 3, 1, 2)
+
+
+class TinyMixer(nn.Module):
+    """stem 3->8 | two MLP blocks at 16x16 | 8->16 stride 2 | two MLP blocks at 8x8 | pool | Linear head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stage1 = nn.Sequential(MLPBlock(8), MLPBlock(8))
+        self.down = nn.Conv2d(8, 16, 2, stride=2)
+        self.stage2 = nn.Sequential(MLPBlock(16), MLPBlock(16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
 class Untraceable(nn.Module):
     """Data-dependent control flow inside a submodule: fx cannot trace it."""
 

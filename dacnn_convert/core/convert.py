@@ -13,7 +13,8 @@ from torch import nn
 
 from ..errors import PlanError, UsageError
 from .fitting import FITS, fit_activations, fit_bank, input_moments
-from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, Regulator
+from .graph import ConvSite
+from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, AnchoredLinear, Regulator
 from .plan import Group, Plan
 
 PLAN_ATTR = "dacnn_plan"
@@ -33,17 +34,26 @@ class Conversion:
     fit_energy: dict[str, float] = field(default_factory=dict)  # bank -> captured (whitened) energy
 
 
+def whitenable(site: ConvSite) -> bool:
+    """Can a data-aware fit whiten this layer's inputs? Dense, numeric zero padding, and patches of at
+    most :data:`WHITEN_MAX_DIM` values (a VGG head's 25,088 inputs would need a 5 GB moment matrix)."""
+    return (
+        site.groups == 1
+        and site.padding_mode == "zeros"
+        and not isinstance(site.padding, str)
+        and site.weight_numel // site.out_channels <= WHITEN_MAX_DIM
+    )
+
+
 def _act_ready(plan: Plan, group: Group) -> bool:
     """Groups whose members' inputs can be unfolded into patches for the data-aware fit."""
     sites = [plan.site(m) for m in group.members]
     shape = sites[0].weight_shape if group.kind == "bank" else tuple(group.shape)
-    return all(
-        s.weight_shape == shape and s.groups == 1 and s.padding_mode == "zeros" and not isinstance(s.padding, str)
-        for s in sites
-    )
+    return all(s.weight_shape == shape and whitenable(s) for s in sites)
 
 
 MOMENT_BYTES = 1 << 30  # float64 input moments held at once; more groups take another calibration pass
+WHITEN_MAX_DIM = 8192  # patch length above which a layer is fitted in weight space (its d x d moments: 512 MB)
 
 
 def _chunks(plan: Plan, groups: list[Group], limit: int = MOMENT_BYTES) -> list[list[Group]]:
@@ -113,15 +123,29 @@ def convert(
     members = [originals.get(m) for g in plan.groups for m in g.members]
     # Members are replaced right away: do not copy their kernels (saves memory and time) —
     # unless the student must run before every group is converted (sequential fit).
-    memo = {} if sequential else {id(m.weight): nn.Parameter(torch.empty(0)) for m in members if type(m) is nn.Conv2d}
+    memo = (
+        {}
+        if sequential
+        else {
+            id(m.weight): nn.Parameter(torch.empty(0))
+            for m in members
+            if isinstance(m, nn.Conv2d | nn.Linear) and type(m) in (nn.Conv2d, nn.Linear)
+        }
+    )
     student = copy.deepcopy(model, memo)
     modules = dict(student.named_modules())
     for s in plan.sites:
-        conv = originals.get(s.name)
-        if type(conv) is not nn.Conv2d or tuple(conv.weight.shape) != s.weight_shape:
+        layer: Any = originals.get(s.name)
+        kind, shape = (nn.Linear, s.weight_shape[:2]) if s.layer == "linear" else (nn.Conv2d, s.weight_shape)
+        if layer is None or type(layer) is not kind or tuple(layer.weight.shape) != shape:
             raise PlanError(
-                f"the plan expects nn.Conv2d {s.name} of shape {s.weight_shape}, the model has "
-                f"{type(conv).__name__ if conv is not None else 'nothing'} there; was the plan made for this model?"
+                f"the plan expects nn.{kind.__name__} {s.name} of shape {shape}, the model has "
+                f"{type(layer).__name__ if layer is not None else 'nothing'} there; was the plan made for this model?"
+            )
+    for g in plan.groups:
+        if g.kind != "bank" and any(plan.site(m).layer == "linear" for m in g.members):
+            raise PlanError(
+                f"group {g.name!r} slices one kernel for Linears; Linears share by banks (kind 'bank') only"
             )
     if hasattr(student, BANK_NAME):
         raise PlanError("the model is already anchored; convert the original model instead")
@@ -152,8 +176,12 @@ def convert(
             ready = data_aware and _act_ready(plan, g) and all(m in found for m in g.members)
             use = [found[m] for m in g.members] if ready else None
             if data_aware and use is None:
+                sites = [plan.site(m) for m in g.members]
                 why = (
-                    "members differ in shape or padding"
+                    f"inputs of {sites[0].weight_numel // sites[0].out_channels:,} values, above the "
+                    f"{WHITEN_MAX_DIM:,} whose moments are collected"
+                    if any(s.weight_numel // s.out_channels > WHITEN_MAX_DIM for s in sites)
+                    else "members differ in shape or padding"
                     if not _act_ready(plan, g)
                     else "no input moments for its members"
                 )
@@ -227,7 +255,8 @@ def _convert_bank(
     """Fit one filter bank (whitened SVD) and swap its members for banked :class:`AnchoredConv2d`."""
     originals, bank, plan, init, conversion = swap.originals, swap.bank, swap.plan, swap.init, swap.conversion
     student = conversion.model
-    weights = [cast(nn.Conv2d, originals[m]).weight.detach().float().cpu() for m in g.members]
+    # a Linear's (out, in) weight is the (out, in, 1, 1) kernel of the 1x1 conv it is
+    weights = [kernel_of(originals[m]).detach().float().cpu() for m in g.members]
     fit = None
     if init not in ("none", "random"):
         if moments is not None and sequential:
@@ -245,13 +274,25 @@ def _convert_bank(
     regs = {r.host: r for r in plan.regulators}
     for i, name in enumerate(g.members):
         old: nn.Conv2d = originals[name]  # type: ignore[assignment]
-        new = _anchored(bank, g, plan.site(name), plan, regs.get(name)).to(old.weight.device)
+        site = plan.site(name)
+        new: AnchoredLinear | AnchoredConv2d = (
+            AnchoredLinear(bank, g.name, site.in_channels, site.out_channels, g.rank, site.bias)
+            if site.layer == "linear"
+            else _anchored(bank, g, site, plan, regs.get(name))
+        ).to(old.weight.device)
         with torch.no_grad():
+            coeff = cast(torch.Tensor, cast(nn.Module, new.coeff).weight)
             if fit is not None:
-                new.coeff.weight.copy_(fit.coefficients[i].view_as(new.coeff.weight))  # type: ignore[union-attr]
-            if old.bias is not None:
-                new.bias.copy_(old.bias.detach())  # type: ignore[union-attr]
+                coeff.copy_(fit.coefficients[i].view_as(coeff))
+            if old.bias is not None and new.bias is not None:
+                new.bias.copy_(old.bias.detach())
         _set(student, name, new)
+
+
+def kernel_of(layer: nn.Module) -> torch.Tensor:
+    """A conv's kernel, or a Linear's weight as the (out, in, 1, 1) kernel of its 1x1 conv."""
+    w = cast(nn.Conv2d, layer).weight
+    return w[:, :, None, None] if isinstance(layer, nn.Linear) else w
 
 
 def _seq_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:

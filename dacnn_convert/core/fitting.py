@@ -169,7 +169,9 @@ def _als(
     return anchor, [a / s[: a.shape[0]] for a in scales]
 
 
-def _patches(m: torch.nn.Conv2d, x: torch.Tensor, rows: int | None = None, seed: int = 0) -> torch.Tensor:
+def _patches(
+    m: torch.nn.Conv2d | torch.nn.Linear, x: torch.Tensor, rows: int | None = None, seed: int = 0
+) -> torch.Tensor:
     """The (N*L, K) matrix of input patches a conv multiplies by its flattened kernel.
 
     With ``rows``, at most that many output positions, drawn without replacement (seeded), are
@@ -178,6 +180,12 @@ def _patches(m: torch.nn.Conv2d, x: torch.Tensor, rows: int | None = None, seed:
     """
     import torch.nn.functional as F
 
+    if isinstance(m, torch.nn.Linear):  # a 1x1 conv over its positions: each position is a patch
+        flat = x.float().reshape(-1, m.in_features)
+        if rows is None or flat.shape[0] <= rows:
+            return flat
+        idx = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:rows].to(x.device)
+        return flat[idx]
     assert not isinstance(m.padding, str), "callers pass convs with numeric padding (_act_ready)"
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
     n, _, h, w = x.shape
@@ -233,9 +241,12 @@ def input_moments(
     sums: dict[str, list[torch.Tensor]] = {}
     calls: dict[tuple[str, bool], int] = {}
 
-    def sample(name: str, m: torch.nn.Conv2d, x: torch.Tensor, side: bool) -> torch.Tensor:
+    def sample(name: str, m: torch.nn.Conv2d | torch.nn.Linear, x: torch.Tensor, side: bool) -> torch.Tensor:
         i = calls[name, side] = calls.get((name, side), -1) + 1
-        d = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        if isinstance(m, torch.nn.Linear):
+            d = m.in_features
+        else:
+            d = m.in_channels // m.groups * math.prod(m.kernel_size)
         rows = max_rows if max_rows is not None else max(8192, 2 * d)
         return _patches(m, x, rows, seed=i * 7919 + names.index(name))
 
@@ -363,6 +374,49 @@ def _top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     evals, vecs = torch.linalg.eigh(a.T @ a)
     v = vecs[:, -k:].flip(1)
     return a @ v, v.T * 1.0, evals.flip(0).clamp_min(0).sqrt()
+
+
+@dataclass(frozen=True)
+class BankSpectrum:
+    """How much of each member's kernel energy the leading k components of its group capture, for every k.
+
+    ``captured[l, j]`` is the energy of member l's kernel along the j-th principal direction of the
+    stacked kernels (the SVD's, leading first), ``norms[l]`` its total energy. The weight-space fit
+    of a bank of k filters (:func:`fit_bank` without moments) leaves member l the relative error
+    sqrt(1 - sum_{j<k} captured[l, j] / norms[l]): one decomposition prices every bank size.
+    """
+
+    captured: torch.Tensor  # (members, components), float64
+    norms: torch.Tensor  # (members,), float64
+
+    def errors(self, k: int) -> list[float]:
+        """Per member, the relative weight error of the best bank of ``k`` filters."""
+        kept = self.captured[:, :k].sum(1)
+        rel = (1 - kept / self.norms.clamp_min(1e-300)).clamp(0, 1).sqrt()
+        return [float(e) if n > 0 else 0.0 for e, n in zip(rel, self.norms, strict=True)]
+
+
+def bank_spectrum(weights: list[torch.Tensor]) -> BankSpectrum:
+    """The :class:`BankSpectrum` of ``weights``, from the smaller Gram matrix of the stacked kernels.
+
+    For scoring, not fitting: the Gram product runs in the weights' float32 (a VGG head's
+    4096 x 25088 matrix would take 822 MB more in float64), the decomposition in float64; one
+    member needs the eigenvalues only (its energy along component j is sigma_j^2).
+    """
+    m = torch.cat([w.reshape(w.shape[0], -1).float() for w in weights])
+    rows, cols = m.shape
+    gram = (m @ m.T if rows <= cols else m.T @ m).double()
+    norms = torch.stack([w.double().pow(2).sum() for w in weights])
+    if len(weights) == 1:
+        return BankSpectrum(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)[None, :], norms)
+    offsets = [0, *itertools.accumulate(w.shape[0] for w in weights)]
+    evals, vecs = torch.linalg.eigh(gram)
+    if rows <= cols:  # M = U S V^T: member l's rows keep sum_j s_j^2 |U_lj|^2 along component j
+        energy = vecs.flip(1).pow(2) * evals.flip(0).clamp_min(0)[None, :]
+    else:  # project each member's rows on the leading right singular vectors
+        energy = (m.double() @ vecs.flip(1)).pow(2)
+    captured = torch.stack([energy[lo:hi].sum(0) for lo, hi in itertools.pairwise(offsets)])
+    return BankSpectrum(captured, norms)
 
 
 def fit_bank(

@@ -1,7 +1,8 @@
-"""Graph analysis: trace a model with torch.fx, propagate shapes, describe every conv.
+"""Graph analysis: trace a model with torch.fx, propagate shapes, describe every conv and linear.
 
-The result is plain data (:class:`ConvSite` per ``nn.Conv2d``) that planning groups
-into anchored kernels. Nothing here changes the model: the traced GraphModule
+The result is plain data (:class:`ConvSite` per exact ``nn.Conv2d`` or ``nn.Linear``; a Linear
+is described as the 1x1 conv it is over its positions) that planning groups into anchored
+kernels and banks. Nothing here changes the model: the traced GraphModule
 shares the model's submodules and is thrown away.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -47,6 +49,10 @@ class ConvSite:
     bn: str | None  # BatchNorm2d that alone consumes the output (fold target), if any
     reused: bool  # the module is called more than once (already shared): left alone
     fed_by_input: bool  # consumes the network input directly (the paper's expansion layer)
+    # "conv", or "linear" for an nn.Linear described as a 1x1 conv over its positions: in_size and
+    # out_size are then the positions it is applied at ((1, 1) for a classifier on pooled features,
+    # (H, W) for a channels-last MLP), so an MLP lands in its stage's section and a head in its own
+    layer: str = "conv"
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
@@ -60,7 +66,16 @@ class ConvSite:
     @property
     def config(self) -> tuple[Any, ...]:
         """What must be identical for two convs to share one kernel in ``mix`` mode."""
-        return (self.weight_shape, self.stride, self.padding, self.dilation, self.groups, self.bias, self.padding_mode)
+        return (
+            self.weight_shape,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias,
+            self.padding_mode,
+            self.layer,
+        )
 
     @property
     def macs(self) -> int:
@@ -93,7 +108,7 @@ class _Tracer(fx.Tracer):
             pass
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) is nn.Conv2d or isinstance(m, self.extra_leaves):
+        if type(m) in (nn.Conv2d, nn.Linear) or isinstance(m, self.extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -161,7 +176,10 @@ def analyze(
     input_size: tuple[int, int, int],
     leaf_modules: Sequence[type[nn.Module]] = (),
 ) -> list[ConvSite]:
-    """Describe every exact ``nn.Conv2d`` that the forward pass calls, in execution order.
+    """Describe every exact ``nn.Conv2d`` and ``nn.Linear`` that the forward pass calls, in execution order.
+
+    Subclasses (timm's ``Conv2dSame``, ``NonDynamicallyQuantizableLinear`` inside attention) are
+    not described: their forward differs from the base class's.
 
     Args:
         model: any fx-traceable module; it is run once in eval mode on zeros of shape
@@ -202,22 +220,34 @@ def _sites(gm: fx.GraphModule, model: nn.Module) -> list[ConvSite]:
     blocks = {(_stack_paths(n) or [""])[-1] for n in nodes if _is_skip_add(n)}
     blocks.discard("")
     conv_nodes = [n for n in nodes if n.op == "call_module" and type(modules.get(n.target)) is nn.Conv2d]
-    block_of = {n: next((p for p in reversed(_stack_paths(n)[:-1]) if p in blocks), None) for n in conv_nodes}
+    layer_nodes = [n for n in nodes if n.op == "call_module" and type(modules.get(n.target)) in (nn.Conv2d, nn.Linear)]
+    block_of = {n: next((p for p in reversed(_stack_paths(n)[:-1]) if p in blocks), None) for n in layer_nodes}
     depth = _conv_depths(nodes, conv_nodes, block_of)
-    fed = _fed_by_input(nodes, set(conv_nodes))
+    fed = _fed_by_input(nodes, set(layer_nodes))
 
     sites = []
-    for order, n in enumerate(conv_nodes):
-        conv = modules[n.target]
-        assert isinstance(conv, nn.Conv2d)
-        in_meta = n.args[0].meta.get("tensor_meta") if isinstance(n.args[0], fx.Node) else None
+    for order, n in enumerate(layer_nodes):
+        in_meta = n.args[0].meta.get("tensor_meta") if n.args and isinstance(n.args[0], fx.Node) else None
         out_meta = n.meta.get("tensor_meta")
-        if in_meta is None or out_meta is None:
+        if in_meta is None or out_meta is None or not hasattr(in_meta, "shape"):
             continue  # not reached by shape propagation
+        layer = modules[n.target]
+        common = dict(
+            name=str(n.target),
+            order=order,
+            block=block_of[n],
+            depth_in_block=depth.get(n, 1),
+            reused=calls[n.target] > 1,
+            fed_by_input=n in fed,
+        )
+        if isinstance(layer, nn.Linear):
+            sites.append(_linear_site(layer, tuple(in_meta.shape), common))
+            continue
+        conv = layer
+        assert isinstance(conv, nn.Conv2d)
         padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
         sites.append(
             ConvSite(
-                name=str(n.target),
                 in_channels=conv.in_channels,
                 out_channels=conv.out_channels,
                 kernel_size=_pair(conv.kernel_size),
@@ -229,15 +259,40 @@ def _sites(gm: fx.GraphModule, model: nn.Module) -> list[ConvSite]:
                 padding_mode=conv.padding_mode,
                 in_size=(int(in_meta.shape[2]), int(in_meta.shape[3])),
                 out_size=(int(out_meta.shape[2]), int(out_meta.shape[3])),
-                order=order,
-                block=block_of[n],
-                depth_in_block=depth[n],
                 bn=_following_bn(n, modules, calls),
-                reused=calls[n.target] > 1,
-                fed_by_input=n in fed,
+                **common,  # type: ignore[arg-type]
             )
         )
     return sites
+
+
+def _positions(shape: tuple[int, ...]) -> tuple[int, int]:
+    """Where a Linear applies, as (H, W): (1, 1) on (N, C), (L, 1) on (N, L, C), (H, W) on (N, H, W, C)."""
+    inner = [int(d) for d in shape[1:-1]]
+    if len(inner) == 2:
+        return (inner[0], inner[1])
+    return (math.prod(inner), 1)
+
+
+def _linear_site(layer: nn.Linear, in_shape: tuple[int, ...], common: dict[str, Any]) -> ConvSite:
+    """An nn.Linear as the 1x1 conv it is over its positions."""
+    where = _positions(in_shape)
+    return ConvSite(
+        in_channels=layer.in_features,
+        out_channels=layer.out_features,
+        kernel_size=(1, 1),
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        groups=1,
+        bias=layer.bias is not None,
+        padding_mode="zeros",
+        in_size=where,
+        out_size=where,
+        bn=None,
+        layer="linear",
+        **common,
+    )
 
 
 def _conv_depths(nodes: Iterable[fx.Node], conv_nodes: list[fx.Node], block_of: dict) -> dict[fx.Node, int]:

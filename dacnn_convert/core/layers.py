@@ -49,6 +49,28 @@ class Regulator(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+def _merged(module: AnchoredConv2d | AnchoredLinear, full: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
+    """``module.weight`` (coefficients x bank), cached on the module until either tensor changes.
+
+    Keyed on both tensors' storage and version counters, dtype and device, and always merged
+    outside autocast in the parameters' own dtype: a kernel merged under bf16 autocast and
+    reused in fp32 crashed every bank model on bf16 hardware (issue 23). Autocast still casts
+    the merged kernel per call, as it does any layer's weight. Never in ``state_dict`` or on disk.
+    """
+    key = (full.data_ptr(), full._version, coeff.data_ptr(), coeff._version, full.dtype, full.device)
+    cached = module.__dict__.get("_dense")
+    if cached is None or cached[0] != key:
+        with torch.autocast(full.device.type, enabled=False):
+            merged = module.weight.to(full.dtype).contiguous()
+        module.__dict__["_dense"] = cached = (key, merged)
+    return cached[1]
+
+
+def _inference() -> bool:
+    """No autograd and no tracing, scripting, export or compilation: caches may be used."""
+    return not (torch.is_grad_enabled() or torch.jit.is_scripting() or _exporting())
+
+
 def _exporting() -> bool:
     """True inside torch.jit tracing, ONNX export or torch.compile, where no cache may be used."""
     compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
@@ -157,25 +179,8 @@ class AnchoredConv2d(nn.Module):
         full = getattr(self._bank, self.anchor)
         coeff = self.coeff
         assert coeff is not None, "only banked convs (with coefficients) take this path"
-        inference = not (self.training or torch.is_grad_enabled() or torch.jit.is_scripting() or _exporting())
-        if inference and self.merged_is_cheaper:
-            # Keyed on the tensors' versions, dtype and device, and always merged outside autocast in
-            # the parameters' own dtype: a kernel merged under bf16 autocast and reused in fp32 crashed
-            # (issue 23). Autocast still casts the merged kernel per call, as it does a conv's weight.
-            key = (
-                full.data_ptr(),
-                full._version,
-                coeff.weight.data_ptr(),
-                coeff.weight._version,
-                full.dtype,
-                full.device,
-            )
-            cached = self.__dict__.get("_dense")
-            if cached is None or cached[0] != key:
-                with torch.autocast(full.device.type, enabled=False):
-                    merged = self.weight.to(full.dtype).contiguous()
-                self.__dict__["_dense"] = cached = (key, merged)
-            return self._conv(x, cached[1])
+        if not self.training and _inference() and self.merged_is_cheaper:
+            return self._conv(x, _merged(self, full, coeff.weight))
         return coeff(self._conv(x, full))
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -210,4 +215,53 @@ class AnchoredConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"anchor={self.anchor!r}" + (f", bank={self.coeff.in_channels}" if self.coeff is not None else "")
+        )
+
+
+class AnchoredLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is ``coeff @ B``: B (k x in_features) is a bank held by an
+    :class:`AnchorBank` and shared by the same-shape Linears of a stage (Basis Sharing), ``coeff``
+    its own ``nn.Linear(k, out_features)``; one member is a low-rank factorisation.
+
+    The bank is stored as (k, in_features, 1, 1), the shape of a 1x1 conv bank, so plans, fits and
+    exports treat Linears as the 1x1 convs they are over their positions. Computes
+    ``coeff(x B^T) + bias`` on inputs of any leading shape, or in eval mode without autograd the
+    merged (cached) weight when that costs fewer MACs. Keeps nn.Linear's attribute names.
+    """
+
+    def __init__(
+        self, bank: AnchorBank, anchor: str, in_features: int, out_features: int, rank: int, bias: bool
+    ) -> None:
+        super().__init__()
+        object.__setattr__(self, "_bank", bank)  # registered once, at the root
+        self.anchor = anchor
+        self.in_features, self.out_features = in_features, out_features
+        self.coeff = nn.Linear(rank, out_features, bias=False)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The shared bank as a (k, in_features) matrix (a view)."""
+        return getattr(self._bank, self.anchor).flatten(1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (out_features, in_features) matrix this layer applies: ``coeff @ B``."""
+        return self.coeff.weight @ self.basis
+
+    @property
+    def merged_is_cheaper(self) -> bool:
+        k = self.coeff.in_features
+        return self.out_features * self.in_features <= k * (self.in_features + self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full = getattr(self._bank, self.anchor)
+        if not self.training and _inference() and self.merged_is_cheaper:
+            return F.linear(x, _merged(self, full, self.coeff.weight), self.bias)
+        return F.linear(F.linear(x, full.flatten(1)), self.coeff.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, anchor={self.anchor!r}, "
+            f"bank={self.coeff.in_features}"
         )

@@ -93,8 +93,10 @@ class Plan:
         """
         names = []
         for res in self.sections:
-            last = max((s for s in self.sites if s.out_size == tuple(res)), key=lambda s: s.order)
-            names.append(last.bn or last.name)
+            convs = [s for s in self.sites if s.out_size == tuple(res) and s.layer == "conv"]
+            if convs:  # a section of Linears alone (a classifier head) is no stage
+                last = max(convs, key=lambda s: s.order)
+                names.append(last.bn or last.name)
         return names
 
     # -- arithmetic ------------------------------------------------------------

@@ -60,7 +60,8 @@ RegulatorStyleName = Literal["adapter", "paper"]
 
 
 def _candidates(sites: list[ConvSite]) -> list[ConvSite]:
-    return [s for s in sites if not s.reused]
+    """Convs a mode may group: the paper's modes share conv kernels; Linears enter by banks and low rank."""
+    return [s for s in sites if not s.reused and s.layer == "conv"]
 
 
 def _by_key(sites: list[ConvSite], key: Callable[[ConvSite], Any]) -> list[list[ConvSite]]:
@@ -77,7 +78,18 @@ def _mix(sites: list[ConvSite]) -> list[list[ConvSite]]:
 
 @register_mode("bank")
 def _bank(sites: list[ConvSite]) -> list[list[ConvSite]]:
-    return _mix(sites)  # the same groups; make_plan turns them into banks
+    return _mix(sites) + linear_groups(sites)  # make_plan turns them into banks
+
+
+def linear_groups(sites: Sequence[ConvSite]) -> list[list[ConvSite]]:
+    """Linears that can share a bank: two or more of one shape, bias and positions (Basis Sharing).
+
+    The MLPs of a ConvNeXt stage (fc1s with fc1s, fc2s with fc2s); a classifier's Linears differ in
+    shape and are factorised one by one instead. Only banks share Linears: a sliced anchor would
+    need every member's full output, which is what a bank's coefficients give.
+    """
+    linears = [s for s in sites if s.layer == "linear" and not s.reused and not s.fed_by_input]
+    return _by_key(linears, lambda s: (s.out_size, s.weight_shape, s.bias))
 
 
 @register_mode("sharesnet")
@@ -166,8 +178,8 @@ def make_plan(
             (``0.25``), or per section (``"1:1.0,2:0.5,4:0.125"``, ``{1: 1.0, 4: 0.125}``);
             sections given no size stay free.
         factorize_unshared: rank (an integer, or a fraction of C_out) of a low-rank
-            factorisation for every conv that shares with nothing in ``mode`` (not the
-            conv fed by the image); None keeps them dense.
+            factorisation for every conv and nn.Linear that shares with nothing in ``mode`` (not
+            the layer fed by the image); None keeps them dense.
 
     Raises:
         UsageError: unknown mode, init, style, a regulator or bank section out of range,
@@ -179,10 +191,12 @@ def make_plan(
     regulator_style = cast(RegulatorStyleName, choose("regulator style", regulator_style, REGULATOR_STYLES))
     sites = analyze(model, input_size, leaf_modules)
     notes: list[str] = []
-    if not sites:
+    if not any(s.layer == "conv" for s in sites) and factorize_unshared is None:
+        linears = sum(s.layer == "linear" for s in sites)
         raise PlanError(
             f"{type(model).__name__} has no nn.Conv2d in its traced forward pass: nothing to anchor "
             "(convs inside leaf modules and subclasses such as timm's Conv2dSame are not converted)"
+            + (f"; its {linears} nn.Linear layer(s) can be factorised with «factorize-unshared»" if linears else "")
         )
     _refuse_tied_convs(model, sites)
     groups_sites = MODES[mode](sites)
@@ -320,7 +334,7 @@ def _place_regulators(
     anchored = {m for g in groups if len(g.members) > 1 for m in g.members}  # not low-rank single convs
     hosts: dict[str, ConvSite] = {}
     for s in sites:  # execution order: a later conv in the same block replaces the earlier host
-        if s.name not in anchored or section_of.get(s.out_size) not in chosen:
+        if s.name not in anchored or s.layer != "conv" or section_of.get(s.out_size) not in chosen:
             continue
         if style == "adapter" and not _one_by_one_fits(s):
             notes.append(f"no adapter regulator on {s.name}: a 1x1 conv cannot match its output size")

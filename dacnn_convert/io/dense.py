@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..core.convert import PLAN_ATTR
-from ..core.layers import BANK_NAME, AnchoredConv2d
+from ..core.layers import BANK_NAME, AnchoredConv2d, AnchoredLinear
 from ..core.modes import mode
 from ..errors import DacnnError
 from .sources import with_module_versions
@@ -61,6 +61,11 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     plan = getattr(model, PLAN_ATTR, None)
     bn_after = {s.name: s.bn for s in plan.sites} if plan is not None else {}
     for name, m in model.named_modules():
+        if isinstance(m, AnchoredLinear):  # back to a stock nn.Linear: the merged (out, in) weight
+            for key in [k for k in state if k.startswith(f"{name}.coeff.")]:
+                del state[key]
+            state[f"{name}.weight"] = m.weight.detach().clone().contiguous()
+            continue
         if not isinstance(m, AnchoredConv2d):
             continue
         prefix = f"{name}."

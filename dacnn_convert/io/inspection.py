@@ -112,11 +112,11 @@ def _inspect_safetensors(path: Path) -> Inspection:
 
 def _architecture_sharing(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
     """(anchor tensor, shape, member convs) read from a built model's anchored convs."""
-    from ..core.layers import BANK_NAME, AnchoredConv2d
+    from ..core.layers import BANK_NAME, AnchoredConv2d, AnchoredLinear
 
     users: dict[str, list[str]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, AnchoredConv2d):
+        if isinstance(m, AnchoredConv2d | AnchoredLinear):
             users.setdefault(m.anchor, []).append(name)
     bank = getattr(model, BANK_NAME)
     return [(f"{BANK_NAME}.{a}", tuple(getattr(bank, a).shape), tuple(u)) for a, u in users.items()]

@@ -1,0 +1,145 @@
+"""nn.Linear layers are first-class (issue 22): low-rank heads, banks shared by same-shape MLP Linears,
+exact arithmetic, one key per basis, files, exports and the planner on a VGG-style classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dacnn_convert import convert, count_params, export_onnx, inspect_file, load, plan, save
+from dacnn_convert.budget import search
+from dacnn_convert.core.layers import AnchoredLinear
+from dacnn_convert.core.report import count_macs
+from dacnn_convert.errors import PlanError
+from dacnn_convert.io.dense import export_dense
+
+from .models import TinyMixer, VGGHead
+
+SIZE = (3, 16, 16)
+
+
+def _x(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, *SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def test_same_shape_linears_of_a_stage_share_one_bank_and_full_rank_is_exact() -> None:
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    # fc1 (16x8) pairs: rank <= 8 = C_in; fc2 (8x16) pairs: rank <= 16 = 2 x C_out
+    p = plan(model, mode="bank", bank_size=2.0, input_size=SIZE)  # fractions of C_out, clamped per group
+    linear = {g.members: g.shape for g in p.groups}
+    assert linear[("stage1.0.fc1", "stage1.1.fc1")] == (8, 8, 1, 1)  # 2.0 x 16 clamped to the 8 the pair can use
+    assert linear[("stage1.0.fc2", "stage1.1.fc2")] == (16, 16, 1, 1)  # 2.0 x 8 = 16 = C_in
+    assert linear[("stage2.0.fc2", "stage2.1.fc2")] == (32, 32, 1, 1)
+    student = convert(model, p).model.eval()
+    assert isinstance(student.stage1[0].fc1, AnchoredLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(student(_x()), model(_x()), atol=1e-4, rtol=1e-4)  # full rank reproduces
+
+
+def test_plan_arithmetic_is_the_built_model_and_each_basis_is_one_key() -> None:
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    p = plan(model, mode="bank", bank_size=0.5, factorize_unshared=0.5, input_size=SIZE)
+    student = convert(model, p).model
+    # stage 2's fc2 pair (16x32 each): k = 8, 8*32 + 2*16*8 = 512 instead of 2*512
+    assert p.group_params(next(g for g in p.groups if g.members[0] == "stage2.0.fc2")) == 512
+    assert count_params(student) == p.params_after < count_params(model)
+    keys = set(student.state_dict())
+    before = set(model.state_dict())
+    members = {m for g in p.groups for m in g.members}
+    assert keys - before == {f"dacnn_anchors.{g.name}" for g in p.groups} | {f"{m}.coeff.weight" for m in members}
+    assert before - keys == {f"{m}.weight" for m in members}  # biases stay where they were
+
+
+def test_a_low_rank_head_cuts_params_and_macs_and_exports_to_stock_linears(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = VGGHead().eval()
+    p = plan(model, mode="none", factorize_unshared=8, input_size=SIZE)
+    heads = {g.members[0]: g.rank for g in p.groups if p.site(g.members[0]).layer == "linear"}
+    assert heads == {"classifier.0": 8, "classifier.2": 8, "classifier.4": 8}
+    student = convert(model, p).model.eval()
+    assert count_params(student) == p.params_after
+    # classifier.0: 64x128 -> 8*(128 + 64): MACs fall by the same 8192 - 1536 (the merged path is dearer)
+    assert count_macs(model, SIZE) - count_macs(student, SIZE) >= 8192 - 1536
+    export = export_dense(student, tmp_path / "dense.safetensors", VGGHead(), SIZE)
+    assert export.max_abs_diff is not None and export.max_abs_diff < 1e-5
+
+
+def test_linear_banks_round_trip_through_files_and_int8(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    student = convert(model, plan(model, mode="bank", bank_size=0.5, factorize_unshared=4, input_size=SIZE)).model
+    student.eval()
+    x = _x()
+    with torch.no_grad():
+        ref = student(x)
+        back = load(save(student, tmp_path / "m.safetensors"), model=TinyMixer()).eval()
+        torch.testing.assert_close(back(x), ref)
+        low = load(save(student, tmp_path / "q.safetensors", dtype="int8"), model=TinyMixer()).eval()
+        assert (low(x) - ref).abs().max() < 0.1 * ref.abs().max()
+    info = inspect_file(tmp_path / "m.safetensors")
+    assert info.params == count_params(student)
+    assert {name: len(users) for name, _, users in info.shared}["dacnn_anchors.g0_s1_bank8x8x1x1"] == 2
+
+
+def test_onnx_stores_each_linear_basis_once(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    student = convert(model, plan(model, mode="bank", bank_size=0.5, input_size=SIZE)).model.eval()
+    result = export_onnx(student, tmp_path / "m.onnx", SIZE)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    info = inspect_file(result.path)
+    assert info.params == count_params(student)  # the initialisers hold each basis once
+    assert {name: len(users) for name, _, users in info.shared} == {
+        f"dacnn_anchors.{g.name}": 2 for g in student.dacnn_plan.groups
+    }
+
+
+def test_data_aware_fit_of_a_linear_bank_beats_the_weight_fit_on_its_data() -> None:
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    with torch.no_grad():  # inputs with one dominant direction: whitening should follow it
+        for blk in (*model.stage1, *model.stage2):
+            blk.norm.weight.mul_(torch.linspace(0.1, 3.0, blk.norm.weight.numel()))
+    batches = [(torch.randn(8, *SIZE), None) for _ in range(3)]
+    p = plan(model, mode="bank", bank_size="1:3,2:4", input_size=SIZE)
+    weight_fit = convert(model, p, init="fit").model.eval()
+    act_fit = convert(model, p, init="act", calib_loader=batches, calib_batches=3).model.eval()
+    with torch.no_grad():
+        ref = torch.cat([model(x) for x, _ in batches])
+        err_w = (torch.cat([weight_fit(x) for x, _ in batches]) - ref).pow(2).mean()
+        err_a = (torch.cat([act_fit(x) for x, _ in batches]) - ref).pow(2).mean()
+    assert err_a < err_w
+
+
+def test_a_linear_bank_under_bf16_autocast_then_fp32() -> None:
+    torch.manual_seed(0)
+    model = TinyMixer().eval()
+    student = convert(model, plan(model, mode="bank", bank_size=1.0, input_size=SIZE)).model.eval()
+    assert any(isinstance(m, AnchoredLinear) and m.merged_is_cheaper for m in student.modules())
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student(_x())
+        assert student(_x()).dtype == torch.float32
+
+
+def test_the_planner_reaches_a_quarter_of_a_vgg_style_net_by_factorising_its_head() -> None:
+    torch.manual_seed(0)
+    model = VGGHead().eval()
+    total = count_params(model)
+    result = search(model, total // 4, SIZE)
+    assert result.plan.params_after <= total // 4
+    assert any(result.plan.site(g.members[0]).layer == "linear" for g in result.plan.groups)
+    assert count_params(convert(model, result.plan).model) == result.plan.params_after
+    with pytest.raises(PlanError, match=r"smallest possible is [\d,]+ .*BatchNorm"):
+        search(model, 100, SIZE)
+
+
+def test_a_model_with_only_linears_says_what_can_be_done() -> None:
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 10))
+    with pytest.raises(PlanError, match="no nn.Conv2d.*2 nn.Linear layer.*factorize.unshared"):
+        plan(mlp, input_size=SIZE)
+    p = plan(mlp, mode="none", factorize_unshared=4, input_size=SIZE)
+    assert [g.members for g in p.groups] == [("3",)]  # the first is fed by the image and stays dense
