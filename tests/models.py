@@ -128,6 +128,27 @@ class TinyMixer(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class DepthwiseStage(nn.Module):
+    """Section 1 (16x16): a stem conv and two depthwise convs; section 2 (8x8): three dense 3x3 convs."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw1 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.dw2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.body = nn.Sequential(
+            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        )
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(self.dw2(self.dw1(self.stem(x)))).mean((2, 3)))
+
+
+def depthwise_stage(num_classes: int = 10) -> nn.Module:
+    return DepthwiseStage(num_classes)
+
+
 class Untraceable(nn.Module):
     """Data-dependent control flow inside a submodule: fx cannot trace it."""
 

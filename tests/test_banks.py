@@ -352,3 +352,20 @@ def test_lowrank_and_bank_bench_methods_fit_the_budget() -> None:
         assert out.params == count_params(out.model) <= target
         assert out.params >= 0.8 * target, (name, out.params)  # uses the budget, not a token fraction of it
     assert "rank fraction" in get_method("lowrank").compress(model, target, Context(SIZE)).notes
+
+
+def test_a_bank_size_for_a_section_of_depthwise_convs_is_one_usage_error(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from dacnn_convert.cli import app
+
+    from .models import DepthwiseStage
+
+    with pytest.raises(UsageError, match=r"section 1 holds only grouped or depthwise convs \(dw1, groups=8"):
+        plan(DepthwiseStage(), mode="bank", bank_size="1:0.5", input_size=SIZE)
+    assert len(plan(DepthwiseStage(), mode="bank", bank_size=0.5, input_size=SIZE).groups) == 1  # a default skips it
+    out = tmp_path / "out"
+    args = ["convert", "tests.models:depthwise_stage", "--weights", "none", "--input-size", "16"]
+    result = CliRunner().invoke(app, [*args, "--mode", "bank", "--bank-size", "1:0.5", "--out", str(out)])
+    assert result.exit_code == 2 and "depthwise" in result.output and "Traceback" not in result.output
+    assert not out.exists()

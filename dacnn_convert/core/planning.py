@@ -253,6 +253,16 @@ def _banks(
 ) -> list[Group]:
     """A bank :class:`Group` per share group whose section has a size."""
     check_sections(spec, len(section_of))  # every section holds a group: sections are where groups are
+    for k in spec.sections():
+        here = [members for members in groups_sites if section_of[members[0].out_size] == k]
+        if spec.value(k) is not None and not any(bankable(m) for m in here):
+            first = here[0][0]
+            raise UsageError(
+                f"bank size: section {k} holds only grouped or depthwise convs ({first.name}, groups="
+                f"{first.groups}, and {sum(len(m) for m in here) - 1} other(s)), which a bank cannot share: "
+                "a bank's filters span every input channel. They stay free (or share one kernel in mode mix); "
+                f"leave section {k} out of «bank-size»"
+            )
     out: list[Group] = []
     for members in groups_sites:
         section = section_of[members[0].out_size]
