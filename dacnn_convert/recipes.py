@@ -235,6 +235,31 @@ def _build(data: dict[str, Any], where: str) -> Recipe:
         raise RecipeError(f"{where}: {marked(exc)}") from None
 
 
+def user_code(model: str | None) -> str | None:
+    """The ``package.module:factory`` a model source names, or None for a built-in source
+    (torchvision names, ``timm:``, ``hf-hub:``, ``dacnn:``): importing it runs the user's code."""
+    if model is None or ":" not in model or model.startswith(("timm:", "hf-hub:", "dacnn:")):
+        return None
+    return model
+
+
+def check_recipe_code(recipe: Recipe, path: str | Path, named: str | None) -> None:
+    """A recipe may name user code only when the command line names the same model.
+
+    A recipe is data: reading one must never import a module from the working folder or the
+    path (docs/reliability.md, Security). The model named on the command line is the consent.
+
+    Raises:
+        UsageError: the recipe names ``package.module:factory`` and ``named`` is another model or None.
+    """
+    code = user_code(recipe.model)
+    if code is not None and named != code:
+        raise UsageError(
+            f"{path} names user code as its model ({code}); code is imported only when named on the "
+            f"command line: give {code} as the MODEL (or --model) to run it"
+        )
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read a recipe file.
 

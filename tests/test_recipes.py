@@ -28,10 +28,13 @@ def test_every_option_of_a_run_command_is_a_recipe_field_of_the_same_name(comman
 def test_a_recipe_sets_a_size_target_and_flags_override_it(tmp_path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tests.models:tiny_resnet\nweights: none\ninput_size: '16'\ntarget_params: 5K\n")
-    planned = RUNNER.invoke(app, ["convert", "--recipe", str(recipe), "--dry-run"])
+    # the recipe names user code: the command line names it too (a recipe alone never imports code)
+    planned = RUNNER.invoke(app, ["convert", "tests.models:tiny_resnet", "--recipe", str(recipe), "--dry-run"])
     assert planned.exit_code == 0, planned.output
     assert "mode budget" in planned.output  # the recipe's target made it a budget search
-    by_flag = RUNNER.invoke(app, ["convert", "--recipe", str(recipe), "--dry-run", "--target-params", "8K"])
+    by_flag = RUNNER.invoke(
+        app, ["convert", "tests.models:tiny_resnet", "--recipe", str(recipe), "--dry-run", "--target-params", "8K"]
+    )
     assert by_flag.exit_code == 0, by_flag.output
 
     def after(output: str) -> int:

@@ -70,7 +70,7 @@ def recipe_from_command(ctx: typer.Context, task: str, path: Path | None = None)
     Raises:
         RecipeError: the file is unreadable or invalid; UsageError: a recipe of another task.
     """
-    from ..recipes import Recipe, load_recipe
+    from ..recipes import Recipe, check_recipe_code, load_recipe
 
     rec = load_recipe(path) if path is not None else Recipe(task=task)
     if rec.task != task:
@@ -78,6 +78,8 @@ def recipe_from_command(ctx: typer.Context, task: str, path: Path | None = None)
         raise UsageError(f"{path} is a {rec.task!r} recipe: run it with `{how}`")
     # by name: typer vendors its own click, whose ParameterSource is not click's
     given = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
+    if path is not None:  # before anything is built: a recipe alone never imports code
+        check_recipe_code(rec, path, ctx.params.get("model") if "model" in given else None)
     fields = set(vars(rec))
     changes: dict[str, Any] = {}
     for key, value in ctx.params.items():

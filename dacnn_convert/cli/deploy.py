@@ -11,8 +11,8 @@ from rich.table import Table
 from ..errors import DacnnError, UsageError, write_failed
 from ..recipes import parse_input_size
 from .common import console, fail, load_checkpoint, source_of
-from .guards import check_input_size
-from .options import Dtype, DtypeOpt, ExportFormat, SizeOpt, SkelOpt
+from .guards import check_input_size, check_output_file
+from .options import Dtype, DtypeOpt, ExportFormat, FileOverwriteOpt, SizeOpt, SkelOpt
 
 
 def export_command(
@@ -44,6 +44,7 @@ def export_command(
     dynamic_spatial: Annotated[
         bool, typer.Option(help="ONNX: leave height and width free, not only the batch")
     ] = False,
+    overwrite: FileOverwriteOpt = False,
 ) -> None:
     """Export a saved model keeping each anchored kernel stored once."""
     import torch
@@ -73,6 +74,7 @@ def export_command(
             "dense": ".dense.safetensors",
         }
         out = out or checkpoint.with_name(checkpoint.name.split(".")[0] + f"-{dtype.value}" + suffix[format.value])
+        check_output_file(out, (checkpoint,), overwrite)  # before any work: never the input, nothing unasked
         if format is ExportFormat.dense:
             _export_dense(checkpoint, model, out, size, dtype.value, model_source)
             return

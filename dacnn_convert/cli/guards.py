@@ -42,31 +42,108 @@ RUN_FILES = (
     "bench.json",
     "bench.md",
 )
+# Also written into a run's folder (model card, resolved recipe, tables, plots, result): a command
+# never writes over one of these unless --overwrite is given (`--out .` held the user's README.md).
+ALSO_WRITTEN = ("README.md", "recipe.yaml", "result.json", "bench.csv", "bench.png", "tb")
+LOCK = ".dacnn.lock"  # held by the run writing into a folder: a second run there is refused
 
 
 def check_fresh_output(out: Path, resume: bool = False, overwrite: bool = False, inputs: tuple[Any, ...] = ()) -> None:
-    """Refuse to write over a finished run or over this command's own inputs unless asked.
+    """Refuse to write over a finished run, a file the run would replace, or this command's own inputs.
 
     ``--resume`` continues the run there; ``--overwrite`` replaces it (its files are removed
     first, so nothing of the old run is mixed into the new one, e.g. appended metrics).
 
     Raises:
-        UsageError: ``out`` holds a run and neither flag was given, or an input file would be
-            overwritten (never allowed: choose another --out).
+        UsageError: ``out`` holds a run or a file the run writes and neither flag was given, or
+            an input file would be overwritten (never allowed, not even with --overwrite).
     """
     for given in inputs:
         path = Path(given) if isinstance(given, str | Path) else None
-        if path is not None and path.is_file() and path.parent.resolve() == out.resolve() and path.name in RUN_FILES:
-            raise UsageError(f"--out {out} would overwrite this command's own input {path}; choose another --out")
+        if path is not None and path.is_file() and path.parent.resolve() == out.resolve():
+            if path.name in RUN_FILES or path.name in ALSO_WRITTEN:
+                raise UsageError(f"--out {out} would overwrite this command's own input {path}; choose another --out")
     found = [name for name in RUN_FILES if (out / name).exists()]
-    if not found or resume:
+    others = [name for name in ALSO_WRITTEN if (out / name).exists()]
+    if resume or (not found and not others):
         return
     if not overwrite:
-        raise UsageError(
-            f"{out} already holds a run ({', '.join(found)}); continue it with --resume, or replace it with --overwrite"
-        )
-    for name in found:
-        (out / name).unlink()
+        what = f"already holds a run ({', '.join(found)})" if found else f"already holds {', '.join(others)}"
+        hint = "continue it with --resume, or replace it with --overwrite" if found else "replace with --overwrite"
+        raise UsageError(f"{out} {what}, which this command would write over; {hint} (or choose another --out)")
+    for name in [*found, *others]:
+        target = out / name
+        if target.is_dir():
+            import shutil
+
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+def check_output_file(out: Path, inputs: tuple[Any, ...] = (), overwrite: bool = False) -> None:
+    """A single-file output (an export, a plot) may not replace an input, and replaces nothing else unasked.
+
+    Raises:
+        UsageError: ``out`` is a folder; ``out`` is one of the command's inputs (never allowed, not
+            even with --overwrite); ``out`` exists and --overwrite was not given.
+    """
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give the file to write, e.g. {out / 'model.onnx'}")
+    for given in inputs:
+        path = Path(given) if isinstance(given, str | Path) else None
+        if path is not None and path.exists() and out.exists() and out.resolve() == path.resolve():
+            raise UsageError(f"--out {out} is this command's own input; choose another file")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; replace it with --overwrite, or choose another --out")
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.dacnn.lock`` while a run writes there; a second run into the same folder is refused.
+
+    A lock left by a process that no longer exists (a killed run) is taken over.
+
+    Raises:
+        UsageError: another live run holds the folder (its process id and command are named).
+    """
+    import os
+    import sys
+
+    lock = out / LOCK
+    text = f"{os.getpid()} {' '.join(sys.argv)[:300]}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = lock.read_text(errors="replace").strip() if lock.is_file() else ""
+            pid = int(held.split()[0]) if held.split() and held.split()[0].isdigit() else 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise UsageError(
+                    f"{out} is being written by another run (process {pid}: {held.partition(' ')[2] or '?'}); "
+                    "wait for it, or choose another --out"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -82,10 +159,13 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
 
     existed = out is None or out.exists()
     try:
-        if out is not None:
-            check_fresh_output(out, data.resume if data else False, data.overwrite if data else False, inputs)
+        if out is None:
+            yield
+        else:
             check_writable(out)
-        yield
+            with folder_lock(out):
+                check_fresh_output(out, data.resume if data else False, data.overwrite if data else False, inputs)
+                yield
     except BaseException as exc:
         if out is not None and not existed and out.is_dir() and not (out / "state.pt").is_file():
             shutil.rmtree(out, ignore_errors=True)

@@ -227,6 +227,11 @@ OverwriteOpt = Annotated[
 ]
 
 
+FileOverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="replace --out if it exists (never this command's own input)")
+]
+
+
 CkptOpt = Annotated[int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)")]
 
 

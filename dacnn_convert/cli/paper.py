@@ -57,12 +57,20 @@ def recipe_run(
     weights: Annotated[str | None, typer.Option(help="override the weights: DEFAULT, none or a PATH")] = None,
     device: Annotated[str | None, typer.Option(help="override the device: " + DEVICE_HELP)] = None,
     overwrite: OverwriteOpt = False,
+    model: Annotated[
+        str | None,
+        typer.Option(help="override the model; a recipe naming user code (pkg.mod:factory) runs only when named here"),
+    ] = None,
 ) -> None:
     """Run a recipe: train (paper rows) or convert + distil; writes recipe.yaml and result.json."""
-    from ..recipes import load_recipe
+    from ..recipes import check_recipe_code, load_recipe
 
     try:
-        r = load_recipe(recipe).override(
+        loaded = load_recipe(recipe)
+        if loaded.task != "bench":  # a bench recipe is refused first (run_recipe names dacnn bench)
+            check_recipe_code(loaded, recipe, model)
+        r = loaded.override(
+            model=model,
             epochs=epochs,
             dataset=dataset,
             precision=precision,

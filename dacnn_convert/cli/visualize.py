@@ -10,8 +10,8 @@ import typer
 from ..errors import DacnnError
 from ..recipes import parse_input_size
 from .common import console, fail, load_checkpoint
-from .guards import output_guard
-from .options import SizeOpt, SkelOpt
+from .guards import check_output_file, output_guard
+from .options import FileOverwriteOpt, SizeOpt, SkelOpt
 
 
 def visualize_command(
@@ -24,11 +24,13 @@ def visualize_command(
     input_size: SizeOpt = None,
     out: Annotated[Path, typer.Option(help="the PNG grid to write")] = Path("filters.png"),
     model_source: SkelOpt = None,
+    overwrite: FileOverwriteOpt = False,
 ) -> None:
     """Images that excite chosen filters most, by gradient ascent on the input (paper section 4.3)."""
     from ..visualize import visualize_filters
 
     try:
+        check_output_file(out, (checkpoint,), overwrite)
         if Path(checkpoint).suffix == ".safetensors":
             model = load_checkpoint(Path(checkpoint), model_source)
         else:

@@ -1,0 +1,143 @@
+"""Reliability round 3 (issue 23): no file overwritten unasked, a folder written by one run at a time.
+
+Rows 69-76 of docs/reliability.md. Each checks the exit code, one line, and that no existing
+file changed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dacnn_convert import anchor, save
+from dacnn_convert.cli import app
+from dacnn_convert.cli.guards import LOCK
+
+from .models import TinyResNet
+
+runner = CliRunner()
+SOURCE = ["--model", "tests.models:tiny_resnet"]
+
+
+@pytest.fixture()
+def checkpoint(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    return save(anchor(TinyResNet(), mode="mix", input_size=(3, 16, 16)), tmp_path / "m.safetensors")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _one_error(output: str) -> None:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert "Traceback" not in output and sum(line.startswith("error:") for line in lines) == 1, output
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_export_never_writes_over_its_own_input(checkpoint: Path, extra: list[str]) -> None:
+    before = _snapshot(checkpoint.parent)
+    args = ["export", str(checkpoint), "--format", "safetensors", "--dtype", "int8", "--out", str(checkpoint)]
+    result = runner.invoke(app, [*args, *SOURCE, *extra])
+    assert result.exit_code == 2 and "own input" in result.output, result.output
+    _one_error(result.output)
+    assert _snapshot(checkpoint.parent) == before  # the fp32 checkpoint was not replaced by its int8 copy
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite(checkpoint: Path, tmp_path: Path) -> None:
+    other = tmp_path / "notes.onnx"
+    other.write_text("not ours")
+    args = ["export", str(checkpoint), "--format", "torchscript", "--out", str(other), *SOURCE]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--overwrite" in result.output, result.output
+    _one_error(result.output)
+    assert other.read_text() == "not ours"
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert other.read_bytes()[:2] == b"PK"  # a TorchScript archive now
+
+
+def test_export_to_a_folder_is_one_line(checkpoint: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", str(checkpoint), "--out", str(tmp_path), *SOURCE])
+    assert result.exit_code == 2 and "is a folder" in result.output, result.output
+    _one_error(result.output)
+
+
+def test_a_conversion_into_a_folder_with_a_readme_does_not_replace_it(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text("# my project\n")
+    before = _snapshot(tmp_path)
+    args = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "README.md" in result.output and "--overwrite" in result.output, result.output
+    _one_error(result.output)
+    assert _snapshot(tmp_path) == before
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / LOCK).exists()
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK).write_text(f"{holder.pid} dacnn-convert resnet18 --out {out}")
+        args = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--out", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and f"process {holder.pid}" in result.output, result.output
+        _one_error(result.output)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]  # the first run's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # its process is gone: the lock is stale and taken over
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and not (out / LOCK).exists()
+
+
+def test_a_lock_of_this_very_process_is_not_mistaken_for_another_run(tmp_path: Path) -> None:
+    (tmp_path / LOCK).write_text(f"{os.getpid()} leftover")
+    args = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--out", str(tmp_path)]
+    assert runner.invoke(app, args).exit_code == 0
+
+
+@pytest.fixture()
+def evil_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A recipe naming a module in the working folder whose import writes a marker file."""
+    (tmp_path / "evilmod.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('pwned').write_text('ran')\n"
+        "from tests.models import tiny_resnet as make\n"
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("task: convert\nmodel: evilmod:make\nweights: none\ninput_size: '16'\nmode: mix\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))  # tests.models stays importable
+    return recipe
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        lambda r: (app, ["convert", "--recipe", str(r), "--dry-run"]),
+        lambda r: (app, ["recipe", "run", str(r)]),
+        lambda r: (app, ["convert", "--recipe", str(r)]),
+        lambda r: (app, ["recipe", "run", str(r), "--model", "resnet18"]),
+    ],
+)
+def test_a_recipe_alone_never_imports_user_code(evil_recipe: Path, command) -> None:
+    cli, args = command(evil_recipe)
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 2 and "user code" in result.output and "evilmod:make" in result.output, result.output
+    _one_error(result.output)
+    assert not (evil_recipe.parent / "pwned").exists()
+
+
+def test_a_recipe_naming_user_code_runs_when_the_command_line_names_it_too(evil_recipe: Path) -> None:
+    result = runner.invoke(app, ["convert", "evilmod:make", "--recipe", str(evil_recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert (evil_recipe.parent / "pwned").exists()  # consented: the name was given on the command line
