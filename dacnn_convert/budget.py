@@ -1,13 +1,14 @@
 """Budget-targeted anchoring: choose, per section, what to share so the model fits a size.
 
     model ─► mix and plain plans ─► per section: free | mix | plain | bank:f, and a rank for the
-    convs that share with nothing (dense | lr:f), each scored ─► exhaustive search (Pareto-pruned)
+    convs that share with nothing (dense | lr:f), each scored ─► exact multiple-choice knapsack
     for the lowest summed sensitivity with params <= target ─► regulators with the budget left,
     worst-scored sections first ─► banks and low-rank convs grown into what is left ─► one Plan
 
 ``bank:f`` gives each share group of the section a bank of f x C_out filters
 (:mod:`dacnn_convert.core.banks`); ``lr:f`` factorises the section's unshared convs (stride-2 first
-convs, downsample 1x1s) at rank f x C_out. The grids are :data:`BANK_GRID` and :data:`RANK_GRID`.
+convs, downsample 1x1s, Linears) at rank f x min(C_out, C_in x kh x kw). The grids are :data:`BANK_GRID` and
+:data:`RANK_GRID`.
 
 Costs are exact plan arithmetic (no model is built). Sensitivity is measured per section
 with only that section converted:
@@ -305,8 +306,7 @@ def search(
             ``anchor`` (free / mix / plain and regulators only, as before banks existed).
 
     Raises:
-        PlanError: no conversion fits the budget (the smallest possible is named), or the
-            model has more sections than the exhaustive search takes.
+        PlanError: no conversion fits the budget (the smallest possible and what holds it are named).
         UsageError: ``kl`` without data, or an unknown metric or space.
     """
     metric = metric or ("kl" if calib_loader is not None else "fit")
@@ -347,15 +347,16 @@ def every_resolution(mix: Plan) -> Plan:
 def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
     """What no option of the search shrinks, by kind, in parameters (for the floor's message)."""
     described = {s.name for s in mix.sites}
-    linear = sum(  # Linears the plan does not describe: subclasses such as attention's out_proj
-        m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in described
-    )
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and n not in described]
+    uncalled = sum(m.weight.numel() for _, m in layers if type(m) in (nn.Linear, nn.Conv2d))
+    subclass = sum(m.weight.numel() for _, m in layers if type(m) not in (nn.Linear, nn.Conv2d))
     stem = sum(s.weight_numel for s in mix.sites if s.fed_by_input)
     grouped = sum(s.weight_numel for s in mix.sites if s.groups > 1 and not s.fed_by_input)
-    other = mix.params_before - mix.conv_params_before - linear
+    other = mix.params_before - mix.conv_params_before - uncalled - subclass
     parts = (
-        ("Linear subclasses (attention projections)", linear),
-        ("BatchNorm, biases and other non-conv parameters", other),
+        ("layers the eval forward pass never calls (auxiliary heads, unused branches)", uncalled),
+        ("Linear and conv subclasses (attention projections, timm's Conv2dSame)", subclass),
+        ("BatchNorm, biases and other parameters", other),
         ("the layer(s) fed by the image", stem),
         ("grouped and depthwise convs (shared by mix only)", grouped),
     )
