@@ -236,22 +236,26 @@ def compose(
 def _fit_score(model: nn.Module, plan: Plan, spectra: dict[tuple[str, ...], Any] | None = None) -> float:
     """Kernel energy the plan's fits cannot represent, as a fraction of all kernel parameters.
 
-    Banks and low-rank layers are priced from one eigendecomposition per group, kept in
-    ``spectra`` across candidates (every bank size of a group reuses it; the fit is the same
-    weight-space SVD); a plan with anchors is converted and its fit errors read.
+    The weight-space fits are computed on the kernels alone, exactly as :func:`convert` computes
+    them, without copying the model (a VGG's copy is 0.5 GB per candidate). Banks and low-rank
+    layers are priced from one eigendecomposition per group, kept in ``spectra`` across
+    candidates: every bank size of a group reuses it (the fit is the same weight-space SVD).
     """
-    from .core.convert import convert, kernel_of
-    from .core.fitting import bank_spectrum
+    from .core.convert import kernel_of
+    from .core.fitting import FITS, bank_spectrum
 
-    if spectra is not None and all(g.kind == "bank" for g in plan.groups):
-        modules = dict(model.named_modules())
-        errors = {}
-        for g in plan.groups:
+    spectra = {} if spectra is None else spectra
+    modules = dict(model.named_modules())
+    errors: dict[str, dict[str, float]] = {}
+    for g in plan.groups:
+        weights = [kernel_of(modules[m]).detach().float().cpu() for m in g.members]
+        if g.kind == "bank":
             if g.members not in spectra:
-                spectra[g.members] = bank_spectrum([kernel_of(modules[m]).detach().float().cpu() for m in g.members])
-            errors[g.name] = dict(zip(g.members, spectra[g.members].errors(g.rank), strict=True))
-    else:
-        errors = convert(model, replace(plan, init="fit")).fit_errors
+                spectra[g.members] = bank_spectrum(weights)
+            found = spectra[g.members].errors(g.rank)
+        else:
+            found = FITS.get_or_raise("fit")(weights, g.shape).errors
+        errors[g.name] = dict(zip(g.members, found, strict=True))
     total = max(plan.conv_params_before, 1)
     return sum(err**2 * plan.site(m).weight_numel for g in errors.values() for m, err in g.items()) / total
 
@@ -354,7 +358,11 @@ def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
     grouped = sum(s.weight_numel for s in mix.sites if s.groups > 1 and not s.fed_by_input)
     other = mix.params_before - mix.conv_params_before - uncalled - subclass
     parts = (
-        ("layers the eval forward pass never calls (auxiliary heads, unused branches)", uncalled),
+        (
+            "layers the traced forward pass does not call as modules "
+            "(auxiliary heads; attention weights used functionally)",
+            uncalled,
+        ),
         ("Linear and conv subclasses (attention projections, timm's Conv2dSame)", subclass),
         ("BatchNorm, biases and other parameters", other),
         ("the layer(s) fed by the image", stem),
@@ -601,6 +609,11 @@ def resolve_target(
     if not given[0] > 0:
         raise UsageError(f"the target must be positive, got {given[0]}")
     if target_ratio is not None:
+        if not target_ratio > 1:
+            raise UsageError(
+                f"«target-ratio» is how many times smaller the model gets and must be > 1, got {target_ratio} "
+                "(a ratio of 4 keeps a quarter of the parameters)"
+            )
         return int(params_before / target_ratio)
     if target_bytes is not None:
         return int(target_bytes // bytes_per_param)

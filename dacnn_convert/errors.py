@@ -97,6 +97,10 @@ class OutputError(DacnnError):
     """An output file or folder cannot be written (not writable, disk full)."""
 
 
+class NonFiniteOutputError(DacnnError):
+    """A model's outputs are NaN or infinite: no accuracy or difference computed from them is reported."""
+
+
 class RecipeError(UsageError):
     """A recipe file has unknown keys, wrong types or values out of range."""
 

@@ -14,6 +14,8 @@ from .core.modes import mode
 from .errors import UsageError
 from .train.precision import autocast, resolve_precision
 
+MAX_BATCH = 4096  # the largest batch timed: larger ones only fill memory (issue 23: 100,000 hung)
+
 
 @dataclass(frozen=True)
 class LatencyRow:
@@ -49,6 +51,11 @@ def compare_latency(
     """
     from .train.device import device_of, resolve_device
 
+    if batch > MAX_BATCH:
+        raise UsageError(
+            f"latency at «batch» {batch:,} would allocate {batch:,} inputs at once; at most {MAX_BATCH:,} "
+            "(throughput beyond that scales linearly: time a smaller batch)"
+        )
     if batch < 1 or repeats < 1 or warmup < 0:
         raise UsageError(
             f"latency needs «batch» >= 1 and «repeats» >= 1 (got batch {batch}, repeats {repeats}, warmup {warmup})"

@@ -28,7 +28,8 @@ SOURCE = ["--model", "tests.models:tiny_resnet"]
 @pytest.fixture()
 def checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    return save(anchor(TinyResNet(), mode="mix", input_size=(3, 16, 16)), tmp_path / "m.safetensors")
+    model = anchor(TinyResNet(), mode="mix", input_size=(3, 16, 16))
+    return save(model, tmp_path / "m.safetensors", source="tests.models:tiny_resnet")
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -141,3 +142,54 @@ def test_a_recipe_naming_user_code_runs_when_the_command_line_names_it_too(evil_
     result = runner.invoke(app, ["convert", "evilmod:make", "--recipe", str(evil_recipe), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert (evil_recipe.parent / "pwned").exists()  # consented: the name was given on the command line
+
+
+def test_a_model_with_nan_outputs_gets_no_accuracy(tmp_path: Path) -> None:
+    from dacnn_convert.errors import NonFiniteOutputError
+    from dacnn_convert.train import make_loaders
+    from dacnn_convert.train.evaluation import evaluate
+
+    model = TinyResNet().eval()
+    with torch.no_grad():
+        model.bn1.running_var.fill_(-1.0)  # a tampered checkpoint: sqrt of a negative variance
+    with pytest.raises(NonFiniteOutputError, match="NaN or infinite on batch 0"):
+        evaluate(model, make_loaders("synthetic", batch_size=8, input_size=16).val, "fp32", 1)
+    path = save(model, tmp_path / "nan.safetensors")
+    args = ["eval", str(path), "--dataset", "synthetic", "--input-size", "16", "--limit-batches", "1", *SOURCE]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "NaN" in result.output and "top-1" not in result.output, result.output
+    _one_error(result.output)
+
+
+def test_an_empty_evaluation_set_is_no_accuracy() -> None:
+    from dacnn_convert.errors import UsageError
+    from dacnn_convert.train.evaluation import evaluate
+
+    with pytest.raises(UsageError, match="yielded no examples"):
+        evaluate(TinyResNet(), [], "fp32")
+
+
+def test_eval_says_how_many_images_it_scored(checkpoint: Path) -> None:
+    args = ["eval", str(checkpoint), "--dataset", "synthetic", "--input-size", "16", "--limit-batches", "1", *SOURCE]
+    result = runner.invoke(app, [*args, "--batch-size", "16"])
+    assert result.exit_code == 0 and " synthetic validation images" in result.output, result.output
+    seen = int(result.output.split(" on ")[1].split()[0].replace(",", ""))
+    assert seen >= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["plan", "tests.models:tiny_resnet", "--weights", "none", "--target-ratio", "0.5"], "must be > 1"),
+        (
+            ["plan", "tests.models:tiny_resnet", "--weights", "none", "--mode", "bank", "--bank-size", "0.5,0.25"],
+            "two sizes for every",
+        ),
+        (["latency", "CKPT", "--batch", "100000", *SOURCE], "at most 4,096"),
+    ],
+)
+def test_numbers_that_would_lie_are_refused_in_one_line(checkpoint: Path, args: list[str], text: str) -> None:
+    args = [str(checkpoint) if a == "CKPT" else a for a in args]
+    result = runner.invoke(app, [*args, "--input-size", "16"])
+    assert result.exit_code == 2 and text in result.output, result.output
+    _one_error(result.output)

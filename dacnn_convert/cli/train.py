@@ -124,7 +124,7 @@ def eval_command(
     """Top-1 accuracy of a saved model (anchored or not) on a dataset's validation split."""
     from ..core.report import count_params
     from ..io.sources import input_config
-    from ..train import evaluate
+    from ..train.evaluation import evaluate_counts
 
     try:
         data = DataOptions(dataset, batch_size=batch_size, download=download, device=device)
@@ -134,7 +134,7 @@ def eval_command(
         loaders = data.loaders(size, preprocess)
         net = net.to(data.torch_device())
         outputs = check_input_size(net, size)
-        acc = evaluate(net, loaders.val, precision, limit_batches)
+        acc, seen = evaluate_counts(net, loaders.val, precision, limit_batches)
     except DacnnError as exc:
         raise fail(exc) from None
     if outputs != loaders.num_classes:
@@ -144,4 +144,7 @@ def eval_command(
             highlight=False,
             soft_wrap=True,
         )
-    console.print(f"{checkpoint}: top-1 {100 * acc:.2f}% on {dataset} ({count_params(net):,} unique params)")
+    console.print(
+        f"{checkpoint}: top-1 {100 * acc:.2f}% on {seen:,} {dataset} validation images "
+        f"({count_params(net):,} unique params)"
+    )

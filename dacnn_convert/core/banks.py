@@ -89,9 +89,16 @@ def parse_bank_size(value: BankSize, what: str = "bank size") -> BankSpec:
         check_value(value, what)
         return BankSpec(value)
     default: BankValue | None = None
+    seen_default = False
     per: dict[int, BankValue | None] = {}
     for item in (i for i in value.split(",") if i.strip()):
         if ":" not in item:
+            if seen_default:
+                raise UsageError(
+                    f"{what}: two sizes for every section in {value!r}; give one default and per-section "
+                    "sizes as SECTION:SIZE, e.g. 0.5,4:0.25"
+                )
+            seen_default = True
             default = parse_value(item, what)
             continue
         sec, _, v = item.partition(":")

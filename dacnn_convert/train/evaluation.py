@@ -8,11 +8,25 @@ import torch
 from torch import nn
 
 from ..core.modes import mode
+from ..errors import NonFiniteOutputError, UsageError
 from .precision import autocast, resolve_precision
 
 
 def evaluate(model: nn.Module, batches: Iterable, precision: str = "auto", limit_batches: int | None = None) -> float:
-    """Top-1 accuracy (fraction) of ``model`` in eval mode; its train/eval mode is restored."""
+    """Top-1 accuracy (fraction) of ``model`` in eval mode; its train/eval mode is restored.
+
+    Raises:
+        NonFiniteOutputError: an output is NaN or infinite (damaged weights, e.g. a negative BN
+            variance): argmax over NaN would still "score" a class, so no accuracy is returned.
+        UsageError: ``batches`` yields nothing (an accuracy of an empty set is no number).
+    """
+    return evaluate_counts(model, batches, precision, limit_batches)[0]
+
+
+def evaluate_counts(
+    model: nn.Module, batches: Iterable, precision: str = "auto", limit_batches: int | None = None
+) -> tuple[float, int]:
+    """Top-1 accuracy and the number of examples it was measured on (see :func:`evaluate`)."""
     device = next(model.parameters()).device
     precision = resolve_precision(precision, device)
     correct = total = 0
@@ -20,10 +34,17 @@ def evaluate(model: nn.Module, batches: Iterable, precision: str = "auto", limit
         for i, (x, y) in enumerate(batches):
             if limit_batches is not None and i >= limit_batches:
                 break
-            pred = model(to_device(x, device)).argmax(dim=1)
-            correct += int((pred.cpu() == y).sum())
+            out = model(to_device(x, device))
+            if not bool(torch.isfinite(out).all()):
+                raise NonFiniteOutputError(
+                    f"the model's outputs are NaN or infinite on batch {i} (of {len(y)} examples): its weights "
+                    "are damaged (e.g. a negative BatchNorm variance or an overflow); no accuracy is reported"
+                )
+            correct += int((out.argmax(dim=1).cpu() == y).sum())
             total += len(y)
-    return correct / max(total, 1)
+    if total == 0:
+        raise UsageError("the evaluation data yielded no examples: an accuracy needs at least one batch")
+    return correct / total, total
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
