@@ -48,6 +48,7 @@ from .core.plan import Group, Plan, RegulatorSpec
 from .core.planning import bank_group, linear_groups, make_plan
 from .defaults import default_init
 from .errors import PlanError, UsageError, choose, render
+from .validate import inputs_of
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
 BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)  # bank filters as a fraction of C_out
@@ -393,10 +394,10 @@ def calibration_reference(
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     with mode(model), torch.no_grad():
-        for i, (x, *_) in enumerate(calib_loader):
+        for i, batch in enumerate(calib_loader):
             if i >= calib_batches:
                 break
-            x = x.to(device)
+            x = inputs_of(batch).to(device)
             batches.append(x)
             reference.append(F.log_softmax(model(x), 1))
     return batches, reference

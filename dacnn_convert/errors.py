@@ -137,6 +137,8 @@ def choose(kind: str, value: str, choices: Iterable[str]) -> str:
         UsageError: ``value`` is not one of ``choices``; the message lists them and the closest match.
     """
     options = list(choices)
+    if not isinstance(value, str):
+        raise UsageError(f"{kind} must be one of: {', '.join(options)} (a string), got {value!r}")
     if value in options:
         return options[options.index(value)]
     raise UsageError(f"unknown {kind} {value!r}; expected one of: {', '.join(options)}.{suggest(value, options)}")

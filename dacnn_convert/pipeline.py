@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from . import validate
 from .atomic import atomic_write_text
 from .budget import resolve_target, search
 from .core.banks import BankSize, BankValue
@@ -28,7 +29,7 @@ from .core.plan import Plan, count_params
 from .core.planning import InitName, ModeName, RegulatorStyleName, make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
 from .defaults import default_init
-from .errors import UsageError
+from .errors import UsageError, choose
 from .io.checkpoint import save
 from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
 from .train.calibrate import CALIBRATE_BATCHES
@@ -66,6 +67,11 @@ def plan(
     Raises:
         UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
     """
+    _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
+    target_params = validate.optional_integer("target-params", target_params, 1)
+    target_bytes = validate.optional_integer("target-bytes", target_bytes, 1)
+    target_ratio = validate.optional_number("target-ratio", target_ratio)
+    regulators = validate.regulators(regulators)
     init = default_init(init, calib_loader is not None)
     if target_params is None and target_ratio is None and target_bytes is None:
         return make_plan(
@@ -86,6 +92,20 @@ def plan(
 
 
 _plan = plan  # compress() takes a ``plan`` argument
+
+
+def _check_plan_args(
+    model: Any, regulators: Any, input_size: Any, calib_loader: Any, calib_batches: Any, bank_size: Any
+) -> None:
+    """The checks plan() and anchor() share, before any work."""
+    validate.module("model", model)
+    validate.regulators(regulators)
+    if input_size is not None:
+        validate.input_size(input_size)
+    if calib_loader is not None:
+        validate.loader("calib-loader", calib_loader)
+    validate.integer("calib-batches", calib_batches, 0)
+    validate.bank_size(bank_size)
 
 
 @dataclass
@@ -145,8 +165,10 @@ def input_size_of(batches: Iterable | None, default: tuple[int, int, int] = DEFA
     """(C, H, W) of the first batch of ``batches`` (images or (images, labels)); ``default`` without data."""
     if batches is None:
         return default
-    batch = next(iter(batches))
-    x = batch[0] if isinstance(batch, list | tuple) else batch
+    batch = next(iter(batches), None)
+    if batch is None:
+        raise UsageError("«calib-loader» yielded no batches: give at least one batch of images")
+    x = validate.inputs_of(batch)
     if x.dim() != 4:
         raise UsageError(f"calibration batches must hold images of shape (N, C, H, W), got {tuple(x.shape)}")
     return tuple(x.shape[1:])  # type: ignore[return-value]
@@ -209,8 +231,10 @@ def anchor(
         UsageError: an argument is outside its allowed values.
         TraceError, PlanError: the model cannot be traced, run or converted (or nothing fits the target).
     """
+    _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
     init = default_init(init, calib_loader is not None)
-    size = input_size or input_size_of(calib_loader)
+    found = input_size_of(calib_loader)  # also refuses an empty loader or batches that are not images
+    size = input_size or found
     p = _plan(
         model,
         mode,
@@ -295,6 +319,19 @@ def compress(
         )
     if plan is not None and plan_options:
         raise UsageError(f"give either plan= or plan options ({', '.join(sorted(plan_options))}), not both")
+    validate.module("teacher", teacher)
+    validate.loader("train-loader", train_loader)
+    validate.loader("val-loader", val_loader)
+    if plan is not None and not isinstance(plan, Plan):
+        raise UsageError(f"«plan» must be a Plan from dacnn_convert.plan(), got {type(plan).__name__}")
+    if config is not None and not isinstance(config, TrainConfig):
+        raise UsageError(f"«config» must be a TrainConfig, got {type(config).__name__}")
+    validate.integer("calibrate-batches", calibrate_batches, 0)
+    if epochs is not None:
+        validate.integer("epochs", epochs, 1)
+    from .io.checkpoint import STORAGE_DTYPES
+
+    choose("dtype", dtype, STORAGE_DTYPES)
     cfg = config or TrainConfig.finetune()
     if epochs is not None:
         cfg = replace(cfg, epochs=epochs)

@@ -227,8 +227,10 @@ def test_errors_teach_the_fix() -> None:
         plan(TinyResNet(), mode="mixx", input_size=SIZE)
     with pytest.raises(UsageError, match="out of range.*1..2"):
         plan(TinyResNet(), regulators="3", input_size=SIZE)
+    with pytest.raises(UsageError, match=r"input_size= is \(C, H, W\) of one example"):
+        plan(TinyResNet(), input_size=(3, 0, 0))  # refused before tracing
     with pytest.raises(PlanError, match="Is input_size= right"):
-        plan(TinyResNet(), input_size=(3, 0, 0))
+        plan(TinyVGG(), input_size=(3, 1, 1))  # its max-pool needs 2x2
 
 
 def test_leaf_module_makes_untraceable_model_convertible() -> None:

@@ -24,6 +24,7 @@ def layer_of(module: str) -> int:
         "defaults": BASE,
         "registry": BASE,
         "atomic": BASE,
+        "validate": BASE,
         "core": CORE,
         "io": IO,
         "train": TRAIN,

@@ -106,6 +106,17 @@ def convert(
         PlanError: a planned conv is missing or has another shape in ``model``.
         UsageError: a data-aware init without calibration data.
     """
+    from .. import validate
+
+    validate.module("model", model)
+    if not isinstance(plan, Plan):
+        raise UsageError(
+            f"«plan» must be a Plan from dacnn_convert.plan(model, ...), got {type(plan).__name__} {plan!r:.40}; "
+            "for a mode in one call use dacnn_convert.anchor(model, mode=...)"
+        )
+    if calib_loader is not None:
+        validate.loader("calib-loader", calib_loader)
+    validate.integer("calib-batches", calib_batches, 0)
     init = plan.init if init is None else init
     sequential = init == "act-seq"
     if sequential and calib_loader is None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import Registry
+from ..validate import inputs_of
 from .modes import mode
 
 FITS: Registry[Callable[[list[torch.Tensor], tuple[int, ...]], Fit]] = Registry("init")
@@ -209,7 +210,7 @@ def _run_batches(models: list[torch.nn.Module], batches: Iterable, num_batches: 
         for i, batch in enumerate(batches):
             if i >= num_batches:
                 break
-            x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
+            x = inputs_of(batch).to(device)
             for model in models:
                 model(x)
 

@@ -196,7 +196,14 @@ class Plan:
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of parameters counting each shared tensor once (by storage)."""
+    """Number of parameters counting each shared tensor once (by storage).
+
+    Raises:
+        UsageError: ``model`` is not an ``nn.Module``.
+    """
+    from .. import validate
+
+    validate.module("model", model)
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     total = 0
     for p in model.parameters():

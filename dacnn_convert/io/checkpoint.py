@@ -56,6 +56,11 @@ def save(
     """
     from safetensors.torch import save_file
 
+    from .. import validate
+    from ..errors import choose
+
+    validate.module("model", model)
+    choose("dtype", dtype, STORAGE_DTYPES)
     if source is None:
         source = getattr(model, SOURCE_ATTR, None)  # a model from load() keeps the source its file named
     if isinstance(source, str):

@@ -24,6 +24,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..core.modes import mode
 from ..errors import DacnnError, UsageError
+from ..validate import inputs_of
 
 ONNX_DTYPES = ("fp32", "fp16", "bf16")
 MIN_OPSET = 18  # torch.onnx's dynamo exporter: an older opset is silently written as 18
@@ -234,8 +235,7 @@ def quantize_onnx_int8(fp32: str | Path, path: str | Path, batches: Iterable, nu
             if batch is None:
                 return None
             self.left -= 1
-            x = batch[0] if isinstance(batch, list | tuple) else batch
-            return {name: x.float().cpu().numpy()}
+            return {name: inputs_of(batch).float().cpu().numpy()}
 
     import logging
 

@@ -10,6 +10,7 @@ from torch import nn
 from ..core.convert import BN_STALE_ATTR
 from ..core.modes import mode
 from ..defaults import CALIBRATE_BATCHES
+from ..validate import inputs_of
 
 
 def needs_bn_calibration(model: nn.Module) -> bool:
@@ -43,8 +44,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = CALIB
             for batch in batches:
                 if used >= num_batches:
                     break
-                x = batch[0] if isinstance(batch, list | tuple) else batch
-                model(x.to(device))
+                model(inputs_of(batch).to(device))
                 used += 1
     finally:
         for m, mom in momenta.items():

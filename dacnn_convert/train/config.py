@@ -71,10 +71,15 @@ class TrainConfig:
             "limit_batches": (1, None, True),
             "checkpoint_every": (1, None, True),
         }
+        integers = {"epochs", "warmup_steps", "step_every", "limit_batches", "checkpoint_every"}
         for name, (low, high, closed) in ranges.items():
             value = getattr(self, name)
             if value is None:
                 continue
+            kinds = int if name in integers else int | float
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                what = "an integer" if name in integers else "a number"
+                raise UsageError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
             if (value < low if closed else value <= low) or (high is not None and value > high):
                 span = f"[{low}, {high}]" if high is not None else (f">= {low}" if closed else f"> {low}")
                 why = " (the softmax temperature divides the logits)" if name == "kd_temperature" else ""

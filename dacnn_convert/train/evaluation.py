@@ -9,6 +9,7 @@ from torch import nn
 
 from ..core.modes import mode
 from ..errors import NonFiniteOutputError, UsageError
+from ..validate import labelled
 from .precision import autocast, resolve_precision
 
 
@@ -31,9 +32,10 @@ def evaluate_counts(
     precision = resolve_precision(precision, device)
     correct = total = 0
     with mode(model), torch.no_grad(), autocast(precision, device):
-        for i, (x, y) in enumerate(batches):
+        for i, batch in enumerate(batches):
             if limit_batches is not None and i >= limit_batches:
                 break
+            x, y = labelled(batch)
             out = model(to_device(x, device))
             if not bool(torch.isfinite(out).all()):
                 raise NonFiniteOutputError(

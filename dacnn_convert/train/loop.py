@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TrainingInterrupted
+from .. import validate
+from ..errors import TrainingInterrupted, UsageError
+from ..validate import labelled
 from .calibrate import CALIBRATE_BATCHES, needs_bn_calibration, recalibrate_bn
 from .config import FitResult, TrainConfig
 from .device import device_of
@@ -162,9 +164,10 @@ def _fit_seeded(
                 train_batches.set_epoch(epoch)
             net.train()
             loss_sum = correct = count = 0.0
-            for i, (x, y) in enumerate(train_batches):
+            for i, batch in enumerate(train_batches):
                 if i >= per_epoch:
                     break
+                x, y = labelled(batch)
                 if i < skip:  # resumed mid-epoch: these batches were already trained on
                     continue
                 for group in opt.param_groups:
@@ -314,7 +317,21 @@ def distill(
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (names the step and the last checkpoint).
+        UsageError: an argument of the wrong type, or the teacher is the student itself.
     """
+    validate.module("student", student)
+    validate.module("teacher", teacher)
+    if teacher is student:
+        raise UsageError(
+            "the teacher is the student itself: distil from the original model, e.g. distill(anchor(model), model, ...)"
+        )
+    validate.loader("train-batches", train_batches)
+    validate.loader("val-batches", val_batches)
+    if config is not None and not isinstance(config, TrainConfig):
+        raise UsageError(f"«config» must be a TrainConfig, got {type(config).__name__}")
+    if epochs is not None:
+        validate.integer("epochs", epochs, 1)
+    validate.integer("calibrate-batches", calibrate_batches, 0)
     cfg = config or TrainConfig.finetune()
     if epochs is not None:
         cfg = replace(cfg, epochs=epochs)

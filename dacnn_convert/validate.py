@@ -1,0 +1,130 @@
+"""Argument checks at the public API: a wrong type or value is one typed error that names the fix.
+
+Every public function checks its arguments here before any work (issue 23): a string where a
+size belongs, an int where an input size belongs, a loader that yields dicts, ``None`` for a
+model. Errors are :class:`~dacnn_convert.errors.UsageError` with the setting named in the
+library's own terms («setting»: ``target_params=`` in Python, ``--target-params`` on the CLI).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+
+def module(name: str, value: Any) -> nn.Module:
+    """``value`` must be an ``nn.Module`` (the model, the teacher, the student)."""
+    if not isinstance(value, nn.Module):
+        raise UsageError(f"«{name}» must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
+def integer(name: str, value: Any, minimum: int = 0) -> int:
+    """A true integer (not a bool, not a string) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"«{name}» must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise UsageError(f"«{name}» must be >= {minimum}, got {value}")
+    return value
+
+
+def optional_integer(name: str, value: Any, minimum: int = 0) -> int | None:
+    return None if value is None else integer(name, value, minimum)
+
+
+def number(name: str, value: Any, low: float = 0.0, open_low: bool = True) -> float:
+    """A finite real number above ``low`` (or at least ``low`` with ``open_low=False``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UsageError(f"«{name}» must be a finite number, got {value!r} ({type(value).__name__})")
+    if value < low or (open_low and value == low):
+        raise UsageError(f"«{name}» must be {'>' if open_low else '>='} {low:g}, got {value}")
+    return float(value)
+
+
+def optional_number(name: str, value: Any, low: float = 0.0) -> float | None:
+    return None if value is None else number(name, value, low)
+
+
+def input_size(value: Any) -> tuple[int, int, int]:
+    """(C, H, W) of one example: three positive integers."""
+    ok = (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    )
+    if not ok:
+        hint = f" (for {value}x{value} images: ({3}, {value}, {value}))" if isinstance(value, int) else ""
+        raise UsageError(f"«input-size» is (C, H, W) of one example, e.g. (3, 32, 32); got {value!r}{hint}")
+    return (int(value[0]), int(value[1]), int(value[2]))
+
+
+def regulators(value: Any) -> str | Sequence[int] | None:
+    """``none``/``all``/``"1,3"``, a sequence of 1-based section numbers, or a single section number."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise UsageError(f"«regulators» takes none, all, '1,3' or section numbers like [1, 3]; got {value!r}")
+
+
+def bank_size(value: Any) -> Any:
+    """A bank size: a number, a string (``"1:0.5,2:0.25"``), a mapping of int sections, or None."""
+    if isinstance(value, Mapping):
+        bad = [k for k in value if isinstance(k, bool) or not isinstance(k, int)]
+        if bad:
+            raise UsageError(
+                f"«bank-size» maps 1-based section numbers (integers) to sizes; got key {bad[0]!r}: "
+                "write {1: 0.5}, not {'1': 0.5}"
+            )
+    elif value is not None and (isinstance(value, bool) or not isinstance(value, int | float | str)):
+        raise UsageError(f"«bank-size» takes 0.25, 64, '1:1.0,2:0.5' or {{1: 0.5}}; got {value!r}")
+    return value
+
+
+def inputs_of(batch: Any) -> torch.Tensor:
+    """The input tensor of one batch: a tensor, or the first item of an (inputs, labels, ...) tuple/list.
+
+    Raises:
+        UsageError: anything else (a dict, a string, a tuple whose first item is no tensor).
+    """
+    x = batch[0] if isinstance(batch, list | tuple) and batch else batch
+    if not isinstance(x, torch.Tensor):
+        what = f"dict with keys {sorted(map(str, batch))[:5]}" if isinstance(batch, Mapping) else type(batch).__name__
+        raise UsageError(
+            f"a batch must be an image tensor or an (images, labels) pair, got a {what}; wrap your loader, "
+            "e.g. ((b['image'], b['label']) for b in loader)"
+        )
+    return x
+
+
+def labelled(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of one batch; extra items (sample weights, paths) are ignored.
+
+    Raises:
+        UsageError: not a tuple/list of at least two tensors.
+    """
+    x = inputs_of(batch)
+    if not isinstance(batch, list | tuple) or len(batch) < 2 or not isinstance(batch[1], torch.Tensor):
+        raise UsageError(
+            "a training or evaluation batch must be (images, labels) with labels a tensor of class indices; "
+            f"got {type(batch).__name__}" + (f" of {len(batch)} item(s)" if isinstance(batch, list | tuple) else "")
+        )
+    return x, batch[1]
+
+
+def loader(name: str, value: Any) -> Iterable:
+    """A re-iterable source of batches (a DataLoader, a list); not None, not a tensor or a string."""
+    if value is None or isinstance(value, str | bytes | torch.Tensor) or not isinstance(value, Iterable):
+        raise UsageError(
+            f"«{name}» must be an iterable of batches such as a torch.utils.data.DataLoader, got {type(value).__name__}"
+        )
+    return value

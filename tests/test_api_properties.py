@@ -1,0 +1,80 @@
+"""The public API's invariant, drawn by hypothesis (issue 23): any argument of any type gives a result
+or one typed DacnnError, never another exception; the model given comes back unchanged."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dacnn_convert as d
+from dacnn_convert.errors import DacnnError
+
+from .models import TinyResNet
+
+SIZE = (3, 16, 16)
+_BATCH = torch.randn(2, *SIZE)
+_LABELS = torch.zeros(2, dtype=torch.long)
+
+junk = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.sampled_from(["mix", "all", "1,3", "5K", "fp8", "bank", "0.5,0.25", "none", "3x16x16"]),
+    st.lists(st.integers(-1, 4), max_size=4),
+    st.tuples(st.integers(0, 4), st.integers(0, 20), st.integers(0, 20)),
+    st.dictionaries(st.sampled_from(["1", 1, 2]), st.floats(0, 2), max_size=2),
+)
+loaders = st.sampled_from(
+    [
+        [],
+        [(_BATCH, _LABELS)],
+        [_BATCH],
+        [{"x": _BATCH}],
+        [(_BATCH, _LABELS, _LABELS)],
+        [(torch.randn(2, 1, *SIZE[1:]), _LABELS)],
+        "not a loader",
+        None,
+    ]
+)
+KEYWORDS = ["mode", "regulators", "input_size", "target_params", "target_ratio", "bank_size", "calib_batches"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    verb=st.sampled_from(["plan", "anchor"]),
+    key=st.sampled_from(KEYWORDS),
+    value=junk,
+    loader=loaders,
+)
+def test_plan_and_anchor_take_anything_and_answer_with_a_result_or_a_typed_error(verb, key, value, loader) -> None:
+    model = TinyResNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kwargs = {"input_size": SIZE, key: value}
+    if loader is not None:
+        kwargs["calib_loader"] = loader
+    try:
+        getattr(d, verb)(model, **kwargs)
+    except DacnnError:
+        pass
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@settings(max_examples=25, deadline=None)
+@given(what=st.sampled_from(["convert", "save", "count_params", "TrainConfig", "distill"]), value=junk)
+def test_other_verbs_refuse_wrong_types_with_typed_errors(tmp_path_factory, what, value) -> None:
+    out = tmp_path_factory.mktemp("api") / "m.safetensors"
+    calls = {
+        "convert": lambda: d.convert(TinyResNet(), value),
+        "save": lambda: d.save(TinyResNet(), out, dtype=value),
+        "count_params": lambda: d.count_params(value),
+        "TrainConfig": lambda: d.TrainConfig(epochs=value),
+        "distill": lambda: d.distill(TinyResNet(), value, [(_BATCH, _LABELS)], [(_BATCH, _LABELS)], epochs=1),
+    }
+    try:
+        calls[what]()
+    except DacnnError:
+        pass
