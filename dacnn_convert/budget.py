@@ -109,7 +109,8 @@ class BudgetResult:
                 f"target {self.target:,} params; chosen {self.plan.params_after:,} "
                 f"({4 * self.plan.params_after / 1e6:.2f} MB in fp32, "
                 f"{self.plan.params_before / self.plan.params_after:.2f}x smaller), summed {self.metric} sensitivity "
-                f"{self.sensitivity:.4g}; {self.feasible:,} of {self.candidates:,} candidates fit the budget"
+                f"{self.sensitivity:.4g}; {self.feasible:,} non-dominated plans of {self.candidates:,} "
+                "combinations fit the budget"
             ),
         ]
         for choice, params, sens in self.runners_up:
@@ -122,7 +123,7 @@ class BudgetResult:
                 if (k, o) in by
             )
             reg = " + regulators" if k in self.regulator_sections else ""
-            rank = f" + unshared convs {self.ranks[k - 1]}" if self.ranks and self.ranks[k - 1] != "dense" else ""
+            rank = f" + unshared layers {self.ranks[k - 1]}" if self.ranks and self.ranks[k - 1] != "dense" else ""
             lines.append(f"section {k}: {option}{reg}{rank}; options, sensitivity (params saved): {alts}")
         lines += [f"  grown: {g}" for g in self.grown]
         for g in self.plan.groups:
@@ -135,13 +136,16 @@ class BudgetResult:
                     else f"low-rank, rank {g.rank}"
                 )
             )
+            kind = "Linear(s)" if self.plan.site(g.members[0]).layer == "linear" else "conv(s)"
+            if kind == "Linear(s)" and len(g.members) > 1:
+                what = f"share a basis of {g.rank} rows ({g.shape[0]}x{g.shape[1]}) + their own coefficients"
             lines.append(
-                f"  group {g.name}: {len(g.members)} conv(s) {what} "
+                f"  group {g.name}: {len(g.members)} {kind} {what} "
                 f"(sections {','.join(map(str, g.sections))}): {', '.join(g.members)}"
             )
         shared = {m for g in self.plan.groups for m in g.members}
         free = [s.name for s in self.plan.sites if s.name not in shared]
-        lines.append(f"  free convs ({len(free)}): {', '.join(free) if free else 'none'}")
+        lines.append(f"  free convs and Linears ({len(free)}): {', '.join(free) if free else 'none'}")
         return lines
 
 
