@@ -404,6 +404,8 @@ def calibration_reference(
             x = inputs_of(batch).to(device)
             batches.append(x)
             reference.append(F.log_softmax(model(x), 1))
+    if not batches:
+        raise UsageError("«calib-loader» yielded no batches: the kl score needs at least one batch of images")
     return batches, reference
 
 

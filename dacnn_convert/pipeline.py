@@ -43,7 +43,7 @@ def plan(
     regulators: str | Sequence[int] | None = "none",
     regulator_style: RegulatorStyleName = "adapter",
     init: InitName | None = None,
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: tuple[int, int, int] | None = (3, 224, 224),
     leaf_modules: Sequence[type[nn.Module]] = (),
     *,
     target_params: int | None = None,
@@ -68,10 +68,12 @@ def plan(
         UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
     """
     _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
-    target_params = validate.optional_integer("target-params", target_params, 1)
-    target_bytes = validate.optional_integer("target-bytes", target_bytes, 1)
+    target_params = validate.optional_size("target-params", target_params)
+    target_bytes = validate.optional_size("target-bytes", target_bytes)
     target_ratio = validate.optional_number("target-ratio", target_ratio)
     regulators = validate.regulators(regulators)
+    if input_size is None:  # from the data, as anchor() does
+        input_size = input_size_of(calib_loader)
     init = default_init(init, calib_loader is not None)
     if target_params is None and target_ratio is None and target_bytes is None:
         return make_plan(
@@ -233,8 +235,7 @@ def anchor(
     """
     _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
     init = default_init(init, calib_loader is not None)
-    found = input_size_of(calib_loader)  # also refuses an empty loader or batches that are not images
-    size = input_size or found
+    size = input_size or input_size_of(calib_loader)  # also refuses an empty loader or batches that are not images
     p = _plan(
         model,
         mode,

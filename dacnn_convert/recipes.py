@@ -243,20 +243,27 @@ def user_code(model: str | None) -> str | None:
     return model
 
 
-def check_recipe_code(recipe: Recipe, path: str | Path, named: str | None) -> None:
-    """A recipe may name user code only when the command line names the same model.
+def check_recipe_code(recipe: Recipe, path: str | Path, named: str | None, leaf_named: bool = False) -> None:
+    """A recipe may make the tool import user code only when the command line names it too.
 
     A recipe is data: reading one must never import a module from the working folder or the
-    path (docs/reliability.md, Security). The model named on the command line is the consent.
+    path (docs/reliability.md, Security). A model named on the command line replaces the
+    recipe's (its code is then never imported) or, naming the same ``package.module:factory``,
+    is the consent; leaf modules (``leaf_module: pkg.mod.Cls``) need ``--leaf-module`` likewise.
 
     Raises:
-        UsageError: the recipe names ``package.module:factory`` and ``named`` is another model or None.
+        UsageError: the recipe names user code that the command line does not.
     """
     code = user_code(recipe.model)
-    if code is not None and named != code:
+    if code is not None and named is None:
         raise UsageError(
             f"{path} names user code as its model ({code}); code is imported only when named on the "
             f"command line: give {code} as the MODEL (or --model) to run it"
+        )
+    if recipe.leaf_module and not leaf_named:
+        raise UsageError(
+            f"{path} names leaf module classes ({recipe.leaf_module}), which are imported to be found; code is "
+            "imported only when named on the command line: repeat them with --leaf-module"
         )
 
 

@@ -38,6 +38,13 @@ def optional_integer(name: str, value: Any, minimum: int = 0) -> int | None:
     return None if value is None else integer(name, value, minimum)
 
 
+def optional_size(name: str, value: Any) -> int | None:
+    """A count of parameters or bytes: a finite number >= 1 (a float such as ``0.5 * n`` is floored)."""
+    if value is None:
+        return None
+    return int(number(name, value, 1.0, open_low=False))
+
+
 def number(name: str, value: Any, low: float = 0.0, open_low: bool = True) -> float:
     """A finite real number above ``low`` (or at least ``low`` with ``open_low=False``)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -100,8 +107,8 @@ def inputs_of(batch: Any) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         what = f"dict with keys {sorted(map(str, batch))[:5]}" if isinstance(batch, Mapping) else type(batch).__name__
         raise UsageError(
-            f"a batch must be an image tensor or an (images, labels) pair, got a {what}; wrap your loader, "
-            "e.g. ((b['image'], b['label']) for b in loader)"
+            f"a batch must be an image tensor or an (images, labels) pair, got a {what}; wrap your loader in an "
+            "object whose __iter__ yields (b['image'], b['label']) for each batch b"
         )
     return x
 
@@ -126,5 +133,10 @@ def loader(name: str, value: Any) -> Iterable:
     if value is None or isinstance(value, str | bytes | torch.Tensor) or not isinstance(value, Iterable):
         raise UsageError(
             f"«{name}» must be an iterable of batches such as a torch.utils.data.DataLoader, got {type(value).__name__}"
+        )
+    if iter(value) is value:  # a generator or iterator: the second pass (BN, fine-tune epochs) would find nothing
+        raise UsageError(
+            f"«{name}» is a one-shot iterator ({type(value).__name__}): fitting, BN calibration and every epoch "
+            "each read the data again; give a DataLoader, a list, or an object whose __iter__ starts over"
         )
     return value

@@ -6,7 +6,6 @@ file changed.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +85,9 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path:
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / LOCK).write_text(f"{holder.pid} dacnn-convert resnet18 --out {out}")
+        import socket
+
+        (out / LOCK).write_text(f"{holder.pid} {socket.gethostname()} tok dacnn-convert resnet18 --out {out}")
         args = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--out", str(out)]
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and f"process {holder.pid}" in result.output, result.output
@@ -101,10 +102,40 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path:
     assert (out / "model.safetensors").is_file() and not (out / LOCK).exists()
 
 
-def test_a_lock_of_this_very_process_is_not_mistaken_for_another_run(tmp_path: Path) -> None:
-    (tmp_path / LOCK).write_text(f"{os.getpid()} leftover")
+def test_a_garbled_lock_counts_as_held_and_says_how_to_remove_it(tmp_path: Path) -> None:
+    (tmp_path / LOCK).write_text("")  # a run between creating and writing its lock would look like this
     args = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--out", str(tmp_path)]
-    assert runner.invoke(app, args).exit_code == 0
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "remove" in result.output and LOCK in result.output, result.output
+    _one_error(result.output)
+
+
+def test_a_refused_run_never_removes_the_folder_of_the_run_that_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from dacnn_convert.cli import guards
+    from dacnn_convert.errors import UsageError
+
+    out = tmp_path / "new"  # absent when this run starts; the first run creates it right after
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writable = guards.check_writable
+
+    def first_run_starts_meanwhile(folder: Path) -> None:
+        writable(folder)
+        (folder / LOCK).write_text(f"{holder.pid} {socket.gethostname()} tok the first run")
+        (folder / "partial.bin").write_bytes(b"the first run's work")
+
+    monkeypatch.setattr(guards, "check_writable", first_run_starts_meanwhile)
+    try:
+        with pytest.raises(UsageError, match=f"process {holder.pid}"):
+            with guards.output_guard(out):
+                pass
+        assert (out / "partial.bin").is_file() and (out / LOCK).is_file()  # was: the whole folder removed
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.fixture()
@@ -127,13 +158,30 @@ def evil_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         lambda r: (app, ["convert", "--recipe", str(r), "--dry-run"]),
         lambda r: (app, ["recipe", "run", str(r)]),
         lambda r: (app, ["convert", "--recipe", str(r)]),
-        lambda r: (app, ["recipe", "run", str(r), "--model", "resnet18"]),
     ],
 )
 def test_a_recipe_alone_never_imports_user_code(evil_recipe: Path, command) -> None:
     cli, args = command(evil_recipe)
     result = runner.invoke(cli, args)
     assert result.exit_code == 2 and "user code" in result.output and "evilmod:make" in result.output, result.output
+    _one_error(result.output)
+    assert not (evil_recipe.parent / "pwned").exists()
+
+
+def test_a_model_named_on_the_command_line_replaces_the_recipes_and_its_code_is_never_imported(
+    evil_recipe: Path,
+) -> None:
+    args = ["recipe", "run", str(evil_recipe), "--model", "tests.models:tiny_resnet", "--dataset", "synthetic"]
+    result = runner.invoke(app, [*args, "--epochs", "1", "--limit-batches", "1", "--out", "run"])
+    assert result.exit_code == 0, result.output
+    assert not (evil_recipe.parent / "pwned").exists()
+
+
+def test_a_recipes_leaf_modules_need_the_command_line_too(evil_recipe: Path) -> None:
+    evil_recipe.write_text(evil_recipe.read_text() + "leaf_module: evilmod.Block\n")
+    args = ["convert", "tests.models:tiny_resnet", "--recipe", str(evil_recipe), "--dry-run"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--leaf-module" in result.output, result.output
     _one_error(result.output)
     assert not (evil_recipe.parent / "pwned").exists()
 

@@ -79,7 +79,9 @@ def recipe_from_command(ctx: typer.Context, task: str, path: Path | None = None)
     # by name: typer vendors its own click, whose ParameterSource is not click's
     given = {k for k in ctx.params if getattr(ctx.get_parameter_source(k), "name", "") == "COMMANDLINE"}
     if path is not None:  # before anything is built: a recipe alone never imports code
-        check_recipe_code(rec, path, ctx.params.get("model") if "model" in given else None)
+        check_recipe_code(
+            rec, path, ctx.params.get("model") if "model" in given else None, leaf_named="leaf_module" in given
+        )
     fields = set(vars(rec))
     changes: dict[str, Any] = {}
     for key, value in ctx.params.items():

@@ -80,6 +80,7 @@ def run_convert(
     render: bool = True,
     write_recipe: bool = False,
     command: str | None = None,
+    inputs: tuple[Any, ...] = (),
 ) -> Any:
     """Guard the output folder, run :func:`dacnn_convert.jobs.run_convert_job` on the resolved
     recipe ``rec`` (with ``data``: on its loaders and device), and render what it returns."""
@@ -89,7 +90,8 @@ def run_convert(
         raise UsageError("give a MODEL (e.g. resnet34) or a --recipe that names one")
     weights = rec.weights or "DEFAULT"
     with_data = data is not None and bool(data.dataset)
-    with output_guard(None if dry_run else output_folder(rec), data, (weights,)), _Progress() as progress:
+    guarded = None if dry_run else output_folder(rec)
+    with output_guard(guarded, data, (weights, *inputs)), _Progress() as progress:
         job = run_convert_job(
             rec,
             loaders_for=data.loaders if with_data else None,  # type: ignore[union-attr]
@@ -211,7 +213,14 @@ def convert_command(
                 "(to convert without data, use dacnn convert)"
             )
         data = DataOptions.from_recipe(rec, resume=resume, overwrite=overwrite)
-        run_convert(rec, data, dry_run=dry_run, write_recipe=recipe is not None, command=command_line(ctx))
+        run_convert(
+            rec,
+            data,
+            dry_run=dry_run,
+            write_recipe=recipe is not None,
+            command=command_line(ctx),
+            inputs=(recipe,) if recipe is not None else (),
+        )
     except DacnnError as exc:
         raise fail(exc) from None
 

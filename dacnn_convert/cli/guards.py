@@ -114,36 +114,52 @@ def _pid_alive(pid: int) -> bool:
 def folder_lock(out: Path) -> Iterator[None]:
     """Hold ``out/.dacnn.lock`` while a run writes there; a second run into the same folder is refused.
 
-    A lock left by a process that no longer exists (a killed run) is taken over.
+    The lock is written whole to a temporary file and linked into place (no reader sees it
+    half-written), names its process, host and a token, and is removed on exit only if it is
+    still ours. A lock whose process is gone (a killed run, on this host) is taken over; an
+    unreadable or other-host lock counts as held.
 
     Raises:
-        UsageError: another live run holds the folder (its process id and command are named).
+        UsageError: another run holds the folder (its process id and command are named).
     """
     import os
+    import socket
     import sys
+    import uuid
 
     lock = out / LOCK
-    text = f"{os.getpid()} {' '.join(sys.argv)[:300]}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            held = lock.read_text(errors="replace").strip() if lock.is_file() else ""
-            pid = int(held.split()[0]) if held.split() and held.split()[0].isdigit() else 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise UsageError(
-                    f"{out} is being written by another run (process {pid}: {held.partition(' ')[2] or '?'}); "
-                    "wait for it, or choose another --out"
-                ) from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        break
+    token = uuid.uuid4().hex
+    host = socket.gethostname()
+    tmp = out / f".dacnn.lock.{token}"
+    tmp.write_text(f"{os.getpid()} {host} {token} {' '.join(sys.argv)[:300]}")
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, lock)
+                break
+            except FileExistsError:
+                held = lock.read_text(errors="replace").split(" ", 3) if lock.is_file() else []
+                pid = int(held[0]) if held and held[0].isdigit() else 0
+                stale = len(held) >= 3 and held[1] == host and pid and not _pid_alive(pid)
+                if not stale:
+                    who = f"process {pid}: {held[3] if len(held) > 3 else '?'}" if pid else "a run starting"
+                    raise UsageError(
+                        f"{out} is being written by another run ({who}); wait for it, or choose another --out "
+                        f"(if no run is there, remove {lock})"
+                    ) from None
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+        else:
+            raise UsageError(f"could not take the lock {lock}: other runs keep starting there; choose another --out")
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        try:
+            if token in lock.read_text(errors="replace"):
+                lock.unlink()
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
@@ -158,16 +174,18 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
     import shutil
 
     existed = out is None or out.exists()
+    locked = False  # only a run that holds the lock may clean up: a refused one leaves the other run's folder be
     try:
         if out is None:
             yield
         else:
             check_writable(out)
             with folder_lock(out):
+                locked = True
                 check_fresh_output(out, data.resume if data else False, data.overwrite if data else False, inputs)
                 yield
     except BaseException as exc:
-        if out is not None and not existed and out.is_dir() and not (out / "state.pt").is_file():
+        if locked and out is not None and not existed and out.is_dir() and not (out / "state.pt").is_file():
             shutil.rmtree(out, ignore_errors=True)
         if isinstance(exc, OSError):
             raise write_failed(getattr(exc, "filename", None) or out, exc) from exc

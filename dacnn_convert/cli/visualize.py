@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ..errors import DacnnError
+from ..errors import DacnnError, write_failed
 from ..recipes import parse_input_size
 from .common import console, fail, load_checkpoint
-from .guards import check_output_file, output_guard
+from .guards import check_output_file
 from .options import FileOverwriteOpt, SizeOpt, SkelOpt
 
 
@@ -39,8 +39,10 @@ def visualize_command(
             model = build_model(parse_spec(checkpoint), weights="none")
         size = parse_input_size(input_size) or (3, 32, 32)
         result = visualize_filters(model, [s.strip() for s in layers.split(",") if s.strip()], filters, size, steps)
-        with output_guard(out.parent):
+        try:
             path = result.save_grid(out)
+        except OSError as exc:  # a missing, read-only or full folder: one line
+            raise write_failed(exc.filename or out, exc) from None
     except DacnnError as exc:
         raise fail(exc) from None
     for layer, acts in result.activation.items():

@@ -82,7 +82,10 @@ class ConvSite:
         return self.out_size[0] * self.out_size[1] * self.weight_numel
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["layer"] == "conv":  # files with only convs stay readable by releases before Linear sites
+            del data["layer"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ConvSite:

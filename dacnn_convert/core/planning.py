@@ -113,18 +113,33 @@ def _none(sites: list[ConvSite]) -> list[list[ConvSite]]:
     return []
 
 
-def _refuse_tied_convs(model: nn.Module, sites: Sequence[ConvSite]) -> None:
-    """A plan counts each conv's kernel once; two convs tied to one tensor would be counted twice."""
-    owner: dict[int, str] = {}
+def _untie(model: nn.Module, sites: list[ConvSite], notes: list[str]) -> list[ConvSite]:
+    """Refuse convs whose kernel another parameter shares; leave tied Linears out of the plan.
+
+    A plan counts each layer's weight once and conversion replaces it; a conv tied to another
+    conv or module would be counted twice or emptied under the other. A Linear tied elsewhere
+    (a head tied to an embedding) is left as it is, with a note.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(p.data_ptr(), []).append(f"{name}.{pname}" if name else pname)
+    kept = []
     for s in sites:
         weight = cast(nn.Conv2d, model.get_submodule(s.name)).weight
-        first = owner.setdefault(weight.data_ptr(), s.name)
-        if first != s.name:
+        others = sorted({o for o in owners.get(weight.data_ptr(), []) if o != f"{s.name}.weight"})
+        if not others:
+            kept.append(s)
+        elif s.layer == "linear":
+            notes.append(f"{s.name} stays as it is: its weight is tied to {others[0]}")
+        else:
             raise PlanError(
-                f"{s.name} and {first} share one weight tensor (tied in the model), and a plan assumes each "
-                "conv owns its kernel. Untie them first (conv.weight = nn.Parameter(conv.weight.detach().clone())), "
-                "or make the module that ties them a leaf module so that it is left as it is"
+                f"{others[0].rsplit('.', 1)[0]} and {s.name} share one weight tensor (tied in the model), and a plan "
+                "assumes each conv owns its kernel. Untie them first (conv.weight = "
+                "nn.Parameter(conv.weight.detach().clone())), or make the module that ties them a leaf module so "
+                "that it is left as it is"
             )
+    return kept
 
 
 def parse_regulators(value: str | Sequence[int] | None, n_sections: int) -> tuple[int, ...]:
@@ -198,7 +213,7 @@ def make_plan(
             "(convs inside leaf modules and subclasses such as timm's Conv2dSame are not converted)"
             + (f"; its {linears} nn.Linear layer(s) can be factorised with «factorize-unshared»" if linears else "")
         )
-    _refuse_tied_convs(model, sites)
+    sites = _untie(model, sites, notes)
     groups_sites = MODES[mode](sites)
     resolutions = sorted(
         {s.out_size for g in groups_sites for s in g},
