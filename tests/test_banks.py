@@ -369,3 +369,14 @@ def test_a_bank_size_for_a_section_of_depthwise_convs_is_one_usage_error(tmp_pat
     result = CliRunner().invoke(app, [*args, "--mode", "bank", "--bank-size", "1:0.5", "--out", str(out)])
     assert result.exit_code == 2 and "depthwise" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shapes", [[(16, 8, 3, 3)] * 3, [(64, 4, 1, 1)] * 2, [(10, 40, 1, 1)], [(40, 10, 1, 1)]])
+def test_one_spectrum_prices_every_bank_size_as_the_fit_does(shapes) -> None:
+    from dacnn_convert.core.fitting import bank_spectrum
+
+    torch.manual_seed(0)
+    weights = [torch.randn(*s) for s in shapes]
+    spectrum = bank_spectrum(weights)
+    for k in (1, 2, 5, 8):
+        assert spectrum.errors(k) == pytest.approx(fit_bank(weights, k).errors, abs=1e-4)

@@ -98,6 +98,14 @@ def check_output_file(out: Path, inputs: tuple[Any, ...] = (), overwrite: bool =
         raise UsageError(f"{out} exists; replace it with --overwrite, or choose another --out")
 
 
+def _rank() -> int:
+    """This process's rank in a torchrun job (0 outside one)."""
+    import os
+
+    value = os.environ.get("RANK", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def _pid_alive(pid: int) -> bool:
     import os
 
@@ -180,7 +188,8 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
             yield
         else:
             check_writable(out)
-            with folder_lock(out):
+            # under torchrun every rank runs this command into one folder: rank 0 holds the lock for the job
+            with folder_lock(out) if _rank() == 0 else contextlib.nullcontext():
                 locked = True
                 check_fresh_output(out, data.resume if data else False, data.overwrite if data else False, inputs)
                 yield

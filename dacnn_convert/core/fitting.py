@@ -404,13 +404,19 @@ def bank_spectrum(weights: list[torch.Tensor]) -> BankSpectrum:
     4096 x 25088 matrix would take 822 MB more in float64), the decomposition in float64; one
     member needs the eigenvalues only (its energy along component j is sigma_j^2).
     """
-    m = torch.cat([w.reshape(w.shape[0], -1).float() for w in weights])
+    m = weights[0].reshape(weights[0].shape[0], -1).float()
+    if len(weights) > 1:
+        m = torch.cat([w.reshape(w.shape[0], -1).float() for w in weights])
     rows, cols = m.shape
     gram = (m @ m.T if rows <= cols else m.T @ m).double()
-    norms = torch.stack([w.double().pow(2).sum() for w in weights])
+    offsets = [0, *itertools.accumulate(w.shape[0] for w in weights)]
+    if rows <= cols:  # each member's energy is the trace of its block: no float64 copy of a wide matrix
+        diag = gram.diagonal()
+        norms = torch.stack([diag[lo:hi].sum() for lo, hi in itertools.pairwise(offsets)])
+    else:
+        norms = torch.stack([w.reshape(w.shape[0], -1).double().pow(2).sum() for w in weights])
     if len(weights) == 1:
         return BankSpectrum(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)[None, :], norms)
-    offsets = [0, *itertools.accumulate(w.shape[0] for w in weights)]
     evals, vecs = torch.linalg.eigh(gram)
     if rows <= cols:  # M = U S V^T: member l's rows keep sum_j s_j^2 |U_lj|^2 along component j
         energy = vecs.flip(1).pow(2) * evals.flip(0).clamp_min(0)[None, :]
