@@ -28,9 +28,10 @@ from .baselines import Context, get_method
 from .core.plan import count_params
 from .core.report import count_macs, figure, save_figure, state_dict_bytes
 from .defaults import CALIBRATE_BATCHES
-from .errors import UsageError
+from .errors import NonFiniteOutputError, UsageError
 from .latency import compare_latency
 from .train import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
+from .train.state import NonFiniteLossError
 
 COLUMNS = (
     "method",
@@ -298,18 +299,32 @@ def run_bench(
             model = compressed.model
             for p in model.parameters():  # a frozen teacher's copies inherit its flags
                 p.requires_grad_(True)
-            acc_c = evaluate(model, loaders.val, precision, limit)
-            notify("stage", {"method": name, "stage": "compressed", "acc": acc_c})
-            if config.calibrate_batches > 0:
-                recalibrate_bn(model, loaders.train, config.calibrate_batches)
-            acc_b = evaluate(model, loaders.val, precision, limit)
-            notify("stage", {"method": name, "stage": "calibrated", "acc": acc_b})
-            distill(
-                model, teacher, loaders.train, loaders.val, config=replace(config.train, seed=seed), calibrate_batches=0
-            )  # the BN step above is the bench's, the same for every method
-            model = compressed.finalize(model)
-            acc_f = evaluate(model, loaders.val, precision, limit)
-            notify("stage", {"method": name, "stage": "finetuned", "acc": acc_f})
+            nan = float("nan")
+            acc_c = acc_b = acc_f = nan
+            notes, finalized = compressed.notes, False
+            try:  # one method that diverges is a row that says so, not the end of the whole benchmark
+                acc_c = evaluate(model, loaders.val, precision, limit)
+                notify("stage", {"method": name, "stage": "compressed", "acc": acc_c})
+                if config.calibrate_batches > 0:
+                    recalibrate_bn(model, loaders.train, config.calibrate_batches)
+                acc_b = evaluate(model, loaders.val, precision, limit)
+                notify("stage", {"method": name, "stage": "calibrated", "acc": acc_b})
+                distill(
+                    model,
+                    teacher,
+                    loaders.train,
+                    loaders.val,
+                    config=replace(config.train, seed=seed),
+                    calibrate_batches=0,
+                )  # the BN step above is the bench's, the same for every method
+                model, finalized = compressed.finalize(model), True
+                acc_f = evaluate(model, loaders.val, precision, limit)
+                notify("stage", {"method": name, "stage": "finetuned", "acc": acc_f})
+            except (NonFiniteLossError, NonFiniteOutputError) as exc:
+                notes = f"{notes}; DIVERGED: {exc}" if notes else f"DIVERGED: {exc}"
+                notify("stage", {"method": name, "stage": "diverged", "acc": nan})
+                if not finalized:
+                    model = compressed.finalize(model)
             folder = (out / (name if config.repeats == 1 else f"{name}-seed{seed}")) if out is not None else None
             sizes = compressed.save(model, folder) if folder is not None else {"safetensors": state_dict_bytes(model)}
             row = BenchRow(
@@ -328,7 +343,7 @@ def run_bench(
                 acc_f,
                 teacher_acc - acc_f,
                 time.perf_counter() - began,
-                compressed.notes,
+                notes,
             )
             rows.append(row)
             if out is not None:  # a long benchmark cut short keeps what it measured

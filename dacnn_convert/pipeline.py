@@ -105,7 +105,14 @@ def _check_plan_args(
     if input_size is not None:
         validate.input_size(input_size)
     if calib_loader is not None:
-        validate.loader("calib-loader", calib_loader)
+        validate.loader("calib-loader", calib_loader)  # re-iterable: the probe below reads no batch away
+        found = input_size_of(calib_loader)  # refuses an empty loader and batches that are not images
+        if input_size is not None and found[0] != input_size[0]:
+            raise UsageError(
+                f"the calibration images have {found[0]} channel(s) ({tuple(found)}) but «input-size» "
+                f"{tuple(input_size)} has {input_size[0]}: give data the model takes (e.g. grayscale repeated "
+                "to 3 channels)"
+            )
     validate.integer("calib-batches", calib_batches, 0)
     validate.bank_size(bank_size)
 

@@ -173,3 +173,35 @@ def test_bench_cli_refuses_pruning_without_a_budget(tmp_path) -> None:
     assert result.exit_code == 2
     assert "--budget" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "bench.md").exists()
+
+
+def test_a_method_that_diverges_is_a_row_that_says_so_and_the_bench_goes_on(tmp_path, monkeypatch) -> None:
+    import math
+
+    import dacnn_convert.bench as bench
+    from dacnn_convert.train.state import NonFiniteLossError
+
+    calls = {"n": 0}
+    real = bench.distill
+
+    def first_diverges(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise NonFiniteLossError("loss became nan at epoch 1, step 3")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "distill", first_diverges)
+    loaders = make_loaders("synthetic", batch_size=32, input_size=16)
+    config = BenchConfig(
+        ("dacnn-mix", "l1-filter"),
+        match="dacnn-mix",
+        calibrate_batches=1,
+        latency_batches=(1,),
+        latency_repeats=2,
+        train=TrainConfig(epochs=1, limit_batches=1),
+    )
+    result = run_bench(wide(), loaders, (3, 16, 16), config, out=tmp_path)
+    mix, l1 = result.rows
+    assert math.isnan(mix.acc_finetuned) and "DIVERGED: loss became nan" in mix.notes
+    assert not math.isnan(l1.acc_finetuned)
+    assert "DIVERGED" in (tmp_path / "bench.md").read_text()
