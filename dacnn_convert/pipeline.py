@@ -67,13 +67,10 @@ def plan(
     Raises:
         UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
     """
-    _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
+    input_size, regulators = _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
     target_params = validate.optional_size("target-params", target_params)
     target_bytes = validate.optional_size("target-bytes", target_bytes)
     target_ratio = validate.optional_number("target-ratio", target_ratio)
-    regulators = validate.regulators(regulators)
-    if input_size is None:  # from the data, as anchor() does
-        input_size = input_size_of(calib_loader)
     init = default_init(init, calib_loader is not None)
     if target_params is None and target_ratio is None and target_bytes is None:
         return make_plan(
@@ -98,12 +95,15 @@ _plan = plan  # compress() takes a ``plan`` argument
 
 def _check_plan_args(
     model: Any, regulators: Any, input_size: Any, calib_loader: Any, calib_batches: Any, bank_size: Any
-) -> None:
-    """The checks plan() and anchor() share, before any work."""
+) -> tuple[tuple[int, int, int], str | Sequence[int] | None]:
+    """The checks plan() and anchor() share, before any work; returns the input size to use (the
+    one given, else the calibration images', else the default; the data's first batch is read once)
+    and the regulators normalised."""
     validate.module("model", model)
-    validate.regulators(regulators)
+    regulators = validate.regulators(regulators)
     if input_size is not None:
-        validate.input_size(input_size)
+        input_size = validate.input_size(input_size)
+    found = input_size_of(None)
     if calib_loader is not None:
         validate.loader("calib-loader", calib_loader)  # re-iterable: the probe below reads no batch away
         found = input_size_of(calib_loader)  # refuses an empty loader and batches that are not images
@@ -115,6 +115,7 @@ def _check_plan_args(
             )
     validate.integer("calib-batches", calib_batches, 0)
     validate.bank_size(bank_size)
+    return input_size or found, regulators
 
 
 @dataclass
@@ -240,9 +241,8 @@ def anchor(
         UsageError: an argument is outside its allowed values.
         TraceError, PlanError: the model cannot be traced, run or converted (or nothing fits the target).
     """
-    _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
+    size, regulators = _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
     init = default_init(init, calib_loader is not None)
-    size = input_size or input_size_of(calib_loader)  # also refuses an empty loader or batches that are not images
     p = _plan(
         model,
         mode,

@@ -9,7 +9,7 @@ library's own terms («setting»: ``target_params=`` in Python, ``--target-param
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,10 +32,6 @@ def integer(name: str, value: Any, minimum: int = 0) -> int:
     if value < minimum:
         raise UsageError(f"«{name}» must be >= {minimum}, got {value}")
     return value
-
-
-def optional_integer(name: str, value: Any, minimum: int = 0) -> int | None:
-    return None if value is None else integer(name, value, minimum)
 
 
 def optional_size(name: str, value: Any) -> int | None:
@@ -134,7 +130,7 @@ def loader(name: str, value: Any) -> Iterable:
         raise UsageError(
             f"«{name}» must be an iterable of batches such as a torch.utils.data.DataLoader, got {type(value).__name__}"
         )
-    if iter(value) is value:  # a generator or iterator: the second pass (BN, fine-tune epochs) would find nothing
+    if isinstance(value, Iterator):  # a generator: the second pass (BN, fine-tune epochs) would find nothing
         raise UsageError(
             f"«{name}» is a one-shot iterator ({type(value).__name__}): fitting, BN calibration and every epoch "
             "each read the data again; give a DataLoader, a list, or an object whose __iter__ starts over"

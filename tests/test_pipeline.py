@@ -166,3 +166,22 @@ def test_apply_takes_calibration_data_for_a_data_aware_plan(data) -> None:
     reference = convert(teacher, p, calib_loader=data.train, calib_batches=2).model
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(student.eval()(x), reference.eval()(x))
+
+
+def test_anchor_reads_the_calibration_data_once_per_pass() -> None:
+    class Counting:
+        """A re-iterable loader that counts how often it is started."""
+
+        def __init__(self) -> None:
+            self.starts = 0
+            self.batches = [(torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))] * 2
+
+        def __iter__(self):
+            self.starts += 1
+            return iter(self.batches)
+
+    data = Counting()
+    anchor(TinyResNet(), calib_loader=data, calib_batches=2)
+    # anchor() and the plan() it calls each read one batch to check its shape, then the activation fit
+    # and the BN step each take a pass; checking for one-shot iterators starts no pass (it read 7 before)
+    assert data.starts == 4
