@@ -57,6 +57,15 @@ def marked(exc: BaseException) -> str:
     return str(exc.args[0]) if isinstance(exc, DacnnError) and exc.args else str(exc)
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-blank line of ``exc``'s message (at most ``limit`` characters), or its type's
+    name when the message is empty: a library's bare ``raise ValueError()`` still says something."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__
+
+
 class UsageError(DacnnError, ValueError):
     """A flag or argument has a value outside its allowed set."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
-from .errors import RecipeError, UsageError, marked, suggest
+from .errors import RecipeError, UsageError, first_line, marked, suggest
 from .io.files import unreadable
 
 TASKS = ("convert", "train", "bench")
@@ -287,7 +287,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise RecipeError(f"{path}: not valid YAML ({first_line(exc)})") from None
     except RecursionError:
         raise RecipeError(f"{path}: nested too deeply; a recipe is a flat mapping of key: value lines") from None
     if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):

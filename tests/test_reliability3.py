@@ -241,3 +241,38 @@ def test_numbers_that_would_lie_are_refused_in_one_line(checkpoint: Path, args: 
     result = runner.invoke(app, [*args, "--input-size", "16"])
     assert result.exit_code == 2 and text in result.output, result.output
     _one_error(result.output)
+
+
+def test_an_error_without_a_message_still_reads_as_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI found it: 64 random bytes made torch.load raise with an empty message, and taking the
+    message's first line crashed ``dacnn inspect`` with an IndexError."""
+    from dacnn_convert.errors import CheckpointError, first_line
+    from dacnn_convert.io.inspection import inspect_file
+
+    assert first_line(ValueError()) == "ValueError"
+    assert first_line(ValueError("\n  \nsecond")) == "second"
+    assert first_line(ValueError("x" * 500), 10) == "x" * 10
+
+    def empty(*args: object, **kwargs: object) -> None:
+        raise RuntimeError()
+
+    monkeypatch.setattr(torch, "load", empty)
+    (tmp_path / "g.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(CheckpointError, match="RuntimeError"):
+        inspect_file(tmp_path / "g.pt")
+
+
+def test_inspect_refuses_every_garbled_file_cleanly(tmp_path: Path) -> None:
+    """Seeded garbage, zip- and pickle-looking prefixes: a CheckpointError each, never a traceback."""
+    import random
+
+    from dacnn_convert.errors import CheckpointError
+    from dacnn_convert.io.inspection import inspect_file
+
+    rng = random.Random(0)
+    prefixes = [b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x05", b"PK\x05\x06" + b"\0" * 18]
+    for i in range(200):
+        path = tmp_path / f"g{i}.pt"
+        path.write_bytes(prefixes[i % len(prefixes)] + rng.randbytes(rng.randrange(0, 96)))
+        with pytest.raises(CheckpointError):
+            inspect_file(path)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OutputError, UsageError, write_failed
+from ..errors import OutputError, UsageError, first_line, write_failed
 
 if TYPE_CHECKING:
     from .common import DataOptions
@@ -213,7 +213,7 @@ def check_input_size(model: Any, size: tuple[int, int, int]) -> int:
         with mode(model), torch.no_grad():
             return int(model(torch.zeros(1, *size, device=device_of(model))).shape[-1])
     except (RuntimeError, ValueError, IndexError) as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        first = first_line(exc, 200)
         raise UsageError(
             f"the model fails on an input of size {tuple(size)}: {first}; is --input-size right?"
         ) from None

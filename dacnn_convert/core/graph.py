@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import PlanError, TraceError
+from ..errors import PlanError, TraceError, first_line
 from .modes import mode
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -129,7 +129,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.
         where = next(reversed(tracer.module_stack), "") if getattr(tracer, "module_stack", None) else ""
         owner = model.get_submodule(where) if where and _has_submodule(model, where) else None
         place = f"module {where!r} ({type(owner).__name__})" if owner is not None else "the top-level forward"
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise TraceError(
             f"torch.fx cannot trace {place}: {first[:200]}. Fix: mark it as a leaf module "
             f"(anchor(model, leaf_modules=[{type(owner).__name__ if owner is not None else 'YourModule'}]) "
@@ -203,7 +203,7 @@ def analyze(
     except Exception as exc:
         root = exc.__cause__ or exc
         node = next((str(n.target) for n in gm.graph.nodes if f"node=%{n.name} " in str(exc)), None)
-        first = str(root).splitlines()[0] if str(root) else type(root).__name__
+        first = first_line(root)
         raise PlanError(
             f"the model fails on an input of size {tuple(input_size)}"
             + (f" at {node}" if node else "")

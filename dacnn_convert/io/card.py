@@ -16,7 +16,7 @@ from torch import nn
 
 from ..atomic import atomic_write_text
 from ..core.report import ConversionReport
-from ..errors import CheckpointError, DacnnError
+from ..errors import CheckpointError, DacnnError, first_line
 
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
@@ -159,7 +159,7 @@ def save_pretrained(
             api.create_repo(push_to_hub, exist_ok=True)
             api.upload_folder(repo_id=push_to_hub, folder_path=str(folder))
         except Exception as exc:  # auth, permissions, network: one line
-            raise HubError(f"pushing {folder} to {push_to_hub} failed: {str(exc).splitlines()[0][:200]}") from exc
+            raise HubError(f"pushing {folder} to {push_to_hub} failed: {first_line(exc, 200)}") from exc
     return folder
 
 
@@ -193,7 +193,6 @@ def from_pretrained(name: str | Path, model: nn.Module | None = None) -> nn.Modu
         local = hf_hub_download(str(name), WEIGHTS, local_files_only=not hub_reachable())
     except Exception as exc:
         raise HubError(
-            f"cannot fetch {name} from the Hugging Face hub (offline, or no such repo): "
-            f"{str(exc).splitlines()[0][:160]}"
+            f"cannot fetch {name} from the Hugging Face hub (offline, or no such repo): {first_line(exc, 160)}"
         ) from exc
     return load(local, model)

@@ -29,7 +29,7 @@ from torch import nn
 from ..core.convert import PLAN_ATTR
 from ..core.layers import BANK_NAME, AnchoredConv2d, AnchoredLinear
 from ..core.modes import mode
-from ..errors import DacnnError
+from ..errors import DacnnError, first_line
 from .sources import with_module_versions
 
 
@@ -138,7 +138,7 @@ def check_dense(
     try:
         stock.load_state_dict(with_module_versions(state, stock), strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0][:240]
+        first = first_line(exc, 240)
         raise DenseExportError(f"the dense weights do not load into {type(stock).__name__}: {first}") from exc
     with mode(anchored, stock), torch.no_grad():
         x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))

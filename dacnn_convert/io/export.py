@@ -23,7 +23,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..core.modes import mode
-from ..errors import DacnnError, UsageError
+from ..errors import DacnnError, UsageError, first_line
 from ..validate import inputs_of
 
 ONNX_DTYPES = ("fp32", "fp16", "bf16")
@@ -107,7 +107,7 @@ def export_onnx(
             )
             proto = onnx.load(str(raw))
     except Exception as exc:
-        raise DacnnError(f"ONNX export failed: {str(exc).splitlines()[0][:200]}") from exc
+        raise DacnnError(f"ONNX export failed: {first_line(exc, 200)}") from exc
     _strip_metadata(proto)
     if dtype != "fp32":
         _store_floats_as(proto, dtype)
@@ -261,7 +261,7 @@ def quantize_onnx_int8(fp32: str | Path, path: str | Path, batches: Iterable, nu
     except DacnnError:
         raise
     except Exception as exc:
-        raise DacnnError(f"int8 quantization failed: {str(exc).splitlines()[0][:200]}") from exc
+        raise DacnnError(f"int8 quantization failed: {first_line(exc, 200)}") from exc
     finally:
         logging.disable(logging.NOTSET)
     int8 = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from .files import unreadable
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -59,9 +59,18 @@ def inspect_file(path: str | Path) -> Inspection:
         return _inspect_onnx(path)
     if path.suffix == ".safetensors":
         return _inspect_safetensors(path)
-    if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+    if _is_torchscript(path):
         return _inspect_torchscript(path)
     return _inspect_state_dict(path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a zip archive holding a TorchScript program (a damaged zip is not)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
 
 
 def _is_param(name: str, dtype: str = "F32") -> bool:
@@ -133,7 +142,7 @@ def _inspect_state_dict(path: Path) -> Inspection:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"cannot read {str(path)!r} as a weights-only torch file: {str(exc).splitlines()[0][:160]}"
+            f"cannot read {str(path)!r} as a weights-only torch file: {first_line(exc, 160)}"
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")

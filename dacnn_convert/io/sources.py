@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnknownModelError, UsageError, WeightsError, suggest
+from ..errors import UnknownModelError, UsageError, WeightsError, first_line, suggest
 from .files import unreadable
 
 OFFLINE_HINT = (
@@ -283,7 +283,7 @@ def _download_errors(spec: ModelSpec) -> Iterator[None]:
     try:
         yield
     except _offline_error_types() as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise WeightsError(
             f"cannot download pretrained weights for {spec.display} (offline?): {reason[:160]}; {OFFLINE_HINT}"
         ) from exc
@@ -375,7 +375,7 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
                 "with torch.load(weights_only=True), so no code in them can run. If you trust its source, re-save "
                 "its state dict as .safetensors"
             ) from exc
-        why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        why = first_line(exc, 160)
         raise WeightsError(f"cannot read weights file {str(path)!r}: {why}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

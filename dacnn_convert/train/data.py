@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write
-from ..errors import DatasetError, choose
+from ..errors import DatasetError, choose, first_line
 from ..registry import Registry
 
 AUGMENTS = ("auto", "flip", "none")  # auto: random flips as the paper, none for SVHN (digits)
@@ -84,7 +84,7 @@ def _torchvision(cls, root: Path, download: bool, **kwargs):
         return cls(str(root), download=download, **kwargs)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
         raise DatasetError(
-            f"{cls.__name__} is not in {root} ({str(exc).splitlines()[0]}); pass «download» to fetch it "
+            f"{cls.__name__} is not in {root} ({first_line(exc)}); pass «download» to fetch it "
             f"(needs internet), or put the files there yourself (set DACNN_DATA to use another folder)"
         ) from exc
     except OSError as exc:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write
-from ..errors import DacnnError
+from ..errors import DacnnError, first_line
 from .config import TrainConfig
 
 
@@ -45,9 +45,7 @@ def resume_state(
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:
-        raise refuse(
-            f"it is not a readable training state ({str(exc).splitlines()[0][:120] or type(exc).__name__})"
-        ) from exc
+        raise refuse(f"it is not a readable training state ({first_line(exc, 120)})") from exc
     if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
         raise refuse("it is not a dacnn training state (keys missing)")
     mine, theirs = model.state_dict(), state["model"]
