@@ -31,3 +31,8 @@ def default_init(init: str | None, with_data: bool) -> str:
     """The init a conversion uses when none is given: fitted to the activations ("act") when
     calibration data is given, else to the weights ("fit") — the one place this policy lives."""
     return init if init is not None else ("act" if with_data else "fit")
+
+
+# Seeds are 32-bit, as NumPy's: the data order uses seed * 1000 + epoch, which a 64-bit torch
+# generator must still hold (a 22-digit --seed overflowed it with a traceback: issue 23).
+SEED_MAX = 2**32 - 1

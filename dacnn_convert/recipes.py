@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
+from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
 from .errors import RecipeError, UsageError, first_line, marked, suggest
 from .io.files import unreadable
 
@@ -138,6 +138,8 @@ class Recipe:
         for name in ("calibrate_batches", "seed", "step_every", "warmup_steps", "limit_batches", "train_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed > SEED_MAX:
+            raise RecipeError(f"seed must be <= {SEED_MAX} (32 bits), got {self.seed}")
         if self.lr is not None and not self.lr > 0:
             raise RecipeError(f"lr must be > 0, got {self.lr}")
         for name in ("label_smoothing", "feature_weight", "weight_decay"):

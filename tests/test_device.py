@@ -29,6 +29,13 @@ def test_auto_is_the_cpu_without_cuda(monkeypatch) -> None:
     assert resolve_device("CPU") == torch.device("cpu")
 
 
+def _torchrun(monkeypatch, rank: int, world: int = 2) -> None:
+    """The environment torchrun gives each process (a WORLD_SIZE alone is refused: test_reliability3)."""
+    env = {"WORLD_SIZE": world, "RANK": rank, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500}
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+
+
 def test_auto_and_cuda_follow_local_rank_under_torchrun(monkeypatch) -> None:
     _fake_gpus(monkeypatch, 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
@@ -56,7 +63,7 @@ def test_bad_devices_say_what_exists(monkeypatch, spec, gpus, message) -> None:
 
 def test_process_group_sets_the_gpu_first_and_uses_nccl(monkeypatch) -> None:
     calls = []
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    _torchrun(monkeypatch, rank=1)
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
@@ -165,8 +172,7 @@ def test_cuda_on_a_machine_without_one_is_a_usage_error(monkeypatch, tmp_path) -
 
 def test_under_torchrun_an_explicit_gpu_must_be_this_ranks(monkeypatch) -> None:
     _fake_gpus(monkeypatch, 2)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    _torchrun(monkeypatch, rank=1)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(UsageError, match="under torchrun each process uses the GPU of its LOCAL_RANK .here cuda:1"):
         resolve_device("cuda:0")

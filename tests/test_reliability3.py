@@ -6,6 +6,7 @@ file changed.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -276,3 +277,147 @@ def test_inspect_refuses_every_garbled_file_cleanly(tmp_path: Path) -> None:
         path.write_bytes(prefixes[i % len(prefixes)] + rng.randbytes(rng.randrange(0, 96)))
         with pytest.raises(CheckpointError):
             inspect_file(path)
+
+
+def _tampered(src: Path, dst: Path, entry: str, value: object) -> Path:
+    """``src`` with one metadata entry replaced (a dict merged into a JSON-valued entry)."""
+    import json
+    import struct
+
+    blob = src.read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + n])
+    meta = header["__metadata__"]
+    if isinstance(value, dict):
+        meta[entry] = json.dumps({**json.loads(meta[entry]), **value})
+    else:
+        meta[entry] = str(value)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def torchvision_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    return save(
+        anchor(model, input_size=(3, 16, 16)), tmp_path_factory.mktemp("tv") / "m.safetensors", source="resnet18"
+    )
+
+
+TAMPERED = [  # (entry, value, what the one line says)
+    ("source", {"kind": "weird"}, "source kind 'weird' is none of"),
+    ("source", {"num_classes": 10**12}, "not an integer from 1 to 1,000,000"),
+    ("source", {"num_classes": "ten"}, "not an integer from 1 to 1,000,000"),
+    ("source", {"name": ""}, "is not a model name"),
+    ("source", {"name": "resnet1888"}, "names the model resnet1888, which this installation cannot build"),
+    ("source", {"kind": "timm", "name": "hf-hub:timm/resnet18.a1_in1k"}, "would contact the hub"),
+    ("plan", {"input_size": [3, 100000, 100000]}, "input_size [3, 100000, 100000] is not three positive sizes"),
+    ("plan", {"input_size": 16}, "input_size 16 is not three positive sizes"),
+]
+
+
+@pytest.mark.parametrize(("entry", "value", "text"), TAMPERED, ids=[t[2][:24] for t in TAMPERED])
+def test_tampered_metadata_is_one_line_before_anything_is_built(
+    torchvision_checkpoint: Path, tmp_path: Path, entry: str, value: dict, text: str
+) -> None:
+    """Rows 87-88: a kind no source has, a 10^12-class head (it tried to allocate 64 TB), an input
+    size of 3x100000x100000 (120 GB), a model name this torchvision lacks (was: a ValueError
+    traceback) and a hub name (was: a network call from ``eval``) are refused by eval, latency and load()."""
+    from dacnn_convert import load
+    from dacnn_convert.errors import CheckpointError
+
+    bad = _tampered(torchvision_checkpoint, tmp_path / "bad.safetensors", entry, value)
+    with pytest.raises(CheckpointError, match=re.escape(text)):
+        load(bad)
+    for argv in (["eval", str(bad), "--dataset", "synthetic", "--limit-batches", "1"], ["latency", str(bad)]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 1, result.output
+        _one_error(result.output)
+        assert text in " ".join(result.output.split()), result.output
+
+
+def test_a_hub_or_renamed_source_loads_when_the_skeleton_is_given(torchvision_checkpoint: Path, tmp_path: Path) -> None:
+    import torchvision
+
+    from dacnn_convert import load
+
+    bad = _tampered(
+        torchvision_checkpoint, tmp_path / "hub.safetensors", "source", {"name": "hf-hub:a/b", "kind": "timm"}
+    )
+    model = load(bad, model=torchvision.models.resnet18(num_classes=10)).eval()
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
+    result = runner.invoke(
+        app, ["eval", str(bad), "--model", "resnet18", "--dataset", "synthetic", "--limit-batches", "1"]
+    )
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("seed", ["1234567890123456789012", "-1", "4294967296"])
+def test_a_seed_out_of_range_is_one_line_and_writes_nothing(tmp_path: Path, seed: str) -> None:
+    """Row 86: a 22-digit --seed overflowed torch's generator with a traceback."""
+    from dacnn_convert.errors import UsageError
+    from dacnn_convert.train.config import TrainConfig
+
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "tests.models:tiny_resnet",
+            "--dataset",
+            "synthetic",
+            "--input-size",
+            "16",
+            "--seed",
+            seed,
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 2 and "seed" in result.output and not out.exists(), result.output
+    with pytest.raises(UsageError, match=r"seed must be \[0, 4294967295\]"):
+        TrainConfig(seed=int(seed))
+
+
+@pytest.mark.parametrize(
+    ("env", "text"),
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a non-negative integer"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
+            "RANK=5 is not below WORLD_SIZE=2",
+        ),
+    ],
+)
+def test_a_broken_torchrun_environment_is_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], text: str
+) -> None:
+    """Row 89: WORLD_SIZE=2 left in a shell without torchrun's other variables was a traceback from
+    torch.distributed's rendezvous, after the run folder had been created."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "tests.models:tiny_resnet",
+        "--dataset",
+        "synthetic",
+        "--input-size",
+        "16",
+        "--limit-batches",
+        "1",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    _one_error(result.output)
+    assert text in " ".join(result.output.split()) and not out.exists(), result.output

@@ -198,24 +198,20 @@ def latency_command(
 ) -> None:
     """Latency (median, p90) of the original, the anchored model, and with its regulators (anchored+reg)."""
     import dataclasses
-    import json
 
     from ..core.convert import convert
-    from ..core.plan import Plan
     from ..errors import CheckpointError
-    from ..io.checkpoint import load, read_metadata
-    from ..io.sources import ModelSpec, build_model, parse_spec
+    from ..io.checkpoint import load, recorded
+    from ..io.sources import build_model, parse_spec
     from ..latency import compare_latency
 
     try:
         from ..train.device import resolve_device
 
         device = str(resolve_device(device))
-        meta = read_metadata(checkpoint)
-        if "plan" not in meta or "source" not in meta:
+        plan, spec = recorded(checkpoint, rebuild=model_source is None)
+        if plan is None or spec is None:
             raise CheckpointError(f"{checkpoint} has no conversion plan or source: was it written by dacnn-convert?")
-        plan = Plan.from_json(meta["plan"])
-        spec = ModelSpec.from_dict(json.loads(meta["source"]))
         if model_source is not None:
             spec = parse_spec(model_source, spec.num_classes)
         elif spec.kind == "module":

@@ -100,10 +100,9 @@ def check_output_file(out: Path, inputs: tuple[Any, ...] = (), overwrite: bool =
 
 def _rank() -> int:
     """This process's rank in a torchrun job (0 outside one)."""
-    import os
+    from ..train.distributed import launch_rank
 
-    value = os.environ.get("RANK", "0")
-    return int(value) if value.isdigit() else 0
+    return launch_rank()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -187,9 +186,10 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
         if out is None:
             yield
         else:
+            lead = _rank() == 0  # read first: a broken torchrun environment is refused before the folder exists
             check_writable(out)
             # under torchrun every rank runs this command into one folder: rank 0 holds the lock for the job
-            with folder_lock(out) if _rank() == 0 else contextlib.nullcontext():
+            with folder_lock(out) if lead else contextlib.nullcontext():
                 locked = True
                 check_fresh_output(out, data.resume if data else False, data.overwrite if data else False, inputs)
                 yield

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..defaults import DEVICE_HELP
+from ..defaults import DEVICE_HELP, SEED_MAX
 
 
 class Choice(str, Enum):
@@ -216,7 +216,7 @@ TrainLimitOpt = Annotated[int | None, typer.Option(min=1, help="train on a fixed
 DownloadOpt = Annotated[bool, typer.Option(help="let torchvision download a missing dataset")]
 
 
-SeedOpt = Annotated[int, typer.Option(help="random seed")]
+SeedOpt = Annotated[int, typer.Option(help=f"random seed, 0 to {SEED_MAX:,}")]
 
 
 ResumeOpt = Annotated[bool, typer.Option(help="continue from OUT/state.pt (optimiser, schedule, RNG, counters)")]

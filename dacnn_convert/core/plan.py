@@ -15,6 +15,9 @@ from torch import nn
 from ..errors import PlanError
 from .graph import ConvSite
 
+# One example of a recorded input size: 3x8192x8192 fits; a tampered 3x100000x100000 would ask for 120 GB.
+MAX_EXAMPLE_NUMEL = 3 * 8192 * 8192
+
 GROUP_KINDS = ("anchor", "bank")
 
 
@@ -152,6 +155,17 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         """Rebuild a plan from :meth:`to_dict` output; raises PlanError on malformed data."""
+        size = data.get("input_size") if isinstance(data, dict) else None
+        if (
+            not isinstance(size, list | tuple)
+            or len(size) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in size)
+            or size[0] * size[1] * size[2] > MAX_EXAMPLE_NUMEL
+        ):
+            raise PlanError(
+                f"malformed conversion plan: input_size {size!r} is not three positive sizes of at most "
+                f"{MAX_EXAMPLE_NUMEL:,} values in all (C, H, W)"
+            )
         try:
             return cls(
                 mode=str(data["mode"]),

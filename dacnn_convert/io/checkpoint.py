@@ -17,7 +17,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
 from ..core.plan import Plan
-from ..errors import CheckpointError, marked
+from ..errors import CheckpointError, DacnnError, first_line, marked
 from .files import unreadable
 from .resize import resize_to_state
 from .sources import ModelSpec, build_model, check_state_dict, fill_tied, parse_spec, with_module_versions
@@ -67,6 +67,9 @@ def save(
         source = parse_spec(source, _num_classes(model))
     if source is not None and source.num_classes is None:
         source = ModelSpec(source.kind, source.name, _num_classes(model))
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if source is not None and source.name.startswith("hf-hub:") and isinstance(arch, str):
+        source = ModelSpec("timm", arch, source.num_classes)  # the skeleton, rebuilt without the hub
     full = model.state_dict()
     tied = tied_keys(full)  # tensors the user's model ties (anchors are already stored once)
     full = {k: v for k, v in full.items() if k not in tied}
@@ -193,6 +196,43 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{str(path)!r} is not a valid .safetensors file ({str(exc)[:120]})") from exc
 
 
+def recorded(
+    path: str | Path, meta: dict[str, str] | None = None, rebuild: bool = True
+) -> tuple[Plan | None, ModelSpec | None]:
+    """The conversion plan and model source a checkpoint's metadata records (None where absent).
+
+    Each is checked as a file can be tampered with: an unknown source kind or model name, a class
+    count or input size no model has. With ``rebuild`` (the skeleton will be built from the source),
+    a source naming a hub model (``hf-hub:``) is refused, as a file never makes a network call, and
+    so is a model name this installation does not have.
+
+    Raises:
+        CheckpointError: malformed metadata, or a source this installation cannot rebuild.
+    """
+    meta = read_metadata(path) if meta is None else meta
+    try:
+        plan = Plan.from_json(meta["plan"]) if "plan" in meta else None
+        spec = ModelSpec.from_dict(json.loads(meta["source"])) if "source" in meta else None
+    except Exception as exc:
+        raise CheckpointError(f"{str(path)!r} has malformed metadata ({first_line(exc)}); was it edited?") from exc
+    if not rebuild or spec is None:
+        return plan, spec
+    if spec.name.startswith("hf-hub:"):
+        raise CheckpointError(
+            f"{str(path)!r} names the hub model {spec.name}, and rebuilding it would contact the hub: a file never "
+            f"makes a network call; pass its skeleton, load(path, model=...) (on the command line «model=timm:ARCH»)"
+        )
+    if spec.kind != "module":
+        try:
+            parse_spec(spec.display, spec.num_classes)
+        except DacnnError as exc:
+            raise CheckpointError(
+                f"{str(path)!r} names the model {spec.display}, which this installation cannot build "
+                f"({first_line(exc)}); pass its skeleton, load(path, model=...)"
+            ) from None
+    return plan, spec
+
+
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`, with its anchored kernels shared again.
 
@@ -213,11 +253,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             f"{str(path)!r} was not written by dacnn_convert.save (no {FORMAT!r} metadata); "
             "load it with load(path, model=your_model) or as a plain state dict"
         )
-    try:
-        plan = Plan.from_json(meta["plan"]) if "plan" in meta else None
-        spec = ModelSpec.from_dict(json.loads(meta["source"])) if "source" in meta else None
-    except Exception as exc:
-        raise CheckpointError(f"{str(path)!r} has malformed metadata ({exc}); was it edited?") from exc
+    plan, spec = recorded(path, meta, rebuild=model is None)
     if model is None:
         if spec is None or spec.kind == "module":
             raise CheckpointError(

@@ -39,6 +39,10 @@ OFFLINE_HINT = (
 )
 
 
+SPEC_KINDS = ("torchvision", "timm", "dacnn", "module")
+MAX_CLASSES = 1_000_000  # a classifier head wider than this is a tampered file, not a model (10^12 tried 64 TB)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Where a model comes from: enough to rebuild its skeleton without the user's code."""
@@ -61,7 +65,18 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(kind=str(data["kind"]), name=str(data["name"]), num_classes=data.get("num_classes"))
+        """The spec a checkpoint's metadata describes, checked: a tampered kind, name or class count
+        is refused here (ValueError), before a skeleton is built from it."""
+        kind, name, classes = data.get("kind"), data.get("name"), data.get("num_classes")
+        if kind not in SPEC_KINDS:
+            raise ValueError(f"source kind {kind!r} is none of {', '.join(SPEC_KINDS)}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"source name {name!r} is not a model name")
+        if classes is not None and (
+            isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= MAX_CLASSES
+        ):
+            raise ValueError(f"num_classes {classes!r} is not an integer from 1 to {MAX_CLASSES:,}")
+        return cls(kind=kind, name=name, num_classes=classes)
 
 
 def parse_spec(text: str, num_classes: int | None = None) -> ModelSpec:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..defaults import FINETUNE_LR, FINETUNE_WARMUP_STEPS, TRAIN_LR
+from ..defaults import FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
 from ..errors import UsageError, choose
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -70,8 +70,9 @@ class TrainConfig:
             "clip_grad": (0, None, False),
             "limit_batches": (1, None, True),
             "checkpoint_every": (1, None, True),
+            "seed": (0, SEED_MAX, True),
         }
-        integers = {"epochs", "warmup_steps", "step_every", "limit_batches", "checkpoint_every"}
+        integers = {"epochs", "warmup_steps", "step_every", "limit_batches", "checkpoint_every", "seed"}
         for name, (low, high, closed) in ranges.items():
             value = getattr(self, name)
             if value is None:

@@ -6,17 +6,16 @@ with a GPU trains on it without being told, and ``torchrun`` gives each process 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..defaults import DEVICE_HELP
 from ..errors import UsageError
+from .distributed import launch_local_rank, launch_world
 
 
 def local_rank() -> int:
     """This process's GPU index under torchrun (0 without it)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return launch_local_rank()
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -42,7 +41,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
                 f"device {spec!r} requested, but no CUDA device is available on this machine; use cpu or auto"
             )
         n = int(index) if index else local_rank()
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launch_world()
         if world > 1 and n != local_rank():
             raise UsageError(
                 f"device {spec!r}: under torchrun each process uses the GPU of its LOCAL_RANK "

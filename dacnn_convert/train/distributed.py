@@ -7,6 +7,52 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import UsageError
+
+_LAUNCH = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise UsageError(f"environment variable {name}={value!r} is not a non-negative integer; torchrun sets it")
+    return int(value)
+
+
+def launch_world() -> int:
+    """The world size torchrun announced in the environment (1 without torchrun).
+
+    Raises:
+        UsageError: ``WORLD_SIZE`` is not an integer, or is above 1 without the variables torchrun sets
+            beside it (a ``WORLD_SIZE=2`` left in the shell is not a launch).
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    if world > 1:
+        missing = [name for name in _LAUNCH if not os.environ.get(name, "").strip()]
+        if missing:
+            raise UsageError(
+                f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                f"start the job with torchrun --nproc-per-node {world} (it sets all of them), or unset WORLD_SIZE "
+                "to run in one process"
+            )
+        for name in ("RANK", "LOCAL_RANK"):
+            if _env_int(name, 0) >= world:
+                raise UsageError(f"{name}={os.environ[name]} is not below WORLD_SIZE={world}; torchrun sets both")
+    return world
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun announced it (0 without torchrun)."""
+    return _env_int("RANK", 0) if launch_world() > 1 else 0
+
+
+def launch_local_rank() -> int:
+    """This process's local rank (its GPU index) as the launcher announced it (0 without one)."""
+    launch_world()  # a broken WORLD_SIZE is refused first
+    return _env_int("LOCAL_RANK", 0)
+
 
 def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
     """Join the process group torchrun described in the environment; returns (rank, world size).
@@ -15,7 +61,7 @@ def init_from_env(device: torch.device | None = None) -> tuple[int, int]:
     ``device`` the process's GPU is selected first (NCCL needs it before the group exists) and
     the backend is NCCL; on the CPU it is gloo. Call :func:`shutdown` when the job ends.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world()
     if world <= 1:
         return 0, 1
     cuda = device is not None and device.type == "cuda"
