@@ -604,11 +604,14 @@ def resolve_target(
     target_ratio: float | None = None,
     target_bytes: int | None = None,
     bytes_per_param: int = 4,
+    overhead_bytes: int = 0,
 ) -> int:
-    """One budget in unique parameters from whichever target was given (bytes at ``bytes_per_param``).
+    """One budget in unique parameters from whichever target was given (bytes at ``bytes_per_param``,
+    after the ``overhead_bytes`` a file holds beyond its parameters: io.checkpoint.stored_overhead).
 
     Raises:
-        UsageError: none or several targets, or a value that is not positive.
+        UsageError: none or several targets, or a value that is not positive, or a byte target
+            the file's overhead alone fills.
     """
     given = [t for t in (target_params, target_ratio, target_bytes) if t is not None]
     if len(given) != 1:
@@ -623,5 +626,10 @@ def resolve_target(
             )
         return int(params_before / target_ratio)
     if target_bytes is not None:
-        return int(target_bytes // bytes_per_param)
+        if target_bytes <= overhead_bytes:
+            raise UsageError(
+                f"«target-bytes» {target_bytes:,} leaves nothing for parameters: a file of this model holds about "
+                f"{overhead_bytes:,} bytes beside them (BatchNorm statistics and the plan's metadata)"
+            )
+        return int((target_bytes - overhead_bytes) // bytes_per_param)
     return int(target_params)  # type: ignore[arg-type]

@@ -123,8 +123,10 @@ def run_convert_job(
         if by_budget:
             from .budget import resolve_target
             from .budget import search as budget_search
+            from .io.checkpoint import stored_overhead
 
-            wanted = resolve_target(count_params(original), *target)
+            overhead = stored_overhead(original) if target[2] is not None else 0
+            wanted = resolve_target(count_params(original), *target, overhead_bytes=overhead)
             loader = loaders.train if loaders is not None else None
             search = budget_search(original, wanted, size, loader, 8, rec.metric, rec.regulator_style, init, leaves)
             plan = search.plan

@@ -30,7 +30,7 @@ from .core.planning import InitName, ModeName, RegulatorStyleName, make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
 from .defaults import default_init
 from .errors import UsageError, choose
-from .io.checkpoint import save
+from .io.checkpoint import save, stored_overhead
 from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
 from .train.calibrate import CALIBRATE_BATCHES
 
@@ -84,7 +84,8 @@ def plan(
             bank_size=bank_size,
             factorize_unshared=factorize_unshared,
         )
-    target = resolve_target(count_params(model), target_params, target_ratio, target_bytes)
+    overhead = stored_overhead(model) if target_bytes is not None else 0
+    target = resolve_target(count_params(model), target_params, target_ratio, target_bytes, overhead_bytes=overhead)
     return search(
         model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init, leaf_modules
     ).plan

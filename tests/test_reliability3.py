@@ -421,3 +421,19 @@ def test_a_broken_torchrun_environment_is_one_line_and_writes_nothing(
     assert result.exit_code == 2, result.output
     _one_error(result.output)
     assert text in " ".join(result.output.split()) and not out.exists(), result.output
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.6])
+def test_a_byte_target_bounds_the_file_written_not_only_its_parameters(tmp_path: Path, fraction: float) -> None:
+    """Row 91: --target-bytes counted 4 bytes per parameter and nothing else, and the file came out
+    over the target (BatchNorm statistics and the plan's metadata are stored too)."""
+    from dacnn_convert.errors import UsageError
+
+    torch.manual_seed(0)
+    model = TinyResNet()
+    full = save(model, tmp_path / "full.safetensors").stat().st_size
+    target = int(full * fraction)
+    written = save(anchor(model, target_bytes=target, input_size=(3, 16, 16)), tmp_path / "m.safetensors")
+    assert written.stat().st_size <= target
+    with pytest.raises(UsageError, match="leaves nothing for parameters: a file of this model holds about"):
+        anchor(model, target_bytes=full // 4, input_size=(3, 16, 16))

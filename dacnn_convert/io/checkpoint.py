@@ -177,6 +177,22 @@ def _num_classes(model: nn.Module) -> int | None:
     return last[-1].out_features if last else None
 
 
+HEADER_BYTES_PER_LAYER = 640  # a conv or Linear's site and group in the plan's JSON (measured: 300-560)
+HEADER_BYTES_PER_TENSOR = 120  # one tensor's name, dtype, shape and offsets in the safetensors index (~100)
+
+
+def stored_overhead(model: nn.Module) -> int:
+    """Bytes a :func:`save` file of ``model`` (converted by any plan) holds beyond its fp32 parameters,
+    estimated from above: its buffers (BatchNorm statistics, kept by every plan) and a header of the
+    plan's metadata and the tensor index, counted for twice the tensors the model has now (banks,
+    coefficients and regulators add tensors). A byte target spends the rest on parameters.
+    """
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    layers = sum(1 for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear))
+    tensors = len(model.state_dict())
+    return buffers + 1024 + HEADER_BYTES_PER_LAYER * layers + HEADER_BYTES_PER_TENSOR * 2 * tensors
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of a .safetensors file (empty when it has none).
 
