@@ -437,3 +437,89 @@ def test_a_byte_target_bounds_the_file_written_not_only_its_parameters(tmp_path:
     assert written.stat().st_size <= target
     with pytest.raises(UsageError, match="leaves nothing for parameters: a file of this model holds about"):
         anchor(model, target_bytes=full // 4, input_size=(3, 16, 16))
+
+
+def _finished_run(tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    args = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16", "--epochs", "1"]
+    result = runner.invoke(app, [*args, "--limit-batches", "2", "--precision", "fp32", "--out", str(out)])
+    assert result.exit_code == 0 and (out / "state.pt").is_file(), result.output
+    return out
+
+
+def test_resume_and_overwrite_together_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    """Row 92: --resume --overwrite resumed and ignored --overwrite silently."""
+    out = _finished_run(tmp_path)
+    before = _snapshot(out)
+    args = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16", "--epochs", "2"]
+    result = runner.invoke(app, [*args, "--out", str(out), "--resume", "--overwrite"])
+    assert result.exit_code == 2 and "give one of them" in result.output, result.output
+    assert _snapshot(out) == before
+
+
+def test_resume_on_other_data_is_refused_naming_both(tmp_path: Path) -> None:
+    """Row 93: a run resumed with another --dataset went on silently on the new data."""
+    out = _finished_run(tmp_path)
+    before = _snapshot(out)
+    args = ["train", "tests.models:tiny_resnet", "--dataset", "fashion-mnist", "--input-size", "16", "--epochs", "2"]
+    result = runner.invoke(app, [*args, "--limit-batches", "2", "--precision", "fp32", "--out", str(out), "--resume"])
+    assert result.exit_code == 1, result.output
+    _one_error(result.output)
+    text = " ".join(result.output.split())
+    assert "written training on synthetic: 512 images at 3x16x16 and this run reads fashion-mnist" in text, text
+    assert _snapshot(out) == before
+
+
+def test_an_overwrite_that_fails_keeps_the_run_it_was_to_replace(tmp_path: Path) -> None:
+    """Row 94 (data loss): --overwrite removed the old run's files before the new run checked its
+    data, so a typo in --dataset cost the previous run. They are now moved aside and put back."""
+    out = _finished_run(tmp_path)
+    before = _snapshot(out)
+    args = ["train", "tests.models:tiny_resnet", "--dataset", f"imagefolder:{tmp_path / 'none'}", "--input-size", "16"]
+    result = runner.invoke(app, [*args, "--out", str(out), "--overwrite"])
+    assert result.exit_code != 0, result.output
+    _one_error(result.output)
+    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    args = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16", "--epochs", "1"]
+    result = runner.invoke(app, [*args, "--limit-batches", "1", "--out", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not any(p.name.startswith(".dacnn-replaced") for p in out.iterdir())
+    assert len((out / "metrics.csv").read_text().splitlines()) == 2  # the new run's row only
+
+
+def test_brackets_in_paths_and_names_are_printed_as_given(checkpoint: Path, tmp_path: Path) -> None:
+    """Row 95: rich read "[/]" in a path or model name as a style tag and crashed (MarkupError), and
+    dropped "[v2]" from "model[v2].safetensors", so the path printed was not the file's."""
+    odd = tmp_path / "model[v2]"
+    odd.mkdir()
+    bracketed = odd / "m[b].safetensors"
+    bracketed.write_bytes(checkpoint.read_bytes())
+    result = runner.invoke(app, ["inspect", str(bracketed)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0 and str(bracketed) in result.output, result.output
+    for argv in (["inspect", str(tmp_path / "missing[/x].safetensors")], ["plan", "resnet[/]18", "--weights", "none"]):
+        result = runner.invoke(app, argv, env={"COLUMNS": "400"})
+        assert result.exit_code in (1, 2), result.output
+        _one_error(result.output)
+        assert "[/" in result.output
+
+
+@pytest.mark.parametrize(
+    ("entry", "value"),
+    [
+        ("plan", "{not json"),
+        ("plan", "[1, 2]"),
+        ("plan", '{"groups": [{"name": "g"}]}'),
+        ("plan", "[" * 100_000 + "]" * 100_000),
+        ("source", "{bad json"),
+        ("source", '{"kind": "dacnn", "name": "18-mix", "num_classes": 1000000000000}'),
+    ],
+    ids=["not-json", "list", "keys-missing", "nested-1e5", "source-not-json", "classes-1e12"],
+)
+def test_inspect_of_tampered_metadata_is_one_line(checkpoint: Path, tmp_path: Path, entry: str, value: str) -> None:
+    """Row 96: inspect parsed the metadata itself and raised JSONDecodeError, KeyError,
+    RecursionError or a 10^12-class allocation; it now reads it through the checked path."""
+    bad = _tampered(checkpoint, tmp_path / "bad.safetensors", entry, value)
+    result = runner.invoke(app, ["inspect", str(bad)])
+    assert result.exit_code == 1, result.output
+    _one_error(result.output)
+    assert "malformed metadata" in result.output

@@ -13,12 +13,21 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError, UsageError
 
-console = Console()
-err_console = Console(stderr=True)
+# markup off: paths, model names and metadata are printed as given ("model[v2].safetensors" is a
+# file name, not a style tag; "[/]" in one crashed rich); styles are set with rich.text.Text instead
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
+
+
+def labelled(label: str, style: str, text: str) -> Text:
+    """``label`` styled, then ``text`` printed as it is (control characters from a file removed)."""
+    clean = "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
+    return Text.assemble((label, style), " ", clean)
 
 
 def load_checkpoint(path: Path, model: str | None = None) -> Any:
@@ -99,7 +108,7 @@ def recipe_from_command(ctx: typer.Context, task: str, path: Path | None = None)
 
 def fail(exc: DacnnError) -> typer.Exit:
     """Print a library error as one line and return the exit to raise."""
-    err_console.print(f"[bold red]error:[/] {exc.cli_message()}", highlight=False, soft_wrap=True)
+    err_console.print(labelled("error:", "bold red", exc.cli_message()), highlight=False, soft_wrap=True)
     return typer.Exit(exc.exit_code)
 
 

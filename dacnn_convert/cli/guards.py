@@ -48,16 +48,22 @@ ALSO_WRITTEN = ("README.md", "recipe.yaml", "result.json", "bench.csv", "bench.p
 LOCK = ".dacnn.lock"  # held by the run writing into a folder: a second run there is refused
 
 
-def check_fresh_output(out: Path, resume: bool = False, overwrite: bool = False, inputs: tuple[Any, ...] = ()) -> None:
+def check_fresh_output(
+    out: Path, resume: bool = False, overwrite: bool = False, inputs: tuple[Any, ...] = ()
+) -> Path | None:
     """Refuse to write over a finished run, a file the run would replace, or this command's own inputs.
 
-    ``--resume`` continues the run there; ``--overwrite`` replaces it (its files are removed
-    first, so nothing of the old run is mixed into the new one, e.g. appended metrics).
+    ``--resume`` continues the run there; ``--overwrite`` replaces it: its files are moved aside
+    first, into the folder returned (nothing of the old run is mixed into the new one, e.g.
+    appended metrics), and :func:`output_guard` puts them back if the new run fails, or removes
+    them once it has succeeded: a run that fails never costs the one it was to replace.
 
     Raises:
         UsageError: ``out`` holds a run or a file the run writes and neither flag was given, or
             an input file would be overwritten (never allowed, not even with --overwrite).
     """
+    if resume and overwrite:
+        raise UsageError(f"--resume continues the run in {out} and --overwrite replaces it: give one of them")
     for given in inputs:
         path = Path(given) if isinstance(given, str | Path) else None
         if path is not None and path.is_file() and path.parent.resolve() == out.resolve():
@@ -66,19 +72,32 @@ def check_fresh_output(out: Path, resume: bool = False, overwrite: bool = False,
     found = [name for name in RUN_FILES if (out / name).exists()]
     others = [name for name in ALSO_WRITTEN if (out / name).exists()]
     if resume or (not found and not others):
-        return
+        return None
     if not overwrite:
         what = f"already holds a run ({', '.join(found)})" if found else f"already holds {', '.join(others)}"
         hint = "continue it with --resume, or replace it with --overwrite" if found else "replace with --overwrite"
         raise UsageError(f"{out} {what}, which this command would write over; {hint} (or choose another --out)")
-    for name in [*found, *others]:
-        target = out / name
-        if target.is_dir():
-            import shutil
+    import uuid
 
-            shutil.rmtree(target)
-        else:
-            target.unlink()
+    aside = out / f".dacnn-replaced-{uuid.uuid4().hex[:8]}"
+    aside.mkdir()
+    for name in [*found, *others]:
+        (out / name).rename(aside / name)
+    return aside
+
+
+def _restore(out: Path, aside: Path) -> None:
+    """Put the files a failed --overwrite run moved aside back in place of what it wrote."""
+    import shutil
+
+    for old in aside.iterdir():
+        new = out / old.name
+        if new.is_dir() and not new.is_symlink():
+            shutil.rmtree(new, ignore_errors=True)
+        elif new.exists() or new.is_symlink():
+            new.unlink()
+        old.rename(new)
+    aside.rmdir()
 
 
 def check_output_file(out: Path, inputs: tuple[Any, ...] = (), overwrite: bool = False) -> None:
@@ -182,6 +201,7 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
 
     existed = out is None or out.exists()
     locked = False  # only a run that holds the lock may clean up: a refused one leaves the other run's folder be
+    aside: Path | None = None  # the replaced run's files, kept until this one succeeds
     try:
         if out is None:
             yield
@@ -191,10 +211,17 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
             # under torchrun every rank runs this command into one folder: rank 0 holds the lock for the job
             with folder_lock(out) if lead else contextlib.nullcontext():
                 locked = True
-                check_fresh_output(out, data.resume if data else False, data.overwrite if data else False, inputs)
+                if lead:
+                    aside = check_fresh_output(
+                        out, data.resume if data else False, data.overwrite if data else False, inputs
+                    )
                 yield
+                if aside is not None:
+                    shutil.rmtree(aside, ignore_errors=True)
     except BaseException as exc:
-        if locked and out is not None and not existed and out.is_dir() and not (out / "state.pt").is_file():
+        if aside is not None and aside.is_dir():
+            _restore(out, aside)  # type: ignore[arg-type]
+        elif locked and out is not None and not existed and out.is_dir() and not (out / "state.pt").is_file():
             shutil.rmtree(out, ignore_errors=True)
         if isinstance(exc, OSError):
             raise write_failed(getattr(exc, "filename", None) or out, exc) from exc

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .common import console
+from .common import console, labelled
 
 
 def render_plan(plan: Any, source: str) -> None:
@@ -27,7 +27,7 @@ def render_plan(plan: Any, source: str) -> None:
         f"({plan.params_before / plan.params_after:.2f}x); dry run: nothing written"
     )
     for n in plan.notes:
-        console.print(f"[yellow]warning:[/] {n}")
+        console.print(labelled("warning:", "yellow", n))
 
 
 def render_report(report: Any) -> None:
@@ -76,7 +76,7 @@ def render_report(report: Any) -> None:
     summary.add_row("regulators added", "", f"{report.regulators} ({report.regulator_params:,} params)", "")
     console.print(summary)
     for n in report.notes:
-        console.print(f"[yellow]warning:[/] {n}")
+        console.print(labelled("warning:", "yellow", n))
 
 
 def render_accuracy(result: Any) -> None:

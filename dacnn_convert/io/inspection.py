@@ -7,7 +7,6 @@ TorchScript archives written by :func:`export_torchscript`, and .onnx files.
 from __future__ import annotations
 
 import io
-import json
 import math
 import pickle
 import zipfile
@@ -17,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, first_line
+from ..errors import CheckpointError, DacnnError, first_line
 from .files import unreadable
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -82,7 +81,7 @@ def _is_param(name: str, dtype: str = "F32") -> bool:
 def _inspect_safetensors(path: Path) -> Inspection:
     from safetensors import safe_open
 
-    from .checkpoint import read_metadata
+    from .checkpoint import read_metadata, recorded
 
     meta = read_metadata(path)
     params = param_bytes = tensors = 0
@@ -97,15 +96,19 @@ def _inspect_safetensors(path: Path) -> Inspection:
                 params += numel
                 param_bytes += numel * _itemsize(t.get_dtype())
     shared: list[tuple[str, tuple[int, ...], tuple[str, ...]]] = []
-    if "plan" in meta:
-        plan = json.loads(meta["plan"])
-        for g in plan["groups"]:
-            shared.append((f"dacnn_anchors.{g['name']}", tuple(g["shape"]), tuple(g["members"])))
-    source = json.loads(meta["source"]) if "source" in meta else None
-    if not shared and source is not None and source.get("kind") == "dacnn":  # sharing is in the architecture
+    plan, spec = recorded(path, meta, rebuild=False)  # checked: a tampered entry is one CheckpointError
+    for g in plan.groups if plan is not None else ():
+        shared.append((f"dacnn_anchors.{g.name}", tuple(g.shape), tuple(g.members)))
+    source = spec.to_dict() if spec is not None else None
+    if not shared and spec is not None and spec.kind == "dacnn":  # sharing is in the architecture
         from ..core.models import from_name
 
-        shared = _architecture_sharing(from_name(source["name"], source.get("num_classes") or 100))
+        try:
+            shared = _architecture_sharing(from_name(spec.name, spec.num_classes or 100))
+        except (DacnnError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"{str(path)!r} names the DACNN {spec.name!r}, which cannot be built: {first_line(exc)}"
+            ) from None
     return Inspection(
         str(path),
         "safetensors",

@@ -28,7 +28,7 @@ from .evaluation import evaluate, to_device
 from .interrupts import Interrupts
 from .losses import FeatureTaps, feature_mse, kd_loss
 from .precision import autocast, resolve_precision
-from .state import NonFiniteLossError, append_csv, resume_state, save_state, tensorboard_writer
+from .state import NonFiniteLossError, append_csv, data_signature, resume_state, save_state, tensorboard_writer
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -110,7 +110,7 @@ def _fit_seeded(
     state_path = out / "state.pt" if out is not None else None
     first_epoch, skip, step = 0, 0, 0
     if resume and state_path is not None and state_path.is_file():
-        state = resume_state(state_path, device, model, opt, per_epoch, cfg)
+        state = resume_state(state_path, device, model, opt, per_epoch, cfg, data_signature(train_batches))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"].cpu())
@@ -139,6 +139,7 @@ def _fit_seeded(
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "steps_per_epoch": per_epoch,
                 "optimizer_name": cfg.optimizer,
+                "data": data_signature(train_batches),
                 "epoch": epoch,
                 "batch": batch,
                 "step": step,

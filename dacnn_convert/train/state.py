@@ -29,14 +29,42 @@ def save_state(path: Path, state: dict[str, Any]) -> Path:
 STATE_KEYS = ("model", "optimizer", "rng", "epoch", "batch", "step", "history", "best_acc")
 
 
+def data_signature(batches: Any) -> str | None:
+    """What a run trains on, in words, for ``state.pt``: a resumed run must read the same data.
+
+    The dataset's name (or class), its number of examples and, for the package's own loaders,
+    the size the images are brought to; None for an iterable that tells nothing of itself.
+    """
+    x = getattr(batches, "x", None)
+    if isinstance(x, torch.Tensor) and hasattr(batches, "size") and hasattr(batches, "channels"):
+        name = getattr(batches, "name", None) or "tensors"
+        return f"{name}: {len(x):,} images at {batches.channels}x{batches.size}x{batches.size}"
+    loader = getattr(batches, "loader", batches)  # a DataLoader, or the package's wrapper of one
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None:
+        return None
+    try:
+        count = f" of {len(dataset):,} examples"
+    except TypeError:
+        count = ""
+    return f"{type(dataset).__name__}{count}"
+
+
 def resume_state(
-    path: Path, device: torch.device, model: nn.Module, opt: torch.optim.Optimizer, per_epoch: int, cfg: TrainConfig
+    path: Path,
+    device: torch.device,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    per_epoch: int,
+    cfg: TrainConfig,
+    data: str | None = None,
 ) -> dict[str, Any]:
     """``path`` read and checked against this run before anything is restored from it.
 
     Raises:
         ResumeError: unreadable or truncated, not a training state, or written by a run with
-            another model, optimiser or number of steps per epoch (says which).
+            another model, optimiser, number of steps per epoch or data (``data``: this run's
+            :func:`data_signature`; says which).
     """
 
     def refuse(why: str) -> ResumeError:
@@ -71,6 +99,12 @@ def resume_state(
         raise refuse(
             f"it was written with {written} steps per epoch and this run has {per_epoch} "
             "(another «batch-size», «train-limit» or «limit-batches»?)"
+        )
+    theirs_data = state.get("data")
+    if theirs_data is not None and data is not None and theirs_data != data:
+        raise refuse(
+            f"it was written training on {theirs_data} and this run reads {data} "
+            "(another «dataset», «input-size» or «train-limit»?)"
         )
     return state
 
