@@ -151,7 +151,7 @@ MATRIX = [
     ("--target-ratio 0", lambda t, f: [*TINY, "--target-ratio", "0"], 2, "the target must be positive"),
     ("--target-params -5", lambda t, f: [*TINY, "--target-params", "-5"], 2, "the target must be positive"),
     ("--target-bytes 1e999", lambda t, f: [*TINY, "--target-bytes", "1e999"], 2, "must be a finite size"),
-    ("--num-classes 0", lambda t, f: [*TINY, "--num-classes", "0"], 2, "--num-classes must be >= 1"),
+    ("--num-classes 0", lambda t, f: [*TINY, "--num-classes", "0"], 2, "--num-classes must be from 1 to 1,000,000"),
     ("--input-size 99999999", lambda t, f: [*TINY[:3], "--input-size", "99999999"], 2, "out of range"),
     ("--input-size 3x-1x16", lambda t, f: [*TINY[:3], "--input-size", "3x-1x16"], 2, "each >= 1"),
     ("--bank-size nan", lambda t, f: [*TINY, "--mode", "bank", "--bank-size", "nan"], 2, "is not a bank size"),

@@ -393,6 +393,21 @@ def test_a_seed_out_of_range_is_one_line_and_writes_nothing(tmp_path: Path, seed
             {"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
             "RANK=5 is not below WORLD_SIZE=2",
         ),
+        ({"WORLD_SIZE": "\u00b2"}, "is not a non-negative integer"),  # "²" passes str.isdigit()
+        (
+            {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+            "MASTER_PORT=99999 is not a TCP port",
+        ),
+        (  # the rendezvous waited 30 minutes for it
+            {
+                "WORLD_SIZE": "2",
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "MASTER_ADDR": "no.such.host.invalid",
+                "MASTER_PORT": "1",
+            },
+            "MASTER_ADDR='no.such.host.invalid' does not resolve",
+        ),
     ],
 )
 def test_a_broken_torchrun_environment_is_one_line_and_writes_nothing(
@@ -523,3 +538,60 @@ def test_inspect_of_tampered_metadata_is_one_line(checkpoint: Path, tmp_path: Pa
     assert result.exit_code == 1, result.output
     _one_error(result.output)
     assert "malformed metadata" in result.output
+
+
+def test_an_allocation_the_machine_cannot_make_is_one_line() -> None:
+    """Row 97: a 3x4096x4096 batch of 64 for latency, a 10^12-class head: allocator tracebacks."""
+    import typer
+
+    from dacnn_convert.cli.common import handled
+
+    def greedy() -> None:
+        raise RuntimeError(
+            "[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes."
+        )
+
+    def other() -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        handled(greedy)()
+    assert exit_info.value.exit_code == 1
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else is not dressed up as a resource error
+        handled(other)()
+    result = runner.invoke(
+        app, ["plan", *SOURCE[1:], "--weights", "none", "--input-size", "16", "--num-classes", "1000000000000"]
+    )
+    assert result.exit_code == 2 and "must be from 1 to 1,000,000" in result.output, result.output
+
+
+def test_resume_from_a_state_that_is_not_a_file_or_a_finished_run_without_its_model(tmp_path: Path) -> None:
+    """Row 98: state.pt a folder or FIFO made --resume start from scratch and append duplicate metrics;
+    a finished run whose best/last checkpoints were deleted resumed to "wrote None", exit 0."""
+    out = _finished_run(tmp_path)
+    args = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16", "--epochs", "1"]
+    args += ["--limit-batches", "2", "--precision", "fp32", "--out", str(out), "--resume"]
+    (out / "best.safetensors").unlink()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "best.safetensors is gone" in " ".join(result.output.split()), result.output
+    (out / "state.pt").unlink()
+    (out / "state.pt").mkdir()
+    before = _snapshot(out)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "it is not a file" in result.output, result.output
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "", "tpu"])
+def test_plan_checks_the_device_without_data_too(device: str) -> None:
+    """Row 99: dacnn plan --device tpu exited 0 (the device was resolved only with --dataset)."""
+    result = runner.invoke(app, ["plan", *SOURCE[1:], "--weights", "none", "--input-size", "16", "--device", device])
+    assert result.exit_code == 2 and "device" in result.output, result.output
+
+
+def test_a_model_factory_that_cannot_be_called_or_raises_is_one_line() -> None:
+    """Row 100: a factory needing an argument, or raising, was a TypeError traceback."""
+    result = runner.invoke(app, ["plan", "tests.models:randomize_bn", "--weights", "none", "--input-size", "16"])
+    assert result.exit_code == 1, result.output
+    _one_error(result.output)
+    assert "cannot be called with no arguments" in " ".join(result.output.split())

@@ -11,6 +11,7 @@ import sys
 import typer
 
 from .bench import bench_command
+from .common import handled
 from .convert import convert_command, demo_command, plan_command
 from .deploy import export_command, inspect_command, latency_command
 from .paper import recipe_app, table_app
@@ -20,17 +21,17 @@ from .visualize import visualize_command
 app = typer.Typer(
     help="dacnn: deep anchored CNNs — convert, and more.", no_args_is_help=True, pretty_exceptions_enable=False
 )
-app.command("bench")(bench_command)
-app.command("convert")(convert_command)
-app.command("plan")(plan_command)
-app.command("demo")(demo_command)
-app.command("export")(export_command)
-app.command("inspect")(inspect_command)
-app.command("latency")(latency_command)
-app.command("distill", help="Same as convert; give --dataset to calibrate and distil.")(convert_command)
-app.command("train")(train_command)
-app.command("eval")(eval_command)
-app.command("visualize")(visualize_command)
+app.command("bench")(handled(bench_command))
+app.command("convert")(handled(convert_command))
+app.command("plan")(handled(plan_command))
+app.command("demo")(handled(demo_command))
+app.command("export")(handled(export_command))
+app.command("inspect")(handled(inspect_command))
+app.command("latency")(handled(latency_command))
+app.command("distill", help="Same as convert; give --dataset to calibrate and distil.")(handled(convert_command))
+app.command("train")(handled(train_command))
+app.command("eval")(handled(eval_command))
+app.command("visualize")(handled(visualize_command))
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(table_app, name="table")
 
@@ -41,7 +42,7 @@ def _dacnn() -> None:
 
 
 convert_app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-convert_app.command()(convert_command)
+convert_app.command()(handled(convert_command))
 
 
 def _leave_process_group() -> None:

@@ -6,6 +6,8 @@ rich. Library errors become one line on stderr and exit code 1 (usage errors 2).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
-from ..errors import DacnnError, UsageError
+from ..errors import DacnnError, UsageError, first_line
 
 # markup off: paths, model names and metadata are printed as given ("model[v2].safetensors" is a
 # file name, not a style tag; "[/]" in one crashed rich); styles are set with rich.text.Text instead
@@ -104,6 +106,40 @@ def recipe_from_command(ctx: typer.Context, task: str, path: Path | None = None)
             value = ",".join(value) or None
         changes[key] = value
     return rec.override(**changes)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation the machine cannot make: MemoryError, or torch's (CPU or CUDA) out-of-memory error."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def handled(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with the CLI's one error rule: a library error, or an allocation the machine cannot
+    make (a 10^12-class head, a 3x4096x4096 batch of 64), is one line and an exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DacnnError as exc:
+            raise fail(exc) from None
+        except (MemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            import re
+
+            asked = re.search(r"allocate (\d+) bytes", str(exc))
+            what = f"one tensor needed {int(asked[1]):,} bytes" if asked else first_line(exc, 160)
+            raise fail(
+                DacnnError(
+                    f"out of memory: {what}; a smaller «batch-size», «input-size», class count or model needs less"
+                )
+            ) from None
+
+    return run
 
 
 def fail(exc: DacnnError) -> typer.Exit:

@@ -90,12 +90,16 @@ def run_convert(
         raise UsageError("give a MODEL (e.g. resnet34) or a --recipe that names one")
     weights = rec.weights or "DEFAULT"
     with_data = data is not None and bool(data.dataset)
+    from ..train.device import resolve_device
+
+    # checked with data or without: a --device this machine lacks is refused, not ignored
+    device = data.torch_device() if with_data else resolve_device(rec.device)  # type: ignore[union-attr]
     guarded = None if dry_run else output_folder(rec)
     with output_guard(guarded, data, (weights, *inputs)), _Progress() as progress:
         job = run_convert_job(
             rec,
             loaders_for=data.loaders if with_data else None,  # type: ignore[union-attr]
-            device=data.torch_device() if with_data else None,  # type: ignore[union-attr]
+            device=device,
             dry_run=dry_run,
             write_recipe=write_recipe,
             command=command,

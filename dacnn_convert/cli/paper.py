@@ -16,7 +16,7 @@ from rich.table import Table
 from ..atomic import atomic_write_text
 from ..defaults import DEVICE_HELP
 from ..errors import DacnnError, UsageError
-from .common import DataOptions, console, fail
+from .common import DataOptions, console, fail, handled
 from .options import DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt
 
 recipe_app = typer.Typer(
@@ -26,6 +26,7 @@ table_app = typer.Typer(help="The paper's tables next to ours.", no_args_is_help
 
 
 @recipe_app.command("list")
+@handled
 def recipe_list(root: Annotated[Path, typer.Option(help="folder searched for *.yaml")] = Path("recipes")) -> None:
     """Every recipe under ROOT with its task, model, data and the paper's figure for that row."""
     from ..recipes import find_recipes, load_recipe
@@ -44,6 +45,7 @@ def recipe_list(root: Annotated[Path, typer.Option(help="folder searched for *.y
 
 
 @recipe_app.command("run")
+@handled
 def recipe_run(
     recipe: Annotated[Path, typer.Argument(help="a recipe .yaml")],
     epochs: Annotated[int | None, typer.Option(min=1, help="override the recipe's epochs (short runs)")] = None,
@@ -153,6 +155,7 @@ def run_recipe(
 
 
 @table_app.command("params")
+@handled
 def table_params(
     markdown: Annotated[bool, typer.Option("--markdown", help="print a Markdown table instead")] = False,
 ) -> None:
@@ -190,6 +193,7 @@ def table_params(
 
 
 @table_app.command("accuracy")
+@handled
 def table_accuracy(
     results: Annotated[Path, typer.Option(help="folder of result.json files (recipe runs)")] = Path(
         "benchmarks/results/paper"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import sys
 import urllib.error
@@ -86,8 +87,10 @@ def parse_spec(text: str, num_classes: int | None = None) -> ModelSpec:
         UnknownModelError: the name is in none of the sources; the message lists close names.
         UsageError: ``num_classes`` below 1.
     """
-    if num_classes is not None and num_classes < 1:
-        raise UsageError(f"«num-classes» must be >= 1 (the classifier's outputs), got {num_classes}")
+    if num_classes is not None and not 1 <= num_classes <= MAX_CLASSES:
+        raise UsageError(
+            f"«num-classes» must be from 1 to {MAX_CLASSES:,} (the classifier's outputs), got {num_classes:,}"
+        )
     if text.startswith("dacnn:"):
         from ..core.models import NAME
 
@@ -259,8 +262,23 @@ def _build_from_factory(spec: ModelSpec) -> nn.Module:
             f"cannot import {attr!r} from {module_name!r} ({exc}); a user model is given as "
             "package.module:factory and the package must be importable (pip install -e it)"
         ) from exc
+    if not callable(factory):
+        raise UnknownModelError(f"{spec.name} is a {type(factory).__name__}, not a function that builds a model")
     kwargs = {"num_classes": spec.num_classes} if spec.num_classes is not None else {}
-    model = factory(**kwargs)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError:
+        takes = "a num_classes keyword" if kwargs else "no arguments"
+        raise UnknownModelError(
+            f"{spec.name}{inspect.signature(factory)} cannot be called with {takes}: a model factory is called as "
+            "factory(num_classes=N) when «num-classes» is given, else factory()"
+        ) from None
+    except ValueError:  # a builtin without a signature: call it and see
+        pass
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise UnknownModelError(f"{spec.name}() raised {type(exc).__name__}: {first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise UnknownModelError(f"{spec.name} returned {type(model).__name__}, expected an nn.Module")
     return model

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 
 _LAUNCH = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -16,9 +16,22 @@ def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     if not value:
         return default
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise UsageError(f"environment variable {name}={value!r} is not a non-negative integer; torchrun sets it")
     return int(value)
+
+
+def _check_resolves(host: str) -> None:
+    """A MASTER_ADDR no name server knows is refused at once (the rendezvous would wait for it for 30 minutes)."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as exc:
+        raise UsageError(
+            f"MASTER_ADDR={host!r} does not resolve ({first_line(exc, 80)}): give the host of rank 0 "
+            "(torchrun sets it; 127.0.0.1 on one machine)"
+        ) from None
 
 
 def launch_world() -> int:
@@ -40,6 +53,10 @@ def launch_world() -> int:
         for name in ("RANK", "LOCAL_RANK"):
             if _env_int(name, 0) >= world:
                 raise UsageError(f"{name}={os.environ[name]} is not below WORLD_SIZE={world}; torchrun sets both")
+        port = _env_int("MASTER_PORT", 0)
+        if not 1 <= port <= 65535:
+            raise UsageError(f"MASTER_PORT={port} is not a TCP port (1 to 65535); torchrun sets it")
+        _check_resolves(os.environ["MASTER_ADDR"])
     return world
 
 

@@ -28,7 +28,15 @@ from .evaluation import evaluate, to_device
 from .interrupts import Interrupts
 from .losses import FeatureTaps, feature_mse, kd_loss
 from .precision import autocast, resolve_precision
-from .state import NonFiniteLossError, append_csv, data_signature, resume_state, save_state, tensorboard_writer
+from .state import (
+    NonFiniteLossError,
+    ResumeError,
+    append_csv,
+    data_signature,
+    resume_state,
+    save_state,
+    tensorboard_writer,
+)
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -109,8 +117,17 @@ def _fit_seeded(
     result = FitResult(precision=precision)
     state_path = out / "state.pt" if out is not None else None
     first_epoch, skip, step = 0, 0, 0
+    if resume and state_path is not None and state_path.exists() and not state_path.is_file():
+        raise ResumeError(f"cannot resume from {state_path}: it is not a file; to start over instead, use «overwrite»")
     if resume and state_path is not None and state_path.is_file():
         state = resume_state(state_path, device, model, opt, per_epoch, cfg, data_signature(train_batches))
+        gone = [n for n in ("best.safetensors", "last.safetensors") if out is not None and not (out / n).is_file()]
+        if state["epoch"] >= cfg.epochs and gone:  # a finished run resumes to its result: it must still be there
+            raise ResumeError(
+                f"the run in {out} has finished its {state['epoch']} epoch(s) but {', '.join(gone)} "
+                f"{'is' if len(gone) == 1 else 'are'} gone: give more «epochs» to train it on, or «overwrite» to "
+                "start again"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"].cpu())
