@@ -101,6 +101,12 @@ def _check_plan_args(
     one given, else the calibration images', else the default; the data's first batch is read once)
     and the regulators normalised."""
     validate.module("model", model)
+    kinds = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    if kinds and kinds != ["float32"]:
+        raise UsageError(
+            f"the model's parameters are {', '.join(kinds)}: planning fits kernels in float32, so convert a float32 "
+            "model (model.float()) and keep bf16 for storage (save(..., dtype='bf16')) or autocast for inference"
+        )
     regulators = validate.regulators(regulators)
     if input_size is not None:
         input_size = validate.input_size(input_size)
@@ -331,6 +337,7 @@ def compress(
     validate.module("teacher", teacher)
     validate.loader("train-loader", train_loader)
     validate.loader("val-loader", val_loader)
+    out = validate.output_folder("out", out)
     if plan is not None and not isinstance(plan, Plan):
         raise UsageError(f"«plan» must be a Plan from dacnn_convert.plan(), got {type(plan).__name__}")
     if config is not None and not isinstance(config, TrainConfig):

@@ -9,7 +9,9 @@ library's own terms («setting»: ``target_params=`` in Python, ``--target-param
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,22 @@ def module(name: str, value: Any) -> nn.Module:
     if not isinstance(value, nn.Module):
         raise UsageError(f"«{name}» must be a torch.nn.Module, got {type(value).__name__}")
     return value
+
+
+def output_folder(name: str, value: Any) -> Path | None:
+    """A folder to write into: None, a str or a path; not an existing file.
+
+    Raises:
+        UsageError: another type, or a path that is an existing file.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | os.PathLike):
+        raise UsageError(f"«{name}» must be a folder path (str or pathlib.Path), got {type(value).__name__}")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"«{name}» {str(path)!r} is a file; give a folder for the run's files")
+    return path
 
 
 def integer(name: str, value: Any, minimum: int = 0) -> int:
@@ -106,6 +124,13 @@ def inputs_of(batch: Any) -> torch.Tensor:
             f"a batch must be an image tensor or an (images, labels) pair, got a {what}; wrap your loader in an "
             "object whose __iter__ yields (b['image'], b['label']) for each batch b"
         )
+    if not x.is_floating_point():
+        raise UsageError(
+            f"the images are {str(x.dtype).removeprefix('torch.')} tensors: a model takes floating-point images, "
+            "e.g. x.float() / 255 normalised as in training"
+        )
+    if x.device.type == "cpu" and not bool(torch.isfinite(x).all()):
+        raise UsageError("the images hold NaN or infinite values: a fit or an accuracy on them means nothing")
     return x
 
 
@@ -121,7 +146,29 @@ def labelled(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             "a training or evaluation batch must be (images, labels) with labels a tensor of class indices; "
             f"got {type(batch).__name__}" + (f" of {len(batch)} item(s)" if isinstance(batch, list | tuple) else "")
         )
-    return x, batch[1]
+    y = batch[1]
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1 or len(y) != len(x):
+        hint = "; one-hot labels? give y.argmax(1)" if y.dim() == 2 else ""
+        raise UsageError(
+            f"labels must be class indices, an integer tensor of shape ({len(x)},) for {len(x)} images; got "
+            f"{str(y.dtype).removeprefix('torch.')} of shape {tuple(y.shape)}{hint}"
+        )
+    return x, y
+
+
+def class_indices(labels: torch.Tensor, classes: int) -> None:
+    """Labels that the model's ``classes`` outputs can score: from 0 to classes - 1.
+
+    Raises:
+        UsageError: a label outside that range (cross-entropy would fail on it, an accuracy would
+            silently count it wrong).
+    """
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise UsageError(
+            f"a label is {low if low < 0 else high}, but the model has {classes} outputs (classes 0 to {classes - 1}): "
+            "give «num-classes» for the data's classes, or data whose labels the model predicts"
+        )
 
 
 def loader(name: str, value: Any) -> Iterable:

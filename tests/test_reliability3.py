@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -595,3 +596,72 @@ def test_a_model_factory_that_cannot_be_called_or_raises_is_one_line() -> None:
     assert result.exit_code == 1, result.output
     _one_error(result.output)
     assert "cannot be called with no arguments" in " ".join(result.output.split())
+
+
+def _batches(n: int = 2, labels: Any = None, images: Any = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 16, 16, generator=g) if images is None else images
+    y = torch.randint(0, 10, (8,), generator=g) if labels is None else labels
+    return [(x, y)] * n
+
+
+def _compress(**kwargs: Any) -> Any:
+    from dacnn_convert import TrainConfig, compress
+
+    args = {"train_loader": _batches(), "val_loader": _batches(), "mode": "mix", "epochs": 1, "calibrate_batches": 1}
+    args.update(kwargs)
+    return compress(TinyResNet(), config=TrainConfig.finetune(precision="fp32"), **args)
+
+
+API_CASES = [  # (call, what the UsageError says); rows 101-104
+    (
+        lambda p: anchor(TinyResNet(), calib_loader=[torch.randint(0, 255, (8, 3, 16, 16), dtype=torch.uint8)]),
+        "the images are uint8",
+    ),
+    (lambda p: anchor(TinyResNet(), calib_loader=[torch.full((8, 3, 16, 16), float("nan"))]), "NaN or infinite"),
+    (lambda p: _compress(val_loader=_batches(labels=torch.rand(8))), "labels must be class indices"),
+    (lambda p: _compress(train_loader=_batches(labels=torch.eye(10)[:8])), "one-hot labels? give y.argmax(1)"),
+    (
+        lambda p: _compress(train_loader=_batches(labels=torch.full((8,), 50))),
+        "a label is 50, but the model has 10 outputs",
+    ),
+    (lambda p: _compress(out=p / "file.txt"), "is a file; give a folder"),
+    (lambda p: _compress(out=3), "must be a folder path"),
+    (lambda p: save(TinyResNet(), p / "x.safetensors", source=123), "source= is where the model comes from"),
+    (lambda p: __import__("dacnn_convert").count_macs(TinyResNet(), (3, 0, 16)), "input_size= is (C, H, W)"),
+    (lambda p: __import__("dacnn_convert").TrainConfig(lr=10**400), "lr must be a finite number"),
+    (lambda p: anchor(TinyResNet().half(), input_size=(3, 16, 16)), "the model's parameters are float16"),
+    (lambda p: anchor(TinyResNet().double(), input_size=(3, 16, 16)), "the model's parameters are float64"),
+]
+
+
+@pytest.mark.parametrize(("call", "text"), API_CASES, ids=[c[1][:28] for c in API_CASES])
+def test_api_inputs_that_crashed_or_lied_are_one_usage_error(tmp_path: Path, call: Any, text: str) -> None:
+    """Rows 101-104 (the adversarial pass of session 8): uint8 or NaN images, float, one-hot or
+    out-of-range labels (an IndexError, or every accuracy silently 0), ``out`` a str path that
+    crashed, an existing file, ``source=123``, a zero input size, ``lr=10**400`` accepted, and a
+    half or double model blamed on the input size."""
+    from dacnn_convert.errors import UsageError
+
+    (tmp_path / "file.txt").write_text("keep")
+    with pytest.raises(UsageError, match=re.escape(text)):
+        call(tmp_path)
+    assert (tmp_path / "file.txt").read_text() == "keep"
+
+
+def test_compress_takes_a_str_folder_and_distill_checks_feature_layers(tmp_path: Path) -> None:
+    from dacnn_convert import TrainConfig, distill
+    from dacnn_convert.errors import UsageError
+
+    result = _compress(out=str(tmp_path / "run"))
+    assert (tmp_path / "run" / "model.safetensors").is_file() and result.checkpoint is not None
+    student = anchor(TinyResNet(), input_size=(3, 16, 16))
+    with pytest.raises(UsageError, match="feature layer 'nonexistent' is not a module of the student"):
+        distill(
+            student,
+            TinyResNet(),
+            _batches(),
+            _batches(),
+            config=TrainConfig(feature_weight=1.0),
+            feature_layers=["nonexistent"],
+        )

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validate
 from ..atomic import atomic_write
 from .convert import Conversion
 from .modes import mode
@@ -28,6 +29,8 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     caches, so one-time work such as merging a bank is not counted as per-image cost. The
     model's train/eval mode is restored.
     """
+    validate.module("model", model)
+    input_size = validate.input_size(input_size)
     from torch.utils.flop_counter import FlopCounterMode
 
     p = next(model.parameters(), None)

@@ -17,7 +17,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
 from ..core.plan import Plan
-from ..errors import CheckpointError, DacnnError, first_line, marked
+from ..errors import CheckpointError, DacnnError, UsageError, first_line, marked
 from .files import unreadable
 from .resize import resize_to_state
 from .sources import ModelSpec, build_model, check_state_dict, fill_tied, parse_spec, with_module_versions
@@ -61,6 +61,11 @@ def save(
 
     validate.module("model", model)
     choose("dtype", dtype, STORAGE_DTYPES)
+    if source is not None and not isinstance(source, str | ModelSpec):
+        raise UsageError(
+            f"«source» is where the model comes from, e.g. 'resnet18' or 'timm:convnext_atto', "
+            f"got {type(source).__name__}"
+        )
     if source is None:
         source = getattr(model, SOURCE_ATTR, None)  # a model from load() keeps the source its file named
     if isinstance(source, str):

@@ -81,6 +81,10 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, kinds):
                 what = "an integer" if name in integers else "a number"
                 raise UsageError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+            if isinstance(value, int) and abs(value) > 2**53 and name not in integers:
+                raise UsageError(f"{name} must be a finite number, got an integer of {len(str(value))} digits")
+            if not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value!r:.40}")
             if (value < low if closed else value <= low) or (high is not None and value > high):
                 span = f"[{low}, {high}]" if high is not None else (f">= {low}" if closed else f"> {low}")
                 why = " (the softmax temperature divides the logits)" if name == "kd_temperature" else ""

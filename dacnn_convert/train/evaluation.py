@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.modes import mode
 from ..errors import NonFiniteOutputError, UsageError
-from ..validate import labelled
+from ..validate import class_indices, labelled
 from .precision import autocast, resolve_precision
 
 
@@ -40,9 +40,11 @@ def evaluate_counts(
             if not bool(torch.isfinite(out).all()):
                 raise NonFiniteOutputError(
                     f"the model's outputs are NaN or infinite on batch {i} (of {len(y)} examples): its weights "
-                    "are damaged (e.g. a negative BatchNorm variance or an overflow); no accuracy is reported"
+                    "are damaged (a negative BatchNorm variance, an overflow, or a fine-tune at too high an «lr»); "
+                    "no accuracy is reported"
                 )
-            correct += int((out.argmax(dim=1).cpu() == y).sum())
+            class_indices(y, out.shape[-1])
+            correct += int((out.argmax(dim=1).cpu() == y.cpu()).sum())
             total += len(y)
     if total == 0:
         raise UsageError("the evaluation data yielded no examples: an accuracy needs at least one batch")

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate
-from ..errors import TrainingInterrupted, UsageError
-from ..validate import labelled
+from ..errors import TrainingInterrupted, UsageError, suggest
+from ..validate import class_indices, labelled
 from .calibrate import CALIBRATE_BATCHES, needs_bn_calibration, recalibrate_bn
 from .config import FitResult, TrainConfig
 from .device import device_of
@@ -77,6 +77,8 @@ def _fit(
     **kwargs: Any,
 ) -> FitResult:
     """The loop under ``cfg.seed`` in a forked RNG: the caller's random state is the same afterwards."""
+    if args:  # out: a folder path (a str is fine), never an existing file
+        args = (validate.output_folder("out", args[0]), *args[1:])
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -190,11 +192,13 @@ def _fit_seeded(
                     continue
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
+                labels = y  # where the loader left them (the CPU, as a rule): checked there, no device sync
                 x, y = to_device(x, device), to_device(y, device)
                 if cfg.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(precision, device):
                     logits = net(x)
+                    class_indices(labels, logits.shape[-1])
                     loss = step_loss(logits, x, y)
                 if not torch.isfinite(loss):
                     where = (
@@ -289,6 +293,23 @@ def train(
     return _fit(model, loss, train_batches, val_batches, cfg, out, on_step, on_epoch, source, resume)
 
 
+def _check_feature_layers(names: Any, student: nn.Module, teacher: nn.Module) -> None:
+    """Every name in ``feature_layers`` a module of both the student and the teacher."""
+    if names is None:
+        return
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"«feature-layers» is a list of module names, got {names!r:.80}")
+    theirs = dict(teacher.named_modules())
+    mine = dict(student.named_modules())
+    for name in names:
+        if name not in mine or name not in theirs:
+            whose = "the student" if name not in mine else "the teacher"
+            raise UsageError(
+                f"feature layer {name!r} is not a module of {whose}.{suggest(name, [n for n in mine if n in theirs])} "
+                "Name modules both have, e.g. plan.stage_outputs()"
+            )
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -345,6 +366,7 @@ def distill(
         )
     validate.loader("train-batches", train_batches)
     validate.loader("val-batches", val_batches)
+    out = validate.output_folder("out", out)
     if config is not None and not isinstance(config, TrainConfig):
         raise UsageError(f"«config» must be a TrainConfig, got {type(config).__name__}")
     if epochs is not None:
@@ -353,6 +375,7 @@ def distill(
     cfg = config or TrainConfig.finetune()
     if epochs is not None:
         cfg = replace(cfg, epochs=epochs)
+    _check_feature_layers(feature_layers, student, teacher)
     calibrated = 0
     resuming = resume and out is not None and (Path(out) / "state.pt").is_file()  # its BN stats are in there
     if calibrate_batches > 0 and needs_bn_calibration(student) and not resuming:
