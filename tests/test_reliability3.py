@@ -665,3 +665,79 @@ def test_compress_takes_a_str_folder_and_distill_checks_feature_layers(tmp_path:
             config=TrainConfig(feature_weight=1.0),
             feature_layers=["nonexistent"],
         )
+
+
+def _image_folder(root: Path, splits: dict[str, list[str]]) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in splits.items():
+        (root / split).mkdir(parents=True)
+        for name in classes:
+            (root / split / name).mkdir()
+            for i in range(4):
+                Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("splits", "garbage", "text"),
+    [
+        ({"train": [], "val": []}, False, "Couldn't find any class folder"),
+        (
+            {"train": ["cat", "dog"], "val": ["dog", "zebra"]},
+            False,
+            "train/ and val/ have different classes (cat, zebra",
+        ),
+        (
+            {"train": ["cat", "dog"], "val": ["cat", "dog"]},
+            True,
+            "could not read: PIL.UnidentifiedImageError: cannot identify",
+        ),
+    ],
+    ids=["no-classes", "other-classes", "corrupt-image"],
+)
+def test_data_errors_are_not_blamed_on_the_output_folder(
+    tmp_path: Path, splits: dict, garbage: bool, text: str
+) -> None:
+    """Row 105: an empty or corrupt image folder was "could not write OUT ... Free some space" (every
+    OSError was taken for a failed write), and train/val with other classes scored labels that did not match."""
+    root = _image_folder(tmp_path / "if", splits)
+    if garbage:
+        (root / "train" / "cat" / "9.png").write_text("not an image")
+    args = [
+        "train",
+        "tests.models:tiny_resnet",
+        "--dataset",
+        f"imagefolder:{root}",
+        "--input-size",
+        "16",
+        "--epochs",
+        "1",
+    ]
+    result = runner.invoke(
+        app, [*args, "--limit-batches", "2", "--batch-size", "8", "--precision", "fp32", "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 1, result.output
+    _one_error(result.output)
+    assert text in " ".join(result.output.split()) and "Free some space" not in result.output, result.output
+
+
+def test_a_data_root_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DACNN_DATA", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("x")
+    args = [
+        "train",
+        "tests.models:tiny_resnet",
+        "--dataset",
+        "fashion-mnist",
+        "--input-size",
+        "16",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "is not a folder: point it at a folder" in " ".join(result.output.split()), (
+        result.output
+    )

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OutputError, UsageError, first_line, write_failed
+from ..errors import DacnnError, OutputError, UsageError, first_line, write_failed
 
 if TYPE_CHECKING:
     from .common import DataOptions
@@ -224,8 +224,23 @@ def output_guard(out: Path | None, data: DataOptions | None = None, inputs: tupl
         elif locked and out is not None and not existed and out.is_dir() and not (out / "state.pt").is_file():
             shutil.rmtree(out, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise write_failed(getattr(exc, "filename", None) or out, exc) from exc
+            raise _os_error(exc, out) from exc
         raise
+
+
+def _os_error(exc: OSError, out: Path | None) -> DacnnError:
+    """An OSError as one line, blamed on what it was about: a write into ``out`` (disk full, not
+    writable), or a file read elsewhere (a dataset, an image), where freeing space is no advice."""
+    name = getattr(exc, "filename", None)
+    where = Path(name) if isinstance(name, str | Path) else None
+    inside = where is not None and out is not None and (where == out or out in where.parents)
+    if inside:
+        return write_failed(where, exc)
+    text = str(exc)
+    if "DataLoader worker" in first_line(exc):  # the worker's own error is the last line of its traceback
+        text = next((line for line in reversed(text.splitlines()) if line.strip()), text)
+    what = f" {str(where)!r}" if where is not None else ""
+    return DacnnError(f"could not read{what}: {exc.strerror or first_line(ValueError(text), 240)}")
 
 
 def check_input_size(model: Any, size: tuple[int, int, int]) -> int:

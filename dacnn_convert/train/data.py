@@ -35,8 +35,15 @@ register_dataset = DATASETS.register
 
 
 def cache_dir() -> Path:
-    """Where datasets are unpacked or downloaded: $DACNN_DATA, else ~/.cache/dacnn."""
-    return Path(os.environ.get("DACNN_DATA", Path.home() / ".cache" / "dacnn"))
+    """Where datasets are unpacked or downloaded: $DACNN_DATA, else ~/.cache/dacnn.
+
+    Raises:
+        DatasetError: $DACNN_DATA names something that is not a folder (e.g. a file).
+    """
+    root = Path(os.environ.get("DACNN_DATA", Path.home() / ".cache" / "dacnn"))
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"DACNN_DATA={str(root)!r} is not a folder: point it at a folder for the datasets")
+    return root
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -272,8 +279,19 @@ def _imagefolder(
         + [transforms.ToTensor(), norm]
     )
     val_tf = transforms.Compose([*resize, transforms.ToTensor(), norm])
-    train_set = datasets.ImageFolder(str(root / "train"), train_tf)
-    val_set = datasets.ImageFolder(str(root / "val"), val_tf)
+    try:
+        train_set = datasets.ImageFolder(str(root / "train"), train_tf)
+        val_set = datasets.ImageFolder(str(root / "val"), val_tf)
+    except (FileNotFoundError, OSError) as exc:  # no class folder, or a class folder without images
+        raise DatasetError(
+            f"imagefolder:{root}: {first_line(exc)}; each of train/ and val/ needs one sub-folder of images per class"
+        ) from None
+    if train_set.classes != val_set.classes:  # the label of a class is its index in the sorted folder names
+        only = sorted(set(train_set.classes) ^ set(val_set.classes))
+        raise DatasetError(
+            f"imagefolder:{root}: train/ and val/ have different classes ({', '.join(only[:5])} in only one), so "
+            "their labels would not match; give both the same class folders"
+        )
     sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=seed) if world_size > 1 else None
     workers = min(8, os.cpu_count() or 1)
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
