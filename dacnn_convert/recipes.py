@@ -6,9 +6,9 @@
     dataset: cifar100
     epochs: 90
 
-Read with ``yaml.safe_load`` only (no tags, no code). Unknown keys, wrong types and values out
-of range are refused with the key named; command-line flags override the file, and the
-resolved recipe is written next to the results (``recipe.yaml``). Every option of
+Read with yaml's SafeLoader only (no tags, no code). A key given twice, unknown keys, wrong
+types and values out of range are refused with the key named; command-line flags override the
+file, and the resolved recipe is written next to the results (``recipe.yaml``). Every option of
 ``dacnn-convert``, ``dacnn distill``, ``dacnn train`` and ``dacnn bench`` is a field here of the
 same name (``--target-params`` is ``target_params``), except the actions of one invocation:
 ``--recipe``, ``--dry-run``, ``--resume`` and ``--overwrite``.
@@ -28,7 +28,7 @@ from typing import Any
 
 from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
 from .errors import RecipeError, UsageError, first_line, marked, suggest
-from .io.files import unreadable
+from .io.files import not_a_folder, unreadable
 
 TASKS = ("convert", "train", "bench")
 FEATURE_LOSSES = ("none", "mse")
@@ -287,7 +287,12 @@ def load_recipe(path: str | Path) -> Recipe:
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _safe_load_unique(text) or {}
+    except _DuplicateKey as exc:
+        raise RecipeError(
+            f"{path}: key {exc.key!r} is given twice (lines {exc.first} and {exc.again}); YAML would keep the "
+            "last one without a word: delete the line you do not mean"
+        ) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({first_line(exc)})") from None
     except RecursionError:
@@ -297,8 +302,55 @@ def load_recipe(path: str | Path) -> Recipe:
     return _build(data, str(path))
 
 
+class _DuplicateKey(Exception):
+    """A mapping of a YAML file gives one key twice (``key``, at 1-based lines ``first`` and ``again``)."""
+
+    def __init__(self, key: object, first: int, again: int) -> None:
+        super().__init__(f"key {key!r} is given twice (lines {first} and {again})")
+        self.key, self.first, self.again = key, first, again
+
+
+def _safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load(text)``, refusing a key given twice (raises :class:`_DuplicateKey`)."""
+    loader = _unique_key_loader()(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+@functools.cache
+def _unique_key_loader() -> type:
+    """yaml's SafeLoader (no tags, no code) that refuses a key given twice in one mapping, where
+    YAML keeps the last value silently (``epochs: 1`` then ``epochs: 5`` would train 5)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # a merge (<<) may be overridden; other non-scalar keys are refused later
+                    key = self.construct_object(key_node)
+                    line = key_node.start_mark.line + 1
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def find_recipes(root: str | Path = "recipes") -> list[Path]:
-    """Every ``*.yaml`` recipe under ``root``, sorted."""
+    """Every ``*.yaml`` recipe under the folder ``root``, sorted.
+
+    Raises:
+        UsageError: ``root`` is missing or not a folder (an empty list would read as "no recipes").
+    """
+    why = not_a_folder(Path(root), "recipe folder")
+    if why is not None:
+        raise UsageError(f"{why}; «root» is the folder searched for *.yaml recipes")
     return sorted(Path(root).rglob("*.yaml"))
 
 
@@ -361,6 +413,8 @@ def parse_amount(text: str | None, what: str) -> int | None:
 
 def leaf_types(names: list[str]) -> list[type]:
     """The module classes named ``package.module.ClassName`` that fx must not trace into."""
+    from torch import nn
+
     found = []
     for name in names:
         module, _, cls = name.rpartition(".")
@@ -368,4 +422,6 @@ def leaf_types(names: list[str]) -> list[type]:
             found.append(getattr(importlib.import_module(module), cls))
         except (ImportError, AttributeError, ValueError) as exc:
             raise UsageError(f"«leaf-module» {name!r} is not an importable class (package.module.ClassName)") from exc
+        if not (isinstance(found[-1], type) and issubclass(found[-1], nn.Module)):
+            raise UsageError(f"«leaf-module» {name!r} is a {type(found[-1]).__name__}, not an nn.Module class")
     return found

@@ -43,6 +43,21 @@ def output_folder(name: str, value: Any) -> Path | None:
     return path
 
 
+def leaf_modules(value: Any) -> tuple[type[nn.Module], ...]:
+    """Module classes fx must not trace into: a sequence of ``nn.Module`` subclasses (not names, not instances).
+
+    Raises:
+        UsageError: anything else, naming the item and what to give instead.
+    """
+    if isinstance(value, str | type) or not isinstance(value, Sequence | set | frozenset):
+        raise UsageError(f"«leaf-module» is a list of nn.Module classes, e.g. [MyBlock], got {value!r:.80}")
+    for item in value:
+        if not (isinstance(item, type) and issubclass(item, nn.Module)):
+            hint = " (import the class and pass it, not its name)" if isinstance(item, str) else ""
+            raise UsageError(f"«leaf-module» {item!r:.80} is not an nn.Module class{hint}")
+    return tuple(value)
+
+
 def integer(name: str, value: Any, minimum: int = 0) -> int:
     """A true integer (not a bool, not a string) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):

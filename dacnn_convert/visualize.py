@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +65,8 @@ def visualize_filters(
         seed: seed of the starting noise.
 
     Raises:
-        UsageError: a layer name is not a module of the model, or a filter index is out of range.
+        UsageError: no layer given; a layer name is not a module of the model, or its output is no
+            feature map (a Linear, a module the forward pass never calls); a filter index is out of range.
     """
     modules = dict(model.named_modules())
     for name in layers:
@@ -75,17 +77,59 @@ def visualize_filters(
         p.requires_grad_(False)
     try:
         with mode(model):
-            images, activation = _optimise(model, modules, layers, filters, input_size, steps, lr, l2, seed)
+            channels = _feature_maps(model, modules, input_size)
+            _check_layers(layers, channels, modules)
+            images, activation = _optimise(model, modules, layers, channels, filters, input_size, steps, lr, l2, seed)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return FilterImages(images, activation)
 
 
+def _feature_maps(model: nn.Module, modules: dict[str, nn.Module], input_size: tuple[int, int, int]) -> dict[str, Any]:
+    """Each module whose output is a feature map (N, C, H, W) -> its channel count; every other module
+    the forward pass calls -> what it outputs, in words; from one forward pass of a zero image."""
+    found: dict[str, Any] = {}
+
+    def record(name: str, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            found[name] = out.shape[1] if out.dim() == 4 else f"shape {tuple(out.shape)}"
+        else:
+            found[name] = f"a {type(out).__name__}"
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(n, o)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def _check_layers(layers: Sequence[str], channels: dict[str, Any], modules: dict[str, nn.Module]) -> None:
+    """Refuse an empty list, or a layer with no feature map, naming the layers that can be visualised."""
+    maps = [n for n, c in channels.items() if n and isinstance(c, int)]
+    convs = [n for n in maps if "Conv" in type(modules[n]).__name__]  # nn.Conv2d, AnchoredConv2d...
+    shown = (convs or maps)[:6]
+    can = (
+        f"layers that can be visualised: {', '.join(shown)}{', ...' if len(maps) > len(shown) else ''} "
+        f"({len(maps)} modules output a feature map (N, C, H, W))"
+    )
+    if not layers:
+        raise UsageError(f"«layers» names no layer; {can}")
+    for name in layers:
+        if name not in channels:
+            raise UsageError(f"layer {name!r} is not called by the forward pass (a bank of weights, or unused); {can}")
+        if not isinstance(channels[name], int):
+            raise UsageError(f"layer {name!r} outputs {channels[name]}, not a feature map (N, C, H, W); {can}")
+
+
 def _optimise(
     model: nn.Module,
     modules: dict[str, nn.Module],
     layers: Sequence[str],
+    maps: dict[str, int],
     filters: int | Sequence[int],
     input_size: tuple[int, int, int],
     steps: int,
@@ -99,9 +143,7 @@ def _optimise(
         captured: list[torch.Tensor] = []
         hook = modules[name].register_forward_hook(lambda m, i, o, into=captured: into.append(o))
         try:
-            with torch.no_grad():
-                model(torch.zeros(1, *input_size))
-            channels = captured[-1].shape[1]
+            channels = maps[name]
             chosen = list(range(min(filters, channels))) if isinstance(filters, int) else list(filters)
             if any(not 0 <= f < channels for f in chosen):
                 raise UsageError(f"{name} has {channels} filters; got indices {chosen}")

@@ -741,3 +741,51 @@ def test_a_data_root_that_is_a_file_is_named(tmp_path: Path, monkeypatch: pytest
     assert result.exit_code == 1 and "is not a folder: point it at a folder" in " ".join(result.output.split()), (
         result.output
     )
+
+
+def test_a_float_tensor_relabelled_as_integers_is_refused(torchvision_checkpoint: Path, tmp_path: Path) -> None:
+    """Row 106: a header saying fc.bias is I32 loaded its float bytes as integers (~1e9) and scored, exit 0."""
+    import json
+    import struct
+
+    from dacnn_convert import load
+    from dacnn_convert.errors import CheckpointError
+
+    blob = torchvision_checkpoint.read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + n])
+    header["fc.bias"]["dtype"] = "I32"
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
+    with pytest.raises(CheckpointError, match="fc.bias is stored as int32, the model's is float32"):
+        load(bad)
+
+
+def test_a_safetensors_file_named_pth_is_read_as_safetensors(tmp_path: Path) -> None:
+    """Row 106: weights saved with safetensors under a .pth name were refused as pickles."""
+    from safetensors.torch import save_file
+
+    from dacnn_convert.io.files import is_safetensors
+    from dacnn_convert.io.sources import read_state_dict
+
+    torch.manual_seed(0)
+    model = TinyResNet()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.pth")
+    assert is_safetensors(tmp_path / "w.pth") and not is_safetensors(tmp_path / "missing.pth")
+    state = read_state_dict(tmp_path / "w.pth", model)
+    assert torch.equal(state["fc.weight"], model.fc.weight)
+
+
+def test_a_leaf_module_that_is_not_a_module_class_is_named() -> None:
+    """Row 106: --leaf-module os.system, or leaf_modules=['pkg.Name'], was blamed on tracing bn1."""
+    from dacnn_convert import plan
+    from dacnn_convert.errors import UsageError
+
+    with pytest.raises(UsageError, match="import the class and pass it, not its name"):
+        plan(TinyResNet(), input_size=(3, 16, 16), leaf_modules=["tests.models.Gate"])
+    result = runner.invoke(
+        app, ["plan", *SOURCE[1:], "--weights", "none", "--input-size", "16", "--leaf-module", "os.system"]
+    )
+    assert result.exit_code == 2 and "not an nn.Module class" in result.output, result.output

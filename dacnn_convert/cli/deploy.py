@@ -29,7 +29,7 @@ def export_command(
     dtype: DtypeOpt = Dtype.fp32,
     input_size: SizeOpt = None,
     model_source: SkelOpt = None,
-    opset: Annotated[int, typer.Option(help="ONNX opset version (18 or later)")] = 18,
+    opset: Annotated[int, typer.Option(help="ONNX opset version: 18 to the newest the installed onnx knows")] = 18,
     quantize: Annotated[
         str | None,
         typer.Option(help="ONNX: int8 = static int8 (per-channel weights, activations calibrated on --dataset)"),

@@ -15,8 +15,9 @@ from rich.table import Table
 
 from ..atomic import atomic_write_text
 from ..defaults import DEVICE_HELP
-from ..errors import DacnnError, UsageError
-from .common import DataOptions, console, fail, handled
+from ..errors import DacnnError, OutputError, UsageError, first_line, marked
+from ..io.files import not_a_folder
+from .common import DataOptions, console, fail, handled, load_checkpoint
 from .options import DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt
 
 recipe_app = typer.Typer(
@@ -119,9 +120,8 @@ def run_recipe(
     if r.task == "train":
         fit = run_train(r.model, r.dataset, out, r.weights or "none", r.input_size, data)
         atomic_write_text(out / "recipe.yaml", r.resolved().to_yaml())
-        from ..io.checkpoint import load
-
-        model = load(fit.checkpoint) if fit.checkpoint else None
+        # the model just trained builds the skeleton: user code was named on the command line to train it
+        model = load_checkpoint(Path(fit.checkpoint), r.model) if fit.checkpoint else None
         accuracy, params = fit.best_acc, count_params(model) if model is not None else 0
     else:
         done = run_convert(r, data, write_recipe=True)
@@ -201,8 +201,9 @@ def table_accuracy(
     png: Annotated[Path | None, typer.Option(help="also plot error vs parameters here (Figure 5 style)")] = None,
 ) -> None:
     """Paper error vs ours for every recipe result found, as Markdown (and a PNG)."""
-    records = [json.loads(p.read_text()) for p in sorted(results.rglob("*.json"))]
-    records = [r for r in records if "paper_error" in r]
+    if png is not None and png.is_dir():  # refused before the table, not after it
+        raise UsageError(f"«png» {png} is a folder; give the file to write, e.g. {png / 'accuracy.png'}")
+    records = _result_records(results)
     console.print(
         "| recipe | model | dataset | epochs | paper err (%) | ours err (%) | params | device | wall (s) |",
         soft_wrap=True,
@@ -229,4 +230,47 @@ def table_accuracy(
         ax.set_xlabel("parameters")
         ax.set_ylabel("top-1 error (%)")
         ax.set_title("ours (dots) vs paper (crosses)")
-        console.print(f"wrote {save_figure(fig, png)}")
+        try:
+            console.print(f"wrote {save_figure(fig, png)}")
+        except OutputError as exc:  # its advice names «out»; the flag here is «png»
+            raise OutputError(marked(exc).replace("«out»", "«png»")) from None
+
+
+# what a row of the accuracy table prints from a result.json (paper_error may be null)
+_RESULT_KEYS = ("recipe", "model", "dataset", "epochs", "paper_error", "error", "params", "device", "wall_s")
+
+
+def _result_records(folder: Path) -> list[dict[str, Any]]:
+    """The recipe results (``result.json`` records with a ``paper_error``) under ``folder``, sorted by path.
+
+    Raises:
+        UsageError: ``folder`` is missing or not a folder. DacnnError: a .json file there cannot be
+            read, or a result lacks a field of the table (named, with the file).
+    """
+    why = not_a_folder(folder, "results folder")
+    if why is not None:
+        raise UsageError(f"{why}; «results» is the folder holding the result.json files of `dacnn recipe run`")
+    records = []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise DacnnError(
+                f"{str(path)!r} under «results» is not readable JSON ({first_line(exc)}); remove or repair it"
+            ) from None
+        if not isinstance(record, dict) or "paper_error" not in record:
+            continue  # another JSON file (a history, a report): not a recipe result
+        missing = [k for k in _RESULT_KEYS if k not in record]
+        wrong = [k for k in ("error", "params", "wall_s") if k in record and not _is_number(record[k])]
+        wrong += [k for k in ("paper_error", "paper_params") if record.get(k) is not None and not _is_number(record[k])]
+        wrong += [] if isinstance(record.get("recipe", ""), str) else ["recipe"]
+        if missing or wrong:
+            what = f"lacks {', '.join(missing)}" if missing else f"has a wrong type of {', '.join(wrong)}"
+            raise DacnnError(f"{str(path)!r} is a recipe result that {what}; was it edited? Run its recipe again")
+        records.append(record)
+    return records
+
+
+def _is_number(value: object) -> bool:
+    """A JSON number (a bool is not one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .. import validate
 from ..errors import PlanError, TraceError, first_line
 from .modes import mode
 
@@ -122,7 +123,7 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.
     Raises:
         TraceError: naming the module being traced when fx failed, and the fix.
     """
-    tracer = _Tracer(leaf_modules)
+    tracer = _Tracer(validate.leaf_modules(leaf_modules))
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; the user needs the place and the fix

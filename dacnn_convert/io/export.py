@@ -64,13 +64,14 @@ def export_onnx(
         input_size: (C, H, W) of one example.
         dtype: storage of floating initialisers: ``fp32``, ``fp16`` or ``bf16`` (a Cast back
             to fp32 follows each one, so the graph still computes in fp32).
-        opset: ONNX opset version, 18 or later.
+        opset: ONNX opset version, from 18 to the newest the installed onnx knows (28 for onnx 1.23).
         check: run the file with onnxruntime (if installed) and report the largest
             difference from PyTorch.
         dynamic_spatial: also leave height and width free (a fully convolutional model
             then runs at any input size); the check runs at another size as well.
 
     Raises:
+        UsageError: ``dtype`` unknown, or ``opset`` outside what the exporter can write.
         DacnnError: onnx/onnxscript missing, the export failed, or onnxruntime's outputs
             are not finite or (fp32 storage) differ from PyTorch's by more than 1e-3; the file
             is removed.
@@ -80,8 +81,12 @@ def export_onnx(
 
     if dtype not in ONNX_DTYPES:
         raise UsageError(f"unknown ONNX dtype {dtype!r}; expected one of: {', '.join(ONNX_DTYPES)}")
-    if opset < MIN_OPSET:
-        raise UsageError(f"opset {opset}: the exporter (torch.onnx, dynamo) writes opset {MIN_OPSET} or later")
+    top = onnx.defs.onnx_opset_version()  # the installed onnx converts the exporter's graph up to here
+    if not MIN_OPSET <= opset <= top:
+        raise UsageError(
+            f"opset {opset}: the exporter (torch.onnx, dynamo) writes opset {MIN_OPSET} or later, and the installed "
+            f"onnx {onnx.__version__} converts up to {top}; choose «opset» from {MIN_OPSET} to {top}"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.randn(2, *input_size)
@@ -108,6 +113,9 @@ def export_onnx(
             proto = onnx.load(str(raw))
     except Exception as exc:
         raise DacnnError(f"ONNX export failed: {first_line(exc, 200)}") from exc
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # the exporter logs a failed conversion and keeps its own opset
+        raise DacnnError(f"the exporter wrote opset {written}, not the {opset} asked for; nothing written")
     _strip_metadata(proto)
     if dtype != "fp32":
         _store_floats_as(proto, dtype)

@@ -35,3 +35,33 @@ def unreadable(path: Path, what: str) -> str | None:
     if not os.access(path, os.R_OK):
         return f"cannot read {what} {str(path)!r} (permission denied)"
     return None
+
+
+def not_a_folder(path: Path, what: str) -> str | None:
+    """Why ``path`` cannot be searched as ``what`` (e.g. "results folder"), or None when it is a folder.
+
+    Searching a missing folder finds nothing, which would read as "there is nothing there".
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"{what} {str(path)!r} does not exist"
+    except OSError as exc:
+        return f"cannot read {what} {str(path)!r} ({exc.strerror or exc})"
+    if not stat.S_ISDIR(mode):
+        return f"{what} {str(path)!r} is {'a file' if stat.S_ISREG(mode) else 'a FIFO or device'}, not a folder"
+    return None
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the regular file ``path`` holds safetensors data, whatever its name: an 8-byte
+    little-endian header length, then a JSON header of that many bytes starting with ``{``."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return False  # reading a FIFO would block
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size

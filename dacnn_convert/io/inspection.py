@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, DacnnError, first_line
-from .files import unreadable
+from .files import is_safetensors, unreadable
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -45,7 +45,8 @@ class Inspection:
 
 
 def inspect_file(path: str | Path) -> Inspection:
-    """Inspect ``path`` by its suffix (and, for .pt, by its content).
+    """Inspect ``path`` by its content where a format says what it is (safetensors, a TorchScript
+    zip), else by its suffix (.onnx, .safetensors; anything else is read as a torch state dict).
 
     Raises:
         CheckpointError: missing or unreadable file, or an unknown format.
@@ -54,10 +55,10 @@ def inspect_file(path: str | Path) -> Inspection:
     why = unreadable(path, "file")
     if why is not None:
         raise CheckpointError(why)
+    if path.suffix == ".safetensors" or is_safetensors(path):  # save() writes safetensors under any name
+        return _inspect_safetensors(path)
     if path.suffix == ".onnx":
         return _inspect_onnx(path)
-    if path.suffix == ".safetensors":
-        return _inspect_safetensors(path)
     if _is_torchscript(path):
         return _inspect_torchscript(path)
     return _inspect_state_dict(path)
@@ -149,6 +150,7 @@ def _inspect_state_dict(path: Path) -> Inspection:
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+    state, notes = _unwrap(state, path)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     seen: dict[tuple[int, int], list[str]] = {}
     for k, v in tensors.items():
@@ -157,7 +159,37 @@ def _inspect_state_dict(path: Path) -> Inspection:
     params = sum(tensors[n].numel() for n in kept)
     pbytes = sum(tensors[n].numel() * tensors[n].element_size() for n in kept)
     shared = tuple((n[0], tuple(tensors[n[0]].shape), tuple(n)) for n in seen.values() if len(n) > 1)
-    return Inspection(str(path), "state-dict", path.stat().st_size, len(tensors), params, pbytes, shared)
+    return Inspection(str(path), "state-dict", path.stat().st_size, len(tensors), params, pbytes, shared, notes=notes)
+
+
+# where training scripts put the weights in a checkpoint dict ({"state_dict": ..., "epoch": 3}), in order
+STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+def _holds_tensors(obj: object) -> bool:
+    return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(state: dict[Any, Any], path: Path) -> tuple[dict[Any, Any], tuple[str, ...]]:
+    """The state dict of a torch file and a note of where it was: the file's top level, or the first
+    of :data:`STATE_DICT_KEYS` holding tensors when the top level holds none (a training checkpoint).
+
+    Raises:
+        CheckpointError: entries but no tensors, at the top level or under any of those keys.
+    """
+    if _holds_tensors(state) or not state:
+        return state, ()
+    for key in STATE_DICT_KEYS:
+        if _holds_tensors(state.get(key)):
+            rest = ", ".join(map(str, (k for k in state if k != key)))[:120]
+            return state[key], (
+                f"read the state dict under key {key!r}" + (f" (the file also holds: {rest})" if rest else ""),
+            )
+    keys = ", ".join(map(repr, list(state)[:8]))
+    raise CheckpointError(
+        f"{str(path)!r} holds no tensors at its top level (keys: {keys}) nor under "
+        f"{', '.join(map(repr, STATE_DICT_KEYS))}; save the model's state_dict() itself"
+    )
 
 
 class _Opaque:
@@ -287,7 +319,13 @@ def _inspect_onnx(path: Path) -> Inspection:
                 users.setdefault(alias[name], []).append(node.name or node.op_type)
     params = pbytes = 0
     for init in inits.values():
-        arr = numpy_helper.to_array(init)
+        try:
+            arr = numpy_helper.to_array(init)
+        except Exception as exc:  # declared dims that disagree with the data, external data missing...
+            raise CheckpointError(
+                f"{str(path)!r} is not a readable ONNX file: initializer {init.name!r} of shape "
+                f"{tuple(init.dims)} cannot be read ({first_line(exc, 120)}); was it edited?"
+            ) from exc
         if _is_param(init.name):
             params += arr.size
             pbytes += arr.nbytes

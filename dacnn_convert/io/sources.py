@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import UnknownModelError, UsageError, WeightsError, first_line, suggest
-from .files import unreadable
+from .files import is_safetensors, unreadable
 
 OFFLINE_HINT = (
     "use «weights=none» for random initialisation, or «weights=PATH» for a local state dict (.safetensors or .pt)"
@@ -392,7 +392,7 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
         WeightsError: the file is unreadable, not a state dict, or does not fit ``model``.
     """
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or is_safetensors(path):  # by content too: a .pth may be safetensors
             from safetensors import safe_open
             from safetensors.torch import load_file
 
@@ -448,6 +448,11 @@ def check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, where: st
             raise WeightsError(
                 f"{where}: {key} has shape {tuple(state[key].shape)}, the model expects "
                 f"{tuple(tensor.shape)} (wrong «num-classes» or architecture?)"
+            )
+        if tensor.is_floating_point() and not (state[key].is_floating_point() or state[key].dtype == torch.int8):
+            raise WeightsError(
+                f"{where}: {key} is stored as {str(state[key].dtype).removeprefix('torch.')}, the model's is "
+                f"{str(tensor.dtype).removeprefix('torch.')}: the file was altered, or is not this model's weights"
             )
 
 
