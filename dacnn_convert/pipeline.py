@@ -101,6 +101,11 @@ def _check_plan_args(
     one given, else the calibration images', else the default; the data's first batch is read once)
     and the regulators normalised."""
     validate.module("model", model)
+    if any(p.is_meta for p in model.parameters()):
+        raise UsageError(
+            "the model's parameters are on the meta device (shapes without values): materialise it first, "
+            "e.g. model.to_empty(device='cpu') and load its weights"
+        )
     kinds = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
     if kinds and kinds != ["float32"]:
         raise UsageError(

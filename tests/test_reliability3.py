@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from dacnn_convert import anchor, save
-from dacnn_convert.cli import app
+from dacnn_convert.cli import app, convert_app
 from dacnn_convert.cli.guards import LOCK
 
 from .models import TinyResNet
@@ -789,3 +789,21 @@ def test_a_leaf_module_that_is_not_a_module_class_is_named() -> None:
         app, ["plan", *SOURCE[1:], "--weights", "none", "--input-size", "16", "--leaf-module", "os.system"]
     )
     assert result.exit_code == 2 and "not an nn.Module class" in result.output, result.output
+
+
+def test_wrong_causes_now_name_the_real_one(checkpoint: Path, tmp_path: Path) -> None:
+    """Row 114 (class 7): a converted checkpoint as --weights was asked "is it the same architecture?";
+    --format dense --dtype int8 was answered about ONNX; a meta-device model was reported as tied weights."""
+    result = runner.invoke(convert_app, [*SOURCE[1:], "--weights", str(checkpoint), "--input-size", "16", "--dry-run"])
+    assert result.exit_code == 1 and "is already converted by dacnn-convert" in " ".join(result.output.split())
+    out = tmp_path / "d.safetensors"
+    args = ["export", str(checkpoint), *SOURCE, "--format", "dense", "--dtype", "int8", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--format dense takes fp32, fp16 or bf16" in " ".join(result.output.split())
+    assert not out.exists()
+    with torch.device("meta"):
+        ghost = TinyResNet()
+    from dacnn_convert.errors import UsageError
+
+    with pytest.raises(UsageError, match="on the meta device"):
+        anchor(ghost, input_size=(3, 16, 16))

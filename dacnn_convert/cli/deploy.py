@@ -58,7 +58,9 @@ def export_command(
             raise UsageError("--quantize int8 applies to --format onnx and needs --dataset for calibration")
         if dtype is Dtype.int8 and format is not ExportFormat.safetensors:
             raise UsageError(
-                "--dtype int8 (per-channel int8 weights) applies to --format safetensors; ONNX takes fp32, fp16 or bf16"
+                f"--dtype int8 (per-channel int8 weights) applies to --format safetensors; --format {format.value} "
+                "takes fp32, fp16 or bf16"
+                + ("; for an int8 ONNX model use --quantize int8" if format is ExportFormat.onnx else "")
             )
         model = load_checkpoint(checkpoint, model_source)
         meta = read_metadata(checkpoint)

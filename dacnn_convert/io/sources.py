@@ -317,6 +317,12 @@ def _download_errors(spec: ModelSpec) -> Iterator[None]:
         yield
     except _offline_error_types() as exc:
         reason = first_line(exc)
+        if spec.name.startswith("hf-hub:"):  # its architecture itself is on the hub (config.json), weights or not
+            raise WeightsError(
+                f"cannot fetch {spec.display} from the hub (offline?): {reason[:160]}; a hub model's architecture is "
+                "read from the hub even with «weights=none»: offline, name the architecture from timm (timm:NAME) "
+                "and give «weights=PATH» for its weights"
+            ) from exc
         raise WeightsError(
             f"cannot download pretrained weights for {spec.display} (offline?): {reason[:160]}; {OFFLINE_HINT}"
         ) from exc
@@ -410,6 +416,12 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
             ) from exc
         why = first_line(exc, 160)
         raise WeightsError(f"cannot read weights file {str(path)!r}: {why}") from exc
+    if isinstance(state, dict) and any(isinstance(k, str) and k.startswith("dacnn_anchors.") for k in state):
+        raise WeightsError(
+            f"{str(path)!r} is already converted by dacnn-convert (it holds shared anchors): «weights» takes the "
+            "original model's weights; evaluate, export or fine-tune the converted file itself (dacnn eval FILE, "
+            "dacnn export FILE, load(FILE))"
+        )
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
