@@ -50,7 +50,34 @@ def _files(root: Path) -> dict[str, Path]:
     (root / "latin1.yaml").write_bytes("model: r\xe9snet\n".encode("latin-1"))
     (root / "deep.yaml").write_text("model: " + "[" * 3000 + "]" * 3000 + "\n")
     (root / "unknown.yaml").write_text("modle: resnet18\n")
+    (root / "dup.yaml").write_text(f"model: {MODEL}\nepochs: 1\nepochs: 5\n")
+    # issue 23, session 8: edited metadata, brackets in a name, a nested state dict, safetensors by another name
+    _with_metadata(good, root / "kind.safetensors", "source", '{"kind": "weird", "name": "x", "num_classes": 10}')
+    _with_metadata(
+        good,
+        root / "classes.safetensors",
+        "source",
+        f'{{"kind": "module", "name": "{MODEL}", "num_classes": 1000000000000}}',
+    )
+    _with_metadata(good, root / "plan.safetensors", "plan", "{not json")
+    (root / "model[v2].safetensors").write_bytes(blob)
+    (root / "renamed.bin").write_bytes(blob)
+    torch.save({"state_dict": TinyResNet().state_dict(), "epoch": 3}, root / "wrapped.pt")
     return {p.name: p for p in root.iterdir()} | {"missing.safetensors": root / "missing.safetensors"}
+
+
+def _with_metadata(src: Path, dst: Path, key: str, value: str) -> None:
+    """``src`` with one metadata entry replaced, as a hand edit of the file's JSON header would."""
+    import json
+    import struct
+
+    blob = src.read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"][key] = value
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + n :])
 
 
 FILE_NAMES = st.sampled_from(
@@ -63,9 +90,20 @@ FILE_NAMES = st.sampled_from(
         "folder",
         "fifo.safetensors",
         "missing.safetensors",
+        "kind.safetensors",
+        "classes.safetensors",
+        "plan.safetensors",
+        "model[v2].safetensors",
+        "renamed.bin",
+        "wrapped.pt",
     ]
 )
-RECIPES = st.sampled_from(["recipe.yaml", "latin1.yaml", "deep.yaml", "unknown.yaml", "folder", "garbage.pt"])
+RECIPES = st.sampled_from(
+    ["recipe.yaml", "latin1.yaml", "deep.yaml", "unknown.yaml", "dup.yaml", "folder", "garbage.pt", "good.safetensors"]
+)
+ENVIRONMENTS = st.sampled_from(  # a torchrun environment left half-set in the shell
+    [{}, {}, {}, {"WORLD_SIZE": "2"}, {"WORLD_SIZE": "\u00b2"}, {"WORLD_SIZE": "x"}]
+)
 
 
 @st.composite
@@ -84,31 +122,53 @@ def invocations(draw: st.DrawFn) -> tuple[str, list[str]]:
     elif command == "eval":
         args = ["FILE", "--dataset", "synthetic", "--limit-batches", "1", "--batch-size", draw(NUMBERS)]
     elif command == "export":
-        fmt = draw(st.sampled_from(["safetensors", "dense", "torchscript"]))
+        fmt = draw(st.sampled_from(["safetensors", "dense", "torchscript", "onnx"]))
         args = ["FILE", "--format", fmt, "--out", "OUT", "--input-size", draw(SIZES)]
+        args += draw(
+            st.sampled_from([[], [], ["--dtype", "int8"], ["--opset", draw(st.sampled_from(["999", "0", "x"]))]])
+        )
     elif command == "latency":
         args = ["FILE", "--batch", draw(NUMBERS), "--repeats", draw(st.sampled_from(["1", "0", "-2"]))]
         args += ["--input-size", draw(SIZES)]
     elif command == "table":
         args = [draw(st.sampled_from(["params", "accuracy"])), *draw(st.sampled_from([[], ["--markdown"]]))]
+        if args[0] == "accuracy":
+            args += draw(st.sampled_from([[], ["--results", "FILE"], ["--results", "RECIPE"]]))
     elif command == "recipe":
-        args = ["run", "RECIPE", "--limit-batches", draw(st.sampled_from(["1", "0", "-1"])), "--out", "OUT"]
+        args = draw(
+            st.sampled_from(
+                [
+                    ["run", "RECIPE", "--limit-batches", draw(st.sampled_from(["1", "0", "-1"])), "--out", "OUT"],
+                    ["list", "--root", draw(st.sampled_from(["FILE", "RECIPE"]))],
+                ]
+            )
+        )
     else:
         args = ["FILE", "--filters", draw(NUMBERS), "--steps", "1", "--out", "OUT"]
+        args += draw(
+            st.sampled_from([[], [], ["--layers", draw(st.sampled_from(["", "fc", "dacnn_anchors", "conv1"]))]])
+        )
     if command in ("eval", "export", "latency", "visualize"):  # user code is named, never read from a file
         args += draw(st.sampled_from([["--model", MODEL], ["--model", MODEL], []]))
     return command, args
 
 
 def _check(
-    tmp: Path, files: dict[str, Path], command: str, args: list[str], file_name: str, recipe: str, n: int
+    tmp: Path,
+    files: dict[str, Path],
+    command: str,
+    args: list[str],
+    file_name: str,
+    recipe: str,
+    n: int,
+    env: dict[str, str] | None = None,
 ) -> None:
     out = tmp / f"out{n}"
     target = out if command == "recipe" else out / ("o.png" if command == "visualize" else "o.bin")
     fill = {"FILE": str(files[file_name]), "OUT": str(target), "RECIPE": str(files[recipe])}
     argv = [command, *[fill.get(a, a) for a in args]]
     before = _tree(tmp)
-    result = RUNNER.invoke(app, argv)
+    result = RUNNER.invoke(app, argv, env=env or None)
     OUTCOMES.append((command, result.exit_code))
     shown = f"dacnn {' '.join(argv)}\n{result.output}"
     assert result.exception is None or isinstance(result.exception, SystemExit), shown
@@ -131,9 +191,9 @@ def _run(tmp_path_factory: pytest.TempPathFactory, examples: int) -> None:
     count = iter(range(10**6))
 
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(invocations(), FILE_NAMES, RECIPES)
-    def check(invocation: tuple[str, list[str]], file_name: str, recipe: str) -> None:
-        _check(tmp, files, invocation[0], invocation[1], file_name, recipe, next(count))
+    @given(invocations(), FILE_NAMES, RECIPES, ENVIRONMENTS)
+    def check(invocation: tuple[str, list[str]], file_name: str, recipe: str, env: dict[str, str]) -> None:
+        _check(tmp, files, invocation[0], invocation[1], file_name, recipe, next(count), env)
 
     check()
 
