@@ -37,6 +37,22 @@ loaders = st.sampled_from(
         [(torch.randn(2, 1, *SIZE[1:]), _LABELS)],
         "not a loader",
         None,
+        # session 8's adversarial pass
+        [(torch.randint(0, 255, (2, *SIZE), dtype=torch.uint8), _LABELS)],
+        [(torch.full((2, *SIZE), float("nan")), _LABELS)],
+    ]
+)
+labelled_loaders = st.sampled_from(  # what a training or evaluation loader may wrongly yield
+    [
+        [(_BATCH, torch.rand(2))],  # float labels
+        [(_BATCH, torch.eye(10)[:2])],  # one-hot
+        [(_BATCH, torch.full((2,), 50))],  # beyond the head
+        [(_BATCH, torch.full((2,), -1))],
+        [(_BATCH, torch.zeros(3, dtype=torch.long))],  # one label too many
+        [(_BATCH, torch.zeros(2, dtype=torch.bool))],
+        [(torch.randint(0, 255, (2, *SIZE), dtype=torch.uint8), _LABELS)],
+        [(torch.full((2, *SIZE), float("inf")), _LABELS)],
+        [(_BATCH, _LABELS)],  # fine
     ]
 )
 KEYWORDS = ["mode", "regulators", "input_size", "target_params", "target_ratio", "bank_size", "calib_batches"]
@@ -78,3 +94,34 @@ def test_other_verbs_refuse_wrong_types_with_typed_errors(tmp_path_factory, what
         calls[what]()
     except DacnnError:
         pass
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    verb=st.sampled_from(["evaluate", "distill", "compress"]),
+    train=labelled_loaders,
+    val=labelled_loaders,
+    out=st.sampled_from([None, "folder-as-str", "a-file", 3]),
+)
+def test_training_and_evaluation_take_odd_batches_with_a_result_or_a_typed_error(
+    tmp_path_factory, verb, train, val, out
+) -> None:
+    """Session 8: float, one-hot, out-of-range labels and uint8/inf images crashed or scored 0 silently."""
+    from dacnn_convert.train.evaluation import evaluate
+
+    tmp = tmp_path_factory.mktemp("api")
+    (tmp / "a-file").write_text("keep")
+    folder = {None: None, "folder-as-str": str(tmp / "run"), "a-file": tmp / "a-file", 3: 3}[out]
+    config = d.TrainConfig.finetune(precision="fp32")
+    calls = {
+        "evaluate": lambda: evaluate(TinyResNet(), val),
+        "distill": lambda: d.distill(TinyResNet(), TinyResNet(), train, val, epochs=1, config=config, out=folder),
+        "compress": lambda: d.compress(
+            TinyResNet(), train, val, mode="mix", epochs=1, calibrate_batches=1, config=config, out=folder
+        ),
+    }
+    try:
+        calls[verb]()
+    except DacnnError:
+        pass
+    assert (tmp / "a-file").read_text() == "keep"
