@@ -45,10 +45,18 @@ for model in $MODELS; do
   for budget in $BUDGETS; do
     name="$tag-$budget$suffix"
     [ -f "$RESULTS/$name/bench.json" ] && continue
+    [ -f "$RESULTS/$name/refused.txt" ] && continue
     start=$(date +%s)
-    $DACNN bench "$model" --weights "$teacher/best.safetensors" --num-classes 10 --dataset fashion-mnist \
+    # a budget the planner cannot reach (below the model's floor) is recorded, and the script goes on
+    if ! $DACNN bench "$model" --weights "$teacher/best.safetensors" --num-classes 10 --dataset fashion-mnist \
       --lr "$LR" --warmup-steps "$WARMUP" --clip-grad "$CLIP" --calibrate-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" \
-      --precision fp32 --budget "$budget" --methods "$METHODS" --out "$OUT/bench-$name" --overwrite
+      --precision fp32 --budget "$budget" --methods "$METHODS" --out "$OUT/bench-$name" --overwrite \
+      2> >(tee "$OUT/bench-$name.err" >&2); then
+      mkdir -p "$RESULTS/$name"
+      grep '^error:' "$OUT/bench-$name.err" > "$RESULTS/$name/refused.txt" || echo "exit code $?" > "$RESULTS/$name/refused.txt"
+      echo "$name: refused ($(date -u +%Y-%m-%dT%H:%MZ))" >> "$RESULTS/wall_time.txt"
+      continue
+    fi
     mkdir -p "$RESULTS/$name"
     cp "$OUT/bench-$name"/bench.{md,json,csv,png} "$RESULTS/$name/"
     echo "$name: $(( ($(date +%s) - start) / 60 )) min ($(date -u +%Y-%m-%dT%H:%MZ))" >> "$RESULTS/wall_time.txt"
