@@ -807,3 +807,24 @@ def test_wrong_causes_now_name_the_real_one(checkpoint: Path, tmp_path: Path) ->
 
     with pytest.raises(UsageError, match="on the meta device"):
         anchor(ghost, input_size=(3, 16, 16))
+
+
+class _TopLevelBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+def test_a_trace_failure_never_advises_making_a_torch_module_a_leaf() -> None:
+    """Row 115 (class 7): any fx failure advised "mark BatchNorm2d as a leaf module", which changes nothing."""
+    from dacnn_convert import plan
+    from dacnn_convert.errors import TraceError
+
+    with pytest.raises(TraceError) as info:
+        plan(_TopLevelBranch(), input_size=(3, 16, 16))
+    assert "the model's own forward" in str(info.value) and "BatchNorm2d" not in str(info.value)

@@ -127,16 +127,26 @@ def trace(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; the user needs the place and the fix
-        where = next(reversed(tracer.module_stack), "") if getattr(tracer, "module_stack", None) else ""
-        owner = model.get_submodule(where) if where and _has_submodule(model, where) else None
-        place = f"module {where!r} ({type(owner).__name__})" if owner is not None else "the top-level forward"
+        stack = [w for w in reversed(getattr(tracer, "module_stack", None) or {}) if w and _has_submodule(model, w)]
+        # the innermost module of the user's own (torch's modules are leaves already: leafing one changes nothing)
+        where = next((w for w in stack if not _from_torch(model.get_submodule(w))), "")
+        owner = model.get_submodule(where) if where else None
+        place = f"module {where!r} ({type(owner).__name__})" if owner is not None else "the model's own forward"
         first = first_line(exc)
-        raise TraceError(
-            f"torch.fx cannot trace {place}: {first[:200]}. Fix: mark it as a leaf module "
-            f"(anchor(model, leaf_modules=[{type(owner).__name__ if owner is not None else 'YourModule'}]) "
+        fix = (
+            f"mark it as a leaf module (anchor(model, leaf_modules=[{type(owner).__name__}]) "
             f"or --leaf-module {_qualified(owner)}); convs inside a leaf are not anchored."
-        ) from exc
+            if owner is not None
+            else "make the forward traceable by torch.fx (no Python control flow on tensor values), or wrap the "
+            "part that is not in a module of its own and mark that module as a leaf («leaf-module»)."
+        )
+        raise TraceError(f"torch.fx cannot trace {place}: {first[:200]}. Fix: {fix}") from exc
     return fx.GraphModule(tracer.root, graph)
+
+
+def _from_torch(module: nn.Module) -> bool:
+    """A module class torch itself defines (nn.BatchNorm2d, nn.ReLU): fx treats those as leaves."""
+    return type(module).__module__.startswith("torch.")
 
 
 def _qualified(module: nn.Module | None) -> str:
