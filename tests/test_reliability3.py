@@ -631,6 +631,10 @@ API_CASES = [  # (call, what the UsageError says); rows 101-104
     (lambda p: __import__("dacnn_convert").count_macs(TinyResNet(), (3, 0, 16)), "input_size= is (C, H, W)"),
     (lambda p: __import__("dacnn_convert").TrainConfig(lr=10**400), "lr must be a finite number"),
     (lambda p: anchor(TinyResNet().half(), input_size=(3, 16, 16)), "the model's parameters are float16"),
+    (
+        lambda p: __import__("dacnn_convert").export_torchscript(TinyResNet(), p / "x.pt", input_size="16"),
+        "input_size= is (C, H, W)",
+    ),
     (lambda p: anchor(TinyResNet().double(), input_size=(3, 16, 16)), "the model's parameters are float64"),
 ]
 

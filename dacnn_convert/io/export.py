@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import validate
 from ..atomic import atomic_write
 from ..core.modes import mode
 from ..errors import DacnnError, UsageError, first_line
@@ -76,6 +77,8 @@ def export_onnx(
             are not finite or (fp32 storage) differ from PyTorch's by more than 1e-3; the file
             is removed.
     """
+    validate.module("model", model)
+    input_size = validate.input_size(input_size)
     _require("onnxscript")
     import onnx
 
@@ -189,6 +192,8 @@ def _check_onnxruntime(model: nn.Module, path: Path, input_size: tuple[int, int,
 
 def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
     """Trace ``model`` to TorchScript and save it; each anchor stays one tensor in the archive."""
+    validate.module("model", model)
+    input_size = validate.input_size(input_size)
     path = Path(path)
     with mode(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
