@@ -832,3 +832,38 @@ def test_a_trace_failure_never_advises_making_a_torch_module_a_leaf() -> None:
     with pytest.raises(TraceError) as info:
         plan(_TopLevelBranch(), input_size=(3, 16, 16))
     assert "the model's own forward" in str(info.value) and "BatchNorm2d" not in str(info.value)
+
+
+class _HeadDeclaredFirst(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 10)  # the head, declared before the layer that feeds it
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.proj(self.conv(x).mean((2, 3))))
+
+
+def test_the_class_count_is_the_heads_a_teacher_must_match_and_save_pretrained_wants_a_folder(tmp_path: Path) -> None:
+    """Row 116: the class count came from the last-declared Linear (here the 8-wide projection);
+    a teacher with another class count was a broadcast RuntimeError; save_pretrained into a file
+    was NotADirectoryError."""
+    from dacnn_convert import distill, save_pretrained
+    from dacnn_convert.errors import UsageError
+    from dacnn_convert.io.checkpoint import _num_classes
+    from dacnn_convert.io.checkpoint import read_metadata as meta
+
+    model = anchor(_HeadDeclaredFirst(), mode="none", input_size=(3, 16, 16))
+    assert _num_classes(model) == 10
+    written = save(model, tmp_path / "m.safetensors", source="tests.models:tiny_resnet")
+    assert '"num_classes": 10' in meta(written)["source"]
+    student = anchor(TinyResNet(), input_size=(3, 16, 16))
+    with pytest.raises(UsageError, match=r"teacher's outputs have shape \(8, 5\) and the student's \(8, 10\)"):
+        distill(
+            student, TinyResNet(num_classes=5), _batches(labels=torch.zeros(8, dtype=torch.long)), _batches(), epochs=1
+        )
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(UsageError, match="is a file; give a folder"):
+        save_pretrained(student, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep"

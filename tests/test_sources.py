@@ -55,7 +55,9 @@ def test_hf_hub_names_are_timm_models() -> None:
 def test_hf_hub_offline_is_one_line_not_a_module_import(no_network) -> None:
     result = runner.invoke(convert_app, ["hf-hub:timm/resnet18.a1_in1k", "--weights", "none", "--dry-run"])
     assert result.exit_code == 1, result.output
-    assert "cannot download" in result.output and "hf-hub:timm/resnet18.a1_in1k" in result.output
+    assert "cannot fetch" in result.output and "hf-hub:timm/resnet18.a1_in1k" in result.output
+    # with --weights none already given, the advice is the architecture from timm (was: "use --weights none")
+    assert "name the architecture from timm" in " ".join(result.output.split())
     assert "Traceback" not in result.output and "import" not in result.output
 
 

@@ -14,9 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from .. import validate
 from ..atomic import atomic_write_text
 from ..core.report import ConversionReport
-from ..errors import CheckpointError, DacnnError, first_line
+from ..errors import CheckpointError, DacnnError, UsageError, first_line
 
 WEIGHTS = "model.safetensors"
 CARD = "README.md"
@@ -140,7 +141,9 @@ def save_pretrained(
     """
     from .checkpoint import save
 
-    folder = Path(folder)
+    if folder is None:
+        raise UsageError("«folder» is where model.safetensors and README.md go; got None")
+    folder = validate.output_folder("folder", folder)
     save(model, folder / WEIGHTS, source=source)
     if card is not None:
         atomic_write_text(folder / CARD, card)

@@ -178,6 +178,15 @@ def dequantize_int8(state: dict[str, torch.Tensor], keys: list[str]) -> dict[str
 
 
 def _num_classes(model: nn.Module) -> int | None:
+    """The classifier's width: what the model says (timm's ``num_classes``), else the last Linear the
+    forward pass calls (a converted model's plan records the order), else the last one declared."""
+    said = getattr(model, "num_classes", None)
+    if isinstance(said, int) and not isinstance(said, bool) and said > 0:
+        return said
+    plan = getattr(model, PLAN_ATTR, None)
+    linears = [s for s in plan.sites if s.layer == "linear"] if plan is not None else []
+    if linears:
+        return max(linears, key=lambda s: s.order).out_channels
     last = [m for m in model.modules() if type(m) is nn.Linear]
     return last[-1].out_features if last else None
 

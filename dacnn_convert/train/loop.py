@@ -395,6 +395,11 @@ def distill(
     def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t = teacher(x.to(device))
+        if t.shape != logits.shape:
+            raise UsageError(
+                f"the teacher's outputs have shape {tuple(t.shape)} and the student's {tuple(logits.shape)}: "
+                "distil from a teacher with the student's classes (the original model the student was converted from)"
+            )
         value = kd_loss(logits, t, y, cfg.kd_temperature, cfg.kd_alpha, cfg.label_smoothing)
         if taps is not None:
             value = value + cfg.feature_weight * feature_mse(taps[0].outputs, taps[1].outputs)
