@@ -24,13 +24,7 @@ from .models import TinyResNet
 
 runner = CliRunner()
 SOURCE = ["--model", "tests.models:tiny_resnet"]
-
-
-@pytest.fixture()
-def checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = anchor(TinyResNet(), mode="mix", input_size=(3, 16, 16))
-    return save(model, tmp_path / "m.safetensors", source="tests.models:tiny_resnet")
+TRAIN = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16"]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -368,12 +362,7 @@ def test_a_seed_out_of_range_is_one_line_and_writes_nothing(tmp_path: Path, seed
     result = runner.invoke(
         app,
         [
-            "train",
-            "tests.models:tiny_resnet",
-            "--dataset",
-            "synthetic",
-            "--input-size",
-            "16",
+            *TRAIN,
             "--seed",
             seed,
             "--out",
@@ -422,12 +411,7 @@ def test_a_broken_torchrun_environment_is_one_line_and_writes_nothing(
         monkeypatch.setenv(name, value)
     out = tmp_path / "run"
     args = [
-        "train",
-        "tests.models:tiny_resnet",
-        "--dataset",
-        "synthetic",
-        "--input-size",
-        "16",
+        *TRAIN,
         "--limit-batches",
         "1",
         "--out",
@@ -457,7 +441,7 @@ def test_a_byte_target_bounds_the_file_written_not_only_its_parameters(tmp_path:
 
 def _finished_run(tmp_path: Path) -> Path:
     out = tmp_path / "run"
-    args = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16", "--epochs", "1"]
+    args = [*TRAIN, "--epochs", "1"]
     result = runner.invoke(app, [*args, "--limit-batches", "2", "--precision", "fp32", "--out", str(out)])
     assert result.exit_code == 0 and (out / "state.pt").is_file(), result.output
     return out
@@ -467,7 +451,7 @@ def test_resume_and_overwrite_together_is_one_line_and_changes_nothing(tmp_path:
     """Row 92: --resume --overwrite resumed and ignored --overwrite silently."""
     out = _finished_run(tmp_path)
     before = _snapshot(out)
-    args = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16", "--epochs", "2"]
+    args = [*TRAIN, "--epochs", "2"]
     result = runner.invoke(app, [*args, "--out", str(out), "--resume", "--overwrite"])
     assert result.exit_code == 2 and "give one of them" in result.output, result.output
     assert _snapshot(out) == before
@@ -496,7 +480,7 @@ def test_an_overwrite_that_fails_keeps_the_run_it_was_to_replace(tmp_path: Path)
     assert result.exit_code != 0, result.output
     _one_error(result.output)
     assert _snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
-    args = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16", "--epochs", "1"]
+    args = [*TRAIN, "--epochs", "1"]
     result = runner.invoke(app, [*args, "--limit-batches", "1", "--out", str(out), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not any(p.name.startswith(".dacnn-replaced") for p in out.iterdir())
@@ -570,7 +554,7 @@ def test_resume_from_a_state_that_is_not_a_file_or_a_finished_run_without_its_mo
     """Row 98: state.pt a folder or FIFO made --resume start from scratch and append duplicate metrics;
     a finished run whose best/last checkpoints were deleted resumed to "wrote None", exit 0."""
     out = _finished_run(tmp_path)
-    args = ["train", "tests.models:tiny_resnet", "--dataset", "synthetic", "--input-size", "16", "--epochs", "1"]
+    args = [*TRAIN, "--epochs", "1"]
     args += ["--limit-batches", "2", "--precision", "fp32", "--out", str(out), "--resume"]
     (out / "best.safetensors").unlink()
     result = runner.invoke(app, args)

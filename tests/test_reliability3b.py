@@ -11,33 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dacnn_convert import anchor, inspect_file, save
+from dacnn_convert import inspect_file, save
 from dacnn_convert.cli import app
 from dacnn_convert.errors import CheckpointError, RecipeError, UsageError
 from dacnn_convert.recipes import load_recipe
 
 from .models import TinyResNet
-
-runner = CliRunner()
-SOURCE = ["--model", "tests.models:tiny_resnet"]
-
-
-@pytest.fixture()
-def checkpoint(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = anchor(TinyResNet(), mode="mix", input_size=(3, 16, 16))
-    return save(model, tmp_path / "m.safetensors", source="tests.models:tiny_resnet")
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def _one_error(output: str) -> None:
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert "Traceback" not in output and sum(line.startswith("error:") for line in lines) == 1, output
+from .test_reliability3 import SOURCE, _one_error, _snapshot, runner
 
 
 def _result(recipe: str = "r.yaml", **changes: object) -> str:

@@ -7,18 +7,25 @@ import stat
 from pathlib import Path
 
 
+def _mode(path: Path, what: str) -> tuple[int, str | None]:
+    """``path``'s file mode, or why it cannot be had (missing, unreadable)."""
+    try:
+        return path.stat().st_mode, None
+    except FileNotFoundError:
+        return 0, f"{what} {str(path)!r} does not exist"
+    except OSError as exc:
+        return 0, f"cannot read {what} {str(path)!r} ({exc.strerror or exc})"
+
+
 def unreadable(path: Path, what: str) -> str | None:
     """Why ``path`` cannot be read as ``what`` (e.g. "checkpoint"), or None when it is a readable file.
 
     A directory, a FIFO or a device is named as such: reading a FIFO would block forever, and a
     directory given where a file is expected usually means the file inside it was meant.
     """
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return f"{what} {str(path)!r} does not exist"
-    except OSError as exc:
-        return f"cannot read {what} {str(path)!r} ({exc.strerror or exc})"
+    mode, why = _mode(path, what)
+    if why is not None:
+        return why
     if stat.S_ISDIR(mode):
         inside = sorted(p.name for p in path.glob("*.safetensors"))[:3]
         hint = f" (it holds {', '.join(inside)}: give one of them)" if inside else ""
@@ -42,12 +49,9 @@ def not_a_folder(path: Path, what: str) -> str | None:
 
     Searching a missing folder finds nothing, which would read as "there is nothing there".
     """
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return f"{what} {str(path)!r} does not exist"
-    except OSError as exc:
-        return f"cannot read {what} {str(path)!r} ({exc.strerror or exc})"
+    mode, why = _mode(path, what)
+    if why is not None:
+        return why
     if not stat.S_ISDIR(mode):
         return f"{what} {str(path)!r} is {'a file' if stat.S_ISREG(mode) else 'a FIFO or device'}, not a folder"
     return None
