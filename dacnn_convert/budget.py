@@ -51,10 +51,10 @@ from .errors import PlanError, UsageError, choose, render
 from .validate import inputs_of
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
-BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125)  # bank filters as a fraction of C_out
+BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # bank filters as a fraction of C_out
 # low-rank ranks of unshared convs, as a fraction of each conv's rank limit min(C_out, C_in x kh x kw):
 # of C_out for most 3x3 convs, of C_in for the expanding 1x1s of inverted residuals
-RANK_GRID = (0.5, 0.25, 0.125, 0.0625, 0.03125)
+RANK_GRID = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # 1/64: MobileNetV3 and ConvNeXt reach 10%
 BANK_OPTIONS = (*OPTIONS, *(f"bank:{f}" for f in BANK_GRID))  # "bank:1.0": k = C_out (a fraction, always)
 RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
 SPACES = ("bank", "anchor")  # bank: every option; anchor: free / mix / plain + regulators only
