@@ -851,3 +851,16 @@ def test_the_class_count_is_the_heads_a_teacher_must_match_and_save_pretrained_w
     with pytest.raises(UsageError, match="is a file; give a folder"):
         save_pretrained(student, tmp_path / "file")
     assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_weights_and_inspect_read_the_same_checkpoint_layouts(tmp_path: Path) -> None:
+    """--weights unwrapped only {"state_dict": ...}; inspect also model / *_ema: one unwrapping for both."""
+    from dacnn_convert.io.inspection import inspect_file
+    from dacnn_convert.io.sources import read_state_dict
+
+    torch.manual_seed(0)
+    model = TinyResNet()
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    state = read_state_dict(tmp_path / "ckpt.pt", model)
+    assert torch.equal(state["fc.weight"], model.fc.weight)
+    assert inspect_file(tmp_path / "ckpt.pt").params == sum(p.numel() for p in model.parameters())

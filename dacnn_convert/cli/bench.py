@@ -13,9 +13,9 @@ import typer
 from rich.table import Table
 
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
-from ..errors import DacnnError, UsageError
+from ..errors import UsageError
 from ..recipes import parse_input_size
-from .common import DataOptions, console, fail, recipe_from_command
+from .common import DataOptions, console, recipe_from_command
 from .guards import output_guard
 from .options import (
     Augment,
@@ -123,44 +123,41 @@ def bench_command(
     from ..bench import BenchConfig, run_bench
     from ..io.sources import build_model, input_config, parse_spec
 
-    try:
-        rec = recipe_from_command(ctx, "bench", recipe)
-        if rec.model is None or rec.dataset is None:
-            raise UsageError("dacnn bench needs a MODEL and --dataset (on the command line or in the --recipe)")
-        model, weights, out = rec.model, rec.weights or "none", Path(rec.out or "runs/bench")
-        num_classes, input_size, seed, repeats = rec.num_classes, rec.input_size, rec.seed, rec.repeats
-        data = DataOptions.from_recipe(rec, overwrite=overwrite)
-        config = BenchConfig(
-            tuple(m.strip() for m in (rec.methods or DEFAULT_METHODS).split(",") if m.strip()),
-            rec.budget,
-            rec.match,
-            rec.repeats,
-            rec.calibrate_batches,
-            latency_repeats=rec.latency_repeats,
-            train=data.config(),
-        )
-        preprocess = input_config(None, parse_spec(model, num_classes), weights)
-        size = data.input_size(parse_input_size(input_size), preprocess.input_size)
-        with output_guard(out, data, (weights,)), console.status("benchmarking") as status:
-            loaders = data.loaders(size, preprocess)
-            spec = parse_spec(model, num_classes or loaders.num_classes)
-            torch.manual_seed(seed)
-            teacher = build_model(spec, weights).eval().to(data.torch_device())
+    rec = recipe_from_command(ctx, "bench", recipe)
+    if rec.model is None or rec.dataset is None:
+        raise UsageError("dacnn bench needs a MODEL and --dataset (on the command line or in the --recipe)")
+    model, weights, out = rec.model, rec.weights or "none", Path(rec.out or "runs/bench")
+    num_classes, input_size, seed, repeats = rec.num_classes, rec.input_size, rec.seed, rec.repeats
+    data = DataOptions.from_recipe(rec, overwrite=overwrite)
+    config = BenchConfig(
+        tuple(m.strip() for m in (rec.methods or DEFAULT_METHODS).split(",") if m.strip()),
+        rec.budget,
+        rec.match,
+        rec.repeats,
+        rec.calibrate_batches,
+        latency_repeats=rec.latency_repeats,
+        train=data.config(),
+    )
+    preprocess = input_config(None, parse_spec(model, num_classes), weights)
+    size = data.input_size(parse_input_size(input_size), preprocess.input_size)
+    with output_guard(out, data, (weights,)), console.status("benchmarking") as status:
+        loaders = data.loaders(size, preprocess)
+        spec = parse_spec(model, num_classes or loaders.num_classes)
+        torch.manual_seed(seed)
+        teacher = build_model(spec, weights).eval().to(data.torch_device())
 
-            def on_event(event: str, d: dict) -> None:
-                if event == "method":
-                    status.update(f"{d['method']} (seed {d['seed']}): compressing, calibrating, fine-tuning")
-                elif event == "done":
-                    console.print(
-                        f"{d['method']} seed {d['seed']}: {d['params']:,} params, accuracy "
-                        f"{100 * d['acc_compressed']:.2f}% -> {100 * d['acc_finetuned']:.2f}% ({d['wall_s']:.0f} s)"
-                    )
-                elif event == "latency":
-                    status.update(f"timing every model at batch {d['batch']}")
+        def on_event(event: str, d: dict) -> None:
+            if event == "method":
+                status.update(f"{d['method']} (seed {d['seed']}): compressing, calibrating, fine-tuning")
+            elif event == "done":
+                console.print(
+                    f"{d['method']} seed {d['seed']}: {d['params']:,} params, accuracy "
+                    f"{100 * d['acc_compressed']:.2f}% -> {100 * d['acc_finetuned']:.2f}% ({d['wall_s']:.0f} s)"
+                )
+            elif event == "latency":
+                status.update(f"timing every model at batch {d['batch']}")
 
-            result = run_bench(teacher, loaders, size, config, out, spec, on_event, meta=_environment())
-    except DacnnError as exc:
-        raise fail(exc) from None
+        result = run_bench(teacher, loaders, size, config, out, spec, on_event, meta=_environment())
     table = Table(title=f"{spec.display}: {result.target_params or 0:,} params budget")
     for col in ("method", "params", "bytes", "prune", "MACs", "b1 ms", "b64 ms", "acc before", "acc after", "drop"):
         table.add_column(col, justify="left" if col == "method" else "right")

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
-from ..errors import DacnnError, UsageError
-from .common import DataOptions, _Progress, console, fail, recipe_from_command
+from ..errors import UsageError
+from .common import DataOptions, _Progress, console, recipe_from_command
 from .guards import output_guard
 from .options import (
     Augment,
@@ -209,24 +209,21 @@ def convert_command(
     With --dataset, also recalibrate BatchNorm and distil the original into the anchored net.
     With --recipe FILE, the recipe's settings apply wherever no flag was given.
     """
-    try:
-        rec = recipe_from_command(ctx, "convert", recipe)
-        if ctx.info_name == "distill" and not rec.dataset and not dry_run:
-            raise UsageError(
-                "dacnn distill needs --dataset: the data to calibrate and fine-tune on "
-                "(to convert without data, use dacnn convert)"
-            )
-        data = DataOptions.from_recipe(rec, resume=resume, overwrite=overwrite)
-        run_convert(
-            rec,
-            data,
-            dry_run=dry_run,
-            write_recipe=recipe is not None,
-            command=command_line(ctx),
-            inputs=(recipe,) if recipe is not None else (),
+    rec = recipe_from_command(ctx, "convert", recipe)
+    if ctx.info_name == "distill" and not rec.dataset and not dry_run:
+        raise UsageError(
+            "dacnn distill needs --dataset: the data to calibrate and fine-tune on "
+            "(to convert without data, use dacnn convert)"
         )
-    except DacnnError as exc:
-        raise fail(exc) from None
+    data = DataOptions.from_recipe(rec, resume=resume, overwrite=overwrite)
+    run_convert(
+        rec,
+        data,
+        dry_run=dry_run,
+        write_recipe=recipe is not None,
+        command=command_line(ctx),
+        inputs=(recipe,) if recipe is not None else (),
+    )
 
 
 def demo_command(
@@ -240,58 +237,53 @@ def demo_command(
 ) -> None:
     """Quick start, offline: train a ResNet-18 teacher on Fashion-MNIST, shrink it 4x with filter banks, distil."""
     teacher = out / "teacher" / "best.safetensors"
-    try:
-        if teacher.is_file():
-            console.print(f"reusing the teacher in {teacher}")
-        else:
-            console.print(
-                f"training a ResNet-18 teacher on {train_limit} Fashion-MNIST images ({teacher_epochs} epochs)"
-            )
-            # a warm-up and a lower peak lr than from-scratch recipes: short runs at 0.05 swung 83-86%
-            run_train(
-                "resnet18",
+    if teacher.is_file():
+        console.print(f"reusing the teacher in {teacher}")
+    else:
+        console.print(f"training a ResNet-18 teacher on {train_limit} Fashion-MNIST images ({teacher_epochs} epochs)")
+        # a warm-up and a lower peak lr than from-scratch recipes: short runs at 0.05 swung 83-86%
+        run_train(
+            "resnet18",
+            "fashion-mnist",
+            teacher.parent,
+            "none",
+            "32",
+            DataOptions(
                 "fashion-mnist",
-                teacher.parent,
-                "none",
-                "32",
-                DataOptions(
-                    "fashion-mnist",
-                    teacher_epochs,
-                    lr=0.03,
-                    precision=precision,
-                    train_limit=train_limit,
-                    warmup_steps=100,
-                    device=device,
-                    overwrite=True,  # no finished teacher there: start afresh
-                ),
-            )
-        console.print(
-            f"planning a {target_ratio:g}x smaller student (filter banks, searched with the data), "
-            "fitting it to the activations; then BN recalibration and KD fine-tune"
+                teacher_epochs,
+                lr=0.03,
+                precision=precision,
+                train_limit=train_limit,
+                warmup_steps=100,
+                device=device,
+                overwrite=True,  # no finished teacher there: start afresh
+            ),
         )
-        from ..recipes import Recipe
+    console.print(
+        f"planning a {target_ratio:g}x smaller student (filter banks, searched with the data), "
+        "fitting it to the activations; then BN recalibration and KD fine-tune"
+    )
+    from ..recipes import Recipe
 
-        student = Recipe(
-            model="resnet18",
-            mode="bank",
-            init="act",
-            weights=str(teacher),
-            num_classes=10,
-            input_size="32",
-            out=str(out / "student"),
-            dataset="fashion-mnist",
-            epochs=epochs,
-            lr=0.02,  # as measured
-            warmup_steps=0,
-            calibrate_batches=50,
-            precision=precision.value,
-            train_limit=train_limit,
-            device=device,
-            target_ratio=target_ratio,
-        )
-        run_convert(student, DataOptions.from_recipe(student, overwrite=True))
-    except DacnnError as exc:
-        raise fail(exc) from None
+    student = Recipe(
+        model="resnet18",
+        mode="bank",
+        init="act",
+        weights=str(teacher),
+        num_classes=10,
+        input_size="32",
+        out=str(out / "student"),
+        dataset="fashion-mnist",
+        epochs=epochs,
+        lr=0.02,  # as measured
+        warmup_steps=0,
+        calibrate_batches=50,
+        precision=precision.value,
+        train_limit=train_limit,
+        device=device,
+        target_ratio=target_ratio,
+    )
+    run_convert(student, DataOptions.from_recipe(student, overwrite=True))
 
 
 def plan_command(
@@ -317,14 +309,11 @@ def plan_command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Print the conversion plan, by mode or by a size target (nothing is converted or written)."""
-    try:
-        if model is None:
-            raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
-        rec = recipe_from_command(ctx, "convert")
-        data = DataOptions.from_recipe(rec) if dataset else None
-        job = run_convert(rec, data, dry_run=True, render=False)
-    except DacnnError as exc:
-        raise fail(exc) from None
+    if model is None:
+        raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
+    rec = recipe_from_command(ctx, "convert")
+    data = DataOptions.from_recipe(rec) if dataset else None
+    job = run_convert(rec, data, dry_run=True, render=False)
     for line in job.search.explain() if explain and job.search is not None else []:
         console.print(line, highlight=False, soft_wrap=True)
     render_plan(job.plan, model)

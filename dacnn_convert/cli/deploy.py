@@ -104,8 +104,6 @@ def export_command(
 
             atomic_write(out, lambda tmp: torch.save(state, tmp))
         console.print(f"wrote {out} ({out.stat().st_size:,} bytes)")
-    except DacnnError as exc:
-        raise fail(exc) from None
     except OSError as exc:  # the target folder is missing, read-only or full
         raise fail(write_failed(exc.filename or out, exc)) from None
 
@@ -166,10 +164,7 @@ def inspect_command(
 
     from ..io.inspection import inspect_file
 
-    try:
-        info = inspect_file(path)
-    except DacnnError as exc:
-        raise fail(exc) from None
+    info = inspect_file(path)
     if json_out:
         console.print_json(json.dumps(info.to_dict()))
         return

@@ -17,7 +17,7 @@ from ..atomic import atomic_write_text
 from ..defaults import DEVICE_HELP
 from ..errors import DacnnError, OutputError, UsageError, first_line, marked
 from ..io.files import not_a_folder
-from .common import DataOptions, console, fail, handled, load_checkpoint
+from .common import DataOptions, console, handled, load_checkpoint
 from .options import DownloadOpt, LimitOpt, OverwriteOpt, TrainLimitOpt
 
 recipe_app = typer.Typer(
@@ -35,13 +35,10 @@ def recipe_list(root: Annotated[Path, typer.Option(help="folder searched for *.y
     table = Table(title=f"recipes in {root}")
     for col in ("recipe", "task", "model", "dataset", "epochs", "paper"):
         table.add_column(col)
-    try:
-        for path in find_recipes(root):
-            r = load_recipe(path)
-            paper = f"Table {r.paper_table}: {r.paper_error}% err" if r.paper_table and r.paper_error else ""
-            table.add_row(str(path), r.task, r.model or "", r.dataset or "", str(r.epochs), paper)
-    except DacnnError as exc:
-        raise fail(exc) from None
+    for path in find_recipes(root):
+        r = load_recipe(path)
+        paper = f"Table {r.paper_table}: {r.paper_error}% err" if r.paper_table and r.paper_error else ""
+        table.add_row(str(path), r.task, r.model or "", r.dataset or "", str(r.epochs), paper)
     console.print(table)
 
 
@@ -68,23 +65,20 @@ def recipe_run(
     """Run a recipe: train (paper rows) or convert + distil; writes recipe.yaml and result.json."""
     from ..recipes import check_recipe_code, load_recipe
 
-    try:
-        loaded = load_recipe(recipe)
-        if loaded.task != "bench":  # a bench recipe is refused first (run_recipe names dacnn bench)
-            check_recipe_code(loaded, recipe, model)
-        r = loaded.override(
-            model=model,
-            epochs=epochs,
-            dataset=dataset,
-            precision=precision,
-            batch_size=batch_size,
-            train_limit=train_limit,
-            out=str(out) if out else None,
-            weights=weights,
-        )
-        result = run_recipe(r, recipe, limit_batches, download, device, overwrite)
-    except DacnnError as exc:
-        raise fail(exc) from None
+    loaded = load_recipe(recipe)
+    if loaded.task != "bench":  # a bench recipe is refused first (run_recipe names dacnn bench)
+        check_recipe_code(loaded, recipe, model)
+    r = loaded.override(
+        model=model,
+        epochs=epochs,
+        dataset=dataset,
+        precision=precision,
+        batch_size=batch_size,
+        train_limit=train_limit,
+        out=str(out) if out else None,
+        weights=weights,
+    )
+    result = run_recipe(r, recipe, limit_batches, download, device, overwrite)
     console.print(
         f"{recipe}: top-1 {100 * result['accuracy']:.2f}% ({result['params']:,} params, "
         f"{result['wall_s']:.0f} s); wrote {result['out']}/result.json"

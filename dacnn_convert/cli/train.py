@@ -9,9 +9,8 @@ import typer
 
 from ..atomic import atomic_write_text
 from ..defaults import TRAIN_LR
-from ..errors import DacnnError
 from ..recipes import parse_input_size
-from .common import DataOptions, _Progress, console, fail, load_checkpoint, recipe_from_command, source_of
+from .common import DataOptions, _Progress, console, load_checkpoint, recipe_from_command, source_of
 from .guards import check_input_size, output_guard
 from .options import (
     Augment,
@@ -74,11 +73,8 @@ def train_command(
     device: DeviceOpt = "auto",
 ) -> None:
     """Train a reference teacher from scratch (or from --weights) with cross-entropy."""
-    try:
-        rec = recipe_from_command(ctx, "train")
-        run_train(model, dataset, out, weights, input_size, DataOptions.from_recipe(rec, resume, overwrite))
-    except DacnnError as exc:
-        raise fail(exc) from None
+    rec = recipe_from_command(ctx, "train")
+    run_train(model, dataset, out, weights, input_size, DataOptions.from_recipe(rec, resume, overwrite))
 
 
 def run_train(model: str, dataset: str, out: Path, weights: str, input_size: str | None, data: DataOptions) -> Any:
@@ -126,17 +122,14 @@ def eval_command(
     from ..io.sources import input_config
     from ..train.evaluation import evaluate_counts
 
-    try:
-        data = DataOptions(dataset, batch_size=batch_size, download=download, device=device)
-        net = load_checkpoint(checkpoint, model)
-        preprocess = input_config(net, source_of(net, model))  # as the model was fine-tuned
-        size = data.input_size(parse_input_size(input_size), preprocess.input_size)
-        loaders = data.loaders(size, preprocess)
-        net = net.to(data.torch_device())
-        outputs = check_input_size(net, size)
-        acc, seen = evaluate_counts(net, loaders.val, precision, limit_batches)
-    except DacnnError as exc:
-        raise fail(exc) from None
+    data = DataOptions(dataset, batch_size=batch_size, download=download, device=device)
+    net = load_checkpoint(checkpoint, model)
+    preprocess = input_config(net, source_of(net, model))  # as the model was fine-tuned
+    size = data.input_size(parse_input_size(input_size), preprocess.input_size)
+    loaders = data.loaders(size, preprocess)
+    net = net.to(data.torch_device())
+    outputs = check_input_size(net, size)
+    acc, seen = evaluate_counts(net, loaders.val, precision, limit_batches)
     if outputs != loaders.num_classes:
         console.print(
             f"warning: the model has {outputs} outputs and {dataset} {loaders.num_classes} classes: its predictions "

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ..errors import DacnnError, write_failed
+from ..errors import write_failed
 from ..recipes import parse_input_size
-from .common import console, fail, load_checkpoint
+from .common import console, load_checkpoint
 from .guards import check_output_file
 from .options import FileOverwriteOpt, SizeOpt, SkelOpt
 
@@ -29,22 +29,19 @@ def visualize_command(
     """Images that excite chosen filters most, by gradient ascent on the input (paper section 4.3)."""
     from ..visualize import visualize_filters
 
-    try:
-        check_output_file(out, (checkpoint,), overwrite)
-        if Path(checkpoint).suffix == ".safetensors":
-            model = load_checkpoint(Path(checkpoint), model_source)
-        else:
-            from ..io.sources import build_model, parse_spec
+    check_output_file(out, (checkpoint,), overwrite)
+    if Path(checkpoint).suffix == ".safetensors":
+        model = load_checkpoint(Path(checkpoint), model_source)
+    else:
+        from ..io.sources import build_model, parse_spec
 
-            model = build_model(parse_spec(checkpoint), weights="none")
-        size = parse_input_size(input_size) or (3, 32, 32)
-        result = visualize_filters(model, [s.strip() for s in layers.split(",") if s.strip()], filters, size, steps)
-        try:
-            path = result.save_grid(out)
-        except OSError as exc:  # a missing, read-only or full folder: one line
-            raise write_failed(exc.filename or out, exc) from None
-    except DacnnError as exc:
-        raise fail(exc) from None
+        model = build_model(parse_spec(checkpoint), weights="none")
+    size = parse_input_size(input_size) or (3, 32, 32)
+    result = visualize_filters(model, [s.strip() for s in layers.split(",") if s.strip()], filters, size, steps)
+    try:
+        path = result.save_grid(out)
+    except OSError as exc:  # a missing, read-only or full folder: one line
+        raise write_failed(exc.filename or out, exc) from None
     for layer, acts in result.activation.items():
         console.print(f"{layer}: mean responses " + ", ".join(f"{a:.2f}" for a in acts))
     console.print(f"wrote {path}")

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import CheckpointError, DacnnError, first_line
 from .files import is_safetensors, unreadable
+from .sources import unwrap_state_dict
 
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -150,7 +151,7 @@ def _inspect_state_dict(path: Path) -> Inspection:
         ) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
-    state, notes = _unwrap(state, path)
+    state, notes = unwrap_state_dict(state, path, CheckpointError)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     seen: dict[tuple[int, int], list[str]] = {}
     for k, v in tensors.items():
@@ -160,36 +161,6 @@ def _inspect_state_dict(path: Path) -> Inspection:
     pbytes = sum(tensors[n].numel() * tensors[n].element_size() for n in kept)
     shared = tuple((n[0], tuple(tensors[n[0]].shape), tuple(n)) for n in seen.values() if len(n) > 1)
     return Inspection(str(path), "state-dict", path.stat().st_size, len(tensors), params, pbytes, shared, notes=notes)
-
-
-# where training scripts put the weights in a checkpoint dict ({"state_dict": ..., "epoch": 3}), in order
-STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
-
-
-def _holds_tensors(obj: object) -> bool:
-    return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _unwrap(state: dict[Any, Any], path: Path) -> tuple[dict[Any, Any], tuple[str, ...]]:
-    """The state dict of a torch file and a note of where it was: the file's top level, or the first
-    of :data:`STATE_DICT_KEYS` holding tensors when the top level holds none (a training checkpoint).
-
-    Raises:
-        CheckpointError: entries but no tensors, at the top level or under any of those keys.
-    """
-    if _holds_tensors(state) or not state:
-        return state, ()
-    for key in STATE_DICT_KEYS:
-        if _holds_tensors(state.get(key)):
-            rest = ", ".join(map(str, (k for k in state if k != key)))[:120]
-            return state[key], (
-                f"read the state dict under key {key!r}" + (f" (the file also holds: {rest})" if rest else ""),
-            )
-    keys = ", ".join(map(repr, list(state)[:8]))
-    raise CheckpointError(
-        f"{str(path)!r} holds no tensors at its top level (keys: {keys}) nor under "
-        f"{', '.join(map(repr, STATE_DICT_KEYS))}; save the model's state_dict() itself"
-    )
 
 
 class _Opaque:

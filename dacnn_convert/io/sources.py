@@ -388,6 +388,39 @@ def fill_tied(
     return tied
 
 
+# where training scripts put the weights in a checkpoint dict ({"state_dict": ..., "epoch": 3}), in order
+STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+def _holds_tensors(obj: object) -> bool:
+    return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap_state_dict(
+    state: dict[Any, Any], path: Path, error: type[Exception]
+) -> tuple[dict[Any, Any], tuple[str, ...]]:
+    """The state dict of a torch file and a note of where it was: the file's top level, or the first
+    of :data:`STATE_DICT_KEYS` holding tensors when the top level holds none (a training checkpoint).
+    ``--weights`` and ``inspect`` read the same layouts.
+
+    Raises:
+        error: entries but no tensors, at the top level or under any of those keys.
+    """
+    if _holds_tensors(state) or not state:
+        return state, ()
+    for key in STATE_DICT_KEYS:
+        if _holds_tensors(state.get(key)):
+            rest = ", ".join(map(str, (k for k in state if k != key)))[:120]
+            return state[key], (
+                f"read the state dict under key {key!r}" + (f" (the file also holds: {rest})" if rest else ""),
+            )
+    keys = ", ".join(map(repr, list(state)[:8]))
+    raise error(
+        f"{str(path)!r} holds no tensors at its top level (keys: {keys}) nor under "
+        f"{', '.join(map(repr, STATE_DICT_KEYS))}; save the model's state_dict() itself"
+    )
+
+
 def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``weights_only`` torch file.
 
@@ -422,8 +455,8 @@ def read_state_dict(path: Path, model: nn.Module | None = None) -> dict[str, tor
             "original model's weights; evaluate, export or fine-tune the converted file itself (dacnn eval FILE, "
             "dacnn export FILE, load(FILE))"
         )
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    if isinstance(state, dict):
+        state, _ = unwrap_state_dict(state, path, WeightsError)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{str(path)!r} is not a state dict (a mapping of names to tensors)")
     if model is not None:

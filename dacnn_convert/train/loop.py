@@ -77,8 +77,6 @@ def _fit(
     **kwargs: Any,
 ) -> FitResult:
     """The loop under ``cfg.seed`` in a forked RNG: the caller's random state is the same afterwards."""
-    if args:  # out: a folder path (a str is fine), never an existing file
-        args = (validate.output_folder("out", args[0]), *args[1:])
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
@@ -285,6 +283,7 @@ def train(
     resume: bool = False,
 ) -> FitResult:
     """Train ``model`` with cross-entropy (a reference teacher). See :func:`distill` for arguments."""
+    out = validate.output_folder("out", out)
     cfg = config or TrainConfig()
 
     def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
