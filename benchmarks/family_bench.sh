@@ -52,8 +52,13 @@ for model in $MODELS; do
       --lr "$LR" --warmup-steps "$WARMUP" --clip-grad "$CLIP" --calibrate-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" \
       --precision fp32 --budget "$budget" --methods "$METHODS" --out "$OUT/bench-$name" --overwrite \
       2> >(tee "$OUT/bench-$name.err" >&2); then
+      # only the planner's refusal is a result; any other failure (a crash, a missing install) stops the script
+      if ! grep -q '^error: no conversion fits' "$OUT/bench-$name.err"; then
+        echo "$name failed (not a refusal): see $OUT/bench-$name.err" >&2
+        exit 1
+      fi
       mkdir -p "$RESULTS/$name"
-      grep '^error:' "$OUT/bench-$name.err" > "$RESULTS/$name/refused.txt" || echo "exit code $?" > "$RESULTS/$name/refused.txt"
+      grep '^error:' "$OUT/bench-$name.err" > "$RESULTS/$name/refused.txt"
       echo "$name: refused ($(date -u +%Y-%m-%dT%H:%MZ))" >> "$RESULTS/wall_time.txt"
       continue
     fi
