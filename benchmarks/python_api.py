@@ -9,6 +9,7 @@ with ordinary transforms, one epoch = a fixed 12,800-image subset (100 batches o
 
     python benchmarks/python_api.py                        # every README snippet + the issue's original call
     python benchmarks/python_api.py --sweep                # the fine-tune defaults: lr x warm-up, BN batches
+    python benchmarks/python_api.py --regulators           # issue 28: mix/plain/sharesnet, fitted vs zero regulators
 
 Results (markdown + json, with machine and date) go to benchmarks/results/python_api/.
 """
@@ -141,6 +142,88 @@ def sweep(teacher: torch.nn.Module, train_loader: DataLoader, val_loader: DataLo
     return rows
 
 
+# Issue 28: the paper's modes through anchor() + distill(epochs=1), with and without data, regulators
+# fitted in closed form ("fit") or zero-initialised ("zero"); (mode, regulator_init, with data)
+REGULATOR_ROWS = (
+    ("mix", "fit", True),
+    ("mix", "zero", True),
+    ("mix", "fit", False),
+    ("mix", "zero", False),
+    ("plain", "fit", True),
+    ("sharesnet", "fit", True),
+    ("plain", "fit", False),
+    ("sharesnet", "fit", False),
+)
+
+
+def regulator_rows(
+    teacher: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader, header: dict, seed: int
+) -> list[dict]:
+    """anchor(teacher, mode=M, regulators="all"[, calib_loader=train_loader], regulator_init=R) + distill(epochs=1).
+
+    Accuracy right after conversion (with data: after the fit and anchor()'s BN recalibration; without:
+    after recalibrating a copy on 50 batches, as distill() does first) and after the epoch. Rows are
+    written as they finish (regulators.json / regulators.md).
+    """
+    import copy
+
+    from dacnn_convert import anchor, count_params, distill, recalibrate_bn
+    from dacnn_convert.train import evaluate
+
+    rows: list[dict] = []
+    for mode, reg_init, with_data in REGULATOR_ROWS:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        kwargs = {"calib_loader": train_loader} if with_data else {}
+        student = anchor(teacher, mode=mode, regulators="all", regulator_init=reg_init, **kwargs)
+        convert_s = time.perf_counter() - start
+        probe = student if with_data else copy.deepcopy(student)
+        if not with_data:
+            recalibrate_bn(probe, train_loader, 50)
+        converted = evaluate(probe, val_loader, "fp32")
+        fit = distill(student, teacher, train_loader, val_loader, epochs=1)
+        rows.append(
+            {
+                "mode": mode,
+                "regulator_init": reg_init,
+                "data": with_data,
+                "init": student.dacnn_plan.init,
+                "params": count_params(student),
+                "converted_acc": converted,
+                "finetuned_acc": fit.final_acc,
+                "convert_s": convert_s,
+                "wall_s": time.perf_counter() - start,
+            }
+        )
+        print(rows[-1], flush=True)
+        (RESULTS / "regulators.json").write_text(json.dumps({**header, "rows": rows}, indent=2))
+        (RESULTS / "regulators.md").write_text(regulators_markdown(header, rows))
+    return rows
+
+
+def regulators_markdown(header: dict, rows: list[dict]) -> str:
+    t = 100 * header["teacher_acc"]
+    lines = [
+        "# The paper's modes through anchor() + distill(epochs=1): fitted vs zero regulators (issue 28)",
+        "",
+        f"`{header['command']}` on {header['machine']}; {header['versions']}; {header['date']}. Teacher "
+        f"`{header['teacher']}` {t:.2f}%; one epoch = {header['train_images']:,} images (100 steps of 128). "
+        "Converted: with data, after the fit and anchor()'s BN recalibration (50 batches); without data, "
+        "after recalibrating a copy on 50 batches (what distill() does first).",
+        "",
+        "| mode | regulators | data | init | params | converted | drop | after 1 epoch | drop | convert s | wall s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        c, f = 100 * r["converted_acc"], 100 * r["finetuned_acc"]
+        lines.append(
+            f"| {r['mode']} | all, {r['regulator_init']} | {'calib_loader' if r['data'] else 'weights only'} | "
+            f"{r['init']} | {r['params']:,} | {c:.2f}% | {t - c:.2f} | {f:.2f}% | {t - f:.2f} | "
+            f"{r['convert_s']:.0f} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teacher", type=Path, default=ROOT / "runs/prune-bench/teacher/best.safetensors")
@@ -148,6 +231,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sweep", action="store_true", help="measure distill()'s defaults instead of the snippets")
     ap.add_argument("--only", default=None, help="comma-separated snippet names")
+    ap.add_argument("--regulators", action="store_true", help="issue 28: the paper's modes, fitted vs zero regulators")
     args = ap.parse_args()
     if not args.teacher.is_file():
         raise SystemExit(f"no teacher at {args.teacher}: run benchmarks/prune_bench.sh first (it trains it)")
@@ -160,7 +244,9 @@ def main() -> None:
     print(f"teacher {100 * teacher_acc:.2f}%", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = {
-        "command": "python benchmarks/python_api.py" + (" --sweep" if args.sweep else ""),
+        "command": "python benchmarks/python_api.py"
+        + (" --sweep" if args.sweep else "")
+        + (" --regulators" if args.regulators else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
         + (
             f"GPU {torch.cuda.get_device_name()} (unused: the snippets run on the CPU)"
@@ -174,6 +260,9 @@ def main() -> None:
         "train_images": args.images,
         "seed": args.seed,
     }
+    if args.regulators:
+        regulator_rows(teacher, train_loader, val_loader, header, args.seed)
+        return
     if args.sweep:
         rows = sweep(teacher, train_loader, val_loader, teacher_acc)
         (RESULTS / "sweep.json").write_text(json.dumps({**header, "rows": rows}, indent=2))

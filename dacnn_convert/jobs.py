@@ -9,7 +9,7 @@ supplies data loaders and renders the result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,8 @@ def run_convert_job(
 
             side = native_size(rec.dataset) if with_data and rec.dataset else None
             size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
-        init = default_init(rec.init, with_data)
+        by_target = any(t is not None for t in (rec.target_params, rec.target_ratio, rec.target_bytes))
+        init = default_init(rec.init, with_data, None if by_target else rec.mode)
         if init in ("act", "act-seq") and not with_data:
             raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
         target = (
@@ -130,6 +131,8 @@ def run_convert_job(
             loader = loaders.train if loaders is not None else None
             search = budget_search(original, wanted, size, loader, 8, rec.metric, rec.regulator_style, init, leaves)
             plan = search.plan
+            if rec.regulator_init is not None:
+                plan = replace(plan, regulator_init=rec.regulator_init)
         else:
             plan = make_plan(
                 original,
@@ -141,6 +144,7 @@ def run_convert_job(
                 leaves,
                 bank_size=rec.bank_size,
                 factorize_unshared=parse_rank(rec.factorize_unshared, "«factorize-unshared»"),
+                regulator_init=rec.regulator_init,
             )
         result = ConvertJobResult(plan, spec.display, None if dry_run else out, search)
         if dry_run:

@@ -25,7 +25,7 @@ from .atomic import atomic_write_text
 from .budget import resolve_target, search
 from .core.banks import BankSize, BankValue
 from .core.convert import convert
-from .core.plan import Plan, count_params
+from .core.plan import REGULATOR_INITS, Plan, count_params
 from .core.planning import InitName, ModeName, RegulatorStyleName, make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
 from .defaults import default_init
@@ -54,6 +54,7 @@ def plan(
     metric: str | None = None,
     bank_size: BankSize = 0.5,
     factorize_unshared: BankValue | None = None,
+    regulator_init: str | None = None,
 ) -> Plan:
     """Decide what to share: by ``mode``, or — given a target size — by budget search.
 
@@ -71,8 +72,9 @@ def plan(
     target_params = validate.optional_size("target-params", target_params)
     target_bytes = validate.optional_size("target-bytes", target_bytes)
     target_ratio = validate.optional_number("target-ratio", target_ratio)
-    init = default_init(init, calib_loader is not None)
-    if target_params is None and target_ratio is None and target_bytes is None:
+    by_budget = not (target_params is None and target_ratio is None and target_bytes is None)
+    init = default_init(init, calib_loader is not None, None if by_budget else mode)
+    if not by_budget:
         return make_plan(
             model,
             mode,
@@ -83,12 +85,18 @@ def plan(
             leaf_modules,
             bank_size=bank_size,
             factorize_unshared=factorize_unshared,
+            regulator_init=regulator_init,
         )
     overhead = stored_overhead(model) if target_bytes is not None else 0
     target = resolve_target(count_params(model), target_params, target_ratio, target_bytes, overhead_bytes=overhead)
-    return search(
+    found = search(
         model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init, leaf_modules
     ).plan
+    return (
+        found
+        if regulator_init is None
+        else replace(found, regulator_init=choose("regulator init", regulator_init, REGULATOR_INITS))
+    )
 
 
 _plan = plan  # compress() takes a ``plan`` argument
@@ -212,6 +220,7 @@ def anchor(
     target_params: int | None = None,
     target_ratio: float | None = None,
     target_bytes: int | None = None,
+    regulator_init: str | None = None,
 ) -> nn.Module:
     """Convert ``model`` into a deep anchored CNN in one call: plan, apply, and with data calibrate.
 
@@ -254,7 +263,8 @@ def anchor(
         TraceError, PlanError: the model cannot be traced, run or converted (or nothing fits the target).
     """
     size, regulators = _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
-    init = default_init(init, calib_loader is not None)
+    by_budget = any(t is not None for t in (target_params, target_ratio, target_bytes))
+    init = default_init(init, calib_loader is not None, None if by_budget else mode)
     p = _plan(
         model,
         mode,
@@ -269,6 +279,7 @@ def anchor(
         calib_loader=calib_loader,
         bank_size=bank_size,
         factorize_unshared=factorize_unshared,
+        regulator_init=regulator_init,
     )
     student = convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model
     if calib_loader is not None and calib_batches > 0:

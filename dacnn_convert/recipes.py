@@ -39,6 +39,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     """The values each choice field takes: the library's own registries and lists (imported when
     a recipe is first checked, so reading this module does not import torch)."""
     from .budget import METRICS
+    from .core.plan import REGULATOR_INITS
     from .core.planning import INITS, MODES, REGULATOR_STYLES
     from .io.checkpoint import DTYPES
     from .train.config import OPTIMIZERS, PRECISIONS, SCHEDULES
@@ -47,6 +48,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     return {
         "mode": tuple(MODES),
         "regulator_style": REGULATOR_STYLES,
+        "regulator_init": REGULATOR_INITS,
         "init": INITS,
         "metric": METRICS,
         "dtype": (*DTYPES, "int8"),
@@ -76,6 +78,7 @@ class Recipe:
     mode: str = "mix"
     regulators: str = "none"
     regulator_style: str = "adapter"
+    regulator_init: str | None = None  # fit | zero; None: defaults.REGULATOR_INIT
     bank_size: str = "0.5"
     factorize_unshared: str | None = None
     init: str | None = None

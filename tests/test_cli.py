@@ -136,7 +136,7 @@ def test_distill_train_eval_on_synthetic_data(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((tmp_path / "s" / "report.json").read_text())
-    assert report["conversion"]["init"] == "act"  # the default when data is given
+    assert report["conversion"]["init"] == "act-seq"  # the default for mix when data is given
     for key in ("teacher_acc", "converted_acc", "calibrated_acc", "finetuned_acc"):
         assert 0.0 <= report[key] <= 1.0, key
     assert report["drop"] == pytest.approx(report["teacher_acc"] - report["finetuned_acc"])

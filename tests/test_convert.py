@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -83,7 +85,15 @@ def test_fit_without_bn_keeps_a_scale_and_bias() -> None:
 
 def test_adapter_regulators_preserve_function() -> None:
     model = randomize_bn(TinyResNet()).eval()
-    p = plan(model, mode="mix", init="mean", regulators="all", regulator_style="adapter", input_size=SIZE)
+    p = plan(
+        model,
+        mode="mix",
+        init="mean",
+        regulators="all",
+        regulator_style="adapter",
+        input_size=SIZE,
+        regulator_init="zero",
+    )
     _tie(model, p)
     student = convert(model, p).model
     # one regulator per residual block that holds an anchored conv: 2 + 2 blocks
@@ -95,6 +105,10 @@ def test_adapter_regulators_preserve_function() -> None:
     student(x).square().sum().backward()
     grad = student.get_submodule("layer1.0.conv2").regulator.bn.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+    # fitted adapters (the default) start as the identity BN over their fitted 1x1: the conv learns
+    fitted = convert(model, replace(p, regulator_init="fit")).model.train()
+    fitted(x).square().sum().backward()
+    assert fitted.get_submodule("layer1.0.conv2").regulator.conv.weight.grad.abs().sum() > 0
 
 
 def test_paper_regulators_are_in_series() -> None:
@@ -290,7 +304,8 @@ def test_anchor_with_calibration_data_defaults_to_act() -> None:
     model = randomize_bn(TinyResNet()).eval()
     data = _calib()
     student = anchor(model, input_size=SIZE, calib_loader=data)
-    assert student.dacnn_plan.init == "act"
+    assert student.dacnn_plan.init == "act-seq"  # the paper's modes fit layer by layer on the student
+    assert anchor(model, mode="bank", input_size=SIZE, calib_loader=data).dacnn_plan.init == "act"
     assert anchor(model, input_size=SIZE).dacnn_plan.init == "fit"
 
 

@@ -71,10 +71,13 @@ def test_distill_leaves_a_calibrated_student_alone(data) -> None:
 def test_anchor_with_data_fits_to_activations_and_recalibrates(data) -> None:
     teacher = TinyResNet().eval()
     with_data = anchor(teacher, mode="mix", calib_loader=data.train, calib_batches=2)
-    assert with_data.dacnn_plan.init == "act"
+    assert with_data.dacnn_plan.init == "act-seq"
     assert with_data.dacnn_plan.input_size == (3, 16, 16)  # taken from the data
     by_hand = convert(
-        teacher, plan(teacher, mode="mix", init="act", input_size=(3, 16, 16)), calib_loader=data.train, calib_batches=2
+        teacher,
+        plan(teacher, mode="mix", init="act-seq", input_size=(3, 16, 16)),
+        calib_loader=data.train,
+        calib_batches=2,
     ).model
     before = _bn_means(by_hand)
     recalibrate_bn(by_hand, data.train, 2)
@@ -161,7 +164,7 @@ def test_apply_takes_calibration_data_for_a_data_aware_plan(data) -> None:
 
     teacher = TinyResNet().eval()
     p = plan(teacher, input_size=(3, 16, 16), calib_loader=data.train)
-    assert p.init == "act"
+    assert p.init == "act-seq"
     student = apply(teacher, p, calib_loader=data.train, calib_batches=2)
     reference = convert(teacher, p, calib_loader=data.train, calib_batches=2).model
     x = torch.randn(2, 3, 16, 16)
@@ -182,6 +185,7 @@ def test_anchor_reads_the_calibration_data_once_per_pass() -> None:
 
     data = Counting()
     anchor(TinyResNet(), calib_loader=data, calib_batches=2)
-    # anchor() and the plan() it calls each read one batch to check its shape, then the activation fit
-    # and the BN step each take a pass; checking for one-shot iterators starts no pass (it read 7 before)
-    assert data.starts == 4
+    # anchor() and the plan() it calls each read one batch to check its shape, then the sequential fit
+    # takes a pass per share group (2 here) and the BN step one; checking for one-shot iterators starts
+    # no pass (it read 7 before)
+    assert data.starts == 5

@@ -26,7 +26,7 @@ class Anchored:
     fixed_size: bool = True
 
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
-        init = default_init(None, ctx.calib_loader is not None)
+        init = default_init(None, ctx.calib_loader is not None, self.mode)
         p = plan(teacher, self.mode, self.regulators, init=init, input_size=ctx.input_size)
         model = convert(teacher, p, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 

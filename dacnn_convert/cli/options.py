@@ -43,6 +43,11 @@ class RegulatorStyle(Choice):
     paper = "paper"
 
 
+class RegulatorInit(Choice):
+    fit = "fit"
+    zero = "zero"
+
+
 class Dtype(Choice):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -131,6 +136,15 @@ RegOpt = Annotated[str, typer.Option(help="regulators in sections: none, all, or
 
 StyleOpt = Annotated[
     RegulatorStyle, typer.Option(help="adapter: parallel, zero-init (function kept); paper: in series")
+]
+
+
+RegInitOpt = Annotated[
+    RegulatorInit | None,
+    typer.Option(
+        help="adapter regulators start fitted by least squares to each member's residual (fit, the default; "
+        "on the calibration inputs with --dataset) or adding nothing (zero)"
+    ),
 ]
 
 

@@ -12,7 +12,16 @@ import torch
 from torch import nn
 
 from ..errors import PlanError, UsageError
-from .fitting import FITS, fit_activations, fit_bank, input_moments
+from .fitting import (
+    FITS,
+    AdapterFit,
+    centre_tap,
+    fit_activations,
+    fit_adapter,
+    fit_anchor_and_adapters,
+    fit_bank,
+    input_moments,
+)
 from .graph import ConvSite
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, AnchoredLinear, Regulator
 from .plan import Group, Plan
@@ -32,6 +41,8 @@ class Conversion:
     fit_errors: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> member -> rel. error
     notes: list[str] = field(default_factory=list)
     fit_energy: dict[str, float] = field(default_factory=dict)  # bank -> captured (whitened) energy
+    # host -> its relative output error without and with its fitted adapter (regulator_init="fit")
+    regulator_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def whitenable(site: ConvSite) -> bool:
@@ -231,8 +242,13 @@ def _convert_anchor(
     )
     student = conversion.model
     weights = [cast(nn.Conv2d, originals[m]).weight.detach().float().cpu() for m in g.members]
+    regs = {r.host: r for r in plan.regulators}
+    joint = _joint_tap(plan, g, regs) if init != "none" and moments is not None else None
+    adapters: list[AdapterFit | None] = [None] * len(g.members)
     if init == "none":
         fit = None
+    elif moments is not None and joint is not None:  # anchor and adapters fitted together
+        fit, adapters = fit_anchor_and_adapters(weights, moments, joint, [m in regs for m in g.members])
     elif moments is not None:
         fit = fit_activations(weights, moments)
     else:
@@ -241,7 +257,6 @@ def _convert_anchor(
         conversion.fit_errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
         with torch.no_grad():
             getattr(bank, g.name).copy_(fit.anchor)
-    regs = {r.host: r for r in plan.regulators}
     for i, name in enumerate(g.members):
         site = plan.site(name)
         old: nn.Conv2d = originals[name]  # type: ignore[assignment]
@@ -257,7 +272,63 @@ def _convert_anchor(
                 new.scale.copy_(scale)
             if bias is not None:
                 new.bias.copy_(bias)  # type: ignore[union-attr]
+        found = adapters[i]
+        if found is not None and new.regulator is not None:
+            # fitted in the units of the anchor's output; a member that keeps its scale adds it after
+            kernel = (
+                found.kernel * scale.view(-1, 1, 1, 1) if new.scale is not None and scale is not None else found.kernel
+            )
+            new.regulator.set_fitted(kernel)
+            conversion.regulator_errors[name] = (found.before, found.after)
+        elif fit is not None and new.regulator is not None:
+            # the member's pre-regulator output is s * (W_G x); its original, in the same units, W_l / u x
+            sliced = fit.anchor[: weights[i].shape[0], : weights[i].shape[1]]
+            folded = scale is not None and site.bn is not None
+            target = weights[i] / _safe(scale).view(-1, 1, 1, 1) if folded else weights[i]  # type: ignore[union-attr]
+            current = sliced * scale.view(-1, 1, 1, 1) if new.scale is not None and scale is not None else sliced
+            _fit_regulator(swap, name, new, target, current, moments[i] if moments is not None else None)
         _set(student, name, new)
+
+
+def _joint_tap(plan: Plan, g: Group, regs: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The tap at which the group's adapters are fitted jointly with its anchor, or None (fitted after, or not)."""
+    if plan.regulator_init != "fit" or plan.regulator_style != "adapter" or not any(m in regs for m in g.members):
+        return None
+    sites = [plan.site(m) for m in g.members]
+    if any(s.groups != 1 for s in sites):
+        return None
+    return centre_tap(sites[0].kernel_size, sites[0].padding, sites[0].dilation)
+
+
+def _fit_regulator(
+    swap: _Swap,
+    name: str,
+    new: AnchoredConv2d,
+    target: torch.Tensor,
+    current: torch.Tensor,
+    moments: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """Fit ``new``'s adapter regulator to the member's residual (``regulator_init="fit"``), or say why not."""
+    plan, conversion = swap.plan, swap.conversion
+    if plan.regulator_init != "fit" or new.regulator is None:
+        return
+    site = plan.site(name)
+    tap = centre_tap(site.kernel_size, site.padding, site.dilation)
+    why = (
+        "serial (paper-style) regulators apply a ReLU inside, which a least-squares fit cannot pass"
+        if plan.regulator_style != "adapter"
+        else "a grouped or depthwise conv"
+        if site.groups != 1
+        else f"no kernel tap reads the pixel its 1x1 regulator reads (padding {site.padding})"
+        if tap is None
+        else None
+    )
+    if why is not None:
+        conversion.notes.append(f"{name}: regulator left at its default init: {why}")
+        return
+    found = fit_adapter(target, current, tap, moments)  # type: ignore[arg-type]
+    new.regulator.set_fitted(found.kernel)
+    conversion.regulator_errors[name] = (found.before, found.after)
 
 
 def _convert_bank(
@@ -297,6 +368,9 @@ def _convert_bank(
                 coeff.copy_(fit.coefficients[i].view_as(coeff))
             if old.bias is not None and new.bias is not None:
                 new.bias.copy_(old.bias.detach())
+        if fit is not None and isinstance(new, AnchoredConv2d) and new.regulator is not None:
+            current = (fit.coefficients[i] @ fit.bank.flatten(1)).view_as(weights[i])
+            _fit_regulator(swap, name, new, weights[i], current, moments[i] if moments is not None else None)
         _set(student, name, new)
 
 

@@ -305,6 +305,7 @@ def fit_activations(
     moments: list[tuple[torch.Tensor, torch.Tensor]],
     iters: int = 3,
     ridge: float = 0.05,
+    extra: list[torch.Tensor | None] | None = None,
 ) -> Fit:
     """Data-aware anchor: min sum_l ||diag(a_l) W_G S_l - W_l T_l||^2 + ridge ||W_G - W_fit||^2.
 
@@ -313,9 +314,12 @@ def fit_activations(
     :func:`input_moments`. The anchor step is closed form,
     W_G = (sum_l c_l H_l + ridge I)^-1 (sum_l C_l^T W_l^T diag(a_l) + ridge W_fit), with c_l the
     mean squared scale of member l (one matrix shared by all output channels); the scale step
-    is a data-weighted projection. The ridge pulls the anchor towards the weight-space fit
-    ``W_fit`` in input directions the calibration data never excites, so the anchor does not
-    overfit a few batches. Errors reported are weight-space errors, as for ``fit``.
+    is a data-weighted projection. ``extra`` (per member, a kernel of the members' shape or None)
+    is what each member computes beside the anchor before its scale, e.g. its fitted adapter
+    regulator at the centre tap: the fit is then of diag(a_l) (W_G + E_l) S_l to W_l T_l. The
+    ridge pulls the anchor towards the weight-space fit ``W_fit`` in input directions the
+    calibration data never excites, so the anchor does not overfit a few batches. Errors
+    reported are weight-space errors, as for ``fit``.
     """
     shape = tuple(weights[0].shape)
     co = shape[0]
@@ -325,17 +329,29 @@ def fit_activations(
     scales = [s.double() if s is not None else torch.ones(co, dtype=torch.float64) for s in start.scales]
     flat = [w.reshape(co, -1).double() for w in weights]
     targets = [w @ c for w, (_, c) in zip(flat, moments, strict=True)]  # W_l T_l S_l^T, fixed
+    beside = [e.reshape(co, -1).double() if e is not None else None for e in (extra or [None] * len(weights))]  # E_l
+    beside_h = [e @ h.double() if e is not None else None for e, (h, _) in zip(beside, moments, strict=True)]
     eye = torch.eye(prior.shape[1], dtype=torch.float64)
     for _ in range(iters):
         lhs = sum(float(a.pow(2).mean()) * h for a, (h, _) in zip(scales, moments, strict=True)) + ridge * eye
-        rhs = sum(t * a[:, None] for t, a in zip(targets, scales, strict=True)) + ridge * prior
+        rhs = (
+            sum(
+                (t - a[:, None] * eh if eh is not None else t) * a[:, None]
+                for t, a, eh in zip(targets, scales, beside_h, strict=True)
+            )
+            + ridge * prior
+        )
         anchor = torch.linalg.solve(lhs, rhs.T).T  # lhs is symmetric
         for i, (t, (h, _)) in enumerate(zip(targets, moments, strict=True)):
-            den = ((anchor @ h) * anchor).sum(dim=1)
-            scales[i] = torch.where(den > 1e-12, (t * anchor).sum(dim=1) / den.clamp_min(1e-12), scales[i])
+            v = anchor + beside[i] if beside[i] is not None else anchor
+            den = ((v @ h) * v).sum(dim=1)
+            scales[i] = torch.where(den > 1e-12, (t * v).sum(dim=1) / den.clamp_min(1e-12), scales[i])
         a, r = _normalise_scales(torch.stack(scales, dim=1))
         scales = list(a.unbind(dim=1))
         anchor = anchor * r[:, None]
+        # diag(a) (W_G + E) is unchanged when a moves into the anchor only if E moves with it
+        beside = [e * r[:, None] if e is not None else None for e in beside]
+        beside_h = [e * r[:, None] if e is not None else None for e in beside_h]
     out_anchor = anchor.reshape(shape).float()
     out_scales: list[torch.Tensor | None] = [a.float() for a in scales]
     return Fit(out_anchor, out_scales, _errors(weights, out_anchor, out_scales))
@@ -491,3 +507,116 @@ def fit_bank(
         errors.append(float((num.clamp_min(0) / den).sqrt()) if den > 0 else 0.0)
     coeffs = [c[lo:hi].float().contiguous() for lo, hi in bounds]
     return BankFit(b.reshape(k, *shape[1:]).float().contiguous(), coeffs, energy, errors)
+
+
+@dataclass
+class AdapterFit:
+    """A parallel (adapter) regulator's 1x1 kernel and how much of the member's residual it removes.
+
+    Attributes:
+        kernel: (C_out, C_in, 1, 1), the regulator conv's weight.
+        before, after: the member's relative output error without and with the regulator, on the
+            calibration inputs when moments were given, else in weight space.
+    """
+
+    kernel: torch.Tensor
+    before: float
+    after: float
+
+
+def centre_tap(
+    kernel_size: tuple[int, int], padding: tuple[int, int] | str, dilation: tuple[int, int]
+) -> tuple[int, int] | None:
+    """The kernel tap that reads the input pixel a stride-matched 1x1 conv reads, or None.
+
+    A conv with padding p, dilation r and stride s reads input (i s - p + u r) at tap u; the
+    regulator's 1x1 at the same stride reads (i s): the taps with u r = p (3x3, padding 1: the
+    centre; 1x1, padding 0: the only tap). Kernels without such a tap (a 2x2, ``padding="same"``)
+    give None.
+    """
+    if isinstance(padding, str):
+        return None
+    tap = []
+    for k, p, r in zip(kernel_size, padding, dilation, strict=True):
+        if p % r or not 0 <= p // r < k:
+            return None
+        tap.append(p // r)
+    return tap[0], tap[1]
+
+
+def fit_adapter(
+    target: torch.Tensor,
+    current: torch.Tensor,
+    tap: tuple[int, int],
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ridge: float = 1e-3,
+) -> AdapterFit:
+    """The 1x1 kernel R that best adds to a conv so that ``current`` behaves as ``target``.
+
+    An adapter regulator adds R x_c (x_c: the input pixel at the kernel's ``tap``, see
+    :func:`centre_tap`) to the member's anchored output V * x. With the member's input moments
+    (H, C) = (S S^T, T S^T) (student patches S, original patches T: :func:`input_moments`) it
+    solves  min_R ||R S_c + V S - W T||^2  in closed form,
+    R = (W C[:, c] - V H[:, c]) (H[c, c] + ridge I)^-1, in float64; without moments (white
+    inputs) R is the residual's tap, (W - V)[:, :, tap]. Both kernels are (C_out, C_in, kh, kw)
+    in the member's own output units (the anchor's folded scale already divided out of W).
+    """
+    co, ci, kh, kw = target.shape
+    w = target.reshape(co, -1).double()
+    v = current.reshape(co, -1).double()
+    idx = torch.arange(ci) * (kh * kw) + tap[0] * kw + tap[1]  # the tap of every input channel
+    if moments is None:
+        r = (w - v)[:, idx]
+        e_before = (w - v).pow(2).sum()
+        e_after = (w - v).pow(2).sum() - r.pow(2).sum()
+        den = w.pow(2).sum()
+    else:
+        h, c = (m.double() for m in moments)
+        hcc = h[idx][:, idx]
+        hcc = hcc + ridge * float(hcc.diagonal().mean().clamp_min(1e-12)) * torch.eye(ci, dtype=torch.float64)
+        r = torch.linalg.solve(hcc, (w @ c[:, idx] - v @ h[:, idx]).T).T
+        # errors are reported on H alone (the original's inputs when S = T), as fit_bank reports them
+        d = w - v
+        full = v.clone()
+        full[:, idx] += r
+        e_before = ((d @ h) * d).sum()
+        e_after = (((w - full) @ h) * (w - full)).sum()
+        den = ((w @ h) * w).sum()
+
+    def ratio(e: torch.Tensor) -> float:
+        return float((e.clamp_min(0) / den).sqrt()) if den > 0 else 0.0
+
+    return AdapterFit(r.float().reshape(co, ci, 1, 1).contiguous(), ratio(e_before), ratio(e_after))
+
+
+def fit_anchor_and_adapters(
+    weights: list[torch.Tensor],
+    moments: list[tuple[torch.Tensor, torch.Tensor]],
+    tap: tuple[int, int],
+    fitted: list[bool],
+    rounds: int = 3,
+) -> tuple[Fit, list[AdapterFit | None]]:
+    """An anchor and the members' adapter regulators fitted together, by alternating least squares.
+
+    The anchor alone (:func:`fit_activations`) leaves each member a residual its adapter then
+    takes in part (:func:`fit_adapter`); fitted again knowing the adapters, the anchor need no
+    longer cover what they cover. Each round fits the anchor and scales given the adapters, then
+    every adapter given the anchor; ``fitted[l]`` says whether member l has an adapter. The
+    adapters returned are fitted to the anchor returned.
+    """
+    co, ci, kh, kw = weights[0].shape
+    idx = torch.arange(ci) * (kh * kw) + tap[0] * kw + tap[1]
+    extra: list[torch.Tensor | None] = [None] * len(weights)
+    adapters: list[AdapterFit | None] = [None] * len(weights)
+    for _ in range(rounds):
+        fit = fit_activations(weights, moments, extra=extra)
+        for i, (w, a) in enumerate(zip(weights, fit.scales, strict=True)):
+            if not fitted[i]:
+                continue
+            scale = a if a is not None else torch.ones(co)
+            safe = torch.where(scale.abs() < 1e-12, torch.full_like(scale, 1e-12), scale)
+            adapters[i] = found = fit_adapter(w / safe.view(-1, 1, 1, 1), fit.anchor, tap, moments[i])
+            e = torch.zeros(co, ci * kh * kw)
+            e[:, idx] = found.kernel[:, :, 0, 0]
+            extra[i] = e.reshape(co, ci, kh, kw)
+    return fit, adapters

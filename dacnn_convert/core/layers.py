@@ -42,8 +42,26 @@ class Regulator(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act: nn.Module = nn.Identity() if adapter else nn.ReLU(inplace=True)
+        # set by a conversion that fitted this adapter (regulator_init="fit"): its BN is the identity
+        # and the next BN recalibration keeps it so (train.calibrate.recalibrate_bn)
+        self.identity_pending = False
         if adapter:
             nn.init.zeros_(self.bn.weight)
+
+    def set_fitted(self, kernel: torch.Tensor) -> None:
+        """Make this adapter compute ``kernel`` * x exactly: the 1x1 conv holds it, the BN is the identity.
+
+        In eval mode BN(z) = z with running statistics (0, 1 - eps), weight 1 and bias 0. BN
+        recalibration then measures z's statistics and sets weight = sqrt(var + eps), bias = mean,
+        so the BN stays the identity in eval mode and close to it in train mode (batch statistics).
+        """
+        with torch.no_grad():
+            self.conv.weight.copy_(kernel.to(self.conv.weight))
+            self.bn.reset_running_stats()
+            self.bn.running_var.fill_(1 - self.bn.eps)  # type: ignore[union-attr]
+            self.bn.weight.fill_(1.0)
+            self.bn.bias.zero_()
+        self.identity_pending = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))

@@ -15,6 +15,8 @@ from torch import nn
 from ..errors import PlanError
 from .graph import ConvSite
 
+REGULATOR_INITS = ("zero", "fit")  # how adapter regulators start (Plan.regulator_init)
+
 # One example of a recorded input size: 3x8192x8192 fits; a tampered 3x100000x100000 would ask for 120 GB.
 MAX_EXAMPLE_NUMEL = 3 * 8192 * 8192
 
@@ -76,6 +78,13 @@ class Plan:
     params_before: int  # unique parameters of the original model
     sections: tuple[tuple[int, int], ...]  # output resolution of each 1-based section
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # adapter regulators: "zero" (add nothing at conversion) or "fit" (least squares to the member's
+    # residual, core.fitting.fit_adapter); plans saved before this field existed were "zero"
+    regulator_init: str = "zero"
+
+    def __post_init__(self) -> None:
+        if self.regulator_init not in REGULATOR_INITS:
+            raise PlanError(f"regulator_init must be one of {', '.join(REGULATOR_INITS)}, got {self.regulator_init!r}")
 
     # -- lookups ---------------------------------------------------------------
     def site(self, name: str) -> ConvSite:
@@ -197,6 +206,7 @@ class Plan:
                 params_before=int(data["params_before"]),
                 sections=tuple(tuple(s) for s in data["sections"]),
                 notes=tuple(data.get("notes", ())),
+                regulator_init=str(data.get("regulator_init", "zero")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed conversion plan ({type(exc).__name__}: {exc})") from exc

@@ -31,6 +31,7 @@ from typing import Any, Literal, cast
 
 from torch import nn
 
+from ..defaults import REGULATOR_INIT
 from ..errors import PlanError, UsageError, choose
 from ..registry import Registry
 from .banks import (
@@ -47,7 +48,7 @@ from .banks import (
     resolve_rank,
 )
 from .graph import ConvSite, analyze
-from .plan import Group, Plan, RegulatorSpec, count_params
+from .plan import REGULATOR_INITS, Group, Plan, RegulatorSpec, count_params
 
 MODES: Registry[Callable[[list[ConvSite]], list[list[ConvSite]]]] = Registry("mode")
 register_mode = MODES.register  # decorator: a grouping policy under a name
@@ -176,6 +177,7 @@ def make_plan(
     *,
     bank_size: BankSize = 0.5,
     factorize_unshared: BankValue | None = None,
+    regulator_init: str | None = None,
 ) -> Plan:
     """Analyse ``model`` and decide what to share; the model is not modified.
 
@@ -192,6 +194,9 @@ def make_plan(
         bank_size: for ``mode="bank"``, filters per bank: an integer k, a fraction of C_out
             (``0.25``), or per section (``"1:1.0,2:0.5,4:0.125"``, ``{1: 1.0, 4: 0.125}``);
             sections given no size stay free.
+        regulator_init: how adapter regulators start: ``fit`` (least squares to each member's
+            residual, on its calibration inputs with a data-aware init, else in weight space) or
+            ``zero`` (add nothing); None: :data:`dacnn_convert.defaults.REGULATOR_INIT`.
         factorize_unshared: rank (an integer, or a fraction of C_out) of a low-rank
             factorisation for every conv and nn.Linear that shares with nothing in ``mode`` (not
             the layer fed by the image); None keeps them dense.
@@ -204,6 +209,9 @@ def make_plan(
     mode = cast(ModeName, choose("mode", mode, MODES))  # a str from the CLI or a recipe is checked here
     init = cast(InitName, choose("init", init, INITS))
     regulator_style = cast(RegulatorStyleName, choose("regulator style", regulator_style, REGULATOR_STYLES))
+    regulator_init = choose(
+        "regulator init", REGULATOR_INIT if regulator_init is None else regulator_init, REGULATOR_INITS
+    )
     sites = analyze(model, input_size, leaf_modules)
     notes: list[str] = []
     if not any(s.layer == "conv" for s in sites) and factorize_unshared is None:
@@ -260,6 +268,7 @@ def make_plan(
         params_before=count_params(model),
         sections=tuple(resolutions),
         notes=tuple(notes),
+        regulator_init=regulator_init,
     )
 
 
