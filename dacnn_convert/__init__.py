@@ -39,6 +39,8 @@ _EXPORTS = {
     "TrainConfig": ".train",
     "distill": ".train",
     "recalibrate_bn": ".train",
+    "ReconstructConfig": ".train",
+    "reconstruct_sections": ".train",
     "export_onnx": ".io.export",
     "export_torchscript": ".io.export",
     "inspect_file": ".io.inspection",
@@ -52,6 +54,7 @@ __all__ = [
     "DacnnError",
     "PipelineResult",
     "Plan",
+    "ReconstructConfig",
     "TrainConfig",
     "anchor",
     "apply",
@@ -70,6 +73,7 @@ __all__ = [
     "model_card",
     "plan",
     "recalibrate_bn",
+    "reconstruct_sections",
     "save",
     "save_pretrained",
 ]
@@ -86,7 +90,7 @@ if TYPE_CHECKING:
     from .io.inspection import inspect_file
     from .latency import measure_latency
     from .pipeline import PipelineResult, anchor, compress, plan
-    from .train import TrainConfig, distill, recalibrate_bn
+    from .train import ReconstructConfig, TrainConfig, distill, recalibrate_bn, reconstruct_sections
 
 
 def __getattr__(name: str) -> Any:

@@ -170,6 +170,7 @@ def run_convert_job(
                 on_epoch=on_epoch,
                 resume=resume,
                 command=command,
+                reconstruct=rec.reconstruct,
             )
             result.report = result.pipeline.report
             result.files += [out / "model.safetensors", out / "report.json", out / "report.md"]

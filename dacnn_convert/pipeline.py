@@ -28,11 +28,12 @@ from .core.convert import convert
 from .core.plan import REGULATOR_INITS, Plan, count_params
 from .core.planning import InitName, ModeName, RegulatorStyleName, make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
-from .defaults import default_init
+from .defaults import default_init, default_reconstruct
 from .errors import UsageError, choose
 from .io.checkpoint import save, stored_overhead
 from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
 from .train.calibrate import CALIBRATE_BATCHES
+from .train.reconstruct import ReconstructConfig, reconstruct_sections
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
@@ -152,6 +153,7 @@ class PipelineResult:
     wall_s: float
     checkpoint: Path | None = None
     steps: dict[str, float] = field(default_factory=dict)
+    reconstructed_acc: float | None = None  # after section-wise reconstruction, when it ran
 
     @property
     def drop(self) -> float:
@@ -163,6 +165,7 @@ class PipelineResult:
             "teacher_acc": self.teacher_acc,
             "converted_acc": self.converted_acc,
             "calibrated_acc": self.calibrated_acc,
+            "reconstructed_acc": self.reconstructed_acc,
             "finetuned_acc": self.finetuned_acc,
             "drop": self.drop,
             "wall_s": self.wall_s,
@@ -183,6 +186,11 @@ class PipelineResult:
             f"| teacher | {pct(self.teacher_acc)} |",
             f"| right after conversion | {pct(self.converted_acc)} |",
             f"| after BN recalibration | {pct(self.calibrated_acc)} |",
+            *(
+                [f"| after reconstruction | {pct(self.reconstructed_acc)} |"]
+                if self.reconstructed_acc is not None
+                else []
+            ),
             f"| after KD fine-tune | {pct(self.finetuned_acc)} |",
             f"| drop vs teacher | {100 * self.drop:.2f} points |",
             "",
@@ -221,6 +229,7 @@ def anchor(
     target_ratio: float | None = None,
     target_bytes: int | None = None,
     regulator_init: str | None = None,
+    reconstruct: bool | ReconstructConfig | None = None,
 ) -> nn.Module:
     """Convert ``model`` into a deep anchored CNN in one call: plan, apply, and with data calibrate.
 
@@ -253,6 +262,12 @@ def anchor(
         target_params, target_ratio, target_bytes: a size target instead of ``mode``: the
             budget planner picks free / mix / plain / filter banks per section (scored on
             ``calib_loader`` when given; see :func:`dacnn_convert.plan`).
+        regulator_init: ``fit`` (adapters fitted to each member's residual) or ``zero``; None:
+            :data:`dacnn_convert.defaults.REGULATOR_INIT`.
+        reconstruct: after the fit and the BN step, train each section on ``calib_loader`` to
+            match ``model``'s output of that section (:mod:`dacnn_convert.train.reconstruct`);
+            True, False or a :class:`ReconstructConfig`; None: on with data for the paper's modes
+            (mix, plain, sharesnet), where it was measured.
 
     Returns:
         A copy of ``model`` (same class, same names for untouched modules) whose
@@ -284,7 +299,24 @@ def anchor(
     student = convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model
     if calib_loader is not None and calib_batches > 0:
         recalibrate_bn(student, calib_loader, calib_batches)
+    rebuild = _reconstruct_config(reconstruct, calib_loader is not None, None if by_budget else mode)
+    if rebuild is not None:
+        reconstruct_sections(student, model, calib_loader, rebuild)  # type: ignore[arg-type]
     return student
+
+
+def _reconstruct_config(
+    reconstruct: bool | ReconstructConfig | None, with_data: bool, mode: str | None
+) -> ReconstructConfig | None:
+    """The reconstruction to run, or None; refuses one asked for without data."""
+    if reconstruct is not None and not isinstance(reconstruct, bool | ReconstructConfig):
+        raise UsageError(f"«reconstruct» must be True, False or a ReconstructConfig, got {reconstruct!r:.60}")
+    if reconstruct and not with_data:
+        raise UsageError("reconstruction matches the original's outputs on calibration images: give «calib-loader»")
+    on = default_reconstruct(None if reconstruct is None else bool(reconstruct), with_data, mode)
+    if not on:
+        return None
+    return reconstruct if isinstance(reconstruct, ReconstructConfig) else ReconstructConfig()
 
 
 _PLAN_OPTIONS = frozenset(inspect.signature(_plan).parameters) - {"model", "calib_loader", "input_size"}
@@ -307,6 +339,7 @@ def compress(
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     resume: bool = False,
     command: str | None = None,
+    reconstruct: bool | ReconstructConfig | None = None,
     **plan_options: Any,
 ) -> PipelineResult:
     """The whole job: plan, convert with the data-aware fit, recalibrate BN, distil, measure.
@@ -332,6 +365,8 @@ def compress(
         on_step, on_epoch: fine-tune progress callbacks (see :func:`dacnn_convert.distill`).
         resume: continue an interrupted fine-tune from ``out/state.pt``.
         command: the command line recorded in ``out/README.md``, the model card.
+        reconstruct: section-wise reconstruction after the BN step, as :func:`anchor` takes it
+            (None: on for the paper's modes, off for banks and budget plans).
         **plan_options: keywords of :func:`dacnn_convert.plan` when ``plan`` is None (``mode``
             defaults to ``bank``; ``target_ratio=4`` asks the planner for a 4x smaller model).
 
@@ -380,8 +415,9 @@ def compress(
 
     calib = max(calibrate_batches, 1)
     if plan is None:
-        options = {"mode": "bank", "init": "act", **plan_options}
+        options = {"mode": "bank", **plan_options}
         targeted = any(options.get(k) is not None for k in ("target_params", "target_ratio", "target_bytes"))
+        options["init"] = default_init(options.get("init"), True, None if targeted else options["mode"])
         plan = timed(
             "plan",
             lambda: _plan(
@@ -401,6 +437,12 @@ def compress(
         timed("calibrate", lambda: recalibrate_bn(student, train_loader, calibrate_batches))
     calibrated_acc = timed("eval_calibrated", lambda: evaluate(student, val_loader, cfg.precision, limit))
     notify("calibrated", calibrated_acc)
+    rebuild = _reconstruct_config(reconstruct, True, plan.mode)
+    reconstructed_acc = None
+    if rebuild is not None and not resume:  # a resumed fine-tune starts from its own checkpoint
+        timed("reconstruct", lambda: reconstruct_sections(student, teacher, train_loader, rebuild))
+        reconstructed_acc = timed("eval_reconstructed", lambda: evaluate(student, val_loader, cfg.precision, limit))
+        notify("reconstructed", reconstructed_acc)
     fit = timed(
         "finetune",
         lambda: distill(
@@ -442,6 +484,7 @@ def compress(
         time.perf_counter() - start,
         ckpt,
         steps,
+        reconstructed_acc,
     )
     if main:
         from .io.card import model_card
@@ -452,6 +495,7 @@ def compress(
             "original": teacher_acc,
             "right after conversion": converted_acc,
             "after BN recalibration": calibrated_acc,
+            **({"after reconstruction": reconstructed_acc} if reconstructed_acc is not None else {}),
             "after KD fine-tune": finetuned_acc,
         }
         dataset = getattr(train_loader, "name", None) or getattr(getattr(train_loader, "dataset", None), "name", None)

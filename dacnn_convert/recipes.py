@@ -79,6 +79,7 @@ class Recipe:
     regulators: str = "none"
     regulator_style: str = "adapter"
     regulator_init: str | None = None  # fit | zero; None: defaults.REGULATOR_INIT
+    reconstruct: bool | None = None  # section-wise reconstruction; None: defaults.default_reconstruct
     bank_size: str = "0.5"
     factorize_unshared: str | None = None
     init: str | None = None

@@ -171,3 +171,98 @@ def test_fitted_regulators_run_under_bf16_autocast() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = student.eval()(x)
     assert torch.isfinite(y.float()).all()
+
+
+# -- section-wise reconstruction (train.reconstruct) --------------------------------------------
+
+
+def _converted(seed: int = 0):
+    torch.manual_seed(seed)
+    model = TinyResNet().eval()
+    x = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+    student = anchor(model, mode="mix", regulators="all", calib_loader=[(b, None) for b in x], reconstruct=False)
+    return model, student, x
+
+
+def test_sections_cover_every_layer_once_in_order() -> None:
+    from dacnn_convert.train.reconstruct import sections_of
+
+    _, student, _ = _converted()
+    plan = student.dacnn_plan
+    sections = sections_of(plan)
+    layers = [name for names, _ in sections for name in names]
+    assert len(layers) == len(set(layers))
+    assert sections[-1][1] is None  # the last section ends at the model's output
+    assert [end for _, end in sections[:-1]] == [names[0] for names, _ in sections[1:]]
+
+
+def test_reconstruction_lowers_every_section_error_and_keeps_sharing() -> None:
+    from dacnn_convert.core.plan import count_params
+    from dacnn_convert.train.reconstruct import ReconstructConfig, reconstruct_sections
+
+    model, student, x = _converted()
+    params = count_params(student)
+    anchors = {n: p.data_ptr() for n, p in student.dacnn_anchors.named_parameters()}
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    result = reconstruct_sections(student, model, [(b, None) for b in x], ReconstructConfig(steps=30, lr=1e-2))
+    assert len(result.before) == len(result.after) == len(student.dacnn_plan.sections)
+    assert all(a < b for a, b in zip(result.after, result.before, strict=True))
+    assert count_params(student) == params  # nothing un-shared, nothing added
+    assert {n: p.data_ptr() for n, p in student.dacnn_anchors.named_parameters()} == anchors
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags  # restored
+    assert not student.training
+
+
+def test_reconstruction_is_deterministic() -> None:
+    from dacnn_convert.train.reconstruct import ReconstructConfig, reconstruct_sections
+
+    outs = []
+    for _ in range(2):
+        model, student, x = _converted()
+        reconstruct_sections(student, model, [(b, None) for b in x], ReconstructConfig(steps=10, lr=1e-2))
+        with torch.no_grad():
+            outs.append(student(x[0]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_anchor_reconstructs_by_default_with_data_for_the_papers_modes() -> None:
+    from dacnn_convert.train.reconstruct import ReconstructConfig
+
+    model, without, x = _converted()
+    data = [(b, None) for b in x]
+    default = anchor(model, mode="mix", regulators="all", calib_loader=data, reconstruct=ReconstructConfig(steps=20))
+    with torch.no_grad():
+        ref = model(x[0])
+        gap_default = (default(x[0]) - ref).pow(2).mean()
+        gap_without = (without(x[0]) - ref).pow(2).mean()
+    assert gap_default < gap_without
+
+
+def test_reconstruction_bad_input_is_one_clear_error() -> None:
+    from dacnn_convert.train.reconstruct import ReconstructConfig, reconstruct_sections
+
+    model = TinyResNet().eval()
+    with pytest.raises(UsageError, match="calib_loader"):
+        anchor(model, mode="mix", input_size=(3, 16, 16), reconstruct=True)
+    with pytest.raises(UsageError, match="ReconstructConfig"):
+        anchor(model, mode="mix", input_size=(3, 16, 16), reconstruct="yes")
+    with pytest.raises(UsageError, match="steps"):
+        ReconstructConfig(steps=0)
+    with pytest.raises(UsageError, match="lr"):
+        ReconstructConfig(lr=5.0)
+    with pytest.raises(UsageError, match="converted model"):
+        reconstruct_sections(model, model, [(torch.randn(2, 3, 16, 16), None)])
+    _, student, _ = _converted()
+    with pytest.raises(UsageError, match="no batches"):
+        reconstruct_sections(student, model, [])
+
+
+def test_reconstruction_under_bf16_autocast() -> None:
+    from dacnn_convert.train.reconstruct import ReconstructConfig, reconstruct_sections
+
+    model, student, x = _converted()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = reconstruct_sections(student, model, [(b, None) for b in x], ReconstructConfig(steps=5))
+    assert all(torch.isfinite(torch.tensor(result.after)))
+    with torch.no_grad():
+        assert torch.isfinite(student(x[0])).all()

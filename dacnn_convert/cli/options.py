@@ -139,7 +139,17 @@ StyleOpt = Annotated[
 ]
 
 
-RegInitOpt = Annotated[
+RegReconstructOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--reconstruct/--no-reconstruct",
+        help="with --dataset, train each section on calibration batches to match the original's output "
+        "after the fit (default: on for mix, plain and sharesnet, off for banks and size targets)",
+    ),
+]
+
+
+InitOpt = Annotated[
     RegulatorInit | None,
     typer.Option(
         help="adapter regulators start fitted by least squares to each member's residual (fit, the default; "

@@ -88,9 +88,11 @@ def render_accuracy(result: Any) -> None:
         ("teacher", result.teacher_acc),
         ("right after conversion", result.converted_acc),
         ("after BN recalibration", result.calibrated_acc),
+        ("after reconstruction", getattr(result, "reconstructed_acc", None)),
         ("after KD fine-tune", result.finetuned_acc),
     ):
-        table.add_row(name, f"{100 * value:.2f}%")
+        if value is not None:
+            table.add_row(name, f"{100 * value:.2f}%")
     table.add_row("drop vs teacher", f"{100 * result.drop:.2f} points")
     console.print(table)
     console.print(f"wall time {result.wall_s:.0f} s")

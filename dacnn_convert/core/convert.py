@@ -284,7 +284,7 @@ def _convert_anchor(
             # the member's pre-regulator output is s * (W_G x); its original, in the same units, W_l / u x
             sliced = fit.anchor[: weights[i].shape[0], : weights[i].shape[1]]
             folded = scale is not None and site.bn is not None
-            target = weights[i] / _safe(scale).view(-1, 1, 1, 1) if folded else weights[i]  # type: ignore[union-attr]
+            target = weights[i] / _safe(scale).view(-1, 1, 1, 1) if scale is not None and folded else weights[i]
             current = sliced * scale.view(-1, 1, 1, 1) if new.scale is not None and scale is not None else sliced
             _fit_regulator(swap, name, new, target, current, moments[i] if moments is not None else None)
         _set(student, name, new)

@@ -6,16 +6,20 @@ from .data import DATASETS, Loaders, make_loaders
 from .evaluation import evaluate
 from .loop import distill, train
 from .losses import kd_loss
+from .reconstruct import ReconstructConfig, ReconstructResult, reconstruct_sections
 
 __all__ = [
     "DATASETS",
     "FitResult",
     "Loaders",
+    "ReconstructConfig",
+    "ReconstructResult",
     "TrainConfig",
     "distill",
     "evaluate",
     "kd_loss",
     "make_loaders",
     "recalibrate_bn",
+    "reconstruct_sections",
     "train",
 ]
