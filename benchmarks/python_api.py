@@ -143,16 +143,18 @@ def sweep(teacher: torch.nn.Module, train_loader: DataLoader, val_loader: DataLo
 
 
 # Issue 28: the paper's modes through anchor() + distill(epochs=1), with and without data, regulators
-# fitted in closed form ("fit") or zero-initialised ("zero"); (mode, regulator_init, with data)
+# fitted in closed form ("fit") or zero-initialised ("zero"), section-wise reconstruction on or off
+# (None: the default, on with data for these modes); (mode, regulator_init, with data, reconstruct)
 REGULATOR_ROWS = (
-    ("mix", "fit", True),
-    ("mix", "zero", True),
-    ("mix", "fit", False),
-    ("mix", "zero", False),
-    ("plain", "fit", True),
-    ("sharesnet", "fit", True),
-    ("plain", "fit", False),
-    ("sharesnet", "fit", False),
+    ("mix", "fit", True, None),
+    ("mix", "fit", True, False),
+    ("mix", "zero", True, False),
+    ("mix", "fit", False, None),
+    ("mix", "zero", False, None),
+    ("plain", "fit", True, None),
+    ("sharesnet", "fit", True, None),
+    ("plain", "fit", False, None),
+    ("sharesnet", "fit", False, None),
 )
 
 
@@ -171,10 +173,10 @@ def regulator_rows(
     from dacnn_convert.train import evaluate
 
     rows: list[dict] = []
-    for mode, reg_init, with_data in REGULATOR_ROWS:
+    for mode, reg_init, with_data, rebuild in REGULATOR_ROWS:
         torch.manual_seed(seed)
         start = time.perf_counter()
-        kwargs = {"calib_loader": train_loader} if with_data else {}
+        kwargs = {"calib_loader": train_loader, "reconstruct": rebuild} if with_data else {}
         student = anchor(teacher, mode=mode, regulators="all", regulator_init=reg_init, **kwargs)
         convert_s = time.perf_counter() - start
         probe = student if with_data else copy.deepcopy(student)
@@ -187,6 +189,7 @@ def regulator_rows(
                 "mode": mode,
                 "regulator_init": reg_init,
                 "data": with_data,
+                "reconstruct": with_data and rebuild is not False,
                 "init": student.dacnn_plan.init,
                 "params": count_params(student),
                 "converted_acc": converted,
@@ -208,20 +211,34 @@ def regulators_markdown(header: dict, rows: list[dict]) -> str:
         "",
         f"`{header['command']}` on {header['machine']}; {header['versions']}; {header['date']}. Teacher "
         f"`{header['teacher']}` {t:.2f}%; one epoch = {header['train_images']:,} images (100 steps of 128). "
-        "Converted: with data, after the fit and anchor()'s BN recalibration (50 batches); without data, "
-        "after recalibrating a copy on 50 batches (what distill() does first).",
+        "Converted: with data, after the fit, anchor()'s BN recalibration (50 batches) and, where marked, "
+        "section-wise reconstruction (300 steps per section on 20 batches); without data, after "
+        "recalibrating a copy on 50 batches (what distill() does first).",
         "",
-        "| mode | regulators | data | init | params | converted | drop | after 1 epoch | drop | convert s | wall s |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | regulators | data | init | reconstruction | params | converted | drop | after 1 epoch | drop "
+        "| convert s | wall s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         c, f = 100 * r["converted_acc"], 100 * r["finetuned_acc"]
         lines.append(
             f"| {r['mode']} | all, {r['regulator_init']} | {'calib_loader' if r['data'] else 'weights only'} | "
-            f"{r['init']} | {r['params']:,} | {c:.2f}% | {t - c:.2f} | {f:.2f}% | {t - f:.2f} | "
+            f"{r['init']} | {'yes' if r['reconstruct'] else 'no'} | {r['params']:,} | {c:.2f}% | {t - c:.2f} | "
+            f"{f:.2f}% | {t - f:.2f} | "
             f"{r['convert_s']:.0f} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -247,7 +264,7 @@ def main() -> None:
         "command": "python benchmarks/python_api.py"
         + (" --sweep" if args.sweep else "")
         + (" --regulators" if args.regulators else ""),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        "machine": f"{cpu_name()} ({platform.machine()}), {torch.get_num_threads()} threads, "
         + (
             f"GPU {torch.cuda.get_device_name()} (unused: the snippets run on the CPU)"
             if torch.cuda.is_available()
