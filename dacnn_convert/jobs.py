@@ -111,6 +111,8 @@ def run_convert_job(
             size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
         by_target = any(t is not None for t in (rec.target_params, rec.target_ratio, rec.target_bytes))
         init = default_init(rec.init, with_data, None if by_target else rec.mode)
+        if rec.reconstruct and not with_data:
+            raise UsageError("«reconstruct» matches the original's outputs on calibration images: give «dataset»")
         if init in ("act", "act-seq") and not with_data:
             raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
         target = (

@@ -299,24 +299,35 @@ def anchor(
     student = convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model
     if calib_loader is not None and calib_batches > 0:
         recalibrate_bn(student, calib_loader, calib_batches)
-    rebuild = _reconstruct_config(reconstruct, calib_loader is not None, None if by_budget else mode)
+    # reconstruction trains on the recalibrated statistics: no BN step (calib_batches=0), no default reconstruction
+    rebuild = _reconstruct_config(
+        reconstruct, calib_loader is not None, None if by_budget else mode, calibrated=calib_batches > 0
+    )
     if rebuild is not None:
         reconstruct_sections(student, model, calib_loader, rebuild)  # type: ignore[arg-type]
     return student
 
 
+DEFAULT_RECONSTRUCT = ReconstructConfig()  # what reconstruct=True or the default runs
+
+
 def _reconstruct_config(
-    reconstruct: bool | ReconstructConfig | None, with_data: bool, mode: str | None
+    reconstruct: bool | ReconstructConfig | None, with_data: bool, mode: str | None, calibrated: bool = True
 ) -> ReconstructConfig | None:
-    """The reconstruction to run, or None; refuses one asked for without data."""
+    """The reconstruction to run, or None; refuses one asked for without data or without the BN step."""
     if reconstruct is not None and not isinstance(reconstruct, bool | ReconstructConfig):
         raise UsageError(f"«reconstruct» must be True, False or a ReconstructConfig, got {reconstruct!r:.60}")
     if reconstruct and not with_data:
         raise UsageError("reconstruction matches the original's outputs on calibration images: give «calib-loader»")
-    on = default_reconstruct(None if reconstruct is None else bool(reconstruct), with_data, mode)
+    if reconstruct and not calibrated:
+        raise UsageError(
+            "reconstruction trains on recalibrated BatchNorm statistics: "
+            "give «calib-batches» above 0 or turn «reconstruct» off"
+        )
+    on = default_reconstruct(None if reconstruct is None else bool(reconstruct), with_data and calibrated, mode)
     if not on:
         return None
-    return reconstruct if isinstance(reconstruct, ReconstructConfig) else ReconstructConfig()
+    return reconstruct if isinstance(reconstruct, ReconstructConfig) else DEFAULT_RECONSTRUCT
 
 
 _PLAN_OPTIONS = frozenset(inspect.signature(_plan).parameters) - {"model", "calib_loader", "input_size"}
@@ -437,9 +448,10 @@ def compress(
         timed("calibrate", lambda: recalibrate_bn(student, train_loader, calibrate_batches))
     calibrated_acc = timed("eval_calibrated", lambda: evaluate(student, val_loader, cfg.precision, limit))
     notify("calibrated", calibrated_acc)
-    rebuild = _reconstruct_config(reconstruct, True, plan.mode)
+    rebuild = _reconstruct_config(reconstruct, True, plan.mode, calibrated=calibrate_batches > 0)
     reconstructed_acc = None
-    if rebuild is not None and not resume:  # a resumed fine-tune starts from its own checkpoint
+    resuming = resume and out is not None and (out / "state.pt").is_file()
+    if rebuild is not None and not resuming:  # a resumed fine-tune starts from its own checkpoint
         timed("reconstruct", lambda: reconstruct_sections(student, teacher, train_loader, rebuild))
         reconstructed_acc = timed("eval_reconstructed", lambda: evaluate(student, val_loader, cfg.precision, limit))
         notify("reconstructed", reconstructed_acc)

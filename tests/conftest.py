@@ -1,4 +1,4 @@
-"""Fixtures the reliability tests share."""
+"""Fixtures the tests share."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def checkpoint(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = anchor(TinyResNet(), mode="mix", input_size=(3, 16, 16))
     return save(model, tmp_path / "m.safetensors", source="tests.models:tiny_resnet")
+
+
+@pytest.fixture(autouse=True)
+def _short_reconstruction(monkeypatch):
+    """Section-wise reconstruction runs by default whenever anchor()/compress() get data (300 steps a
+    section); the fast tier's tiny models need a few steps to exercise it. Tests of the default itself
+    set pipeline.DEFAULT_RECONSTRUCT back."""
+    from dacnn_convert import pipeline
+    from dacnn_convert.train.reconstruct import ReconstructConfig
+
+    monkeypatch.setattr(pipeline, "DEFAULT_RECONSTRUCT", ReconstructConfig(steps=3, batches=2))

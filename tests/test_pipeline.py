@@ -100,9 +100,10 @@ def test_compress_runs_the_whole_job_in_one_call(data, tmp_path) -> None:
         teacher, data.train, data.val, config=cfg, calibrate_batches=2, out=tmp_path, mode="mix", regulators="all"
     )
     assert result.report.mode == "mix" and result.report.regulators > 0
-    assert result.model.dacnn_plan.init == "act" and not needs_bn_calibration(result.model)
+    assert result.model.dacnn_plan.init == "act-seq" and not needs_bn_calibration(result.model)
     assert result.fit is not None and result.fit.calibrated_batches == 0  # calibrated once, before distill
-    assert {"convert", "calibrate", "finetune"} <= set(result.steps)
+    assert {"convert", "calibrate", "reconstruct", "finetune"} <= set(result.steps)
+    assert result.reconstructed_acc is not None and "after reconstruction" in result.to_markdown()
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "report.md").is_file()
     assert all(m.training for m in teacher.modules())  # the teacher comes back in the mode it was given
 
@@ -186,6 +187,6 @@ def test_anchor_reads_the_calibration_data_once_per_pass() -> None:
     data = Counting()
     anchor(TinyResNet(), calib_loader=data, calib_batches=2)
     # anchor() and the plan() it calls each read one batch to check its shape, then the sequential fit
-    # takes a pass per share group (2 here) and the BN step one; checking for one-shot iterators starts
-    # no pass (it read 7 before)
-    assert data.starts == 5
+    # takes a pass per share group (2 here), the BN step one and the reconstruction one (it holds its
+    # batches); checking for one-shot iterators starts no pass (it read 7 before)
+    assert data.starts == 6

@@ -225,12 +225,14 @@ def test_reconstruction_is_deterministic() -> None:
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
-def test_anchor_reconstructs_by_default_with_data_for_the_papers_modes() -> None:
+def test_anchor_reconstructs_by_default_with_data_for_the_papers_modes(monkeypatch) -> None:
+    from dacnn_convert import pipeline
     from dacnn_convert.train.reconstruct import ReconstructConfig
 
+    monkeypatch.setattr(pipeline, "DEFAULT_RECONSTRUCT", ReconstructConfig())  # the library's own default
     model, without, x = _converted()
     data = [(b, None) for b in x]
-    default = anchor(model, mode="mix", regulators="all", calib_loader=data, reconstruct=ReconstructConfig(steps=20))
+    default = anchor(model, mode="mix", regulators="all", calib_loader=data)  # reconstruct=None: on
     with torch.no_grad():
         ref = model(x[0])
         gap_default = (default(x[0]) - ref).pow(2).mean()
@@ -266,3 +268,32 @@ def test_reconstruction_under_bf16_autocast() -> None:
     assert all(torch.isfinite(torch.tensor(result.after)))
     with torch.no_grad():
         assert torch.isfinite(student(x[0])).all()
+
+
+def test_fitted_adapters_stay_pending_through_save_and_load(tmp_path) -> None:
+    """Converted without data, saved, loaded, then recalibrated: the same function as recalibrating the original."""
+    model = _pointwise()
+    student = anchor(model, mode="mix", regulators="all", input_size=(3, 8, 8))
+    assert student.a.regulator.identity_pending
+    save(student, tmp_path / "m.safetensors")
+    again = load(tmp_path / "m.safetensors", model)
+    assert again.a.regulator.identity_pending and again.b.regulator.identity_pending
+    x = torch.randn(16, 3, 8, 8)
+    recalibrate_bn(student, [x], 1)
+    recalibrate_bn(again, [x], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), student.eval()(x))
+
+
+def test_reconstruction_needs_recalibrated_bn() -> None:
+    from dacnn_convert.train.reconstruct import reconstruct_sections
+
+    model = TinyResNet().eval()
+    x = [(torch.randn(4, 3, 16, 16), None)]
+    with pytest.raises(UsageError, match="calib_batches"):
+        anchor(model, mode="mix", calib_loader=x, calib_batches=0, reconstruct=True)
+    stale = convert(model, make_plan(model, "mix", input_size=(3, 16, 16))).model
+    with pytest.raises(UsageError, match="recalibrate_bn"):
+        reconstruct_sections(stale, model, x)
+    # no BN step, no default reconstruction
+    assert anchor(model, mode="mix", calib_loader=x, calib_batches=0) is not None

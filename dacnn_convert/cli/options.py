@@ -139,7 +139,7 @@ StyleOpt = Annotated[
 ]
 
 
-RegReconstructOpt = Annotated[
+ReconstructOpt = Annotated[
     bool | None,
     typer.Option(
         "--reconstruct/--no-reconstruct",
@@ -149,7 +149,7 @@ RegReconstructOpt = Annotated[
 ]
 
 
-InitOpt = Annotated[
+RegInitOpt = Annotated[
     RegulatorInit | None,
     typer.Option(
         help="adapter regulators start fitted by least squares to each member's residual (fit, the default; "

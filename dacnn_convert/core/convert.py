@@ -297,7 +297,8 @@ def _joint_tap(plan: Plan, g: Group, regs: Mapping[str, Any]) -> tuple[int, int]
     sites = [plan.site(m) for m in g.members]
     if any(s.groups != 1 for s in sites):
         return None
-    return centre_tap(sites[0].kernel_size, sites[0].padding, sites[0].dilation)
+    taps = {centre_tap(s.kernel_size, s.padding, s.dilation) for s in sites}
+    return taps.pop() if len(taps) == 1 else None  # members reading other pixels are fitted one by one
 
 
 def _fit_regulator(

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_write
 from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
+from ..core.layers import Regulator
 from ..core.plan import Plan
 from ..errors import CheckpointError, DacnnError, UsageError, first_line, marked
 from .files import unreadable
@@ -99,6 +101,9 @@ def save(
         meta["plan"] = plan.to_json()
         if getattr(model, BN_STALE_ATTR, False):  # so distill() still recalibrates it after load()
             meta["bn_stale"] = "1"
+        pending = [n for n, m in model.named_modules() if isinstance(m, Regulator) and m.identity_pending]
+        if pending:  # fitted adapters whose BN the next recalibration must keep the identity
+            meta["identity_pending"] = json.dumps(pending)
     if source is not None:
         meta["source"] = json.dumps(source.to_dict())
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
@@ -175,6 +180,23 @@ def dequantize_int8(state: dict[str, torch.Tensor], keys: list[str]) -> dict[str
         q = state[k]
         state[k] = (q.float().reshape(q.shape[0], -1) * scale.float()[:, None]).reshape(q.shape)
     return state
+
+
+def _mark_pending(model: nn.Module, recorded: str | None, path: str | Path) -> None:
+    """Mark again the fitted adapters a file recorded as awaiting BN recalibration (Regulator.set_fitted)."""
+    if recorded is None:
+        return
+    modules = dict(model.named_modules())
+    try:
+        names = json.loads(recorded)
+        if not isinstance(names, list) or not all(isinstance(modules.get(n), Regulator) for n in names):
+            raise ValueError("not a list of regulator names")
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{str(path)!r}: malformed identity_pending metadata ({exc}); the file was altered"
+        ) from exc
+    for n in names:
+        cast(Regulator, modules[n]).identity_pending = True
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -321,6 +343,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         )
     if plan is not None:
         setattr(skeleton, BN_STALE_ATTR, meta.get("bn_stale") == "1")
+        _mark_pending(skeleton, meta.get("identity_pending"), path)
     if spec is not None:
         setattr(skeleton, SOURCE_ATTR, spec)
     return skeleton

@@ -168,6 +168,13 @@ def reconstruct_sections(
     plan = getattr(student, PLAN_ATTR, None)
     if not isinstance(plan, Plan):
         raise UsageError("reconstruct() takes a converted model (from anchor() or convert()) and its original")
+    from .calibrate import needs_bn_calibration
+
+    if needs_bn_calibration(student):
+        raise UsageError(
+            "the model's BatchNorm statistics still describe the original's kernels: run "
+            "recalibrate_bn(student, calib_loader) before reconstruct_sections (anchor() with data does both)"
+        )
     sections = sections_of(plan)
     device = next(student.parameters()).device
     batches = []
