@@ -109,18 +109,17 @@ def run_convert_job(
 
             side = native_size(rec.dataset) if with_data and rec.dataset else None
             size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
-        by_target = any(t is not None for t in (rec.target_params, rec.target_ratio, rec.target_bytes))
-        init = default_init(rec.init, with_data, None if by_target else rec.mode)
-        if rec.reconstruct and not with_data:
-            raise UsageError("«reconstruct» matches the original's outputs on calibration images: give «dataset»")
-        if init in ("act", "act-seq") and not with_data:
-            raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
         target = (
             parse_amount(None if rec.target_params is None else str(rec.target_params), "«target-params»"),
             rec.target_ratio,
             parse_amount(None if rec.target_bytes is None else str(rec.target_bytes), "«target-bytes»"),
         )
         by_budget = any(v is not None for v in target)
+        init = default_init(rec.init, with_data, None if by_budget else rec.mode)
+        if rec.reconstruct and not with_data:
+            raise UsageError("«reconstruct» matches the original's outputs on calibration images: give «dataset»")
+        if init in ("act", "act-seq") and not with_data:
+            raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
         loaders = loaders_for(size, preprocess) if with_data and (by_budget or not dry_run) else None  # type: ignore[misc]
         search = None
         if by_budget:

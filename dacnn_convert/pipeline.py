@@ -73,7 +73,7 @@ def plan(
     target_params = validate.optional_size("target-params", target_params)
     target_bytes = validate.optional_size("target-bytes", target_bytes)
     target_ratio = validate.optional_number("target-ratio", target_ratio)
-    by_budget = not (target_params is None and target_ratio is None and target_bytes is None)
+    by_budget = _targeted(target_params, target_ratio, target_bytes)
     init = default_init(init, calib_loader is not None, None if by_budget else mode)
     if not by_budget:
         return make_plan(
@@ -101,6 +101,11 @@ def plan(
 
 
 _plan = plan  # compress() takes a ``plan`` argument
+
+
+def _targeted(*targets: Any) -> bool:
+    """Is a size target given (the budget planner decides, and the paper's-mode defaults do not apply)?"""
+    return any(t is not None for t in targets)
 
 
 def _check_plan_args(
@@ -278,7 +283,7 @@ def anchor(
         TraceError, PlanError: the model cannot be traced, run or converted (or nothing fits the target).
     """
     size, regulators = _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
-    by_budget = any(t is not None for t in (target_params, target_ratio, target_bytes))
+    by_budget = _targeted(target_params, target_ratio, target_bytes)
     init = default_init(init, calib_loader is not None, None if by_budget else mode)
     p = _plan(
         model,
@@ -427,7 +432,7 @@ def compress(
     calib = max(calibrate_batches, 1)
     if plan is None:
         options = {"mode": "bank", **plan_options}
-        targeted = any(options.get(k) is not None for k in ("target_params", "target_ratio", "target_bytes"))
+        targeted = _targeted(*(options.get(k) for k in ("target_params", "target_ratio", "target_bytes")))
         options["init"] = default_init(options.get("init"), True, None if targeted else options["mode"])
         plan = timed(
             "plan",

@@ -297,3 +297,22 @@ def test_reconstruction_needs_recalibrated_bn() -> None:
         reconstruct_sections(stale, model, x)
     # no BN step, no default reconstruction
     assert anchor(model, mode="mix", calib_loader=x, calib_batches=0) is not None
+
+
+def test_cli_regulator_init_reaches_the_file_and_reconstruct_needs_data(tmp_path) -> None:
+    """--regulator-init is recorded in the written plan; --reconstruct without --dataset is one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from dacnn_convert.cli import convert_app
+    from dacnn_convert.io.checkpoint import read_metadata
+
+    runner = CliRunner()
+    tiny = ["tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--regulators", "all"]
+    for choice in ("zero", "fit"):
+        out = tmp_path / choice
+        result = runner.invoke(convert_app, [*tiny, "--regulator-init", choice, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert Plan.from_json(read_metadata(out / "model.safetensors")["plan"]).regulator_init == choice
+    result = runner.invoke(convert_app, [*tiny, "--reconstruct", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "give --dataset" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

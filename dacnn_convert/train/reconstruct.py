@@ -22,6 +22,7 @@ Adam. Shared tensors stay shared: parameters are updated in place.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from ..core.modes import mode
 from ..core.plan import Plan
 from ..errors import UsageError
 from ..validate import inputs_of
+from .calibrate import needs_bn_calibration
 
 
 @dataclass(frozen=True)
@@ -123,14 +125,21 @@ def sections_of(plan: Plan) -> list[tuple[list[str], str | None]]:
     return out
 
 
-def _section_parameters(student: nn.Module, plan: Plan, layers: list[str]) -> list[nn.Parameter]:
-    """The parameters a section owns: its layers' own (coefficients, regulators, scales, biases), their
-    BatchNorms', and the anchors and banks only its layers use."""
-    members = set(layers)
+def _anchor_users(student: nn.Module) -> dict[str, set[str]]:
+    """Per anchor or bank of ``student``, the layers that read it."""
     used_by: dict[str, set[str]] = {}
     for name, m in student.named_modules():
         if isinstance(m, AnchoredConv2d | AnchoredLinear):
             used_by.setdefault(m.anchor, set()).add(name)
+    return used_by
+
+
+def _section_parameters(
+    student: nn.Module, plan: Plan, layers: list[str], used_by: dict[str, set[str]]
+) -> list[nn.Parameter]:
+    """The parameters a section owns: its layers' own (coefficients, regulators, scales, biases), their
+    BatchNorms', and the anchors and banks only its layers use."""
+    members = set(layers)
     bank = getattr(student, BANK_NAME, None)
     params: dict[int, nn.Parameter] = {}
     for anchor, users in used_by.items():
@@ -162,14 +171,10 @@ def reconstruct_sections(
     Raises:
         UsageError: ``student`` was not converted by this library, or the data yields nothing.
     """
-    import time
-
     config = config or ReconstructConfig()
     plan = getattr(student, PLAN_ATTR, None)
     if not isinstance(plan, Plan):
         raise UsageError("reconstruct() takes a converted model (from anchor() or convert()) and its original")
-    from .calibrate import needs_bn_calibration
-
     if needs_bn_calibration(student):
         raise UsageError(
             "the model's BatchNorm statistics still describe the original's kernels: run "
@@ -187,10 +192,11 @@ def reconstruct_sections(
     result = ReconstructResult(sections=[end or "output" for _, end in sections])
     start = time.perf_counter()
     flags = {p: p.requires_grad for p in student.parameters()}
+    used_by = _anchor_users(student)
     with mode(student, teacher):  # eval: BatchNorms use the recalibrated statistics
         try:
             for k, (layers, end) in enumerate(sections):
-                params = _section_parameters(student, plan, layers)
+                params = _section_parameters(student, plan, layers, used_by)
                 for p in student.parameters():
                     p.requires_grad_(False)
                 for p in params:
