@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "AnchorConfig": ".config",
     "Conversion": ".core.convert",
     "apply": ".core.convert",
     "convert": ".core.convert",
@@ -49,6 +50,7 @@ _EXPORTS = {
     "save": ".io.checkpoint",
 }
 __all__ = [
+    "AnchorConfig",
     "Conversion",
     "ConversionReport",
     "DacnnError",
@@ -80,6 +82,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .config import AnchorConfig
     from .core.convert import Conversion, apply, convert
     from .core.plan import Plan
     from .core.report import ConversionReport, build_report, count_macs, count_params

@@ -27,7 +27,7 @@ from .atomic import atomic_write_text
 from .baselines import Context, get_method
 from .core.plan import count_params
 from .core.report import count_macs, figure, save_figure, state_dict_bytes
-from .defaults import CALIBRATE_BATCHES
+from .defaults import CALIB_BATCHES
 from .errors import NonFiniteOutputError, UsageError
 from .latency import compare_latency
 from .train import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
@@ -60,7 +60,7 @@ class BenchConfig:
     budget: float | None = None
     match: str | None = None
     repeats: int = 1
-    calibrate_batches: int = CALIBRATE_BATCHES
+    calibrate_batches: int = CALIB_BATCHES
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
     train: TrainConfig = field(default_factory=TrainConfig.finetune)
@@ -315,7 +315,7 @@ def run_bench(
                     loaders.train,
                     loaders.val,
                     config=replace(config.train, seed=seed),
-                    calibrate_batches=0,
+                    calib_batches=0,
                 )  # the BN step above is the bench's, the same for every method
                 model, finalized = compressed.finalize(model), True
                 acc_f = evaluate(model, loaders.val, precision, limit)

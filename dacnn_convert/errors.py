@@ -133,6 +133,13 @@ def write_failed(path: object, exc: OSError) -> OutputError:
     )
 
 
+def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn that the 0.1.0 spelling ``old`` goes in the next release, and what to write instead."""
+    import warnings
+
+    warnings.warn(f"{old} is deprecated and goes in the next release: {new}", DeprecationWarning, stacklevel=stacklevel)
+
+
 def suggest(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for the closest choices, or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.6)

@@ -9,19 +9,19 @@ supplies data loaders and renders the result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .atomic import atomic_write_text
-from .core.plan import Plan, count_params
+from .core.plan import Plan
 from .core.report import ConversionReport
 from .defaults import default_init
 from .errors import UsageError
-from .pipeline import PipelineResult
-from .recipes import Recipe, leaf_types, parse_amount, parse_input_size, parse_rank
+from .pipeline import PipelineResult, plan_search
+from .recipes import Recipe, leaf_types, parse_input_size
 
 LoadersFor = Callable[[tuple[int, int, int], Any], Any]  # (input size, preprocessing) -> Loaders
 
@@ -86,7 +86,6 @@ def run_convert_job(
     with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
         torch.manual_seed(rec.seed)
         from .core.convert import convert
-        from .core.planning import make_plan
         from .core.report import build_report, state_dict_bytes
         from .io.card import model_card
         from .io.checkpoint import save
@@ -109,44 +108,16 @@ def run_convert_job(
 
             side = native_size(rec.dataset) if with_data and rec.dataset else None
             size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
-        target = (
-            parse_amount(None if rec.target_params is None else str(rec.target_params), "«target-params»"),
-            rec.target_ratio,
-            parse_amount(None if rec.target_bytes is None else str(rec.target_bytes), "«target-bytes»"),
-        )
-        by_budget = any(v is not None for v in target)
-        init = default_init(rec.init, with_data, None if by_budget else rec.mode)
+        settings = rec.anchor_config()
+        init = default_init(settings.init, with_data, None if settings.by_budget else settings.mode)
         if rec.reconstruct and not with_data:
             raise UsageError("«reconstruct» matches the original's outputs on calibration images: give «dataset»")
         if init in ("act", "act-seq") and not with_data:
             raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
-        loaders = loaders_for(size, preprocess) if with_data and (by_budget or not dry_run) else None  # type: ignore[misc]
-        search = None
-        if by_budget:
-            from .budget import resolve_target
-            from .budget import search as budget_search
-            from .io.checkpoint import stored_overhead
-
-            overhead = stored_overhead(original) if target[2] is not None else 0
-            wanted = resolve_target(count_params(original), *target, overhead_bytes=overhead)
-            loader = loaders.train if loaders is not None else None
-            search = budget_search(original, wanted, size, loader, 8, rec.metric, rec.regulator_style, init, leaves)
-            plan = search.plan
-            if rec.regulator_init is not None:
-                plan = replace(plan, regulator_init=rec.regulator_init)
-        else:
-            plan = make_plan(
-                original,
-                rec.mode,  # type: ignore[arg-type]  # checked by make_plan
-                rec.regulators,
-                rec.regulator_style,  # type: ignore[arg-type]
-                init,  # type: ignore[arg-type]
-                size,
-                leaves,
-                bank_size=rec.bank_size,
-                factorize_unshared=parse_rank(rec.factorize_unshared, "«factorize-unshared»"),
-                regulator_init=rec.regulator_init,
-            )
+        # a size target is scored on the training data (kl); a plan by mode needs none
+        loaders = loaders_for(size, preprocess) if with_data and (settings.by_budget or not dry_run) else None  # type: ignore[misc]
+        scored_on = loaders.train if loaders is not None and settings.by_budget else None
+        plan, search = plan_search(original, settings, scored_on, size, leaves, with_data=with_data)
         result = ConvertJobResult(plan, spec.display, None if dry_run else out, search)
         if dry_run:
             return result
@@ -161,8 +132,8 @@ def run_convert_job(
                 loaders.train,
                 loaders.val,
                 plan,
-                config=config if config is not None else rec.train_config(),
-                calibrate_batches=rec.calibrate_batches,
+                train=config if config is not None else rec.train_config(),
+                calib_batches=rec.calibrate_batches,
                 out=out,
                 dtype=rec.dtype,
                 source=spec,

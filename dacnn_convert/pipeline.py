@@ -10,7 +10,6 @@ one buys.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,17 +21,16 @@ from torch import nn
 
 from . import validate
 from .atomic import atomic_write_text
-from .budget import resolve_target, search
-from .core.banks import BankSize, BankValue
+from .budget import BudgetResult, resolve_target, search
+from .config import LEGACY_ANCHOR, AnchorConfig, resolve_config
 from .core.convert import convert
-from .core.plan import REGULATOR_INITS, Plan, count_params
-from .core.planning import InitName, ModeName, RegulatorStyleName, make_plan
+from .core.plan import Plan, count_params
+from .core.planning import make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
-from .defaults import default_init, default_reconstruct
-from .errors import UsageError, choose
+from .defaults import CALIB_BATCHES, default_init, default_reconstruct
+from .errors import UsageError, choose, deprecated
 from .io.checkpoint import save, stored_overhead
 from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
-from .train.calibrate import CALIBRATE_BATCHES
 from .train.reconstruct import ReconstructConfig, reconstruct_sections
 
 DEFAULT_INPUT_SIZE = (3, 224, 224)
@@ -40,67 +38,93 @@ DEFAULT_INPUT_SIZE = (3, 224, 224)
 
 def plan(
     model: nn.Module,
-    mode: ModeName = "mix",
-    regulators: str | Sequence[int] | None = "none",
-    regulator_style: RegulatorStyleName = "adapter",
-    init: InitName | None = None,
-    input_size: tuple[int, int, int] | None = (3, 224, 224),
-    leaf_modules: Sequence[type[nn.Module]] = (),
-    *,
-    target_params: int | None = None,
-    target_ratio: float | None = None,
-    target_bytes: int | None = None,
+    config: AnchorConfig | None = None,
+    *legacy: Any,
     calib_loader: Iterable | None = None,
-    calib_batches: int = 8,
-    metric: str | None = None,
-    bank_size: BankSize = 0.5,
-    factorize_unshared: BankValue | None = None,
-    regulator_init: str | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    **shorthands: Any,
 ) -> Plan:
-    """Decide what to share: by ``mode``, or — given a target size — by budget search.
+    """Decide what to share: by ``config.mode``, or — given a size target — by the budget planner.
 
-    Without a target this is :func:`dacnn_convert.core.planning.make_plan` (see it for the
-    arguments). With ``target_params``, ``target_ratio`` (times smaller) or ``target_bytes``
-    (fp32), :func:`dacnn_convert.budget.search` picks free / mix / plain / bank per section and
-    where regulators go, never exceeding the target; ``mode`` and ``regulators`` are then
-    ignored, and ``calib_loader`` makes the search use the ``kl`` sensitivity. ``init`` None
-    means ``act`` with ``calib_loader``, else ``fit``; an init given is kept as given.
+        plan(model, AnchorConfig(mode="mix", regulators="all"))
+        plan(model, mode="mix", regulators="all")                    # the same, keyword shorthands
+        plan(model, target_ratio=4, calib_loader=loader)             # the planner, scored on data
+
+    Without a target this is :func:`dacnn_convert.core.planning.make_plan`. With ``target_params``,
+    ``target_ratio`` (times smaller) or ``target_bytes`` (fp32), :func:`dacnn_convert.budget.search` picks
+    free / mix / plain / banks / low rank per section, never exceeding the target; ``mode`` and
+    ``regulators`` are then not used, and ``calib_loader`` makes the search score candidates by ``kl``
+    on ``config.score_batches`` batches. ``init`` None means ``act`` with ``calib_loader`` (``act-seq``
+    for the paper's modes), else ``fit``; an init given is kept as given.
+
+    Args:
+        model: any fx-traceable ``nn.Module``; left untouched.
+        config: the :class:`AnchorConfig`; None: its defaults. Keyword ``shorthands`` (its field names)
+            override it.
+        calib_loader: batches of (images, labels) the planner scores on and the plan's input size is read from.
+        input_size: (C, H, W) of one example; None: the calibration images', else 3x224x224.
+        leaf_modules: module types fx must not trace into.
 
     Raises:
         UsageError, TraceError, PlanError: as make_plan; PlanError also when nothing fits.
     """
-    input_size, regulators = _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
-    target_params = validate.optional_size("target-params", target_params)
-    target_bytes = validate.optional_size("target-bytes", target_bytes)
-    target_ratio = validate.optional_number("target-ratio", target_ratio)
-    by_budget = _targeted(target_params, target_ratio, target_bytes)
-    init = default_init(init, calib_loader is not None, None if by_budget else mode)
-    if not by_budget:
-        return make_plan(
+    if "calib_batches" in shorthands:  # 0.1.0: plan()'s scoring batches had the fit's name
+        deprecated("plan(calib_batches=)", "the planner's batches are AnchorConfig.score_batches (score_batches=)")
+        shorthands["score_batches"] = shorthands.pop("calib_batches")
+    call: dict[str, Any] = {"input_size": input_size, "leaf_modules": leaf_modules}
+    cfg = resolve_config("plan", config, legacy, shorthands, call)
+    return plan_search(model, cfg, calib_loader, call["input_size"], call["leaf_modules"])[0]
+
+
+def plan_search(
+    model: nn.Module,
+    config: AnchorConfig,
+    calib_loader: Iterable | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    with_data: bool | None = None,
+) -> tuple[Plan, BudgetResult | None]:
+    """The plan ``config`` asks for and, for a size target, the search that found it (every caller —
+    plan(), anchor(), compress(), the CLI's jobs — plans through here). ``with_data`` (default: whether
+    ``calib_loader`` is given) is whether the conversion that follows fits to data, which picks the
+    default init."""
+    input_size = _check_plan_args(model, input_size, calib_loader)
+    with_data = calib_loader is not None if with_data is None else with_data
+    init = default_init(config.init, with_data, None if config.by_budget else config.mode)
+    leaves = validate.leaf_modules(leaf_modules)
+    if not config.by_budget:
+        made = make_plan(
             model,
-            mode,
-            regulators,
-            regulator_style,
-            init,
+            config.mode,  # type: ignore[arg-type]  # checked by AnchorConfig
+            config.regulators,
+            config.regulator_style,  # type: ignore[arg-type]
+            init,  # type: ignore[arg-type]
             input_size,
-            leaf_modules,
-            bank_size=bank_size,
-            factorize_unshared=factorize_unshared,
-            regulator_init=regulator_init,
+            leaves,
+            bank_size=config.bank_size,
+            factorize_unshared=config.factorize_unshared,
+            regulator_init=config.regulator_init,
         )
-    overhead = stored_overhead(model) if target_bytes is not None else 0
-    target = resolve_target(count_params(model), target_params, target_ratio, target_bytes, overhead_bytes=overhead)
-    found = search(
-        model, target, input_size, calib_loader, calib_batches, metric, regulator_style, init, leaf_modules
-    ).plan
-    return (
-        found
-        if regulator_init is None
-        else replace(found, regulator_init=choose("regulator init", regulator_init, REGULATOR_INITS))
+        return made, None
+    overhead = stored_overhead(model) if config.target_bytes is not None else 0
+    target = resolve_target(
+        count_params(model), config.target_params, config.target_ratio, config.target_bytes, overhead_bytes=overhead
     )
-
-
-_plan = plan  # compress() takes a ``plan`` argument
+    found = search(
+        model,
+        target,
+        input_size,
+        calib_loader,
+        config.score_batches,
+        config.metric,
+        config.regulator_style,
+        init,
+        leaves,
+    )
+    if config.regulator_init is not None:
+        found = replace(found, plan=replace(found.plan, regulator_init=config.regulator_init))
+    return found.plan, found
 
 
 def _targeted(*targets: Any) -> bool:
@@ -108,12 +132,10 @@ def _targeted(*targets: Any) -> bool:
     return any(t is not None for t in targets)
 
 
-def _check_plan_args(
-    model: Any, regulators: Any, input_size: Any, calib_loader: Any, calib_batches: Any, bank_size: Any
-) -> tuple[tuple[int, int, int], str | Sequence[int] | None]:
-    """The checks plan() and anchor() share, before any work; returns the input size to use (the
-    one given, else the calibration images', else the default; the data's first batch is read once)
-    and the regulators normalised."""
+def _check_plan_args(model: Any, input_size: Any, calib_loader: Any) -> tuple[int, int, int]:
+    """The checks of the model and the data every plan makes before any work; returns the input size
+    to use (the one given, else the calibration images', else the default; the data's first batch is
+    read once)."""
     validate.module("model", model)
     if any(p.is_meta for p in model.parameters()):
         raise UsageError(
@@ -126,7 +148,6 @@ def _check_plan_args(
             f"the model's parameters are {', '.join(kinds)}: planning fits kernels in float32, so convert a float32 "
             "model (model.float()) and keep bf16 for storage (save(..., dtype='bf16')) or autocast for inference"
         )
-    regulators = validate.regulators(regulators)
     if input_size is not None:
         input_size = validate.input_size(input_size)
     found = input_size_of(None)
@@ -139,9 +160,7 @@ def _check_plan_args(
                 f"{tuple(input_size)} has {input_size[0]}: give data the model takes (e.g. grayscale repeated "
                 "to 3 channels)"
             )
-    validate.integer("calib-batches", calib_batches, 0)
-    validate.bank_size(bank_size)
-    return input_size or found, regulators
+    return input_size or found
 
 
 @dataclass
@@ -219,56 +238,39 @@ def input_size_of(batches: Iterable | None, default: tuple[int, int, int] = DEFA
 
 def anchor(
     model: nn.Module,
-    mode: ModeName = "mix",
-    regulators: str | Sequence[int] | None = "none",
-    regulator_style: RegulatorStyleName = "adapter",
-    init: InitName | None = None,
+    config: AnchorConfig | None = None,
+    *legacy: Any,
+    calib_loader: Iterable | None = None,
+    calib_batches: int = CALIB_BATCHES,
     input_size: tuple[int, int, int] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
-    calib_loader: Iterable | None = None,
-    calib_batches: int = CALIBRATE_BATCHES,
-    *,
-    bank_size: BankSize = 0.5,
-    factorize_unshared: BankValue | None = None,
-    target_params: int | None = None,
-    target_ratio: float | None = None,
-    target_bytes: int | None = None,
-    regulator_init: str | None = None,
     reconstruct: bool | ReconstructConfig | None = None,
+    **shorthands: Any,
 ) -> nn.Module:
     """Convert ``model`` into a deep anchored CNN in one call: plan, apply, and with data calibrate.
 
+        student = anchor(model)                                          # mix, fitted to the weights
+        student = anchor(model, mode="mix", regulators="all", calib_loader=loader)
+        student = anchor(model, AnchorConfig(target_ratio=4), calib_loader=loader)
+
     With ``calib_loader`` the anchors are fitted to the inputs each layer really sees
-    (``init="act"``) and the BatchNorm statistics are re-estimated on the same batches, the
-    two steps that make the converted model accurate before any training. Without data the
-    fit uses the weights alone and the model remembers that its BN statistics are stale, so
-    :func:`dacnn_convert.distill` recalibrates it before fine-tuning.
+    (``init="act"``, ``act-seq`` for the paper's modes) and the BatchNorm statistics are
+    re-estimated on the same batches, the two steps that make the converted model accurate before
+    any training. Without data the fit uses the weights alone and the model remembers that its BN
+    statistics are stale, so :func:`dacnn_convert.distill` recalibrates it before fine-tuning.
 
     Args:
         model: any fx-traceable ``nn.Module``; it is left untouched.
-        mode: ``mix`` (share per stage and configuration, the paper's mixed DACNN),
-            ``plain`` (one network-wide sliced kernel), ``bank`` (the groups of ``mix``
-            share k filters, each member keeps a 1x1 coefficient conv), ``sharesnet`` or ``none``.
-        regulators: ``none``, ``all`` or 1-based section numbers, e.g. ``"1,3"``.
-        regulator_style: ``adapter`` (parallel, function-preserving) or ``paper`` (series).
-        init: anchor initialisation: ``fit`` (least squares with scales folded into BN),
-            ``act``/``act-seq`` (data-aware, need ``calib_loader``), ``mean``, ``first`` or
-            ``random``; None picks ``act`` with data, else ``fit``.
+        config: what to share and how small (:class:`AnchorConfig`: mode, regulators, banks, low
+            rank, a size target...); None: its defaults (``mix``). Keyword ``shorthands`` (the
+            config's field names, e.g. ``mode="bank", bank_size=0.25``) override it.
+        calib_loader: batches of (images, labels), e.g. a ``torch.utils.data.DataLoader``
+            over training data.
+        calib_batches: how many batches of ``calib_loader`` the fit and the BN step use
+            (:data:`dacnn_convert.defaults.CALIB_BATCHES`).
         input_size: (C, H, W) of one example, for shape propagation; None = the shape of
             ``calib_loader``'s images, else 3x224x224.
         leaf_modules: module types fx must not trace into.
-        calib_loader: batches of (images, labels), e.g. a ``torch.utils.data.DataLoader``
-            over training data.
-        calib_batches: how many batches of ``calib_loader`` the fit and the BN step use.
-        bank_size: filters per bank for ``mode="bank"``: an integer, a fraction of C_out
-            or per section (``"1:1.0,2:0.5,4:0.125"``); see :mod:`dacnn_convert.core.banks`.
-        factorize_unshared: rank (integer or fraction of C_out) of a low-rank factorisation
-            of every conv that shares with nothing; None keeps them dense.
-        target_params, target_ratio, target_bytes: a size target instead of ``mode``: the
-            budget planner picks free / mix / plain / filter banks per section (scored on
-            ``calib_loader`` when given; see :func:`dacnn_convert.plan`).
-        regulator_init: ``fit`` (adapters fitted to each member's residual) or ``zero``; None:
-            :data:`dacnn_convert.defaults.REGULATOR_INIT`.
         reconstruct: after the fit and the BN step, train each section on ``calib_loader`` to
             match ``model``'s output of that section (:mod:`dacnn_convert.train.reconstruct`);
             True, False or a :class:`ReconstructConfig`; None: on with data for the paper's modes
@@ -282,34 +284,23 @@ def anchor(
         UsageError: an argument is outside its allowed values.
         TraceError, PlanError: the model cannot be traced, run or converted (or nothing fits the target).
     """
-    size, regulators = _check_plan_args(model, regulators, input_size, calib_loader, calib_batches, bank_size)
-    by_budget = _targeted(target_params, target_ratio, target_bytes)
-    init = default_init(init, calib_loader is not None, None if by_budget else mode)
-    p = _plan(
-        model,
-        mode,
-        regulators,
-        regulator_style,
-        init,
-        size,
-        leaf_modules,
-        target_params=target_params,
-        target_ratio=target_ratio,
-        target_bytes=target_bytes,
-        calib_loader=calib_loader,
-        bank_size=bank_size,
-        factorize_unshared=factorize_unshared,
-        regulator_init=regulator_init,
-    )
+    call: dict[str, Any] = {
+        "input_size": input_size,
+        "leaf_modules": leaf_modules,
+        "calib_loader": calib_loader,
+        "calib_batches": calib_batches,
+    }
+    cfg = resolve_config("anchor", config, legacy, shorthands, call, LEGACY_ANCHOR)
+    calib_loader, calib_batches = call["calib_loader"], call["calib_batches"]
+    validate.integer("calib-batches", calib_batches, 0)
+    p, _ = plan_search(model, cfg, calib_loader, call["input_size"], call["leaf_modules"])
     student = convert(model, p, calib_loader=calib_loader, calib_batches=calib_batches).model
     if calib_loader is not None and calib_batches > 0:
         recalibrate_bn(student, calib_loader, calib_batches)
     # reconstruction trains on the recalibrated statistics: no BN step (calib_batches=0), no default reconstruction
-    rebuild = _reconstruct_config(
-        reconstruct, calib_loader is not None, None if by_budget else mode, calibrated=calib_batches > 0
-    )
+    rebuild = _reconstruct_config(reconstruct, calib_loader is not None, p.mode, calibrated=calib_batches > 0)
     if rebuild is not None:
-        reconstruct_sections(student, model, calib_loader, rebuild)  # type: ignore[arg-type]
+        reconstruct_sections(student, model, calib_loader, rebuild)
     return student
 
 
@@ -335,18 +326,15 @@ def _reconstruct_config(
     return reconstruct if isinstance(reconstruct, ReconstructConfig) else DEFAULT_RECONSTRUCT
 
 
-_PLAN_OPTIONS = frozenset(inspect.signature(_plan).parameters) - {"model", "calib_loader", "input_size"}
-
-
 def compress(
     teacher: nn.Module,
     train_loader: Iterable,
     val_loader: Iterable,
-    plan: Plan | None = None,
+    config: AnchorConfig | Plan | None = None,
     *,
+    train: TrainConfig | None = None,
     epochs: int | None = None,
-    config: TrainConfig | None = None,
-    calibrate_batches: int = CALIBRATE_BATCHES,
+    calib_batches: int = CALIB_BATCHES,
     out: Path | None = None,
     dtype: str = "fp32",
     source: Any = None,
@@ -356,23 +344,25 @@ def compress(
     resume: bool = False,
     command: str | None = None,
     reconstruct: bool | ReconstructConfig | None = None,
-    **plan_options: Any,
+    **shorthands: Any,
 ) -> PipelineResult:
     """The whole job: plan, convert with the data-aware fit, recalibrate BN, distil, measure.
 
         result = compress(teacher, train_loader, val_loader, mode="mix", regulators="all", epochs=1)
+        result = compress(teacher, train_loader, val_loader, AnchorConfig(target_ratio=4), train=TrainConfig.finetune())
         result.model, result.drop, result.report.ratio
 
     Args:
         teacher: the trained original; left untouched (its train/eval mode is restored).
         train_loader: batches of (images, labels) for the fit, the BN step and the fine-tune.
         val_loader: batches of (images, labels) for the accuracy after each step.
-        plan: the conversion plan (:func:`dacnn_convert.plan`); None makes one from
-            ``plan_options`` at the data's input size with ``init="act"``.
-        epochs: shorthand overriding ``config.epochs``.
-        config: fine-tuning settings; None = :meth:`TrainConfig.finetune`.
-        calibrate_batches: training batches for the ``act`` anchor fit and to re-estimate
-            BN statistics (0 skips the BN step).
+        config: what to share (:class:`AnchorConfig`; keyword ``shorthands`` override it), or a
+            :class:`Plan` made by :func:`dacnn_convert.plan`; None: AnchorConfig's defaults. The plan is
+            made at the data's input size, and a size target is scored on ``train_loader``.
+        train: fine-tuning settings; None = :meth:`TrainConfig.finetune`.
+        epochs: shorthand overriding ``train.epochs``.
+        calib_batches: training batches for the data-aware anchor fit and to re-estimate BN
+            statistics (0 skips the BN step).
         out: where ``model.safetensors``, ``report.json`` and ``report.md`` go (plus the
             fine-tune's checkpoints); None writes nothing.
         dtype: storage dtype of ``model.safetensors`` (``fp32``, ``fp16`` or ``bf16``).
@@ -383,39 +373,53 @@ def compress(
         command: the command line recorded in ``out/README.md``, the model card.
         reconstruct: section-wise reconstruction after the BN step, as :func:`anchor` takes it
             (None: on for the paper's modes, off for banks and budget plans).
-        **plan_options: keywords of :func:`dacnn_convert.plan` when ``plan`` is None (``mode``
-            defaults to ``bank``; ``target_ratio=4`` asks the planner for a 4x smaller model).
 
     Returns:
         :class:`PipelineResult` (the student is ``result.model``).
 
     Raises:
-        UsageError: a plan and plan options together, or an unknown option.
+        UsageError: a plan and settings together, or an unknown setting.
         TraceError, PlanError, NonFiniteLossError: from planning, conversion, fine-tuning.
     """
-    unknown = sorted(set(plan_options) - _PLAN_OPTIONS)
-    if unknown:
-        raise UsageError(
-            f"compress() got unknown option(s) {', '.join(unknown)}; plan options are "
-            f"{', '.join(sorted(_PLAN_OPTIONS))}"
-        )
-    if plan is not None and plan_options:
-        raise UsageError(f"give either plan= or plan options ({', '.join(sorted(plan_options))}), not both")
+    # 0.1.0 names, kept for one release: plan= (now the config argument), config=TrainConfig (now train=),
+    # calibrate_batches= (now calib_batches=)
+    if "plan" in shorthands:
+        deprecated("compress(plan=)", "pass the Plan as the config argument: compress(teacher, train, val, plan)")
+        if config is not None:
+            raise UsageError("give the plan once: as compress()'s fourth argument, not also as plan=")
+        config = shorthands.pop("plan")
+    if isinstance(config, TrainConfig):
+        deprecated("compress(config=TrainConfig(...))", "write compress(..., train=TrainConfig(...))")
+        if train is not None:
+            raise UsageError("give the fine-tune settings once: train=TrainConfig(...)")
+        config, train = None, config
+    if "calibrate_batches" in shorthands:
+        deprecated("compress(calibrate_batches=)", "write calib_batches=")
+        calib_batches = shorthands.pop("calibrate_batches")
+    if isinstance(config, Plan):
+        if shorthands:
+            raise UsageError(
+                f"give either a Plan or settings ({', '.join(sorted(shorthands))}), not both: "
+                "a Plan already decides what to share"
+            )
+        plan_given: Plan | None = config
+        settings = None
+    else:
+        plan_given = None
+        settings = resolve_config("compress", config, (), shorthands, {})
     validate.module("teacher", teacher)
     validate.loader("train-loader", train_loader)
     validate.loader("val-loader", val_loader)
     out = validate.output_folder("out", out)
-    if plan is not None and not isinstance(plan, Plan):
-        raise UsageError(f"«plan» must be a Plan from dacnn_convert.plan(), got {type(plan).__name__}")
-    if config is not None and not isinstance(config, TrainConfig):
-        raise UsageError(f"«config» must be a TrainConfig, got {type(config).__name__}")
-    validate.integer("calibrate-batches", calibrate_batches, 0)
+    if train is not None and not isinstance(train, TrainConfig):
+        raise UsageError(f"«train» must be a TrainConfig, got {type(train).__name__}")
+    validate.integer("calib-batches", calib_batches, 0)
     if epochs is not None:
         validate.integer("epochs", epochs, 1)
     from .io.checkpoint import STORAGE_DTYPES
 
     choose("dtype", dtype, STORAGE_DTYPES)
-    cfg = config or TrainConfig.finetune()
+    cfg = train or TrainConfig.finetune()
     if epochs is not None:
         cfg = replace(cfg, epochs=epochs)
     start = time.perf_counter()
@@ -429,31 +433,32 @@ def compress(
         steps[name] = time.perf_counter() - t
         return value
 
-    calib = max(calibrate_batches, 1)
-    if plan is None:
-        options = {"mode": "bank", **plan_options}
-        targeted = _targeted(*(options.get(k) for k in ("target_params", "target_ratio", "target_bytes")))
-        options["init"] = default_init(options.get("init"), True, None if targeted else options["mode"])
+    calib = max(calib_batches, 1)
+    if plan_given is None:
+        assert settings is not None
         plan = timed(
             "plan",
-            lambda: _plan(
+            lambda: plan_search(
                 teacher,
-                input_size=input_size_of(train_loader),
-                calib_loader=train_loader if targeted else None,
-                **options,
-            ),
+                settings,
+                train_loader if settings.by_budget else None,  # only a size target scores on data
+                input_size_of(train_loader),
+                with_data=True,
+            )[0],
         )
+    else:
+        plan = plan_given
     teacher_acc = timed("eval_teacher", lambda: evaluate(teacher, val_loader, cfg.precision, limit))
     notify("teacher", teacher_acc)
     conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=train_loader, calib_batches=calib))
     student = conversion.model
     converted_acc = timed("eval_converted", lambda: evaluate(student, val_loader, cfg.precision, limit))
     notify("converted", converted_acc)
-    if calibrate_batches > 0:
-        timed("calibrate", lambda: recalibrate_bn(student, train_loader, calibrate_batches))
+    if calib_batches > 0:
+        timed("calibrate", lambda: recalibrate_bn(student, train_loader, calib_batches))
     calibrated_acc = timed("eval_calibrated", lambda: evaluate(student, val_loader, cfg.precision, limit))
     notify("calibrated", calibrated_acc)
-    rebuild = _reconstruct_config(reconstruct, True, plan.mode, calibrated=calibrate_batches > 0)
+    rebuild = _reconstruct_config(reconstruct, True, plan.mode, calibrated=calib_batches > 0)
     reconstructed_acc = None
     resuming = resume and out is not None and (out / "state.pt").is_file()
     if rebuild is not None and not resuming:  # a resumed fine-tune starts from its own checkpoint
@@ -474,15 +479,15 @@ def compress(
             source=source,
             resume=resume,
             feature_layers=plan.stage_outputs(),
-            calibrate_batches=0,
+            calib_batches=0,
         ),
     )
     finetuned_acc = fit.final_acc
     notify("finetuned", finetuned_acc)
     from .train.distributed import is_main
 
-    main = out is not None and is_main()
-    ckpt = save(student, out / "model.safetensors", source=source, dtype=dtype) if main else None
+    written = out if is_main() else None  # the folder this process writes to (one process under torchrun)
+    ckpt = save(student, written / "model.safetensors", source=source, dtype=dtype) if written else None
     report = build_report(
         teacher,
         conversion,
@@ -503,11 +508,11 @@ def compress(
         steps,
         reconstructed_acc,
     )
-    if main:
+    if written is not None:
         from .io.card import model_card
 
-        atomic_write_text(out / "report.json", json.dumps(result.to_dict(), indent=2))
-        atomic_write_text(out / "report.md", result.to_markdown())
+        atomic_write_text(written / "report.json", json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(written / "report.md", result.to_markdown())
         steps_acc = {
             "original": teacher_acc,
             "right after conversion": converted_acc,
@@ -516,5 +521,5 @@ def compress(
             "after KD fine-tune": finetuned_acc,
         }
         dataset = getattr(train_loader, "name", None) or getattr(getattr(train_loader, "dataset", None), "name", None)
-        atomic_write_text(out / "README.md", model_card(report, command, steps_acc, dataset))
+        atomic_write_text(written / "README.md", model_card(report, command, steps_acc, dataset))
     return result

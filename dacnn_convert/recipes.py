@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
+from .defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
 from .errors import RecipeError, UsageError, first_line, marked, suggest
 from .io.files import not_a_folder, unreadable
 
@@ -100,7 +100,7 @@ class Recipe:
     weight_decay: float = 5e-4
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
-    calibrate_batches: int = CALIBRATE_BATCHES
+    calibrate_batches: int = CALIB_BATCHES
     precision: str = "auto"
     limit_batches: int | None = None
     train_limit: int | None = None
@@ -190,6 +190,25 @@ class Recipe:
             channels_last=self.channels_last,
             seed=self.seed,
             **runtime,
+        )
+
+    def anchor_config(self) -> Any:
+        """What this recipe shares (:class:`dacnn_convert.AnchorConfig`): the recipe's plan keys, the
+        sizes parsed as the command line writes them (``6M``, ``12MB``, a rank ``0.25``)."""
+        from .config import AnchorConfig
+
+        return AnchorConfig(
+            mode=self.mode,
+            regulators=self.regulators,
+            regulator_style=self.regulator_style,
+            regulator_init=self.regulator_init,
+            init=self.init,
+            bank_size=self.bank_size,
+            factorize_unshared=parse_rank(self.factorize_unshared, "«factorize-unshared»"),
+            target_params=parse_amount(_text(self.target_params), "«target-params»"),
+            target_ratio=self.target_ratio,
+            target_bytes=parse_amount(_text(self.target_bytes), "«target-bytes»"),
+            metric=self.metric,
         )
 
     def resolved(self) -> Recipe:
@@ -386,6 +405,10 @@ def parse_rank(text: str | None, what: str) -> int | float | None:
     from .core.banks import parse_value
 
     return None if text is None else parse_value(text, what)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def parse_amount(text: str | None, what: str) -> int | None:

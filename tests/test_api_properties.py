@@ -55,7 +55,16 @@ labelled_loaders = st.sampled_from(  # what a training or evaluation loader may 
         [(_BATCH, _LABELS)],  # fine
     ]
 )
-KEYWORDS = ["mode", "regulators", "input_size", "target_params", "target_ratio", "bank_size", "calib_batches"]
+KEYWORDS = [
+    "mode",
+    "regulators",
+    "input_size",
+    "target_params",
+    "target_ratio",
+    "bank_size",
+    "calib_batches",
+    "score_batches",
+]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -68,6 +77,8 @@ KEYWORDS = ["mode", "regulators", "input_size", "target_params", "target_ratio",
 def test_plan_and_anchor_take_anything_and_answer_with_a_result_or_a_typed_error(verb, key, value, loader) -> None:
     model = TinyResNet().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    if verb == "plan" and key == "calib_batches":  # plan()'s 0.1.0 name for score_batches (deprecated)
+        key = "score_batches"
     kwargs = {"input_size": SIZE, key: value}
     if loader is not None:
         kwargs["calib_loader"] = loader
@@ -117,7 +128,7 @@ def test_training_and_evaluation_take_odd_batches_with_a_result_or_a_typed_error
         "evaluate": lambda: evaluate(TinyResNet(), val),
         "distill": lambda: d.distill(TinyResNet(), TinyResNet(), train, val, epochs=1, config=config, out=folder),
         "compress": lambda: d.compress(
-            TinyResNet(), train, val, mode="mix", epochs=1, calibrate_batches=1, config=config, out=folder
+            TinyResNet(), train, val, mode="mix", epochs=1, calib_batches=1, train=config, out=folder
         ),
     }
     try:

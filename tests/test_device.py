@@ -100,7 +100,7 @@ def test_distill_gives_the_teacher_back_as_it_came() -> None:
     teacher, student = TinyResNet().train(), TinyResNet()
     teacher.conv1.weight.requires_grad_(False)  # the user's own freezing is kept
     cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=1, channels_last=True)
-    distill(student, teacher, loaders.train, loaders.val, config=cfg, calibrate_batches=0)
+    distill(student, teacher, loaders.train, loaders.val, config=cfg, calib_batches=0)
     assert teacher.training and all(m.training for m in teacher.modules())
     assert not teacher.conv1.weight.requires_grad and teacher.fc.weight.requires_grad
     assert teacher.conv1.weight.is_contiguous()  # channels_last was for the fine-tune only
@@ -118,7 +118,7 @@ def test_resume_state_holds_the_cuda_rng_and_scaler_slots(tmp_path) -> None:
     torch.manual_seed(0)
     loaders = make_loaders("synthetic", batch_size=16, input_size=16)
     cfg = TrainConfig(epochs=1, lr=1e-3, precision="fp32", limit_batches=1)
-    distill(TinyResNet(), TinyResNet(), loaders.train, loaders.val, config=cfg, out=tmp_path, calibrate_batches=0)
+    distill(TinyResNet(), TinyResNet(), loaders.train, loaders.val, config=cfg, out=tmp_path, calib_batches=0)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert "cuda_rng" in state and "scaler" in state
     assert state["cuda_rng"] is None and state["scaler"] is None  # no CUDA here, no fp16 loss scaling

@@ -592,9 +592,9 @@ def _batches(n: int = 2, labels: Any = None, images: Any = None) -> list[tuple[t
 def _compress(**kwargs: Any) -> Any:
     from dacnn_convert import TrainConfig, compress
 
-    args = {"train_loader": _batches(), "val_loader": _batches(), "mode": "mix", "epochs": 1, "calibrate_batches": 1}
+    args = {"train_loader": _batches(), "val_loader": _batches(), "mode": "mix", "epochs": 1, "calib_batches": 1}
     args.update(kwargs)
-    return compress(TinyResNet(), config=TrainConfig.finetune(precision="fp32"), **args)
+    return compress(TinyResNet(), train=TrainConfig.finetune(precision="fp32"), **args)
 
 
 API_CASES = [  # (call, what the UsageError says); rows 101-104

@@ -35,7 +35,7 @@ def test_compress_plot_visualize_and_a_user_factory_change_no_process_state(tmp_
     torch.manual_seed(123)
     before = _process_state()
     cfg = TrainConfig.finetune(epochs=1, limit_batches=2, precision="fp32")
-    compress(teacher, data.train, data.val, mode="mix", epochs=1, config=cfg, calibrate_batches=2, out=tmp_path)
+    compress(teacher, data.train, data.val, mode="mix", epochs=1, train=cfg, calib_batches=2, out=tmp_path)
     plot_accuracy([{"epoch": 1, "val_acc": 0.5}], {"teacher": 0.6}, tmp_path / "acc.png")
     visualize_filters(teacher, ["layer1.0.conv1"], filters=2, input_size=(3, 16, 16), steps=2)
     after = _process_state()

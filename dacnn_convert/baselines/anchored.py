@@ -27,7 +27,7 @@ class Anchored:
 
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
         init = default_init(None, ctx.calib_loader is not None, self.mode)
-        p = plan(teacher, self.mode, self.regulators, init=init, input_size=ctx.input_size)
+        p = plan(teacher, mode=self.mode, regulators=self.regulators, init=init, input_size=ctx.input_size)
         model = convert(teacher, p, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:
@@ -106,7 +106,7 @@ class LowRank:
         init = default_init(None, ctx.calib_loader is not None)
         from ..core.planning import with_low_rank
 
-        base = plan(teacher, "none", init=init, input_size=ctx.input_size)  # traced once
+        base = plan(teacher, mode="none", init=init, input_size=ctx.input_size)  # traced once
         lo, hi = 1e-3, 1.0
         best = None
         for _ in range(30):  # params grow with the fraction: bisect for the largest that fits

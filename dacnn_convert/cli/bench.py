@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
+from ..defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import UsageError
 from ..recipes import parse_input_size
 from .common import DataOptions, console, recipe_from_command
@@ -101,7 +101,7 @@ def bench_command(
     kd_alpha: KdAOpt = 0.9,
     label_smoothing: SmoothOpt = 0.0,
     clip_grad: ClipOpt = None,
-    calibrate_batches: CalibOpt = CALIBRATE_BATCHES,
+    calibrate_batches: CalibOpt = CALIB_BATCHES,
     precision: PrecOpt = Precision.auto,
     channels_last: ChannelsLastOpt = True,
     augment: AugOpt = Augment.auto,

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
+from ..defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError, UsageError, first_line
 
 # markup off: paths, model names and metadata are printed as given ("model[v2].safetensors" is a
@@ -162,7 +162,7 @@ class DataOptions:
     step_every: int = 0
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
-    calibrate_batches: int = CALIBRATE_BATCHES
+    calibrate_batches: int = CALIB_BATCHES
     precision: str = "auto"
     limit_batches: int | None = None
     train_limit: int | None = None

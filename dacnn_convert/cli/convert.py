@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..defaults import CALIBRATE_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
+from ..defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import UsageError
 from .common import DataOptions, _Progress, console, recipe_from_command
 from .guards import output_guard
@@ -183,7 +183,7 @@ def convert_command(
     schedule: SchedOpt = Schedule.cosine,
     kd_temperature: KdTOpt = 4.0,
     kd_alpha: KdAOpt = 0.9,
-    calibrate_batches: CalibOpt = CALIBRATE_BATCHES,
+    calibrate_batches: CalibOpt = CALIB_BATCHES,
     precision: PrecOpt = Precision.auto,
     limit_batches: LimitOpt = None,
     train_limit: TrainLimitOpt = None,

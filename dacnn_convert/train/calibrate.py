@@ -11,7 +11,7 @@ from torch import nn
 from ..core.convert import BN_STALE_ATTR
 from ..core.layers import Regulator
 from ..core.modes import mode
-from ..defaults import CALIBRATE_BATCHES
+from ..defaults import CALIB_BATCHES
 from ..validate import inputs_of
 
 
@@ -20,7 +20,7 @@ def needs_bn_calibration(model: nn.Module) -> bool:
     return bool(getattr(model, BN_STALE_ATTR, False))
 
 
-def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = CALIBRATE_BATCHES) -> int:
+def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int = CALIB_BATCHES) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average.
 
     Anchoring changes each layer's kernel, so the statistics the pretrained BNs hold are

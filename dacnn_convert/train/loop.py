@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import validate
-from ..errors import TrainingInterrupted, UsageError, suggest
+from ..errors import TrainingInterrupted, UsageError, deprecated, suggest
 from ..validate import class_indices, labelled
-from .calibrate import CALIBRATE_BATCHES, needs_bn_calibration, recalibrate_bn
+from .calibrate import CALIB_BATCHES, needs_bn_calibration, recalibrate_bn
 from .config import FitResult, TrainConfig
 from .device import device_of
 from .evaluation import evaluate, to_device
@@ -322,13 +322,14 @@ def distill(
     source: Any = None,
     resume: bool = False,
     feature_layers: list[str] | None = None,
-    calibrate_batches: int = CALIBRATE_BATCHES,
+    calib_batches: int = CALIB_BATCHES,
+    **deprecated_names: Any,
 ) -> FitResult:
     """Fine-tune ``student`` on cross-entropy + Hinton KD from ``teacher`` (eval mode, no grad).
 
     A student fresh from conversion still carries the original's BatchNorm statistics, which
     no longer match its kernels; ``distill`` then re-estimates them first (on
-    ``calibrate_batches`` training batches) and says so in the result's ``notes``. Without a
+    ``calib_batches`` training batches) and says so in the result's ``notes``. Without a
     ``config`` it uses :meth:`TrainConfig.finetune`, the settings measured for fine-tuning a
     converted pretrained network (not the from-scratch defaults of :func:`train`).
 
@@ -348,7 +349,8 @@ def distill(
         feature_layers: modules whose outputs are matched by MSE, weighted by
             ``config.feature_weight`` (e.g. ``plan.stage_outputs()``: names are shared by
             teacher and student).
-        calibrate_batches: batches for the BN re-estimation of a fresh student (0: never).
+        calib_batches: batches for the BN re-estimation of a fresh student (0: never);
+            ``calibrate_batches``, its 0.1.0 name, still works for one release.
 
     Returns:
         :class:`FitResult` with the validation accuracy history and the best checkpoint.
@@ -357,6 +359,11 @@ def distill(
         NonFiniteLossError: the loss became NaN/inf (names the step and the last checkpoint).
         UsageError: an argument of the wrong type, or the teacher is the student itself.
     """
+    if "calibrate_batches" in deprecated_names:
+        deprecated("distill(calibrate_batches=)", "write calib_batches=")
+        calib_batches = deprecated_names.pop("calibrate_batches")
+    if deprecated_names:
+        raise UsageError(f"distill() got an unexpected keyword {next(iter(deprecated_names))!r}")
     validate.module("student", student)
     validate.module("teacher", teacher)
     if teacher is student:
@@ -370,15 +377,15 @@ def distill(
         raise UsageError(f"«config» must be a TrainConfig, got {type(config).__name__}")
     if epochs is not None:
         validate.integer("epochs", epochs, 1)
-    validate.integer("calibrate-batches", calibrate_batches, 0)
+    validate.integer("calib-batches", calib_batches, 0)
     cfg = config or TrainConfig.finetune()
     if epochs is not None:
         cfg = replace(cfg, epochs=epochs)
     _check_feature_layers(feature_layers, student, teacher)
     calibrated = 0
     resuming = resume and out is not None and (Path(out) / "state.pt").is_file()  # its BN stats are in there
-    if calibrate_batches > 0 and needs_bn_calibration(student) and not resuming:
-        calibrated = recalibrate_bn(student, train_batches, calibrate_batches)
+    if calib_batches > 0 and needs_bn_calibration(student) and not resuming:
+        calibrated = recalibrate_bn(student, train_batches, calib_batches)
     device = device_of(student)
     # the teacher is borrowed: moved beside the student, frozen, in eval mode, and given back as it came
     teacher_was = ([(m, m.training) for m in teacher.modules()], device_of(teacher), _channels_last(teacher))
