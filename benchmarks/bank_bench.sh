@@ -44,7 +44,7 @@ for budget in $BUDGETS; do
   [ -f "$RESULTS/$name/bench.json" ] && continue
   start=$(date +%s)
   $DACNN bench "$MODEL" --weights "$teacher_dir/best.safetensors" --num-classes 10 --dataset fashion-mnist \
-    --lr 0.02 --warmup-steps 0 --calibrate-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" \
+    --lr 0.02 --warmup-steps 0 --calib-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" \
     --precision fp32 \
     --budget "$budget" --methods "$METHODS" --out "$OUT/bank-$name"
   mkdir -p "$RESULTS/$name"

@@ -49,7 +49,7 @@ for model in $MODELS; do
     start=$(date +%s)
     # a budget the planner cannot reach (below the model's floor) is recorded, and the script goes on
     if ! $DACNN bench "$model" --weights "$teacher/best.safetensors" --num-classes 10 --dataset fashion-mnist \
-      --lr "$LR" --warmup-steps "$WARMUP" --clip-grad "$CLIP" --calibrate-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" \
+      --lr "$LR" --warmup-steps "$WARMUP" --clip-grad "$CLIP" --calib-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" \
       --precision fp32 --budget "$budget" --methods "$METHODS" --out "$OUT/bench-$name" --overwrite \
       2> >(tee "$OUT/bench-$name.err" >&2); then
       # only the planner's refusal is a result; any other failure (a crash, a missing install) stops the script

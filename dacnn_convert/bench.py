@@ -60,7 +60,7 @@ class BenchConfig:
     budget: float | None = None
     match: str | None = None
     repeats: int = 1
-    calibrate_batches: int = CALIB_BATCHES
+    calib_batches: int = CALIB_BATCHES
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
     train: TrainConfig = field(default_factory=TrainConfig.finetune)
@@ -188,7 +188,7 @@ class BenchResult:
                 else ""
             )
             + ". Pruning methods hit it within 1%; anchoring methods have the size their plan gives.",
-            f"Same for every method: BN recalibration on {cfg.calibrate_batches} batches, then "
+            f"Same for every method: BN recalibration on {cfg.calib_batches} batches, then "
             f"{cfg.train.epochs} epochs of "
             f"KD fine-tuning ({cfg.train.optimizer}, lr {cfg.train.lr}, {cfg.train.schedule}, "
             f"T={cfg.train.kd_temperature}, "
@@ -275,7 +275,7 @@ def run_bench(
     """
     start = time.perf_counter()
     notify = on_event or (lambda event, data: None)
-    ctx = Context(input_size, loaders.train, config.calibrate_batches, 0, source)
+    ctx = Context(input_size, loaders.train, config.calib_batches, 0, source)
     target = target_size(teacher, config, ctx)
     if target is None and any(not get_method(m).fixed_size for m in config.methods):
         raise UsageError("pruning methods need a size: give «budget» FRACTION or «match» METHOD")
@@ -305,8 +305,8 @@ def run_bench(
             try:  # one method that diverges is a row that says so, not the end of the whole benchmark
                 acc_c = evaluate(model, loaders.val, precision, limit)
                 notify("stage", {"method": name, "stage": "compressed", "acc": acc_c})
-                if config.calibrate_batches > 0:
-                    recalibrate_bn(model, loaders.train, config.calibrate_batches)
+                if config.calib_batches > 0:
+                    recalibrate_bn(model, loaders.train, config.calib_batches)
                 acc_b = evaluate(model, loaders.val, precision, limit)
                 notify("stage", {"method": name, "stage": "calibrated", "acc": acc_b})
                 distill(

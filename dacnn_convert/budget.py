@@ -88,6 +88,25 @@ class BudgetResult:
     ranks: tuple[str, ...] = ()  # per section: "dense" or "lr:f" for the convs that share with nothing
     grown: tuple[str, ...] = ()  # what the leftover budget bought after the search, one line each
 
+    def to_dict(self) -> dict[str, Any]:
+        """The search as plain values (the plan itself is :meth:`Plan.to_dict`)."""
+        return {
+            "target": self.target,
+            "metric": self.metric,
+            "choice": list(self.choice),
+            "unshared": list(self.ranks),
+            "regulator_sections": list(self.regulator_sections),
+            "sensitivity": self.sensitivity,
+            "candidates": self.candidates,
+            "feasible": self.feasible,
+            "grown": list(self.grown),
+            "options": [
+                {"section": s.section, "option": s.option, "sensitivity": s.sensitivity, "params_saved": s.params_saved}
+                for s in self.scores
+            ],
+            "runners_up": [{"choice": list(c), "params": p, "sensitivity": v} for c, p, v in self.runners_up],
+        }
+
     def advice(self, cli: bool = False) -> str | None:
         """What to do for a better plan, or None: a ``fit``-scored search is little better than size alone.
 

@@ -133,7 +133,7 @@ def run_convert_job(
                 loaders.val,
                 plan,
                 train=config if config is not None else rec.train_config(),
-                calib_batches=rec.calibrate_batches,
+                calib_batches=rec.calib_batches,
                 out=out,
                 dtype=rec.dtype,
                 source=spec,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
-from .errors import RecipeError, UsageError, first_line, marked, suggest
+from .errors import RecipeError, UsageError, deprecated, first_line, marked, suggest
 from .io.files import not_a_folder, unreadable
 
 TASKS = ("convert", "train", "bench")
@@ -100,7 +100,7 @@ class Recipe:
     weight_decay: float = 5e-4
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
-    calibrate_batches: int = CALIB_BATCHES
+    calib_batches: int = CALIB_BATCHES
     precision: str = "auto"
     limit_batches: int | None = None
     train_limit: int | None = None
@@ -139,7 +139,7 @@ class Recipe:
         for name in ("epochs", "batch_size", "repeats", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("calibrate_batches", "seed", "step_every", "warmup_steps", "limit_batches", "train_limit"):
+        for name in ("calib_batches", "seed", "step_every", "warmup_steps", "limit_batches", "train_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seed > SEED_MAX:
@@ -241,9 +241,19 @@ def _accepts(annotation: Any, value: Any) -> bool:
     return False
 
 
+# keys renamed since 0.1.0: still read for one release, with a DeprecationWarning
+RENAMED_KEYS = {"calibrate_batches": "calib_batches"}
+
+
 def _build(data: dict[str, Any], where: str) -> Recipe:
     hints = typing.get_type_hints(Recipe)
     known = [f.name for f in fields(Recipe)]
+    for old, new in RENAMED_KEYS.items():
+        if old in data:
+            if new in data:
+                raise RecipeError(f"{where}: {old} and {new} are the same key (its old and new name): keep {new}")
+            deprecated(f"the recipe key {old} ({where})", f"write {new}", stacklevel=4)
+            data = {new if k == old else k: v for k, v in data.items()}
     for key, value in data.items():
         if not isinstance(key, str):
             raise RecipeError(f"{where}: keys are names like epochs, got {key!r} ({type(key).__name__})")

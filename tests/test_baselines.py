@@ -119,7 +119,7 @@ def test_two_method_bench_writes_every_column_and_a_png(tmp_path) -> None:
     config = BenchConfig(
         ("dacnn-mix", "l1-filter"),
         match="dacnn-mix",
-        calibrate_batches=1,
+        calib_batches=1,
         latency_repeats=2,
         train=TrainConfig(epochs=1, limit_batches=2),
     )
@@ -195,7 +195,7 @@ def test_a_method_that_diverges_is_a_row_that_says_so_and_the_bench_goes_on(tmp_
     config = BenchConfig(
         ("dacnn-mix", "l1-filter"),
         match="dacnn-mix",
-        calibrate_batches=1,
+        calib_batches=1,
         latency_batches=(1,),
         latency_repeats=2,
         train=TrainConfig(epochs=1, limit_batches=1),

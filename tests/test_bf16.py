@@ -93,7 +93,7 @@ def test_bench_under_bf16(data, tmp_path) -> None:
     config = BenchConfig(
         ("dacnn-bank",),
         budget=0.5,
-        calibrate_batches=1,
+        calib_batches=1,
         latency_batches=(1,),
         latency_repeats=2,
         train=TrainConfig(epochs=1, limit_batches=1, precision="bf16"),

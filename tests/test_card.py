@@ -44,7 +44,7 @@ def test_a_distilled_conversion_card_has_the_accuracy_of_each_step_and_the_datas
             "1",
             "--limit-batches",
             "1",
-            "--calibrate-batches",
+            "--calib-batches",
             "1",
             "--out",
             str(tmp_path),

@@ -123,7 +123,7 @@ def test_distill_train_eval_on_synthetic_data(tmp_path) -> None:
             "16",
             "--regulators",
             "all",
-            "--calibrate-batches",
+            "--calib-batches",
             "2",
             "--out",
             str(tmp_path / "s"),
@@ -153,7 +153,7 @@ def test_distill_train_eval_on_synthetic_data(tmp_path) -> None:
             "16",
             "--regulators",
             "all",
-            "--calibrate-batches",
+            "--calib-batches",
             "2",
             "--out",
             str(tmp_path / "s"),
@@ -163,6 +163,29 @@ def test_distill_train_eval_on_synthetic_data(tmp_path) -> None:
     )
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "s" / "report.json").read_text())["finetuned_acc"] == report["finetuned_acc"]
+    # --json: one document on stdout, nothing else
+    student = [str(tmp_path / "s" / "model.safetensors"), "--model", "tests.models:tiny_resnet", "--json"]
+    ev = runner.invoke(app, ["eval", *student, "--dataset", "synthetic", "--input-size", "16", "--limit-batches", "1"])
+    assert ev.exit_code == 0, ev.output
+    doc = json.loads(ev.stdout)
+    assert 0.0 <= doc["top1"] <= 1.0 and doc["images"] > 0 and doc["dataset"] == "synthetic"
+    lat = runner.invoke(app, ["latency", *student, "--batch", "1", "--repeats", "1"])
+    assert lat.exit_code == 0, lat.output
+    rows = json.loads(lat.stdout)["rows"]
+    assert {r["model"] for r in rows} == {"original", "anchored", "anchored+reg"}
+    assert all(r["median_ms"] > 0 for r in rows) and rows[0]["vs_original"] == pytest.approx(1.0)
+
+
+def test_plan_json_is_the_plan_and_the_search_and_version_prints() -> None:
+    result = runner.invoke(app, ["plan", *TINY, "--target-ratio", "1.5", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["params_after"] <= doc["params_before"] / 1.5 and doc["plan"]["mode"] == "budget"
+    assert doc["search"]["target"] == int(doc["params_before"] / 1.5) and doc["search"]["options"]
+    by_mode = json.loads(runner.invoke(app, ["plan", *TINY, "--mode", "mix", "--json"]).stdout)
+    assert by_mode["search"] is None and by_mode["plan"]["groups"]
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.stdout.startswith("dacnn-convert ")
 
 
 def test_act_init_without_data_is_a_usage_error() -> None:
@@ -190,7 +213,7 @@ def test_torchrun_two_processes(tmp_path) -> None:
         "none",
         "--input-size",
         "16",
-        "--calibrate-batches",
+        "--calib-batches",
         "1",
         "--out",
         str(tmp_path),
@@ -270,7 +293,7 @@ FINETUNE_FLAGS = {
     "kd_alpha",
     "label_smoothing",
     "clip_grad",
-    "calibrate_batches",
+    "calib_batches",
     "precision",
     "channels_last",
     "augment",
@@ -304,7 +327,7 @@ def test_dtype_is_kept_when_a_dataset_is_given(tmp_path) -> None:
     from safetensors import safe_open
 
     result = runner.invoke(
-        convert_app, [*TINY, "--dtype", "fp16", "--calibrate-batches", "1", "--out", str(tmp_path), *SYN]
+        convert_app, [*TINY, "--dtype", "fp16", "--calib-batches", "1", "--out", str(tmp_path), *SYN]
     )
     assert result.exit_code == 0, result.output
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:

@@ -156,3 +156,28 @@ def test_a_recipe_is_read_into_the_same_config() -> None:
     assert isinstance(cfg, AnchorConfig)
     got = (cfg.target_params, cfg.factorize_unshared, cfg.bank_size, cfg.metric)
     assert got == (6_000_000, 0.25, "1:1.0,2:0.5", "fit")
+
+
+def test_the_old_recipe_key_is_read_with_a_warning_and_never_beside_the_new(tmp_path) -> None:
+    from dacnn_convert.errors import RecipeError
+    from dacnn_convert.recipes import load_recipe
+
+    old = tmp_path / "old.yaml"
+    old.write_text("task: convert\nmodel: resnet18\ncalibrate_batches: 7\n")
+    with pytest.warns(DeprecationWarning, match="recipe key calibrate_batches.*write calib_batches"):
+        assert load_recipe(old).calib_batches == 7
+    both = tmp_path / "both.yaml"
+    both.write_text("task: convert\nmodel: resnet18\ncalibrate_batches: 7\ncalib_batches: 8\n")
+    with pytest.raises(RecipeError, match="same key"):
+        load_recipe(both)
+
+
+def test_the_cli_takes_the_old_flag_name_too() -> None:
+    import typer
+
+    from dacnn_convert.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for name in ("convert", "bench", "export"):
+        opts = [p.opts for p in commands[name].params if p.name == "calib_batches"]
+        assert opts and {"--calib-batches", "--calibrate-batches"} <= set(opts[0]), name

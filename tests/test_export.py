@@ -241,7 +241,7 @@ def test_cli_int8_onnx_needs_a_dataset(tmp_path) -> None:
             "int8",
             "--dataset",
             "synthetic",
-            "--calibrate-batches",
+            "--calib-batches",
             "2",
             "--limit-batches",
             "1",

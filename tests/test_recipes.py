@@ -47,7 +47,7 @@ def test_a_bench_recipe_runs_through_dacnn_bench(tmp_path) -> None:
     recipe = tmp_path / "b.yaml"
     recipe.write_text(
         "task: bench\nmodel: tests.models:tiny_resnet\ndataset: synthetic\ninput_size: '16'\nmethods: dacnn-mix\n"
-        "epochs: 1\nlimit_batches: 2\nprecision: fp32\ncalibrate_batches: 1\nlatency_repeats: 1\n"
+        "epochs: 1\nlimit_batches: 2\nprecision: fp32\ncalib_batches: 1\nlatency_repeats: 1\n"
         f"out: {tmp_path / 'out'}\n"
     )
     done = RUNNER.invoke(app, ["bench", "tests.models:tiny_resnet", "--dataset", "synthetic", "--recipe", str(recipe)])
@@ -87,7 +87,7 @@ def test_a_conversion_job_is_one_library_call_returning_a_typed_result(tmp_path)
         dataset="synthetic",
         epochs=1,
         limit_batches=1,
-        calibrate_batches=1,
+        calib_batches=1,
         precision="fp32",
         target_ratio=1.5,
         out=str(tmp_path / "b"),

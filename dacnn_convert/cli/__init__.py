@@ -36,8 +36,20 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(table_app, name="table")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"dacnn-convert {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _dacnn() -> None:
+def _dacnn(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
     """dacnn: deep anchored CNNs (Huang, Dwivedi, Roig) — convert, fine-tune, evaluate."""
 
 

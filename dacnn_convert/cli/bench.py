@@ -101,7 +101,7 @@ def bench_command(
     kd_alpha: KdAOpt = 0.9,
     label_smoothing: SmoothOpt = 0.0,
     clip_grad: ClipOpt = None,
-    calibrate_batches: CalibOpt = CALIB_BATCHES,
+    calib_batches: CalibOpt = CALIB_BATCHES,
     precision: PrecOpt = Precision.auto,
     channels_last: ChannelsLastOpt = True,
     augment: AugOpt = Augment.auto,
@@ -134,7 +134,7 @@ def bench_command(
         rec.budget,
         rec.match,
         rec.repeats,
-        rec.calibrate_batches,
+        rec.calib_batches,
         latency_repeats=rec.latency_repeats,
         train=data.config(),
     )

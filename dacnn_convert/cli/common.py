@@ -7,11 +7,12 @@ rich. Library errors become one line on stderr and exit code 1 (usage errors 2).
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +25,15 @@ from ..errors import DacnnError, UsageError, first_line
 # file name, not a style tag; "[/]" in one crashed rich); styles are set with rich.text.Text instead
 console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout instead of tables")]
+
+
+def print_json(document: Any) -> None:
+    """``--json``: the document alone on stdout (no colour, no wrapping), for scripts and jq."""
+    import json
+
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
 
 
 def labelled(label: str, style: str, text: str) -> Text:
@@ -162,7 +172,7 @@ class DataOptions:
     step_every: int = 0
     kd_temperature: float = 4.0
     kd_alpha: float = 0.9
-    calibrate_batches: int = CALIB_BATCHES
+    calib_batches: int = CALIB_BATCHES
     precision: str = "auto"
     limit_batches: int | None = None
     train_limit: int | None = None

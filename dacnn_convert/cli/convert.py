@@ -10,7 +10,7 @@ import typer
 
 from ..defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import UsageError
-from .common import DataOptions, _Progress, console, recipe_from_command
+from .common import DataOptions, JsonOpt, _Progress, console, print_json, recipe_from_command
 from .guards import output_guard
 from .options import (
     Augment,
@@ -183,7 +183,7 @@ def convert_command(
     schedule: SchedOpt = Schedule.cosine,
     kd_temperature: KdTOpt = 4.0,
     kd_alpha: KdAOpt = 0.9,
-    calibrate_batches: CalibOpt = CALIB_BATCHES,
+    calib_batches: CalibOpt = CALIB_BATCHES,
     precision: PrecOpt = Precision.auto,
     limit_batches: LimitOpt = None,
     train_limit: TrainLimitOpt = None,
@@ -281,7 +281,7 @@ def demo_command(
         epochs=epochs,
         lr=0.02,  # as measured
         warmup_steps=0,
-        calibrate_batches=50,
+        calib_batches=50,
         precision=precision.value,
         train_limit=train_limit,
         device=device,
@@ -311,6 +311,7 @@ def plan_command(
     ] = False,
     leaf_module: LeafOpt = None,
     device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
 ) -> None:
     """Print the conversion plan, by mode or by a size target (nothing is converted or written)."""
     if model is None:
@@ -318,6 +319,19 @@ def plan_command(
     rec = recipe_from_command(ctx, "convert")
     data = DataOptions.from_recipe(rec) if dataset else None
     job = run_convert(rec, data, dry_run=True, render=False)
+    if json_out:
+        p = job.plan
+        print_json(
+            {
+                "model": job.source,
+                "params_before": p.params_before,
+                "params_after": p.params_after,
+                "ratio": p.params_before / max(p.params_after, 1),
+                "plan": p.to_dict(),
+                "search": job.search.to_dict() if job.search is not None else None,
+            }
+        )
+        return
     for line in job.search.explain() if explain and job.search is not None else []:
         console.print(line, highlight=False, soft_wrap=True)
     render_plan(job.plan, model)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..errors import DacnnError, UsageError, write_failed
 from ..recipes import parse_input_size
-from .common import console, fail, load_checkpoint, source_of
+from .common import JsonOpt, console, fail, load_checkpoint, print_json, source_of
 from .guards import check_input_size, check_output_file
 from .options import Dtype, DtypeOpt, ExportFormat, FileOverwriteOpt, SizeOpt, SkelOpt
 
@@ -37,7 +37,9 @@ def export_command(
     dataset: Annotated[
         str | None, typer.Option(help="with --quantize: calibration batches and the accuracy check")
     ] = None,
-    calibrate_batches: Annotated[int, typer.Option(min=1, help="with --quantize: calibration batches")] = 20,
+    calib_batches: Annotated[
+        int, typer.Option("--calib-batches", "--calibrate-batches", min=1, help="with --quantize: calibration batches")
+    ] = 20,
     limit_batches: Annotated[
         int | None, typer.Option(min=1, help="with --quantize: cap the accuracy check's batches")
     ] = None,
@@ -81,7 +83,7 @@ def export_command(
             _export_dense(checkpoint, model, out, size, dtype.value, model_source)
             return
         if format is ExportFormat.onnx and quantize is not None:
-            _export_int8_onnx(model, out, size, opset, dataset, calibrate_batches, limit_batches)  # type: ignore[arg-type]
+            _export_int8_onnx(model, out, size, opset, dataset, calib_batches, limit_batches)  # type: ignore[arg-type]
             return
         if format is ExportFormat.onnx:
             result = export_onnx(model, out, size, dtype.value, opset=opset, dynamic_spatial=dynamic_spatial)
@@ -157,16 +159,14 @@ def _export_dense(checkpoint: Path, model: Any, out: Path, size: Any, dtype: str
 
 def inspect_command(
     path: Annotated[Path, typer.Argument(help=".safetensors, .pt (state dict or TorchScript) or .onnx")],
-    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Unique parameters, bytes and the sharing structure (anchor -> members) of a saved model."""
-    import json
-
     from ..io.inspection import inspect_file
 
     info = inspect_file(path)
     if json_out:
-        console.print_json(json.dumps(info.to_dict()))
+        print_json(info.to_dict())
         return
     console.print(
         f"{info.path}: {info.format}, {info.bytes:,} bytes, {info.tensors} tensors, {info.params:,} unique "
@@ -192,6 +192,7 @@ def latency_command(
     repeats: Annotated[int, typer.Option(min=1, help="timed runs per setting")] = 20,
     input_size: SizeOpt = None,
     model_source: SkelOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Latency (median, p90) of the original, the anchored model, and with its regulators (anchored+reg)."""
     import dataclasses
@@ -232,10 +233,20 @@ def latency_command(
         ]
     except (DacnnError, ValueError) as exc:
         raise fail(exc if isinstance(exc, DacnnError) else UsageError(str(exc))) from None
+    base = {(r.batch, r.precision): r.median_ms for r in rows if r.model == "original"}
+    if json_out:
+        print_json(
+            {
+                "checkpoint": str(checkpoint),
+                "device": device,
+                "input_size": list(size),
+                "rows": [{**r.to_dict(), "vs_original": r.median_ms / base[(r.batch, r.precision)]} for r in rows],
+            }
+        )
+        return
     table = Table(title=f"latency on {device} ({repeats} interleaved runs after warm-up)")
     for col in ("model", "batch", "precision", "median ms", "p90 ms", "vs original"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    base = {(r.batch, r.precision): r.median_ms for r in rows if r.model == "original"}
     for r in rows:
         ratio = r.median_ms / base[(r.batch, r.precision)]
         table.add_row(r.model, str(r.batch), r.precision, f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{ratio:.3f}x")

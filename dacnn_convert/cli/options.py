@@ -223,7 +223,15 @@ KdTOpt = Annotated[float, typer.Option(help="distillation temperature T")]
 KdAOpt = Annotated[float, typer.Option(help="weight of the KD term (1 - alpha goes to cross-entropy)")]
 
 
-CalibOpt = Annotated[int, typer.Option(min=0, help="training batches to re-estimate BatchNorm statistics (0: skip)")]
+CalibOpt = Annotated[
+    int,
+    typer.Option(
+        "--calib-batches",
+        "--calibrate-batches",  # the 0.1.0 name, kept for one release
+        min=0,
+        help="training batches for the data-aware fit and to re-estimate BatchNorm statistics (0: skip BN)",
+    ),
+]
 
 
 PrecOpt = Annotated[

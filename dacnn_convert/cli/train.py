@@ -10,7 +10,17 @@ import typer
 from ..atomic import atomic_write_text
 from ..defaults import TRAIN_LR
 from ..recipes import parse_input_size
-from .common import DataOptions, _Progress, console, load_checkpoint, recipe_from_command, source_of
+from .common import (
+    DataOptions,
+    JsonOpt,
+    _Progress,
+    console,
+    err_console,
+    load_checkpoint,
+    print_json,
+    recipe_from_command,
+    source_of,
+)
 from .guards import check_input_size, output_guard
 from .options import (
     Augment,
@@ -116,6 +126,7 @@ def eval_command(
     download: DownloadOpt = False,
     model: SkelOpt = None,
     device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
 ) -> None:
     """Top-1 accuracy of a saved model (anchored or not) on a dataset's validation split."""
     from ..core.report import count_params
@@ -131,12 +142,24 @@ def eval_command(
     outputs = check_input_size(net, size)
     acc, seen = evaluate_counts(net, loaders.val, precision, limit_batches)
     if outputs != loaders.num_classes:
-        console.print(
+        (err_console if json_out else console).print(
             f"warning: the model has {outputs} outputs and {dataset} {loaders.num_classes} classes: its predictions "
             "include classes the dataset does not have, so this accuracy says little (fine-tune it on the dataset)",
             highlight=False,
             soft_wrap=True,
         )
+    if json_out:
+        print_json(
+            {
+                "checkpoint": str(checkpoint),
+                "dataset": dataset,
+                "top1": acc,
+                "images": seen,
+                "unique_params": count_params(net),
+                "precision": precision.value if hasattr(precision, "value") else precision,
+            }
+        )
+        return
     console.print(
         f"{checkpoint}: top-1 {100 * acc:.2f}% on {seen:,} {dataset} validation images "
         f"({count_params(net):,} unique params)"
