@@ -367,3 +367,18 @@ def test_checkpoints_get_the_umask_permissions_and_are_fsynced(tmp_path, monkeyp
         assert (p.stat().st_mode & 0o777) == 0o644  # 0666 & ~umask, not mkstemp's 0600
     assert len(synced) >= 4  # each file's data and its folder entry
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "state.pt"]  # no temp files left
+
+
+def test_report_table_never_cuts_a_number_at_80_columns(tmp_path) -> None:
+    from dacnn_convert.cli.common import console
+
+    args = ["resnet18", "--weights", "none", "--num-classes", "10", "--input-size", "32", "--out", str(tmp_path / "r")]
+    width = console.width
+    console.width = 80  # as a CI log or a small terminal
+    try:
+        result = runner.invoke(convert_app, [*args, "--mode", "mix", "--regulators", "all"])
+    finally:
+        console.width = width
+    assert result.exit_code == 0, result.output
+    assert "1,769,472" in result.stdout and "7,077,888" in result.stdout and "…" not in result.stdout
+    assert "left out at 80 columns: energy" in result.stdout

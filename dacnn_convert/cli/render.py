@@ -8,6 +8,55 @@ from rich.table import Table
 
 from .common import console, labelled
 
+# columns of this priority or lower are never left out: text in them folds instead
+_KEEP = 2
+
+
+def fitted_table(title: str, columns: list[tuple[str, str, int]], rows: list[list[str]]) -> tuple[Table, list[str]]:
+    """A table that never cuts a number: ``columns`` are (name, ``"num"`` or ``"text"``, priority).
+
+    Numbers never wrap or shorten. When the table is wider than the console, the columns of lowest
+    priority (the highest number, above ``_KEEP``) are left out first, and their names returned so the
+    caller can say so; if it is still too wide, text folds onto more lines.
+    """
+    width = console.width
+    keep = list(range(len(columns)))
+
+    def need(idx: list[int]) -> int:
+        total = 1
+        for i in idx:
+            cells = [len(line) for r in rows for line in r[i].split("\n")] or [0]
+            total += 3 + max(max(cells), max(len(w) for w in columns[i][0].split()))
+        return total
+
+    dropped: list[str] = []
+    while need(keep) > width:
+        optional = [i for i in keep if columns[i][2] > _KEEP]
+        if not optional:
+            break
+        worst = max(optional, key=lambda i: (columns[i][2], i))
+        keep.remove(worst)
+        dropped.append(columns[worst][0])
+    table = Table(title=title)
+    for i in keep:
+        name, kind, _ = columns[i]
+        if kind == "num":
+            cells = [len(r[i]) for r in rows] or [0]
+            table.add_column(name, justify="right", no_wrap=True, min_width=max(cells))
+        else:
+            table.add_column(name, overflow="fold")
+    for r in rows:
+        table.add_row(*(r[i] for i in keep))
+    return table, dropped
+
+
+def _left_out(dropped: list[str]) -> None:
+    if dropped:
+        console.print(
+            f"(left out at {console.width} columns: {', '.join(dropped)}; widen the terminal or read report.md)",
+            highlight=False,
+        )
+
 
 def render_plan(plan: Any, source: str) -> None:
     """Print a plan as a table (``--dry-run``)."""
@@ -32,22 +81,19 @@ def render_plan(plan: Any, source: str) -> None:
 
 def render_report(report: Any) -> None:
     """Print the per-group table and the summary of a conversion."""
-    table = Table(title=f"{report.source}: mode {report.mode}, init {report.init}")
-    for col in (
-        "anchor",
-        "section",
-        "resolution",
-        "kernel",
-        "members",
-        "params before",
-        "params after",
-        "fit err",
-        "energy",
-    ):
-        table.add_column(col, justify="right" if col.startswith(("params", "fit", "members", "energy")) else "left")
-    for g in report.groups:
-        err = f"{g.max_fit_error:.3f}" if g.max_fit_error is not None else "-"
-        table.add_row(
+    columns = [  # (name, kind, priority: 0 always shown, higher is left out first when narrow)
+        ("anchor", "text", 0),
+        ("section", "text", 3),
+        ("resolution", "text", 5),
+        ("kernel", "text", 2),
+        ("members", "num", 4),
+        ("params before", "num", 0),
+        ("params after", "num", 0),
+        ("fit err", "num", 1),
+        ("energy", "num", 6),
+    ]
+    rows = [
+        [
             g.anchor,
             ",".join(map(str, g.sections)),
             g.resolution,
@@ -55,10 +101,14 @@ def render_report(report: Any) -> None:
             str(g.members),
             f"{g.params_before:,}",
             f"{g.params_after:,}",
-            err,
+            f"{g.max_fit_error:.3f}" if g.max_fit_error is not None else "-",
             f"{g.energy:.3f}" if g.energy is not None else "-",
-        )
+        ]
+        for g in report.groups
+    ]
+    table, dropped = fitted_table(f"{report.source}: mode {report.mode}, init {report.init}", columns, rows)
     console.print(table)
+    _left_out(dropped)
     summary = Table(title="summary")
     for col in ("measure", "before", "after", "ratio"):
         summary.add_column(col, justify="left" if col == "measure" else "right")
