@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import pipeline
 from .atomic import atomic_write_text
 from .baselines import Context, get_method
 from .core.plan import count_params
@@ -30,7 +31,7 @@ from .core.report import count_macs, figure, save_figure, state_dict_bytes
 from .defaults import CALIB_BATCHES
 from .errors import NonFiniteOutputError, UsageError
 from .latency import compare_latency
-from .train import Loaders, TrainConfig, distill, evaluate, recalibrate_bn
+from .train import Loaders, TrainConfig, distill, evaluate, recalibrate_bn, reconstruct_sections
 from .train.state import NonFiniteLossError
 
 COLUMNS = (
@@ -46,6 +47,8 @@ COLUMNS = (
     "latency_b64_ms",
     "acc_compressed",
     "acc_calibrated",
+    "acc_reconstructed",
+    "reconstruct_s",
     "acc_finetuned",
     "drop",
     "wall_s",
@@ -64,6 +67,9 @@ class BenchConfig:
     latency_batches: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
     train: TrainConfig = field(default_factory=TrainConfig.finetune)
+    # the anchoring methods' section-wise reconstruction after the BN step (the last step of their
+    # conversion, as anchor() and compress() do with data); other methods have no such step
+    reconstruct: bool = True
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -101,6 +107,8 @@ class BenchRow:
     drop: float
     wall_s: float
     notes: str = ""
+    acc_reconstructed: float | None = None  # after the anchoring methods' reconstruction step
+    reconstruct_s: float | None = None  # its wall time
 
 
 @dataclass
@@ -121,10 +129,13 @@ class BenchResult:
         for name in dict.fromkeys(r.method for r in self.rows):
             rows = [r for r in self.rows if r.method == name]
             accs = [r.acc_finetuned for r in rows]
-            mean = {
+            mean: dict[str, float | None] = {
                 c: statistics.fmean(getattr(r, c) for r in rows)
                 for c in ("acc_compressed", "acc_calibrated", "acc_finetuned", "drop", "wall_s")
             }
+            for c in ("acc_reconstructed", "reconstruct_s"):  # None for methods without the step
+                got = [getattr(r, c) for r in rows]
+                mean[c] = statistics.fmean(got) if all(v is not None for v in got) else None
             out.append(
                 {**asdict(rows[0]), **mean, "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(rows)}
             )
@@ -155,16 +166,23 @@ class BenchResult:
         many = self.config.repeats > 1
         pct = lambda v: f"{100 * v:.2f}"  # noqa: E731
         ms = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+
+        def recon(s: dict[str, Any]) -> str:
+            if s["acc_reconstructed"] is None:
+                return "–"
+            return f"{pct(s['acc_reconstructed'])} ({s['reconstruct_s']:.0f} s)"
+
         head = (
             "| method | unique params | bytes on disk | compression | prune ratio | MACs | latency b1 (ms) | "
-            "latency b64 (ms) | acc compressed | acc BN-recal | acc fine-tuned | drop vs teacher (points) | wall (s) |"
+            "latency b64 (ms) | acc compressed | acc BN-recal | acc reconstructed | acc fine-tuned | "
+            "drop vs teacher (points) | wall (s) |"
         )
         lines = [f"{k}: {v}  " for k, v in self.meta.items()] + ([""] if self.meta else [])
-        lines += [head, "|" + "---|" + "---:|" * 12]
+        lines += [head, "|" + "---|" + "---:|" * 13]
         t = self.teacher
         lines.append(
             f"| teacher | {t.params:,} | {t.bytes:,} | 1.00x | 0.0% | {t.macs / 1e6:.1f}M | {ms(t.latency_b1_ms)} | "
-            f"{ms(t.latency_b64_ms)} | – | – | {pct(t.acc_finetuned)} | – | – |"
+            f"{ms(t.latency_b64_ms)} | – | – | – | {pct(t.acc_finetuned)} | – | – |"
         )
         for s in self.summary():
             size = f"{s['bytes']:,}" + (f" (sparse {s['sparse_bytes']:,})" if s["sparse_bytes"] else "")
@@ -173,7 +191,7 @@ class BenchResult:
                 f"| {s['method']} | {s['params']:,} | {size} | {s['ratio']:.2f}x | {100 * s['prune_ratio']:.1f}% | "
                 f"{s['macs'] / 1e6:.1f}M | {ms(s['latency_b1_ms'])} | {ms(s['latency_b64_ms'])} | "
                 f"{pct(s['acc_compressed'])} | "
-                f"{pct(s['acc_calibrated'])} | {acc} | {100 * s['drop']:.2f} | {s['wall_s']:.0f} |"
+                f"{pct(s['acc_calibrated'])} | {recon(s)} | {acc} | {100 * s['drop']:.2f} | {s['wall_s']:.0f} |"
             )
         cfg = self.config
         target = f"{self.target_params:,} unique parameters" if self.target_params else "none (fixed-size methods only)"
@@ -188,7 +206,14 @@ class BenchResult:
                 else ""
             )
             + ". Pruning methods hit it within 1%; anchoring methods have the size their plan gives.",
-            f"Same for every method: BN recalibration on {cfg.calib_batches} batches, then "
+            f"Same for every method: BN recalibration on {cfg.calib_batches} batches"
+            + (
+                " (the anchoring methods then reconstruct each section on calibration batches, the last step of "
+                "their conversion: acc reconstructed, with its wall time)"
+                if cfg.reconstruct
+                else ""
+            )
+            + ", then "
             f"{cfg.train.epochs} epochs of "
             f"KD fine-tuning ({cfg.train.optimizer}, lr {cfg.train.lr}, {cfg.train.schedule}, "
             f"T={cfg.train.kd_temperature}, "
@@ -289,7 +314,7 @@ def run_bench(
     cuda = [first.device] if first is not None and first.device.type == "cuda" else []
     for seed in range(config.repeats):
         if base_seed is not None:  # a new data order per repeat, the same for every method
-            loaders.train.seed = base_seed + seed  # type: ignore[attr-defined]
+            loaders.train.seed = base_seed + seed
         for name in config.methods:
             began = time.perf_counter()
             notify("method", {"method": name, "seed": seed})
@@ -301,6 +326,8 @@ def run_bench(
                 p.requires_grad_(True)
             nan = float("nan")
             acc_c = acc_b = acc_f = nan
+            acc_r: float | None = None
+            recon_s: float | None = None
             notes, finalized = compressed.notes, False
             try:  # one method that diverges is a row that says so, not the end of the whole benchmark
                 acc_c = evaluate(model, loaders.val, precision, limit)
@@ -309,6 +336,14 @@ def run_bench(
                     recalibrate_bn(model, loaders.train, config.calib_batches)
                 acc_b = evaluate(model, loaders.val, precision, limit)
                 notify("stage", {"method": name, "stage": "calibrated", "acc": acc_b})
+                if config.reconstruct and config.calib_batches > 0 and hasattr(model, "dacnn_plan"):
+                    t0 = time.perf_counter()
+                    with torch.random.fork_rng(devices=cuda):
+                        torch.manual_seed(seed)
+                        reconstruct_sections(model, teacher, loaders.train, pipeline.DEFAULT_RECONSTRUCT)
+                    recon_s = time.perf_counter() - t0
+                    acc_r = evaluate(model, loaders.val, precision, limit)
+                    notify("stage", {"method": name, "stage": "reconstructed", "acc": acc_r})
                 distill(
                     model,
                     teacher,
@@ -344,6 +379,8 @@ def run_bench(
                 teacher_acc - acc_f,
                 time.perf_counter() - began,
                 notes,
+                acc_r,
+                recon_s,
             )
             rows.append(row)
             if out is not None:  # a long benchmark cut short keeps what it measured

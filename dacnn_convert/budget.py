@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from .core.graph import ConvSite
 from .core.knapsack import Option, Solution, front
 from .core.modes import mode
 from .core.plan import Group, Plan, RegulatorSpec
-from .core.planning import bank_group, linear_groups, make_plan
+from .core.planning import InitName, RegulatorStyleName, bank_group, linear_groups, make_plan
 from .defaults import default_init
 from .errors import PlanError, UsageError, choose, render
 from .validate import inputs_of
@@ -239,7 +239,7 @@ def compose(
         shapes = [mix.site(m).weight_shape for m in members]
         shape = (max(s[0] for s in shapes), max(s[1] for s in shapes), *g.shape[2:])
         secs = tuple(sorted({section_of[m] for m in members}))
-        groups.append(Group(f"plain{i}_{'x'.join(map(str, shape))}", members, shape, None, secs))  # type: ignore[arg-type]
+        groups.append(Group(f"plain{i}_{'x'.join(map(str, shape))}", members, shape, None, secs))
     anchored = {m for g in groups for m in g.members}
     # a plan numbers sections by where its own groups are: take each regulator's section from its host
     regs: list[RegulatorSpec] = [
@@ -343,8 +343,9 @@ def search(
     if metric == "kl" and calib_loader is None:
         raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
     init = default_init(init, calib_loader is not None)
-    mix = make_plan(model, "mix", "all", regulator_style, init, input_size, leaf_modules)
-    plain = make_plan(model, "plain", "all", regulator_style, init, input_size, leaf_modules)
+    style = cast(RegulatorStyleName, regulator_style)  # a str from a recipe: make_plan checks it
+    mix = make_plan(model, "mix", "all", style, cast(InitName, init), input_size, leaf_modules)
+    plain = make_plan(model, "plain", "all", style, cast(InitName, init), input_size, leaf_modules)
     mix = every_resolution(mix)
     options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
     fixed = fixed_parts(model, mix)
@@ -352,7 +353,11 @@ def search(
     pick(
         mix, plain, score_sections(model, mix, plain, "size", options=options, ranks=ranks), target_params, fixed=fixed
     )
-    batches, reference = calibration_reference(model, calib_loader, calib_batches) if metric == "kl" else ([], [])
+    batches, reference = (
+        calibration_reference(model, calib_loader, calib_batches)
+        if calib_loader is not None and metric == "kl"
+        else ([], [])
+    )
     scores = score_sections(model, mix, plain, metric, batches, reference, options, ranks)
     return pick(mix, plain, scores, target_params, metric, fixed=fixed)
 
@@ -365,7 +370,7 @@ def every_resolution(mix: Plan) -> Plan:
     factorise. The extra sections come after mix's own, so its groups keep their numbers.
     """
     known = {tuple(r) for r in mix.sections}
-    first = {}
+    first: dict[tuple[int, int], int] = {}
     for s in mix.sites:
         first.setdefault(s.out_size, s.order)
     extra = sorted((r for r in first if r not in known), key=lambda r: (-r[0] * r[1], first[r]))
@@ -457,7 +462,7 @@ def score_sections(
     scores: list[SectionScore] = []
     spectra: dict[tuple[str, ...], Any] = {}  # one decomposition per group, shared by its bank sizes
     free = ("free",) * n
-    trials = [
+    trials: list[tuple[int, str, tuple[str, ...], tuple[str, ...] | None]] = [
         (k, o, tuple(o if j == k else "free" for j in range(1, n + 1)), None) for k in range(1, n + 1) for o in options
     ]
     trials += [

@@ -273,8 +273,8 @@ def anchor(
         leaf_modules: module types fx must not trace into.
         reconstruct: after the fit and the BN step, train each section on ``calib_loader`` to
             match ``model``'s output of that section (:mod:`dacnn_convert.train.reconstruct`);
-            True, False or a :class:`ReconstructConfig`; None: on with data for the paper's modes
-            (mix, plain, sharesnet), where it was measured.
+            True, False or a :class:`ReconstructConfig`; None: on with data for every plan that
+            shares something (:func:`dacnn_convert.defaults.default_reconstruct` has the measurements).
 
     Returns:
         A copy of ``model`` (same class, same names for untouched modules) whose
@@ -372,7 +372,7 @@ def compress(
         resume: continue an interrupted fine-tune from ``out/state.pt``.
         command: the command line recorded in ``out/README.md``, the model card.
         reconstruct: section-wise reconstruction after the BN step, as :func:`anchor` takes it
-            (None: on for the paper's modes, off for banks and budget plans).
+            (None: on, as with data :func:`anchor` does).
 
     Returns:
         :class:`PipelineResult` (the student is ``result.model``).

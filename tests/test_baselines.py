@@ -127,8 +127,10 @@ def test_two_method_bench_writes_every_column_and_a_png(tmp_path) -> None:
     result = run_bench(teacher, loaders, (3, 16, 16), config, out=tmp_path)
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
     assert [r["method"] for r in rows] == ["teacher", "dacnn-mix", "l1-filter"]
-    assert all(rows[0][c] != "" for c in COLUMNS if c != "sparse_bytes")
+    assert all(rows[0][c] != "" for c in COLUMNS if c not in ("sparse_bytes", "acc_reconstructed", "reconstruct_s"))
     mix, l1 = result.rows
+    # the anchoring method's conversion ends with section-wise reconstruction; pruning has no such step
+    assert mix.acc_reconstructed is not None and mix.reconstruct_s and l1.acc_reconstructed is None
     assert abs(l1.params - mix.params) / mix.params <= 0.01  # pruned to the anchored size
     assert mix.latency_b1_ms and l1.latency_b64_ms and l1.macs < result.teacher.macs
     assert l1.bytes == (tmp_path / "l1-filter" / "model.safetensors").stat().st_size
@@ -143,6 +145,7 @@ def test_two_method_bench_writes_every_column_and_a_png(tmp_path) -> None:
         "latency b1",
         "latency b64",
         "acc compressed",
+        "acc reconstructed",
         "acc fine-tuned",
         "drop vs teacher",
         "wall",

@@ -240,6 +240,15 @@ def test_anchor_reconstructs_by_default_with_data_for_the_papers_modes(monkeypat
     assert gap_default < gap_without
 
 
+def test_reconstruction_is_on_with_data_for_every_plan_that_shares() -> None:
+    from dacnn_convert.defaults import default_reconstruct
+
+    for mode in ("mix", "plain", "sharesnet", "bank", "budget"):
+        assert default_reconstruct(None, True, mode) and not default_reconstruct(None, False, mode)
+    assert not default_reconstruct(None, True, "none")  # nothing shared, nothing to reconstruct
+    assert not default_reconstruct(False, True, "bank") and default_reconstruct(True, True, "none")
+
+
 def test_reconstruction_bad_input_is_one_clear_error() -> None:
     from dacnn_convert.train.reconstruct import ReconstructConfig, reconstruct_sections
 

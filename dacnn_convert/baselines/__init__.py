@@ -57,9 +57,15 @@ class Compressed:
 class Method(Protocol):
     """A compression method: ``fixed_size`` ones ignore ``target_params``."""
 
-    name: str
-    fixed_size: bool
-    description: str
+    # read-only members: frozen dataclasses and plain classes both provide them
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fixed_size(self) -> bool: ...
+
+    @property
+    def description(self) -> str: ...
 
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed: ...
 

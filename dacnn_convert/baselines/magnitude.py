@@ -24,7 +24,7 @@ from . import Compressed, Context, register_method
 from .structured import ensure_unshared
 
 
-def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+def prunable(model: nn.Module) -> list[tuple[nn.Conv2d | nn.Linear, str]]:
     """(module, "weight") for every convolution and linear layer."""
     return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 

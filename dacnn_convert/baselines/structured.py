@@ -96,9 +96,11 @@ def channel_prune(
     return model
 
 
-def _bisect(count: Callable[[float], tuple[int, nn.Module]], target: int, lo: float, hi: float, steps: int) -> list:
+def _bisect(
+    count: Callable[[float], tuple[int, nn.Module]], target: int, lo: float, hi: float, steps: int
+) -> list[tuple[float, float, int, nn.Module]]:
     """Bisect a ratio in [lo, hi] where the count falls as the ratio grows; every try, as (error, ratio, n, model)."""
-    tries = []
+    tries: list[tuple[float, float, int, nn.Module]] = []
     for _ in range(steps):
         mid = (lo + hi) / 2
         n, model = count(mid)
@@ -142,11 +144,11 @@ def search_ratio(
         if above is not None:
             r0 = above[1]
 
-            def widest(r: float) -> tuple[int, nn.Module]:
+            def with_widest(r: float) -> tuple[int, nn.Module]:
                 m = channel_prune(copy.deepcopy(base), r0, importance, input_size, widest_ratio=r)
                 return count_params(m), m
 
-            fine = min(_bisect(widest, target, r0, 0.999, steps), key=lambda t: t[0])
+            fine = min(_bisect(with_widest, target, r0, 0.999, steps), key=lambda t: t[0])
             if fine[0] < best[0]:
                 best, note = fine, f"channel ratio {r0:.3f}, widest layers {fine[1]:.3f}"
     if best[0] > TOLERANCE:

@@ -18,6 +18,7 @@ from ..recipes import parse_input_size
 from .common import DataOptions, console, recipe_from_command
 from .guards import output_guard
 from .options import (
+    PANEL_SHARE,
     Augment,
     AugOpt,
     BatchOpt,
@@ -102,6 +103,15 @@ def bench_command(
     label_smoothing: SmoothOpt = 0.0,
     clip_grad: ClipOpt = None,
     calib_batches: CalibOpt = CALIB_BATCHES,
+    reconstruct: Annotated[
+        bool | None,
+        typer.Option(
+            "--reconstruct/--no-reconstruct",
+            help="the anchoring methods reconstruct each section after the BN step, as their conversion "
+            "does with data [default: reconstruct]",
+            rich_help_panel=PANEL_SHARE,
+        ),
+    ] = None,
     precision: PrecOpt = Precision.auto,
     channels_last: ChannelsLastOpt = True,
     augment: AugOpt = Augment.auto,
@@ -137,6 +147,7 @@ def bench_command(
         rec.calib_batches,
         latency_repeats=rec.latency_repeats,
         train=data.config(),
+        reconstruct=rec.reconstruct is not False,
     )
     preprocess = input_config(None, parse_spec(model, num_classes), weights)
     size = data.input_size(parse_input_size(input_size), preprocess.input_size)

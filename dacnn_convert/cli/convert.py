@@ -123,7 +123,7 @@ def run_convert(
         render_plan(job.plan, job.source)
         return job
     if job.pipeline is not None:
-        if data is not None and data.plot and job.pipeline.fit is not None:
+        if data is not None and data.plot and job.pipeline.fit is not None and job.out is not None:
             from ..core.report import plot_accuracy
 
             marks = {"teacher": job.pipeline.teacher_acc, "after BN recalibration": job.pipeline.calibrated_acc}

@@ -67,7 +67,7 @@ def export_command(
         model = load_checkpoint(checkpoint, model_source)
         meta = read_metadata(checkpoint)
         size = parse_input_size(input_size) or (
-            tuple(Plan.from_json(meta["plan"]).input_size) if "plan" in meta else (3, 224, 224)
+            Plan.from_json(meta["plan"]).input_size if "plan" in meta else (3, 224, 224)
         )
         check_input_size(model, size)
         suffix = {
@@ -93,7 +93,7 @@ def export_command(
         if dtype is not Dtype.fp32 and format is ExportFormat.torchscript:
             raise UsageError("--dtype applies to onnx, safetensors and pt; TorchScript is written in fp32")
         if format is ExportFormat.torchscript:
-            export_torchscript(model, out, size)  # type: ignore[arg-type]
+            export_torchscript(model, out, size)
         elif format is ExportFormat.safetensors:  # save() records the source load() found: it loads again
             save(model, out, source=source_of(model, model_source), dtype=dtype.value)
         else:
@@ -219,7 +219,7 @@ def latency_command(
         if plan.regulators:
             models["anchored"] = convert(original, dataclasses.replace(plan, regulators=()), init="none").model
         models["anchored+reg" if plan.regulators else "anchored"] = load(checkpoint, model=original)
-        size = parse_input_size(input_size) or tuple(plan.input_size)
+        size = parse_input_size(input_size) or plan.input_size
         try:
             batches = [int(b) for b in batch.split(",")]
         except ValueError:
@@ -229,7 +229,7 @@ def latency_command(
             row
             for p in precision.split(",")
             for b in batches
-            for row in compare_latency(models, size, b, p, device, repeats)  # type: ignore[arg-type]
+            for row in compare_latency(models, size, b, p, device, repeats)
         ]
     except (DacnnError, ValueError) as exc:
         raise fail(exc if isinstance(exc, DacnnError) else UsageError(str(exc))) from None

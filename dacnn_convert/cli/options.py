@@ -10,6 +10,15 @@ import typer
 
 from ..defaults import DEVICE_HELP, SEED_MAX
 
+# --help groups the options of the long commands into these panels
+PANEL_MODEL = "Model"
+PANEL_SHARE = "What to share"
+PANEL_TARGET = "Size target (the planner decides)"
+PANEL_DATA = "Data"
+PANEL_FINETUNE = "Fine-tune"
+PANEL_OUTPUT = "Output"
+PANEL_RUNTIME = "Runtime"
+
 
 class Choice(str, Enum):
     """A CLI choice: typer validates it and lists the values in --help; it prints as its value."""
@@ -85,7 +94,12 @@ class Metric(Choice):
 
 
 SkelOpt = Annotated[
-    str | None, typer.Option("--model", help="model source for checkpoints of user code (package.module:factory)")
+    str | None,
+    typer.Option(
+        "--model",
+        help="model source for checkpoints of user code (package.module:factory)",
+        rich_help_panel=PANEL_MODEL,
+    ),
 ]
 
 
@@ -102,14 +116,18 @@ OptModelArg = Annotated[
 ]
 
 
-RecipeOpt = Annotated[Path | None, typer.Option(help="a YAML recipe; flags given on the command line override it")]
+RecipeOpt = Annotated[
+    Path | None,
+    typer.Option(help="a YAML recipe; flags given on the command line override it", rich_help_panel=PANEL_MODEL),
+]
 
 
 ModeOpt = Annotated[
     Mode,
     typer.Option(
         help="mix: share per stage; plain: one network-wide kernel; bank: a bank of "
-        "k filters per stage + a 1x1 per conv (--bank-size); sharesnet; none"
+        "k filters per stage + a 1x1 per conv (--bank-size); sharesnet; none",
+        rich_help_panel=PANEL_SHARE,
     ),
 ]
 
@@ -118,7 +136,8 @@ BankOpt = Annotated[
     str,
     typer.Option(
         help="with --mode bank, filters per bank: an integer (64), a fraction of C_out "
-        "(0.25) or per section (1:1.0,2:0.5,4:0.125; unlisted sections stay free)"
+        "(0.25) or per section (1:1.0,2:0.5,4:0.125; unlisted sections stay free)",
+        rich_help_panel=PANEL_SHARE,
     ),
 ]
 
@@ -126,16 +145,21 @@ BankOpt = Annotated[
 FactorOpt = Annotated[
     str | None,
     typer.Option(
-        help="low-rank factorise every conv that shares with nothing: rank as an integer or a fraction of C_out (0.25)"
+        help="low-rank factorise every conv that shares with nothing: rank as an integer or a fraction of C_out (0.25)",
+        rich_help_panel=PANEL_SHARE,
     ),
 ]
 
 
-RegOpt = Annotated[str, typer.Option(help="regulators in sections: none, all, or 1-based numbers like 1,3")]
+RegOpt = Annotated[
+    str,
+    typer.Option(help="regulators in sections: none, all, or 1-based numbers like 1,3", rich_help_panel=PANEL_SHARE),
+]
 
 
 StyleOpt = Annotated[
-    RegulatorStyle, typer.Option(help="adapter: parallel, zero-init (function kept); paper: in series")
+    RegulatorStyle,
+    typer.Option(help="adapter: parallel, zero-init (function kept); paper: in series", rich_help_panel=PANEL_SHARE),
 ]
 
 
@@ -144,7 +168,8 @@ ReconstructOpt = Annotated[
     typer.Option(
         "--reconstruct/--no-reconstruct",
         help="with --dataset, train each section on calibration batches to match the original's output "
-        "after the fit (default: on for mix, plain and sharesnet, off for banks and size targets)",
+        "after the fit (default: on with --dataset)",
+        rich_help_panel=PANEL_SHARE,
     ),
 ]
 
@@ -153,7 +178,8 @@ RegInitOpt = Annotated[
     RegulatorInit | None,
     typer.Option(
         help="adapter regulators start fitted by least squares to each member's residual (fit, the default; "
-        "on the calibration inputs with --dataset) or adding nothing (zero)"
+        "on the calibration inputs with --dataset) or adding nothing (zero)",
+        rich_help_panel=PANEL_SHARE,
     ),
 ]
 
@@ -162,65 +188,91 @@ InitOpt = Annotated[
     Init | None,
     typer.Option(
         help="anchor init: act (data-aware; default with --dataset), act-seq (data-aware, layer by "
-        "layer on the converted student), fit (weight least squares; default without data), mean, first, random"
+        "layer on the converted student), fit (weight least squares; default without data), mean, first, random",
+        rich_help_panel=PANEL_SHARE,
     ),
 ]
 
 
-WeightsOpt = Annotated[str, typer.Option(help="DEFAULT (pretrained, downloads), none (random), or a state-dict PATH")]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(
+        help="DEFAULT (pretrained, downloads), none (random), or a state-dict PATH", rich_help_panel=PANEL_MODEL
+    ),
+]
 
 
-ClassesOpt = Annotated[int | None, typer.Option(help="classes of the classifier (replaces the head if pretrained)")]
+ClassesOpt = Annotated[
+    int | None,
+    typer.Option(help="classes of the classifier (replaces the head if pretrained)", rich_help_panel=PANEL_MODEL),
+]
 
 
 SizeOpt = Annotated[
     str | None,
     typer.Option(
         help="example input: 224 or CxHxW; default 32 px with a registered dataset, else the model's pretrained "
-        "config (timm data config, torchvision weights), else 224"
+        "config (timm data config, torchvision weights), else 224",
+        rich_help_panel=PANEL_MODEL,
     ),
 ]
 
 
-OutOpt = Annotated[Path | None, typer.Option(help="output folder (default runs/MODEL-MODE)")]
-
-
-DryOpt = Annotated[bool, typer.Option(help="print the plan and write nothing")]
-
-
-LeafOpt = Annotated[
-    list[str] | None, typer.Option(help="package.module.Class that fx must not trace into (repeatable)")
+OutOpt = Annotated[
+    Path | None, typer.Option(help="output folder (default runs/MODEL-MODE)", rich_help_panel=PANEL_OUTPUT)
 ]
 
 
-DtypeOpt = Annotated[Dtype, typer.Option(help="storage type of the checkpoint's floating tensors")]
+DryOpt = Annotated[bool, typer.Option(help="print the plan and write nothing", rich_help_panel=PANEL_OUTPUT)]
+
+
+LeafOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="package.module.Class that fx must not trace into (repeatable)", rich_help_panel=PANEL_MODEL),
+]
+
+
+DtypeOpt = Annotated[
+    Dtype, typer.Option(help="storage type of the checkpoint's floating tensors", rich_help_panel=PANEL_OUTPUT)
+]
 
 
 DatasetOpt = Annotated[
     str | None,
-    typer.Option(help="fine-tune on fashion-mnist, cifar10, cifar100, svhn or synthetic (KD from the original)"),
+    typer.Option(
+        help="fine-tune on fashion-mnist, cifar10, cifar100, svhn or synthetic (KD from the original)",
+        rich_help_panel=PANEL_DATA,
+    ),
 ]
 
 
-EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs")]
+EpochsOpt = Annotated[int, typer.Option(min=1, help="training epochs", rich_help_panel=PANEL_FINETUNE)]
 
 
-BatchOpt = Annotated[int, typer.Option(min=1, help="batch size")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="batch size", rich_help_panel=PANEL_DATA)]
 
 
-LrOpt = Annotated[float, typer.Option(help="peak learning rate")]
+LrOpt = Annotated[float, typer.Option(help="peak learning rate", rich_help_panel=PANEL_FINETUNE)]
 
 
-OptimOpt = Annotated[Optimizer, typer.Option(help="sgd (momentum 0.9, nesterov), adamw or adagrad (the paper's)")]
+OptimOpt = Annotated[
+    Optimizer,
+    typer.Option(help="sgd (momentum 0.9, nesterov), adamw or adagrad (the paper's)", rich_help_panel=PANEL_FINETUNE),
+]
 
 
-SchedOpt = Annotated[Schedule, typer.Option(help="cosine, or step (x0.1 at half the epochs, as the paper)")]
+SchedOpt = Annotated[
+    Schedule,
+    typer.Option(help="cosine, or step (x0.1 at half the epochs, as the paper)", rich_help_panel=PANEL_FINETUNE),
+]
 
 
-KdTOpt = Annotated[float, typer.Option(help="distillation temperature T")]
+KdTOpt = Annotated[float, typer.Option(help="distillation temperature T", rich_help_panel=PANEL_FINETUNE)]
 
 
-KdAOpt = Annotated[float, typer.Option(help="weight of the KD term (1 - alpha goes to cross-entropy)")]
+KdAOpt = Annotated[
+    float, typer.Option(help="weight of the KD term (1 - alpha goes to cross-entropy)", rich_help_panel=PANEL_FINETUNE)
+]
 
 
 CalibOpt = Annotated[
@@ -230,41 +282,64 @@ CalibOpt = Annotated[
         "--calibrate-batches",  # the 0.1.0 name, kept for one release
         min=0,
         help="training batches for the data-aware fit and to re-estimate BatchNorm statistics (0: skip BN)",
+        rich_help_panel=PANEL_DATA,
     ),
 ]
 
 
 PrecOpt = Annotated[
-    Precision, typer.Option(help="auto (bf16 where the CPU/GPU has bf16 units), fp32, bf16, fp16 (CUDA)")
+    Precision,
+    typer.Option(
+        help="auto (bf16 where the CPU/GPU has bf16 units), fp32, bf16, fp16 (CUDA)", rich_help_panel=PANEL_RUNTIME
+    ),
 ]
 
 
-LimitOpt = Annotated[int | None, typer.Option(min=1, help="cap batches per epoch and per evaluation (smoke runs)")]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="cap batches per epoch and per evaluation (smoke runs)", rich_help_panel=PANEL_FINETUNE),
+]
 
 
-TrainLimitOpt = Annotated[int | None, typer.Option(min=1, help="train on a fixed random subset of N images")]
+TrainLimitOpt = Annotated[
+    int | None, typer.Option(min=1, help="train on a fixed random subset of N images", rich_help_panel=PANEL_DATA)
+]
 
 
-DownloadOpt = Annotated[bool, typer.Option(help="let torchvision download a missing dataset")]
+DownloadOpt = Annotated[
+    bool, typer.Option(help="let torchvision download a missing dataset", rich_help_panel=PANEL_DATA)
+]
 
 
-SeedOpt = Annotated[int, typer.Option(help=f"random seed, 0 to {SEED_MAX:,}")]
+SeedOpt = Annotated[int, typer.Option(help=f"random seed, 0 to {SEED_MAX:,}", rich_help_panel=PANEL_RUNTIME)]
 
 
-ResumeOpt = Annotated[bool, typer.Option(help="continue from OUT/state.pt (optimiser, schedule, RNG, counters)")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(help="continue from OUT/state.pt (optimiser, schedule, RNG, counters)", rich_help_panel=PANEL_OUTPUT),
+]
 
 
 OverwriteOpt = Annotated[
-    bool, typer.Option(help="replace a run already in --out (otherwise refused: use --resume to continue it)")
+    bool,
+    typer.Option(
+        help="replace a run already in --out (otherwise refused: use --resume to continue it)",
+        rich_help_panel=PANEL_OUTPUT,
+    ),
 ]
 
 
 FileOverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="replace --out if it exists (never this command's own input)")
+    bool,
+    typer.Option(
+        "--overwrite", help="replace --out if it exists (never this command's own input)", rich_help_panel=PANEL_OUTPUT
+    ),
 ]
 
 
-CkptOpt = Annotated[int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)")]
+CkptOpt = Annotated[
+    int | None, typer.Option(min=1, help="also checkpoint every N steps (atomic write)", rich_help_panel=PANEL_FINETUNE)
+]
 
 
 class FeatureLoss(Choice):
@@ -272,34 +347,49 @@ class FeatureLoss(Choice):
     mse = "mse"
 
 
-FeatOpt = Annotated[FeatureLoss, typer.Option(help="also match stage outputs of teacher and student (mse)")]
+FeatOpt = Annotated[
+    FeatureLoss,
+    typer.Option(help="also match stage outputs of teacher and student (mse)", rich_help_panel=PANEL_FINETUNE),
+]
 
 
-FeatWOpt = Annotated[float, typer.Option(min=0.0, help="weight of the feature loss")]
+FeatWOpt = Annotated[float, typer.Option(min=0.0, help="weight of the feature loss", rich_help_panel=PANEL_FINETUNE)]
 
 
-PlotOpt = Annotated[bool, typer.Option(help="write OUT/accuracy.png, the accuracy curve of the fine-tune")]
+PlotOpt = Annotated[
+    bool, typer.Option(help="write OUT/accuracy.png, the accuracy curve of the fine-tune", rich_help_panel=PANEL_OUTPUT)
+]
 
 
-AugOpt = Annotated[Augment, typer.Option(help="auto (random flip as the paper, none for SVHN), flip or none")]
+AugOpt = Annotated[
+    Augment,
+    typer.Option(help="auto (random flip as the paper, none for SVHN), flip or none", rich_help_panel=PANEL_DATA),
+]
 
 
-WdOpt = Annotated[float, typer.Option(min=0.0, help="weight decay")]
+WdOpt = Annotated[float, typer.Option(min=0.0, help="weight decay", rich_help_panel=PANEL_FINETUNE)]
 
 
-SmoothOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="label smoothing of the cross-entropy term")]
+SmoothOpt = Annotated[
+    float,
+    typer.Option(min=0.0, max=1.0, help="label smoothing of the cross-entropy term", rich_help_panel=PANEL_FINETUNE),
+]
 
 
-WarmOpt = Annotated[int, typer.Option(min=0, help="linear learning-rate warm-up steps")]
+WarmOpt = Annotated[int, typer.Option(min=0, help="linear learning-rate warm-up steps", rich_help_panel=PANEL_FINETUNE)]
 
 
-ClipOpt = Annotated[float | None, typer.Option(min=0.0, help="clip the gradient norm to this value")]
+ClipOpt = Annotated[
+    float | None, typer.Option(min=0.0, help="clip the gradient norm to this value", rich_help_panel=PANEL_FINETUNE)
+]
 
 
-ChannelsLastOpt = Annotated[bool, typer.Option(help="train in channels_last (NHWC) memory format")]
+ChannelsLastOpt = Annotated[
+    bool, typer.Option(help="train in channels_last (NHWC) memory format", rich_help_panel=PANEL_FINETUNE)
+]
 
 
-DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
+DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP, rich_help_panel=PANEL_RUNTIME)]
 
 
 class ExportFormat(Choice):
@@ -310,18 +400,27 @@ class ExportFormat(Choice):
     dense = "dense"
 
 
-TargetParamsOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many unique params (6M, 600K)")]
+TargetParamsOpt = Annotated[
+    str | None,
+    typer.Option(help="plan by budget: at most this many unique params (6M, 600K)", rich_help_panel=PANEL_TARGET),
+]
 
 
-TargetRatioOpt = Annotated[float | None, typer.Option(help="plan by budget: this many times fewer unique params")]
+TargetRatioOpt = Annotated[
+    float | None, typer.Option(help="plan by budget: this many times fewer unique params", rich_help_panel=PANEL_TARGET)
+]
 
 
-TargetBytesOpt = Annotated[str | None, typer.Option(help="plan by budget: at most this many fp32 bytes (12MB, 10MiB)")]
+TargetBytesOpt = Annotated[
+    str | None,
+    typer.Option(help="plan by budget: at most this many fp32 bytes (12MB, 10MiB)", rich_help_panel=PANEL_TARGET),
+]
 
 
 MetricOpt = Annotated[
     Metric | None,
     typer.Option(
-        help="budget sensitivity: kl (needs data; default with --dataset, the better predictor) or fit (weights only)"
+        help="budget sensitivity: kl (needs data; default with --dataset, the better predictor) or fit (weights only)",
+        rich_help_panel=PANEL_TARGET,
     ),
 ]

@@ -141,18 +141,18 @@ def save_pretrained(
     """
     from .checkpoint import save
 
-    if folder is None:
+    out = validate.output_folder("folder", folder)
+    if out is None:
         raise UsageError("«folder» is where model.safetensors and README.md go; got None")
-    folder = validate.output_folder("folder", folder)
-    save(model, folder / WEIGHTS, source=source)
+    save(model, out / WEIGHTS, source=source)
     if card is not None:
-        atomic_write_text(folder / CARD, card)
+        atomic_write_text(out / CARD, card)
     if push_to_hub is not None:
         from .sources import hub_reachable
 
         if not hub_reachable():
             raise HubError(
-                f"the Hugging Face hub is unreachable (offline?): {folder} was written but not pushed to "
+                f"the Hugging Face hub is unreachable (offline?): {out} was written but not pushed to "
                 f"{push_to_hub}; push it later with huggingface_hub.upload_folder"
             )
         try:
@@ -160,10 +160,10 @@ def save_pretrained(
 
             api = HfApi()
             api.create_repo(push_to_hub, exist_ok=True)
-            api.upload_folder(repo_id=push_to_hub, folder_path=str(folder))
+            api.upload_folder(repo_id=push_to_hub, folder_path=str(out))
         except Exception as exc:  # auth, permissions, network: one line
-            raise HubError(f"pushing {folder} to {push_to_hub} failed: {first_line(exc, 200)}") from exc
-    return folder
+            raise HubError(f"pushing {out} to {push_to_hub} failed: {first_line(exc, 200)}") from exc
+    return out
 
 
 def from_pretrained(name: str | Path, model: nn.Module | None = None) -> nn.Module:

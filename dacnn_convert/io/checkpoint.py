@@ -115,7 +115,7 @@ SOURCE_ATTR = "dacnn_source"  # set by load(): save() of the same model records 
 def tied_keys(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """``{key: first key}`` for every state-dict entry that is the same tensor as an earlier one
     (a user's tied weights): safetensors refuses to store a tensor twice."""
-    first: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    first: dict[tuple[int, int | torch.SymInt, tuple[int, ...], tuple[int, ...]], str] = {}
     tied: dict[str, str] = {}
     for key, value in state.items():
         if value.numel() == 0:

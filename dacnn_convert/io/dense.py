@@ -102,7 +102,10 @@ def _merge_adapter(name: str, m: AnchoredConv2d, w: torch.Tensor) -> torch.Tenso
             f"{name}: its adapter regulator (a 1x1 conv) does not line up with one tap of the {kh}x{kw} kernel "
             f"(padding {m.padding}, dilation {m.dilation}, groups {m.groups}), so it cannot be merged into it"
         )
-    reg_conv, bn = m.regulator.conv, m.regulator.bn  # type: ignore[union-attr]
+    assert m.regulator is not None  # the caller merges only a regulator that is there
+    reg_conv, bn = m.regulator.conv, m.regulator.bn
+    # a Regulator's BatchNorm2d tracks running statistics (track_running_stats=True)
+    assert bn.running_mean is not None and bn.running_var is not None
     inv = (bn.running_var + bn.eps).rsqrt()
     gain = bn.weight.detach() * inv if bn.weight is not None else inv
     w[:, :, ch, cw] += gain.view(-1, 1) * reg_conv.weight.detach()[:, :, 0, 0]

@@ -153,7 +153,7 @@ def _inspect_state_dict(path: Path) -> Inspection:
         raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
     state, notes = unwrap_state_dict(state, path, CheckpointError)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    seen: dict[tuple[int, int], list[str]] = {}
+    seen: dict[tuple[int, int | torch.SymInt], list[str]] = {}
     for k, v in tensors.items():
         seen.setdefault((v.untyped_storage().data_ptr(), v.storage_offset()), []).append(k)
     kept = [n[0] for n in seen.values() if _is_param(n[0]) and tensors[n[0]].dtype in (*_FLOATS, torch.int8)]
@@ -257,7 +257,9 @@ def _inspect_torchscript(path: Path) -> Inspection:
     unique = [named[names[0]] for names in by_storage.values()]
     params = sum(math.prod(t.shape) for t in unique)
     pbytes = sum(math.prod(t.shape) * t.itemsize for t in unique)
-    shared = [(k, named[k].shape, ()) for k in named if k.startswith("dacnn_anchors.")]
+    shared: list[tuple[str, tuple[int, ...], tuple[str, ...]]] = [
+        (k, named[k].shape, ()) for k in named if k.startswith("dacnn_anchors.")
+    ]
     shared += [(n[0], named[n[0]].shape, tuple(n)) for n in by_storage.values() if len(n) > 1]
     notes = ("read without running the archive's code; users of an anchor are not recorded",)
     return Inspection(

@@ -165,6 +165,7 @@ def build_model(spec: ModelSpec, weights: str | Path | None = "DEFAULT") -> nn.M
         if why is not None:
             raise WeightsError(why)
 
+    model: nn.Module
     if spec.kind == "dacnn":
         if pretrained:
             raise WeightsError(
@@ -286,13 +287,14 @@ def _build_from_factory(spec: ModelSpec) -> nn.Module:
 
 def _reset_last_linear(model: nn.Module, num_classes: int) -> None:
     """Replace the classifier (the last ``nn.Linear``) to predict ``num_classes`` classes."""
-    last = None
+    last: str | None = None
     for name, module in model.named_modules():
         if type(module) is nn.Linear:
             last = name
     if last is None:
         raise WeightsError("cannot change num_classes: the model has no nn.Linear classifier")
     old = model.get_submodule(last)
+    assert isinstance(old, nn.Linear)  # named_modules() found it as an nn.Linear under this name
     if old.out_features == num_classes:
         return
     parent_name, _, child = last.rpartition(".")

@@ -11,6 +11,7 @@ ourselves into the cache), else from torchvision with ``download=True``.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -64,7 +65,7 @@ def _unpack_debian_fashion_mnist(target: Path) -> bool:
         out = target / n
         if not out.is_file():
             raw = gzip.decompress((DEBIAN_FASHION_MNIST / f"{n}.gz").read_bytes())
-            atomic_write(out, lambda tmp, raw=raw: tmp.write_bytes(raw))
+            atomic_write(out, functools.partial(Path.write_bytes, data=raw))
     return True
 
 
@@ -292,11 +293,15 @@ def _imagefolder(
             f"imagefolder:{root}: train/ and val/ have different classes ({', '.join(only[:5])} in only one), so "
             "their labels would not match; give both the same class folders"
         )
-    sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=seed) if world_size > 1 else None
+    sampler: torch.utils.data.Sampler[int] | None = (
+        torch.utils.data.DistributedSampler(train_set, world_size, rank, seed=seed) if world_size > 1 else None
+    )
     workers = min(8, os.cpu_count() or 1)
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
-    train = torch.utils.data.DataLoader(train_set, batch_size, shuffle=sampler is None, sampler=sampler, **common)
-    val = torch.utils.data.DataLoader(val_set, max(batch_size, 256), **common)
+    loader = functools.partial(
+        torch.utils.data.DataLoader, num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0
+    )
+    train = loader(train_set, batch_size, shuffle=sampler is None, sampler=sampler)
+    val = loader(val_set, max(batch_size, 256))
     return Loaders(_EpochLoader(train), _EpochLoader(val), len(train_set.classes), f"imagefolder:{root}")  # type: ignore[arg-type]
 
 
@@ -359,9 +364,9 @@ def make_loaders(
     if tx.shape[1] == 1 and channels == 3:
         mean, std = mean.expand(3), std.expand(3)
     flip = augment == "flip" or (augment == "auto" and name != "svhn")
-    common = dict(size=input_size, channels=channels, mean=mean, std=std, seed=seed)
-    train = TensorLoader(tx, ty, batch_size, train=True, flip=flip, rank=rank, world_size=world_size, **common)
-    val = TensorLoader(vx, vy, max(batch_size, 256), train=False, flip=False, **common)
+    loader = functools.partial(TensorLoader, size=input_size, channels=channels, mean=mean, std=std, seed=seed)
+    train = loader(tx, ty, batch_size, train=True, flip=flip, rank=rank, world_size=world_size)
+    val = loader(vx, vy, max(batch_size, 256), train=False, flip=False)
     train.pin_memory = val.pin_memory = pin_memory
     train.name = val.name = name  # what the data is called, for reports and model cards
     return Loaders(train, val, int(max(ty.max().item(), vy.max().item())) + 1, name)
