@@ -48,6 +48,7 @@ from .core.plan import Group, Plan, RegulatorSpec
 from .core.planning import InitName, RegulatorStyleName, bank_group, linear_groups, make_plan
 from .defaults import default_init
 from .errors import PlanError, UsageError, choose, render
+from .names import METRICS
 from .validate import inputs_of
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
@@ -58,7 +59,6 @@ RANK_GRID = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # 1/64: MobileNetV3 a
 BANK_OPTIONS = (*OPTIONS, *(f"bank:{f}" for f in BANK_GRID))  # "bank:1.0": k = C_out (a fraction, always)
 RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
 SPACES = ("bank", "anchor")  # bank: every option; anchor: free / mix / plain + regulators only
-METRICS = ("fit", "kl")
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,9 @@ from typing import Any
 from .defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
 from .errors import RecipeError, UsageError, deprecated, first_line, marked, suggest
 from .io.files import not_a_folder, unreadable
+from .names import FEATURE_LOSSES
 
 TASKS = ("convert", "train", "bench")
-FEATURE_LOSSES = ("none", "mse")
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """The package's layers, read from its import graph: a lower layer never imports an upper one.
 
-    errors, defaults, registry, atomic  <  core  <  io  <  train  <  applications  <  cli
+    errors, defaults, names, registry, atomic  <  core  <  io  <  train  <  applications  <  cli
 
 Lazy imports inside functions count too, so an import circle cannot come back hidden in a body.
 """
@@ -25,6 +25,7 @@ def layer_of(module: str) -> int:
         "registry": BASE,
         "atomic": BASE,
         "validate": BASE,
+        "names": BASE,
         "core": CORE,
         "io": IO,
         "train": TRAIN,

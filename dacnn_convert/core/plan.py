@@ -13,9 +13,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import PlanError
+from ..names import REGULATOR_INITS  # how adapter regulators start (Plan.regulator_init)
 from .graph import ConvSite
-
-REGULATOR_INITS = ("zero", "fit")  # how adapter regulators start (Plan.regulator_init)
 
 # One example of a recorded input size: 3x8192x8192 fits; a tampered 3x100000x100000 would ask for 120 GB.
 MAX_EXAMPLE_NUMEL = 3 * 8192 * 8192

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..defaults import REGULATOR_INIT
 from ..errors import PlanError, UsageError, choose
+from ..names import INITS, REGULATOR_STYLES
 from ..registry import Registry
 from .banks import (
     BankSize,
@@ -52,8 +53,7 @@ from .plan import REGULATOR_INITS, Group, Plan, RegulatorSpec, count_params
 
 MODES: Registry[Callable[[list[ConvSite]], list[list[ConvSite]]]] = Registry("mode")
 register_mode = MODES.register  # decorator: a grouping policy under a name
-INITS = ("fit", "act", "act-seq", "mean", "first", "random")
-REGULATOR_STYLES = ("adapter", "paper")
+
 # The names a type checker knows (tests/test_convert.py keeps them equal to the registries)
 ModeName = Literal["mix", "plain", "sharesnet", "bank", "none"]
 InitName = Literal["fit", "act", "act-seq", "mean", "first", "random", "none"]

@@ -9,11 +9,7 @@ from typing import Any
 
 from ..defaults import FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
 from ..errors import UsageError, choose
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adamw", "adagrad")
-SCHEDULES = ("cosine", "step")
-
+from ..names import OPTIMIZERS, PRECISIONS, SCHEDULES
 
 FINETUNE: dict[str, Any] = {"lr": FINETUNE_LR, "warmup_steps": FINETUNE_WARMUP_STEPS}  # TrainConfig.finetune()
 

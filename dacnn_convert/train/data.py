@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write
 from ..errors import DatasetError, choose, first_line
+from ..names import AUGMENTS
 from ..registry import Registry
 
-AUGMENTS = ("auto", "flip", "none")  # auto: random flips as the paper, none for SVHN (digits)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATASETS: Registry[Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = Registry("dataset")
 # decorator: a loader returning (train_x, train_y, val_x, val_y), uint8 NCHW / int64
