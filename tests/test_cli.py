@@ -382,3 +382,18 @@ def test_report_table_never_cuts_a_number_at_80_columns(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "1,769,472" in result.stdout and "7,077,888" in result.stdout and "…" not in result.stdout
     assert "left out at 80 columns: energy" in result.stdout
+
+
+def test_every_help_example_parses_with_its_command() -> None:
+    import shlex
+
+    import typer
+
+    from dacnn_convert.cli import EXAMPLES
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert set(EXAMPLES) <= set(commands)
+    for name, example in EXAMPLES.items():
+        words = shlex.split(example)
+        assert words[:2] == ["dacnn", name], example
+        commands[name].make_context(name, words[2:])  # unknown flags or bad values raise here

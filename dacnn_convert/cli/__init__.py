@@ -21,17 +21,43 @@ from .visualize import visualize_command
 app = typer.Typer(
     help="dacnn: deep anchored CNNs — convert, and more.", no_args_is_help=True, pretty_exceptions_enable=False
 )
-app.command("bench")(handled(bench_command))
-app.command("convert")(handled(convert_command))
-app.command("plan")(handled(plan_command))
-app.command("demo")(handled(demo_command))
-app.command("export")(handled(export_command))
-app.command("inspect")(handled(inspect_command))
-app.command("latency")(handled(latency_command))
-app.command("distill", help="Same as convert; give --dataset to calibrate and distil.")(handled(convert_command))
-app.command("train")(handled(train_command))
-app.command("eval")(handled(eval_command))
-app.command("visualize")(handled(visualize_command))
+# one example per command, shown under its --help
+EXAMPLES = {
+    "bench": "dacnn bench resnet18 --weights runs/teacher/best.safetensors --num-classes 10 --dataset fashion-mnist "
+    "--budget 0.25 --methods dacnn-bank,group-norm --epochs 2",
+    "convert": "dacnn convert resnet34 --mode mix --regulators all --dataset fashion-mnist --epochs 1",
+    "plan": "dacnn plan resnet50 --weights none --num-classes 10 --target-ratio 4 --explain",
+    "demo": "dacnn demo",
+    "export": "dacnn export runs/demo/student/model.safetensors --format onnx",
+    "inspect": "dacnn inspect runs/demo/student/model.safetensors --json",
+    "latency": "dacnn latency runs/demo/student/model.safetensors --batch 1,64",
+    "distill": "dacnn distill resnet18 --weights runs/teacher/best.safetensors --num-classes 10 "
+    "--dataset fashion-mnist",
+    "train": "dacnn train resnet18 --dataset fashion-mnist --epochs 3 --out runs/teacher",
+    "eval": "dacnn eval runs/demo/student/model.safetensors --dataset fashion-mnist --json",
+    "visualize": "dacnn visualize runs/demo/student/model.safetensors --layers layer1.0.conv1",
+}
+
+
+def _example(name: str) -> str:
+    return f"Example: {EXAMPLES[name]}"
+
+
+app.command("bench", epilog=_example("bench"))(handled(bench_command))
+app.command("convert", epilog=_example("convert"))(handled(convert_command))
+app.command("plan", epilog=_example("plan"))(handled(plan_command))
+app.command("demo", epilog=_example("demo"))(handled(demo_command))
+app.command("export", epilog=_example("export"))(handled(export_command))
+app.command("inspect", epilog=_example("inspect"))(handled(inspect_command))
+app.command("latency", epilog=_example("latency"))(handled(latency_command))
+app.command(
+    "distill",
+    help="Same as convert (kept for the paper's vocabulary): with --dataset it calibrates and distils.",
+    epilog=_example("distill"),
+)(handled(convert_command))
+app.command("train", epilog=_example("train"))(handled(train_command))
+app.command("eval", epilog=_example("eval"))(handled(eval_command))
+app.command("visualize", epilog=_example("visualize"))(handled(visualize_command))
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(table_app, name="table")
 
@@ -54,7 +80,9 @@ def _dacnn(
 
 
 convert_app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-convert_app.command()(handled(convert_command))
+convert_app.command(epilog="Example: dacnn-convert resnet34 --mode mix --regulators all --dry-run")(
+    handled(convert_command)
+)
 
 
 def _leave_process_group() -> None:
