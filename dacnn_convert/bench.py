@@ -1,7 +1,9 @@
 """Compare compression methods on one teacher at one parameter budget, with the same fine-tune.
 
     teacher ─► target size (--budget / --match) ─► for each method and seed:
-        compress ─► BN recalibration ─► KD fine-tune ─► finalize ─► save artefact ─► measure
+        compress ─► pipeline.after_conversion (BN recalibration, reconstruction for the anchoring
+        methods, KD fine-tune, finalize; accuracy after each: the same steps as compress())
+        ─► save artefact ─► measure
     ─► latency of every final model, interleaved with the teacher ─► bench.{md,json,csv,png}
 
 Every method gets the same BN recalibration, the same epochs, optimiser, schedule and KD
@@ -31,7 +33,7 @@ from .core.report import count_macs, figure, save_figure, state_dict_bytes
 from .defaults import CALIB_BATCHES
 from .errors import NonFiniteOutputError, UsageError
 from .latency import compare_latency
-from .train import Loaders, TrainConfig, distill, evaluate, recalibrate_bn, reconstruct_sections
+from .train import Loaders, TrainConfig, distill, evaluate
 from .train.state import NonFiniteLossError
 
 COLUMNS = (
@@ -170,7 +172,8 @@ class BenchResult:
         def recon(s: dict[str, Any]) -> str:
             if s["acc_reconstructed"] is None:
                 return "–"
-            return f"{pct(s['acc_reconstructed'])} ({s['reconstruct_s']:.0f} s)"
+            took = f" ({s['reconstruct_s']:.0f} s)" if s["reconstruct_s"] is not None else ""
+            return pct(s["acc_reconstructed"]) + took
 
         head = (
             "| method | unique params | bytes on disk | compression | prune ratio | MACs | latency b1 (ms) | "
@@ -272,6 +275,59 @@ def target_size(teacher: nn.Module, config: BenchConfig, ctx: Context) -> int | 
     return None
 
 
+def _measure(
+    name: str,
+    seed: int,
+    compressed: Any,
+    teacher: nn.Module,
+    loaders: Loaders,
+    config: BenchConfig,
+    notify: Callable[[str, dict[str, Any]], None],
+) -> tuple[nn.Module, dict[str, float], str, float | None]:
+    """One method's steps after compression (:func:`dacnn_convert.pipeline.after_conversion`, as compress()
+    runs them): the final model, the accuracies measured (kept when a later step diverges), the notes, and
+    the reconstruction's seconds. A method that diverges is a row that says so, not the end of the bench."""
+    model = compressed.model
+    got: dict[str, float] = {}
+    finalized: list[nn.Module] = []
+
+    def heard(stage: str, acc: float) -> None:
+        got[stage] = acc
+        notify("stage", {"method": name, "stage": "compressed" if stage == "converted" else stage, "acc": acc})
+
+    def finalize(m: nn.Module) -> nn.Module:
+        finalized.append(compressed.finalize(m))
+        return finalized[-1]
+
+    # the anchoring methods' conversion ends with reconstruction, as anchor() with data does
+    anchored = config.reconstruct and config.calib_batches > 0 and hasattr(model, "dacnn_plan")
+    try:
+        measured = pipeline.after_conversion(
+            model,
+            teacher,
+            loaders.train,
+            loaders.val,
+            config.train,
+            calib_batches=config.calib_batches,
+            reconstruct=pipeline.DEFAULT_RECONSTRUCT if anchored else None,
+            fine_tune=lambda: distill(
+                model,
+                teacher,
+                loaders.train,
+                loaders.val,
+                config=replace(config.train, seed=seed),
+                calib_batches=0,  # the BN step above is the bench's, the same for every method
+            ),
+            finalize=finalize,
+            on_stage=heard,
+        )
+        return measured.model, got, compressed.notes, measured.seconds.get("reconstruct")
+    except (NonFiniteLossError, NonFiniteOutputError) as exc:
+        notes = f"{compressed.notes}; DIVERGED: {exc}" if compressed.notes else f"DIVERGED: {exc}"
+        notify("stage", {"method": name, "stage": "diverged", "acc": float("nan")})
+        return (finalized[-1] if finalized else compressed.finalize(model)), got, notes, None
+
+
 def run_bench(
     teacher: nn.Module,
     loaders: Loaders,
@@ -325,41 +381,7 @@ def run_bench(
             for p in model.parameters():  # a frozen teacher's copies inherit its flags
                 p.requires_grad_(True)
             nan = float("nan")
-            acc_c = acc_b = acc_f = nan
-            acc_r: float | None = None
-            recon_s: float | None = None
-            notes, finalized = compressed.notes, False
-            try:  # one method that diverges is a row that says so, not the end of the whole benchmark
-                acc_c = evaluate(model, loaders.val, precision, limit)
-                notify("stage", {"method": name, "stage": "compressed", "acc": acc_c})
-                if config.calib_batches > 0:
-                    recalibrate_bn(model, loaders.train, config.calib_batches)
-                acc_b = evaluate(model, loaders.val, precision, limit)
-                notify("stage", {"method": name, "stage": "calibrated", "acc": acc_b})
-                if config.reconstruct and config.calib_batches > 0 and hasattr(model, "dacnn_plan"):
-                    t0 = time.perf_counter()
-                    with torch.random.fork_rng(devices=cuda):
-                        torch.manual_seed(seed)
-                        reconstruct_sections(model, teacher, loaders.train, pipeline.DEFAULT_RECONSTRUCT)
-                    recon_s = time.perf_counter() - t0
-                    acc_r = evaluate(model, loaders.val, precision, limit)
-                    notify("stage", {"method": name, "stage": "reconstructed", "acc": acc_r})
-                distill(
-                    model,
-                    teacher,
-                    loaders.train,
-                    loaders.val,
-                    config=replace(config.train, seed=seed),
-                    calib_batches=0,
-                )  # the BN step above is the bench's, the same for every method
-                model, finalized = compressed.finalize(model), True
-                acc_f = evaluate(model, loaders.val, precision, limit)
-                notify("stage", {"method": name, "stage": "finetuned", "acc": acc_f})
-            except (NonFiniteLossError, NonFiniteOutputError) as exc:
-                notes = f"{notes}; DIVERGED: {exc}" if notes else f"DIVERGED: {exc}"
-                notify("stage", {"method": name, "stage": "diverged", "acc": nan})
-                if not finalized:
-                    model = compressed.finalize(model)
+            model, got, notes, recon_s = _measure(name, seed, compressed, teacher, loaders, config, notify)
             folder = (out / (name if config.repeats == 1 else f"{name}-seed{seed}")) if out is not None else None
             sizes = compressed.save(model, folder) if folder is not None else {"safetensors": state_dict_bytes(model)}
             row = BenchRow(
@@ -373,13 +395,13 @@ def run_bench(
                 count_macs(model, input_size),
                 None,
                 None,
-                acc_c,
-                acc_b,
-                acc_f,
-                teacher_acc - acc_f,
+                got.get("converted", nan),
+                got.get("calibrated", nan),
+                got.get("finetuned", nan),
+                teacher_acc - got.get("finetuned", nan),
                 time.perf_counter() - began,
                 notes,
-                acc_r,
+                got.get("reconstructed"),
                 recon_s,
             )
             rows.append(row)

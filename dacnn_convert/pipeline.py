@@ -326,6 +326,73 @@ def _reconstruct_config(
     return reconstruct if isinstance(reconstruct, ReconstructConfig) else DEFAULT_RECONSTRUCT
 
 
+@dataclass
+class Measured:
+    """Accuracies (fractions) after each step that follows a conversion, each step's seconds, and the final
+    model (the student itself, or what ``finalize`` made of it)."""
+
+    model: nn.Module
+    converted: float
+    calibrated: float
+    reconstructed: float | None
+    finetuned: float
+    fit: FitResult | None
+    seconds: dict[str, float]
+
+
+def after_conversion(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    train: TrainConfig,
+    *,
+    calib_batches: int,
+    reconstruct: ReconstructConfig | None,
+    fine_tune: Callable[[], FitResult],
+    finalize: Callable[[nn.Module], nn.Module] | None = None,
+    on_stage: Callable[[str, float], None] | None = None,
+) -> Measured:
+    """The measured steps after a conversion, the same for :func:`compress` and ``dacnn bench``: accuracy,
+    BN recalibration on ``calib_batches`` (0: none), accuracy, section-wise reconstruction (when given), accuracy,
+    ``fine_tune()`` (a :func:`distill` call), then, for a method that finishes its model after training (a
+    pruning mask made permanent), ``finalize`` and the final accuracy measured on the result; otherwise the
+    fine-tune's own final accuracy. ``on_stage(name, accuracy)`` hears each step as it ends, so a caller keeps
+    what was measured when a later step fails."""
+    seconds: dict[str, float] = {}
+    notify = on_stage or (lambda name, acc: None)
+    precision, limit = train.precision, train.limit_batches
+
+    def timed(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        value = fn()
+        seconds[name] = time.perf_counter() - t
+        return value
+
+    def measure(stage: str) -> float:
+        acc = timed(f"eval_{stage}", lambda: evaluate(student, val_loader, precision, limit))
+        notify(stage, acc)
+        return float(acc)
+
+    converted = measure("converted")
+    if calib_batches > 0:
+        timed("calibrate", lambda: recalibrate_bn(student, train_loader, calib_batches))
+    calibrated = measure("calibrated")
+    reconstructed = None
+    if reconstruct is not None:
+        timed("reconstruct", lambda: reconstruct_sections(student, teacher, train_loader, reconstruct))
+        reconstructed = measure("reconstructed")
+    fit = timed("finetune", fine_tune)
+    final = student
+    if finalize is None:
+        finetuned = fit.final_acc
+    else:
+        final = timed("finalize", lambda: finalize(student))
+        finetuned = timed("eval_finetuned", lambda: evaluate(final, val_loader, precision, limit))
+    notify("finetuned", finetuned)
+    return Measured(final, converted, calibrated, reconstructed, finetuned, fit, seconds)
+
+
 def compress(
     teacher: nn.Module,
     train_loader: Iterable,
@@ -452,22 +519,18 @@ def compress(
     notify("teacher", teacher_acc)
     conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=train_loader, calib_batches=calib))
     student = conversion.model
-    converted_acc = timed("eval_converted", lambda: evaluate(student, val_loader, cfg.precision, limit))
-    notify("converted", converted_acc)
-    if calib_batches > 0:
-        timed("calibrate", lambda: recalibrate_bn(student, train_loader, calib_batches))
-    calibrated_acc = timed("eval_calibrated", lambda: evaluate(student, val_loader, cfg.precision, limit))
-    notify("calibrated", calibrated_acc)
     rebuild = _reconstruct_config(reconstruct, True, plan.mode, calibrated=calib_batches > 0)
-    reconstructed_acc = None
     resuming = resume and out is not None and (out / "state.pt").is_file()
-    if rebuild is not None and not resuming:  # a resumed fine-tune starts from its own checkpoint
-        timed("reconstruct", lambda: reconstruct_sections(student, teacher, train_loader, rebuild))
-        reconstructed_acc = timed("eval_reconstructed", lambda: evaluate(student, val_loader, cfg.precision, limit))
-        notify("reconstructed", reconstructed_acc)
-    fit = timed(
-        "finetune",
-        lambda: distill(
+    measured = after_conversion(
+        student,
+        teacher,
+        train_loader,
+        val_loader,
+        cfg,
+        calib_batches=calib_batches,
+        reconstruct=None if resuming else rebuild,  # a resumed fine-tune starts from its own checkpoint
+        on_stage=on_stage,
+        fine_tune=lambda: distill(
             student,
             teacher,
             train_loader,
@@ -482,8 +545,9 @@ def compress(
             calib_batches=0,
         ),
     )
-    finetuned_acc = fit.final_acc
-    notify("finetuned", finetuned_acc)
+    steps.update(measured.seconds)
+    converted_acc, calibrated_acc = measured.converted, measured.calibrated
+    reconstructed_acc, finetuned_acc, fit = measured.reconstructed, measured.finetuned, measured.fit
     from .train.distributed import is_main
 
     written = out if is_main() else None  # the folder this process writes to (one process under torchrun)
