@@ -95,180 +95,225 @@ def _fit_seeded(
     source: Any = None,
     resume: bool = False,
 ) -> FitResult:
-    from ..io.checkpoint import save
-    from .distributed import all_sum, is_main, world_size
+    """The training loop: restore (when resuming), then per epoch :meth:`_Run.train_one_epoch` and
+    :meth:`_Run.end_epoch` (validate, write the files, checkpoint), as timm's ``train_one_epoch`` / ``validate``."""
+    run = _Run(model, step_loss, train_batches, cfg, out, source)
+    if resume:
+        run.restore()
+    with Interrupts(cfg.catch_signals) as interrupts:
+        run.interrupts = interrupts
+        for epoch in range(run.first_epoch, cfg.epochs):
+            stats = run.train_one_epoch(epoch, on_step)
+            row = run.end_epoch(epoch, stats, val_batches)
+            if interrupts.requested and epoch + 1 < cfg.epochs:
+                raise run.interrupted(epoch + 1)
+            if on_epoch is not None and run.main:
+                on_epoch(row)
+    return run.finish()
 
-    if out is not None and is_main():
-        out.mkdir(parents=True, exist_ok=True)  # a library caller's folder need not exist yet
-    device = next(model.parameters()).device
-    precision = resolve_precision(cfg.precision, device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    net: nn.Module = model
-    if world_size() > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, cfg)
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    per_epoch = len(train_batches) if cfg.limit_batches is None else min(cfg.limit_batches, len(train_batches))
-    total_steps = per_epoch * cfg.epochs
-    result = FitResult(precision=precision)
-    state_path = out / "state.pt" if out is not None else None
-    first_epoch, skip, step = 0, 0, 0
-    if resume and state_path is not None and state_path.exists() and not state_path.is_file():
-        raise ResumeError(f"cannot resume from {state_path}: it is not a file; to start over instead, use «overwrite»")
-    if resume and state_path is not None and state_path.is_file():
-        state = resume_state(state_path, device, model, opt, per_epoch, cfg, data_signature(train_batches))
+
+class _Run:
+    """The state of one training run (model, optimiser, scaler, counters, result) and its steps."""
+
+    def __init__(
+        self, model: nn.Module, step_loss: StepFn, train_batches: Any, cfg: TrainConfig, out: Path | None, source: Any
+    ) -> None:
+        from .distributed import is_main, world_size
+
+        self.model, self.step_loss, self.train_batches = model, step_loss, train_batches
+        self.cfg, self.out, self.source = cfg, out, source
+        self.main = is_main()
+        if out is not None and self.main:
+            out.mkdir(parents=True, exist_ok=True)  # a library caller's folder need not exist yet
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.net: nn.Module = model
+        if world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = _optimizer(self.params, cfg)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        n = len(train_batches)
+        self.per_epoch = n if cfg.limit_batches is None else min(cfg.limit_batches, n)
+        self.total_steps = self.per_epoch * cfg.epochs
+        self.result = FitResult(precision=self.precision)
+        self.state_path = out / "state.pt" if out is not None else None
+        self.first_epoch, self.skip, self.step = 0, 0, 0
+        self.board = tensorboard_writer(out) if out is not None and self.main else None
+        self.start = time.perf_counter()
+        self.seen = 0
+        had_state = self.state_path is not None and self.state_path.is_file()
+        self.last_good: Path | None = self.state_path if had_state else None
+        self.interrupts: Any = None
+
+    def restore(self) -> None:
+        """Continue from ``out/state.pt`` when it exists: model, optimiser, RNG, scaler, counters, history."""
+        path, out = self.state_path, self.out
+        if path is None or not path.exists():
+            return
+        if not path.is_file():
+            raise ResumeError(f"cannot resume from {path}: it is not a file; to start over instead, use «overwrite»")
+        state = resume_state(
+            path, self.device, self.model, self.opt, self.per_epoch, self.cfg, data_signature(self.train_batches)
+        )
         gone = [n for n in ("best.safetensors", "last.safetensors") if out is not None and not (out / n).is_file()]
-        if state["epoch"] >= cfg.epochs and gone:  # a finished run resumes to its result: it must still be there
+        if state["epoch"] >= self.cfg.epochs and gone:  # a finished run resumes to its result: it must still be there
             raise ResumeError(
                 f"the run in {out} has finished its {state['epoch']} epoch(s) but {', '.join(gone)} "
                 f"{'is' if len(gone) == 1 else 'are'} gone: give more «epochs» to train it on, or «overwrite» to "
                 "start again"
             )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"].cpu())
-        if state.get("cuda_rng") is not None and device.type == "cuda":  # this process's GPU only
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":  # this process's GPU only
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        first_epoch, skip, step = state["epoch"], state["batch"], state["step"]
-        result.history, result.best_acc = state["history"], state["best_acc"]
-    board = tensorboard_writer(out) if out is not None and is_main() else None
-    start = time.perf_counter()
-    seen = 0
-    last_good: Path | None = state_path if state_path is not None and state_path.is_file() else None
+            self.scaler.load_state_dict(state["scaler"])
+        self.first_epoch, self.skip, self.step = state["epoch"], state["batch"], state["step"]
+        self.result.history, self.result.best_acc = state["history"], state["best_acc"]
 
-    def checkpoint(epoch: int, batch: int) -> None:
-        nonlocal last_good
-        if state_path is None or not is_main():
+    def checkpoint(self, epoch: int, batch: int) -> None:
+        """Write the resumable ``state.pt`` (atomically), on the main process only."""
+        if self.state_path is None or not self.main:
             return
-        last_good = save_state(
-            state_path,
+        device = self.device
+        self.last_good = save_state(
+            self.state_path,
             {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "steps_per_epoch": per_epoch,
-                "optimizer_name": cfg.optimizer,
-                "data": data_signature(train_batches),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "steps_per_epoch": self.per_epoch,
+                "optimizer_name": self.cfg.optimizer,
+                "data": data_signature(self.train_batches),
                 "epoch": epoch,
                 "batch": batch,
-                "step": step,
-                "history": result.history,
-                "best_acc": result.best_acc,
+                "step": self.step,
+                "history": self.result.history,
+                "best_acc": self.result.best_acc,
             },
         )
 
-    def interrupted(epoch: int, at_step: int) -> TrainingInterrupted:
+    def interrupted(self, epoch: int) -> TrainingInterrupted:
         where = (
-            f"checkpoint saved to {state_path}; run it again with «resume» to continue"
-            if (state_path is not None)
+            f"checkpoint saved to {self.state_path}; run it again with «resume» to continue"
+            if (self.state_path is not None)
             else "nothing saved (no output folder)"
         )
-        by = signal.Signals(interrupts.signum).name if interrupts.signum else "SIGINT"
-        return TrainingInterrupted(
-            f"interrupted ({by}) at epoch {epoch + 1}, step {at_step}: {where}", interrupts.signum or 2
-        )
+        signum = self.interrupts.signum if self.interrupts is not None else None
+        by = signal.Signals(signum).name if signum else "SIGINT"
+        return TrainingInterrupted(f"interrupted ({by}) at epoch {epoch + 1}, step {self.step}: {where}", signum or 2)
 
-    with Interrupts(cfg.catch_signals) as interrupts:
-        for epoch in range(first_epoch, cfg.epochs):
-            if hasattr(train_batches, "set_epoch"):
-                train_batches.set_epoch(epoch)
-            net.train()
-            loss_sum = correct = count = 0.0
-            for i, batch in enumerate(train_batches):
-                if i >= per_epoch:
-                    break
-                x, y = labelled(batch)
-                if i < skip:  # resumed mid-epoch: these batches were already trained on
-                    continue
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
-                labels = y  # where the loader left them (the CPU, as a rule): checked there, no device sync
-                x, y = to_device(x, device), to_device(y, device)
-                if cfg.channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(precision, device):
-                    logits = net(x)
-                    class_indices(labels, logits.shape[-1])
-                    loss = step_loss(logits, x, y)
-                if not torch.isfinite(loss):
-                    where = (
-                        f"; the last good checkpoint is {last_good}" if last_good else "; no checkpoint was written yet"
-                    )
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step}{where}. Lower «lr» or use fp32"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad:
-                    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-                    nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                seen += len(y)
-                loss_sum += loss.item() * len(y)
-                correct += float((logits.argmax(1) == y).sum())
-                count += len(y)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint(epoch, i + 1)
-                if interrupts.requested:  # Ctrl-C: stop at this step boundary, a consistent state
-                    checkpoint(epoch, i + 1)
-                    raise interrupted(epoch, step)
-                if on_step is not None and is_main():
-                    elapsed = time.perf_counter() - start
-                    on_step(
-                        {
-                            "epoch": epoch + 1,
-                            "step": i + 1,
-                            "steps": per_epoch,
-                            "loss": loss_sum / count,
-                            "acc": correct / count,
-                            "images_per_s": seen / elapsed,
-                        }
-                    )
-            skip = 0
-            loss_sum, correct, count = all_sum([loss_sum, correct, count])
-            val_acc = evaluate(model, val_batches, precision, cfg.limit_batches)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(count, 1),
-                "train_acc": correct / max(count, 1),
-                "val_acc": val_acc,
-                "lr": opt.param_groups[0]["lr"],
-                "wall_s": time.perf_counter() - start,
-            }
-            result.history.append(row)
-            if out is not None and is_main():
-                append_csv(out / "metrics.csv", row)
-                if board is not None:
-                    for key, value in row.items():
-                        if key != "epoch":
-                            board.add_scalar(key, value, epoch + 1)
-                save(model, out / "last.safetensors", source=source)
-                if val_acc >= result.best_acc:
-                    result.checkpoint = save(model, out / "best.safetensors", source=source)
-            result.best_acc = max(result.best_acc, val_acc)
-            checkpoint(epoch + 1, 0)
-            if interrupts.requested and epoch + 1 < cfg.epochs:
-                raise interrupted(epoch + 1, step)
-            if on_epoch is not None and is_main():
-                on_epoch(row)
-    if out is not None and result.checkpoint is None and (out / "best.safetensors").is_file():
-        result.checkpoint = out / "best.safetensors"
-    if board is not None:
-        board.close()
-    result.final_acc = result.history[-1]["val_acc"] if result.history else 0.0
-    result.wall_s = time.perf_counter() - start
-    result.images_per_s = seen / max(result.wall_s, 1e-9)
-    return result
+    def train_one_epoch(self, epoch: int, on_step: Callable[[dict[str, float]], None] | None) -> list[float]:
+        """One pass over the training batches; returns [loss sum, correct, count] summed over processes."""
+        from .distributed import all_sum
+
+        cfg, opt, device = self.cfg, self.opt, self.device
+        if hasattr(self.train_batches, "set_epoch"):
+            self.train_batches.set_epoch(epoch)
+        self.net.train()
+        loss_sum = correct = count = 0.0
+        for i, batch in enumerate(self.train_batches):
+            if i >= self.per_epoch:
+                break
+            x, y = labelled(batch)
+            if i < self.skip:  # resumed mid-epoch: these batches were already trained on
+                continue
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(self.step, self.total_steps, cfg)
+            labels = y  # where the loader left them (the CPU, as a rule): checked there, no device sync
+            x, y = to_device(x, device), to_device(y, device)
+            if cfg.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.precision, device):
+                logits = self.net(x)
+                class_indices(labels, logits.shape[-1])
+                loss = self.step_loss(logits, x, y)
+            if not torch.isfinite(loss):
+                last = self.last_good
+                where = f"; the last good checkpoint is {last}" if last else "; no checkpoint was written yet"
+                raise NonFiniteLossError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {self.step}{where}. Lower «lr» or use fp32"
+                )
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                self.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
+            self.scaler.step(opt)
+            self.scaler.update()
+            self.step += 1
+            self.seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += float((logits.argmax(1) == y).sum())
+            count += len(y)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.checkpoint(epoch, i + 1)
+            if self.interrupts is not None and self.interrupts.requested:  # Ctrl-C: stop at a step boundary
+                self.checkpoint(epoch, i + 1)
+                raise self.interrupted(epoch)
+            if on_step is not None and self.main:
+                elapsed = time.perf_counter() - self.start
+                on_step(
+                    {
+                        "epoch": epoch + 1,
+                        "step": i + 1,
+                        "steps": self.per_epoch,
+                        "loss": loss_sum / count,
+                        "acc": correct / count,
+                        "images_per_s": self.seen / elapsed,
+                    }
+                )
+        self.skip = 0
+        return all_sum([loss_sum, correct, count])
+
+    def end_epoch(self, epoch: int, stats: list[float], val_batches: Iterable) -> dict[str, float]:
+        """Validate, append the epoch's row (metrics.csv, TensorBoard), save last/best, checkpoint."""
+        from ..io.checkpoint import save
+
+        loss_sum, correct, count = stats
+        val_acc = evaluate(self.model, val_batches, self.precision, self.cfg.limit_batches)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(count, 1),
+            "train_acc": correct / max(count, 1),
+            "val_acc": val_acc,
+            "lr": self.opt.param_groups[0]["lr"],
+            "wall_s": time.perf_counter() - self.start,
+        }
+        result, out = self.result, self.out
+        result.history.append(row)
+        if out is not None and self.main:
+            append_csv(out / "metrics.csv", row)
+            if self.board is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        self.board.add_scalar(key, value, epoch + 1)
+            save(self.model, out / "last.safetensors", source=self.source)
+            if val_acc >= result.best_acc:
+                result.checkpoint = save(self.model, out / "best.safetensors", source=self.source)
+        result.best_acc = max(result.best_acc, val_acc)
+        self.checkpoint(epoch + 1, 0)
+        return row
+
+    def finish(self) -> FitResult:
+        """The result: the best checkpoint, the final accuracy, wall time and throughput."""
+        result, out = self.result, self.out
+        if out is not None and result.checkpoint is None and (out / "best.safetensors").is_file():
+            result.checkpoint = out / "best.safetensors"
+        if self.board is not None:
+            self.board.close()
+        result.final_acc = result.history[-1]["val_acc"] if result.history else 0.0
+        result.wall_s = time.perf_counter() - self.start
+        result.images_per_s = self.seen / max(result.wall_s, 1e-9)
+        return result
 
 
 def train(
