@@ -90,9 +90,9 @@ def test_input_config_comes_from_the_models_own_pretrained_config() -> None:
 def test_dataset_sizes_are_32_px_only_for_the_32_px_datasets() -> None:
     from dacnn_convert.cli.common import DataOptions
 
-    assert DataOptions("fashion-mnist").input_size(None, (3, 224, 224)) == (3, 32, 32)
-    assert DataOptions("imagefolder:/data").input_size(None, (3, 288, 288)) == (3, 288, 288)
-    assert DataOptions("imagefolder:/data").input_size((3, 64, 64), (3, 288, 288)) == (3, 64, 64)
+    assert DataOptions.of("fashion-mnist").input_size(None, (3, 224, 224)) == (3, 32, 32)
+    assert DataOptions.of("imagefolder:/data").input_size(None, (3, 288, 288)) == (3, 288, 288)
+    assert DataOptions.of("imagefolder:/data").input_size((3, 64, 64), (3, 288, 288)) == (3, 64, 64)
 
 
 def test_hub_reachability_uses_the_hub_clients_settings(monkeypatch) -> None:

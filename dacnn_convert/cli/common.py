@@ -18,7 +18,6 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from ..defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import DacnnError, UsageError, first_line
 
 # markup off: paths, model names and metadata are printed as given ("model[v2].safetensors" is a
@@ -160,73 +159,42 @@ def fail(exc: DacnnError) -> typer.Exit:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Data and fine-tuning flags shared by convert/distill/train."""
+    """The data side of a command: its resolved recipe (every data and fine-tuning setting, the one
+    schema) and what the run decides (``resume``, ``overwrite``). Nothing is copied out of the recipe:
+    a new training flag is a recipe field and a :meth:`Recipe.train_config` entry, nothing here."""
 
-    dataset: str | None = None
-    epochs: int = 1
-    batch_size: int = 128
-    lr: float = FINETUNE_LR
-    optimizer: str = "sgd"
-    schedule: str = "cosine"
-    weight_decay: float = 5e-4
-    step_every: int = 0
-    kd_temperature: float = 4.0
-    kd_alpha: float = 0.9
-    calib_batches: int = CALIB_BATCHES
-    precision: str = "auto"
-    limit_batches: int | None = None
-    train_limit: int | None = None
-    download: bool = False
-    seed: int = 0
+    rec: Any  # recipes.Recipe
     resume: bool = False
     overwrite: bool = False
-    checkpoint_every: int | None = None
-    feature_weight: float = 0.0
-    plot: bool = False
-    augment: str = "auto"
-    label_smoothing: float = 0.0
-    warmup_steps: int = FINETUNE_WARMUP_STEPS
-    clip_grad: float | None = None
-    channels_last: bool = True
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        for key, value in vars(self).items():  # CLI choices arrive as Enums; the library takes their values
-            if isinstance(value, Enum):
-                object.__setattr__(self, key, value.value)
 
     @classmethod
     def from_recipe(cls, rec: Any, resume: bool = False, overwrite: bool = False) -> DataOptions:
-        """The data and fine-tuning options of a resolved recipe: its fields of the same name, with
-        the task's defaults resolved (the one place they are mapped)."""
-        from dataclasses import fields
+        return cls(rec, resume, overwrite)
 
-        same = {f.name: getattr(rec, f.name) for f in fields(cls) if hasattr(rec, f.name)}
-        return cls(
-            **{
-                **same,
-                "lr": rec.resolved_lr,
-                "warmup_steps": rec.resolved_warmup_steps,
-                "feature_weight": rec.feature_weight if rec.feature_loss == "mse" else 0.0,
-                "resume": resume,
-                "overwrite": overwrite,
-            }
-        )
-
-    def config(self) -> Any:
-        """The training settings, through the one mapping (:meth:`Recipe.train_config`); a command
-        checkpoints on Ctrl-C / SIGTERM."""
-        from dataclasses import fields
-
+    @classmethod
+    def of(cls, dataset: str, resume: bool = False, overwrite: bool = False, **settings: Any) -> DataOptions:
+        """Options for ``dataset`` with recipe ``settings`` (``device="cpu"``, ``epochs=3``, ...); CLI
+        choices may arrive as Enums."""
         from ..recipes import Recipe
 
-        names = {f.name for f in fields(Recipe)} - {"feature_weight"}
-        rec = Recipe(
-            **{k: v for k, v in vars(self).items() if k in names},
-            feature_loss="mse" if self.feature_weight > 0 else "none",
-            feature_weight=self.feature_weight,
-        )
-        return rec.train_config(catch_signals=True)
+        plain = {k: v.value if isinstance(v, Enum) else v for k, v in settings.items()}
+        return cls(Recipe(dataset=dataset, **plain), resume, overwrite)
+
+    @property
+    def dataset(self) -> str | None:
+        return self.rec.dataset
+
+    @property
+    def plot(self) -> bool:
+        return bool(self.rec.plot)
+
+    @property
+    def seed(self) -> int:
+        return int(self.rec.seed)
+
+    def config(self) -> Any:
+        """The training settings (:meth:`Recipe.train_config`); a command checkpoints on Ctrl-C / SIGTERM."""
+        return self.rec.train_config(catch_signals=True)
 
     def torch_device(self) -> Any:
         """The resolved ``--device`` (see :func:`dacnn_convert.train.device.resolve_device`).
@@ -238,7 +206,7 @@ class DataOptions:
 
         from ..train.device import resolve_device
 
-        device = resolve_device(self.device)
+        device = resolve_device(self.rec.device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         return device
@@ -264,17 +232,18 @@ class DataOptions:
         rank, world = init_from_env(device)  # under torchrun: this process's GPU first, then the group
         if rank != 0:
             console.quiet = True  # rank 0 alone reports
+        rec = self.rec
         return make_loaders(
             self.dataset,
-            self.batch_size,
+            rec.batch_size,
             size[1],
             size[0],
-            download=self.download,
-            train_limit=self.train_limit,
-            seed=self.seed,
+            download=rec.download,
+            train_limit=rec.train_limit,
+            seed=rec.seed,
             rank=rank,
             world_size=world,
-            augment=self.augment,
+            augment=rec.augment,
             pin_memory=device.type == "cuda",
             image=image,
         )

@@ -252,9 +252,10 @@ def demo_command(
             teacher.parent,
             "none",
             "32",
-            DataOptions(
+            DataOptions.of(
                 "fashion-mnist",
-                teacher_epochs,
+                task="train",
+                epochs=teacher_epochs,
                 lr=0.03,
                 precision=precision,
                 train_limit=train_limit,

@@ -119,7 +119,7 @@ def _export_int8_onnx(
     from ..io.export import export_onnx, onnx_accuracy, quantize_onnx_int8
     from .common import DataOptions
 
-    loaders = DataOptions(dataset, device="cpu").loaders(size)
+    loaders = DataOptions.of(dataset, device="cpu").loaders(size)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", size, opset=opset)
         result = quantize_onnx_int8(fp32.path, out, loaders.train, batches)

@@ -133,7 +133,7 @@ def eval_command(
     from ..io.sources import input_config
     from ..train.evaluation import evaluate_counts
 
-    data = DataOptions(dataset, batch_size=batch_size, download=download, device=device)
+    data = DataOptions.of(dataset, batch_size=batch_size, download=download, device=device)
     net = load_checkpoint(checkpoint, model)
     preprocess = input_config(net, source_of(net, model))  # as the model was fine-tuned
     size = data.input_size(parse_input_size(input_size), preprocess.input_size)
