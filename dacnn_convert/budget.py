@@ -46,7 +46,7 @@ from .core.knapsack import Option, Solution, front
 from .core.modes import mode
 from .core.plan import Group, Plan, RegulatorSpec
 from .core.planning import InitName, RegulatorStyleName, bank_group, linear_groups, make_plan
-from .defaults import default_init
+from .defaults import SCORE_BATCHES, default_init
 from .errors import PlanError, UsageError, choose, render
 from .names import METRICS
 from .validate import inputs_of
@@ -311,7 +311,7 @@ def search(
     target_params: int,
     input_size: tuple[int, int, int] = (3, 224, 224),
     calib_loader: Iterable | None = None,
-    calib_batches: int = 8,
+    calib_batches: int = SCORE_BATCHES,
     metric: str | None = None,
     regulator_style: str = "adapter",
     init: str | None = None,
@@ -411,7 +411,7 @@ def _floor_message(mix: Plan, target: int, smallest: int, fixed: Sequence[tuple[
 
 
 def calibration_reference(
-    model: nn.Module, calib_loader: Iterable, calib_batches: int = 8
+    model: nn.Module, calib_loader: Iterable, calib_batches: int = SCORE_BATCHES
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The first ``calib_batches`` input batches and the model's log-probabilities on them (eval mode).
 

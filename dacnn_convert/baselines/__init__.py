@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from ..defaults import CALIB_BATCHES
 from ..registry import Registry
 
 
@@ -29,7 +30,7 @@ class Context:
 
     input_size: tuple[int, int, int]
     calib_loader: Iterable | None = None
-    calib_batches: int = 20
+    calib_batches: int = CALIB_BATCHES
     seed: int = 0
     source: Any = None
 

@@ -11,6 +11,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..defaults import CALIB_BATCHES
 from ..errors import PlanError, UsageError
 from .fitting import (
     FITS,
@@ -88,7 +89,7 @@ def convert(
     plan: Plan,
     init: str | None = None,
     calib_loader: Iterable | None = None,
-    calib_batches: int = 100,
+    calib_batches: int = CALIB_BATCHES,
     *,
     moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     align: bool = False,
@@ -445,7 +446,7 @@ def apply(
     plan: Plan,
     *,
     calib_loader: Iterable | None = None,
-    calib_batches: int = 100,
+    calib_batches: int = CALIB_BATCHES,
     align: bool = False,
 ) -> nn.Module:
     """Return a converted copy of ``model`` following ``plan`` (``model`` is left untouched), as
