@@ -46,7 +46,7 @@ from .core.knapsack import Option, Solution, front
 from .core.modes import mode
 from .core.plan import Group, Plan, RegulatorSpec
 from .core.planning import InitName, RegulatorStyleName, bank_group, linear_groups, make_plan
-from .defaults import SCORE_BATCHES, default_init
+from .defaults import DEFAULT_INPUT_SIZE, SCORE_BATCHES, default_init
 from .errors import PlanError, UsageError, choose, render
 from .names import METRICS
 from .validate import inputs_of
@@ -309,7 +309,7 @@ def _kl_score(
 def search(
     model: nn.Module,
     target_params: int,
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
     calib_loader: Iterable | None = None,
     calib_batches: int = SCORE_BATCHES,
     metric: str | None = None,

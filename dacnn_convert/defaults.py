@@ -31,6 +31,10 @@ SCORE_BATCHES = 8
 # or "zero". Measured: benchmarks/results/python_api/ (issue 28).
 REGULATOR_INIT = "fit"
 
+# The example input when neither the data nor the model's own config says (ImageNet's, as torchvision's and
+# timm's pretrained models expect).
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+
 # What --device accepts (every command that runs a model; dacnn_convert.train.device).
 DEVICE_HELP = "auto (the CUDA device when present; under torchrun the one of LOCAL_RANK), cpu, cuda or cuda:N"
 

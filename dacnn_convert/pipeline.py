@@ -27,13 +27,11 @@ from .core.convert import convert
 from .core.plan import Plan, count_params
 from .core.planning import make_plan
 from .core.report import ConversionReport, build_report, state_dict_bytes
-from .defaults import CALIB_BATCHES, default_init, default_reconstruct
+from .defaults import CALIB_BATCHES, DEFAULT_INPUT_SIZE, default_init, default_reconstruct
 from .errors import UsageError, choose, deprecated
 from .io.checkpoint import save, stored_overhead
 from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
 from .train.reconstruct import ReconstructConfig, reconstruct_sections
-
-DEFAULT_INPUT_SIZE = (3, 224, 224)
 
 
 def plan(

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from ..defaults import DEFAULT_INPUT_SIZE
 from ..errors import DacnnError, UsageError, first_line
 
 # markup off: paths, model names and metadata are printed as given ("model[v2].safetensors" is a
@@ -212,7 +213,7 @@ class DataOptions:
         return device
 
     def input_size(
-        self, given: tuple[int, int, int] | None, model_default: tuple[int, int, int] = (3, 224, 224)
+        self, given: tuple[int, int, int] | None, model_default: tuple[int, int, int] = DEFAULT_INPUT_SIZE
     ) -> tuple[int, int, int]:
         """``--input-size`` if given, else 32 px for the registered datasets, else the model's own size."""
         from ..train.data import native_size

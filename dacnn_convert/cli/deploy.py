@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..defaults import DEFAULT_INPUT_SIZE
 from ..errors import DacnnError, UsageError, write_failed
 from ..recipes import parse_input_size
 from .common import JsonOpt, console, fail, load_checkpoint, print_json, source_of
@@ -67,7 +68,7 @@ def export_command(
         model = load_checkpoint(checkpoint, model_source)
         meta = read_metadata(checkpoint)
         size = parse_input_size(input_size) or (
-            Plan.from_json(meta["plan"]).input_size if "plan" in meta else (3, 224, 224)
+            Plan.from_json(meta["plan"]).input_size if "plan" in meta else DEFAULT_INPUT_SIZE
         )
         check_input_size(model, size)
         suffix = {

@@ -31,7 +31,7 @@ from typing import Any, Literal, cast
 
 from torch import nn
 
-from ..defaults import REGULATOR_INIT
+from ..defaults import DEFAULT_INPUT_SIZE, REGULATOR_INIT
 from ..errors import PlanError, UsageError, choose
 from ..names import INITS, REGULATOR_STYLES
 from ..registry import Registry
@@ -172,7 +172,7 @@ def make_plan(
     regulators: str | Sequence[int] | None = "none",
     regulator_style: RegulatorStyleName = "adapter",
     init: InitName = "fit",
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
     leaf_modules: Sequence[type[nn.Module]] = (),
     *,
     bank_size: BankSize = 0.5,

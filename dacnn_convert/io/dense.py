@@ -29,6 +29,7 @@ from torch import nn
 from ..core.convert import PLAN_ATTR
 from ..core.layers import BANK_NAME, AnchoredConv2d, AnchoredLinear
 from ..core.modes import mode
+from ..defaults import DEFAULT_INPUT_SIZE
 from ..errors import DacnnError, first_line
 from .sources import with_module_versions
 
@@ -152,7 +153,7 @@ def export_dense(
     model: nn.Module,
     path: str | Path,
     stock: nn.Module | None = None,
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
     dtype: str = "fp32",
 ) -> DenseExport:
     """Write ``model``'s dense state dict (:func:`dense_state_dict`) as .safetensors, atomically.

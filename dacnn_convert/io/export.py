@@ -24,6 +24,7 @@ from torch import nn
 from .. import validate
 from ..atomic import atomic_write
 from ..core.modes import mode
+from ..defaults import DEFAULT_INPUT_SIZE
 from ..errors import DacnnError, UsageError, first_line
 from ..validate import inputs_of
 
@@ -51,7 +52,7 @@ def _require(module: str, extra: str = "onnx") -> None:
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    input_size: tuple[int, int, int] = (3, 224, 224),
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
     dtype: str = "fp32",
     opset: int = 18,
     check: bool = True,
@@ -190,7 +191,9 @@ def _check_onnxruntime(model: nn.Module, path: Path, input_size: tuple[int, int,
     return float(abs(got - expected).max())
 
 
-def export_torchscript(model: nn.Module, path: str | Path, input_size: tuple[int, int, int] = (3, 224, 224)) -> Path:
+def export_torchscript(
+    model: nn.Module, path: str | Path, input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE
+) -> Path:
     """Trace ``model`` to TorchScript and save it; each anchor stays one tensor in the archive."""
     validate.module("model", model)
     input_size = validate.input_size(input_size)

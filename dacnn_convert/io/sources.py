@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..defaults import DEFAULT_INPUT_SIZE
 from ..errors import UnknownModelError, UsageError, WeightsError, first_line, suggest
 from .files import is_safetensors, unreadable
 
@@ -511,7 +512,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class InputConfig:
     """How a model's pretrained weights expect their images: size, normalisation, crop, resampling."""
 
-    input_size: tuple[int, int, int] = (3, 224, 224)
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875  # validation: resize to size / crop_pct, centre-crop size
