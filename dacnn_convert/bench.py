@@ -30,7 +30,7 @@ from .atomic import atomic_write_text
 from .baselines import Context, get_method
 from .core.plan import count_params
 from .core.report import count_macs, figure, save_figure, state_dict_bytes
-from .defaults import CALIB_BATCHES
+from .defaults import CALIB_BATCHES, default_reconstruct
 from .errors import NonFiniteOutputError, UsageError
 from .latency import compare_latency
 from .train import Loaders, TrainConfig, distill, evaluate
@@ -300,7 +300,13 @@ def _measure(
         return finalized[-1]
 
     # the anchoring methods' conversion ends with reconstruction, as anchor() with data does
-    anchored = config.reconstruct and config.calib_batches > 0 and hasattr(model, "dacnn_plan")
+    plan = getattr(model, "dacnn_plan", None)  # a shared conversion reconstructs as anchor() does (not "none")
+    anchored = (
+        config.reconstruct
+        and config.calib_batches > 0
+        and plan is not None
+        and default_reconstruct(None, True, plan.mode)
+    )
     try:
         measured = pipeline.after_conversion(
             model,
