@@ -38,6 +38,7 @@ class ConvertJobResult:
     report: ConversionReport | None = None
     pipeline: PipelineResult | None = None
     files: list[Path] = field(default_factory=list)
+    macs_before: int | None = None  # of the original at the plan's input size (its after: minus plan.macs_saved)
 
 
 def output_folder(rec: Recipe) -> Path:
@@ -120,6 +121,9 @@ def run_convert_job(
         plan, search = plan_search(original, settings, scored_on, size, leaves, with_data=with_data)
         result = ConvertJobResult(plan, spec.display, None if dry_run else out, search)
         if dry_run:
+            from .core.report import count_macs
+
+            result.macs_before = count_macs(original, plan.input_size)
             return result
         if write_recipe:
             result.files.append(atomic_write_text(out / "recipe.yaml", rec.resolved().to_yaml()))

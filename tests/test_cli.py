@@ -176,12 +176,19 @@ def test_distill_train_eval_on_synthetic_data(tmp_path) -> None:
     assert all(r["median_ms"] > 0 for r in rows) and rows[0]["vs_original"] == pytest.approx(1.0)
 
 
+def _macs_saved(plan: dict) -> int:
+    from dacnn_convert import Plan
+
+    return Plan.from_dict(plan).macs_saved
+
+
 def test_plan_json_is_the_plan_and_the_search_and_version_prints() -> None:
     result = runner.invoke(app, ["plan", *TINY, "--target-ratio", "1.5", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["params_after"] <= doc["params_before"] / 1.5 and doc["plan"]["mode"] == "budget"
     assert doc["search"]["target"] == int(doc["params_before"] / 1.5) and doc["search"]["options"]
+    assert doc["macs_after"] == doc["macs_before"] - _macs_saved(doc["plan"])
     by_mode = json.loads(runner.invoke(app, ["plan", *TINY, "--mode", "mix", "--json"]).stdout)
     assert by_mode["search"] is None and by_mode["plan"]["groups"]
     version = runner.invoke(app, ["--version"])

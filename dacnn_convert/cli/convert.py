@@ -120,7 +120,7 @@ def run_convert(
         if advice:
             console.print(f"note: {advice}", highlight=False, soft_wrap=True)
     if dry_run:
-        render_plan(job.plan, job.source)
+        render_plan(job.plan, job.source, job.macs_before)
         return job
     if job.pipeline is not None:
         if data is not None and data.plot and job.pipeline.fit is not None and job.out is not None:
@@ -328,6 +328,8 @@ def plan_command(
                 "params_before": p.params_before,
                 "params_after": p.params_after,
                 "ratio": p.params_before / max(p.params_after, 1),
+                "macs_before": job.macs_before,
+                "macs_after": job.macs_before - p.macs_saved,
                 "plan": p.to_dict(),
                 "search": job.search.to_dict() if job.search is not None else None,
             }
@@ -335,7 +337,7 @@ def plan_command(
         return
     for line in job.search.explain() if explain and job.search is not None else []:
         console.print(line, highlight=False, soft_wrap=True)
-    render_plan(job.plan, model)
+    render_plan(job.plan, model, job.macs_before)
     advice = job.search.advice(cli=True) if job.search is not None else None
     if advice:
         console.print(f"note: {advice}", highlight=False, soft_wrap=True)

@@ -58,7 +58,7 @@ def _left_out(dropped: list[str]) -> None:
         )
 
 
-def render_plan(plan: Any, source: str) -> None:
+def render_plan(plan: Any, source: str, macs_before: int | None = None) -> None:
     """Print a plan as a table (``--dry-run``)."""
     table = Table(title=f"plan for {source}: mode {plan.mode}, init {plan.init}")
     for col in ("anchor", "section", "members", "kernel"):
@@ -71,9 +71,13 @@ def render_plan(plan: Any, source: str) -> None:
         console.print(
             f"regulator ({plan.regulator_style}) on {r.host}: {r.in_channels}->{r.out_channels}, section {r.section}"
         )
+    macs = ""
+    if macs_before is not None:
+        after = macs_before - plan.macs_saved
+        macs = f"; MACs {macs_before:,} -> {after:,} ({macs_before / max(after, 1):.2f}x fewer)"
     console.print(
         f"unique params {plan.params_before:,} -> {plan.params_after:,} "
-        f"({plan.params_before / plan.params_after:.2f}x); dry run: nothing written"
+        f"({plan.params_before / plan.params_after:.2f}x){macs}; dry run: nothing written"
     )
     for n in plan.notes:
         console.print(labelled("warning:", "yellow", n))

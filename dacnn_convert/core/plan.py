@@ -153,6 +153,30 @@ class Plan:
     def conv_params_after(self) -> int:
         return self.conv_params_before - self.saved_params
 
+    @property
+    def macs_saved(self) -> int:
+        """Multiply-accumulates per example the conversion removes, minus what its regulators add: exact
+        arithmetic of the path inference takes, known before any weight moves. A member of a bank (or a
+        low-rank conv) costs k·d + C_out·k per output position (d = C_in·kh·kw) for the bank conv and its
+        1x1, or C_out·d with the merged kernel where that is no dearer (as the layers decide); a slice of an
+        anchor costs what the conv did; a regulator adds its 1x1 at the host's output positions. So
+        ``count_macs(converted) == count_macs(original) - plan.macs_saved`` (tests/test_macs.py)."""
+        saved = 0
+        for g in self.groups:
+            if g.kind != "bank":
+                continue
+            k = g.shape[0]
+            for m in g.members:
+                site = self.site(m)
+                co, ci, kh, kw = site.weight_shape
+                d = ci * kh * kw
+                per = min(co * d, k * d + co * k)
+                saved += (co * d - per) * site.out_size[0] * site.out_size[1]
+        for r in self.regulators:
+            h, w = self.site(r.host).out_size
+            saved -= r.in_channels * r.out_channels * h * w
+        return saved
+
     # -- serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
