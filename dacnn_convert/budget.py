@@ -69,6 +69,7 @@ class SectionScore:
     option: str
     sensitivity: float
     params_saved: int
+    macs_saved: int = 0  # per example, exact (Plan.macs_saved of the section converted this way alone)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,13 @@ class BudgetResult:
             "feasible": self.feasible,
             "grown": list(self.grown),
             "options": [
-                {"section": s.section, "option": s.option, "sensitivity": s.sensitivity, "params_saved": s.params_saved}
+                {
+                    "section": s.section,
+                    "option": s.option,
+                    "sensitivity": s.sensitivity,
+                    "params_saved": s.params_saved,
+                    "macs_saved": s.macs_saved,
+                }
                 for s in self.scores
             ],
             "runners_up": [{"choice": list(c), "params": p, "sensitivity": v} for c, p, v in self.runners_up],
@@ -137,13 +144,13 @@ class BudgetResult:
         by = {(s.section, s.option): s for s in self.scores}
         for k, option in enumerate(self.choice, start=1):
             alts = ", ".join(
-                f"{o}: {by[k, o].sensitivity:.3g} (-{by[k, o].params_saved:,})"
+                f"{o}: {by[k, o].sensitivity:.3g} (-{by[k, o].params_saved:,}, {_macs(by[k, o].macs_saved)})"
                 for o in (*BANK_OPTIONS, *RANK_OPTIONS)
                 if (k, o) in by
             )
             reg = " + regulators" if k in self.regulator_sections else ""
             rank = f" + unshared layers {self.ranks[k - 1]}" if self.ranks and self.ranks[k - 1] != "dense" else ""
-            lines.append(f"section {k}: {option}{reg}{rank}; options, sensitivity (params saved): {alts}")
+            lines.append(f"section {k}: {option}{reg}{rank}; options, sensitivity (params saved, MACs saved): {alts}")
         lines += [f"  grown: {g}" for g in self.grown]
         for g in self.plan.groups:
             what = (
@@ -166,6 +173,11 @@ class BudgetResult:
         free = [s.name for s in self.plan.sites if s.name not in shared]
         lines.append(f"  free convs and Linears ({len(free)}): {', '.join(free) if free else 'none'}")
         return lines
+
+
+def _macs(saved: int) -> str:
+    """MACs saved per example, short: -1.2M; +0.3M where an option adds MACs (regulators)."""
+    return f"{-saved / 1e6:+.2f}M MACs" if saved else "0 MACs"
 
 
 def _fraction(option: str) -> float:
@@ -478,7 +490,7 @@ def score_sections(
             sens = _fit_score(model, p, spectra)
         else:
             sens = _kl_score(model, p, list(batches), list(reference), moments)
-        scores.append(SectionScore(k, option, sens, p.saved_params - p.scale_params))
+        scores.append(SectionScore(k, option, sens, p.saved_params - p.scale_params, p.macs_saved))
     return tuple(scores)
 
 
