@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
 from ..errors import UsageError
@@ -50,6 +49,7 @@ from .options import (
     WdOpt,
     WeightsOpt,
 )
+from .render import fitted_table, left_out
 
 DEFAULT_METHODS = "dacnn-mix-reg,dacnn-mix,magnitude,l1-filter,group-norm"
 
@@ -169,35 +169,50 @@ def bench_command(
                 status.update(f"timing every model at batch {d['batch']}")
 
         result = run_bench(teacher, loaders, size, config, out, spec, on_event, meta=_environment())
-    table = Table(title=f"{spec.display}: {result.target_params or 0:,} params budget")
-    for col in ("method", "params", "bytes", "prune", "MACs", "b1 ms", "b64 ms", "acc before", "acc after", "drop"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    columns = [  # (name, kind, priority: higher is left out first on a narrow console)
+        ("method", "text", 0),
+        ("params", "num", 0),
+        ("bytes", "num", 5),
+        ("prune", "num", 4),
+        ("MACs", "num", 1),
+        ("b1 ms", "num", 3),
+        ("b64 ms", "num", 6),
+        ("acc before", "num", 2),
+        ("acc after", "num", 0),
+        ("drop", "num", 1),
+    ]
     t = result.teacher
-    table.add_row(
-        "teacher",
-        f"{t.params:,}",
-        f"{t.bytes:,}",
-        "0%",
-        f"{t.macs / 1e6:.0f}M",
-        f"{t.latency_b1_ms or 0:.2f}",
-        f"{t.latency_b64_ms or 0:.1f}",
-        "",
-        f"{100 * t.acc_finetuned:.2f}%",
-        "",
-    )
+    rows = [
+        [
+            "teacher",
+            f"{t.params:,}",
+            f"{t.bytes:,}",
+            "0%",
+            f"{t.macs / 1e6:.0f}M",
+            f"{t.latency_b1_ms or 0:.2f}",
+            f"{t.latency_b64_ms or 0:.1f}",
+            "",
+            f"{100 * t.acc_finetuned:.2f}%",
+            "",
+        ]
+    ]
     for s in result.summary():
         std = f" ± {100 * s['acc_std']:.2f}" if repeats > 1 else ""
-        table.add_row(
-            s["method"],
-            f"{s['params']:,}",
-            f"{s['bytes']:,}",
-            f"{100 * s['prune_ratio']:.1f}%",
-            f"{s['macs'] / 1e6:.0f}M",
-            f"{s['latency_b1_ms'] or 0:.2f}",
-            f"{s['latency_b64_ms'] or 0:.1f}",
-            f"{100 * s['acc_calibrated']:.2f}%",
-            f"{100 * s['acc_finetuned']:.2f}%{std}",
-            f"{100 * s['drop']:.2f}",
+        rows.append(
+            [
+                s["method"],
+                f"{s['params']:,}",
+                f"{s['bytes']:,}",
+                f"{100 * s['prune_ratio']:.1f}%",
+                f"{s['macs'] / 1e6:.0f}M",
+                f"{s['latency_b1_ms'] or 0:.2f}",
+                f"{s['latency_b64_ms'] or 0:.1f}",
+                f"{100 * s['acc_calibrated']:.2f}%",
+                f"{100 * s['acc_finetuned']:.2f}%{std}",
+                f"{100 * s['drop']:.2f}",
+            ]
         )
+    table, dropped = fitted_table(f"{spec.display}: {result.target_params or 0:,} params budget", columns, rows)
     console.print(table)
+    left_out(dropped)
     console.print(f"wrote {out}/bench.md, bench.json, bench.csv, bench.png ({result.wall_s / 60:.1f} min)")

@@ -50,10 +50,11 @@ def fitted_table(title: str, columns: list[tuple[str, str, int]], rows: list[lis
     return table, dropped
 
 
-def _left_out(dropped: list[str]) -> None:
+def left_out(dropped: list[str]) -> None:
+    """Say which columns a narrow console left out of the table just printed."""
     if dropped:
         console.print(
-            f"(left out at {console.width} columns: {', '.join(dropped)}; widen the terminal or read report.md)",
+            f"(left out at {console.width} columns: {', '.join(dropped)}; widen the terminal or read the .md report)",
             highlight=False,
         )
 
@@ -112,7 +113,7 @@ def render_report(report: Any) -> None:
     ]
     table, dropped = fitted_table(f"{report.source}: mode {report.mode}, init {report.init}", columns, rows)
     console.print(table)
-    _left_out(dropped)
+    left_out(dropped)
     summary = Table(title="summary")
     for col in ("measure", "before", "after", "ratio"):
         summary.add_column(col, justify="left" if col == "measure" else "right")
