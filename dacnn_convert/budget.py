@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,18 @@ RANK_GRID = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # 1/64: MobileNetV3 a
 BANK_OPTIONS = (*OPTIONS, *(f"bank:{f}" for f in BANK_GRID))  # "bank:1.0": k = C_out (a fraction, always)
 RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
 SPACES = ("bank", "anchor")  # bank: every option; anchor: free / mix / plain + regulators only
+
+
+class SectionPick(NamedTuple):
+    """What the search picks for one section: how its share groups convert (``free``, ``mix``, ``plain``,
+    ``bank:f``) and the rank of its unshared convs (``dense`` or ``lr:f``)."""
+
+    share: str
+    rank: str
+
+    @property
+    def label(self) -> str:
+        return self.share if self.rank == "dense" else f"{self.share}+{self.rank}"
 
 
 @dataclass(frozen=True)
@@ -531,7 +543,9 @@ def pick(
 
     per_section = [
         [
-            Option((o, r), (0 if o == "plain" else cost(k, o)[1]) + cost(k, r)[1], cost(k, o)[0] + cost(k, r)[0])
+            Option(
+                SectionPick(o, r), (0 if o == "plain" else cost(k, o)[1]) + cost(k, r)[1], cost(k, o)[0] + cost(k, r)[0]
+            )
             for o in share[k - 1]
             for r in rank_opts[k - 1]
             if o != "plain" or r == "dense"  # plain shares the unshared convs too: nothing left to factorise
@@ -540,26 +554,23 @@ def pick(
     ]
     plain_able = [k for k in range(1, n + 1) if "plain" in share[k - 1]]
     need = mix.params_before - target_params
-    solutions: list[Solution[tuple[str, str]]] = []
+    solutions: list[Solution[SectionPick]] = []
     most_saved = 0
     for size in range(len(plain_able) + 1):
         for secs in itertools.combinations(plain_able, size):
             p = compose(mix, plain, ["plain" if k in secs else "free" for k in range(1, n + 1)])
             extra = p.saved_params - p.scale_params  # the shared master kernel's exact saving
             classes = [
-                [c for c in per_section[k - 1] if (c.label[0] == "plain") == (k in secs)] for k in range(1, n + 1)
+                [c for c in per_section[k - 1] if (c.label.share == "plain") == (k in secs)] for k in range(1, n + 1)
             ]
             most_saved = max(most_saved, extra + sum(max((c.saved for c in cl), default=0) for cl in classes))
             solutions += [Solution(f.labels, f.saved + extra, f.cost) for f in front(classes, need - extra)]
     if not solutions:
         raise PlanError(_floor_message(mix, target_params, mix.params_before - most_saved, fixed))
     solutions.sort(key=lambda f: (f.cost, -f.saved, f.labels))
-    ranked = [
-        (tuple(o if r == "dense" else f"{o}+{r}" for o, r in f.labels), mix.params_before - f.saved, f.cost)
-        for f in solutions[:5]
-    ]
+    ranked = [(tuple(p.label for p in f.labels), mix.params_before - f.saved, f.cost) for f in solutions[:5]]
     best = solutions[0]
-    choice, ranks = tuple(o for o, _ in best.labels), tuple(r for _, r in best.labels)
+    choice, ranks = tuple(p.share for p in best.labels), tuple(p.rank for p in best.labels)
     sens, expected, feasible = best.cost, mix.params_before - best.saved, len(solutions)
     p = compose(mix, plain, choice, ranks=ranks)
     if p.params_after != expected:  # the additive arithmetic and the composed plan must agree exactly
