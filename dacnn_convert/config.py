@@ -129,17 +129,20 @@ def resolve_config(
     shorthands: dict[str, Any],
     call: dict[str, Any],
     legacy_names: Sequence[str] = _LEGACY_PLAN,
+    defaults: dict[str, Any] | None = None,
 ) -> AnchorConfig:
     """The config a public call runs with: ``config`` (an AnchorConfig, or None for the defaults) with the
     keyword ``shorthands`` (AnchorConfig's field names) applied on top.
 
     The 0.1.0 positional form (``plan(model, "mix", "all")``) still works for one release, with a
     DeprecationWarning; its positionals that are not settings (input size, leaf modules, data) replace
-    the entries of ``call`` (the call's other arguments by name, at their defaults when not given).
+    the entries of ``call`` (the call's other arguments by name); one given by keyword as well (``call``'s
+    value is not the object in ``defaults``) is refused.
 
     Raises:
         UsageError: ``config`` is not an AnchorConfig, an unknown keyword, a setting given twice.
     """
+    defaults = defaults or {}
     if isinstance(config, str) or legacy:  # 0.1.0: fn(model, mode, regulators, ...)
         positional = (config, *legacy)
         if len(positional) > len(legacy_names):
@@ -153,7 +156,7 @@ def resolve_config(
         )
         config = None
         for name, value in zip(legacy_names, positional, strict=False):
-            if name in shorthands:
+            if name in shorthands or (name in call and name in defaults and call[name] is not defaults[name]):
                 raise UsageError(f"{fn}() got «{name.replace('_', '-')}» twice (by position and by keyword)")
             if name in FIELDS:
                 shorthands[name] = value

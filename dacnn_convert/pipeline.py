@@ -71,7 +71,7 @@ def plan(
         deprecated("plan(calib_batches=)", "the planner's batches are AnchorConfig.score_batches (score_batches=)")
         shorthands["score_batches"] = shorthands.pop("calib_batches")
     call: dict[str, Any] = {"input_size": input_size, "leaf_modules": leaf_modules}
-    cfg = resolve_config("plan", config, legacy, shorthands, call)
+    cfg = resolve_config("plan", config, legacy, shorthands, call, defaults={"input_size": None, "leaf_modules": ()})
     return plan_search(model, cfg, calib_loader, call["input_size"], call["leaf_modules"])[0]
 
 
@@ -288,7 +288,8 @@ def anchor(
         "calib_loader": calib_loader,
         "calib_batches": calib_batches,
     }
-    cfg = resolve_config("anchor", config, legacy, shorthands, call, LEGACY_ANCHOR)
+    unset = {"input_size": None, "leaf_modules": (), "calib_loader": None, "calib_batches": CALIB_BATCHES}
+    cfg = resolve_config("anchor", config, legacy, shorthands, call, LEGACY_ANCHOR, unset)
     calib_loader, calib_batches = call["calib_loader"], call["calib_batches"]
     validate.integer("calib-batches", calib_batches, 0)
     p, _ = plan_search(model, cfg, calib_loader, call["input_size"], call["leaf_modules"])
@@ -409,6 +410,7 @@ def compress(
     resume: bool = False,
     command: str | None = None,
     reconstruct: bool | ReconstructConfig | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
     **shorthands: Any,
 ) -> PipelineResult:
     """The whole job: plan, convert with the data-aware fit, recalibrate BN, distil, measure.
@@ -438,6 +440,7 @@ def compress(
         command: the command line recorded in ``out/README.md``, the model card.
         reconstruct: section-wise reconstruction after the BN step, as :func:`anchor` takes it
             (None: on, as with data :func:`anchor` does).
+        leaf_modules: module types fx must not trace into (when the plan is made here).
 
     Returns:
         :class:`PipelineResult` (the student is ``result.model``).
@@ -446,18 +449,24 @@ def compress(
         UsageError: a plan and settings together, or an unknown setting.
         TraceError, PlanError, NonFiniteLossError: from planning, conversion, fine-tuning.
     """
-    # 0.1.0 names, kept for one release: plan= (now the config argument), config=TrainConfig (now train=),
-    # calibrate_batches= (now calib_batches=)
-    if "plan" in shorthands:
-        deprecated("compress(plan=)", "pass the Plan as the config argument: compress(teacher, train, val, plan)")
-        if config is not None:
-            raise UsageError("give the plan once: as compress()'s fourth argument, not also as plan=")
-        config = shorthands.pop("plan")
+    # 0.1.0 names, kept for one release: config=TrainConfig (now train=), plan= (now the config argument),
+    # calibrate_batches= (now calib_batches=). (0.1.0's compress(t, tr, va, plan, config=TrainConfig(...)) cannot
+    # be caught: Python refuses it before this body runs, "multiple values for argument 'config'".)
     if isinstance(config, TrainConfig):
         deprecated("compress(config=TrainConfig(...))", "write compress(..., train=TrainConfig(...))")
         if train is not None:
             raise UsageError("give the fine-tune settings once: train=TrainConfig(...)")
         config, train = None, config
+    if "plan" in shorthands:
+        deprecated("compress(plan=)", "pass the Plan as the config argument: compress(teacher, train, val, plan)")
+        if config is not None:
+            raise UsageError("give the plan once: as compress()'s fourth argument, not also as plan=")
+        config = shorthands.pop("plan")
+    if isinstance(config, str):  # never a 0.1.0 spelling here: compress took no positional mode
+        raise UsageError(
+            f"compress()'s fourth argument is an AnchorConfig or a Plan, got the text {config!r}: "
+            f"write mode={config!r} (or AnchorConfig(mode={config!r}))"
+        )
     if "calibrate_batches" in shorthands:
         deprecated("compress(calibrate_batches=)", "write calib_batches=")
         calib_batches = shorthands.pop("calibrate_batches")
@@ -508,6 +517,7 @@ def compress(
                 settings,
                 train_loader if settings.by_budget else None,  # only a size target scores on data
                 input_size_of(train_loader),
+                leaf_modules,
                 with_data=True,
             )[0],
         )

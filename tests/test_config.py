@@ -181,3 +181,32 @@ def test_the_cli_takes_the_old_flag_name_too() -> None:
     for name in ("convert", "bench", "export"):
         opts = [p.opts for p in commands[name].params if p.name == "calib_batches"]
         assert opts and {"--calib-batches", "--calibrate-batches"} <= set(opts[0]), name
+
+
+def test_review_findings_old_compress_combinations_and_collisions(data) -> None:
+    teacher = TinyResNet().eval()
+    fast = TrainConfig(epochs=1, lr=0.01, precision="fp32", limit_batches=1)
+    p = plan(teacher, mode="bank", input_size=SIZE)
+    with pytest.warns(DeprecationWarning) as heard:  # 0.1.0: plan= and config=TrainConfig together
+        result = compress(teacher, data.train, data.val, plan=p, config=fast, calib_batches=1)  # type: ignore[arg-type]
+    assert result.report.mode == "bank" and len(heard) == 2
+    with pytest.raises(UsageError, match="fourth argument is an AnchorConfig or a Plan.*mode='plain'"):
+        compress(teacher, data.train, data.val, "plain")  # type: ignore[arg-type]
+    # compress plans with leaf modules as plan() does
+    compress(teacher, data.train, data.val, train=fast, calib_batches=1, mode="mix", leaf_modules=[torch.nn.ReLU])
+    loader = [(torch.randn(2, *SIZE), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(UsageError, match="calib-loader.* twice|calib_loader.* twice"), pytest.warns(DeprecationWarning):
+        anchor(teacher, "mix", "none", "adapter", None, SIZE, (), loader, calib_loader=loader)
+
+
+def test_a_renamed_flag_or_key_is_a_note_on_stderr(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from dacnn_convert.cli import app
+
+    args = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--dry-run"]
+    args += ["--calibrate-batches", "3"]
+    monkeypatch.setattr("sys.argv", ["dacnn", *args])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "note: --calibrate-batches is deprecated" in result.stderr and "calibrate" not in result.stdout

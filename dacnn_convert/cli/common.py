@@ -26,6 +26,9 @@ from ..errors import DacnnError, UsageError, first_line
 console = Console(markup=False)
 err_console = Console(stderr=True, markup=False)
 
+# flags renamed since 0.1.0, still accepted for one release (the options list both names)
+RENAMED_FLAGS = {"--calibrate-batches": "--calib-batches"}
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON document on stdout instead of tables")]
 
 
@@ -91,9 +94,19 @@ def recipe_from_command(ctx: typer.Context, task: str, path: Path | None = None)
     Raises:
         RecipeError: the file is unreadable or invalid; UsageError: a recipe of another task.
     """
+    import warnings
+
     from ..recipes import Recipe, check_recipe_code, load_recipe
 
-    rec = load_recipe(path) if path is not None else Recipe(task=task)
+    with warnings.catch_warnings(record=True) as heard:  # a renamed recipe key: say so, as a note
+        warnings.simplefilter("always", DeprecationWarning)
+        rec = load_recipe(path) if path is not None else Recipe(task=task)
+    for w in heard:
+        if issubclass(w.category, DeprecationWarning):
+            err_console.print(f"note: {w.message}", highlight=False, soft_wrap=True)
+    for old, new in RENAMED_FLAGS.items():  # typer hands the value over under the new name, silently
+        if any(arg == old or arg.startswith(old + "=") for arg in sys.argv[1:]):
+            err_console.print(f"note: {old} is deprecated and goes in the next release: write {new}", highlight=False)
     if rec.task != task:
         how = f"dacnn bench --recipe {path}" if rec.task == "bench" else f"dacnn recipe run {path}"
         raise UsageError(f"{path} is a {rec.task!r} recipe: run it with `{how}`")

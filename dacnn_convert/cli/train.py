@@ -141,6 +141,9 @@ def eval_command(
     net = net.to(data.torch_device())
     outputs = check_input_size(net, size)
     acc, seen = evaluate_counts(net, loaders.val, precision, limit_batches)
+    from ..train.precision import resolve_precision
+
+    used = resolve_precision(str(precision), next(net.parameters()).device)  # what "auto" became here
     if outputs != loaders.num_classes:
         (err_console if json_out else console).print(
             f"warning: the model has {outputs} outputs and {dataset} {loaders.num_classes} classes: its predictions "
@@ -156,7 +159,7 @@ def eval_command(
                 "top1": acc,
                 "images": seen,
                 "unique_params": count_params(net),
-                "precision": precision.value if hasattr(precision, "value") else precision,
+                "precision": used,
             }
         )
         return

@@ -100,6 +100,7 @@ def _fit_seeded(
     run = _Run(model, step_loss, train_batches, cfg, out, source)
     if resume:
         run.restore()
+    run.begin()  # after a restore: the clock and the TensorBoard writer start with the training
     with Interrupts(cfg.catch_signals) as interrupts:
         run.interrupts = interrupts
         for epoch in range(run.first_epoch, cfg.epochs):
@@ -143,7 +144,7 @@ class _Run:
         self.result = FitResult(precision=self.precision)
         self.state_path = out / "state.pt" if out is not None else None
         self.first_epoch, self.skip, self.step = 0, 0, 0
-        self.board = tensorboard_writer(out) if out is not None and self.main else None
+        self.board: Any = None
         self.start = time.perf_counter()
         self.seen = 0
         had_state = self.state_path is not None and self.state_path.is_file()
@@ -176,6 +177,11 @@ class _Run:
             self.scaler.load_state_dict(state["scaler"])
         self.first_epoch, self.skip, self.step = state["epoch"], state["batch"], state["step"]
         self.result.history, self.result.best_acc = state["history"], state["best_acc"]
+
+    def begin(self) -> None:
+        """Start the clock and open the TensorBoard writer (once restored: a refused resume leaves none open)."""
+        self.board = tensorboard_writer(self.out) if self.out is not None and self.main else None
+        self.start = time.perf_counter()
 
     def checkpoint(self, epoch: int, batch: int) -> None:
         """Write the resumable ``state.pt`` (atomically), on the main process only."""
