@@ -376,16 +376,13 @@ def test_checkpoints_get_the_umask_permissions_and_are_fsynced(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "state.pt"]  # no temp files left
 
 
-def test_report_table_never_cuts_a_number_at_80_columns(tmp_path) -> None:
+def test_report_table_never_cuts_a_number_at_80_columns(tmp_path, monkeypatch) -> None:
     from dacnn_convert.cli.common import console
 
     args = ["resnet18", "--weights", "none", "--num-classes", "10", "--input-size", "32", "--out", str(tmp_path / "r")]
-    width = console.width
-    console.width = 80  # as a CI log or a small terminal
-    try:
-        result = runner.invoke(convert_app, [*args, "--mode", "mix", "--regulators", "all"])
-    finally:
-        console.width = width
+    # as a CI log or a small terminal; the console's own unset width (read from COLUMNS) comes back after
+    monkeypatch.setattr(console, "_width", 80)
+    result = runner.invoke(convert_app, [*args, "--mode", "mix", "--regulators", "all"])
     assert result.exit_code == 0, result.output
     assert "1,769,472" in result.stdout and "7,077,888" in result.stdout and "…" not in result.stdout
     assert "left out at 80 columns: energy" in result.stdout
