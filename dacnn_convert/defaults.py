@@ -19,7 +19,6 @@ FINETUNE_WARMUP_STEPS = 20
 # fit): accuracy after recalibration was flat from 10 to 100 batches of 128 on that benchmark
 # (80.1, 79.8, 79.9, 79.9%), 50 leaves room for larger models.
 CALIB_BATCHES = 50
-CALIBRATE_BATCHES = CALIB_BATCHES  # the 0.1.0 name
 
 # Batches the budget planner scores each candidate on (its kl sensitivity and the act moments every
 # candidate is fitted with): each candidate costs a pass over them, so fewer than the fit's. With 8 of

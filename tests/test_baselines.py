@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -208,3 +209,20 @@ def test_a_method_that_diverges_is_a_row_that_says_so_and_the_bench_goes_on(tmp_
     assert math.isnan(mix.acc_finetuned) and "DIVERGED: loss became nan" in mix.notes
     assert not math.isnan(l1.acc_finetuned)
     assert "DIVERGED" in (tmp_path / "bench.md").read_text()
+
+
+def test_only_conversions_that_share_get_the_reconstruction_step(tmp_path) -> None:
+    loaders = make_loaders("synthetic", batch_size=32, input_size=16)
+    config = BenchConfig(
+        ("dacnn-bank", "lowrank"),
+        budget=0.5,
+        calib_batches=1,
+        latency_batches=(1,),
+        latency_repeats=1,
+        train=TrainConfig(epochs=1, limit_batches=1, precision="fp32"),
+    )
+    bank, lowrank = run_bench(wide(), loaders, (3, 16, 16), config).rows
+    assert bank.acc_reconstructed is not None and bank.reconstruct_s is not None and bank.reconstruct_s > 0
+    assert lowrank.acc_reconstructed is None and lowrank.reconstruct_s is None  # its plan shares nothing
+    off = run_bench(wide(), loaders, (3, 16, 16), replace(config, methods=("dacnn-bank",), reconstruct=False))
+    assert off.rows[0].acc_reconstructed is None

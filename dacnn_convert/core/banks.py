@@ -153,6 +153,17 @@ def bank_params(site: ConvSite, members: int, k: int) -> int:
     return k * ci * kh * kw + members * co * k
 
 
+def merged_is_cheaper(c_out: int, d: int, k: int) -> bool:
+    """A bank member's one rule of inference: the merged kernel ``coeff @ B`` (C_out x d MACs per output
+    position, d = C_in·kh·kw) when that costs no more than the bank conv then its 1x1 (k·d + C_out·k)."""
+    return c_out * d <= k * d + c_out * k
+
+
+def bank_macs(c_out: int, d: int, k: int) -> int:
+    """MACs per output position of a bank member (or low-rank layer) on the path inference takes."""
+    return c_out * d if merged_is_cheaper(c_out, d, k) else k * d + c_out * k
+
+
 def factorizable(site: ConvSite) -> bool:
     """Convs a low-rank factorisation can replace: dense (groups=1), not fed by the image."""
     return site.groups == 1 and not site.fed_by_input and not site.reused

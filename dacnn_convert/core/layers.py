@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .banks import merged_is_cheaper
+
 BANK_NAME = "dacnn_anchors"
 
 
@@ -158,17 +160,8 @@ class AnchoredConv2d(nn.Module):
         """For a bank: one conv with ``coeff @ B`` costs fewer MACs than the bank conv then the 1x1."""
         if self.coeff is None:
             return False
-        k = self.coeff.in_channels
         d = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
-        return self.out_channels * d <= k * d + self.out_channels * k
-
-    def macs_per_position(self) -> int:
-        """Multiply-accumulates per output position of the path inference takes."""
-        d = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
-        if self.coeff is None or self.merged_is_cheaper:
-            return self.out_channels * d
-        k = self.coeff.in_channels
-        return k * d + self.out_channels * k
+        return merged_is_cheaper(self.out_channels, d, self.coeff.in_channels)
 
     def _inference_kernel(self) -> torch.Tensor:
         """The kernel, made contiguous once per anchor version when that saves a copy per call.
@@ -269,8 +262,7 @@ class AnchoredLinear(nn.Module):
 
     @property
     def merged_is_cheaper(self) -> bool:
-        k = self.coeff.in_features
-        return self.out_features * self.in_features <= k * (self.in_features + self.out_features)
+        return merged_is_cheaper(self.out_features, self.in_features, self.coeff.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full = getattr(self._bank, self.anchor)

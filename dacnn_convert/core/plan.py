@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import PlanError
 from ..names import REGULATOR_INITS  # how adapter regulators start (Plan.regulator_init)
+from .banks import bank_macs
 from .graph import ConvSite
 
 # One example of a recorded input size: 3x8192x8192 fits; a tampered 3x100000x100000 would ask for 120 GB.
@@ -170,8 +171,7 @@ class Plan:
                 site = self.site(m)
                 co, ci, kh, kw = site.weight_shape
                 d = ci * kh * kw
-                per = min(co * d, k * d + co * k)
-                saved += (co * d - per) * site.out_size[0] * site.out_size[1]
+                saved += (co * d - bank_macs(co, d, k)) * site.out_size[0] * site.out_size[1]
         for r in self.regulators:
             h, w = self.site(r.host).out_size
             saved -= r.in_channels * r.out_channels * h * w
