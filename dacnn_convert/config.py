@@ -24,7 +24,7 @@ from .budget import METRICS
 from .core.banks import check_value, parse_bank_size
 from .core.plan import REGULATOR_INITS
 from .core.planning import INITS, MODES, REGULATOR_STYLES
-from .defaults import SCORE_BATCHES
+from .defaults import RESCORE_ROUNDS, SCORE_BATCHES
 from .errors import UsageError, choose, deprecated, suggest
 
 
@@ -50,6 +50,11 @@ class AnchorConfig:
         metric: the planner's score: ``kl`` (needs data; the default with data) or ``fit``.
         score_batches: calibration batches the planner scores candidates on
             (:data:`dacnn_convert.defaults.SCORE_BATCHES`).
+        rescore_rounds: rounds of joint re-scoring after the planner's additive search (kl only): the
+            chosen plan is scored whole and with each section left out, each section's scores are
+            rescaled by what it costs in that company, and the search runs again; the plan with the
+            lowest whole-plan kl is kept. 0: the additive search alone
+            (:data:`dacnn_convert.defaults.RESCORE_ROUNDS`).
     """
 
     mode: str = "mix"
@@ -64,6 +69,7 @@ class AnchorConfig:
     target_bytes: int | None = None
     metric: str | None = None
     score_batches: int = SCORE_BATCHES
+    rescore_rounds: int = RESCORE_ROUNDS
 
     def __post_init__(self) -> None:
         choose("mode", self.mode, MODES)
@@ -92,6 +98,7 @@ class AnchorConfig:
         if self.metric is not None:
             choose("metric", self.metric, METRICS)
         validate.integer("score-batches", self.score_batches, 1)
+        validate.integer("rescore-rounds", self.rescore_rounds, 0)
 
     @property
     def by_budget(self) -> bool:

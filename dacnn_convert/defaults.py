@@ -25,6 +25,9 @@ CALIB_BATCHES = 50
 # 128 images the kl score ranked candidates by fine-tuned accuracy on the ResNet-18 teacher
 # (benchmarks/results/budget_bench/sensitivity_rank: kl 55 s for all sections); other counts not swept.
 SCORE_BATCHES = 8
+# rounds of joint re-scoring after the additive search (budget.refine): each scores the chosen plan whole and
+# with each converted section left out, n + 2 kl evaluations for n sections
+RESCORE_ROUNDS = 2
 
 # How adapter regulators start (Plan.regulator_init): "fit" (least squares to each member's residual)
 # or "zero". Measured: benchmarks/results/python_api/ (issue 28).

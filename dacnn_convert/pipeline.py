@@ -119,6 +119,7 @@ def plan_search(
         config.regulator_style,
         init,
         leaves,
+        rescore_rounds=config.rescore_rounds,
     )
     if config.regulator_init is not None:
         found = replace(found, plan=replace(found.plan, regulator_init=config.regulator_init))

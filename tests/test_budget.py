@@ -165,3 +165,67 @@ def test_bank_search_explains_each_bank_size(searched) -> None:
     assert "bank:0.5" in lines and "bank:0.0625" in lines  # every size on the grid, scored, per section
     assert any(g.kind == "bank" for g in result.plan.groups)
     assert result.plan.params_after <= 6_000
+
+
+def test_refine_rescales_a_section_that_costs_more_in_company(searched) -> None:
+    """A whole-plan score that is not the sum of the parts: section 2 costs 40x its score alone when another
+    section is converted too. The additive search cannot see it; refine must, and never does worse."""
+    from dacnn_convert import budget
+
+    model, mix, plain, _ = searched
+    scores = score_sections(model, mix, plain, "fit", options=budget.BANK_OPTIONS)
+    by = {(s.section, s.option): s.sensitivity for s in scores}
+
+    class Compounding(budget.Scorer):
+        def __call__(self, mix, plain, picks):
+            parts = {k: by.get((k, q.share), 0.0) + by.get((k, q.rank), 0.0) for k, q in enumerate(picks, 1)}
+            converted = [k for k, v in parts.items() if v > 0]
+            self.seen[picks] = sum(parts[k] * (40.0 if k == 2 and len(converted) > 1 else 1.0) for k in converted)
+            return self.seen[picks]
+
+    target = count_params(model) * 6 // 10
+    found = pick(mix, plain, scores, target, "kl")
+    scorer = Compounding(model, [], [])
+    refined = budget.refine(model, mix, plain, found, scorer, rounds=2)
+    additive = scorer(mix, plain, budget._picks(found))
+    assert found.choice[1] != "free"  # the additive search converts section 2 ...
+    assert refined.plan.params_after <= target
+    assert refined.sensitivity < additive  # ... and the whole-plan score finds a better plan
+    assert refined.rescored[0][1] == refined.sensitivity  # best first, and it is the one returned
+    assert tuple(q.label for q in budget._picks(found)) in [c for c, _ in refined.rescored]
+    assert [v for _, v in refined.rescored] == sorted(v for _, v in refined.rescored)
+    assert refined.scores == found.scores  # the explanation keeps the scores measured alone
+
+
+def test_search_rescore_rounds_zero_is_the_additive_plan(searched) -> None:
+    model, *_ = searched
+    loaders = make_loaders("synthetic", batch_size=32, input_size=16)
+    additive = search(model, 8_000, SIZE, calib_loader=loaders.train, calib_batches=2, rescore_rounds=0)
+    refined = search(model, 8_000, SIZE, calib_loader=loaders.train, calib_batches=2, rescore_rounds=1)
+    assert additive.rescored == () and refined.rescored
+    assert refined.plan.params_after <= 8_000
+    kl_of = dict(refined.rescored)
+    # the additive plan was scored whole
+    assert additive.choice in {tuple(c.split("+")[0] for c in choice) for choice in kl_of}
+    assert refined.sensitivity == min(kl_of.values())
+    assert any("re-scored whole" in line for line in refined.explain())
+    assert refined.to_dict()["rescored"][0]["kl"] == refined.sensitivity
+
+
+def test_smaller_banks_and_ranks_never_score_below_larger_ones() -> None:
+    from dacnn_convert.budget import SectionScore, monotone
+
+    measured = [
+        SectionScore(1, "free", 0.0, 0),
+        SectionScore(1, "bank:0.5", 0.2, 10),
+        SectionScore(1, "bank:0.25", 0.1, 20),  # lucky: below the larger bank
+        SectionScore(1, "bank:0.125", 0.3, 30),
+        SectionScore(1, "lr:0.5", 0.05, 5),
+        SectionScore(1, "lr:0.25", 0.01, 8),
+        SectionScore(2, "bank:0.25", 0.05, 20),  # another section: its own chain
+        SectionScore(1, "mix", 0.01, 15),  # not a bank: untouched
+    ]
+    got = {(s.section, s.option): s.sensitivity for s in monotone(measured)}
+    assert got[1, "bank:0.25"] == 0.2 and got[1, "bank:0.125"] == 0.3 and got[1, "bank:0.5"] == 0.2
+    assert got[1, "lr:0.25"] == 0.05 and got[2, "bank:0.25"] == 0.05 and got[1, "mix"] == 0.01
+    assert [s.params_saved for s in monotone(measured)] == [s.params_saved for s in measured]
