@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import validate
 from .core.banks import bank_params, bankable, factorizable, rank_limit
 from .core.graph import ConvSite
 from .core.knapsack import Option, Solution, front
@@ -47,7 +48,7 @@ from .core.modes import mode
 from .core.plan import Group, Plan, RegulatorSpec
 from .core.planning import InitName, RegulatorStyleName, bank_group, linear_groups, make_plan
 from .defaults import DEFAULT_INPUT_SIZE, RESCORE_ROUNDS, SCORE_BATCHES, default_init
-from .errors import PlanError, UsageError, choose, render
+from .errors import PlanError, TargetError, UsageError, choose, render
 from .names import METRICS
 from .validate import inputs_of
 
@@ -101,11 +102,15 @@ class BudgetResult:
     ranks: tuple[str, ...] = ()  # per section: "dense" or "lr:f" for the convs that share with nothing
     grown: tuple[str, ...] = ()  # what the leftover budget bought after the search, one line each
     rescored: tuple[tuple[tuple[str, ...], float], ...] = ()  # (choice, whole-plan kl) of refine's plans, best first
+    target_macs: int | None = None  # MACs per example the plan had to fit, if asked
+    macs_before: int = 0  # of the model at the plan's input size (0: not counted, no MAC target)
 
     def to_dict(self) -> dict[str, Any]:
         """The search as plain values (the plan itself is :meth:`Plan.to_dict`)."""
         return {
             "target": self.target,
+            "target_macs": self.target_macs,
+            "macs_before": self.macs_before,
             "metric": self.metric,
             "choice": list(self.choice),
             "unshared": list(self.ranks),
@@ -154,6 +159,12 @@ class BudgetResult:
                 + f"; {self.feasible:,} non-dominated plans of {self.candidates:,} combinations fit the budget"
             ),
         ]
+        if self.target_macs is not None:
+            after = self.macs_before - self.plan.macs_saved
+            lines.append(
+                f"target {self.target_macs:,} MACs per example; chosen {after:,} "
+                f"({self.macs_before / max(after, 1):.2f}x fewer than {self.macs_before:,})"
+            )
         for choice, kl in self.rescored:
             lines.append(f"  re-scored whole: {'/'.join(choice)}: kl {kl:.4g}")
         for choice, params, sens in self.runners_up:
@@ -337,7 +348,7 @@ def _kl_score(
 
 def search(
     model: nn.Module,
-    target_params: int,
+    target_params: int | None,
     input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
     calib_loader: Iterable | None = None,
     calib_batches: int = SCORE_BATCHES,
@@ -347,12 +358,14 @@ def search(
     leaf_modules: Sequence[type[nn.Module]] = (),
     space: str = "bank",
     rescore_rounds: int = RESCORE_ROUNDS,
+    target_macs: int | str | None = None,
 ) -> BudgetResult:
     """Find the conversion with the least summed sensitivity whose unique params are <= ``target_params``.
 
     Args:
         model: the network; left untouched.
-        target_params: the budget in unique parameters; the result never exceeds it.
+        target_params: the budget in unique parameters; the result never exceeds it. None: no size
+            budget (a MAC target alone).
         input_size: (C, H, W) of one example.
         calib_loader: batches of (images, labels) for ``kl`` and the ``act`` init.
         calib_batches: batches used for scoring.
@@ -363,6 +376,8 @@ def search(
         space: ``bank`` (free / mix / plain / banks per section, low-rank unshared convs) or
             ``anchor`` (free / mix / plain and regulators only, as before banks existed).
         rescore_rounds: rounds of :func:`refine` after the additive search (``kl`` only; 0: none).
+        target_macs: MACs per example (an int) or ``"4x"`` fewer (:func:`dacnn_convert.validate.macs_target`);
+            the result removes at least what that asks.
 
     Raises:
         PlanError: no conversion fits the budget (the smallest possible and what holds it are named).
@@ -380,9 +395,24 @@ def search(
     mix = every_resolution(mix)
     options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
     fixed = fixed_parts(model, mix)
+    if target_params is None and target_macs is None:
+        raise UsageError("give a size target («target-params», «target-ratio», «target-bytes») or «target-macs»")
+    target_params = mix.params_before if target_params is None else target_params
+    macs_before, macs_cap = 0, None
+    if target_macs is not None:
+        from .core.report import count_macs
+
+        macs_before = count_macs(model, input_size)
+        macs_cap = validate.resolve_macs(macs_before, validate.macs_target(target_macs))  # type: ignore[arg-type]
+    budgets = {"target_macs": macs_cap, "macs_before": macs_before}
     # pure arithmetic first: a target below the floor is refused before any candidate is scored
     pick(
-        mix, plain, score_sections(model, mix, plain, "size", options=options, ranks=ranks), target_params, fixed=fixed
+        mix,
+        plain,
+        score_sections(model, mix, plain, "size", options=options, ranks=ranks),
+        target_params,
+        fixed=fixed,
+        **budgets,  # type: ignore[arg-type]
     )
     batches, reference = (
         calibration_reference(model, calib_loader, calib_batches)
@@ -391,7 +421,7 @@ def search(
     )
     moments = _moments(model, mix, batches) if metric == "kl" and (len(options) > len(OPTIONS) or ranks) else None
     scores = score_sections(model, mix, plain, metric, batches, reference, options, ranks, moments)
-    found = pick(mix, plain, scores, target_params, metric, fixed=fixed)
+    found = pick(mix, plain, scores, target_params, metric, fixed=fixed, **budgets)  # type: ignore[arg-type]
     if metric != "kl" or rescore_rounds == 0:
         return found
     return refine(model, mix, plain, found, Scorer(model, batches, reference, moments), rescore_rounds, fixed)
@@ -467,7 +497,7 @@ def refine(
             # clipped: a plan already ruined everywhere says little about one section (kl saturates)
             scale[k] = min(max((whole - left_out) / alone, 1 / 16), 256.0)
         rescaled = [replace(s, sensitivity=s.sensitivity * scale.get(s.section, 1.0)) for s in found.scores]
-        current = pick(mix, plain, rescaled, found.target, found.metric, fixed=fixed)
+        current = pick(mix, plain, rescaled, found.target, found.metric, fixed, found.target_macs, found.macs_before)
         seen = _picks(current) in score.seen
         kl = tried[_picks(current)] = score(mix, plain, _picks(current))
         if kl < best_kl:
@@ -626,8 +656,17 @@ def pick(
     target_params: int,
     metric: str = "fit",
     fixed: Sequence[tuple[str, int]] = (),
+    target_macs: int | None = None,
+    macs_before: int = 0,
 ) -> BudgetResult:
     """The least summed sensitivity whose params fit ``target_params``, exactly; then regulators and growth.
+
+    With ``target_macs`` (MACs per example; ``macs_before`` the model's), the plan also removes at
+    least ``macs_before - target_macs`` MACs (Plan.macs_saved is exact and adds up by section). With
+    only a MAC target (``target_params`` at the model's size) the search is exact on MACs; with both, it
+    is exact on params and searches the MACs by a Lagrangian sweep (each option's score minus mu times
+    the MACs it removes, mu from far below to far above the scores' scale), keeping the least-scored
+    plan that meets both; the final plan is checked against both budgets exactly.
 
     Per section the options are (share option, rank of the unshared convs) pairs with additive
     costs, a multiple-choice knapsack solved exactly over non-dominated partial plans
@@ -654,6 +693,9 @@ def pick(
         s = by.get((k, o))
         return (s.sensitivity, s.params_saved) if s is not None else (0.0, 0)
 
+    def by_macs(k: int, q: SectionPick) -> int:
+        return sum(by[k, o].macs_saved for o in (q.share, q.rank) if (k, o) in by)
+
     per_section = [
         [
             Option(
@@ -667,6 +709,8 @@ def pick(
     ]
     plain_able = [k for k in range(1, n + 1) if "plain" in share[k - 1]]
     need = mix.params_before - target_params
+    need_macs = None if target_macs is None else macs_before - target_macs
+    macs = {(k, c.label): by_macs(k, c.label) for k in range(1, n + 1) for c in per_section[k - 1]}
     solutions: list[Solution[SectionPick]] = []
     most_saved = 0
     for size in range(len(plain_able) + 1):
@@ -677,9 +721,16 @@ def pick(
                 [c for c in per_section[k - 1] if (c.label.share == "plain") == (k in secs)] for k in range(1, n + 1)
             ]
             most_saved = max(most_saved, extra + sum(max((c.saved for c in cl), default=0) for cl in classes))
-            solutions += [Solution(f.labels, f.saved + extra, f.cost) for f in front(classes, need - extra)]
+            if need_macs is None:
+                solutions += [Solution(f.labels, f.saved + extra, f.cost) for f in front(classes, need - extra)]
+            else:
+                params_bound = target_params < mix.params_before
+                found = _macs_front(classes, need - extra, need_macs, macs, macs_before, params_bound)
+                solutions += [Solution(f.labels, f.saved + extra, f.cost) for f in found]
+    if not solutions and need_macs is not None and most_saved >= need:
+        raise TargetError(_macs_floor_message(per_section, macs, macs_before, target_macs or 0, target_params, fixed))
     if not solutions:
-        raise PlanError(_floor_message(mix, target_params, mix.params_before - most_saved, fixed))
+        raise TargetError(_floor_message(mix, target_params, mix.params_before - most_saved, fixed))
     solutions.sort(key=lambda f: (f.cost, -f.saved, f.labels))
     ranked = [(tuple(p.label for p in f.labels), mix.params_before - f.saved, f.cost) for f in solutions[:5]]
     best = solutions[0]
@@ -691,16 +742,23 @@ def pick(
             f"budget search bug: {'/'.join(choice)} ({'/'.join(ranks)}) was costed at {expected:,} params "
             f"but composes to {p.params_after:,}; please report it"
         )
+    macs_cap = None if need_macs is None else macs_before - need_macs
+    if macs_cap is not None and macs_before - p.macs_saved > macs_cap:
+        raise PlanError(
+            f"budget search bug: {'/'.join(choice)} ({'/'.join(ranks)}) was costed within {macs_cap:,} MACs "
+            f"but composes to {macs_before - p.macs_saved:,}; please report it"
+        )
     regs: list[int] = []
     for k in sorted(range(1, n + 1), key=lambda k: (-by[k, choice[k - 1]].sensitivity, k)):
         if choice[k - 1] not in ("mix", "plain"):
             continue
         trial = compose(mix, plain, choice, [*regs, k], ranks)
-        if trial.params_after <= target_params and trial.regulators != p.regulators:
+        fits = macs_cap is None or macs_before - trial.macs_saved <= macs_cap
+        if trial.params_after <= target_params and fits and trial.regulators != p.regulators:
             regs.append(k)
             p = trial
     section_sens = {k: by[k, choice[k - 1]].sensitivity + cost(k, ranks[k - 1])[0] for k in range(1, n + 1)}
-    p, grown = _grow(p, target_params, section_sens)
+    p, grown = _grow(p, target_params, section_sens, None if macs_cap is None else macs_before - macs_cap)
     top = tuple(ranked)
     rank_out = ranks if any(len(opts) > 1 for opts in rank_opts) else ()
     return BudgetResult(
@@ -716,11 +774,80 @@ def pick(
         top,
         rank_out,
         tuple(grown),
+        target_macs=target_macs,
+        macs_before=macs_before,
     )
 
 
-def _grow(p: Plan, target_params: int, section_sens: dict[int, float]) -> tuple[Plan, list[str]]:
-    """Spend what the budget leaves on more filters, most sensitive section first (never over the target).
+def _macs_front(
+    classes: Sequence[Sequence[Option[SectionPick]]],
+    need: int,
+    need_macs: int,
+    macs: dict[tuple[int, SectionPick], int],
+    macs_before: int,
+    params_bound: bool,
+) -> list[Solution[SectionPick]]:
+    """Choices that save at least ``need`` params and ``need_macs`` MACs, each with its true summed score.
+
+    MACs alone (``params_bound`` False): the exact front with the MACs as the saving. Both: the exact
+    params front of the Lagrangian scores (score - mu x MACs removed) for mu on a log grid around the
+    scores' scale per MAC; every choice found that meets the MAC need is kept with its true score.
+    """
+
+    def macs_of(labels: Sequence[SectionPick]) -> int:
+        return sum(macs[k, q] for k, q in enumerate(labels, start=1))
+
+    saved = {(k, c.label): c.saved for k, cl in enumerate(classes, start=1) for c in cl}
+
+    def params_of(labels: Sequence[SectionPick]) -> int:
+        return sum(saved[k, q] for k, q in enumerate(labels, start=1))
+
+    if not params_bound:
+        on_macs = [[Option(c.label, macs[k, c.label], c.cost) for c in cl] for k, cl in enumerate(classes, start=1)]
+        return [Solution(f.labels, params_of(f.labels), f.cost) for f in front(on_macs, need_macs)]
+    scale = sum(max((c.cost for c in cl), default=0.0) for cl in classes) / max(macs_before, 1) or 1e-12
+    found: dict[tuple[SectionPick, ...], Solution[SectionPick]] = {}
+    for mu in (0.0, *(scale * 10 ** (e / 4) for e in range(-16, 25))):
+        lagrangian = [
+            [Option(c.label, c.saved, c.cost - mu * macs[k, c.label]) for c in cl]
+            for k, cl in enumerate(classes, start=1)
+        ]
+        for f in front(lagrangian, need):
+            if f.labels not in found and macs_of(f.labels) >= need_macs:
+                true_cost = f.cost + mu * macs_of(f.labels)
+                found[f.labels] = Solution(f.labels, f.saved, true_cost)
+    return list(found.values())
+
+
+def _macs_floor_message(
+    per_section: Sequence[Sequence[Option[SectionPick]]],
+    macs: dict[tuple[int, SectionPick], int],
+    macs_before: int,
+    target_macs: int,
+    target_params: int,
+    fixed: Sequence[tuple[str, int]],
+) -> str:
+    """Why no plan meets a MAC target: below what any plan reaches, or not together with the size target."""
+    fewest = macs_before - sum(max(macs[k, c.label] for c in cl) for k, cl in enumerate(per_section, start=1))
+    if target_macs < fewest:
+        held = "; ".join(f"{what} {n:,} params" for what, n in fixed if "image" in what or "depthwise" in what)
+        return (
+            f"no conversion reaches {target_macs:,} MACs per example: the fewest possible is {fewest:,} "
+            f"({100 * fewest / max(macs_before, 1):.1f}% of {macs_before:,}), every section at its smallest bank "
+            f"or rank. Held there by what no option shrinks ({held or 'convs that share with nothing'}). "
+            f"Raise the MAC target to at least {fewest:,}, or prune as well"
+        )
+    return (
+        f"no conversion meets both {target_params:,} params and {target_macs:,} MACs per example: each alone is "
+        f"reachable (the fewest MACs possible is {fewest:,}), not together. Raise one of them, or give only one"
+    )
+
+
+def _grow(
+    p: Plan, target_params: int, section_sens: dict[int, float], min_macs_saved: int | None = None
+) -> tuple[Plan, list[str]]:
+    """Spend what the budget leaves on more filters, most sensitive section first (never over the target;
+    with ``min_macs_saved``, never removing fewer MACs than that: a bank that grows past the MAC budget stops).
 
     The grids are coarse (factors of 2), so the chosen plan can leave much of the budget unused;
     each step adds about an eighth of a bank's filters (at least one) where it still fits.
@@ -732,6 +859,7 @@ def _grow(p: Plan, target_params: int, section_sens: dict[int, float]) -> tuple[
         key=lambda i: (-section_sens.get(groups[i].sections[0] if groups[i].sections else 0, 0.0), i),
     )
     start = {i: groups[i].rank for i in order}
+    stopped: set[int] = set()
     while True:
         for i in order:
             g = groups[i]
@@ -741,8 +869,12 @@ def _grow(p: Plan, target_params: int, section_sens: dict[int, float]) -> tuple[
             dense = sum(p.site(m).weight_numel for m in g.members)
             cap = min(len(g.members) * site.out_channels, d, (dense - 1) // per)  # never costlier than dense convs
             step = min(max(1, g.rank // 8), cap - g.rank, left // per)
-            if step > 0:
+            if step > 0 and i not in stopped:
                 groups[i] = _resized(g, g.rank + step)
+                if min_macs_saved is not None and replace(p, groups=tuple(groups)).macs_saved < min_macs_saved:
+                    groups[i] = g  # over the MAC budget: this bank stays as it is
+                    stopped.add(i)
+                    continue
                 left -= step * per
                 break
         else:

@@ -47,6 +47,9 @@ class AnchorConfig:
             that shares with nothing; None keeps them dense.
         target_params, target_ratio, target_bytes: a size target (at most one): the budget planner then
             picks free / mix / plain / banks / low rank per section instead of ``mode``.
+        target_macs: a compute target, alone or with a size target: multiply-accumulates per example
+            (``40_000_000``, ``"40M"``) or how many times fewer (``"4x"``); exact, counted as
+            :func:`dacnn_convert.count_macs` does at the plan's input size.
         metric: the planner's score: ``kl`` (needs data; the default with data) or ``fit``.
         score_batches: calibration batches the planner scores candidates on
             (:data:`dacnn_convert.defaults.SCORE_BATCHES`).
@@ -67,6 +70,7 @@ class AnchorConfig:
     target_params: int | None = None
     target_ratio: float | None = None
     target_bytes: int | None = None
+    target_macs: int | str | None = None
     metric: str | None = None
     score_batches: int = SCORE_BATCHES
     rescore_rounds: int = RESCORE_ROUNDS
@@ -90,6 +94,7 @@ class AnchorConfig:
         object.__setattr__(self, "target_params", validate.optional_size("target-params", self.target_params))
         object.__setattr__(self, "target_bytes", validate.optional_size("target-bytes", self.target_bytes))
         object.__setattr__(self, "target_ratio", validate.optional_number("target-ratio", self.target_ratio, 1.0))
+        object.__setattr__(self, "target_macs", validate.macs_target(self.target_macs))
         given = [n for n in ("target_params", "target_ratio", "target_bytes") if getattr(self, n) is not None]
         if len(given) > 1:
             raise UsageError(
@@ -103,6 +108,11 @@ class AnchorConfig:
     @property
     def by_budget(self) -> bool:
         """A size target is given: the budget planner decides, and ``mode`` is not used."""
+        return any(t is not None for t in (self.target_params, self.target_ratio, self.target_bytes, self.target_macs))
+
+    @property
+    def by_size(self) -> bool:
+        """A size target (params, ratio or bytes) is given."""
         return any(t is not None for t in (self.target_params, self.target_ratio, self.target_bytes))
 
     def to_dict(self) -> dict[str, Any]:

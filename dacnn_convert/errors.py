@@ -94,6 +94,13 @@ class PlanError(DacnnError):
     """The conversion plan cannot be built or applied to this model."""
 
 
+class TargetError(PlanError, UsageError):
+    """No plan meets the size or compute target asked for: bad input (exit 2), the message names the
+    nearest reachable point. A :class:`PlanError` for code that catches those."""
+
+    exit_code = 2
+
+
 class CheckpointError(DacnnError):
     """A checkpoint file is missing, tampered with or does not match its plan."""
 

@@ -106,8 +106,12 @@ def plan_search(
         )
         return made, None
     overhead = stored_overhead(model) if config.target_bytes is not None else 0
-    target = resolve_target(
-        count_params(model), config.target_params, config.target_ratio, config.target_bytes, overhead_bytes=overhead
+    target = (
+        resolve_target(
+            count_params(model), config.target_params, config.target_ratio, config.target_bytes, overhead_bytes=overhead
+        )
+        if config.by_size
+        else None
     )
     found = search(
         model,
@@ -120,6 +124,7 @@ def plan_search(
         init,
         leaves,
         rescore_rounds=config.rescore_rounds,
+        target_macs=config.target_macs,
     )
     if config.regulator_init is not None:
         found = replace(found, plan=replace(found.plan, regulator_init=config.regulator_init))

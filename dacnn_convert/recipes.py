@@ -30,6 +30,7 @@ from .defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MA
 from .errors import RecipeError, UsageError, deprecated, first_line, marked, suggest
 from .io.files import not_a_folder, unreadable
 from .names import FEATURE_LOSSES
+from .validate import parse_amount
 
 TASKS = ("convert", "train", "bench")
 
@@ -87,6 +88,7 @@ class Recipe:
     target_params: int | str | None = None  # plan by budget: 6M, 600K or an integer
     target_ratio: float | None = None
     target_bytes: int | str | None = None
+    target_macs: int | str | None = None  # MACs per example (40M) or how many times fewer (4x); with or without a size
     metric: str | None = None  # fit | kl: the budget search's score
     dtype: str = "fp32"  # storage of the written model: fp32 | fp16 | bf16 | int8
     dataset: str | None = None
@@ -208,6 +210,7 @@ class Recipe:
             target_params=parse_amount(_text(self.target_params), "«target-params»"),
             target_ratio=self.target_ratio,
             target_bytes=parse_amount(_text(self.target_bytes), "«target-bytes»"),
+            target_macs=self.target_macs,
             metric=self.metric,
         )
 
@@ -419,33 +422,6 @@ def parse_rank(text: str | None, what: str) -> int | float | None:
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def parse_amount(text: str | None, what: str) -> int | None:
-    """``6M`` -> 6,000,000; ``600K``, ``12MB`` (10^6), ``12MiB`` (2^20), ``5000`` as they read."""
-    if text is None:
-        return None
-    units = {
-        "": 1,
-        "K": 10**3,
-        "M": 10**6,
-        "G": 10**9,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-    }
-    body = text.strip().upper().replace(",", "").replace("_", "")
-    number = body.rstrip("KMGIB")
-    try:
-        value = float(number) * units[body[len(number) :]]
-    except (ValueError, KeyError):
-        raise UsageError(f"{what} takes a number like 6M, 600K or 12MB; got {text!r}") from None
-    if not math.isfinite(value) or value > 1e15:
-        raise UsageError(f"{what} must be a finite size below 10^15; got {text!r}")
-    return int(value)
 
 
 def leaf_types(names: list[str]) -> list[type]:

@@ -63,6 +63,7 @@ from .options import (
     SmoothOpt,
     StyleOpt,
     TargetBytesOpt,
+    TargetMacsOpt,
     TargetParamsOpt,
     TargetRatioOpt,
     TrainLimitOpt,
@@ -206,6 +207,7 @@ def convert_command(
     target_params: TargetParamsOpt = None,
     target_ratio: TargetRatioOpt = None,
     target_bytes: TargetBytesOpt = None,
+    target_macs: TargetMacsOpt = None,
     metric: MetricOpt = None,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
@@ -304,6 +306,7 @@ def plan_command(
     target_params: TargetParamsOpt = None,
     target_ratio: TargetRatioOpt = None,
     target_bytes: TargetBytesOpt = None,
+    target_macs: TargetMacsOpt = None,
     metric: MetricOpt = None,
     dataset: DatasetOpt = None,
     train_limit: TrainLimitOpt = None,

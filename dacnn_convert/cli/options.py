@@ -417,6 +417,16 @@ TargetBytesOpt = Annotated[
 ]
 
 
+TargetMacsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="plan by compute: at most this many MACs per example (40M) or this many times fewer (4x); "
+        "alone or with a size target",
+        rich_help_panel=PANEL_TARGET,
+    ),
+]
+
+
 MetricOpt = Annotated[
     Metric | None,
     typer.Option(
