@@ -388,43 +388,161 @@ def search(
     choose("search space", space, SPACES)
     if metric == "kl" and calib_loader is None:
         raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
-    init = default_init(init, calib_loader is not None)
-    style = cast(RegulatorStyleName, regulator_style)  # a str from a recipe: make_plan checks it
-    mix = make_plan(model, "mix", "all", style, cast(InitName, init), input_size, leaf_modules)
-    plain = make_plan(model, "plain", "all", style, cast(InitName, init), input_size, leaf_modules)
-    mix = every_resolution(mix)
-    options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
-    fixed = fixed_parts(model, mix)
     if target_params is None and target_macs is None:
         raise UsageError("give a size target («target-params», «target-ratio», «target-bytes») or «target-macs»")
-    target_params = mix.params_before if target_params is None else target_params
-    macs_before, macs_cap = 0, None
-    if target_macs is not None:
-        from .core.report import count_macs
-
-        macs_before = count_macs(model, input_size)
-        macs_cap = validate.resolve_macs(macs_before, validate.macs_target(target_macs))  # type: ignore[arg-type]
-    budgets = {"target_macs": macs_cap, "macs_before": macs_before}
-    # pure arithmetic first: a target below the floor is refused before any candidate is scored
-    pick(
-        mix,
-        plain,
-        score_sections(model, mix, plain, "size", options=options, ranks=ranks),
-        target_params,
-        fixed=fixed,
-        **budgets,  # type: ignore[arg-type]
+    space_ = _Space.build(
+        model, input_size, calib_loader, metric, regulator_style, init, leaf_modules, space, target_macs
     )
-    batches, reference = (
-        calibration_reference(model, calib_loader, calib_batches)
-        if calib_loader is not None and metric == "kl"
-        else ([], [])
-    )
-    moments = _moments(model, mix, batches) if metric == "kl" and (len(options) > len(OPTIONS) or ranks) else None
-    scores = score_sections(model, mix, plain, metric, batches, reference, options, ranks, moments)
-    found = pick(mix, plain, scores, target_params, metric, fixed=fixed, **budgets)  # type: ignore[arg-type]
+    target_params = space_.mix.params_before if target_params is None else target_params
+    space_.check(model, target_params)  # pure arithmetic first: a target below the floor is refused before scoring
+    scorer = space_.scorer(model, calib_loader, calib_batches)
+    scores = space_.scores(model, scorer)
+    found = space_.pick(scores, target_params)
     if metric != "kl" or rescore_rounds == 0:
         return found
-    return refine(model, mix, plain, found, Scorer(model, batches, reference, moments), rescore_rounds, fixed)
+    return refine(model, space_.mix, space_.plain, found, scorer, rescore_rounds, space_.fixed)
+
+
+@dataclass(frozen=True)
+class _Space:
+    """What every search of one model shares: the full mix and plain plans, the options, the fixed parts,
+    the metric and the MAC budget."""
+
+    mix: Plan
+    plain: Plan
+    options: tuple[str, ...]
+    ranks: tuple[str, ...]
+    fixed: tuple[tuple[str, int], ...]
+    metric: str
+    macs_before: int = 0
+    macs_cap: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        input_size: tuple[int, int, int],
+        calib_loader: Iterable | None,
+        metric: str,
+        regulator_style: str,
+        init: str | None,
+        leaf_modules: Sequence[type[nn.Module]],
+        space: str,
+        target_macs: int | str | None,
+    ) -> _Space:
+        init = default_init(init, calib_loader is not None)
+        style = cast(RegulatorStyleName, regulator_style)  # a str from a recipe: make_plan checks it
+        mix = make_plan(model, "mix", "all", style, cast(InitName, init), input_size, leaf_modules)
+        plain = make_plan(model, "plain", "all", style, cast(InitName, init), input_size, leaf_modules)
+        mix = every_resolution(mix)
+        options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
+        macs_before, macs_cap = 0, None
+        if target_macs is not None:
+            from .core.report import count_macs
+
+            macs_before = count_macs(model, input_size)
+            macs_cap = validate.resolve_macs(macs_before, validate.macs_target(target_macs))  # type: ignore[arg-type]
+        return cls(mix, plain, options, tuple(ranks), fixed_parts(model, mix), metric, macs_before, macs_cap)
+
+    def check(self, model: nn.Module, target_params: int) -> None:
+        """Raise :class:`TargetError` when no option reaches ``target_params`` (and the MAC budget)."""
+        self.pick(
+            score_sections(model, self.mix, self.plain, "size", options=self.options, ranks=self.ranks), target_params
+        )
+
+    def scorer(self, model: nn.Module, calib_loader: Iterable | None, calib_batches: int) -> Scorer:
+        batches, reference = (
+            calibration_reference(model, calib_loader, calib_batches)
+            if calib_loader is not None and self.metric == "kl"
+            else ([], [])
+        )
+        wide = len(self.options) > len(OPTIONS) or self.ranks
+        moments = _moments(model, self.mix, batches) if self.metric == "kl" and wide else None
+        return Scorer(model, batches, reference, moments)
+
+    def scores(self, model: nn.Module, scorer: Scorer) -> tuple[SectionScore, ...]:
+        return score_sections(
+            model,
+            self.mix,
+            self.plain,
+            self.metric,
+            scorer.batches,
+            scorer.reference,
+            self.options,
+            self.ranks,
+            scorer.moments,
+        )
+
+    def pick(self, scores: Sequence[SectionScore], target_params: int) -> BudgetResult:
+        return pick(
+            self.mix, self.plain, scores, target_params, self.metric, self.fixed, self.macs_cap, self.macs_before
+        )
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One size target of :func:`sweep`: the plan picked for it, or why none fits."""
+
+    ratio: float
+    target: int
+    found: BudgetResult | None
+    refused: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ratio": self.ratio, "target": self.target, "refused": self.refused}
+        if self.found is not None:
+            p = self.found.plan
+            out |= {
+                "params": p.params_after,
+                "macs_saved": p.macs_saved,
+                "score": self.found.sensitivity,
+                "choice": list(self.found.choice),
+                "unshared": list(self.found.ranks),
+            }
+        return out
+
+
+SWEEP_RATIOS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
+
+
+def sweep(
+    model: nn.Module,
+    ratios: Sequence[float] = SWEEP_RATIOS,
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE,
+    calib_loader: Iterable | None = None,
+    calib_batches: int = SCORE_BATCHES,
+    metric: str | None = None,
+    regulator_style: str = "adapter",
+    init: str | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    target_macs: int | str | None = None,
+) -> tuple[SweepPoint, ...]:
+    """The planner's own front, nothing trained: the plan it picks at each size ``ratio`` (and the MAC
+    budget, if given), with its predicted score, from one scoring of the sections.
+
+    The scores are the additive per-section ones (no whole-plan re-scoring, which is per target); the
+    ratios stop at the first one below the model's floor, whose point says why.
+    """
+    metric = metric or ("kl" if calib_loader is not None else "fit")
+    choose("metric", metric, METRICS)
+    if metric == "kl" and calib_loader is None:
+        raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
+    for r in ratios:
+        validate.number("sweep ratio", r, 1.0)
+    space_ = _Space.build(
+        model, input_size, calib_loader, metric, regulator_style, init, leaf_modules, "bank", target_macs
+    )
+    scorer = space_.scorer(model, calib_loader, calib_batches)
+    scores = space_.scores(model, scorer)
+    points = []
+    for r in sorted(ratios):
+        target = int(space_.mix.params_before / r)
+        try:
+            points.append(SweepPoint(r, target, space_.pick(scores, target)))
+        except TargetError as exc:
+            points.append(SweepPoint(r, target, None, str(exc)))
+            break
+    return tuple(points)
 
 
 def _moments(model: nn.Module, mix: Plan, batches: Sequence[torch.Tensor]) -> Any:

@@ -90,33 +90,10 @@ def run_convert_job(
         from .core.report import build_report, state_dict_bytes
         from .io.card import model_card
         from .io.checkpoint import save
-        from .io.sources import build_model, input_config, parse_spec
 
-        if rec.model is None:
-            raise UsageError("give a model (e.g. resnet34), or a recipe that names one")
-        weights = rec.weights or "DEFAULT"
-        spec = parse_spec(rec.model, rec.num_classes)
-        size = parse_input_size(rec.input_size)
-        leaves = leaf_types([n for n in (rec.leaf_module or "").split(",") if n.strip()])
+        ready = _prepare(rec, loaders_for, device, dry_run)
+        original, spec, size, leaves, settings, with_data, loaders = ready
         out = output_folder(rec)
-        with_data = loaders_for is not None and bool(rec.dataset)
-        original = build_model(spec, weights).eval()
-        if device is not None:
-            original.to(device)  # calibration, search and fine-tune run where the data goes
-        preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
-        if size is None:
-            from .train.data import native_size
-
-            side = native_size(rec.dataset) if with_data and rec.dataset else None
-            size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
-        settings = rec.anchor_config()
-        init = default_init(settings.init, with_data, None if settings.by_budget else settings.mode)
-        if rec.reconstruct and not with_data:
-            raise UsageError("«reconstruct» matches the original's outputs on calibration images: give «dataset»")
-        if init in ("act", "act-seq") and not with_data:
-            raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
-        # a size target is scored on the training data (kl); a plan by mode needs none
-        loaders = loaders_for(size, preprocess) if with_data and (settings.by_budget or not dry_run) else None  # type: ignore[misc]
         scored_on = loaders.train if loaders is not None and settings.by_budget else None
         plan, search = plan_search(original, settings, scored_on, size, leaves, with_data=with_data)
         result = ConvertJobResult(plan, spec.display, None if dry_run else out, search)
@@ -162,3 +139,88 @@ def run_convert_job(
             atomic_write_text(out / "README.md", model_card(report, command)),
         ]
         return result
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A job's model and settings, built the same way for a conversion and a sweep."""
+
+    original: torch.nn.Module
+    spec: Any
+    size: tuple[int, int, int]
+    leaves: list[type]
+    settings: Any  # AnchorConfig
+    with_data: bool
+    loaders: Any
+
+    def __iter__(self) -> Any:
+        return iter((self.original, self.spec, self.size, self.leaves, self.settings, self.with_data, self.loaders))
+
+
+def _prepare(
+    rec: Recipe, loaders_for: LoadersFor | None, device: torch.device | None, dry_run: bool, sweep: bool = False
+) -> _Ready:
+    """Build the model the recipe names (on ``device``), its input size, and (with a dataset) its loaders:
+    for a conversion, for a dry run that searches a size target, and for a ``sweep``."""
+    from .io.sources import build_model, input_config, parse_spec
+
+    if rec.model is None:
+        raise UsageError("give a model (e.g. resnet34), or a recipe that names one")
+    weights = rec.weights or "DEFAULT"
+    spec = parse_spec(rec.model, rec.num_classes)
+    size = parse_input_size(rec.input_size)
+    leaves = leaf_types([n for n in (rec.leaf_module or "").split(",") if n.strip()])
+    with_data = loaders_for is not None and bool(rec.dataset)
+    original = build_model(spec, weights).eval()
+    if device is not None:
+        original.to(device)  # calibration, search and fine-tune run where the data goes
+    preprocess = input_config(original, spec, weights)  # timm's data config / torchvision's transforms
+    if size is None:
+        from .train.data import native_size
+
+        side = native_size(rec.dataset) if with_data and rec.dataset else None
+        size = (preprocess.input_size[0], side, side) if side else preprocess.input_size
+    settings = rec.anchor_config()
+    init = default_init(settings.init, with_data, None if settings.by_budget else settings.mode)
+    if rec.reconstruct and not with_data:
+        raise UsageError("«reconstruct» matches the original's outputs on calibration images: give «dataset»")
+    if init in ("act", "act-seq") and not with_data:
+        raise UsageError(f"«init={init}» fits anchors to real inputs: give «dataset» data (or use «init=fit»)")
+    # a size target is scored on the training data (kl); a plan by mode needs none
+    want = sweep or settings.by_budget or not dry_run
+    loaders = loaders_for(size, preprocess) if with_data and want else None  # type: ignore[misc]
+    return _Ready(original, spec, size, leaves, settings, with_data, loaders)
+
+
+@dataclass
+class SweepJobResult:
+    """The planner's front for one model: a point per size ratio (budget.SweepPoint), and its MACs."""
+
+    source: str
+    points: tuple[Any, ...]
+    params_before: int
+    macs_before: int
+
+
+def run_sweep_job(
+    rec: Recipe,
+    ratios: Any,
+    *,
+    loaders_for: LoadersFor | None = None,
+    device: torch.device | None = None,
+) -> SweepJobResult:
+    """Plan the model ``rec`` names at each size ratio (scored once; with ``rec.dataset``, by kl on its
+    training data), nothing converted or written; ``rec``'s MAC target, if any, holds at every ratio."""
+    from .core.plan import count_params
+    from .core.report import count_macs
+    from .pipeline import plan_sweep
+
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(rec.seed)
+        unsized = rec.override(target_ratio=None, target_params=None, target_bytes=None)  # the sweep sets the sizes
+        ready = _prepare(unsized, loaders_for, device, True, sweep=True)
+        scored_on = ready.loaders.train if ready.loaders is not None else None
+        points = plan_sweep(ready.original, ready.settings, ratios, scored_on, ready.size, ready.leaves)
+        return SweepJobResult(
+            ready.spec.display, points, count_params(ready.original), count_macs(ready.original, ready.size)
+        )

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import validate
 from .atomic import atomic_write_text
-from .budget import BudgetResult, resolve_target, search
+from .budget import SWEEP_RATIOS, BudgetResult, SweepPoint, resolve_target, search, sweep
 from .config import LEGACY_ANCHOR, AnchorConfig, resolve_config
 from .core.convert import convert
 from .core.plan import Plan, count_params
@@ -129,6 +129,33 @@ def plan_search(
     if config.regulator_init is not None:
         found = replace(found, plan=replace(found.plan, regulator_init=config.regulator_init))
     return found.plan, found
+
+
+def plan_sweep(
+    model: nn.Module,
+    config: AnchorConfig,
+    ratios: Sequence[float] | None = None,
+    calib_loader: Iterable | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> tuple[SweepPoint, ...]:
+    """The planner's front for ``model`` (:func:`dacnn_convert.budget.sweep`): the plan it picks at each size
+    ratio (default :data:`~dacnn_convert.budget.SWEEP_RATIOS`), with ``config``'s metric, scoring batches,
+    regulator style, init and MAC target; ``config``'s own size target is not used."""
+    input_size = _check_plan_args(model, input_size, calib_loader)
+    init = default_init(config.init, calib_loader is not None, None)
+    return sweep(
+        model,
+        SWEEP_RATIOS if ratios is None else tuple(ratios),
+        input_size,
+        calib_loader,
+        config.score_batches,
+        config.metric,
+        config.regulator_style,
+        init,
+        validate.leaf_modules(leaf_modules),
+        config.target_macs,
+    )
 
 
 def _targeted(*targets: Any) -> bool:

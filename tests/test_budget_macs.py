@@ -92,3 +92,34 @@ def test_cli_plan_takes_a_mac_target(tmp_path) -> None:
     out = tmp_path / "never"
     result = runner.invoke(app, ["convert", *args[1:], "--target-macs", "100x", "--out", str(out)])
     assert result.exit_code == 2 and not out.exists()
+
+
+def test_sweep_plans_every_ratio_from_one_scoring_and_stops_at_the_floor(model) -> None:
+    from dacnn_convert.budget import sweep
+
+    points = sweep(model, (2, 4, 8, 1000), SIZE)
+    found = [p for p in points if p.found is not None]
+    assert [p.ratio for p in found] == [2, 4, 8] and points[-1].refused and "smallest possible" in points[-1].refused
+    sizes = [p.found.plan.params_after for p in found]
+    assert all(s <= p.target for s, p in zip(sizes, found, strict=True)) and sizes == sorted(sizes, reverse=True)
+    assert [p.found.sensitivity for p in found] == sorted(p.found.sensitivity for p in found)  # smaller costs more
+    before = count_macs(model, SIZE)
+    capped = sweep(model, (2, 4), SIZE, target_macs="3x")
+    assert all(before - p.found.plan.macs_saved <= before // 3 for p in capped)
+    with pytest.raises(UsageError, match="sweep ratio"):
+        sweep(model, (0.5,), SIZE)
+
+
+def test_cli_plan_sweep(tmp_path) -> None:
+    runner = CliRunner()
+    args = ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--sweep"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    ok = [p for p in doc["points"] if p["refused"] is None]
+    assert len(ok) >= 5 and all(p["params"] <= p["target"] for p in ok)
+    assert all(p["macs_after"] == doc["macs_before"] - p["macs_saved"] for p in ok)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "the planner's front" in result.output and "12x" in result.output
+    result = runner.invoke(app, [*args, "--target-ratio", "4"])
+    assert result.exit_code == 2 and "leave out" in result.output

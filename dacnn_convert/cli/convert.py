@@ -62,6 +62,7 @@ from .options import (
     SizeOpt,
     SmoothOpt,
     StyleOpt,
+    SweepOpt,
     TargetBytesOpt,
     TargetMacsOpt,
     TargetParamsOpt,
@@ -316,12 +317,18 @@ def plan_command(
     leaf_module: LeafOpt = None,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
+    sweep: SweepOpt = False,
 ) -> None:
     """Print the conversion plan, by mode or by a size target (nothing is converted or written)."""
     if model is None:
         raise UsageError("give a MODEL, e.g. dacnn plan resnet34 --target-ratio 4 --explain")
     rec = recipe_from_command(ctx, "convert")
     data = DataOptions.from_recipe(rec) if dataset else None
+    if sweep:
+        if any(t is not None for t in (target_params, target_ratio, target_bytes)):
+            raise UsageError("--sweep plans at its own sizes (1.5x to 20x): leave out --target-params/ratio/bytes")
+        _sweep(rec, data, json_out)
+        return
     job = run_convert(rec, data, dry_run=True, render=False)
     if json_out:
         p = job.plan
@@ -344,3 +351,28 @@ def plan_command(
     advice = job.search.advice(cli=True) if job.search is not None else None
     if advice:
         console.print(f"note: {advice}", highlight=False, soft_wrap=True)
+
+
+def _sweep(rec: Any, data: DataOptions | None, json_out: bool) -> None:
+    """Run and render ``dacnn plan --sweep``."""
+    from ..jobs import run_sweep_job
+    from ..train.device import resolve_device
+    from .render import render_sweep
+
+    device = data.torch_device() if data is not None else resolve_device(rec.device)
+    with _Progress():
+        job = run_sweep_job(rec, None, loaders_for=data.loaders if data is not None else None, device=device)
+    if json_out:
+        print_json(
+            {
+                "model": job.source,
+                "params_before": job.params_before,
+                "macs_before": job.macs_before,
+                "points": [
+                    p.to_dict() | ({"macs_after": job.macs_before - p.found.plan.macs_saved} if p.found else {})
+                    for p in job.points
+                ],
+            }
+        )
+        return
+    render_sweep(job)

@@ -427,6 +427,16 @@ TargetMacsOpt = Annotated[
 ]
 
 
+SweepOpt = Annotated[
+    bool,
+    typer.Option(
+        help="print the planner's own front instead: the plan it picks at 1.5x to 20x fewer params, "
+        "with MACs and its predicted score (scored once; a --target-macs holds at every size)",
+        rich_help_panel=PANEL_TARGET,
+    ),
+]
+
+
 MetricOpt = Annotated[
     Metric | None,
     typer.Option(

@@ -151,3 +151,46 @@ def render_accuracy(result: Any) -> None:
     table.add_row("drop vs teacher", f"{100 * result.drop:.2f} points")
     console.print(table)
     console.print(f"wall time {result.wall_s:.0f} s")
+
+
+def render_sweep(job: Any) -> None:
+    """``dacnn plan --sweep``: one row per size ratio, the planner's pick with its params, MACs and score."""
+    columns = [
+        ("ratio", "num", 0),
+        ("params", "num", 0),
+        ("fp32 MB", "num", 1),
+        ("MACs", "num", 0),
+        ("MACs fewer", "num", 2),
+        ("score", "num", 0),
+        ("sections", "text", 3),
+    ]
+    rows = []
+    for p in job.points:
+        if p.found is None:
+            continue
+        plan = p.found.plan
+        macs = job.macs_before - plan.macs_saved
+        ranks = p.found.ranks or ("dense",) * len(p.found.choice)
+        picks = "/".join(c if r == "dense" else f"{c}+{r}" for c, r in zip(p.found.choice, ranks, strict=True))
+        rows.append(
+            [
+                f"{p.ratio:g}x",
+                f"{plan.params_after:,}",
+                f"{4 * plan.params_after / 1e6:.2f}",
+                f"{macs:,}",
+                f"{job.macs_before / max(macs, 1):.2f}x",
+                f"{p.found.sensitivity:.4g}",
+                picks,
+            ]
+        )
+    metric = job.points[0].found.metric if job.points and job.points[0].found is not None else "fit"
+    title = (
+        f"{job.source}: the planner's front ({job.params_before:,} params, {job.macs_before:,} MACs; "
+        f"score: summed {metric}, lower is better)"
+    )
+    table, dropped = fitted_table(title, columns, rows)
+    console.print(table)
+    left_out(dropped)
+    refused = [p for p in job.points if p.found is None]
+    if refused:
+        console.print(f"{refused[0].ratio:g}x: {refused[0].refused}", highlight=False, soft_wrap=True)
