@@ -72,6 +72,7 @@ class BenchConfig:
     # the anchoring methods' section-wise reconstruction after the BN step (the last step of their
     # conversion, as anchor() and compress() do with data); other methods have no such step
     reconstruct: bool = True
+    budget_macs: float | None = None  # a fraction of the teacher's MACs: alone, or with «budget» for the planner
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -82,6 +83,14 @@ class BenchConfig:
             raise UsageError("give either «budget» or «match», not both")
         if self.budget is not None and not 0 < self.budget < 1:
             raise UsageError(f"«budget» is a fraction of the teacher's parameters in (0, 1); got {self.budget}")
+        if self.budget_macs is not None and not 0 < self.budget_macs < 1:
+            raise UsageError(f"«budget-macs» is a fraction of the teacher's MACs in (0, 1); got {self.budget_macs}")
+        blind = [m for m in self.methods if not getattr(get_method(m), "removes_macs", True)]
+        if self.budget_macs is not None and self.budget is None and self.match is None and blind:
+            raise UsageError(
+                f"{', '.join(blind)} removes no MACs (dense kernels run every zero): it cannot meet «budget-macs»; "
+                "leave it out of «methods» or give «budget» as well"
+            )
         if self.match is not None and not get_method(self.match).fixed_size:
             raise UsageError(f"«match» needs a method with a fixed size (an anchoring method), not {self.match!r}")
         if self.repeats < 1:
@@ -208,7 +217,18 @@ class BenchResult:
                 if cfg.budget
                 else ""
             )
-            + ". Pruning methods hit it within 1%; anchoring methods have the size their plan gives.",
+            + ". Pruning methods hit it within 1%; anchoring methods have the size their plan gives."
+            + (
+                f" Compute budget: {cfg.budget_macs:.0%} of the teacher's MACs"
+                + (
+                    " (the planner meets it as well as the parameter budget; pruning keeps the parameter budget)."
+                    if self.target_params
+                    else " (structured pruning and lowrank hit it within 1%, the planner meets it; magnitude "
+                    "removes no MACs)."
+                )
+                if cfg.budget_macs
+                else ""
+            ),
             f"Same for every method: BN recalibration on {cfg.calib_batches} batches"
             + (
                 " (the anchoring methods then reconstruct each section on calibration batches, the last step of "
@@ -362,10 +382,11 @@ def run_bench(
     """
     start = time.perf_counter()
     notify = on_event or (lambda event, data: None)
-    ctx = Context(input_size, loaders.train, config.calib_batches, 0, source)
+    target_macs = None if config.budget_macs is None else round(config.budget_macs * count_macs(teacher, input_size))
+    ctx = Context(input_size, loaders.train, config.calib_batches, 0, source, target_macs)
     target = target_size(teacher, config, ctx)
-    if target is None and any(not get_method(m).fixed_size for m in config.methods):
-        raise UsageError("pruning methods need a size: give «budget» FRACTION or «match» METHOD")
+    if target is None and target_macs is None and any(not get_method(m).fixed_size for m in config.methods):
+        raise UsageError("pruning methods need a size: give «budget» FRACTION, «match» METHOD or «budget-macs»")
     teacher_params = count_params(teacher)
     precision, limit = config.train.precision, config.train.limit_batches
     teacher_acc = evaluate(teacher, loaders.val, precision, limit)

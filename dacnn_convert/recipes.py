@@ -121,6 +121,7 @@ class Recipe:
     methods: str | None = None  # bench: comma-separated method names
     budget: float | None = None  # bench: size as a fraction of the teacher's parameters
     match: str | None = None  # bench: prune to the size of this anchoring method
+    budget_macs: float | None = None  # bench: compute as a fraction of the teacher's MACs
     repeats: int = 1  # bench: seeds per method
     latency_repeats: int = 20
     paper_table: str | None = None
@@ -153,6 +154,8 @@ class Recipe:
                 raise RecipeError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.budget is not None and not 0 < self.budget < 1:
             raise RecipeError(f"budget is a fraction of the teacher's parameters in (0, 1), got {self.budget}")
+        if self.budget_macs is not None and not 0 < self.budget_macs < 1:
+            raise RecipeError(f"budget_macs is a fraction of the teacher's MACs in (0, 1), got {self.budget_macs}")
 
     @property
     def resolved_lr(self) -> float:

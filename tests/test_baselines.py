@@ -226,3 +226,42 @@ def test_only_conversions_that_share_get_the_reconstruction_step(tmp_path) -> No
     assert lowrank.acc_reconstructed is None and lowrank.reconstruct_s is None  # its plan shares nothing
     off = run_bench(wide(), loaders, (3, 16, 16), replace(config, methods=("dacnn-bank",), reconstruct=False))
     assert off.rows[0].acc_reconstructed is None
+
+
+@pytest.mark.parametrize("method", ["group-norm", "lowrank", "dacnn-bank"])
+def test_a_mac_budget_is_hit_by_pruning_and_met_by_the_planner(method: str) -> None:
+    from dacnn_convert.core.report import count_macs
+
+    teacher = wide()
+    target = count_macs(teacher, (3, 16, 16)) // 2
+    out = get_method(method).compress(teacher, None, replace(CTX, target_macs=target))
+    got = count_macs(out.model, (3, 16, 16))
+    if method == "group-norm":
+        assert abs(got - target) / target <= 0.01
+    else:  # plan arithmetic: never over, and the planner's and lowrank's searches use the budget
+        assert 0.8 * target <= got <= target
+    assert count_params(teacher) == 676_682  # the teacher is untouched
+
+
+def test_magnitude_refuses_a_mac_budget_and_the_bench_takes_one(tmp_path) -> None:
+    with pytest.raises(PlanError, match="removes no MACs"):
+        get_method("magnitude").compress(wide(), None, replace(CTX, target_macs=1000))
+    with pytest.raises(UsageError, match="fraction of the teacher's MACs"):
+        BenchConfig(("group-norm",), budget_macs=1.5)
+    with pytest.raises(UsageError, match="magnitude removes no MACs"):  # before anything runs
+        BenchConfig(("group-norm", "magnitude"), budget_macs=0.5)
+    assert BenchConfig(("magnitude",), budget=0.5, budget_macs=0.5).budget_macs == 0.5  # params for magnitude
+    loaders = make_loaders("synthetic", batch_size=32, input_size=16)
+    config = BenchConfig(
+        ("dacnn-bank", "group-norm"),
+        budget_macs=0.5,
+        calib_batches=1,
+        latency_batches=(1,),
+        latency_repeats=1,
+        train=TrainConfig(epochs=1, limit_batches=1, precision="fp32"),
+        reconstruct=False,
+    )
+    result = run_bench(wide(), loaders, (3, 16, 16), config, out=tmp_path)
+    teacher_macs = result.teacher.macs
+    assert all(r.macs <= 0.5 * teacher_macs * 1.01 for r in result.rows)
+    assert "Compute budget: 50% of the teacher's MACs" in (tmp_path / "bench.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from ..core.convert import convert
-from ..core.plan import count_params
+from ..core.plan import Plan, count_params
 from ..defaults import default_init
 from ..io.checkpoint import save
 from ..pipeline import plan
@@ -55,10 +55,16 @@ class Budgeted:
         from ..budget import search
         from ..errors import PlanError
 
-        if target_params is None:
-            raise PlanError("dacnn-budget needs a parameter budget («budget» or «match»)")
+        if target_params is None and ctx.target_macs is None:
+            raise PlanError(f"{self.name} needs a parameter budget («budget» or «match») or «budget-macs»")
         result = search(
-            teacher, target_params, ctx.input_size, ctx.calib_loader, min(ctx.calib_batches, 8), space=self.space
+            teacher,
+            target_params,
+            ctx.input_size,
+            ctx.calib_loader,
+            min(ctx.calib_batches, 8),
+            space=self.space,
+            target_macs=ctx.target_macs,
         )
         model = convert(teacher, result.plan, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
@@ -101,23 +107,32 @@ class LowRank:
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
         from ..errors import PlanError
 
-        if target_params is None:
-            raise PlanError("lowrank needs a parameter budget («budget» or «match»)")
+        if target_params is None and ctx.target_macs is None:
+            raise PlanError("lowrank needs a parameter budget («budget» or «match») or «budget-macs»")
         init = default_init(None, ctx.calib_loader is not None)
         from ..core.planning import with_low_rank
+        from ..core.report import count_macs
 
         base = plan(teacher, mode="none", init=init, input_size=ctx.input_size)  # traced once
+        macs_before = count_macs(teacher, ctx.input_size) if target_params is None else 0
+
+        def fits(p: Plan) -> bool:  # a MAC budget is exact plan arithmetic too (Plan.macs_saved)
+            if target_params is not None:
+                return p.params_after <= target_params
+            return macs_before - p.macs_saved <= ctx.target_macs  # type: ignore[operator]
+
         lo, hi = 1e-3, 1.0
         best = None
-        for _ in range(30):  # params grow with the fraction: bisect for the largest that fits
+        for _ in range(30):  # params and MACs grow with the fraction: bisect for the largest that fits
             mid = (lo + hi) / 2
             p = with_low_rank(base, mid)
-            if p.params_after <= target_params:
+            if fits(p):
                 best, lo = p, mid
             else:
                 hi = mid
         if best is None:
-            raise PlanError(f"lowrank cannot reach {target_params:,} params: even rank 1 everywhere is larger")
+            what = f"{target_params:,} params" if target_params is not None else f"{ctx.target_macs:,} MACs"
+            raise PlanError(f"lowrank cannot reach {what}: even rank 1 everywhere is larger")
         model = convert(teacher, best, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:

@@ -102,10 +102,16 @@ class Magnitude:
 
     name = "magnitude"
     fixed_size = False
+    removes_macs = False  # zeros in dense kernels: a MAC budget cannot be met this way
     description = "global unstructured magnitude pruning (Han et al. 2015), masks kept while fine-tuning"
 
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
         ensure_unshared(teacher, self.name)
+        if target_params is None and ctx.target_macs is not None:
+            raise PlanError(
+                "magnitude pruning removes no MACs (dense kernels run every zero): it cannot meet «budget-macs»; "
+                "leave it out of «methods» or give «budget»"
+            )
         if target_params is None:
             raise PlanError("magnitude pruning needs a parameter budget («budget» or «match»)")
         import copy

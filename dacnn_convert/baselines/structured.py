@@ -112,9 +112,15 @@ def _bisect(
 
 
 def search_ratio(
-    teacher: nn.Module, target: int, importance: str, input_size: tuple[int, int, int], steps: int = 20
+    teacher: nn.Module,
+    target: int,
+    importance: str,
+    input_size: tuple[int, int, int],
+    steps: int = 20,
+    measure: str = "params",
 ) -> tuple[nn.Module, str]:
-    """Find channel ratios that bring a pruned copy of ``teacher`` to ``target`` params (within 1%).
+    """Find channel ratios that bring a pruned copy of ``teacher`` to ``target`` params (within 1%), or to
+    ``target`` MACs per example with ``measure="macs"``.
 
     First one uniform ratio by bisection; if its steps jump over the target, the widest layers
     get a ratio of their own, bisected between the two uniform ratios that bracket the target.
@@ -125,8 +131,14 @@ def search_ratio(
     Raises:
         PlanError: no ratio gets within 1% (the model is too narrow for this budget).
     """
-    if target >= count_params(teacher):
-        raise PlanError(f"the budget {target:,} is not below the model's {count_params(teacher):,} parameters")
+    from ..core.report import count_macs
+
+    def size(m: nn.Module) -> int:
+        return count_macs(m, input_size) if measure == "macs" else count_params(m)
+
+    unit = "MACs" if measure == "macs" else "parameters"
+    if target >= size(teacher):
+        raise PlanError(f"the budget {target:,} is not below the model's {size(teacher):,} {unit}")
     base = copy.deepcopy(teacher).to(memory_format=torch.contiguous_format)
     # ratios closer than 1/(4 * widest layer) prune the same channels: no point bisecting further
     widest = max((m.out_channels for m in base.modules() if isinstance(m, nn.Conv2d)), default=1)
@@ -134,7 +146,7 @@ def search_ratio(
 
     def uniform(r: float) -> tuple[int, nn.Module]:
         m = channel_prune(copy.deepcopy(base), r, importance, input_size)
-        return count_params(m), m
+        return size(m), m
 
     tries = _bisect(uniform, target, 0.0, 0.999, steps)
     best = min(tries, key=lambda t: t[0])
@@ -146,14 +158,14 @@ def search_ratio(
 
             def with_widest(r: float) -> tuple[int, nn.Module]:
                 m = channel_prune(copy.deepcopy(base), r0, importance, input_size, widest_ratio=r)
-                return count_params(m), m
+                return size(m), m
 
             fine = min(_bisect(with_widest, target, r0, 0.999, steps), key=lambda t: t[0])
             if fine[0] < best[0]:
                 best, note = fine, f"channel ratio {r0:.3f}, widest layers {fine[1]:.3f}"
     if best[0] > TOLERANCE:
         raise PlanError(
-            f"channel pruning cannot reach {target:,} parameters within 1% (closest: {best[2]:,} at ratio "
+            f"channel pruning cannot reach {target:,} {unit} within 1% (closest: {best[2]:,} at ratio "
             f"{best[1]:.3f}); the layers are too narrow for this budget"
         )
     return best[3], note
@@ -170,9 +182,13 @@ class ChannelPruning:
 
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
         ensure_unshared(teacher, self.name)
-        if target_params is None:
-            raise PlanError(f"{self.name} needs a parameter budget («budget» or «match»)")
-        model, ratios = search_ratio(teacher, target_params, self.importance, ctx.input_size)
+        if target_params is None and ctx.target_macs is None:
+            raise PlanError(f"{self.name} needs a parameter budget («budget» or «match») or «budget-macs»")
+        if target_params is not None:
+            model, ratios = search_ratio(teacher, target_params, self.importance, ctx.input_size)
+        else:
+            assert ctx.target_macs is not None
+            model, ratios = search_ratio(teacher, ctx.target_macs, self.importance, ctx.input_size, measure="macs")
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:
             return {"safetensors": save(m, folder / "model.safetensors", source=ctx.source, pruned=True).stat().st_size}

@@ -86,6 +86,13 @@ def bench_command(
         float | None, typer.Option(help="size budget as a fraction of the teacher's params (0.25 keeps a quarter)")
     ] = None,
     match: Annotated[str | None, typer.Option(help="prune to the size of this anchoring method")] = None,
+    budget_macs: Annotated[
+        float | None,
+        typer.Option(
+            help="compute budget as a fraction of the teacher's MACs: alone (pruning hits it within 1%, the "
+            "planner meets it), or with --budget (the planner meets both, pruning keeps the params budget)"
+        ),
+    ] = None,
     repeats: Annotated[int, typer.Option(min=1, help="seeds per method; mean ± std reported")] = 1,
     out: Annotated[Path, typer.Option(help="folder for bench.md/json/csv/png and each method's artefact")] = Path(
         "runs/bench"
@@ -145,6 +152,7 @@ def bench_command(
         rec.match,
         rec.repeats,
         rec.calib_batches,
+        budget_macs=rec.budget_macs,
         latency_repeats=rec.latency_repeats,
         train=data.config(),
         reconstruct=rec.reconstruct is not False,
@@ -212,7 +220,10 @@ def bench_command(
                 f"{100 * s['drop']:.2f}",
             ]
         )
-    table, dropped = fitted_table(f"{spec.display}: {result.target_params or 0:,} params budget", columns, rows)
+    title = f"{spec.display}: {result.target_params or 0:,} params budget" + (
+        f", {result.config.budget_macs:.0%} of its MACs" if result.config.budget_macs else ""
+    )
+    table, dropped = fitted_table(title, columns, rows)
     console.print(table)
     left_out(dropped)
     console.print(f"wrote {out}/bench.md, bench.json, bench.csv, bench.png ({result.wall_s / 60:.1f} min)")
