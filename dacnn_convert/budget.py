@@ -104,6 +104,8 @@ class BudgetResult:
     rescored: tuple[tuple[tuple[str, ...], float], ...] = ()  # (choice, whole-plan kl) of refine's plans, best first
     target_macs: int | None = None  # MACs per example the plan had to fit, if asked
     macs_before: int = 0  # of the model at the plan's input size (0: not counted, no MAC target)
+    latency_ms: float | None = None  # measured median of the chosen plan, for a latency target
+    latency_tries: tuple[tuple[int, float], ...] = ()  # (MACs, measured ms) of every plan timed, in order
 
     def to_dict(self) -> dict[str, Any]:
         """The search as plain values (the plan itself is :meth:`Plan.to_dict`)."""
@@ -111,6 +113,8 @@ class BudgetResult:
             "target": self.target,
             "target_macs": self.target_macs,
             "macs_before": self.macs_before,
+            "latency_ms": self.latency_ms,
+            "latency_tries": [list(t) for t in self.latency_tries],
             "metric": self.metric,
             "choice": list(self.choice),
             "unshared": list(self.ranks),
@@ -159,6 +163,9 @@ class BudgetResult:
                 + f"; {self.feasible:,} non-dominated plans of {self.candidates:,} combinations fit the budget"
             ),
         ]
+        if self.latency_ms is not None:
+            tried = ", ".join(f"{m:,} MACs: {ms:.3g} ms" for m, ms in self.latency_tries)
+            lines.append(f"measured latency {self.latency_ms:.3g} ms per batch (plans timed: {tried})")
         if self.target_macs is not None:
             after = self.macs_before - self.plan.macs_saved
             lines.append(
@@ -359,6 +366,7 @@ def search(
     space: str = "bank",
     rescore_rounds: int = RESCORE_ROUNDS,
     target_macs: int | str | None = None,
+    reuse: dict[str, Any] | None = None,
 ) -> BudgetResult:
     """Find the conversion with the least summed sensitivity whose unique params are <= ``target_params``.
 
@@ -378,6 +386,8 @@ def search(
         rescore_rounds: rounds of :func:`refine` after the additive search (``kl`` only; 0: none).
         target_macs: MACs per example (an int) or ``"4x"`` fewer (:func:`dacnn_convert.validate.macs_target`);
             the result removes at least what that asks.
+        reuse: a dict kept across calls on the same model with the same settings but another MAC
+            budget (the latency loop): the traced plans and the section scores are computed once.
 
     Raises:
         PlanError: no conversion fits the budget (the smallest possible and what holds it are named).
@@ -390,17 +400,31 @@ def search(
         raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
     if target_params is None and target_macs is None:
         raise UsageError("give a size target («target-params», «target-ratio», «target-bytes») or «target-macs»")
-    space_ = _Space.build(
-        model, input_size, calib_loader, metric, regulator_style, init, leaf_modules, space, target_macs
-    )
+    if reuse and (target_macs is None or reuse["space"].macs_before):  # the same model and settings, another MAC budget
+        space_ = replace(reuse["space"], macs_cap=_macs_cap(reuse["space"].macs_before, target_macs))
+    else:
+        space_ = _Space.build(
+            model, input_size, calib_loader, metric, regulator_style, init, leaf_modules, space, target_macs
+        )
     target_params = space_.mix.params_before if target_params is None else target_params
     space_.check(model, target_params)  # pure arithmetic first: a target below the floor is refused before scoring
-    scorer = space_.scorer(model, calib_loader, calib_batches)
-    scores = space_.scores(model, scorer)
+    if reuse is not None and "scores" in reuse:
+        scorer, scores = reuse["scorer"], reuse["scores"]
+    else:
+        scorer = space_.scorer(model, calib_loader, calib_batches)
+        scores = space_.scores(model, scorer)
+    if reuse is not None:
+        reuse.update(space=space_, scorer=scorer, scores=scores)
     found = space_.pick(scores, target_params)
     if metric != "kl" or rescore_rounds == 0:
         return found
     return refine(model, space_.mix, space_.plain, found, scorer, rescore_rounds, space_.fixed)
+
+
+def _macs_cap(macs_before: int, target_macs: int | str | None) -> int | None:
+    if target_macs is None:
+        return None
+    return validate.resolve_macs(macs_before, validate.macs_target(target_macs))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -436,12 +460,12 @@ class _Space:
         plain = make_plan(model, "plain", "all", style, cast(InitName, init), input_size, leaf_modules)
         mix = every_resolution(mix)
         options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
-        macs_before, macs_cap = 0, None
+        macs_before = 0
         if target_macs is not None:
             from .core.report import count_macs
 
             macs_before = count_macs(model, input_size)
-            macs_cap = validate.resolve_macs(macs_before, validate.macs_target(target_macs))  # type: ignore[arg-type]
+        macs_cap = _macs_cap(macs_before, target_macs)
         return cls(mix, plain, options, tuple(ranks), fixed_parts(model, mix), metric, macs_before, macs_cap)
 
     def check(self, model: nn.Module, target_params: int) -> None:
@@ -846,7 +870,11 @@ def pick(
                 found = _macs_front(classes, need - extra, need_macs, macs, macs_before, params_bound)
                 solutions += [Solution(f.labels, f.saved + extra, f.cost) for f in found]
     if not solutions and need_macs is not None and most_saved >= need:
-        raise TargetError(_macs_floor_message(per_section, macs, macs_before, target_macs or 0, target_params, fixed))
+        fewest = macs_before - sum(max(macs[k, c.label] for c in cl) for k, cl in enumerate(per_section, start=1))
+        raise TargetError(
+            _macs_floor_message(fewest, macs_before, target_macs or 0, target_params, fixed),
+            nearest=fewest if (target_macs or 0) < fewest else None,
+        )
     if not solutions:
         raise TargetError(_floor_message(mix, target_params, mix.params_before - most_saved, fixed))
     solutions.sort(key=lambda f: (f.cost, -f.saved, f.labels))
@@ -938,15 +966,13 @@ def _macs_front(
 
 
 def _macs_floor_message(
-    per_section: Sequence[Sequence[Option[SectionPick]]],
-    macs: dict[tuple[int, SectionPick], int],
+    fewest: int,
     macs_before: int,
     target_macs: int,
     target_params: int,
     fixed: Sequence[tuple[str, int]],
 ) -> str:
-    """Why no plan meets a MAC target: below what any plan reaches, or not together with the size target."""
-    fewest = macs_before - sum(max(macs[k, c.label] for c in cl) for k, cl in enumerate(per_section, start=1))
+    """Why no plan meets a MAC target: below what any plan reaches (``fewest``), or not with the size target."""
     if target_macs < fewest:
         held = "; ".join(f"{what} {n:,} params" for what, n in fixed if "image" in what or "depthwise" in what)
         return (

@@ -50,6 +50,11 @@ class AnchorConfig:
         target_macs: a compute target, alone or with a size target: multiply-accumulates per example
             (``40_000_000``, ``"40M"``) or how many times fewer (``"4x"``); exact, counted as
             :func:`dacnn_convert.count_macs` does at the plan's input size.
+        target_latency: a latency target in milliseconds per batch of ``latency_batch`` on this machine
+            (the model's device), alone or with the other targets: the planner's plan is built and timed
+            (:func:`dacnn_convert.latency.measure_latency`, median of 20 runs) and its MAC budget
+            tightened until the measured time fits; the figure is reported in the search result.
+        latency_batch: the batch size ``target_latency`` is measured at.
         metric: the planner's score: ``kl`` (needs data; the default with data) or ``fit``.
         score_batches: calibration batches the planner scores candidates on
             (:data:`dacnn_convert.defaults.SCORE_BATCHES`).
@@ -71,6 +76,8 @@ class AnchorConfig:
     target_ratio: float | None = None
     target_bytes: int | None = None
     target_macs: int | str | None = None
+    target_latency: float | None = None
+    latency_batch: int = 1
     metric: str | None = None
     score_batches: int = SCORE_BATCHES
     rescore_rounds: int = RESCORE_ROUNDS
@@ -95,6 +102,8 @@ class AnchorConfig:
         object.__setattr__(self, "target_bytes", validate.optional_size("target-bytes", self.target_bytes))
         object.__setattr__(self, "target_ratio", validate.optional_number("target-ratio", self.target_ratio, 1.0))
         object.__setattr__(self, "target_macs", validate.macs_target(self.target_macs))
+        object.__setattr__(self, "target_latency", validate.optional_number("target-latency", self.target_latency))
+        validate.integer("latency-batch", self.latency_batch, 1)
         given = [n for n in ("target_params", "target_ratio", "target_bytes") if getattr(self, n) is not None]
         if len(given) > 1:
             raise UsageError(
@@ -107,8 +116,9 @@ class AnchorConfig:
 
     @property
     def by_budget(self) -> bool:
-        """A size target is given: the budget planner decides, and ``mode`` is not used."""
-        return any(t is not None for t in (self.target_params, self.target_ratio, self.target_bytes, self.target_macs))
+        """A size, MAC or latency target is given: the budget planner decides, and ``mode`` is not used."""
+        targets = (self.target_params, self.target_ratio, self.target_bytes, self.target_macs, self.target_latency)
+        return any(t is not None for t in targets)
 
     @property
     def by_size(self) -> bool:

@@ -100,6 +100,10 @@ class TargetError(PlanError, UsageError):
 
     exit_code = 2
 
+    def __init__(self, message: str, nearest: int | None = None) -> None:
+        super().__init__(message)
+        self.nearest = nearest  # the nearest reachable value of the target's unit (params or MACs), if known
+
 
 class CheckpointError(DacnnError):
     """A checkpoint file is missing, tampered with or does not match its plan."""

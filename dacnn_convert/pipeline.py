@@ -113,19 +113,33 @@ def plan_search(
         if config.by_size
         else None
     )
-    found = search(
-        model,
-        target,
-        input_size,
-        calib_loader,
-        config.score_batches,
-        config.metric,
-        config.regulator_style,
-        init,
-        leaves,
-        rescore_rounds=config.rescore_rounds,
-        target_macs=config.target_macs,
-    )
+    reuse: dict[str, Any] = {}  # a latency target searches several MAC budgets on one scoring
+
+    def search_at(target_macs: int | str | None) -> BudgetResult:
+        return search(
+            model,
+            target,
+            input_size,
+            calib_loader,
+            config.score_batches,
+            config.metric,
+            config.regulator_style,
+            init,
+            leaves,
+            rescore_rounds=config.rescore_rounds,
+            target_macs=target_macs,
+            reuse=reuse,
+        )
+
+    if config.target_latency is None:
+        found = search_at(config.target_macs)
+    else:
+        from .core.report import count_macs
+        from .latency_target import plan_for_latency
+
+        cap = config.target_macs
+        macs_cap = None if cap is None else validate.resolve_macs(count_macs(model, input_size), cap)
+        found = plan_for_latency(model, search_at, config.target_latency, input_size, config.latency_batch, macs_cap)
     if config.regulator_init is not None:
         found = replace(found, plan=replace(found.plan, regulator_init=config.regulator_init))
     return found.plan, found

@@ -89,6 +89,8 @@ class Recipe:
     target_ratio: float | None = None
     target_bytes: int | str | None = None
     target_macs: int | str | None = None  # MACs per example (40M) or how many times fewer (4x); with or without a size
+    target_latency: float | None = None  # ms per batch of latency_batch on this machine, measured
+    latency_batch: int = 1
     metric: str | None = None  # fit | kl: the budget search's score
     dtype: str = "fp32"  # storage of the written model: fp32 | fp16 | bf16 | int8
     dataset: str | None = None
@@ -214,6 +216,8 @@ class Recipe:
             target_ratio=self.target_ratio,
             target_bytes=parse_amount(_text(self.target_bytes), "«target-bytes»"),
             target_macs=self.target_macs,
+            target_latency=self.target_latency,
+            latency_batch=self.latency_batch,
             metric=self.metric,
         )
 

@@ -36,6 +36,7 @@ from .options import (
     InitOpt,
     KdAOpt,
     KdTOpt,
+    LatencyBatchOpt,
     LeafOpt,
     LimitOpt,
     LrOpt,
@@ -64,6 +65,7 @@ from .options import (
     StyleOpt,
     SweepOpt,
     TargetBytesOpt,
+    TargetLatencyOpt,
     TargetMacsOpt,
     TargetParamsOpt,
     TargetRatioOpt,
@@ -209,6 +211,8 @@ def convert_command(
     target_ratio: TargetRatioOpt = None,
     target_bytes: TargetBytesOpt = None,
     target_macs: TargetMacsOpt = None,
+    target_latency: TargetLatencyOpt = None,
+    latency_batch: LatencyBatchOpt = 1,
     metric: MetricOpt = None,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
@@ -308,6 +312,8 @@ def plan_command(
     target_ratio: TargetRatioOpt = None,
     target_bytes: TargetBytesOpt = None,
     target_macs: TargetMacsOpt = None,
+    target_latency: TargetLatencyOpt = None,
+    latency_batch: LatencyBatchOpt = 1,
     metric: MetricOpt = None,
     dataset: DatasetOpt = None,
     train_limit: TrainLimitOpt = None,

@@ -427,6 +427,21 @@ TargetMacsOpt = Annotated[
 ]
 
 
+TargetLatencyOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="plan by speed: at most this many ms per batch of --latency-batch on this machine, measured "
+        "(the plan is built and timed, its MAC budget tightened until it fits)",
+        rich_help_panel=PANEL_TARGET,
+    ),
+]
+
+
+LatencyBatchOpt = Annotated[
+    int, typer.Option(min=1, help="the batch size --target-latency is measured at", rich_help_panel=PANEL_TARGET)
+]
+
+
 SweepOpt = Annotated[
     bool,
     typer.Option(
