@@ -17,7 +17,7 @@ import io
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,7 @@ class BenchResult:
             "teacher": asdict(self.teacher),
             "rows": [asdict(r) for r in self.rows],
             "summary": self.summary(),
+            "fronts": self.fronts(),
             "latency": self.latency,
             "config": cfg,
             "wall_s": self.wall_s,
@@ -207,8 +208,12 @@ class BenchResult:
             )
         cfg = self.config
         target = f"{self.target_params:,} unique parameters" if self.target_params else "none (fixed-size methods only)"
+        fronts = self.fronts()
         lines += [
             "",
+            "Non-dominated (no other method is as accurate after fine-tuning for less): "
+            + "; ".join(f"by {AXES[c]}: {', '.join(m)}" for c, m in fronts.items())
+            + " (bench.png: one panel each, ringed).",
             f"Budget for the pruning methods: {target}"
             + (
                 f" (the size of {cfg.match})"
@@ -249,29 +254,70 @@ class BenchResult:
         lines += ["", *[f"- **{k}**: {v}" for k, v in notes.items()]] if notes else []
         return "\n".join(lines) + "\n"
 
+    def fronts(self) -> dict[str, list[str]]:
+        """Per cost (``params``, ``macs``, ``latency_b1_ms``): the methods no other beats on both that cost and
+        the mean accuracy after fine-tuning (the teacher is not a competitor). Latency only where measured."""
+        out: dict[str, list[str]] = {}
+        summary = [s for s in self.summary() if s["acc_finetuned"] == s["acc_finetuned"]]  # NaN: diverged
+        for cost in AXES:
+            points = [(s[cost], s["acc_finetuned"]) for s in summary if s.get(cost) is not None]
+            if len(points) == len(summary) and points:
+                out[cost] = [s["method"] for s, keep in zip(summary, non_dominated(points), strict=True) if keep]
+        return out
+
     def plot(self, path: str | Path) -> Path:
-        """PNG of fine-tuned accuracy vs unique parameters (log scale), teacher marked (paper's Fig. 5 style)."""
-        fig, ax = figure(size=(6, 4))
-        for i, s in enumerate(self.summary()):
-            ax.errorbar(
-                s["params"],
-                100 * s["acc_finetuned"],
-                yerr=100 * s["acc_std"],
-                fmt="o",
-                color=f"C{i}",
-                capsize=3,
-                label=s["method"],
-            )
+        """PNG: accuracy after fine-tuning against unique parameters, MACs and batch-1 latency (one panel
+        each, log x), the non-dominated methods ringed and joined by the front's steps, the teacher starred."""
+        fronts = self.fronts()
+        axes_used = [c for c in AXES if c in fronts]
+        fig, axes = figure(1, len(axes_used), size=(4.2 * len(axes_used), 3.8))
+        axes = list(axes) if len(axes_used) > 1 else [axes]
+        summary = self.summary()
         t = self.teacher
-        ax.plot(
-            t.params, 100 * t.acc_finetuned, marker="*", markersize=14, color="black", linestyle="", label="teacher"
-        )
-        ax.axhline(100 * t.acc_finetuned, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xscale("log")
-        ax.set_xlabel("unique parameters")
-        ax.set_ylabel("top-1 accuracy after fine-tuning (%)")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        for ax, cost in zip(axes, axes_used, strict=True):
+            for i, s in enumerate(summary):
+                ax.errorbar(
+                    s[cost],
+                    100 * s["acc_finetuned"],
+                    yerr=100 * s["acc_std"],
+                    fmt="o",
+                    color=f"C{i}",
+                    capsize=3,
+                    label=s["method"],
+                )
+                if s["method"] in fronts[cost]:
+                    ax.plot(
+                        s[cost],
+                        100 * s["acc_finetuned"],
+                        "o",
+                        markersize=13,
+                        markerfacecolor="none",
+                        markeredgecolor=f"C{i}",
+                        linewidth=1.5,
+                    )
+            best = sorted((s[cost], 100 * s["acc_finetuned"]) for s in summary if s["method"] in fronts[cost])
+            if len(best) > 1:
+                ax.step(
+                    [b[0] for b in best], [b[1] for b in best], where="post", color="gray", linewidth=0.8, linestyle=":"
+                )
+            t_cost = getattr(t, cost)
+            if t_cost is not None:
+                ax.plot(
+                    t_cost,
+                    100 * t.acc_finetuned,
+                    marker="*",
+                    markersize=14,
+                    color="black",
+                    linestyle="",
+                    label="teacher",
+                )
+            ax.axhline(100 * t.acc_finetuned, color="black", linewidth=0.8, linestyle="--")
+            ax.set_xscale("log")
+            ax.set_xlabel(AXES[cost])
+            ax.grid(alpha=0.3, which="both")
+        axes[0].set_ylabel("top-1 after fine-tuning (%)")
+        fig.suptitle("ringed: non-dominated (no other method as accurate for less)", fontsize=9)
+        axes[0].legend(fontsize=7)
         return save_figure(fig, path)
 
     def write(self, out: str | Path) -> dict[str, Path]:
@@ -284,6 +330,17 @@ class BenchResult:
         atomic_write_text(files["csv"], self.to_csv())
         files["png"] = self.plot(out / "bench.png")
         return files
+
+
+AXES = {"params": "unique parameters", "macs": "MACs per example", "latency_b1_ms": "latency, batch 1 (ms)"}
+
+
+def non_dominated(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (cost, accuracy) points: True where no other point costs no more and scores no less, one strictly."""
+    return [
+        not any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for j, (c2, a2) in enumerate(points) if j != i)
+        for i, (c, a) in enumerate(points)
+    ]
 
 
 def target_size(teacher: nn.Module, config: BenchConfig, ctx: Context) -> int | None:

@@ -265,3 +265,32 @@ def test_magnitude_refuses_a_mac_budget_and_the_bench_takes_one(tmp_path) -> Non
     teacher_macs = result.teacher.macs
     assert all(r.macs <= 0.5 * teacher_macs * 1.01 for r in result.rows)
     assert "Compute budget: 50% of the teacher's MACs" in (tmp_path / "bench.md").read_text()
+
+
+def test_non_dominated_points_and_the_bench_fronts(tmp_path) -> None:
+    from dacnn_convert.bench import non_dominated
+
+    # (cost, accuracy): b dominates c (cheaper and as accurate); a and b trade off; d is beaten by a
+    assert non_dominated([(10, 0.9), (5, 0.8), (6, 0.8), (12, 0.85)]) == [True, True, False, False]
+    assert non_dominated([(1, 0.5), (1, 0.5)]) == [True, True]  # ties dominate nothing
+    loaders = make_loaders("synthetic", batch_size=32, input_size=16)
+    config = BenchConfig(
+        ("dacnn-mix", "l1-filter"),
+        match="dacnn-mix",
+        calib_batches=1,
+        latency_batches=(1,),
+        latency_repeats=1,
+        train=TrainConfig(epochs=1, limit_batches=1, precision="fp32"),
+        reconstruct=False,
+    )
+    result = run_bench(wide(), loaders, (3, 16, 16), config, out=tmp_path)
+    fronts = result.fronts()
+    assert set(fronts) == {"params", "macs", "latency_b1_ms"} and all(fronts.values())
+    summary = {s["method"]: s for s in result.summary()}
+    for cost, kept in fronts.items():
+        for name in set(summary) - set(kept):  # every method left out is beaten by one kept
+            s = summary[name]
+            assert any(summary[k][cost] <= s[cost] and summary[k]["acc_finetuned"] >= s["acc_finetuned"] for k in kept)
+    assert "Non-dominated" in (tmp_path / "bench.md").read_text()
+    assert json.loads((tmp_path / "bench.json").read_text())["fronts"] == fronts
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
