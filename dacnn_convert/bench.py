@@ -85,11 +85,12 @@ class BenchConfig:
             raise UsageError(f"«budget» is a fraction of the teacher's parameters in (0, 1); got {self.budget}")
         if self.budget_macs is not None and not 0 < self.budget_macs < 1:
             raise UsageError(f"«budget-macs» is a fraction of the teacher's MACs in (0, 1); got {self.budget_macs}")
-        blind = [m for m in self.methods if not getattr(get_method(m), "removes_macs", True)]
+        blind = [m for m in self.methods if not getattr(get_method(m), "removes_macs", True)]  # magnitude, mix/plain
         if self.budget_macs is not None and self.budget is None and self.match is None and blind:
             raise UsageError(
-                f"{', '.join(blind)} removes no MACs (dense kernels run every zero): it cannot meet «budget-macs»; "
-                "leave it out of «methods» or give «budget» as well"
+                f"{', '.join(blind)} cannot remove MACs (zeros in dense kernels, or kernels shared at full compute): "
+                "it cannot meet «budget-macs» alone; leave it out of «methods», or give «budget» as well (it then "
+                "keeps the parameter budget)"
             )
         if self.match is not None and not get_method(self.match).fixed_size:
             raise UsageError(f"«match» needs a method with a fixed size (an anchoring method), not {self.match!r}")
@@ -207,7 +208,13 @@ class BenchResult:
                 f"{pct(s['acc_calibrated'])} | {recon(s)} | {acc} | {100 * s['drop']:.2f} | {s['wall_s']:.0f} |"
             )
         cfg = self.config
-        target = f"{self.target_params:,} unique parameters" if self.target_params else "none (fixed-size methods only)"
+        target = (
+            f"{self.target_params:,} unique parameters"
+            if self.target_params
+            else "none (the compute budget below)"
+            if cfg.budget_macs
+            else "none (fixed-size methods only)"
+        )
         fronts = self.fronts()
         lines += [
             "",
@@ -226,7 +233,8 @@ class BenchResult:
             + (
                 f" Compute budget: {cfg.budget_macs:.0%} of the teacher's MACs"
                 + (
-                    " (the planner meets it as well as the parameter budget; pruning keeps the parameter budget)."
+                    " (the planner, dacnn-bank, meets it as well as the parameter budget; every other method keeps "
+                    "the parameter budget)."
                     if self.target_params
                     else " (structured pruning and lowrank hit it within 1%, the planner meets it; magnitude "
                     "removes no MACs)."
@@ -268,7 +276,7 @@ class BenchResult:
     def plot(self, path: str | Path) -> Path:
         """PNG: accuracy after fine-tuning against unique parameters, MACs and batch-1 latency (one panel
         each, log x), the non-dominated methods ringed and joined by the front's steps, the teacher starred."""
-        fronts = self.fronts()
+        fronts = self.fronts() or {"params": []}  # every method diverged: the points alone
         axes_used = [c for c in AXES if c in fronts]
         fig, axes = figure(1, len(axes_used), size=(4.2 * len(axes_used), 3.8))
         axes = list(axes) if len(axes_used) > 1 else [axes]

@@ -168,8 +168,9 @@ class BudgetResult:
             lines.append(f"measured latency {self.latency_ms:.3g} ms per batch (plans timed: {tried})")
         if self.target_macs is not None:
             after = self.macs_before - self.plan.macs_saved
+            what = "MAC budget (tightened for the latency target)" if self.latency_tries else "target"
             lines.append(
-                f"target {self.target_macs:,} MACs per example; chosen {after:,} "
+                f"{what} {self.target_macs:,} MACs per example; chosen {after:,} "
                 f"({self.macs_before / max(after, 1):.2f}x fewer than {self.macs_before:,})"
             )
         for choice, kl in self.rescored:
@@ -944,6 +945,7 @@ def _macs_front(
         return sum(macs[k, q] for k, q in enumerate(labels, start=1))
 
     saved = {(k, c.label): c.saved for k, cl in enumerate(classes, start=1) for c in cl}
+    score = {(k, c.label): c.cost for k, cl in enumerate(classes, start=1) for c in cl}
 
     def params_of(labels: Sequence[SectionPick]) -> int:
         return sum(saved[k, q] for k, q in enumerate(labels, start=1))
@@ -959,8 +961,8 @@ def _macs_front(
             for k, cl in enumerate(classes, start=1)
         ]
         for f in front(lagrangian, need):
-            if f.labels not in found and macs_of(f.labels) >= need_macs:
-                true_cost = f.cost + mu * macs_of(f.labels)
+            if f.labels not in found and macs_of(f.labels) >= need_macs:  # the true score, summed afresh
+                true_cost = sum(score[k, q] for k, q in enumerate(f.labels, start=1))
                 found[f.labels] = Solution(f.labels, f.saved, true_cost)
     return list(found.values())
 
@@ -979,11 +981,12 @@ def _macs_floor_message(
             f"no conversion reaches {target_macs:,} MACs per example: the fewest possible is {fewest:,} "
             f"({100 * fewest / max(macs_before, 1):.1f}% of {macs_before:,}), every section at its smallest bank "
             f"or rank. Held there by what no option shrinks ({held or 'convs that share with nothing'}). "
-            f"Raise the MAC target to at least {fewest:,}, or prune as well"
+            f"Raise «target-macs» to at least {fewest:,}"
         )
     return (
-        f"no conversion meets both {target_params:,} params and {target_macs:,} MACs per example: each alone is "
-        f"reachable (the fewest MACs possible is {fewest:,}), not together. Raise one of them, or give only one"
+        f"the search found no conversion within both {target_params:,} params and {target_macs:,} MACs per "
+        f"example (the fewest MACs possible at any size is {fewest:,}): raise «target-params» or «target-macs», "
+        "or give only one (`dacnn plan MODEL --sweep --target-macs N` shows the sizes a MAC budget allows)"
     )
 
 
@@ -1013,12 +1016,15 @@ def _grow(
             dense = sum(p.site(m).weight_numel for m in g.members)
             cap = min(len(g.members) * site.out_channels, d, (dense - 1) // per)  # never costlier than dense convs
             step = min(max(1, g.rank // 8), cap - g.rank, left // per)
+            while step > 0 and i not in stopped and min_macs_saved is not None:  # halve a step over the MAC budget
+                trial = [*groups[:i], _resized(g, g.rank + step), *groups[i + 1 :]]
+                if replace(p, groups=tuple(trial)).macs_saved >= min_macs_saved:
+                    break
+                step //= 2
+            if step == 0 and min_macs_saved is not None:
+                stopped.add(i)  # not one more filter fits the MAC budget: this bank stays as it is
             if step > 0 and i not in stopped:
                 groups[i] = _resized(g, g.rank + step)
-                if min_macs_saved is not None and replace(p, groups=tuple(groups)).macs_saved < min_macs_saved:
-                    groups[i] = g  # over the MAC budget: this bank stays as it is
-                    stopped.add(i)
-                    continue
                 left -= step * per
                 break
         else:

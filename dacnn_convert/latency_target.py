@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+import torch
 from torch import nn
 
 from .budget import BudgetResult
-from .errors import TargetError
+from .errors import TargetError, marked
 
 TRIES = 6  # plans built and timed at most
 REPEATS = 20  # timed runs per measurement (the median is used)
@@ -49,12 +50,25 @@ def plan_for_latency(
         TargetError: no plan within :data:`TRIES` tries (or above the MAC floor) runs that fast; the
             fastest measured and the original's time are named.
     """
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else None
+    # random plan weights and timing inputs: drawn from a forked RNG, the caller's random state untouched
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        return _tighten(model, search_at, target_ms, input_size, batch, macs_cap, str(device or "cpu"))
+
+
+def _tighten(
+    model: nn.Module,
+    search_at: Callable[[int], BudgetResult],
+    target_ms: float,
+    input_size: tuple[int, int, int],
+    batch: int,
+    macs_cap: int | None,
+    device: str,
+) -> BudgetResult:
     from .core.convert import convert
     from .core.report import count_macs
     from .latency import measure_latency
-
-    first = next(model.parameters(), None)
-    device = str(first.device) if first is not None else "cpu"
 
     def timed(m: nn.Module) -> float:
         return measure_latency(m, input_size, batch, "fp32", device, repeats=REPEATS).median_ms
@@ -68,11 +82,15 @@ def plan_for_latency(
         try:
             found = search_at(max(budget, 1))
         except TargetError as exc:
-            if exc.nearest is not None and not floor_tried:  # below the MAC floor: time the floor's plan itself
-                budget, floor_tried = exc.nearest, True
+            if not tries and (exc.nearest is None or (macs_cap is not None and budget >= macs_cap)):
+                raise  # the size or MAC target itself is out of reach: its own message says what to raise
+            within_cap = exc.nearest is not None and (macs_cap is None or exc.nearest <= macs_cap)
+            if within_cap and not floor_tried:  # below the MAC floor: time the floor's plan itself
+                budget, floor_tried = exc.nearest, True  # type: ignore[assignment]
                 continue
             fastest = min(tries, key=lambda t: t[1]) if tries else None
-            raise TargetError(_message(target_ms, batch, original_ms, fastest, f"tightening further: {exc}")) from None
+            why = f"tightening further: {marked(exc)}"
+            raise TargetError(_message(target_ms, batch, original_ms, fastest, why)) from None
         student = convert(model, replace(found.plan, init="random")).model
         ms = timed(student)
         macs = macs_before - found.plan.macs_saved
@@ -90,5 +108,5 @@ def _message(target: float, batch: int, original: float, fastest: tuple[int, flo
     best = f"the fastest plan measured {fastest[1]:.3g} ms at {fastest[0]:,} MACs" if fastest else "no plan was timed"
     return (
         f"no plan runs in {target:g} ms per batch of {batch} on this machine: {best}, the original "
-        f"{original:.3g} ms ({why}). Raise «target-latency», or prune as well"
+        f"{original:.3g} ms ({why}). Raise «target-latency»"
     )

@@ -248,8 +248,10 @@ def test_magnitude_refuses_a_mac_budget_and_the_bench_takes_one(tmp_path) -> Non
         get_method("magnitude").compress(wide(), None, replace(CTX, target_macs=1000))
     with pytest.raises(UsageError, match="fraction of the teacher's MACs"):
         BenchConfig(("group-norm",), budget_macs=1.5)
-    with pytest.raises(UsageError, match="magnitude removes no MACs"):  # before anything runs
-        BenchConfig(("group-norm", "magnitude"), budget_macs=0.5)
+    with pytest.raises(UsageError, match="magnitude, dacnn-budget cannot remove MACs"):  # before anything runs
+        BenchConfig(("group-norm", "magnitude", "dacnn-budget"), budget_macs=0.5)
+    both = get_method("dacnn-budget").compress(wide(), 400_000, replace(CTX, target_macs=1000))
+    assert both.params <= 400_000  # with «budget» too, the mix/plain planner keeps the parameter budget
     assert BenchConfig(("magnitude",), budget=0.5, budget_macs=0.5).budget_macs == 0.5  # params for magnitude
     loaders = make_loaders("synthetic", batch_size=32, input_size=16)
     config = BenchConfig(

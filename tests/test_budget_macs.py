@@ -12,7 +12,7 @@ from dacnn_convert import AnchorConfig, anchor, convert, count_params
 from dacnn_convert.budget import search
 from dacnn_convert.cli import app
 from dacnn_convert.core.report import count_macs
-from dacnn_convert.errors import PlanError, UsageError
+from dacnn_convert.errors import PlanError, TargetError, UsageError
 from dacnn_convert.train import make_loaders
 from dacnn_convert.validate import macs_target, resolve_macs
 
@@ -63,8 +63,13 @@ def test_a_mac_target_changes_the_plan_towards_compute(model) -> None:
 
 
 def test_a_mac_target_below_the_floor_names_the_floor(model) -> None:
-    with pytest.raises(PlanError, match=r"no conversion reaches [\d,]+ MACs per example: the fewest possible is"):
+    with pytest.raises(
+        TargetError, match=r"no conversion reaches [\d,]+ MACs per example: the fewest possible is"
+    ) as e:
         search(model, None, SIZE, target_macs="100x")
+    assert isinstance(e.value, PlanError) and e.value.exit_code == 2
+    assert e.value.nearest is not None and f"at least {e.value.nearest:,}" in str(e.value)
+    assert search(model, None, SIZE, target_macs=e.value.nearest).plan  # the floor named is reachable
     with pytest.raises(UsageError, match="give a size target"):
         search(model, None, SIZE)
 

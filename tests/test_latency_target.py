@@ -76,3 +76,25 @@ def test_cli_target_latency(fake_clock, tmp_path) -> None:
     out = tmp_path / "never"
     result = CliRunner().invoke(app, ["convert", *args[1:], "--target-latency", "0.6", "--out", str(out)])
     assert result.exit_code == 2 and not out.exists()
+
+
+def test_a_mac_target_below_the_floor_is_not_bent_by_a_latency_target(fake_clock) -> None:
+    model = TinyResNet().eval()
+    with pytest.raises(TargetError, match=r"no conversion reaches [\d,]+ MACs per example") as caught:
+        plan(model, AnchorConfig(target_latency=1e6, target_macs="100x"), input_size=SIZE)
+    assert caught.value.exit_code == 2 and caught.value.nearest is not None
+    assert len(fake_clock) <= 1  # the original only: no plan over the MAC target was built or timed
+
+
+def test_a_latency_target_leaves_the_callers_random_state_alone(fake_clock) -> None:
+    model = TinyResNet().eval()
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    plan(model, AnchorConfig(target_latency=6.0), input_size=SIZE)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_sweep_refuses_a_latency_target() -> None:
+    args = ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--sweep"]
+    result = CliRunner().invoke(app, [*args, "--target-latency", "5"])
+    assert result.exit_code == 2 and "does not time plans" in result.output

@@ -51,6 +51,11 @@ class Budgeted:
     fixed_size: bool = False
     space: str = "anchor"
 
+    @property
+    def removes_macs(self) -> bool:
+        """Only banks and low rank remove MACs; mix and plain share kernels and compute as much."""
+        return self.space == "bank"
+
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
         from ..budget import search
         from ..errors import PlanError
@@ -64,7 +69,7 @@ class Budgeted:
             ctx.calib_loader,
             min(ctx.calib_batches, 8),
             space=self.space,
-            target_macs=ctx.target_macs,
+            target_macs=ctx.target_macs if self.removes_macs else None,  # with «budget»: the params budget alone
         )
         model = convert(teacher, result.plan, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
@@ -117,7 +122,7 @@ class LowRank:
         macs_before = count_macs(teacher, ctx.input_size) if target_params is None else 0
 
         def fits(p: Plan) -> bool:  # a MAC budget is exact plan arithmetic too (Plan.macs_saved)
-            if target_params is not None:
+            if target_params is not None:  # with «budget», the params budget alone, as the pruning methods
                 return p.params_after <= target_params
             return macs_before - p.macs_saved <= ctx.target_macs  # type: ignore[operator]
 

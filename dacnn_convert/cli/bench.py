@@ -220,9 +220,9 @@ def bench_command(
                 f"{100 * s['drop']:.2f}",
             ]
         )
-    title = f"{spec.display}: {result.target_params or 0:,} params budget" + (
-        f", {result.config.budget_macs:.0%} of its MACs" if result.config.budget_macs else ""
-    )
+    budgets = [f"{result.target_params:,} params"] if result.target_params else []
+    budgets += [f"{result.config.budget_macs:.0%} of its MACs"] if result.config.budget_macs else []
+    title = f"{spec.display}: budget {', '.join(budgets) or 'none (fixed-size methods)'}"
     table, dropped = fitted_table(title, columns, rows)
     console.print(table)
     left_out(dropped)

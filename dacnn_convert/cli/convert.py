@@ -333,6 +333,8 @@ def plan_command(
     if sweep:
         if any(t is not None for t in (target_params, target_ratio, target_bytes)):
             raise UsageError("--sweep plans at its own sizes (1.5x to 20x): leave out --target-params/ratio/bytes")
+        if target_latency is not None:
+            raise UsageError("--sweep predicts, it does not time plans: leave out --target-latency (or plan one size)")
         _sweep(rec, data, json_out)
         return
     job = run_convert(rec, data, dry_run=True, render=False)
