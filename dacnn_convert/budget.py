@@ -394,11 +394,8 @@ def search(
         PlanError: no conversion fits the budget (the smallest possible and what holds it are named).
         UsageError: ``kl`` without data, or an unknown metric or space.
     """
-    metric = metric or ("kl" if calib_loader is not None else "fit")
-    choose("metric", metric, METRICS)
+    metric = _metric(metric, calib_loader)
     choose("search space", space, SPACES)
-    if metric == "kl" and calib_loader is None:
-        raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
     if target_params is None and target_macs is None:
         raise UsageError("give a size target («target-params», «target-ratio», «target-bytes») or «target-macs»")
     if reuse and (target_macs is None or reuse["space"].macs_before):  # the same model and settings, another MAC budget
@@ -420,6 +417,15 @@ def search(
     if metric != "kl" or rescore_rounds == 0:
         return found
     return refine(model, space_.mix, space_.plain, found, scorer, rescore_rounds, space_.fixed)
+
+
+def _metric(metric: str | None, calib_loader: Iterable | None) -> str:
+    """The score to search by: the one asked for, else ``kl`` with data and ``fit`` without."""
+    metric = metric or ("kl" if calib_loader is not None else "fit")
+    choose("metric", metric, METRICS)
+    if metric == "kl" and calib_loader is None:
+        raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
+    return metric
 
 
 def _macs_cap(macs_before: int, target_macs: int | str | None) -> int | None:
@@ -548,10 +554,7 @@ def sweep(
     The scores are the additive per-section ones (no whole-plan re-scoring, which is per target); the
     ratios stop at the first one below the model's floor, whose point says why.
     """
-    metric = metric or ("kl" if calib_loader is not None else "fit")
-    choose("metric", metric, METRICS)
-    if metric == "kl" and calib_loader is None:
-        raise UsageError("the kl sensitivity needs calibration data: give «dataset» (or use «metric=fit»)")
+    metric = _metric(metric, calib_loader)
     for r in ratios:
         validate.number("sweep ratio", r, 1.0)
     space_ = _Space.build(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -141,8 +141,7 @@ def run_convert_job(
         return result
 
 
-@dataclass(frozen=True)
-class _Ready:
+class _Ready(NamedTuple):
     """A job's model and settings, built the same way for a conversion and a sweep."""
 
     original: torch.nn.Module
@@ -152,9 +151,6 @@ class _Ready:
     settings: Any  # AnchorConfig
     with_data: bool
     loaders: Any
-
-    def __iter__(self) -> Any:
-        return iter((self.original, self.spec, self.size, self.leaves, self.settings, self.with_data, self.loaders))
 
 
 def _prepare(

@@ -26,7 +26,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, SEED_MAX, TRAIN_LR
+from .defaults import (
+    CALIB_BATCHES,
+    FINETUNE_LR,
+    FINETUNE_WARMUP_STEPS,
+    RESCORE_ROUNDS,
+    SCORE_BATCHES,
+    SEED_MAX,
+    TRAIN_LR,
+)
 from .errors import RecipeError, UsageError, deprecated, first_line, marked, suggest
 from .io.files import not_a_folder, unreadable
 from .names import FEATURE_LOSSES
@@ -92,6 +100,8 @@ class Recipe:
     target_latency: float | None = None  # ms per batch of latency_batch on this machine, measured
     latency_batch: int = 1
     metric: str | None = None  # fit | kl: the budget search's score
+    score_batches: int = SCORE_BATCHES  # calibration batches the budget search scores on
+    rescore_rounds: int = RESCORE_ROUNDS  # rounds of whole-plan re-scoring after the search (kl; 0: none)
     dtype: str = "fp32"  # storage of the written model: fp32 | fp16 | bf16 | int8
     dataset: str | None = None
     epochs: int = 1
@@ -219,6 +229,8 @@ class Recipe:
             target_latency=self.target_latency,
             latency_batch=self.latency_batch,
             metric=self.metric,
+            score_batches=self.score_batches,
+            rescore_rounds=self.rescore_rounds,
         )
 
     def resolved(self) -> Recipe:

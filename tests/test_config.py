@@ -210,3 +210,33 @@ def test_a_renamed_flag_or_key_is_a_note_on_stderr(tmp_path, monkeypatch) -> Non
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "note: --calibrate-batches is deprecated" in result.stderr and "calibrate" not in result.stdout
+
+
+def test_every_search_setting_is_a_recipe_key_and_a_flag() -> None:
+    from dacnn_convert.recipes import Recipe
+
+    rec = Recipe(task="convert").override(
+        score_batches=3, rescore_rounds=0, target_macs="4x", target_latency=5.0, latency_batch=8
+    )
+    cfg = rec.anchor_config()
+    assert (cfg.score_batches, cfg.rescore_rounds, cfg.target_macs, cfg.target_latency, cfg.latency_batch) == (
+        3,
+        0,
+        "4x",
+        5.0,
+        8,
+    )
+    from typer.testing import CliRunner
+
+    from dacnn_convert.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "--help"], terminal_width=200)
+    for flag in (
+        "--score-batches",
+        "--rescore-rounds",
+        "--target-macs",
+        "--target-latency",
+        "--latency-batch",
+        "--sweep",
+    ):
+        assert flag in result.output

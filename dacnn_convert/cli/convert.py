@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS
+from ..defaults import CALIB_BATCHES, FINETUNE_LR, FINETUNE_WARMUP_STEPS, RESCORE_ROUNDS, SCORE_BATCHES
 from ..errors import UsageError
 from .common import DataOptions, JsonOpt, _Progress, console, print_json, recipe_from_command
 from .guards import output_guard
@@ -56,9 +56,11 @@ from .options import (
     RegInitOpt,
     RegOpt,
     RegulatorStyle,
+    RescoreOpt,
     ResumeOpt,
     SchedOpt,
     Schedule,
+    ScoreBatchesOpt,
     SeedOpt,
     SizeOpt,
     SmoothOpt,
@@ -214,6 +216,8 @@ def convert_command(
     target_latency: TargetLatencyOpt = None,
     latency_batch: LatencyBatchOpt = 1,
     metric: MetricOpt = None,
+    score_batches: ScoreBatchesOpt = SCORE_BATCHES,
+    rescore_rounds: RescoreOpt = RESCORE_ROUNDS,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
@@ -315,6 +319,8 @@ def plan_command(
     target_latency: TargetLatencyOpt = None,
     latency_batch: LatencyBatchOpt = 1,
     metric: MetricOpt = None,
+    score_batches: ScoreBatchesOpt = SCORE_BATCHES,
+    rescore_rounds: RescoreOpt = RESCORE_ROUNDS,
     dataset: DatasetOpt = None,
     train_limit: TrainLimitOpt = None,
     explain: Annotated[

@@ -442,6 +442,21 @@ LatencyBatchOpt = Annotated[
 ]
 
 
+ScoreBatchesOpt = Annotated[
+    int, typer.Option(min=1, help="calibration batches the budget search scores on", rich_help_panel=PANEL_TARGET)
+]
+
+
+RescoreOpt = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="rounds of whole-plan re-scoring after the budget search (kl; 0: the additive search alone)",
+        rich_help_panel=PANEL_TARGET,
+    ),
+]
+
+
 SweepOpt = Annotated[
     bool,
     typer.Option(
