@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 25's benchmark: size and speed together on the Fashion-MNIST ResNet-18 teacher of
+# benchmarks/prune_bench.sh, with bank_bench.sh's fine-tune (BN recalibration on 20 batches, KD for
+# EPOCHS on LIMIT images, lr 0.02, fp32), so its group-norm rows are the reference.
+#   POINTS: the planner with both targets at group-norm's own point (group-norm re-run beside it): --budget B and
+#           --budget-macs = group-norm's MACs / the teacher's, read from bank_bench/B-core[-seedN]/bench.json
+#   MACS:   a MAC budget alone (fraction of the teacher's MACs): dacnn-bank, group-norm, lowrank
+#   bash benchmarks/speed_bench.sh                         # POINTS="0.25 0.1", MACS="0.5 0.25", seed 0
+#   SEED=1 POINTS=0.25 MACS= bash benchmarks/speed_bench.sh
+# Each run lands in benchmarks/results/speed_bench/{point,macs}-F[-seedN]/; a finished run is skipped.
+set -euo pipefail
+OUT=${OUT:-runs/prune-bench}
+EPOCHS=${EPOCHS:-4}
+LIMIT=${LIMIT:-20000}
+POINTS=${POINTS-"0.25 0.1"}
+MACS=${MACS-"0.5 0.25"}
+SEED=${SEED:-0}
+DACNN=${DACNN:-dacnn}
+RESULTS=benchmarks/results/speed_bench
+REFERENCE=benchmarks/results/bank_bench
+[ -f "$OUT/teacher/best.safetensors" ] || { echo "run benchmarks/prune_bench.sh first (it trains the teacher)"; exit 1; }
+mkdir -p "$RESULTS"
+suffix=""
+[ "$SEED" = 0 ] || suffix="-seed$SEED"
+common=(resnet18 --weights "$OUT/teacher/best.safetensors" --num-classes 10 --dataset fashion-mnist --lr 0.02
+  --calib-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" --precision fp32)
+run() {  # name, then the bench's own flags
+  local name=$1; shift
+  [ -f "$RESULTS/$name/bench.json" ] && return 0
+  local start; start=$(date +%s)
+  $DACNN bench "${common[@]}" "$@" --out "$OUT/speed-$name" --overwrite
+  mkdir -p "$RESULTS/$name"
+  cp "$OUT/speed-$name"/bench.{md,json,csv,png} "$RESULTS/$name/"
+  echo "$name: $(( ($(date +%s) - start) / 60 )) min ($(date -u +%Y-%m-%dT%H:%MZ))" >> "$RESULTS/wall_time.txt"
+}
+for budget in $POINTS; do
+  ref="$REFERENCE/$budget-core$suffix/bench.json"
+  [ -f "$ref" ] || { echo "no group-norm reference at $ref: run SEED=$SEED BUDGETS=$budget bash benchmarks/bank_bench.sh"; exit 1; }
+  fraction=$(python -c "
+import json, sys
+d = json.load(open('$ref'))
+gn = [r for r in d['rows'] if r['method'] == 'group-norm'][0]
+print(f\"{gn['macs'] / d['teacher']['macs']:.6f}\")")
+  run "point-$budget$suffix" --budget "$budget" --budget-macs "$fraction" --methods dacnn-bank,group-norm
+done
+for fraction in $MACS; do
+  run "macs-$fraction$suffix" --budget-macs "$fraction" --methods dacnn-bank,group-norm,lowrank
+done
