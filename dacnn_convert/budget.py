@@ -106,6 +106,8 @@ class BudgetResult:
     macs_before: int = 0  # of the model at the plan's input size (0: not counted, no MAC target)
     latency_ms: float | None = None  # measured median of the chosen plan, for a latency target
     latency_tries: tuple[tuple[int, float], ...] = ()  # (MACs, measured ms) of every plan timed, in order
+    latency_before_ms: float | None = None  # the original's measured median, same batch and machine
+    latency_batch: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """The search as plain values (the plan itself is :meth:`Plan.to_dict`)."""
@@ -165,7 +167,11 @@ class BudgetResult:
         ]
         if self.latency_ms is not None:
             tried = ", ".join(f"{m:,} MACs: {ms:.3g} ms" for m, ms in self.latency_tries)
-            lines.append(f"measured latency {self.latency_ms:.3g} ms per batch (plans timed: {tried})")
+            before = f", the original {self.latency_before_ms:.3g} ms" if self.latency_before_ms else ""
+            lines.append(
+                f"measured latency {self.latency_ms:.3g} ms per batch of {self.latency_batch}{before} "
+                f"(plans timed: {tried})"
+            )
         if self.target_macs is not None:
             after = self.macs_before - self.plan.macs_saved
             what = "MAC budget (tightened for the latency target)" if self.latency_tries else "target"

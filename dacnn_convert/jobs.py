@@ -20,7 +20,7 @@ from .core.plan import Plan
 from .core.report import ConversionReport
 from .defaults import default_init
 from .errors import UsageError
-from .pipeline import PipelineResult, plan_search
+from .pipeline import PipelineResult, measured_latency, plan_search
 from .recipes import Recipe, leaf_types, parse_input_size
 
 LoadersFor = Callable[[tuple[int, int, int], Any], Any]  # (input size, preprocessing) -> Loaders
@@ -136,7 +136,7 @@ def run_convert_job(
             ckpt,
             atomic_write_text(out / "report.json", report.to_json()),
             atomic_write_text(out / "report.md", report.to_markdown()),
-            atomic_write_text(out / "README.md", model_card(report, command)),
+            atomic_write_text(out / "README.md", model_card(report, command, latency=measured_latency(search))),
         ]
         return result
 

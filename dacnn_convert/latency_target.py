@@ -96,7 +96,9 @@ def _tighten(
         macs = macs_before - found.plan.macs_saved
         tries.append((macs, ms))
         if ms <= target_ms:
-            return replace(found, latency_ms=ms, latency_tries=tuple(tries))
+            return replace(
+                found, latency_ms=ms, latency_tries=tuple(tries), latency_before_ms=original_ms, latency_batch=batch
+            )
         if floor_tried:
             break  # the floor's plan itself is too slow: no MAC budget helps
         budget = int(macs * min(MARGIN, MARGIN * target_ms / ms))

@@ -172,6 +172,13 @@ def plan_sweep(
     )
 
 
+def measured_latency(found: BudgetResult | None) -> tuple[float, float, int] | None:
+    """(original ms, plan's ms, batch) when the search timed its plan for a latency target, else None."""
+    if found is None or found.latency_ms is None or found.latency_before_ms is None:
+        return None
+    return found.latency_before_ms, found.latency_ms, found.latency_batch
+
+
 def _targeted(*targets: Any) -> bool:
     """Is a size target given (the budget planner decides, and the paper's-mode defaults do not apply)?"""
     return any(t is not None for t in targets)
@@ -555,9 +562,10 @@ def compress(
         return value
 
     calib = max(calib_batches, 1)
+    found: BudgetResult | None = None
     if plan_given is None:
         assert settings is not None
-        plan = timed(
+        plan, found = timed(
             "plan",
             lambda: plan_search(
                 teacher,
@@ -566,7 +574,7 @@ def compress(
                 input_size_of(train_loader),
                 leaf_modules,
                 with_data=True,
-            )[0],
+            ),
         )
     else:
         plan = plan_given
@@ -640,5 +648,6 @@ def compress(
             "after KD fine-tune": finetuned_acc,
         }
         dataset = getattr(train_loader, "name", None) or getattr(getattr(train_loader, "dataset", None), "name", None)
-        atomic_write_text(written / "README.md", model_card(report, command, steps_acc, dataset))
+        card = model_card(report, command, steps_acc, dataset, latency=measured_latency(found))
+        atomic_write_text(written / "README.md", card)
     return result

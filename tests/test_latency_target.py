@@ -98,3 +98,12 @@ def test_sweep_refuses_a_latency_target() -> None:
     args = ["plan", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16", "--sweep"]
     result = CliRunner().invoke(app, [*args, "--target-latency", "5"])
     assert result.exit_code == 2 and "does not time plans" in result.output
+
+
+def test_the_model_card_shows_the_measured_latency(fake_clock, tmp_path) -> None:
+    out = tmp_path / "student"
+    args = ["convert", "tests.models:tiny_resnet", "--weights", "none", "--input-size", "16"]
+    result = CliRunner().invoke(app, [*args, "--target-latency", "6", "--latency-batch", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert "| latency, batch 2 (fp32, measured when planned, on that machine) | 12.2 ms |" in card

@@ -33,6 +33,7 @@ def model_card(
     accuracy: dict[str, float] | None = None,
     dataset: str | None = None,
     base_model: str | None = None,
+    latency: tuple[float, float, int] | None = None,
 ) -> str:
     """A model card for a converted model: front matter, what was done, how big, how good, how to load.
 
@@ -42,6 +43,8 @@ def model_card(
         accuracy: step name -> top-1 fraction (e.g. teacher, after conversion, after fine-tune).
         dataset: the dataset the accuracies were measured on.
         base_model: the hub id or name of the original model.
+        latency: (original ms, this model's ms, batch) as measured for a latency target, on the machine
+            that planned it.
     """
     base = base_model or report.source
     front = [
@@ -77,6 +80,12 @@ def model_card(
         f"| MACs at {'x'.join(map(str, report.input_size))} | {report.macs_before:,} | "
         f"{report.macs_after:,} | {report.macs_after / report.macs_before:.2f}x |"
     )
+    if latency is not None:
+        before, after, batch = latency
+        lines.append(
+            f"| latency, batch {batch} (fp32, measured when planned, on that machine) | {before:.3g} ms | "
+            f"{after:.3g} ms | {before / after:.2f}x |"
+        )
     if accuracy:
         lines += ["", f"Top-1 accuracy{f' on {dataset}' if dataset else ''}:", "", "| step | top-1 |", "|---|---:|"]
         lines += [f"| {step} | {100 * acc:.2f}% |" for step, acc in accuracy.items()]
