@@ -59,7 +59,10 @@ BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # bank filters a
 RANK_GRID = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # 1/64: MobileNetV3 and ConvNeXt reach 10%
 BANK_OPTIONS = (*OPTIONS, *(f"bank:{f}" for f in BANK_GRID))  # "bank:1.0": k = C_out (a fraction, always)
 RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
-SPACES = ("bank", "anchor")  # bank: every option; anchor: free / mix / plain + regulators only
+SPACES = ("bank", "anchor")
+# per section with several share groups, at most this many per-group bank-size combinations (the non-dominated
+# ones, evenly spaced along their front) join the section's options
+GROUP_COMBINATIONS = 24  # bank: every option; anchor: free / mix / plain + regulators only
 
 
 class SectionPick(NamedTuple):
@@ -223,27 +226,39 @@ def _macs(saved: int) -> str:
 
 
 def _fraction(option: str) -> float:
-    return float(option.partition(":")[2])
+    return float(option.rpartition(":")[2])
 
 
-def _bank_groups(mix: Plan, section: int, f: float) -> list[Group]:
-    """A bank of f x C_out filters (at most what the group can use) for each share group of ``section``.
-
-    Share groups are mix's conv groups and the same-shape Linears of the section
-    (:func:`~dacnn_convert.core.planning.linear_groups`).
-    """
+def share_groups(mix: Plan, section: int) -> list[tuple[str, list[ConvSite]]]:
+    """The bankable share groups of ``section``, each with its index: mix's conv groups (``"3"``) and the
+    same-shape Linears of the section (``"l0"``, :func:`~dacnn_convert.core.planning.linear_groups`)."""
     res = tuple(mix.sections[section - 1])
     shared = [(f"{i}", [mix.site(m) for m in g.members]) for i, g in enumerate(mix.groups) if g.sections == (section,)]
     shared += [(f"l{i}", members) for i, members in enumerate(linear_groups(mix.sites)) if members[0].out_size == res]
+    return [(index, members) for index, members in shared if bankable(members)]
+
+
+def _bank_groups(mix: Plan, section: int, f: float | dict[str, float]) -> list[Group]:
+    """A bank of f x C_out filters (at most what the group can use) for each share group of ``section``;
+    ``f`` a dict: only the groups it names, each at its own fraction."""
     out = []
-    for index, members in shared:
-        if not bankable(members):
+    for index, members in share_groups(mix, section):
+        frac = f.get(index) if isinstance(f, dict) else f
+        if frac is None:
             continue
         co, ci, kh, kw = members[0].weight_shape
-        k = min(max(1, round(f * co)), len(members) * co, ci * kh * kw)
+        k = min(max(1, round(frac * co)), len(members) * co, ci * kh * kw)
         if bank_params(members[0], len(members), k) < sum(m.weight_numel for m in members):
             out.append(bank_group(members, k, section, index))
     return out
+
+
+def _per_group(option: str) -> dict[str, float]:
+    """``bank@3:0.25`` -> {"3": 0.25}; ``banks:3=0.25,l0=0.5`` -> {"3": 0.25, "l0": 0.5}."""
+    if option.startswith("bank@"):
+        index, _, f = option[len("bank@") :].partition(":")
+        return {index: float(f)}
+    return {i: float(f) for i, _, f in (part.partition("=") for part in option[len("banks:") :].split(","))}
 
 
 def unshared_sites(mix: Plan) -> list[ConvSite]:
@@ -305,6 +320,8 @@ def compose(
     for k, option in enumerate(choice, start=1):
         if option.startswith("bank:"):
             groups += _bank_groups(mix, k, _fraction(option))
+        elif option.startswith(("bank@", "banks:")):  # each named share group at its own bank size
+            groups += _bank_groups(mix, k, _per_group(option))
     for k, rank in enumerate(ranks or (), start=1):
         if rank != "dense":  # a conv that plain mode already shares is not factorised as well
             groups += [g for g in _low_rank_groups(mix, k, _fraction(rank)) if g.members[0] not in anchored]
@@ -764,6 +781,16 @@ def score_sections(
     trials += [
         (k, r, free, tuple(r if j == k else "dense" for j in range(1, n + 1))) for k in range(1, n + 1) for r in ranks
     ]
+    # per share group, where a section holds several: each group its own bank size (pick combines them)
+    bank_sizes = [o for o in options if o.startswith("bank:")]
+    for k in range(1, n + 1):
+        indices = [index for index, _ in share_groups(mix, k)] if bank_sizes else []
+        if len(indices) > 1:
+            trials += [
+                (k, o, tuple(o if j == k else "free" for j in range(1, n + 1)), None)
+                for index in indices
+                for o in (f"bank@{index}:{_fraction(b)}" for b in bank_sizes)
+            ]
     for k, option, choice, rank in trials:
         p = compose(mix, plain, choice, ranks=rank)
         if option != "free" and not p.groups:
@@ -788,16 +815,16 @@ def monotone(scores: Sequence[SectionScore]) -> tuple[SectionScore, ...]:
     it, so the search cannot buy size where the measurement was lucky.
     """
     out = list(scores)
-    for prefix in ("bank:", "lr:"):
-        worst: dict[int, float] = {}
-        chain = sorted(
-            (i for i, s in enumerate(out) if s.option.startswith(prefix)),
-            key=lambda i: (out[i].section, -_fraction(out[i].option)),
-        )
-        for i in chain:
-            s = out[i]
-            worst[s.section] = max(worst.get(s.section, 0.0), s.sensitivity)
-            out[i] = replace(s, sensitivity=worst[s.section])
+    worst: dict[tuple[int, str], float] = {}  # per (section, chain): "bank:", "lr:", "bank@3:" (one group)
+    chain = sorted(
+        (i for i, s in enumerate(out) if s.option.startswith(("bank:", "lr:", "bank@"))),
+        key=lambda i: (out[i].section, out[i].option.rpartition(":")[0], -_fraction(out[i].option)),
+    )
+    for i in chain:
+        s = out[i]
+        key = (s.section, s.option.rpartition(":")[0])
+        worst[key] = max(worst.get(key, 0.0), s.sensitivity)
+        out[i] = replace(s, sensitivity=worst[key])
     return tuple(out)
 
 
@@ -834,8 +861,13 @@ def pick(
         PlanError: nothing fits ``target_params``; the smallest reachable size and what holds it are named.
     """
     n = len(mix.sections)
+    scores = [*scores, *_group_combinations(scores)]
     by = {(s.section, s.option): s for s in scores}
-    share = [[o for o in BANK_OPTIONS if (k, o) in by] for k in range(1, n + 1)]
+    share = [
+        [o for o in BANK_OPTIONS if (k, o) in by]
+        + [s.option for s in scores if s.section == k and s.option[:6] == "banks:"]
+        for k in range(1, n + 1)
+    ]
     rank_opts = [["dense", *(r for r in RANK_OPTIONS if (k, r) in by)] for k in range(1, n + 1)]
     candidates = 1
     for k in range(n):
@@ -933,6 +965,42 @@ def pick(
         target_macs=target_macs,
         macs_before=macs_before,
     )
+
+
+def _group_combinations(scores: Sequence[SectionScore]) -> list[SectionScore]:
+    """Per section with per-group bank scores (``bank@i:f``): every non-dominated way to give each of its
+    share groups its own bank size or none, as a ``banks:i=f,...`` option whose score, saving and MACs are the
+    sums over its groups (the same additive model as across sections; the uniform ``bank:f`` options stay, each
+    scored with its groups converted together)."""
+    out = []
+    for k in sorted({s.section for s in scores if s.option.startswith("bank@")}):
+        by_group: dict[str, list[SectionScore]] = {}
+        for s in scores:
+            if s.section == k and s.option.startswith("bank@"):
+                by_group.setdefault(s.option[len("bank@") :].partition(":")[0], []).append(s)
+        classes: list[list[Option[SectionScore | None]]] = [
+            [Option(None, 0, 0.0), *(Option[SectionScore | None](g, g.params_saved, g.sensitivity) for g in group)]
+            for group in by_group.values()
+        ]
+        combos = [c for c in front(classes, -(10**18)) if any(g is not None for g in c.labels)]
+        if len(combos) > GROUP_COMBINATIONS:  # evenly along the front (cheapest and most saving kept): the
+            step = (len(combos) - 1) / (GROUP_COMBINATIONS - 1)  # outer search stays fast on 20-group sections
+            combos = [combos[round(i * step)] for i in range(GROUP_COMBINATIONS)]
+        for combo in combos:
+            picked = [g for g in combo.labels if g is not None]
+            if len(picked) < 1:
+                continue
+            label = "banks:" + ",".join(f"{g.option[len('bank@') :].replace(':', '=')}" for g in picked)
+            out.append(
+                SectionScore(
+                    k,
+                    label,
+                    sum(g.sensitivity for g in picked),
+                    sum(g.params_saved for g in picked),
+                    sum(g.macs_saved for g in picked),
+                )
+            )
+    return out
 
 
 def _macs_front(

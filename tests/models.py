@@ -224,3 +224,29 @@ class NanAfter(nn.Module):
             if self.calls > self.after:
                 out = out * float("nan")
         return out
+
+
+class TwoGroups(nn.Module):
+    """One 16x16 section with two share groups of different configurations: four 3x3 convs 16->16 and four
+    1x1 convs 16->16 (inverted-residual-like pairs), so each group can take its own bank size."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.body = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(16, 16, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(16),
+                nn.ReLU(),
+                nn.Conv2d(16, 16, 1, bias=False),
+                nn.BatchNorm2d(16),
+            )
+            for _ in range(4)
+        )
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.body:
+            x = torch.relu(x + block(x))
+        return self.fc(x.mean((2, 3)))

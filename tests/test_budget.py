@@ -77,7 +77,7 @@ def test_search_is_deterministic_and_uses_the_budget_for_regulators(searched) ->
 def test_kl_sensitivity_with_data(searched) -> None:
     model, *_ = searched
     loaders = make_loaders("synthetic", batch_size=32, input_size=16)
-    result = search(model, 8_000, SIZE, calib_loader=loaders.train, calib_batches=2)
+    result = search(model, 8_000, SIZE, calib_loader=loaders.train, calib_batches=2, rescore_rounds=0)
     assert result.metric == "kl" and result.plan.init == "act" and result.plan.params_after <= 8_000
     assert all(s.sensitivity >= 0 for s in result.scores)
     assert result.advice() is None and "Spearman" in search(model, 8_000, SIZE).advice()
@@ -229,3 +229,33 @@ def test_smaller_banks_and_ranks_never_score_below_larger_ones() -> None:
     assert got[1, "bank:0.25"] == 0.2 and got[1, "bank:0.125"] == 0.3 and got[1, "bank:0.5"] == 0.2
     assert got[1, "lr:0.25"] == 0.05 and got[2, "bank:0.25"] == 0.05 and got[1, "mix"] == 0.01
     assert [s.params_saved for s in monotone(measured)] == [s.params_saved for s in measured]
+
+
+def test_each_share_group_of_a_section_can_take_its_own_bank_size() -> None:
+    from dacnn_convert import budget
+
+    from .models import TwoGroups
+
+    torch.manual_seed(0)
+    model = randomize_bn(TwoGroups()).eval()
+    mix = budget.every_resolution(make_plan(model, "mix", "all", input_size=SIZE))
+    plain = make_plan(model, "plain", "all", input_size=SIZE)
+    indices = [index for index, _ in budget.share_groups(mix, 1)]
+    assert len(indices) == 2  # the 3x3 group and the 1x1 group
+    scores = score_sections(model, mix, plain, "fit", options=budget.BANK_OPTIONS, ranks=budget.RANK_OPTIONS)
+    per_group = [s for s in scores if s.option.startswith("bank@")]
+    assert {s.option.partition(":")[0] for s in per_group} == {f"bank@{i}" for i in indices}
+    combos = budget._group_combinations(scores)
+    assert combos and all(c.option.startswith("banks:") for c in combos)
+    assert len(combos) <= budget.GROUP_COMBINATIONS
+    for c in combos:  # each combination's arithmetic is its groups' and composes exactly
+        p = compose(mix, plain, [c.option, *(["free"] * (len(mix.sections) - 1))])
+        assert p.saved_params - p.scale_params == c.params_saved and p.macs_saved == c.macs_saved
+        assert count_params(convert(model, p).model) == p.params_after
+    # a combination the uniform options cannot express: one group at a large bank, the other at a small one
+    mixed = [c for c in combos if len(set(budget._per_group(c.option).values())) > 1]
+    assert mixed
+    found = search(model, count_params(model) // 2, SIZE)
+    assert found.plan.params_after <= count_params(model) // 2
+    assert budget._per_group("banks:0=0.25,l1=0.5") == {"0": 0.25, "l1": 0.5}
+    assert budget._per_group("bank@3:0.125") == {"3": 0.125}
