@@ -196,6 +196,17 @@ class BudgetResult:
             reg = " + regulators" if k in self.regulator_sections else ""
             rank = f" + unshared layers {self.ranks[k - 1]}" if self.ranks and self.ranks[k - 1] != "dense" else ""
             lines.append(f"section {k}: {option}{reg}{rank}; options, sensitivity (params saved, MACs saved): {alts}")
+            per_group: dict[str, list[SectionScore]] = {}
+            for sc in self.scores:
+                if sc.section == k and sc.option.startswith("bank@"):
+                    per_group.setdefault(sc.option[len("bank@") :].partition(":")[0], []).append(sc)
+            chosen = _per_group(option) if option.startswith("banks:") else {}
+            for index, alone in per_group.items():
+                sizes = ", ".join(
+                    f"{_fraction(sc.option):g}: {sc.sensitivity:.3g} (-{sc.params_saved:,})" for sc in alone
+                )
+                pick_g = f"bank {chosen[index]:g}" if index in chosen else "as the section"
+                lines.append(f"  group {index} alone, bank size: sensitivity (params saved): {sizes}; chosen: {pick_g}")
         lines += [f"  grown: {g}" for g in self.grown]
         for g in self.plan.groups:
             what = (
