@@ -257,5 +257,7 @@ def test_each_share_group_of_a_section_can_take_its_own_bank_size() -> None:
     assert mixed
     found = search(model, count_params(model) // 2, SIZE)
     assert found.plan.params_after <= count_params(model) // 2
+    explained = [line for line in found.explain() if " alone, bank size: " in line]
+    assert len(explained) == 2 and all("chosen:" in line for line in explained)
     assert budget._per_group("banks:0=0.25,l1=0.5") == {"0": 0.25, "l1": 0.5}
     assert budget._per_group("bank@3:0.125") == {"3": 0.125}
