@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import validate
+from . import amounts, validate
 from .core.banks import bank_params, bankable, factorizable, rank_limit
 from .core.graph import ConvSite
 from .core.knapsack import Option, Solution, front
@@ -419,7 +419,7 @@ def search(
         space: ``bank`` (free / mix / plain / banks per section, low-rank unshared convs) or
             ``anchor`` (free / mix / plain and regulators only, as before banks existed).
         rescore_rounds: rounds of :func:`refine` after the additive search (``kl`` only; 0: none).
-        target_macs: MACs per example (an int) or ``"4x"`` fewer (:func:`dacnn_convert.validate.macs_target`);
+        target_macs: MACs per example (an int) or ``"4x"`` fewer (:func:`dacnn_convert.amounts.macs_target`);
             the result removes at least what that asks.
         reuse: a dict kept across calls on the same model with the same settings but another MAC
             budget (the latency loop): the traced plans and the section scores are computed once.
@@ -465,7 +465,7 @@ def _metric(metric: str | None, calib_loader: Iterable | None) -> str:
 def _macs_cap(macs_before: int, target_macs: int | str | None) -> int | None:
     if target_macs is None:
         return None
-    return validate.resolve_macs(macs_before, validate.macs_target(target_macs))  # type: ignore[arg-type]
+    return amounts.resolve_macs(macs_before, amounts.macs_target(target_macs))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

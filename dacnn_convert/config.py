@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from . import validate
+from . import amounts, validate
 from .budget import METRICS
 from .core.banks import check_value, parse_bank_size
 from .core.plan import REGULATOR_INITS
@@ -101,7 +101,7 @@ class AnchorConfig:
         object.__setattr__(self, "target_params", validate.optional_size("target-params", self.target_params))
         object.__setattr__(self, "target_bytes", validate.optional_size("target-bytes", self.target_bytes))
         object.__setattr__(self, "target_ratio", validate.optional_number("target-ratio", self.target_ratio, 1.0))
-        object.__setattr__(self, "target_macs", validate.macs_target(self.target_macs))
+        object.__setattr__(self, "target_macs", amounts.macs_target(self.target_macs))
         object.__setattr__(self, "target_latency", validate.optional_number("target-latency", self.target_latency))
         validate.integer("latency-batch", self.latency_batch, 1)
         given = [n for n in ("target_params", "target_ratio", "target_bytes") if getattr(self, n) is not None]

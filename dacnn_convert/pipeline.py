@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from . import validate
+from . import amounts, validate
 from .atomic import atomic_write_text
 from .budget import SWEEP_RATIOS, BudgetResult, SweepPoint, resolve_target, search, sweep
 from .config import LEGACY_ANCHOR, AnchorConfig, resolve_config
@@ -138,7 +138,7 @@ def plan_search(
         from .latency_target import plan_for_latency
 
         cap = config.target_macs
-        macs_cap = None if cap is None else validate.resolve_macs(count_macs(model, input_size), cap)
+        macs_cap = None if cap is None else amounts.resolve_macs(count_macs(model, input_size), cap)
         found = plan_for_latency(model, search_at, config.target_latency, input_size, config.latency_batch, macs_cap)
     if config.regulator_init is not None:
         found = replace(found, plan=replace(found.plan, regulator_init=config.regulator_init))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .amounts import parse_amount
 from .defaults import (
     CALIB_BATCHES,
     FINETUNE_LR,
@@ -38,7 +39,6 @@ from .defaults import (
 from .errors import RecipeError, UsageError, deprecated, first_line, marked, suggest
 from .io.files import not_a_folder, unreadable
 from .names import FEATURE_LOSSES
-from .validate import parse_amount
 
 TASKS = ("convert", "train", "bench")
 

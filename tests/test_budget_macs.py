@@ -9,12 +9,12 @@ import torch
 from typer.testing import CliRunner
 
 from dacnn_convert import AnchorConfig, anchor, convert, count_params
+from dacnn_convert.amounts import macs_target, resolve_macs
 from dacnn_convert.budget import search
 from dacnn_convert.cli import app
 from dacnn_convert.core.report import count_macs
 from dacnn_convert.errors import PlanError, TargetError, UsageError
 from dacnn_convert.train import make_loaders
-from dacnn_convert.validate import macs_target, resolve_macs
 
 from .models import TinyResNet
 

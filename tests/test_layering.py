@@ -26,6 +26,7 @@ def layer_of(module: str) -> int:
         "atomic": BASE,
         "validate": BASE,
         "names": BASE,
+        "amounts": BASE,
         "core": CORE,
         "io": IO,
         "train": TRAIN,
