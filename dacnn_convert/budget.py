@@ -658,7 +658,8 @@ def refine(
     section k, over what k cost alone, rescales every option of section k; the exact knapsack
     then runs again on the rescaled scores. After ``rounds`` rounds (or when the search returns
     a plan already scored) the plan with the lowest whole-plan kl is kept; the additive plan is
-    one of the candidates, so the result never scores worse than it. ``rounds`` x (n + 2) kl
+    one of the candidates, so the result never scores worse than it. The whole-plan kl is of each plan's sharing
+    and ranks as the search picked them, before regulators and bank growth are added. ``rounds`` x (n + 2) kl
     evaluations at most for n sections.
     """
     by = {(s.section, s.option): s.sensitivity for s in found.scores}

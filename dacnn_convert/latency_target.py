@@ -17,6 +17,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .amounts import resolve_macs
 from .budget import BudgetResult
 from .errors import TargetError, marked
 
@@ -31,7 +32,7 @@ def plan_for_latency(
     target_ms: float,
     input_size: tuple[int, int, int],
     batch: int = 1,
-    macs_cap: int | None = None,
+    target_macs: int | str | None = None,
 ) -> BudgetResult:
     """The planner's plan (``search_at(mac_budget)``) whose measured latency is at most ``target_ms``.
 
@@ -41,7 +42,7 @@ def plan_for_latency(
         target_ms: milliseconds per batch of ``batch`` examples.
         input_size: (C, H, W) of one example.
         batch: the batch size the target is for.
-        macs_cap: a MAC target given as well (the budget never goes above it).
+        target_macs: a MAC target given as well (``40_000_000`` or ``"4x"``; the budget never goes above it).
 
     Returns:
         The search result with ``latency_ms`` (the measured median) and ``latency_tries`` ((MACs, ms) per plan).
@@ -54,7 +55,7 @@ def plan_for_latency(
     device = first.device if first is not None else None
     # random plan weights and timing inputs: drawn from a forked RNG, the caller's random state untouched
     with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
-        return _tighten(model, search_at, target_ms, input_size, batch, macs_cap, str(device or "cpu"))
+        return _tighten(model, search_at, target_ms, input_size, batch, target_macs, str(device or "cpu"))
 
 
 def _tighten(
@@ -63,7 +64,7 @@ def _tighten(
     target_ms: float,
     input_size: tuple[int, int, int],
     batch: int,
-    macs_cap: int | None,
+    target_macs: int | str | None,
     device: str,
 ) -> BudgetResult:
     from .core.convert import convert
@@ -74,6 +75,7 @@ def _tighten(
         return measure_latency(m, input_size, batch, "fp32", device, repeats=REPEATS).median_ms
 
     macs_before = count_macs(model, input_size)
+    macs_cap = None if target_macs is None else resolve_macs(macs_before, target_macs)
     original_ms = timed(model)
     budget = min(macs_cap or macs_before, int(macs_before * min(1.0, target_ms / original_ms)))
     tries: list[tuple[int, float]] = []

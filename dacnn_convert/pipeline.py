@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from . import amounts, validate
+from . import validate
 from .atomic import atomic_write_text
 from .budget import SWEEP_RATIOS, BudgetResult, SweepPoint, resolve_target, search, sweep
 from .config import LEGACY_ANCHOR, AnchorConfig, resolve_config
@@ -134,12 +134,11 @@ def plan_search(
     if config.target_latency is None:
         found = search_at(config.target_macs)
     else:
-        from .core.report import count_macs
         from .latency_target import plan_for_latency
 
-        cap = config.target_macs
-        macs_cap = None if cap is None else amounts.resolve_macs(count_macs(model, input_size), cap)
-        found = plan_for_latency(model, search_at, config.target_latency, input_size, config.latency_batch, macs_cap)
+        found = plan_for_latency(
+            model, search_at, config.target_latency, input_size, config.latency_batch, config.target_macs
+        )
     if config.regulator_init is not None:
         found = replace(found, plan=replace(found.plan, regulator_init=config.regulator_init))
     return found.plan, found

@@ -50,11 +50,11 @@ def fitted_table(title: str, columns: list[tuple[str, str, int]], rows: list[lis
     return table, dropped
 
 
-def left_out(dropped: list[str]) -> None:
-    """Say which columns a narrow console left out of the table just printed."""
+def left_out(dropped: list[str], elsewhere: str = "read the .md report") -> None:
+    """Say which columns a narrow console left out of the table just printed, and where else to read them."""
     if dropped:
         console.print(
-            f"(left out at {console.width} columns: {', '.join(dropped)}; widen the terminal or read the .md report)",
+            f"(left out at {console.width} columns: {', '.join(dropped)}; widen the terminal or {elsewhere})",
             highlight=False,
         )
 
@@ -190,7 +190,7 @@ def render_sweep(job: Any) -> None:
     )
     table, dropped = fitted_table(title, columns, rows)
     console.print(table)
-    left_out(dropped)
+    left_out(dropped, "add --json")
     refused = [p for p in job.points if p.found is None]
     if refused:
         console.print(f"{refused[0].ratio:g}x: {refused[0].refused}", highlight=False, soft_wrap=True)
