@@ -255,13 +255,18 @@ def _bank_groups(mix: Plan, section: int, f: float | dict[str, float]) -> list[G
     out = []
     for index, members in share_groups(mix, section):
         frac = f.get(index) if isinstance(f, dict) else f
-        if frac is None:
-            continue
-        co, ci, kh, kw = members[0].weight_shape
-        k = min(max(1, round(frac * co)), len(members) * co, ci * kh * kw)
-        if bank_params(members[0], len(members), k) < sum(m.weight_numel for m in members):
+        k = None if frac is None else _bank_size(members, frac)
+        if k is not None:
             out.append(bank_group(members, k, section, index))
     return out
+
+
+def _bank_size(members: Sequence[ConvSite], frac: float) -> int | None:
+    """The filters of a bank of ``frac`` x C_out for ``members`` (at most what they can use); None where such
+    a bank would not be smaller than the layers it replaces."""
+    co, ci, kh, kw = members[0].weight_shape
+    k = min(max(1, round(frac * co)), len(members) * co, ci * kh * kw)
+    return k if bank_params(members[0], len(members), k) < sum(m.weight_numel for m in members) else None
 
 
 def _per_group(option: str) -> dict[str, float]:
@@ -273,10 +278,21 @@ def _per_group(option: str) -> dict[str, float]:
 
 
 def unshared_sites(mix: Plan) -> list[ConvSite]:
-    """Convs and Linears that share with nothing in ``mix`` and can be factorised, each in a section."""
+    """Convs and Linears that share with nothing in ``mix`` and can be factorised, each in a section.
+
+    The layer that produces the model's outputs (``ConvSite.feeds_output``) is not among them: its rank
+    bounds the logits' (a 10-class head at rank 2 tells at most 3 classes apart), it holds few of the
+    parameters, and bundled with its section's other layers one rank option would carry its cost to all
+    of them (EfficientNet-B0 at 32 px: section 4 at rank 1/4 cost kl 1.137 with the classifier, 0.003
+    without).
+    """
     grouped = {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
     sections = {tuple(r) for r in mix.sections}
-    return [s for s in mix.sites if s.name not in grouped and factorizable(s) and s.out_size in sections]
+    return [
+        s
+        for s in mix.sites
+        if s.name not in grouped and factorizable(s) and s.out_size in sections and not s.feeds_output
+    ]
 
 
 def _low_rank_groups(mix: Plan, section: int, f: float) -> list[Group]:
@@ -640,6 +656,25 @@ def _picks(found: BudgetResult) -> tuple[SectionPick, ...]:
     return tuple(SectionPick(o, r) for o, r in zip(found.choice, ranks, strict=True))
 
 
+def _group_sizes(mix: Plan, section: int, share: str) -> dict[str, float]:
+    """Each share group of ``section`` banked under ``share``, with its bank size (a uniform ``bank:f`` names the
+    groups of a section that has several which a bank of that size shrinks; other options name none)."""
+    if share.startswith(("banks:", "bank@")):
+        return _per_group(share)
+    if share.startswith("bank:"):
+        f = _fraction(share)
+        groups = share_groups(mix, section)
+        banked = {index: f for index, members in groups if _bank_size(members, f) is not None}
+        return banked if len(groups) > 1 else {}
+    return {}
+
+
+def _without(sizes: dict[str, float], index: str) -> str:
+    """The share option of a section whose groups bank as ``sizes`` except group ``index`` (left free)."""
+    rest = {i: f for i, f in sizes.items() if i != index}
+    return "banks:" + ",".join(f"{i}={f}" for i, f in rest.items()) if rest else "free"
+
+
 def refine(
     model: nn.Module,
     mix: Plan,
@@ -655,29 +690,49 @@ def refine(
     errors compound, and a section that looked cheap alone can cost most of the whole plan's kl
     (EfficientNet-B0 at 25%: summed 0.33, whole plan 2.08). Each round scores the chosen plan
     whole and with each converted section left free: what the whole plan loses by converting
-    section k, over what k cost alone, rescales every option of section k; the exact knapsack
-    then runs again on the rescaled scores. After ``rounds`` rounds (or when the search returns
-    a plan already scored) the plan with the lowest whole-plan kl is kept; the additive plan is
-    one of the candidates, so the result never scores worse than it. The whole-plan kl is of each plan's sharing
-    and ranks as the search picked them, before regulators and bank growth are added. ``rounds`` x (n + 2) kl
-    evaluations at most for n sections.
+    section k, over what k cost alone, rescales every option of section k. Where the chosen plan
+    banks several share groups of one section, each group is left free in turn as well, and what the
+    plan loses by banking that group, over what the group cost alone, rescales that group's own bank
+    sizes (``bank@i:f``): a group that is cheap alone but costly in the plan's company is offered
+    larger banks, or none, the next round (the section's factor is the prior of groups not yet seen
+    in a plan). The exact knapsack then runs again on the rescaled scores. After ``rounds`` rounds (or
+    when the search returns a plan already scored) the plan with the lowest whole-plan kl is kept; the
+    additive plan is one of the candidates, so the result never scores worse than it. The whole-plan kl
+    is of each plan's sharing and ranks as the search picked them, before regulators and bank growth are
+    added. ``rounds`` x (n + g + 2) kl evaluations at most for n sections and g banked share groups.
     """
     by = {(s.section, s.option): s.sensitivity for s in found.scores}
     scale: dict[int, float] = {}
+    group_scale: dict[tuple[int, str], float] = {}
     current, best = found, found
     best_kl = score(mix, plain, _picks(found))
     tried = {_picks(found): best_kl}  # the plans the search returned (fit the budget), with their whole-plan kl
+
+    # clipped: a plan already ruined everywhere says little about one section (kl saturates)
+    def clip(x: float) -> float:
+        return min(max(x, 1 / 16), 256.0)
+
+    base = [s for s in found.scores if not s.option.startswith("banks:")]  # pick combines the groups afresh
     for _ in range(rounds):
         picks = _picks(current)
         whole = score(mix, plain, picks)
         for k, q in enumerate(picks, start=1):
             alone = by.get((k, q.share), 0.0) + by.get((k, q.rank), 0.0)
+            if q.share.startswith("banks:"):
+                alone = sum(by.get((k, f"bank@{i}:{f}"), 0.0) for i, f in _per_group(q.share).items())
+                alone += by.get((k, q.rank), 0.0)
             if q == SectionPick("free", "dense") or alone <= 0:
                 continue
             left_out = score(mix, plain, (*picks[: k - 1], SectionPick("free", "dense"), *picks[k:]))
-            # clipped: a plan already ruined everywhere says little about one section (kl saturates)
-            scale[k] = min(max((whole - left_out) / alone, 1 / 16), 256.0)
-        rescaled = [replace(s, sensitivity=s.sensitivity * scale.get(s.section, 1.0)) for s in found.scores]
+            scale[k] = clip((whole - left_out) / alone)
+            sizes = _group_sizes(mix, k, q.share)
+            for index, f in sizes.items() if len(sizes) > 1 else ():
+                own = by.get((k, f"bank@{index}:{f}"), 0.0)
+                if own <= 0:
+                    continue
+                rest = score(mix, plain, (*picks[: k - 1], SectionPick(_without(sizes, index), q.rank), *picks[k:]))
+                group_scale[k, index] = clip((whole - rest) / own)
+        rescaled = [replace(s, sensitivity=s.sensitivity * _scale_of(s, scale, group_scale)) for s in base]
         current = pick(mix, plain, rescaled, found.target, found.metric, fixed, found.target_macs, found.macs_before)
         seen = _picks(current) in score.seen
         kl = tried[_picks(current)] = score(mix, plain, _picks(current))
@@ -691,6 +746,15 @@ def refine(
         sensitivity=best_kl,
         rescored=tuple((tuple(q.label for q in p), v) for p, v in sorted(tried.items(), key=lambda i: i[1])),
     )
+
+
+def _scale_of(s: SectionScore, scale: dict[int, float], group_scale: dict[tuple[int, str], float]) -> float:
+    """The factor refine puts on one score: its group's, where the group was seen in a plan, else its section's."""
+    if s.option.startswith("bank@"):
+        index = s.option[len("bank@") :].partition(":")[0]
+        if (s.section, index) in group_scale:
+            return group_scale[s.section, index]
+    return scale.get(s.section, 1.0)
 
 
 def every_resolution(mix: Plan) -> Plan:
@@ -715,6 +779,8 @@ def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
     uncalled = sum(m.weight.numel() for _, m in layers if type(m) in (nn.Linear, nn.Conv2d))
     subclass = sum(m.weight.numel() for _, m in layers if type(m) not in (nn.Linear, nn.Conv2d))
     stem = sum(s.weight_numel for s in mix.sites if s.fed_by_input)
+    shared = {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
+    heads = sum(s.weight_numel for s in mix.sites if s.feeds_output and not s.fed_by_input and s.name not in shared)
     grouped = sum(s.weight_numel for s in mix.sites if s.groups > 1 and not s.fed_by_input)
     other = mix.params_before - mix.conv_params_before - uncalled - subclass
     parts = (
@@ -726,6 +792,7 @@ def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
         ("Linear and conv subclasses (attention projections, timm's Conv2dSame)", subclass),
         ("BatchNorm, biases and other parameters", other),
         ("the layer(s) fed by the image", stem),
+        ("the layer(s) producing the outputs (kept at full rank)", heads),
         ("grouped and depthwise convs (shared by mix only)", grouped),
     )
     return tuple((what, n) for what, n in parts if n > 0)

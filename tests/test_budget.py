@@ -261,3 +261,46 @@ def test_each_share_group_of_a_section_can_take_its_own_bank_size() -> None:
     assert len(explained) == 2 and all("chosen:" in line for line in explained)
     assert budget._per_group("banks:0=0.25,l1=0.5") == {"0": 0.25, "l1": 0.5}
     assert budget._per_group("bank@3:0.125") == {"3": 0.125}
+
+
+def test_refine_rescales_a_share_group_that_costs_more_in_company() -> None:
+    """Two share groups in one section: the 1x1 group costs 40x its score alone in the company of any other
+    converted layer. Refine leaves each banked group free in turn, rescales that group's own bank sizes, and
+    finds a plan that spares it; the whole-plan score never gets worse."""
+    from dacnn_convert import budget
+
+    from .models import TwoGroups
+
+    torch.manual_seed(0)
+    model = randomize_bn(TwoGroups()).eval()
+    mix = budget.every_resolution(make_plan(model, "mix", "all", input_size=SIZE))
+    plain = make_plan(model, "plain", "all", input_size=SIZE)
+    scores = score_sections(model, mix, plain, "fit", options=budget.BANK_OPTIONS, ranks=budget.RANK_OPTIONS)
+    by = {(s.section, s.option): s.sensitivity for s in scores}
+    costly = next(i for i, members in budget.share_groups(mix, 1) if members[0].weight_shape[2] == 1)
+
+    def parts(picks):
+        for k, q in enumerate(picks, start=1):
+            sizes = budget._group_sizes(mix, k, q.share)
+            yield from ((i, by.get((k, f"bank@{i}:{f}"), 0.0)) for i, f in sizes.items())
+            if not sizes:
+                yield None, by.get((k, q.share), 0.0)
+            yield None, by.get((k, q.rank), 0.0)
+
+    class Compounding(budget.Scorer):
+        def __call__(self, mix, plain, picks):
+            converted = [(i, v) for i, v in parts(picks) if v > 0]
+            self.seen[picks] = sum(v * (40.0 if i == costly and len(converted) > 1 else 1.0) for i, v in converted)
+            return self.seen[picks]
+
+    target = count_params(model) * 4 // 10
+    found = pick(mix, plain, scores, target, "kl")
+    assert costly in budget._group_sizes(mix, 1, found.choice[0])  # the additive search banks the 1x1 group
+    scorer = Compounding(model, [], [])
+    refined = budget.refine(model, mix, plain, found, scorer, rounds=3)
+    assert refined.plan.params_after <= target
+    assert refined.sensitivity < scorer(mix, plain, budget._picks(found))
+    before = budget._group_sizes(mix, 1, found.choice[0])[costly]
+    after = budget._group_sizes(mix, 1, refined.choice[0]).get(costly, 1.0)
+    assert after > before  # the group that compounds keeps more filters (or stays free)
+    assert budget._without({"0": 0.25, "1": 0.5}, "0") == "banks:1=0.5" and budget._without({"1": 0.5}, "1") == "free"

@@ -58,7 +58,8 @@ def test_a_low_rank_head_cuts_params_and_macs_and_exports_to_stock_linears(tmp_p
     model = VGGHead().eval()
     p = plan(model, mode="none", factorize_unshared=8, input_size=SIZE)
     heads = {g.members[0]: g.rank for g in p.groups if p.site(g.members[0]).layer == "linear"}
-    assert heads == {"classifier.0": 8, "classifier.2": 8, "classifier.4": 8}
+    assert heads == {"classifier.0": 8, "classifier.2": 8}  # classifier.4 produces the logits: it stays dense
+    assert any("classifier.4 stays dense: it produces the model's outputs" in n for n in p.notes)
     student = convert(model, p).model.eval()
     assert count_params(student) == p.params_after
     # classifier.0: 64x128 -> 8*(128 + 64): MACs fall by the same 8192 - 1536 (the merged path is dearer)
@@ -138,8 +139,33 @@ def test_the_planner_reaches_a_quarter_of_a_vgg_style_net_by_factorising_its_hea
 
 
 def test_a_model_with_only_linears_says_what_can_be_done() -> None:
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 10))
-    with pytest.raises(PlanError, match="no nn.Conv2d.*2 nn.Linear layer.*factorize.unshared"):
+    mlp = nn.Sequential(
+        nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    with pytest.raises(PlanError, match="no nn.Conv2d.*3 nn.Linear layer.*factorize.unshared"):
         plan(mlp, input_size=SIZE)
     p = plan(mlp, mode="none", factorize_unshared=4, input_size=SIZE)
-    assert [g.members for g in p.groups] == [("3",)]  # the first is fed by the image and stays dense
+    # the first is fed by the image and the last produces the outputs: both stay dense
+    assert [g.members for g in p.groups] == [("3",)]
+
+
+def test_the_output_layer_is_known_and_the_planner_keeps_it_at_full_rank() -> None:
+    """The logits layer's rank bounds the logits' (a 10-class head at rank 2 tells at most 3 classes apart):
+    the planner factorises the classifier's hidden Linears but never the one that produces the outputs, and
+    the floor message names it."""
+    from dacnn_convert.budget import fixed_parts, unshared_sites
+    from dacnn_convert.core.graph import ConvSite, analyze
+
+    torch.manual_seed(0)
+    model = VGGHead().eval()
+    sites = analyze(model, SIZE)
+    assert [s.name for s in sites if s.feeds_output] == ["classifier.4"]
+    head = next(s for s in sites if s.feeds_output)
+    assert ConvSite.from_dict(head.to_dict()) == head
+    assert "feeds_output" not in sites[0].to_dict()  # files of layers that are not heads read as before
+    result = search(model, count_params(model) // 4, SIZE)
+    factorised = {m for g in result.plan.groups for m in g.members}
+    assert "classifier.4" not in factorised and {"classifier.0", "classifier.2"} <= factorised
+    assert "classifier.4" not in {s.name for s in unshared_sites(result.plan)}
+    parts = dict(fixed_parts(model, result.plan))
+    assert parts["the layer(s) producing the outputs (kept at full rank)"] == 64 * 10

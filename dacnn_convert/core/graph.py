@@ -54,6 +54,9 @@ class ConvSite:
     # out_size are then the positions it is applied at ((1, 1) for a classifier on pooled features,
     # (H, W) for a channels-last MLP), so an MLP lands in its stage's section and a head in its own
     layer: str = "conv"
+    # its output reaches the model's output without passing through another conv or Linear (the logits
+    # layer): the planner never factorises it, whose rank would bound the logits'
+    feeds_output: bool = False
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
@@ -86,6 +89,8 @@ class ConvSite:
         data = asdict(self)
         if data["layer"] == "conv":  # files with only convs stay readable by releases before Linear sites
             del data["layer"]
+        if not data["feeds_output"]:  # likewise for releases before the field
+            del data["feeds_output"]
         return data
 
     @classmethod
@@ -238,6 +243,7 @@ def _sites(gm: fx.GraphModule, model: nn.Module) -> list[ConvSite]:
     block_of = {n: next((p for p in reversed(_stack_paths(n)[:-1]) if p in blocks), None) for n in layer_nodes}
     depth = _conv_depths(nodes, conv_nodes, block_of)
     fed = _fed_by_input(nodes, set(layer_nodes))
+    heads = _feeds_output(nodes, set(layer_nodes))
 
     sites = []
     for order, n in enumerate(layer_nodes):
@@ -253,6 +259,7 @@ def _sites(gm: fx.GraphModule, model: nn.Module) -> list[ConvSite]:
             depth_in_block=depth.get(n, 1),
             reused=calls[n.target] > 1,
             fed_by_input=n in fed,
+            feeds_output=n in heads,
         )
         if isinstance(layer, nn.Linear):
             sites.append(_linear_site(layer, tuple(in_meta.shape), common))
@@ -342,6 +349,19 @@ def _fed_by_input(nodes: list[fx.Node], convs: set[fx.Node]) -> set[fx.Node]:
             else:
                 reach.add(n)
     return fed
+
+
+def _feeds_output(nodes: list[fx.Node], layers: set[fx.Node]) -> set[fx.Node]:
+    """Convs and Linears whose output reaches the graph's output without passing through another one."""
+    reach: set[fx.Node] = set()
+    heads = set()
+    for n in reversed(nodes):
+        if n.op == "output" or any(u in reach for u in n.users):
+            if n in layers:
+                heads.add(n)
+            else:
+                reach.add(n)
+    return heads
 
 
 def _following_bn(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> str | None:

@@ -336,12 +336,17 @@ def _low_rank(
     """A one-member bank (a low-rank pair) for each conv in ``sites`` that it makes smaller.
 
     The rank is clamped to each conv's own limit, min(C_out, C_in x kh x kw): one rank or
-    fraction serves convs of many shapes, and a conv at its limit stays dense anyway.
+    fraction serves convs of many shapes, and a conv at its limit stays dense anyway. The layer that
+    produces the model's outputs stays dense: its rank would bound the logits' (as pruning keeps
+    classifier heads whole).
     """
     check_value(value, "factorize_unshared rank")
     out = []
     for s in sites:
         if not factorizable(s):
+            continue
+        if s.feeds_output:
+            notes.append(f"{s.name} stays dense: it produces the model's outputs, whose rank it would bound")
             continue
         r = min(filters_for(value, s), rank_limit(s, 1))
         if bank_params(s, 1, r) >= s.weight_numel:
