@@ -59,6 +59,9 @@ BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # bank filters a
 RANK_GRID = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # 1/64: MobileNetV3 and ConvNeXt reach 10%
 BANK_OPTIONS = (*OPTIONS, *(f"bank:{f}" for f in BANK_GRID))  # "bank:1.0": k = C_out (a fraction, always)
 RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
+# the layer producing the outputs, ranked on its own (never bundled with its section's other unshared layers):
+# a section's rank is "lr:f", "out:g" or both, "lr:f|out:g"
+HEAD_OPTIONS = tuple(f"out:{f}" for f in RANK_GRID)
 SPACES = ("bank", "anchor")
 # per section with several share groups, at most this many per-group bank-size combinations (the non-dominated
 # ones, evenly spaced along their front) join the section's options
@@ -190,7 +193,7 @@ class BudgetResult:
         for k, option in enumerate(self.choice, start=1):
             alts = ", ".join(
                 f"{o}: {by[k, o].sensitivity:.3g} (-{by[k, o].params_saved:,}, {_macs(by[k, o].macs_saved)})"
-                for o in (*BANK_OPTIONS, *RANK_OPTIONS)
+                for o in (*BANK_OPTIONS, *RANK_OPTIONS, *HEAD_OPTIONS)
                 if (k, o) in by
             )
             reg = " + regulators" if k in self.regulator_sections else ""
@@ -281,10 +284,10 @@ def unshared_sites(mix: Plan) -> list[ConvSite]:
     """Convs and Linears that share with nothing in ``mix`` and can be factorised, each in a section.
 
     The layer that produces the model's outputs (``ConvSite.feeds_output``) is not among them: its rank
-    bounds the logits' (a 10-class head at rank 2 tells at most 3 classes apart), it holds few of the
-    parameters, and bundled with its section's other layers one rank option would carry its cost to all
-    of them (EfficientNet-B0 at 32 px: section 4 at rank 1/4 cost kl 1.137 with the classifier, 0.003
-    without).
+    bounds the logits' (a 10-class head at rank 2 tells at most 3 classes apart), and bundled with its
+    section's other layers one rank option would carry its cost to all of them (EfficientNet-B0 at 32 px:
+    section 4 at rank 1/4 cost kl 1.137 with the classifier, 0.003 without). It has rank options of its
+    own (:func:`output_sites`, ``out:f``), which a 1000-class head may take and a 10-class one rarely will.
     """
     grouped = {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
     sections = {tuple(r) for r in mix.sections}
@@ -295,11 +298,26 @@ def unshared_sites(mix: Plan) -> list[ConvSite]:
     ]
 
 
-def _low_rank_groups(mix: Plan, section: int, f: float) -> list[Group]:
-    """Rank f x min(C_out, C_in x kh x kw) factorisations of the unshared layers of ``section`` that shrink them."""
+def output_sites(mix: Plan) -> list[ConvSite]:
+    """The layers producing the model's outputs that share with nothing and can be factorised, each in a section."""
+    grouped = {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
+    sections = {tuple(r) for r in mix.sections}
+    return [
+        s for s in mix.sites if s.feeds_output and s.name not in grouped and factorizable(s) and s.out_size in sections
+    ]
+
+
+def _rank_parts(rank: str) -> list[str]:
+    """``lr:0.25|out:0.5`` -> [``lr:0.25``, ``out:0.5``]; ``dense`` -> []."""
+    return [] if rank == "dense" else rank.split("|")
+
+
+def _low_rank_groups(mix: Plan, section: int, f: float, heads: bool = False) -> list[Group]:
+    """Rank f x min(C_out, C_in x kh x kw) factorisations of the unshared layers of ``section`` that shrink them
+    (``heads``: of the layers producing the outputs instead)."""
     res = tuple(mix.sections[section - 1])
     out = []
-    for s in unshared_sites(mix):
+    for s in output_sites(mix) if heads else unshared_sites(mix):
         r = max(1, round(f * rank_limit(s, 1)))
         if s.out_size == res and bank_params(s, 1, r) < s.weight_numel:
             out.append(bank_group([s], r, section, 0))
@@ -350,8 +368,9 @@ def compose(
         elif option.startswith(("bank@", "banks:")):  # each named share group at its own bank size
             groups += _bank_groups(mix, k, _per_group(option))
     for k, rank in enumerate(ranks or (), start=1):
-        if rank != "dense":  # a conv that plain mode already shares is not factorised as well
-            groups += [g for g in _low_rank_groups(mix, k, _fraction(rank)) if g.members[0] not in anchored]
+        for part in _rank_parts(rank):  # a conv that plain mode already shares is not factorised as well
+            low = _low_rank_groups(mix, k, _fraction(part), heads=part.startswith("out:"))
+            groups += [g for g in low if g.members[0] not in anchored]
     return replace(mix, mode="budget", groups=tuple(groups), regulators=tuple(sorted(regs, key=lambda r: r.host)))
 
 
@@ -516,7 +535,7 @@ class _Space:
         mix = make_plan(model, "mix", "all", style, cast(InitName, init), input_size, leaf_modules)
         plain = make_plan(model, "plain", "all", style, cast(InitName, init), input_size, leaf_modules)
         mix = every_resolution(mix)
-        options, ranks = (BANK_OPTIONS, RANK_OPTIONS) if space == "bank" else (OPTIONS, ())
+        options, ranks = (BANK_OPTIONS, (*RANK_OPTIONS, *HEAD_OPTIONS)) if space == "bank" else (OPTIONS, ())
         macs_before = 0
         if target_macs is not None:
             from .core.report import count_macs
@@ -717,10 +736,10 @@ def refine(
         picks = _picks(current)
         whole = score(mix, plain, picks)
         for k, q in enumerate(picks, start=1):
-            alone = by.get((k, q.share), 0.0) + by.get((k, q.rank), 0.0)
+            ranked = sum(by.get((k, r), 0.0) for r in _rank_parts(q.rank))
+            alone = by.get((k, q.share), 0.0) + ranked
             if q.share.startswith("banks:"):
-                alone = sum(by.get((k, f"bank@{i}:{f}"), 0.0) for i, f in _per_group(q.share).items())
-                alone += by.get((k, q.rank), 0.0)
+                alone = sum(by.get((k, f"bank@{i}:{f}"), 0.0) for i, f in _per_group(q.share).items()) + ranked
             if q == SectionPick("free", "dense") or alone <= 0:
                 continue
             left_out = score(mix, plain, (*picks[: k - 1], SectionPick("free", "dense"), *picks[k:]))
@@ -779,8 +798,6 @@ def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
     uncalled = sum(m.weight.numel() for _, m in layers if type(m) in (nn.Linear, nn.Conv2d))
     subclass = sum(m.weight.numel() for _, m in layers if type(m) not in (nn.Linear, nn.Conv2d))
     stem = sum(s.weight_numel for s in mix.sites if s.fed_by_input)
-    shared = {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
-    heads = sum(s.weight_numel for s in mix.sites if s.feeds_output and not s.fed_by_input and s.name not in shared)
     grouped = sum(s.weight_numel for s in mix.sites if s.groups > 1 and not s.fed_by_input)
     other = mix.params_before - mix.conv_params_before - uncalled - subclass
     parts = (
@@ -792,7 +809,6 @@ def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
         ("Linear and conv subclasses (attention projections, timm's Conv2dSame)", subclass),
         ("BatchNorm, biases and other parameters", other),
         ("the layer(s) fed by the image", stem),
-        ("the layer(s) producing the outputs (kept at full rank)", heads),
         ("grouped and depthwise convs (shared by mix only)", grouped),
     )
     return tuple((what, n) for what, n in parts if n > 0)
@@ -894,9 +910,9 @@ def monotone(scores: Sequence[SectionScore]) -> tuple[SectionScore, ...]:
     it, so the search cannot buy size where the measurement was lucky.
     """
     out = list(scores)
-    worst: dict[tuple[int, str], float] = {}  # per (section, chain): "bank:", "lr:", "bank@3:" (one group)
+    worst: dict[tuple[int, str], float] = {}  # per (section, chain): "bank:", "lr:", "out:", "bank@3:" (one group)
     chain = sorted(
-        (i for i, s in enumerate(out) if s.option.startswith(("bank:", "lr:", "bank@"))),
+        (i for i, s in enumerate(out) if s.option.startswith(("bank:", "lr:", "out:", "bank@"))),
         key=lambda i: (out[i].section, out[i].option.rpartition(":")[0], -_fraction(out[i].option)),
     )
     for i in chain:
@@ -947,17 +963,17 @@ def pick(
         + [s.option for s in scores if s.section == k and s.option[:6] == "banks:"]
         for k in range(1, n + 1)
     ]
-    rank_opts = [["dense", *(r for r in RANK_OPTIONS if (k, r) in by)] for k in range(1, n + 1)]
+    rank_opts = [_rank_options(k, by) for k in range(1, n + 1)]
     candidates = 1
     for k in range(n):
         candidates *= len(share[k]) * len(rank_opts[k])
 
     def cost(k: int, o: str) -> tuple[float, int]:
-        s = by.get((k, o))
-        return (s.sensitivity, s.params_saved) if s is not None else (0.0, 0)
+        parts = [by.get((k, p)) for p in (_rank_parts(o) if o.startswith(("lr:", "out:")) else [o])]
+        return sum(s.sensitivity for s in parts if s), sum(s.params_saved for s in parts if s)
 
     def by_macs(k: int, q: SectionPick) -> int:
-        return sum(by[k, o].macs_saved for o in (q.share, q.rank) if (k, o) in by)
+        return sum(by[k, o].macs_saved for o in (q.share, *_rank_parts(q.rank)) if (k, o) in by)
 
     per_section = [
         [
@@ -1044,6 +1060,14 @@ def pick(
         target_macs=target_macs,
         macs_before=macs_before,
     )
+
+
+def _rank_options(k: int, by: dict[tuple[int, str], SectionScore]) -> list[str]:
+    """Section ``k``'s ranks: dense, each ``lr:f`` of its unshared layers, each ``out:g`` of its output layer,
+    and each pair of the two (``lr:f|out:g``, their scores and savings added)."""
+    low = [r for r in RANK_OPTIONS if (k, r) in by]
+    heads = [h for h in HEAD_OPTIONS if (k, h) in by]
+    return ["dense", *low, *heads, *(f"{r}|{h}" for r in low for h in heads)]
 
 
 def _group_combinations(scores: Sequence[SectionScore]) -> list[SectionScore]:

@@ -149,11 +149,11 @@ def test_a_model_with_only_linears_says_what_can_be_done() -> None:
     assert [g.members for g in p.groups] == [("3",)]
 
 
-def test_the_output_layer_is_known_and_the_planner_keeps_it_at_full_rank() -> None:
+def test_the_output_layer_is_known_and_ranked_on_its_own() -> None:
     """The logits layer's rank bounds the logits' (a 10-class head at rank 2 tells at most 3 classes apart):
-    the planner factorises the classifier's hidden Linears but never the one that produces the outputs, and
-    the floor message names it."""
-    from dacnn_convert.budget import fixed_parts, unshared_sites
+    a section's rank option for its unshared layers never carries it along; it has options of its own
+    (``out:f``), scored alone, which the search may take (a 1000-class head) and pays for like any other."""
+    from dacnn_convert import budget
     from dacnn_convert.core.graph import ConvSite, analyze
 
     torch.manual_seed(0)
@@ -163,9 +163,21 @@ def test_the_output_layer_is_known_and_the_planner_keeps_it_at_full_rank() -> No
     head = next(s for s in sites if s.feeds_output)
     assert ConvSite.from_dict(head.to_dict()) == head
     assert "feeds_output" not in sites[0].to_dict()  # files of layers that are not heads read as before
+    mix = budget.every_resolution(plan(model, mode="mix", regulators="all", input_size=SIZE))
+    assert "classifier.4" not in {s.name for s in budget.unshared_sites(mix)}
+    assert [s.name for s in budget.output_sites(mix)] == ["classifier.4"]
+    k = next(i for i, r in enumerate(mix.sections, start=1) if tuple(r) == head.out_size)
+    n = len(mix.sections)
+
+    def factorised(rank: str) -> set[str]:
+        ranks = [rank if j == k else "dense" for j in range(1, n + 1)]
+        return {m for g in budget.compose(mix, mix, ["free"] * n, ranks=ranks).groups for m in g.members}
+
+    assert "classifier.4" not in factorised("lr:0.5") and "classifier.0" in factorised("lr:0.5")
+    assert factorised("out:0.5") == {"classifier.4"}
+    assert factorised("lr:0.5|out:0.5") == factorised("lr:0.5") | {"classifier.4"}
     result = search(model, count_params(model) // 4, SIZE)
-    factorised = {m for g in result.plan.groups for m in g.members}
-    assert "classifier.4" not in factorised and {"classifier.0", "classifier.2"} <= factorised
-    assert "classifier.4" not in {s.name for s in unshared_sites(result.plan)}
-    parts = dict(fixed_parts(model, result.plan))
-    assert parts["the layer(s) producing the outputs (kept at full rank)"] == 64 * 10
+    options = {s.option for s in result.scores if s.section == k}
+    assert {"lr:0.5", "out:0.5"} <= options
+    assert result.plan.params_after <= count_params(model) // 4
+    assert count_params(convert(model, result.plan).model) == result.plan.params_after
