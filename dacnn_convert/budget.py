@@ -535,7 +535,10 @@ class _Space:
         mix = make_plan(model, "mix", "all", style, cast(InitName, init), input_size, leaf_modules)
         plain = make_plan(model, "plain", "all", style, cast(InitName, init), input_size, leaf_modules)
         mix = every_resolution(mix)
-        options, ranks = (BANK_OPTIONS, (*RANK_OPTIONS, *HEAD_OPTIONS)) if space == "bank" else (OPTIONS, ())
+        # the output layer's own ranks only where its effect on the logits is measured: the weight-space fit
+        # prices a layer by its share of the parameters, and a head is always cheap by that (rank 1 of 10 classes)
+        heads = HEAD_OPTIONS if metric == "kl" else ()
+        options, ranks = (BANK_OPTIONS, (*RANK_OPTIONS, *heads)) if space == "bank" else (OPTIONS, ())
         macs_before = 0
         if target_macs is not None:
             from .core.report import count_macs

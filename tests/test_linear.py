@@ -13,6 +13,7 @@ from dacnn_convert.core.layers import AnchoredLinear
 from dacnn_convert.core.report import count_macs
 from dacnn_convert.errors import PlanError
 from dacnn_convert.io.dense import export_dense
+from dacnn_convert.train.data import make_loaders
 
 from .models import TinyMixer, VGGHead
 
@@ -176,8 +177,16 @@ def test_the_output_layer_is_known_and_ranked_on_its_own() -> None:
     assert "classifier.4" not in factorised("lr:0.5") and "classifier.0" in factorised("lr:0.5")
     assert factorised("out:0.5") == {"classifier.4"}
     assert factorised("lr:0.5|out:0.5") == factorised("lr:0.5") | {"classifier.4"}
-    result = search(model, count_params(model) // 4, SIZE)
+    # without data the weight-space fit prices a layer by its share of the parameters, and a head always looks
+    # cheap by that: the output layer's own ranks are offered only to the kl score, which measures the logits
+    result = search(model, count_params(model) // 8, SIZE)
+    assert not any(s.option.startswith("out:") for s in result.scores)
+    assert "classifier.4" not in {m for g in result.plan.groups for m in g.members}
+    loaders = make_loaders("synthetic", batch_size=8, input_size=16)
+    result = search(
+        model, count_params(model) // 4, SIZE, calib_loader=loaders.train, calib_batches=1, rescore_rounds=0
+    )
     options = {s.option for s in result.scores if s.section == k}
     assert {"lr:0.5", "out:0.5"} <= options
     assert result.plan.params_after <= count_params(model) // 4
-    assert count_params(convert(model, result.plan).model) == result.plan.params_after
+    assert count_params(convert(model, result.plan, init="fit").model) == result.plan.params_after
