@@ -1,14 +1,15 @@
 """Budget-targeted anchoring: choose, per section, what to share so the model fits a size.
 
     model ─► mix and plain plans ─► per section: free | mix | plain | bank:f, and a rank for the
-    convs that share with nothing (dense | lr:f), each scored ─► exact multiple-choice knapsack
+    convs that share with nothing (dense | lr:f) and for the output layer (out:g, with data), each
+    scored ─► exact multiple-choice knapsack
     for the lowest summed sensitivity with params <= target ─► regulators with the budget left,
     worst-scored sections first ─► banks and low-rank convs grown into what is left ─► one Plan
 
 ``bank:f`` gives each share group of the section a bank of f x C_out filters
 (:mod:`dacnn_convert.core.banks`); ``lr:f`` factorises the section's unshared convs (stride-2 first
-convs, downsample 1x1s, Linears) at rank f x min(C_out, C_in x kh x kw). The grids are :data:`BANK_GRID` and
-:data:`RANK_GRID`.
+convs, downsample 1x1s, Linears) at rank f x min(C_out, C_in x kh x kw); ``out:g`` the layer producing the
+outputs, on its own (``lr:f|out:g``: both). The grids are :data:`BANK_GRID` and :data:`RANK_GRID`.
 
 Costs are exact plan arithmetic (no model is built). Sensitivity is measured per section
 with only that section converted:
@@ -70,7 +71,8 @@ GROUP_COMBINATIONS = 24  # bank: every option; anchor: free / mix / plain + regu
 
 class SectionPick(NamedTuple):
     """What the search picks for one section: how its share groups convert (``free``, ``mix``, ``plain``,
-    ``bank:f``) and the rank of its unshared convs (``dense`` or ``lr:f``)."""
+    ``bank:f``) and the rank of its unshared convs and output layer (``dense``, ``lr:f``, ``out:g`` or
+    ``lr:f|out:g``)."""
 
     share: str
     rank: str
@@ -105,7 +107,7 @@ class BudgetResult:
     candidates: int
     feasible: int
     runners_up: tuple[tuple[tuple[str, ...], int, float], ...] = ()  # (choice, params, sensitivity), best first
-    ranks: tuple[str, ...] = ()  # per section: "dense" or "lr:f" for the convs that share with nothing
+    ranks: tuple[str, ...] = ()  # per section: "dense", "lr:f", "out:g" or "lr:f|out:g" (unshared layers, output layer)
     grown: tuple[str, ...] = ()  # what the leftover budget bought after the search, one line each
     rescored: tuple[tuple[tuple[str, ...], float], ...] = ()  # (choice, whole-plan kl) of refine's plans, best first
     target_macs: int | None = None  # MACs per example the plan had to fit, if asked
@@ -197,7 +199,10 @@ class BudgetResult:
                 if (k, o) in by
             )
             reg = " + regulators" if k in self.regulator_sections else ""
-            rank = f" + unshared layers {self.ranks[k - 1]}" if self.ranks and self.ranks[k - 1] != "dense" else ""
+            rank = "".join(
+                f" + output layer {part}" if part.startswith("out:") else f" + unshared layers {part}"
+                for part in _rank_parts(self.ranks[k - 1] if self.ranks else "dense")
+            )
             lines.append(f"section {k}: {option}{reg}{rank}; options, sensitivity (params saved, MACs saved): {alts}")
             per_group: dict[str, list[SectionScore]] = {}
             for sc in self.scores:
@@ -248,7 +253,7 @@ def share_groups(mix: Plan, section: int) -> list[tuple[str, list[ConvSite]]]:
     same-shape Linears of the section (``"l0"``, :func:`~dacnn_convert.core.planning.linear_groups`)."""
     res = tuple(mix.sections[section - 1])
     shared = [(f"{i}", [mix.site(m) for m in g.members]) for i, g in enumerate(mix.groups) if g.sections == (section,)]
-    shared += [(f"l{i}", members) for i, members in enumerate(linear_groups(mix.sites)) if members[0].out_size == res]
+    shared += [(f"l{i}", members) for i, members in enumerate(_linear_groups(mix)) if members[0].out_size == res]
     return [(index, members) for index, members in shared if bankable(members)]
 
 
@@ -289,7 +294,7 @@ def unshared_sites(mix: Plan) -> list[ConvSite]:
     section 4 at rank 1/4 cost kl 1.137 with the classifier, 0.003 without). It has rank options of its
     own (:func:`output_sites`, ``out:f``), which a 1000-class head may take and a 10-class one rarely will.
     """
-    grouped = {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
+    grouped = _grouped(mix)
     sections = {tuple(r) for r in mix.sections}
     return [
         s
@@ -298,9 +303,20 @@ def unshared_sites(mix: Plan) -> list[ConvSite]:
     ]
 
 
+def _linear_groups(mix: Plan) -> list[list[ConvSite]]:
+    """The planner's same-shape Linear share groups: none with an output layer in it (two same-shape heads,
+    DeiT's ``head``/``head_dist``, are ranked each on its own: a shared bank would bound their logits too)."""
+    return [b for b in linear_groups(mix.sites) if not any(s.feeds_output for s in b)]
+
+
+def _grouped(mix: Plan) -> set[str]:
+    """The layers of ``mix`` that are in a share group (conv or Linear)."""
+    return {m for g in mix.groups for m in g.members} | {s.name for b in _linear_groups(mix) for s in b}
+
+
 def output_sites(mix: Plan) -> list[ConvSite]:
     """The layers producing the model's outputs that share with nothing and can be factorised, each in a section."""
-    grouped = {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
+    grouped = _grouped(mix)
     sections = {tuple(r) for r in mix.sections}
     return [
         s for s in mix.sites if s.feeds_output and s.name not in grouped and factorizable(s) and s.out_size in sections
@@ -545,7 +561,8 @@ class _Space:
 
             macs_before = count_macs(model, input_size)
         macs_cap = _macs_cap(macs_before, target_macs)
-        return cls(mix, plain, options, tuple(ranks), fixed_parts(model, mix), metric, macs_before, macs_cap)
+        fixed = fixed_parts(model, mix, heads_fixed=space == "bank" and not heads)
+        return cls(mix, plain, options, tuple(ranks), fixed, metric, macs_before, macs_cap)
 
     def check(self, model: nn.Module, target_params: int) -> None:
         """Raise :class:`TargetError` when no option reaches ``target_params`` (and the MAC budget)."""
@@ -756,7 +773,7 @@ def refine(
                 group_scale[k, index] = clip((whole - rest) / own)
         rescaled = [replace(s, sensitivity=s.sensitivity * _scale_of(s, scale, group_scale)) for s in base]
         current = pick(mix, plain, rescaled, found.target, found.metric, fixed, found.target_macs, found.macs_before)
-        seen = _picks(current) in score.seen
+        seen = _picks(current) in tried  # the search returned a plan it returned before: no new round
         kl = tried[_picks(current)] = score(mix, plain, _picks(current))
         if kl < best_kl:
             best, best_kl = current, kl
@@ -794,13 +811,15 @@ def every_resolution(mix: Plan) -> Plan:
     return replace(mix, sections=(*mix.sections, *extra))
 
 
-def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
-    """What no option of the search shrinks, by kind, in parameters (for the floor's message)."""
+def fixed_parts(model: nn.Module, mix: Plan, heads_fixed: bool = False) -> tuple[tuple[str, int], ...]:
+    """What no option of the search shrinks, by kind, in parameters (for the floor's message); ``heads_fixed``:
+    the output layers too (a search without data does not rank them)."""
     described = {s.name for s in mix.sites}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and n not in described]
     uncalled = sum(m.weight.numel() for _, m in layers if type(m) in (nn.Linear, nn.Conv2d))
     subclass = sum(m.weight.numel() for _, m in layers if type(m) not in (nn.Linear, nn.Conv2d))
     stem = sum(s.weight_numel for s in mix.sites if s.fed_by_input)
+    heads = sum(s.weight_numel for s in output_sites(mix) if not s.fed_by_input) if heads_fixed else 0
     grouped = sum(s.weight_numel for s in mix.sites if s.groups > 1 and not s.fed_by_input)
     other = mix.params_before - mix.conv_params_before - uncalled - subclass
     parts = (
@@ -812,6 +831,7 @@ def fixed_parts(model: nn.Module, mix: Plan) -> tuple[tuple[str, int], ...]:
         ("Linear and conv subclasses (attention projections, timm's Conv2dSame)", subclass),
         ("BatchNorm, biases and other parameters", other),
         ("the layer(s) fed by the image", stem),
+        ("the output layer(s), factorised only when scored on calibration data (give a «dataset»)", heads),
         ("grouped and depthwise convs (shared by mix only)", grouped),
     )
     return tuple((what, n) for what, n in parts if n > 0)
@@ -985,7 +1005,7 @@ def pick(
             )
             for o in share[k - 1]
             for r in rank_opts[k - 1]
-            if o != "plain" or r == "dense"  # plain shares the unshared convs too: nothing left to factorise
+            if o != "plain" or r == "dense"  # plain shares the unshared 3x3 convs too (and is not combined with a rank)
         ]
         for k in range(1, n + 1)
     ]
@@ -1159,7 +1179,11 @@ def _macs_floor_message(
 ) -> str:
     """Why no plan meets a MAC target: below what any plan reaches (``fewest``), or not with the size target."""
     if target_macs < fewest:
-        held = "; ".join(f"{what} {n:,} params" for what, n in fixed if "image" in what or "depthwise" in what)
+        held = "; ".join(
+            f"{what} {n:,} params"
+            for what, n in fixed
+            if any(w in what for w in ("image", "depthwise", "output layer"))
+        )
         return (
             f"no conversion reaches {target_macs:,} MACs per example: the fewest possible is {fewest:,} "
             f"({100 * fewest / max(macs_before, 1):.1f}% of {macs_before:,}), every section at its smallest bank "

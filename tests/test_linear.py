@@ -190,3 +190,83 @@ def test_the_output_layer_is_known_and_ranked_on_its_own() -> None:
     assert {"lr:0.5", "out:0.5"} <= options
     assert result.plan.params_after <= count_params(model) // 4
     assert count_params(convert(model, result.plan, init="fit").model) == result.plan.params_after
+
+
+class _TwoHeads(nn.Module):
+    """Two same-shape 100-class heads summed (DeiT-distilled style) over a small conv trunk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.head = nn.Linear(64, 100)
+        self.head_dist = nn.Linear(64, 100)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).mean((2, 3))
+        return self.head(h) + self.head_dist(h)
+
+
+class _FunctionalHead(nn.Module):
+    """The logits come from a functional linear (a cosine classifier's form): fc is a hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 16)
+        self.weight = nn.Parameter(torch.randn(10, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.fc(self.conv(x).mean((2, 3))), self.weight)
+
+
+def test_only_the_layers_that_produce_the_outputs_are_output_layers() -> None:
+    from dacnn_convert import budget
+    from dacnn_convert.core.graph import analyze
+
+    class Sub(nn.Linear):
+        pass
+
+    subclass = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(16), nn.ReLU(), Sub(16, 10))
+    subclass(torch.zeros(1, *SIZE))
+    assert not any(s.feeds_output for s in analyze(_FunctionalHead(), SIZE))  # fc feeds a weighted op
+    assert not any(s.feeds_output for s in analyze(subclass, SIZE))  # a Linear subclass is a layer too
+    two = analyze(_TwoHeads(), SIZE)
+    assert [s.name for s in two if s.feeds_output] == ["head", "head_dist"]
+    # same-shape heads are not banked together (a shared bank would bound both logits); each ranks on its own
+    mix = budget.every_resolution(plan(_TwoHeads(), mode="mix", regulators="all", input_size=SIZE))
+    assert all(
+        not any(s.feeds_output for s in m)
+        for k in range(1, len(mix.sections) + 1)
+        for _, m in budget.share_groups(mix, k)
+    )
+    assert [s.name for s in budget.output_sites(mix)] == ["head", "head_dist"]
+
+
+def test_without_data_the_floor_names_the_output_layer() -> None:
+    torch.manual_seed(0)
+    model = VGGHead(num_classes=1000).eval()
+    with pytest.raises(
+        PlanError, match=r"output layer\(s\), factorised only when scored on calibration data [^;]*64,000"
+    ):
+        search(model, count_params(model) // 10, SIZE)
+
+
+def test_a_plan_with_the_unshared_and_the_output_ranks_together_is_exact_in_params_and_macs() -> None:
+    """A 200-class head worth factorising: the search combines the section's rank and the head's own
+    (``lr:f|out:g``), and the composed model has exactly the params and MACs the search costed."""
+    from dacnn_convert import budget
+
+    torch.manual_seed(0)
+    model = VGGHead(num_classes=200).eval()
+    mix = budget.every_resolution(plan(model, mode="mix", regulators="all", input_size=SIZE))
+    ranks = (*budget.RANK_OPTIONS, *budget.HEAD_OPTIONS)
+    scores = budget.score_sections(model, mix, mix, "fit", options=budget.BANK_OPTIONS, ranks=ranks)
+    macs_before = count_macs(model, SIZE)
+    both = 0
+    for ratio in (3, 5, 8):
+        found = budget.pick(mix, mix, scores, count_params(model) // ratio, "kl", (), macs_before * 2 // 3, macs_before)
+        both += any("|" in r for r in found.ranks)
+        student = convert(model, found.plan, init="fit").model
+        assert count_params(student) == found.plan.params_after <= count_params(model) // ratio
+        assert count_macs(student, SIZE) == macs_before - found.plan.macs_saved <= macs_before * 2 // 3
+    assert both  # at least one plan took both ranks in the head's section

@@ -98,7 +98,8 @@ register_method(
 
 @dataclass(frozen=True)
 class LowRank:
-    """Per-layer whitened low-rank factorisation, no sharing: every conv but the stem at one rank fraction.
+    """Per-layer whitened low-rank factorisation, no sharing: every conv and Linear but the stem and the output
+    layer at one rank fraction.
 
     The baseline that shows what sharing adds to banks: the same closed-form, activation-aware fit
     (SVD-LLM's whitening), each conv on its own. The fraction of C_out is bisected so the model
@@ -106,7 +107,10 @@ class LowRank:
     """
 
     name: str = "lowrank"
-    description: str = "per-layer whitened low-rank factorisation (no sharing), one rank fraction for every conv"
+    description: str = (
+        "per-layer whitened low-rank factorisation (no sharing), one rank fraction for every layer but the stem and "
+        "the output layer"
+    )
     fixed_size: bool = False
 
     def compress(self, teacher: nn.Module, target_params: int | None, ctx: Context) -> Compressed:
@@ -137,13 +141,16 @@ class LowRank:
                 hi = mid
         if best is None:
             what = f"{target_params:,} params" if target_params is not None else f"{ctx.target_macs:,} MACs"
-            raise PlanError(f"lowrank cannot reach {what}: even rank 1 everywhere is larger")
+            raise PlanError(
+                f"lowrank cannot reach {what}: even rank 1 everywhere is larger "
+                "(the stem and the output layer stay dense)"
+            )
         model = convert(teacher, best, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:
             return {"safetensors": save(m, folder / "model.safetensors", source=ctx.source).stat().st_size}
 
-        ranks = sorted({g.rank for g in best.groups})
+        ranks = sorted({g.rank for g in best.groups}) or [0]  # nothing factorisable: a plan of no groups
         return Compressed(
             model,
             count_params(model),

@@ -54,8 +54,9 @@ class ConvSite:
     # out_size are then the positions it is applied at ((1, 1) for a classifier on pooled features,
     # (H, W) for a channels-last MLP), so an MLP lands in its stage's section and a head in its own
     layer: str = "conv"
-    # its output reaches the model's output without passing through another conv or Linear (the logits
-    # layer): the planner never factorises it, whose rank would bound the logits'
+    # its output reaches the model's output without passing through another layer with weights (the logits
+    # layer): its rank bounds the logits', so the planner ranks it on its own (kl only) and a hand-written
+    # factorize_unshared leaves it dense
     feeds_output: bool = False
 
     @property
@@ -89,7 +90,7 @@ class ConvSite:
         data = asdict(self)
         if data["layer"] == "conv":  # files with only convs stay readable by releases before Linear sites
             del data["layer"]
-        if not data["feeds_output"]:  # likewise for releases before the field
+        if not data["feeds_output"]:  # the field is new in 0.2: only the output layer's entry carries it
             del data["feeds_output"]
         return data
 
@@ -243,7 +244,7 @@ def _sites(gm: fx.GraphModule, model: nn.Module) -> list[ConvSite]:
     block_of = {n: next((p for p in reversed(_stack_paths(n)[:-1]) if p in blocks), None) for n in layer_nodes}
     depth = _conv_depths(nodes, conv_nodes, block_of)
     fed = _fed_by_input(nodes, set(layer_nodes))
-    heads = _feeds_output(nodes, set(layer_nodes))
+    heads = _feeds_output(nodes, set(layer_nodes), modules)
 
     sites = []
     for order, n in enumerate(layer_nodes):
@@ -351,15 +352,29 @@ def _fed_by_input(nodes: list[fx.Node], convs: set[fx.Node]) -> set[fx.Node]:
     return fed
 
 
-def _feeds_output(nodes: list[fx.Node], layers: set[fx.Node]) -> set[fx.Node]:
-    """Convs and Linears whose output reaches the graph's output without passing through another one."""
+_WEIGHTED_FUNCTIONS = {torch.nn.functional.linear, torch.nn.functional.conv2d, torch.matmul, torch.mm, torch.einsum}
+
+
+def _feeds_output(nodes: list[fx.Node], layers: set[fx.Node], modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """Convs and Linears whose output reaches the graph's output without passing through another layer with
+    weights (a conv or Linear of any class, a leaf module holding a matrix, a functional linear or matmul);
+    norms, activations, pooling, dropout and reshapes pass through."""
+
+    def weighted(n: fx.Node) -> bool:
+        if n.op == "call_function":
+            return n.target in _WEIGHTED_FUNCTIONS
+        if n.op != "call_module":
+            return False
+        m = modules.get(str(n.target))
+        return isinstance(m, nn.Linear | nn.Conv2d) or any(p.dim() >= 2 for p in getattr(m, "parameters", list)())
+
     reach: set[fx.Node] = set()
     heads = set()
     for n in reversed(nodes):
         if n.op == "output" or any(u in reach for u in n.users):
             if n in layers:
                 heads.add(n)
-            else:
+            elif not weighted(n):
                 reach.add(n)
     return heads
 
