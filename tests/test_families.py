@@ -10,7 +10,15 @@ import torch
 import torchvision
 
 from dacnn_convert import convert, count_params
-from dacnn_convert.budget import BANK_OPTIONS, RANK_OPTIONS, every_resolution, fixed_parts, pick, score_sections
+from dacnn_convert.budget import (
+    BANK_OPTIONS,
+    HEAD_OPTIONS,
+    RANK_OPTIONS,
+    every_resolution,
+    fixed_parts,
+    pick,
+    score_sections,
+)
 from dacnn_convert.core.planning import make_plan
 from dacnn_convert.errors import PlanError
 from dacnn_convert.io.sources import build_model, parse_spec
@@ -55,7 +63,8 @@ def test_every_target_from_half_down_to_the_floor(name: str) -> None:
     size = (3, side, side)
     mix = every_resolution(make_plan(model, "mix", "all", input_size=size))
     plain = make_plan(model, "plain", "all", input_size=size)
-    scores = score_sections(model, mix, plain, "size", options=BANK_OPTIONS, ranks=RANK_OPTIONS)
+    # the space a search with data has: the output layer ranked on its own too ("lr:f|out:g" at the floor)
+    scores = score_sections(model, mix, plain, "size", options=BANK_OPTIONS, ranks=(*RANK_OPTIONS, *HEAD_OPTIONS))
     total = count_params(model)
     with pytest.raises(PlanError, match="smallest possible is") as info:
         pick(mix, plain, scores, 1, fixed=fixed_parts(model, mix))
