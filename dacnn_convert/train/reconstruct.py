@@ -18,6 +18,11 @@ section once done stays done. BatchNorms run in eval mode on the statistics the 
 recalibration measured (the function inference computes); the forward pass stops at the
 section's end. Deterministic: the calibration batches are cycled in order, the optimiser is
 Adam. Shared tensors stay shared: parameters are updated in place.
+
+A fifth of the calibration batches (at least one, where there are four or more) is held out: a section
+whose error on them rises is put back as it was (``ReconstructResult.kept``). On a plan that already keeps
+the teacher, fitting a few batches section by section can overfit them (the Fashion-MNIST MobileNetV3-Large
+at 25%: 85.42% after BN recalibration, 83.41% after reconstruction without the check).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class ReconstructResult:
     before: list[float] = field(default_factory=list)
     after: list[float] = field(default_factory=list)
     trained: list[int] = field(default_factory=list)  # parameters trained per section
+    kept: list[bool] = field(default_factory=list)  # False: its held-out error rose, the section was put back
     wall_s: float = 0.0
 
 
@@ -190,6 +196,8 @@ def reconstruct_sections(
     if not batches:
         raise UsageError("«calib-loader» yielded no batches: reconstruction needs calibration images")
     result = ReconstructResult(sections=[end or "output" for _, end in sections])
+    held = batches[len(batches) - max(1, len(batches) // 5) :] if len(batches) >= 4 else []
+    fit_on = batches[: len(batches) - len(held)]
     start = time.perf_counter()
     flags = {p: p.requires_grad for p in student.parameters()}
     used_by = _anchor_users(student)
@@ -203,10 +211,12 @@ def reconstruct_sections(
                     p.requires_grad_(True)
                 result.before.append(_error(student, teacher, end, batches))
                 result.trained.append(sum(p.numel() for p in params))
+                held_before = _error(student, teacher, end, held) if held and params else 0.0
+                saved = [p.detach().clone() for p in params] if held else []
                 if params:
                     opt = torch.optim.Adam(params, lr=config.lr)
                     for step in range(config.steps):
-                        x = batches[step % len(batches)]
+                        x = fit_on[step % len(fit_on)]
                         with torch.no_grad():  # recomputed, not held: one batch of activations at a time
                             target = _capture(teacher, end, x)
                         loss = _relative(_capture(student, end, x), target)
@@ -215,6 +225,12 @@ def reconstruct_sections(
                         opt.step()
                         if on_step is not None:
                             on_step(k + 1, step + 1, config.steps, float(loss))
+                worse = bool(held and params) and _error(student, teacher, end, held) > held_before
+                if worse:  # overfitted the batches it saw: the section goes back to what it was
+                    with torch.no_grad():
+                        for p, value in zip(params, saved, strict=True):
+                            p.copy_(value)
+                result.kept.append(not worse)
                 result.after.append(_error(student, teacher, end, batches))
         finally:
             for p, flag in flags.items():
@@ -230,6 +246,8 @@ def _relative(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _error(student: nn.Module, teacher: nn.Module, end: str | None, batches: list[torch.Tensor]) -> float:
     """The mean relative error of what ``student`` feeds ``end`` (None: its output) over ``batches``."""
+    if not batches:
+        return 0.0
     with torch.no_grad():
         errs = [float(_relative(_capture(student, end, x), _capture(teacher, end, x))) for x in batches]
     return sum(errs) / len(errs)
