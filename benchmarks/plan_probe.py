@@ -3,6 +3,7 @@
 
     python benchmarks/plan_probe.py timm:efficientnet_b0 \
         runs/family-bench/teacher-timm-efficientnet_b0/best.safetensors 4
+    python benchmarks/plan_probe.py MODEL WEIGHTS RATIO reconstruct   # then section-wise reconstruction too
 
 Used in session 11 for EfficientNet-B0 at 25% (results/family_bench/NOTES.md): 26.45% on the 10,000 test
 images with per-group bank sizes, 499 s of search (AMD EPYC, 2 cores, fp32, 2026-12-07). Session 12, with the
@@ -37,3 +38,9 @@ print(
     f"params {count_params(st):,} acc after fit+BN {evaluate(st, data.val, precision='fp32'):.4f} (teacher {evaluate(teacher, data.val, precision='fp32'):.4f})",
     flush=True,
 )
+if sys.argv[4:] == ["reconstruct"]:
+    from dacnn_convert.train.reconstruct import reconstruct_sections
+
+    done = reconstruct_sections(st, teacher, calib)
+    kept = ", ".join(f"{s}: {'kept' if k else 'put back'}" for s, k in zip(done.sections, done.kept, strict=True))
+    print(f"acc after reconstruction {evaluate(st, data.val, precision='fp32'):.4f} ({done.wall_s:.0f} s; {kept})")
