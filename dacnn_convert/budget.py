@@ -63,10 +63,10 @@ RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
 # the layer producing the outputs, ranked on its own (never bundled with its section's other unshared layers):
 # a section's rank is "lr:f", "out:g" or both, "lr:f|out:g"
 HEAD_OPTIONS = tuple(f"out:{f}" for f in RANK_GRID)
-SPACES = ("bank", "anchor")
+SPACES = ("bank", "anchor")  # bank: every option; anchor: free / mix / plain + regulators only
 # per section with several share groups, at most this many per-group bank-size combinations (the non-dominated
 # ones, evenly spaced along their front) join the section's options
-GROUP_COMBINATIONS = 24  # bank: every option; anchor: free / mix / plain + regulators only
+GROUP_COMBINATIONS = 24
 
 
 class SectionPick(NamedTuple):
@@ -207,7 +207,7 @@ class BudgetResult:
             per_group: dict[str, list[SectionScore]] = {}
             for sc in self.scores:
                 if sc.section == k and sc.option.startswith("bank@"):
-                    per_group.setdefault(sc.option[len("bank@") :].partition(":")[0], []).append(sc)
+                    per_group.setdefault(_group_index(sc.option), []).append(sc)
             chosen = _per_group(option) if option.startswith("banks:") else {}
             for index, alone in per_group.items():
                 sizes = ", ".join(
@@ -253,7 +253,7 @@ def share_groups(mix: Plan, section: int) -> list[tuple[str, list[ConvSite]]]:
     same-shape Linears of the section (``"l0"``, :func:`~dacnn_convert.core.planning.linear_groups`)."""
     res = tuple(mix.sections[section - 1])
     shared = [(f"{i}", [mix.site(m) for m in g.members]) for i, g in enumerate(mix.groups) if g.sections == (section,)]
-    shared += [(f"l{i}", members) for i, members in enumerate(_linear_groups(mix)) if members[0].out_size == res]
+    shared += [(f"l{i}", members) for i, members in enumerate(linear_groups(mix.sites)) if members[0].out_size == res]
     return [(index, members) for index, members in shared if bankable(members)]
 
 
@@ -275,6 +275,11 @@ def _bank_size(members: Sequence[ConvSite], frac: float) -> int | None:
     co, ci, kh, kw = members[0].weight_shape
     k = min(max(1, round(frac * co)), len(members) * co, ci * kh * kw)
     return k if bank_params(members[0], len(members), k) < sum(m.weight_numel for m in members) else None
+
+
+def _group_index(option: str) -> str:
+    """``bank@3:0.25`` -> ``"3"``: the share group a per-group option is for."""
+    return option[len("bank@") :].partition(":")[0]
 
 
 def _per_group(option: str) -> dict[str, float]:
@@ -303,15 +308,9 @@ def unshared_sites(mix: Plan) -> list[ConvSite]:
     ]
 
 
-def _linear_groups(mix: Plan) -> list[list[ConvSite]]:
-    """The planner's same-shape Linear share groups: none with an output layer in it (two same-shape heads,
-    DeiT's ``head``/``head_dist``, are ranked each on its own: a shared bank would bound their logits too)."""
-    return [b for b in linear_groups(mix.sites) if not any(s.feeds_output for s in b)]
-
-
 def _grouped(mix: Plan) -> set[str]:
     """The layers of ``mix`` that are in a share group (conv or Linear)."""
-    return {m for g in mix.groups for m in g.members} | {s.name for b in _linear_groups(mix) for s in b}
+    return {m for g in mix.groups for m in g.members} | {s.name for b in linear_groups(mix.sites) for s in b}
 
 
 def output_sites(mix: Plan) -> list[ConvSite]:
@@ -698,7 +697,7 @@ def _picks(found: BudgetResult) -> tuple[SectionPick, ...]:
 def _group_sizes(mix: Plan, section: int, share: str) -> dict[str, float]:
     """Each share group of ``section`` banked under ``share``, with its bank size (a uniform ``bank:f`` names the
     groups of a section that has several which a bank of that size shrinks; other options name none)."""
-    if share.startswith(("banks:", "bank@")):
+    if share.startswith("banks:"):
         return _per_group(share)
     if share.startswith("bank:"):
         f = _fraction(share)
@@ -789,10 +788,8 @@ def refine(
 
 def _scale_of(s: SectionScore, scale: dict[int, float], group_scale: dict[tuple[int, str], float]) -> float:
     """The factor refine puts on one score: its group's, where the group was seen in a plan, else its section's."""
-    if s.option.startswith("bank@"):
-        index = s.option[len("bank@") :].partition(":")[0]
-        if (s.section, index) in group_scale:
-            return group_scale[s.section, index]
+    if s.option.startswith("bank@") and (s.section, _group_index(s.option)) in group_scale:
+        return group_scale[s.section, _group_index(s.option)]
     return scale.get(s.section, 1.0)
 
 
@@ -1103,7 +1100,7 @@ def _group_combinations(scores: Sequence[SectionScore]) -> list[SectionScore]:
         by_group: dict[str, list[SectionScore]] = {}
         for s in scores:
             if s.section == k and s.option.startswith("bank@"):
-                by_group.setdefault(s.option[len("bank@") :].partition(":")[0], []).append(s)
+                by_group.setdefault(_group_index(s.option), []).append(s)
         classes: list[list[Option[SectionScore | None]]] = [
             [Option(None, 0, 0.0), *(Option[SectionScore | None](g, g.params_saved, g.sensitivity) for g in group)]
             for group in by_group.values()
@@ -1114,8 +1111,6 @@ def _group_combinations(scores: Sequence[SectionScore]) -> list[SectionScore]:
             combos = [combos[round(i * step)] for i in range(GROUP_COMBINATIONS)]
         for combo in combos:
             picked = [g for g in combo.labels if g is not None]
-            if len(picked) < 1:
-                continue
             label = "banks:" + ",".join(f"{g.option[len('bank@') :].replace(':', '=')}" for g in picked)
             out.append(
                 SectionScore(

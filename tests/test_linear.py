@@ -240,6 +240,8 @@ def test_only_the_layers_that_produce_the_outputs_are_output_layers() -> None:
         for _, m in budget.share_groups(mix, k)
     )
     assert [s.name for s in budget.output_sites(mix)] == ["head", "head_dist"]
+    hand = plan(_TwoHeads(), mode="bank", bank_size=0.25, input_size=SIZE)  # hand-written banks: the same rule
+    assert not any(m.startswith("head") for g in hand.groups for m in g.members)
 
 
 def test_without_data_the_floor_names_the_output_layer() -> None:

@@ -87,9 +87,11 @@ def linear_groups(sites: Sequence[ConvSite]) -> list[list[ConvSite]]:
 
     The MLPs of a ConvNeXt stage (fc1s with fc1s, fc2s with fc2s); a classifier's Linears differ in
     shape and are factorised one by one instead. Only banks share Linears: a sliced anchor would
-    need every member's full output, which is what a bank's coefficients give.
+    need every member's full output, which is what a bank's coefficients give. A layer producing the
+    model's outputs shares with none (two same-shape heads, DeiT's ``head``/``head_dist``): a shared bank
+    would bound the logits' rank.
     """
-    linears = [s for s in sites if s.layer == "linear" and not s.reused and not s.fed_by_input]
+    linears = [s for s in sites if s.layer == "linear" and not s.reused and not s.fed_by_input and not s.feeds_output]
     return _by_key(linears, lambda s: (s.out_size, s.weight_shape, s.bias))
 
 

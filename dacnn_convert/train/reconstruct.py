@@ -211,8 +211,9 @@ def reconstruct_sections(
                     p.requires_grad_(True)
                 result.before.append(_error(student, teacher, end, batches))
                 result.trained.append(sum(p.numel() for p in params))
-                held_before = _error(student, teacher, end, held) if held and params else 0.0
-                saved = [p.detach().clone() for p in params] if held else []
+                check = bool(held and params)  # a section that trains nothing cannot get worse
+                held_before = _error(student, teacher, end, held) if check else 0.0
+                saved = [p.detach().clone() for p in params] if check else []
                 if params:
                     opt = torch.optim.Adam(params, lr=config.lr)
                     for step in range(config.steps):
@@ -225,7 +226,7 @@ def reconstruct_sections(
                         opt.step()
                         if on_step is not None:
                             on_step(k + 1, step + 1, config.steps, float(loss))
-                worse = bool(held and params) and _error(student, teacher, end, held) > held_before
+                worse = check and _error(student, teacher, end, held) > held_before
                 if worse:  # overfitted the batches it saw: the section goes back to what it was
                     with torch.no_grad():
                         for p, value in zip(params, saved, strict=True):
@@ -246,8 +247,6 @@ def _relative(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _error(student: nn.Module, teacher: nn.Module, end: str | None, batches: list[torch.Tensor]) -> float:
     """The mean relative error of what ``student`` feeds ``end`` (None: its output) over ``batches``."""
-    if not batches:
-        return 0.0
     with torch.no_grad():
         errs = [float(_relative(_capture(student, end, x), _capture(teacher, end, x))) for x in batches]
     return sum(errs) / len(errs)
