@@ -116,6 +116,9 @@ class BudgetResult:
     latency_tries: tuple[tuple[int, float], ...] = ()  # (MACs, measured ms) of every plan timed, in order
     latency_before_ms: float | None = None  # the original's measured median, same batch and machine
     latency_batch: int = 1
+    # channel pruning ratios the search tried before sharing (prune_search): (ratio, whole-plan kl against the
+    # original or None without data, params, MACs or 0 when not counted), in the order tried
+    prune_tries: tuple[tuple[float, float | None, int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The search as plain values (the plan itself is :meth:`Plan.to_dict`)."""
@@ -145,6 +148,8 @@ class BudgetResult:
             ],
             "runners_up": [{"choice": list(c), "params": p, "sensitivity": v} for c, p, v in self.runners_up],
             "rescored": [{"choice": list(c), "kl": v} for c, v in self.rescored],
+            "prune": self.plan.prune.ratio if self.plan.prune is not None else 0.0,
+            "prune_tries": [{"ratio": r, "kl": kl, "params": p, "macs": m or None} for r, kl, p, m in self.prune_tries],
         }
 
     def advice(self, cli: bool = False) -> str | None:
@@ -187,6 +192,16 @@ class BudgetResult:
                 f"{what} {self.target_macs:,} MACs per example; chosen {after:,} "
                 f"({self.macs_before / max(after, 1):.2f}x fewer than {self.macs_before:,})"
             )
+        if self.plan.prune is not None:
+            p = self.plan.prune
+            lines.append(
+                f"pruned first: {p.ratio:g} of every layer's channels by {p.importance} importance "
+                f"(-{p.params_saved:,} params, {_macs(p.macs_saved)}), then shared"
+            )
+        for ratio, kl, params, macs in self.prune_tries:
+            score = f"whole-plan kl {kl:.4g} against the original" if kl is not None else "reaches the targets"
+            at = f", {macs:,} MACs" if macs else ""
+            lines.append(f"  channel pruning {ratio:g} then sharing: {params:,} params{at}, {score}")
         for choice, kl in self.rescored:
             lines.append(f"  re-scored whole: {'/'.join(choice)}: kl {kl:.4g}")
         for choice, params, sens in self.runners_up:

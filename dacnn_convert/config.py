@@ -26,6 +26,7 @@ from .core.plan import REGULATOR_INITS
 from .core.planning import INITS, MODES, REGULATOR_STYLES
 from .defaults import RESCORE_ROUNDS, SCORE_BATCHES
 from .errors import UsageError, choose, deprecated, suggest
+from .names import PRUNE_IMPORTANCES
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ class AnchorConfig:
         metric: the planner's score: ``kl`` (needs data; the default with data) or ``fit``.
         score_batches: calibration batches the planner scores candidates on
             (:data:`dacnn_convert.defaults.SCORE_BATCHES`).
+        prune: structured channel pruning before anything is shared: a fraction of every layer's channels in
+            (0, 1) (the logits layer's outputs kept; Torch-Pruning's dependency graph keeps residual additions
+            consistent), or ``"auto"``: the planner tries :data:`dacnn_convert.prune_search.PRUNE_GRID` and keeps
+            the ratio whose pruned-and-shared plan scores best (needs a target). Pruning removes MACs where
+            banks do not; the plan records it and stays data (``load`` narrows the skeleton). None: no pruning.
+        prune_importance: how channels are ranked: ``group`` (group L2 norm, DepGraph) or ``l1`` (each filter's L1).
         rescore_rounds: rounds of joint re-scoring after the planner's additive search (kl only): the
             chosen plan is scored whole and with each section left out, each section's scores are
             rescaled by what it costs in that company, and the search runs again; the plan with the
@@ -81,6 +88,8 @@ class AnchorConfig:
     metric: str | None = None
     score_batches: int = SCORE_BATCHES
     rescore_rounds: int = RESCORE_ROUNDS
+    prune: float | str | None = None
+    prune_importance: str = "group"
 
     def __post_init__(self) -> None:
         choose("mode", self.mode, MODES)
@@ -113,6 +122,13 @@ class AnchorConfig:
             choose("metric", self.metric, METRICS)
         validate.integer("score-batches", self.score_batches, 1)
         validate.integer("rescore-rounds", self.rescore_rounds, 0)
+        object.__setattr__(self, "prune", validate.prune_ratio(self.prune))
+        choose("prune importance", self.prune_importance, PRUNE_IMPORTANCES)
+        if self.prune == "auto" and not self.by_budget:
+            raise UsageError(
+                "«prune» auto searches the pruning ratio for a target: give a size, MAC or latency target, "
+                "or a ratio such as «prune» 0.25"
+            )
 
     @property
     def by_budget(self) -> bool:

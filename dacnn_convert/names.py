@@ -15,6 +15,8 @@ INITS = ("fit", "act", "act-seq", "mean", "first", "random")
 REGULATOR_STYLES = ("adapter", "paper")
 REGULATOR_INITS = ("zero", "fit")  # how adapter regulators start (Plan.regulator_init)
 METRICS = ("fit", "kl")  # the budget planner's score
+# how channel pruning (core.pruning) ranks channels: group L2 norm (DepGraph) or each filter's L1 norm
+PRUNE_IMPORTANCES = ("group", "l1")
 OPTIMIZERS = ("sgd", "adamw", "adagrad")
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -30,6 +30,7 @@ from .core.report import ConversionReport, build_report, state_dict_bytes
 from .defaults import CALIB_BATCHES, DEFAULT_INPUT_SIZE, default_init, default_reconstruct
 from .errors import UsageError, choose, deprecated
 from .io.checkpoint import save, stored_overhead
+from .prune_search import PRUNE_GRID, PrunedModels, absolute_macs, search_pruned, with_pruning
 from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
 from .train.reconstruct import ReconstructConfig, reconstruct_sections
 
@@ -91,9 +92,12 @@ def plan_search(
     with_data = calib_loader is not None if with_data is None else with_data
     init = default_init(config.init, with_data, None if config.by_budget else config.mode)
     leaves = validate.leaf_modules(leaf_modules)
+    pruned = PrunedModels(model, input_size, config.prune_importance)
     if not config.by_budget:
+        ratio = config.prune if isinstance(config.prune, float) else 0.0
+        narrow, pruning = pruned.at(ratio)
         made = make_plan(
-            model,
+            narrow,
             config.mode,  # type: ignore[arg-type]  # checked by AnchorConfig
             config.regulators,
             config.regulator_style,  # type: ignore[arg-type]
@@ -104,7 +108,7 @@ def plan_search(
             factorize_unshared=config.factorize_unshared,
             regulator_init=config.regulator_init,
         )
-        return made, None
+        return with_pruning(made, pruning, count_params(model)), None
     overhead = stored_overhead(model) if config.target_bytes is not None else 0
     target = (
         resolve_target(
@@ -113,23 +117,32 @@ def plan_search(
         if config.by_size
         else None
     )
-    reuse: dict[str, Any] = {}  # a latency target searches several MAC budgets on one scoring
+    ratios = (0.0,) if config.prune is None else PRUNE_GRID if config.prune == "auto" else (float(config.prune),)
 
     def search_at(target_macs: int | str | None) -> BudgetResult:
-        return search(
-            model,
-            target,
-            input_size,
-            calib_loader,
-            config.score_batches,
-            config.metric,
-            config.regulator_style,
-            init,
-            leaves,
-            rescore_rounds=config.rescore_rounds,
-            target_macs=target_macs,
-            reuse=reuse,
-        )
+        if ratios != (0.0,):  # a pruned model's own MACs are not the original's: «4x» counts from the original
+            target_macs = absolute_macs(model, input_size, target_macs)
+
+        def at(narrow: nn.Module, reuse: dict[str, Any]) -> BudgetResult:
+            return search(
+                narrow,
+                target,
+                input_size,
+                calib_loader,
+                config.score_batches,
+                config.metric,
+                config.regulator_style,
+                init,
+                leaves,
+                rescore_rounds=config.rescore_rounds,
+                target_macs=target_macs,
+                reuse=reuse,  # a latency target searches several MAC budgets on one scoring
+            )
+
+        if ratios == (0.0,):
+            return at(model, pruned.reuse.setdefault(0.0, {}))
+        metric = config.metric or ("kl" if calib_loader is not None else "fit")
+        return search_pruned(pruned, ratios, at, calib_loader, config.score_batches, metric)
 
     if config.target_latency is None:
         found = search_at(config.target_macs)
@@ -577,6 +590,12 @@ def compress(
         )
     else:
         plan = plan_given
+    if plan.prune is not None and cfg.feature_weight > 0:
+        raise UsageError(
+            f"the plan prunes channels first ({plan.prune.label}), so its stage outputs are narrower than the "
+            "teacher's and cannot be matched channel by channel: distil the logits alone (--feature-loss none, "
+            "TrainConfig(feature_weight=0)), or plan without «prune»"
+        )
     teacher_acc = timed("eval_teacher", lambda: evaluate(teacher, val_loader, cfg.precision, limit))
     notify("teacher", teacher_acc)
     conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=train_loader, calib_batches=calib))

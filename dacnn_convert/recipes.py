@@ -51,6 +51,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from .core.plan import REGULATOR_INITS
     from .core.planning import INITS, MODES, REGULATOR_STYLES
     from .io.checkpoint import DTYPES
+    from .names import PRUNE_IMPORTANCES
     from .train.config import OPTIMIZERS, PRECISIONS, SCHEDULES
     from .train.data import AUGMENTS
 
@@ -66,6 +67,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "schedule": SCHEDULES,
         "precision": PRECISIONS,
         "augment": AUGMENTS,
+        "prune_importance": PRUNE_IMPORTANCES,
     }
 
 
@@ -102,6 +104,8 @@ class Recipe:
     metric: str | None = None  # fit | kl: the budget search's score
     score_batches: int = SCORE_BATCHES  # calibration batches the budget search scores on
     rescore_rounds: int = RESCORE_ROUNDS  # rounds of whole-plan re-scoring after the search (kl; 0: none)
+    prune: float | str | None = None  # channel pruning before sharing: a fraction in (0, 1) or auto (searched)
+    prune_importance: str = "group"  # group | l1: how pruning ranks channels
     dtype: str = "fp32"  # storage of the written model: fp32 | fp16 | bf16 | int8
     dataset: str | None = None
     epochs: int = 1
@@ -231,6 +235,8 @@ class Recipe:
             metric=self.metric,
             score_batches=self.score_batches,
             rescore_rounds=self.rescore_rounds,
+            prune=self.prune,
+            prune_importance=self.prune_importance,
         )
 
     def resolved(self) -> Recipe:

@@ -87,6 +87,21 @@ def optional_number(name: str, value: Any, low: float = 0.0) -> float | None:
     return None if value is None else number(name, value, low)
 
 
+def prune_ratio(value: Any) -> float | str | None:
+    """A channel pruning ratio in (0, 1) (a string such as ``"0.25"`` from a command line is read), ``"auto"``
+    or None; 0 is None (no pruning)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise UsageError(f"«prune» is a fraction of channels in [0, 1) or auto, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not 0 <= value < 1:
+        raise UsageError(f"«prune» is a fraction of channels in [0, 1) or auto, got {value!r}")
+    return None if value == 0 else float(value)
+
+
 def input_size(value: Any) -> tuple[int, int, int]:
     """(C, H, W) of one example: three positive integers."""
     ok = (

@@ -24,6 +24,7 @@ CLI = {
     "FEATURE_LOSSES": options.FeatureLoss,
     "STORAGE_DTYPES": options.Dtype,
     "EXPORT_FORMATS": options.ExportFormat,
+    "PRUNE_IMPORTANCES": options.PruneImportance,
 }
 
 
@@ -46,6 +47,7 @@ def test_recipes_check_against_the_same_lists() -> None:
         ("augment", "AUGMENTS"),
         ("feature_loss", "FEATURE_LOSSES"),
         ("dtype", "STORAGE_DTYPES"),
+        ("prune_importance", "PRUNE_IMPORTANCES"),
     ]:
         assert set(table[field]) == set(getattr(names, const)), field
 

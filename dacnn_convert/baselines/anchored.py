@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -12,7 +13,11 @@ from ..core.plan import Plan, count_params
 from ..defaults import default_init
 from ..io.checkpoint import save
 from ..pipeline import plan
+from ..prune_search import PRUNE_GRID, PrunedModels, search_pruned
 from . import Compressed, Context, register_method
+
+if TYPE_CHECKING:
+    from ..budget import BudgetResult
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class Budgeted:
     description: str = "budget-targeted anchoring: what to share chosen per section to fit the budget"
     fixed_size: bool = False
     space: str = "anchor"
+    prune: bool = False  # channel pruning in the search too (prune_search: every ratio of PRUNE_GRID, scored whole)
 
     @property
     def removes_macs(self) -> bool:
@@ -62,15 +68,25 @@ class Budgeted:
 
         if target_params is None and ctx.target_macs is None:
             raise PlanError(f"{self.name} needs a parameter budget («budget» or «match») or «budget-macs»")
-        result = search(
-            teacher,
-            target_params,
-            ctx.input_size,
-            ctx.calib_loader,
-            min(ctx.calib_batches, 8),
-            space=self.space,
-            target_macs=ctx.target_macs if self.removes_macs else None,  # with «budget»: the params budget alone
-        )
+
+        def at(model: nn.Module, reuse: dict[str, Any]) -> BudgetResult:
+            return search(
+                model,
+                target_params,
+                ctx.input_size,
+                ctx.calib_loader,
+                min(ctx.calib_batches, 8),
+                space=self.space,
+                target_macs=ctx.target_macs if self.removes_macs else None,  # with «budget»: the params budget alone
+                reuse=reuse,
+            )
+
+        if self.prune:
+            metric = "kl" if ctx.calib_loader is not None else "fit"
+            pruned = PrunedModels(teacher, ctx.input_size, "group")
+            result = search_pruned(pruned, PRUNE_GRID, at, ctx.calib_loader, min(ctx.calib_batches, 8), metric)
+        else:
+            result = at(teacher, {})
         model = convert(teacher, result.plan, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
 
         def store(m: nn.Module, folder: Path) -> dict[str, int]:
@@ -82,6 +98,13 @@ class Budgeted:
             note += f", unshared convs {'/'.join(result.ranks)}"
         if result.grown:
             note += f"; grown: {'; '.join(result.grown)}"
+        if result.plan.prune is not None:
+            note = f"pruned first: {result.plan.prune.label}; " + note
+        if result.prune_tries:
+            tried = ", ".join(
+                f"{r:g}: kl {kl:.4g}" if kl is not None else f"{r:g}" for r, kl, _, _ in result.prune_tries
+            )
+            note += f"; pruning ratios tried: {tried}"
         return Compressed(model, count_params(model), lambda m: m, store, note)
 
 
@@ -92,6 +115,15 @@ register_method(
         "budget planner with filter banks: free/mix/plain/bank per section + "
         "low-rank unshared convs, fitted to the activations",
         space="bank",
+    )
+)
+register_method(
+    Budgeted(
+        "dacnn-prune",
+        "the budget planner with channel pruning in its space: each pruning ratio of a grid, then banks and "
+        "low rank for what the targets still ask, the best whole-plan kl kept",
+        space="bank",
+        prune=True,
     )
 )
 

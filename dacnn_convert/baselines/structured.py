@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.plan import count_params
+from ..core.pruning import channel_prune
 from ..errors import PlanError, UsageError
 from ..io.checkpoint import save
 from . import Compressed, Context, register_method
@@ -44,56 +45,6 @@ def ensure_unshared(model: nn.Module, method: str) -> None:
             f"{method} cannot prune a model with shared weights: Torch-Pruning un-shares them silently and the "
             "'compressed' model grows. Prune the original model, or anchor after pruning"
         )
-
-
-def _classifier_heads(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """Linear layers whose outputs are the model's outputs: their output width is the task's."""
-    with torch.no_grad():
-        width = model(example).shape[-1]
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == width]
-
-
-def channel_prune(
-    model: nn.Module,
-    ratio: float,
-    importance: str,
-    input_size: tuple[int, int, int],
-    widest_ratio: float | None = None,
-) -> nn.Module:
-    """Prune ``ratio`` of the channels of every layer of ``model`` in place (classifier outputs kept).
-
-    ``widest_ratio`` prunes the widest layers (the last stage of a ResNet) at their own ratio:
-    the fine adjustment that brings the count within 1% of a budget when one uniform ratio
-    steps over it.
-    """
-    import torch_pruning as tp
-
-    if importance == "l1":
-        imp = tp.importance.MagnitudeImportance(p=1, group_reduction="first")
-    else:  # named GroupNormImportance before Torch-Pruning 1.5
-        group = getattr(tp.importance, "GroupMagnitudeImportance", None) or tp.importance.GroupNormImportance
-        imp = group(p=2)
-    was_training = model.training
-    model.eval()  # a batch of one example would break BatchNorm in train mode
-    for p in model.parameters():  # Torch-Pruning leaves frozen parameters alone
-        p.requires_grad_(True)
-    first = next(model.parameters(), None)
-    example = torch.randn(1, *input_size, device=first.device if first is not None else "cpu")
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    widest = max(m.out_channels for m in convs)
-    per_layer = {m: widest_ratio for m in convs if m.out_channels == widest} if widest_ratio is not None else None
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=imp,
-        pruning_ratio=ratio,
-        pruning_ratio_dict=per_layer,
-        ignored_layers=_classifier_heads(model, example),
-        global_pruning=False,
-    )
-    pruner.step()
-    model.train(was_training)
-    return model
 
 
 def _bisect(

@@ -51,6 +51,9 @@ from .options import (
     PlotOpt,
     Precision,
     PrecOpt,
+    PruneImportance,
+    PruneImportanceOpt,
+    PruneOpt,
     RecipeOpt,
     ReconstructOpt,
     RegInitOpt,
@@ -218,6 +221,8 @@ def convert_command(
     metric: MetricOpt = None,
     score_batches: ScoreBatchesOpt = SCORE_BATCHES,
     rescore_rounds: RescoreOpt = RESCORE_ROUNDS,
+    prune: PruneOpt = None,
+    prune_importance: PruneImportanceOpt = PruneImportance.group,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
@@ -321,6 +326,8 @@ def plan_command(
     metric: MetricOpt = None,
     score_batches: ScoreBatchesOpt = SCORE_BATCHES,
     rescore_rounds: RescoreOpt = RESCORE_ROUNDS,
+    prune: PruneOpt = None,
+    prune_importance: PruneImportanceOpt = PruneImportance.group,
     dataset: DatasetOpt = None,
     train_limit: TrainLimitOpt = None,
     explain: Annotated[

@@ -152,9 +152,16 @@ def _export_dense(checkpoint: Path, model: Any, out: Path, size: Any, dtype: str
         raise DenseExportError(
             f"the stock {spec.display} does not reproduce the anchored model (max |diff| {diff}); nothing written"
         )
+    plan = getattr(model, "dacnn_plan", None)
+    narrowed = (
+        f" narrowed by the plan's pruning ({plan.prune.label}: dacnn_convert.io.resize.resize_to_state(model, "
+        "{key: tensor.shape}) narrows a fresh one)"
+        if plan is not None and plan.prune is not None
+        else ""
+    )
     console.print(
-        f"wrote {out} ({result.bytes:,} bytes, {result.tensors} tensors): loads into {spec.display} with "
-        f"strict=True, max |diff| vs the anchored model {diff:.2e} (eval mode)"
+        f"wrote {out} ({result.bytes:,} bytes, {result.tensors} tensors): loads into {spec.display}{narrowed} "
+        f"with strict=True, max |diff| vs the anchored model {diff:.2e} (eval mode)"
     )
 
 

@@ -93,6 +93,11 @@ class Metric(Choice):
     fit = "fit"
 
 
+class PruneImportance(Choice):
+    group = "group"
+    l1 = "l1"
+
+
 SkelOpt = Annotated[
     str | None,
     typer.Option(
@@ -452,6 +457,26 @@ RescoreOpt = Annotated[
     typer.Option(
         min=0,
         help="rounds of whole-plan re-scoring after the budget search (kl; 0: the additive search alone)",
+        rich_help_panel=PANEL_TARGET,
+    ),
+]
+
+
+PruneOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="channel pruning before sharing: a fraction of every layer's channels (0.25; the logits kept, "
+        "residual couplings kept by Torch-Pruning's dependency graph) or auto: the planner tries ratios and keeps "
+        "the best-scored plan (needs a target). Prunes MACs where banks do not",
+        rich_help_panel=PANEL_TARGET,
+    ),
+]
+
+
+PruneImportanceOpt = Annotated[
+    PruneImportance,
+    typer.Option(
+        help="how --prune ranks channels: group (group L2 norm, DepGraph) or l1 (each filter's L1 norm)",
         rich_help_panel=PANEL_TARGET,
     ),
 ]

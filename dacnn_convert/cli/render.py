@@ -72,6 +72,12 @@ def render_plan(plan: Any, source: str, macs_before: int | None = None) -> None:
         console.print(
             f"regulator ({plan.regulator_style}) on {r.host}: {r.in_channels}->{r.out_channels}, section {r.section}"
         )
+    if plan.prune is not None:
+        p = plan.prune
+        console.print(
+            f"pruned first: {p.ratio:g} of every layer's channels ({p.importance} importance), "
+            f"-{p.params_saved:,} params, -{p.macs_saved:,} MACs; the groups above share the pruned layers"
+        )
     macs = ""
     if macs_before is not None:
         after = macs_before - plan.macs_saved

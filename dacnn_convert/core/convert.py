@@ -84,6 +84,18 @@ def _chunks(plan: Plan, groups: list[Group], limit: int = MOMENT_BYTES) -> list[
     return out
 
 
+def has_plan_shapes(model: nn.Module, plan: Plan) -> bool:
+    """Every layer of the plan has the plan's shape in ``model`` (a pruned plan's model is pruned already)."""
+    modules = dict(model.named_modules())
+    for s in plan.sites:
+        layer = modules.get(s.name)
+        weight = getattr(layer, "weight", None)
+        shape = s.weight_shape[:2] if s.layer == "linear" else s.weight_shape
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
+            return False
+    return True
+
+
 def convert(
     model: nn.Module,
     plan: Plan,
@@ -97,7 +109,8 @@ def convert(
     """Return a converted deep copy of ``model`` following ``plan``; ``model`` is untouched.
 
     Args:
-        model: the network the plan was made for (same module names and shapes).
+        model: the network the plan was made for (same module names and shapes); for a plan that prunes
+            first (``plan.prune``), the unpruned network: a pruned copy is made, then shared.
         plan: from :func:`dacnn_convert.plan`.
         init: overrides ``plan.init``; ``"none"`` skips initialisation (used by ``load``,
             which overwrites every tensor from the checkpoint right after).
@@ -137,6 +150,12 @@ def convert(
         raise UsageError(
             "align=True permutes channels, so precomputed moments no longer match: pass calib_loader instead"
         )
+    pruned_here = plan.prune is not None and not has_plan_shapes(model, plan)
+    if pruned_here:  # prune a copy first: the plan's sites are the pruned model's layers
+        from .pruning import pruned_copy
+
+        assert plan.prune is not None
+        model = pruned_copy(model, plan.prune, plan.input_size)
     alignment = None
     if align:
         from .align import align_channels
@@ -161,9 +180,16 @@ def convert(
         layer: Any = originals.get(s.name)
         kind, shape = (nn.Linear, s.weight_shape[:2]) if s.layer == "linear" else (nn.Conv2d, s.weight_shape)
         if layer is None or type(layer) is not kind or tuple(layer.weight.shape) != shape:
+            there = (
+                type(layer).__name__
+                if layer is None or type(layer) is not kind
+                else f"shape {tuple(layer.weight.shape)}"
+            )
             raise PlanError(
                 f"the plan expects nn.{kind.__name__} {s.name} of shape {shape}, the model has "
-                f"{type(layer).__name__ if layer is not None else 'nothing'} there; was the plan made for this model?"
+                f"{there if layer is not None else 'nothing'} there"
+                + (f" after {plan.prune.label}" if pruned_here and plan.prune is not None else "")
+                + "; was the plan made for this model?"
             )
     for g in plan.groups:
         if g.kind != "bank" and any(plan.site(m).layer == "linear" for m in g.members):

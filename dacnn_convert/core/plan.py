@@ -12,10 +12,11 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import PlanError
+from ..errors import PlanError, UsageError
 from ..names import REGULATOR_INITS  # how adapter regulators start (Plan.regulator_init)
 from .banks import bank_macs
 from .graph import ConvSite
+from .pruning import Pruning
 
 # One example of a recorded input size: 3x8192x8192 fits; a tampered 3x100000x100000 would ask for 120 GB.
 MAX_EXAMPLE_NUMEL = 3 * 8192 * 8192
@@ -81,6 +82,9 @@ class Plan:
     # adapter regulators: "zero" (add nothing at conversion) or "fit" (least squares to the member's
     # residual, core.fitting.fit_adapter); plans saved before this field existed were "zero"
     regulator_init: str = "zero"
+    # channel pruning applied to the model before anything is shared; ``sites`` are then the pruned
+    # model's layers and ``params_before`` stays the original's (None: nothing pruned; not serialised)
+    prune: Pruning | None = None
 
     def __post_init__(self) -> None:
         if self.regulator_init not in REGULATOR_INITS:
@@ -148,7 +152,8 @@ class Plan:
     @property
     def params_after(self) -> int:
         """Unique parameters of the converted model: exact, no model needs to be built."""
-        return self.params_before - self.saved_params + self.regulator_params + self.scale_params
+        pruned = self.prune.params_saved if self.prune is not None else 0
+        return self.params_before - pruned - self.saved_params + self.regulator_params + self.scale_params
 
     @property
     def conv_params_after(self) -> int:
@@ -161,8 +166,9 @@ class Plan:
         low-rank conv) costs k·d + C_out·k per output position (d = C_in·kh·kw) for the bank conv and its
         1x1, or C_out·d with the merged kernel where that is no dearer (as the layers decide); a slice of an
         anchor costs what the conv did; a regulator adds its 1x1 at the host's output positions. So
-        ``count_macs(converted) == count_macs(original) - plan.macs_saved`` (tests/test_macs.py)."""
-        saved = 0
+        ``count_macs(converted) == count_macs(original) - plan.macs_saved`` (tests/test_macs.py); a plan that
+        prunes first adds what the pruning removed (:attr:`Pruning.macs_saved`)."""
+        saved = self.prune.macs_saved if self.prune is not None else 0
         for g in self.groups:
             if g.kind != "bank":
                 continue
@@ -179,7 +185,10 @@ class Plan:
 
     # -- serialisation ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.prune is None:  # files of plans that prune nothing stay as they were
+            del data["prune"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -230,8 +239,9 @@ class Plan:
                 sections=tuple(tuple(s) for s in data["sections"]),
                 notes=tuple(data.get("notes", ())),
                 regulator_init=str(data.get("regulator_init", "zero")),
+                prune=_pruning(data.get("prune")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, UsageError) as exc:
             raise PlanError(f"malformed conversion plan ({type(exc).__name__}: {exc})") from exc
 
     @classmethod
@@ -240,6 +250,17 @@ class Plan:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
             raise PlanError(f"conversion plan is not valid JSON: {exc}") from exc
+
+
+def _pruning(data: Any) -> Pruning | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise TypeError(f"prune must be an object, got {type(data).__name__}")
+    counts = [data.get("params_saved", 0), data.get("macs_saved", 0)]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
+        raise TypeError(f"prune's counts must be integers, got {counts!r}")
+    return Pruning(float(data["ratio"]), str(data.get("importance", "group")), *counts)
 
 
 def count_params(model: nn.Module) -> int:

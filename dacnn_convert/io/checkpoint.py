@@ -324,6 +324,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     tied = fill_tied(state, meta.get("tied"), path, CheckpointError)
     if meta.get("structure") == "pruned":
         model = resize_to_state(model, {k: v.shape for k, v in state.items()})
+    elif plan is not None and plan.prune is not None:  # narrow the skeleton to the shapes the plan records
+        shapes: dict[str, tuple[int, ...]] = {k: tuple(v.shape) for k, v in state.items()}
+        for s in plan.sites:
+            shapes[f"{s.name}.weight"] = s.weight_shape[:2] if s.layer == "linear" else s.weight_shape
+        model = resize_to_state(model, shapes)
     skeleton = convert(model, plan, init="none").model if plan is not None else model
     try:
         check_state_dict(state, skeleton, str(path))

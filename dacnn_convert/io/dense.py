@@ -31,6 +31,7 @@ from ..core.layers import BANK_NAME, AnchoredConv2d, AnchoredLinear
 from ..core.modes import mode
 from ..defaults import DEFAULT_INPUT_SIZE
 from ..errors import DacnnError, first_line
+from .resize import resize_to_state
 from .sources import with_module_versions
 
 
@@ -139,6 +140,9 @@ def check_dense(
     Raises:
         DenseExportError: ``stock`` is not the architecture ``state`` was made for.
     """
+    plan = getattr(anchored, PLAN_ATTR, None)
+    if plan is not None and plan.prune is not None:  # pruned before it was shared: a narrower stock network
+        resize_to_state(stock, {k: v.shape for k, v in state.items()})
     try:
         stock.load_state_dict(with_module_versions(state, stock), strict=True)
     except RuntimeError as exc:

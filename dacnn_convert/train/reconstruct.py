@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.convert import PLAN_ATTR
+from ..core.convert import PLAN_ATTR, has_plan_shapes
 from ..core.layers import BANK_NAME, AnchoredConv2d, AnchoredLinear
 from ..core.modes import mode
 from ..core.plan import Plan
+from ..core.pruning import pruned_copy
 from ..errors import UsageError
 from ..validate import inputs_of
 from .calibrate import needs_bn_calibration
@@ -186,6 +187,10 @@ def reconstruct_sections(
             "the model's BatchNorm statistics still describe the original's kernels: run "
             "recalibrate_bn(student, calib_loader) before reconstruct_sections (anchor() with data does both)"
         )
+    if plan.prune is not None and not has_plan_shapes(teacher, plan):
+        # the student was pruned before it was shared: match the pruned original, whose layers have its widths
+        # (the same channels are kept: pruning is decided by the original's weights)
+        teacher = pruned_copy(teacher, plan.prune, plan.input_size)
     sections = sections_of(plan)
     device = next(student.parameters()).device
     batches = []

@@ -1,0 +1,192 @@
+"""Prune, then share (issue 25 item 2): channel pruning as a step of a plan, exact and round-tripping."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dacnn_convert import AnchorConfig, anchor, convert, count_macs, count_params, load, save
+from dacnn_convert.cli import app
+from dacnn_convert.core.plan import Plan
+from dacnn_convert.core.pruning import Pruning
+from dacnn_convert.errors import PlanError, TargetError, UsageError
+from dacnn_convert.io.dense import export_dense
+from dacnn_convert.io.sources import ModelSpec
+from dacnn_convert.pipeline import plan_search
+from dacnn_convert.prune_search import prune
+from dacnn_convert.train import make_loaders, recalibrate_bn, reconstruct_sections
+from dacnn_convert.train.reconstruct import ReconstructConfig
+
+from .models import TinyResNet
+
+SIZE = (3, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return TinyResNet(width=16).eval()
+
+
+def _logits(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m.eval()(x)
+
+
+def test_a_pruning_plan_counts_exactly_and_converts_the_unpruned_model(model) -> None:
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan, _ = plan_search(model, AnchorConfig(mode="bank", bank_size=0.5, prune=0.25), input_size=SIZE)
+    assert plan.prune is not None and plan.prune.ratio == 0.25 and plan.prune.importance == "group"
+    narrow, spec = prune(model, 0.25, "group", SIZE)
+    assert plan.prune == spec  # what it removes is counted on the model itself
+    assert spec.params_saved == count_params(model) - count_params(narrow) > 0
+    assert plan.params_before == count_params(model)  # sizes count from the original
+    student = convert(model, plan).model
+    assert count_params(student) == plan.params_after < count_params(narrow)
+    assert count_macs(student, SIZE) == count_macs(model, SIZE) - plan.macs_saved
+    assert plan.groups and student.layer2[1].conv1.in_channels == 24  # 32 channels, a quarter pruned
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the original untouched
+    assert model.layer2[1].conv1.in_channels == 32
+
+
+def test_the_plan_round_trips_and_old_files_read_as_unpruned(model) -> None:
+    plan, _ = plan_search(model, AnchorConfig(mode="bank", prune=0.5, prune_importance="l1"), input_size=SIZE)
+    assert Plan.from_json(plan.to_json()) == plan
+    assert json.loads(plan.to_json())["prune"]["importance"] == "l1"
+    plain, _ = plan_search(model, AnchorConfig(mode="bank"), input_size=SIZE)
+    assert "prune" not in plain.to_dict() and plain.prune is None  # files of plans that prune nothing unchanged
+    bad = plan.to_dict()
+    for value, match in [(1.5, "in \\(0, 1\\)"), ("x", "could not convert|malformed")]:
+        bad["prune"] = {"ratio": value}
+        with pytest.raises(PlanError, match=match):
+            Plan.from_dict(bad)
+    bad["prune"] = {"ratio": 0.5, "importance": "taylor"}
+    with pytest.raises(PlanError, match="pruning importance"):
+        Plan.from_dict(bad)
+
+
+def test_save_load_int8_and_dense_export_of_a_pruned_and_shared_model(model, tmp_path) -> None:
+    student = anchor(model, AnchorConfig(mode="bank", bank_size=0.25, prune=0.25), input_size=SIZE)
+    x = torch.randn(4, *SIZE)
+    spec = ModelSpec("module", "tests.models:TinyResNet", 10)
+    for dtype in ("fp32", "int8"):
+        path = save(student, tmp_path / f"m-{dtype}.safetensors", source=spec, dtype=dtype)
+        back = load(path, model=TinyResNet(width=16))  # the unpruned skeleton: the plan narrows it
+        assert count_params(back) == count_params(student)
+        tol = 0 if dtype == "fp32" else 0.2
+        assert (_logits(back, x) - _logits(student, x)).abs().max() <= tol
+    dense = export_dense(student, tmp_path / "dense.safetensors", TinyResNet(width=16), SIZE)
+    assert dense.max_abs_diff is not None and dense.max_abs_diff < 1e-4  # into a narrower stock network
+
+
+def test_a_search_with_pruning_meets_both_targets_exactly(model) -> None:
+    macs = count_macs(model, SIZE)
+    cfg = AnchorConfig(target_ratio=3, target_macs="3x", prune=0.25)
+    plan, found = plan_search(model, cfg, input_size=SIZE)
+    student = convert(model, plan).model
+    assert count_params(student) == plan.params_after <= count_params(model) // 3
+    assert count_macs(student, SIZE) == macs - plan.macs_saved <= macs // 3
+    assert found is not None and found.macs_before == macs  # the original's, not the pruned model's
+    assert any("pruned first: 0.25" in line for line in found.explain())
+    assert found.to_dict()["prune"] == 0.25
+
+
+def test_auto_without_data_takes_the_least_pruning_that_reaches_the_targets(model) -> None:
+    cfg = AnchorConfig(target_ratio=2, prune="auto")
+    plan, found = plan_search(model, cfg, input_size=SIZE)
+    assert plan.prune is None and found is not None and [t[0] for t in found.prune_tries] == [0.0]
+    # a MAC target banks cannot reach alone at this size: pruning is what gets there
+    hard = AnchorConfig(target_ratio=1.5, target_macs="20x", prune="auto")
+    plan, found = plan_search(model, hard, input_size=SIZE)
+    assert plan.prune is not None and count_macs(convert(model, plan).model, SIZE) <= count_macs(model, SIZE) // 20
+    with pytest.raises(TargetError):
+        plan_search(model, AnchorConfig(target_ratio=1.5, target_macs="20x"), input_size=SIZE)
+
+
+def test_each_ratio_is_scored_whole_against_the_original(model) -> None:
+    from dacnn_convert.budget import search
+    from dacnn_convert.prune_search import PrunedModels, search_pruned
+
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    small = TinyResNet(width=8).eval()
+    pruned = PrunedModels(small, SIZE, "group")
+
+    def at(narrow, reuse):
+        return search(narrow, count_params(small) // 2, SIZE, loaders.train, 1, "kl", rescore_rounds=0, reuse=reuse)
+
+    found = search_pruned(pruned, (0.0, 0.5), at, loaders.train, 1, "kl")
+    assert [t[0] for t in found.prune_tries] == [0.0, 0.5]
+    assert all(kl is not None and kl >= 0 for _, kl, _, _ in found.prune_tries)
+    best = min(found.prune_tries, key=lambda t: (t[1], t[0]))
+    assert (found.plan.prune.ratio if found.plan.prune else 0.0) == best[0]
+    assert found.plan.params_after <= count_params(small) // 2
+
+
+@pytest.mark.slow
+def test_auto_with_data_scores_every_ratio_against_the_original(model) -> None:
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    cfg = AnchorConfig(target_ratio=2, target_macs="2x", prune="auto", score_batches=2, rescore_rounds=0)
+    plan, found = plan_search(model, cfg, calib_loader=loaders.train, input_size=SIZE)
+    assert found is not None and len(found.prune_tries) >= 2
+    assert all(kl is not None and kl >= 0 for _, kl, _, _ in found.prune_tries)
+    best = min(found.prune_tries, key=lambda t: (t[1], t[0]))
+    assert (plan.prune.ratio if plan.prune else 0.0) == best[0]
+    assert any("channel pruning" in line and "kl" in line for line in found.explain())
+
+
+def test_reconstruction_after_pruning_matches_the_pruned_original(model) -> None:
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    student = anchor(model, AnchorConfig(mode="bank", bank_size=0.25, prune=0.25), calib_loader=loaders.train)
+    recalibrate_bn(student, loaders.train, 2)
+    result = reconstruct_sections(student, model, loaders.train, ReconstructConfig(steps=2, batches=4))
+    assert len(result.before) == len(result.sections) and all(e >= 0 for e in result.before)
+
+
+def test_bad_pruning_settings_are_one_line_each() -> None:
+    for value, match in [(1.0, "in \\[0, 1\\)"), (-0.1, "in \\[0, 1\\)"), ("lots", "or auto"), (True, "or auto")]:
+        with pytest.raises(UsageError, match=match):
+            AnchorConfig(mode="bank", prune=value)
+    assert AnchorConfig(prune=0).prune is None and AnchorConfig(prune="0.25").prune == 0.25
+    with pytest.raises(UsageError, match="needs a target|for a target"):
+        AnchorConfig(mode="bank", prune="auto")
+    with pytest.raises(UsageError, match="prune importance"):
+        AnchorConfig(prune=0.2, prune_importance="taylor")
+    with pytest.raises(PlanError, match="in \\(0, 1\\)"):
+        Pruning(0.0)
+
+
+def test_the_cli_prunes_then_shares(tmp_path) -> None:
+    runner = CliRunner()
+    args = ["plan", "tests.models:TinyResNet", "--num-classes", "10", "--input-size", "3x16x16"]
+    out = runner.invoke(app, [*args, "--target-ratio", "3", "--prune", "0.25", "--explain"])
+    assert out.exit_code == 0, out.output
+    assert "pruned first: 0.25" in out.output
+    bad = runner.invoke(app, [*args, "--mode", "bank", "--prune", "auto"])
+    assert bad.exit_code == 2 and "--prune auto searches" in bad.output
+    bad = runner.invoke(app, [*args, "--mode", "bank", "--prune", "2"])
+    assert bad.exit_code == 2 and "--prune is a fraction" in bad.output
+
+
+def test_feature_distillation_is_refused_for_a_pruned_plan(model) -> None:
+    from dacnn_convert import TrainConfig, compress
+
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16, train_limit=64)
+    plan, _ = plan_search(model, AnchorConfig(mode="bank", prune=0.25), input_size=SIZE)
+    with pytest.raises(UsageError, match="feature-loss"):
+        compress(model, loaders.train, loaders.val, plan, train=TrainConfig(epochs=1, feature_weight=1.0))
+
+
+def test_bf16_autocast_runs_a_pruned_and_shared_model(model) -> None:
+    student = anchor(model, AnchorConfig(mode="bank", bank_size=0.25, prune=0.25), input_size=SIZE)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        y = student.eval()(torch.randn(2, *SIZE))
+    assert y.shape == (2, 10) and torch.isfinite(y.float()).all()
+
+
+def test_replace_keeps_a_plan_valid() -> None:
+    p = Pruning(0.25, "group", 10, 20)
+    assert replace(p, ratio=0.5).ratio == 0.5 and p.label == "prune 0.25 (group)"
