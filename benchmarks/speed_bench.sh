@@ -7,6 +7,8 @@
 #   MACS:   a MAC budget alone (fraction of the teacher's MACs): dacnn-bank, group-norm, lowrank
 #   bash benchmarks/speed_bench.sh                         # POINTS="0.25 0.1", MACS="0.5 0.25", seed 0
 #   SEED=1 POINTS=0.25 MACS= bash benchmarks/speed_bench.sh
+#   PLANNER=dacnn-prune POINTS=0.25 MACS= bash benchmarks/speed_bench.sh   # the planner with pruning in its space,
+#     alone (its group-norm and dacnn-bank rows are the runs without the suffix: same seed, same fine-tune)
 # Each run lands in benchmarks/results/speed_bench/{point,macs}-F[-seedN]/; a finished run is skipped.
 set -euo pipefail
 OUT=${OUT:-runs/prune-bench}
@@ -15,13 +17,17 @@ LIMIT=${LIMIT:-20000}
 POINTS=${POINTS-"0.25 0.1"}
 MACS=${MACS-"0.5 0.25"}
 SEED=${SEED:-0}
+PLANNER=${PLANNER:-dacnn-bank}
 DACNN=${DACNN:-dacnn}
 RESULTS=benchmarks/results/speed_bench
 REFERENCE=benchmarks/results/bank_bench
 [ -f "$OUT/teacher/best.safetensors" ] || { echo "run benchmarks/prune_bench.sh first (it trains the teacher)"; exit 1; }
 mkdir -p "$RESULTS"
-suffix=""
-[ "$SEED" = 0 ] || suffix="-seed$SEED"
+seeded=""
+[ "$SEED" = 0 ] || seeded="-seed$SEED"
+suffix=$seeded
+others=",group-norm"
+if [ "$PLANNER" != dacnn-bank ]; then suffix="$suffix-${PLANNER#dacnn-}"; others=""; fi
 common=(resnet18 --weights "$OUT/teacher/best.safetensors" --num-classes 10 --dataset fashion-mnist --lr 0.02
   --calib-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" --precision fp32)
 run() {  # name, then the bench's own flags
@@ -34,15 +40,15 @@ run() {  # name, then the bench's own flags
   echo "$name: $(( ($(date +%s) - start) / 60 )) min ($(date -u +%Y-%m-%dT%H:%MZ))" >> "$RESULTS/wall_time.txt"
 }
 for budget in $POINTS; do
-  ref="$REFERENCE/$budget-core$suffix/bench.json"
+  ref="$REFERENCE/$budget-core$seeded/bench.json"
   [ -f "$ref" ] || { echo "no group-norm reference at $ref: run SEED=$SEED BUDGETS=$budget bash benchmarks/bank_bench.sh"; exit 1; }
   fraction=$(python -c "
 import json, sys
 d = json.load(open('$ref'))
 gn = [r for r in d['rows'] if r['method'] == 'group-norm'][0]
 print(f\"{gn['macs'] / d['teacher']['macs']:.6f}\")")
-  run "point-$budget$suffix" --budget "$budget" --budget-macs "$fraction" --methods dacnn-bank,group-norm
+  run "point-$budget$suffix" --budget "$budget" --budget-macs "$fraction" --methods "$PLANNER$others"
 done
 for fraction in $MACS; do
-  run "macs-$fraction$suffix" --budget-macs "$fraction" --methods dacnn-bank,group-norm,lowrank
+  run "macs-$fraction$suffix" --budget-macs "$fraction" --methods "$PLANNER${others:+$others,lowrank}"
 done
