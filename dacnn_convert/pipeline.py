@@ -169,6 +169,11 @@ def plan_sweep(
     ratio (default :data:`~dacnn_convert.budget.SWEEP_RATIOS`), with ``config``'s metric, scoring batches,
     regulator style, init and MAC target; ``config``'s own size target is not used."""
     input_size = _check_plan_args(model, input_size, calib_loader)
+    if config.prune is not None:
+        raise UsageError(
+            "the planner's front is made without pruning: leave out «prune» for the sweep, or plan each target "
+            "with it («target-ratio» with «prune»)"
+        )
     init = default_init(config.init, calib_loader is not None, None)
     return sweep(
         model,

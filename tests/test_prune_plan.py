@@ -169,6 +169,8 @@ def test_the_cli_prunes_then_shares(tmp_path) -> None:
     assert bad.exit_code == 2 and "--prune auto searches" in bad.output
     bad = runner.invoke(app, [*args, "--mode", "bank", "--prune", "2"])
     assert bad.exit_code == 2 and "--prune is a fraction" in bad.output
+    bad = runner.invoke(app, [*args, "--sweep", "--prune", "0.25"])
+    assert bad.exit_code == 2 and "leave out --prune for the sweep" in bad.output
 
 
 def test_feature_distillation_is_refused_for_a_pruned_plan(model) -> None:
