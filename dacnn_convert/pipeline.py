@@ -92,7 +92,7 @@ def plan_search(
     with_data = calib_loader is not None if with_data is None else with_data
     init = default_init(config.init, with_data, None if config.by_budget else config.mode)
     leaves = validate.leaf_modules(leaf_modules)
-    pruned = PrunedModels(model, input_size, config.prune_importance)
+    pruned = PrunedModels(model, input_size, config.prune_importance, calib_loader, config.score_batches)
     if not config.by_budget:
         ratio = config.prune if isinstance(config.prune, float) else 0.0
         narrow, pruning = pruned.at(ratio)

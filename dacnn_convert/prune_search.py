@@ -32,9 +32,16 @@ PRUNE_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625)
 
 
 def prune(
-    model: nn.Module, ratio: float, importance: str, input_size: tuple[int, int, int]
+    model: nn.Module,
+    ratio: float,
+    importance: str,
+    input_size: tuple[int, int, int],
+    calib_loader: Iterable | None = None,
+    calib_batches: int = 0,
 ) -> tuple[nn.Module, Pruning]:
-    """A pruned copy of ``model`` and the :class:`Pruning` that makes it, with what it removes counted.
+    """A pruned copy of ``model`` and the :class:`Pruning` that makes it, with what it removes counted; with
+    calibration data, the layers that lost input channels refitted to the original's outputs
+    (:func:`dacnn_convert.core.pruning.compensate`).
 
     Raises:
         PlanError: the ratio is not in (0, 1) (Torch-Pruning keeps at least one channel in every layer).
@@ -42,7 +49,7 @@ def prune(
     from .core.report import count_macs
 
     spec = Pruning(ratio, importance)
-    student = pruned_copy(model, spec, input_size)
+    student = pruned_copy(model, spec, input_size, calib_loader, calib_batches)
     saved = count_params(model) - count_params(student)
     macs = count_macs(model, input_size) - count_macs(student, input_size)
     return student, Pruning(ratio, importance, max(saved, 0), max(macs, 0))
@@ -55,6 +62,8 @@ class PrunedModels:
     model: nn.Module
     input_size: tuple[int, int, int]
     importance: str
+    calib_loader: Iterable | None = None  # with data, each pruned copy is compensated (core.pruning.compensate)
+    calib_batches: int = 0
     made: dict[float, tuple[nn.Module, Pruning | None]] = field(default_factory=dict)
     reuse: dict[float, dict[str, Any]] = field(default_factory=dict)  # the budget search's cache, per ratio
 
@@ -63,7 +72,9 @@ class PrunedModels:
             if ratio == 0.0:
                 self.made[ratio] = (self.model, None)
             else:
-                self.made[ratio] = prune(self.model, ratio, self.importance, self.input_size)
+                self.made[ratio] = prune(
+                    self.model, ratio, self.importance, self.input_size, self.calib_loader, self.calib_batches
+                )
         self.reuse.setdefault(ratio, {})
         return self.made[ratio]
 

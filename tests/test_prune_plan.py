@@ -192,3 +192,65 @@ def test_bf16_autocast_runs_a_pruned_and_shared_model(model) -> None:
 def test_replace_keeps_a_plan_valid() -> None:
     p = Pruning(0.25, "group", 10, 20)
     assert replace(p, ratio=0.5).ratio == 0.5 and p.label == "prune 0.25 (group)"
+
+
+def test_compensation_refits_each_pruned_layer_to_the_originals_outputs() -> None:
+    """Closed-form compensation (core.pruning.compensate): every layer that lost input channels reproduces the
+    original's kept outputs better than its pruned slice did, on the original's inputs."""
+    import copy
+
+    from dacnn_convert.core.pruning import channel_prune, compensate
+
+    torch.manual_seed(0)
+    original = TinyResNet(width=16).eval()
+    loaders = make_loaders("synthetic", batch_size=32, input_size=16)
+    batches = [b for _, b in zip(range(3), loaders.train, strict=False)]
+    pruned = copy.deepcopy(original)
+    removed: dict = {}
+    channel_prune(pruned, 0.5, "group", SIZE, removed=removed)
+    sliced = copy.deepcopy(pruned).eval()
+    done = compensate(pruned, original, removed, batches, 3)
+    assert "layer2.1.conv1" in done and "fc" in done and "conv1" not in done  # the stem lost no input
+    x = batches[0][0]
+
+    def output_of(m: torch.nn.Module, name: str, inputs_from: torch.nn.Module) -> torch.Tensor:
+        """``m``'s layer ``name`` applied to the input the original feeds it, kept input channels only."""
+        seen = {}
+        hook = dict(inputs_from.named_modules())[name].register_forward_hook(lambda _m, i, _o: seen.update(x=i[0]))
+        with torch.no_grad():
+            inputs_from(x)
+        hook.remove()
+        gone = set(removed[name]["in"])
+        kept = [c for c in range(seen["x"].shape[1]) if c not in gone]
+        return dict(m.named_modules())[name](seen["x"][:, kept])
+
+    for name in ("layer1.1.conv2", "layer2.1.conv1", "fc"):
+        layer = dict(original.named_modules())[name]
+        gone = set(removed[name].get("out", ()))
+        rows = [i for i in range(layer.weight.shape[0]) if i not in gone]
+        seen = {}
+        hook = layer.register_forward_hook(lambda _m, _i, o: seen.update(y=o))
+        with torch.no_grad():
+            original(x)
+        hook.remove()
+        target = seen["y"][:, rows]
+        with torch.no_grad():
+            before = (output_of(sliced, name, original) - target).pow(2).mean()
+            after = (output_of(pruned, name, original) - target).pow(2).mean()
+        assert after < 0.8 * before, (name, float(before), float(after))
+
+
+def test_a_data_aware_conversion_compensates_the_pruning(model) -> None:
+    from dacnn_convert.core.pruning import pruned_copy
+
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    batches = [b for _, b in zip(range(2), loaders.train, strict=False)]
+    plan, _ = plan_search(model, AnchorConfig(mode="bank", bank_size=1.0, prune=0.5), input_size=SIZE)
+    assert plan.prune is not None
+    compensated = pruned_copy(model, plan.prune, SIZE, batches, 2)
+    with_data = convert(model, replace(plan, init="act"), calib_loader=batches, calib_batches=2).model
+    without = convert(model, replace(plan, init="fit")).model
+    # the logits layer is never banked: it keeps exactly what the pruning (and its compensation) left
+    assert torch.equal(with_data.fc.weight, compensated.fc.weight)
+    assert not torch.allclose(without.fc.weight, compensated.fc.weight)
+    assert torch.equal(without.fc.weight, pruned_copy(model, plan.prune, SIZE).fc.weight)

@@ -83,7 +83,7 @@ class Budgeted:
 
         if self.prune:
             metric = "kl" if ctx.calib_loader is not None else "fit"
-            pruned = PrunedModels(teacher, ctx.input_size, "group")
+            pruned = PrunedModels(teacher, ctx.input_size, "group", ctx.calib_loader, min(ctx.calib_batches, 8))
             result = search_pruned(pruned, PRUNE_GRID, at, ctx.calib_loader, min(ctx.calib_batches, 8), metric)
         else:
             result = at(teacher, {})

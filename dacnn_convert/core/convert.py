@@ -155,7 +155,8 @@ def convert(
         from .pruning import pruned_copy
 
         assert plan.prune is not None
-        model = pruned_copy(model, plan.prune, plan.input_size)
+        data = calib_loader if init in ("act", "act-seq") else None  # a data-aware conversion compensates too
+        model = pruned_copy(model, plan.prune, plan.input_size, data, calib_batches)
     alignment = None
     if align:
         from .align import align_channels

@@ -16,6 +16,7 @@ channels removed depend on the weights, so a plan that prunes is tied to the wei
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..errors import PlanError, choose
 from ..names import PRUNE_IMPORTANCES
+from .modes import mode
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,14 @@ def channel_prune(
     importance: str,
     input_size: tuple[int, int, int],
     widest_ratio: float | None = None,
+    removed: dict[str, dict[str, list[int]]] | None = None,
 ) -> nn.Module:
     """Prune ``ratio`` of the channels of every layer of ``model`` in place (the logits layer's outputs kept).
 
     ``widest_ratio`` prunes the widest layers (the last stage of a ResNet) at their own ratio:
     the fine adjustment that brings the count within 1% of a budget when one uniform ratio
-    steps over it. The model's train/eval mode is restored.
+    steps over it. ``removed``, when given, receives per module name the channel indices removed
+    (``{"in": [...], "out": [...]}``, in the original numbering). The model's train/eval mode is restored.
     """
     import torch_pruning as tp
 
@@ -97,17 +101,117 @@ def channel_prune(
         ignored_layers=output_layers(model, example),
         global_pruning=False,
     )
-    pruner.step()
+    if removed is None:
+        pruner.step()
+    else:
+        names = {id(m): n for n, m in model.named_modules()}
+        for group in pruner.step(interactive=True):
+            for item in group:
+                name = names.get(id(item.dep.target.module))
+                side = {"prune_in_channels": "in", "prune_out_channels": "out"}.get(
+                    getattr(item.dep.handler, "__name__", "")
+                )
+                if name is not None and side is not None:
+                    removed.setdefault(name, {}).setdefault(side, []).extend(int(i) for i in item.idxs)
+            group.prune()
     model.train(was_training)
     return model
 
 
-def pruned_copy(model: nn.Module, pruning: Pruning, input_size: tuple[int, int, int]) -> nn.Module:
-    """A copy of ``model`` with ``pruning`` applied (``model`` and its train/eval mode untouched)."""
+COMPENSATE_MAX_DIM = 8192  # input patch length above which a layer keeps its pruned weights (d x d moments)
+COMPENSATE_BYTES = 1 << 30  # float64 moments held at once; more layers take another calibration pass
+COMPENSATE_DAMPING = 1e-4  # ridge on the student's input moments, relative to their mean eigenvalue
+
+
+def compensate(
+    pruned: nn.Module,
+    original: nn.Module,
+    removed: dict[str, dict[str, list[int]]],
+    calib_loader: Iterable,
+    calib_batches: int,
+) -> list[str]:
+    """Refit, in closed form, every layer whose inputs lost channels to the original's outputs.
+
+    Channel pruning (He et al. 2017, "Channel Pruning for Accelerating Very Deep Neural Networks";
+    ThiNet) leaves each consumer of a pruned map with the kernel slice it had, though the channels it
+    lost carried part of its output. Here each such conv (groups 1) or Linear gets the least-squares
+    kernel W' = W_o H[:, K] H[K, K]^-1 that best reproduces the original's kept outputs from the kept input
+    channels alone: H = sum t t^T over the original's input patches
+    (:func:`dacnn_convert.core.fitting.input_moments`), K the patch entries of the kept channels, W_o the
+    original kernel's kept output rows. Every layer is fitted on the original's inputs, so the fits do not
+    chase each other (fitting all layers at once to the pruned network's own inputs diverged: kl 0.6 -> 119
+    on the Fashion-MNIST ResNet-18 at half the channels). ``pruned`` is updated in place; returns the names
+    refitted. Layers with patches longer than :data:`COMPENSATE_MAX_DIM`, grouped convs and convs with
+    string padding keep their pruned slice.
+    """
+    from .fitting import input_moments
+
+    mods = dict(pruned.named_modules())
+    orig = dict(original.named_modules())
+    todo: list[tuple[str, int]] = []
+    for name, sides in removed.items():
+        m, o = mods.get(name), orig.get(name)
+        if not sides.get("in") or type(m) not in (nn.Conv2d, nn.Linear) or type(o) is not type(m):
+            continue
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str)):
+            continue
+        d_t = o.weight[0].numel()  # type: ignore[union-attr]
+        if d_t <= COMPENSATE_MAX_DIM:
+            todo.append((name, 8 * d_t * d_t))
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name, need in todo:
+        if chunks[-1] and used + need > COMPENSATE_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += need
+    done: list[str] = []
+    for chunk in chunks:
+        if not chunk:
+            continue
+        moments = input_moments(original, chunk, calib_loader, calib_batches)
+        for name in chunk:
+            h = moments[name][0]
+            m, o = mods[name], orig[name]
+            w = o.weight.detach()
+            per = w[0, 0].numel() if w.dim() > 2 else 1  # patch entries per input channel (kh * kw)
+            gone_in, gone_out = set(removed[name]["in"]), set(removed[name].get("out", ()))
+            cols = torch.tensor(
+                [c * per + j for c in range(w.shape[1]) if c not in gone_in for j in range(per)], dtype=torch.long
+            )
+            rows = [i for i in range(w.shape[0]) if i not in gone_out]
+            w_o = w[rows].reshape(len(rows), -1).double().cpu()
+            h_kk = h[cols][:, cols]
+            damp = COMPENSATE_DAMPING * float(h_kk.diagonal().mean().clamp_min(1e-12))
+            lhs = h_kk + damp * torch.eye(len(cols), dtype=h.dtype)
+            fitted = torch.linalg.solve(lhs, (w_o @ h[:, cols]).T).T  # lhs is symmetric
+            if fitted.shape[1] != m.weight[0].numel() or not torch.isfinite(fitted).all():
+                continue
+            with torch.no_grad():
+                m.weight.copy_(fitted.reshape(m.weight.shape).to(m.weight.dtype))
+            done.append(name)
+    return done
+
+
+def pruned_copy(
+    model: nn.Module,
+    pruning: Pruning,
+    input_size: tuple[int, int, int],
+    calib_loader: Iterable | None = None,
+    calib_batches: int = 0,
+) -> nn.Module:
+    """A copy of ``model`` with ``pruning`` applied (``model`` and its train/eval mode untouched); with
+    calibration data, every layer that lost input channels is refitted to the original's outputs
+    (:func:`compensate`)."""
     student = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     flags = [p.requires_grad for p in student.parameters()]
-    channel_prune(student, pruning.ratio, pruning.importance, input_size)
+    removed: dict[str, dict[str, list[int]]] = {}
+    channel_prune(student, pruning.ratio, pruning.importance, input_size, removed=removed)
     if len(flags) == len(list(student.parameters())):  # give frozen parameters their flag back
         for p, flag in zip(student.parameters(), flags, strict=True):
             p.requires_grad_(flag)
+    if calib_loader is not None and calib_batches > 0:
+        with mode(model, student):
+            compensate(student, model, removed, calib_loader, calib_batches)
     return student

@@ -190,7 +190,7 @@ def reconstruct_sections(
     if plan.prune is not None and not has_plan_shapes(teacher, plan):
         # the student was pruned before it was shared: match the pruned original, whose layers have its widths
         # (the same channels are kept: pruning is decided by the original's weights)
-        teacher = pruned_copy(teacher, plan.prune, plan.input_size)
+        teacher = pruned_copy(teacher, plan.prune, plan.input_size, calib_loader, config.batches)
     sections = sections_of(plan)
     device = next(student.parameters()).device
     batches = []
