@@ -228,12 +228,12 @@ def test_compensation_refits_each_pruned_layer_to_the_originals_outputs() -> Non
         layer = dict(original.named_modules())[name]
         gone = set(removed[name].get("out", ()))
         rows = [i for i in range(layer.weight.shape[0]) if i not in gone]
-        seen = {}
-        hook = layer.register_forward_hook(lambda _m, _i, o: seen.update(y=o))
+        out: dict = {}
+        hook = layer.register_forward_hook(lambda _m, _i, o, out=out: out.update(y=o))
         with torch.no_grad():
             original(x)
         hook.remove()
-        target = seen["y"][:, rows]
+        target = out["y"][:, rows]
         with torch.no_grad():
             before = (output_of(sliced, name, original) - target).pow(2).mean()
             after = (output_of(pruned, name, original) - target).pow(2).mean()
