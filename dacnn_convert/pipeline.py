@@ -123,7 +123,7 @@ def plan_search(
         if ratios != (0.0,):  # a pruned model's own MACs are not the original's: «4x» counts from the original
             target_macs = absolute_macs(model, input_size, target_macs)
 
-        def at(narrow: nn.Module, reuse: dict[str, Any]) -> BudgetResult:
+        def at(narrow: nn.Module, reuse: dict[str, Any], final: bool = True) -> BudgetResult:
             return search(
                 narrow,
                 target,
@@ -134,7 +134,7 @@ def plan_search(
                 config.regulator_style,
                 init,
                 leaves,
-                rescore_rounds=config.rescore_rounds,
+                rescore_rounds=config.rescore_rounds if final else 0,
                 target_macs=target_macs,
                 reuse=reuse,  # a latency target searches several MAC budgets on one scoring
             )

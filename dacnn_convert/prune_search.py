@@ -106,17 +106,19 @@ def absolute_macs(model: nn.Module, input_size: tuple[int, int, int], target: in
 def search_pruned(
     pruned: PrunedModels,
     ratios: Iterable[float],
-    search_at: Callable[[nn.Module, dict[str, Any]], BudgetResult],
+    search_at: Callable[[nn.Module, dict[str, Any], bool], BudgetResult],
     calib_loader: Iterable | None,
     score_batches: int,
     metric: str,
 ) -> BudgetResult:
-    """The best plan over pruning ``ratios``: ``search_at(pruned_model, reuse)`` at each, scored whole.
+    """The best plan over pruning ``ratios``: ``search_at(pruned_model, reuse, final)`` at each, scored whole.
 
-    With ``metric="kl"`` each ratio's plan is scored as the pruned-and-shared model (act fit, BN
-    recalibration) against the original's outputs on ``score_batches`` calibration batches; the lowest
-    kl wins. With ``fit`` nothing prices what pruning loses, so the smallest ratio that reaches the
-    targets wins. ``BudgetResult.prune_tries`` lists every ratio tried.
+    With ``metric="kl"`` each ratio's plan (``final=False``: the additive search alone, no whole-plan
+    re-scoring rounds) is scored as the pruned-and-shared model (act fit, BN recalibration) against the
+    original's outputs on ``score_batches`` calibration batches; the lowest kl wins, and its ratio is
+    searched once more with ``final=True`` (the re-scoring rounds, on the section scores already made). With
+    ``fit`` nothing prices what pruning loses, so the smallest ratio that reaches the targets wins.
+    ``BudgetResult.prune_tries`` lists every ratio tried.
 
     Raises:
         TargetError: no ratio reaches the targets (the message of the deepest pruning tried).
@@ -128,7 +130,7 @@ def search_pruned(
     for ratio in ratios:
         model, pruning = pruned.at(ratio)
         try:
-            found = search_at(model, pruned.reuse[ratio])
+            found = search_at(model, pruned.reuse[ratio], metric != "kl")
         except TargetError as exc:
             refused = exc
             continue
@@ -145,9 +147,12 @@ def search_pruned(
     if not tries:
         assert refused is not None
         raise refused
-    best = min(tries, key=lambda t: (t[1] if t[1] is not None else 0.0, t[0]))
-    macs_before = best[2].macs_before
+    ratio, _, best = min(tries, key=lambda t: (t[1] if t[1] is not None else 0.0, t[0]))
+    if metric == "kl":
+        model, pruning = pruned.at(ratio)
+        best = _of_original(search_at(model, pruned.reuse[ratio], True), pruning, params_before)
+    macs_before = best.macs_before
     summary = tuple(
         (r, kl, f.plan.params_after, macs_before - f.plan.macs_saved if macs_before else 0) for r, kl, f in tries
     )
-    return replace(best[2], prune_tries=summary)
+    return replace(best, prune_tries=summary)

@@ -115,7 +115,10 @@ def test_each_ratio_is_scored_whole_against_the_original(model) -> None:
     small = TinyResNet(width=8).eval()
     pruned = PrunedModels(small, SIZE, "group")
 
-    def at(narrow, reuse):
+    finals = []
+
+    def at(narrow, reuse, final):
+        finals.append(final)
         return search(narrow, count_params(small) // 2, SIZE, loaders.train, 1, "kl", rescore_rounds=0, reuse=reuse)
 
     found = search_pruned(pruned, (0.0, 0.5), at, loaders.train, 1, "kl")
@@ -124,6 +127,7 @@ def test_each_ratio_is_scored_whole_against_the_original(model) -> None:
     best = min(found.prune_tries, key=lambda t: (t[1], t[0]))
     assert (found.plan.prune.ratio if found.plan.prune else 0.0) == best[0]
     assert found.plan.params_after <= count_params(small) // 2
+    assert finals == [False, False, True]  # each ratio by the additive search, the best searched once more
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.convert import convert
 from ..core.plan import Plan, count_params
-from ..defaults import default_init
+from ..defaults import RESCORE_ROUNDS, default_init
 from ..io.checkpoint import save
 from ..pipeline import plan
 from ..prune_search import PRUNE_GRID, PrunedModels, search_pruned
@@ -69,7 +69,7 @@ class Budgeted:
         if target_params is None and ctx.target_macs is None:
             raise PlanError(f"{self.name} needs a parameter budget («budget» or «match») or «budget-macs»")
 
-        def at(model: nn.Module, reuse: dict[str, Any]) -> BudgetResult:
+        def at(model: nn.Module, reuse: dict[str, Any], final: bool = True) -> BudgetResult:
             return search(
                 model,
                 target_params,
@@ -79,6 +79,7 @@ class Budgeted:
                 space=self.space,
                 target_macs=ctx.target_macs if self.removes_macs else None,  # with «budget»: the params budget alone
                 reuse=reuse,
+                rescore_rounds=RESCORE_ROUNDS if final else 0,
             )
 
         if self.prune:
