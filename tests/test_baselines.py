@@ -243,6 +243,20 @@ def test_a_mac_budget_is_hit_by_pruning_and_met_by_the_planner(method: str) -> N
     assert count_params(teacher) == 676_682  # the teacher is untouched
 
 
+@pytest.mark.slow  # six pruning ratios, each a kl-scored search: ~45 s on 2 cores
+def test_the_planner_with_pruning_meets_both_budgets_and_says_what_it_pruned() -> None:
+    from dacnn_convert.core.report import count_macs
+
+    teacher = TinyResNet(width=16).eval()
+    macs = count_macs(teacher, (3, 16, 16))
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    ctx = replace(CTX, calib_loader=loaders.train, calib_batches=1, target_macs=macs // 20)
+    out = get_method("dacnn-prune").compress(teacher, count_params(teacher) // 2, ctx)
+    assert count_macs(out.model, (3, 16, 16)) <= macs // 20  # banks alone stop at 7.7% of the MACs here
+    assert out.params == count_params(out.model) <= count_params(teacher) // 2
+    assert "pruned first: prune" in out.notes and "pruning ratios tried: 0" in out.notes
+
+
 def test_magnitude_refuses_a_mac_budget_and_the_bench_takes_one(tmp_path) -> None:
     with pytest.raises(PlanError, match="removes no MACs"):
         get_method("magnitude").compress(wide(), None, replace(CTX, target_macs=1000))
