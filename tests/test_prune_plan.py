@@ -258,3 +258,14 @@ def test_a_data_aware_conversion_compensates_the_pruning(model) -> None:
     assert torch.equal(with_data.fc.weight, compensated.fc.weight)
     assert not torch.allclose(without.fc.weight, compensated.fc.weight)
     assert torch.equal(without.fc.weight, pruned_copy(model, plan.prune, SIZE).fc.weight)
+
+
+def test_onnx_of_a_pruned_and_shared_model_stores_each_bank_once(model, tmp_path) -> None:
+    from dacnn_convert import export_onnx, inspect_file
+
+    student = anchor(model, AnchorConfig(mode="bank", bank_size=0.5, prune=0.25), input_size=SIZE)
+    result = export_onnx(student, tmp_path / "m.onnx", SIZE)
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
+    users = {name: len(u) for name, _, u in inspect_file(result.path).shared}
+    for g in student.dacnn_plan.groups:
+        assert users[f"dacnn_anchors.{g.name}"] == len(g.members)
