@@ -30,7 +30,7 @@ from .core.report import ConversionReport, build_report, state_dict_bytes
 from .defaults import CALIB_BATCHES, DEFAULT_INPUT_SIZE, default_init, default_reconstruct
 from .errors import UsageError, choose, deprecated
 from .io.checkpoint import save, stored_overhead
-from .prune_search import PRUNE_GRID, PrunedModels, absolute_macs, search_pruned, with_pruning
+from .prune_search import PRUNE_GRID, PrunedModels, absolute_macs, meets, search_pruned, with_pruning
 from .train import FitResult, TrainConfig, distill, evaluate, recalibrate_bn
 from .train.reconstruct import ReconstructConfig, reconstruct_sections
 
@@ -142,7 +142,8 @@ def plan_search(
         if ratios == (0.0,):
             return at(model, pruned.reuse.setdefault(0.0, {}))
         metric = config.metric or ("kl" if calib_loader is not None else "fit")
-        return search_pruned(pruned, ratios, at, calib_loader, config.score_batches, metric)
+        fits = meets(target, target_macs, input_size) if config.prune == "auto" else None  # type: ignore[arg-type]
+        return search_pruned(pruned, ratios, at, calib_loader, config.score_batches, metric, fits)
 
     if config.target_latency is None:
         found = search_at(config.target_macs)

@@ -29,6 +29,10 @@ from .errors import TargetError
 # channel ratios "auto" tries (0: no pruning); beyond a half, a uniform ratio leaves a quarter of the MACs
 # and of the params before anything is shared
 PRUNE_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625)
+MAX_RATIO = 0.875  # the furthest "pruning alone" looks above the grid's last ratio
+# plans whose whole-plan kl is within this fraction of the lowest count as equal (8 scoring batches do not
+# tell them apart); the one with the fewest shared groups runs fastest at the same MACs
+KL_TOLERANCE = 0.02
 
 
 def prune(
@@ -103,6 +107,34 @@ def absolute_macs(model: nn.Module, input_size: tuple[int, int, int], target: in
     return resolve_macs(count_macs(model, input_size), macs_target(target))  # type: ignore[arg-type]
 
 
+def meets(
+    target_params: int | None, target_macs: int | None, input_size: tuple[int, int, int]
+) -> Callable[[nn.Module], bool]:
+    """Whether a (pruned) model is within both targets as it is, nothing shared."""
+    from .core.report import count_macs
+
+    def check(model: nn.Module) -> bool:
+        if target_params is not None and count_params(model) > target_params:
+            return False
+        return target_macs is None or count_macs(model, input_size) <= target_macs
+
+    return check
+
+
+def _alone(pruned: PrunedModels, lo: float, hi: float, fits: Callable[[nn.Module], bool]) -> float | None:
+    """The smallest ratio in (lo, hi] (to 1/64 of the interval) at which pruning alone meets the targets."""
+
+    def ok(r: float) -> bool:
+        return fits(pruned_copy(pruned.model, Pruning(r, pruned.importance), pruned.input_size))
+
+    if not ok(hi):
+        return None
+    for _ in range(6):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return round(hi, 4)
+
+
 def search_pruned(
     pruned: PrunedModels,
     ratios: Iterable[float],
@@ -110,6 +142,7 @@ def search_pruned(
     calib_loader: Iterable | None,
     score_batches: int,
     metric: str,
+    fits: Callable[[nn.Module], bool] | None = None,
 ) -> BudgetResult:
     """The best plan over pruning ``ratios``: ``search_at(pruned_model, reuse, final)`` at each, scored whole.
 
@@ -118,6 +151,10 @@ def search_pruned(
     original's outputs on ``score_batches`` calibration batches; the lowest kl wins, and its ratio is
     searched once more with ``final=True`` (the re-scoring rounds, on the section scores already made). With
     ``fit`` nothing prices what pruning loses, so the smallest ratio that reaches the targets wins.
+    With ``fits`` (:func:`meets`), the smallest ratio at which pruning alone meets the targets, between the
+    best ratio and the next, is tried as well: where the best ratio's plan shares little, pruning a little
+    more does the same without the extra layers a bank or low-rank pair adds (latency). Among plans within
+    :data:`KL_TOLERANCE` of the lowest kl, the one with the fewest shared groups is kept.
     ``BudgetResult.prune_tries`` lists every ratio tried.
 
     Raises:
@@ -127,7 +164,10 @@ def search_pruned(
     tries: list[tuple[float, float | None, BudgetResult]] = []
     refused: TargetError | None = None
     reference: tuple[list[Any], list[Any]] | None = None
-    for ratio in ratios:
+    grid = sorted(set(ratios))
+    queue = list(grid)
+    while queue:
+        ratio = queue.pop(0)
         model, pruning = pruned.at(ratio)
         try:
             found = search_at(model, pruned.reuse[ratio], metric != "kl")
@@ -144,10 +184,19 @@ def search_pruned(
         inner = replace(found.plan, prune=None)
         kl = _kl_score(model, inner, *reference) if inner.groups or pruning is not None else 0.0
         tries.append((ratio, kl, found))
+        if not queue and fits is not None and ratio in grid:  # the grid done: pruning alone, a little further
+            best_ratio = min(tries, key=lambda t: (t[1] or 0.0, t[0]))[0]
+            if min(tries, key=lambda t: (t[1] or 0.0, t[0]))[2].plan.groups:
+                higher = [r for r in grid if r > best_ratio]
+                alone = _alone(pruned, best_ratio, higher[0] if higher else MAX_RATIO, fits)
+                if alone is not None and alone not in grid:
+                    queue.append(alone)
     if not tries:
         assert refused is not None
         raise refused
-    ratio, _, best = min(tries, key=lambda t: (t[1] if t[1] is not None else 0.0, t[0]))
+    lowest = min(t[1] or 0.0 for t in tries)
+    close = [t for t in tries if (t[1] or 0.0) <= lowest * (1 + KL_TOLERANCE)]
+    ratio, _, best = min(close, key=lambda t: (len(t[2].plan.groups), t[1] or 0.0, t[0]))
     if metric == "kl":
         model, pruning = pruned.at(ratio)
         best = _of_original(search_at(model, pruned.reuse[ratio], True), pruning, params_before)

@@ -269,3 +269,17 @@ def test_onnx_of_a_pruned_and_shared_model_stores_each_bank_once(model, tmp_path
     users = {name: len(u) for name, _, u in inspect_file(result.path).shared}
     for g in student.dacnn_plan.groups:
         assert users[f"dacnn_anchors.{g.name}"] == len(g.members)
+
+
+def test_pruning_alone_is_found_at_the_smallest_ratio_that_meets_the_targets() -> None:
+    from dacnn_convert.core.pruning import pruned_copy
+    from dacnn_convert.prune_search import PrunedModels, _alone, meets
+
+    torch.manual_seed(0)
+    small = TinyResNet(width=16).eval()
+    target = count_params(pruned_copy(small, Pruning(0.3), SIZE))
+    fits = meets(target, None, SIZE)
+    r = _alone(PrunedModels(small, SIZE, "group"), 0.0, 0.5, fits)
+    assert r is not None and 0.25 < r <= 0.33 and fits(pruned_copy(small, Pruning(r), SIZE))
+    assert not fits(pruned_copy(small, Pruning(r - 0.5 / 32), SIZE))
+    assert _alone(PrunedModels(small, SIZE, "group"), 0.0, 0.1, fits) is None  # not within reach

@@ -13,7 +13,7 @@ from ..core.plan import Plan, count_params
 from ..defaults import RESCORE_ROUNDS, default_init
 from ..io.checkpoint import save
 from ..pipeline import plan
-from ..prune_search import PRUNE_GRID, PrunedModels, search_pruned
+from ..prune_search import PRUNE_GRID, PrunedModels, meets, search_pruned
 from . import Compressed, Context, register_method
 
 if TYPE_CHECKING:
@@ -85,7 +85,8 @@ class Budgeted:
         if self.prune:
             metric = "kl" if ctx.calib_loader is not None else "fit"
             pruned = PrunedModels(teacher, ctx.input_size, "group", ctx.calib_loader, min(ctx.calib_batches, 8))
-            result = search_pruned(pruned, PRUNE_GRID, at, ctx.calib_loader, min(ctx.calib_batches, 8), metric)
+            fits = meets(target_params, ctx.target_macs, ctx.input_size)
+            result = search_pruned(pruned, PRUNE_GRID, at, ctx.calib_loader, min(ctx.calib_batches, 8), metric, fits)
         else:
             result = at(teacher, {})
         model = convert(teacher, result.plan, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
