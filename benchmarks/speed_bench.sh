@@ -8,7 +8,7 @@
 #   bash benchmarks/speed_bench.sh                         # POINTS="0.25 0.1", MACS="0.5 0.25", seed 0
 #   SEED=1 POINTS=0.25 MACS= bash benchmarks/speed_bench.sh
 #   PLANNER=dacnn-prune POINTS=0.25 MACS= bash benchmarks/speed_bench.sh   # the planner with pruning in its space,
-#     alone (its group-norm and dacnn-bank rows are the runs without the suffix: same seed, same fine-tune)
+#     group-norm re-run beside it (latency compares only within one run; dacnn-bank: the runs without the suffix)
 # Each run lands in benchmarks/results/speed_bench/{point,macs}-F[-seedN]/; a finished run is skipped.
 set -euo pipefail
 OUT=${OUT:-runs/prune-bench}
@@ -27,7 +27,7 @@ seeded=""
 [ "$SEED" = 0 ] || seeded="-seed$SEED"
 suffix=$seeded
 others=",group-norm"
-if [ "$PLANNER" != dacnn-bank ]; then suffix="$suffix-${PLANNER#dacnn-}"; others=""; fi
+[ "$PLANNER" = dacnn-bank ] || suffix="$suffix-${PLANNER#dacnn-}"
 common=(resnet18 --weights "$OUT/teacher/best.safetensors" --num-classes 10 --dataset fashion-mnist --lr 0.02
   --calib-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" --precision fp32)
 run() {  # name, then the bench's own flags
