@@ -233,7 +233,8 @@ class BenchResult:
             + (
                 f" Compute budget: {cfg.budget_macs:.0%} of the teacher's MACs"
                 + (
-                    " (the planner, dacnn-bank, meets it as well as the parameter budget; every other method keeps "
+                    " (the planners, dacnn-bank and dacnn-prune, meet it as well as the parameter budget; every other "
+                    "method keeps "
                     "the parameter budget)."
                     if self.target_params
                     else " (structured pruning and lowrank hit it within 1%, the planner meets it; magnitude "

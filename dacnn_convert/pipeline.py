@@ -92,7 +92,12 @@ def plan_search(
     with_data = calib_loader is not None if with_data is None else with_data
     init = default_init(config.init, with_data, None if config.by_budget else config.mode)
     leaves = validate.leaf_modules(leaf_modules)
-    pruned = PrunedModels(model, input_size, config.prune_importance, calib_loader, config.score_batches)
+    # the planner compensates its pruned copies (core.pruning.compensate) where the conversion will: with data,
+    # for a data-aware init; a plan by mode needs the pruned shapes alone
+    fitted = config.by_budget and init in ("act", "act-seq")
+    pruned = PrunedModels(
+        model, input_size, config.prune_importance, calib_loader if fitted else None, config.score_batches
+    )
     if not config.by_budget:
         ratio = config.prune if isinstance(config.prune, float) else 0.0
         narrow, pruning = pruned.at(ratio)
@@ -581,6 +586,13 @@ def compress(
 
     calib = max(calib_batches, 1)
     found: BudgetResult | None = None
+    prunes = plan_given.prune is not None if plan_given is not None else settings is not None and settings.prune
+    if prunes and cfg.feature_weight > 0:  # refused before any search runs
+        raise UsageError(
+            "the plan prunes channels first, so its stage outputs are narrower than the teacher's and cannot be "
+            "matched channel by channel: distil the logits alone (--feature-loss none, TrainConfig(feature_weight=0)), "
+            "or plan without «prune»"
+        )
     if plan_given is None:
         assert settings is not None
         plan, found = timed(
@@ -596,12 +608,6 @@ def compress(
         )
     else:
         plan = plan_given
-    if plan.prune is not None and cfg.feature_weight > 0:
-        raise UsageError(
-            f"the plan prunes channels first ({plan.prune.label}), so its stage outputs are narrower than the "
-            "teacher's and cannot be matched channel by channel: distil the logits alone (--feature-loss none, "
-            "TrainConfig(feature_weight=0)), or plan without «prune»"
-        )
     teacher_acc = timed("eval_teacher", lambda: evaluate(teacher, val_loader, cfg.precision, limit))
     notify("teacher", teacher_acc)
     conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=train_loader, calib_batches=calib))

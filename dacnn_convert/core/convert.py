@@ -151,6 +151,11 @@ def convert(
             "align=True permutes channels, so precomputed moments no longer match: pass calib_loader instead"
         )
     pruned_here = plan.prune is not None and not has_plan_shapes(model, plan)
+    if pruned_here and moments is not None:
+        raise UsageError(
+            "the plan prunes first, and «moments» were taken on the unpruned model: pass calib_loader instead "
+            "(or prune first and pass the pruned model with its own moments)"
+        )
     if pruned_here:  # prune a copy first: the plan's sites are the pruned model's layers
         from .pruning import pruned_copy
 

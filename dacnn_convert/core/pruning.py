@@ -54,10 +54,33 @@ class Pruning:
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """Linear layers whose outputs are the model's outputs: their output width is the task's."""
+    """The layers whose outputs are the model's outputs (Linear or conv whose output width is the task's).
+
+    Raises:
+        PlanError: the model's output is not one tensor of logits.
+    """
     with torch.no_grad():
-        width = model(example).shape[-1]
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == width]
+        out = model(example)
+    if not isinstance(out, torch.Tensor):
+        raise PlanError(
+            f"channel pruning needs a model that returns one tensor of logits, this one returns {type(out).__name__}"
+        )
+    width = out.shape[1] if out.dim() > 1 else out.shape[-1]
+    return [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == width)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == width)
+    ]
+
+
+def _width(module: nn.Module, side: str) -> int | None:
+    """Channels of ``module`` on ``side`` ("in" or "out") for the layers compensation refits, else None."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels if side == "in" else module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features if side == "in" else module.out_features
+    return None
 
 
 def channel_prune(
@@ -72,8 +95,13 @@ def channel_prune(
 
     ``widest_ratio`` prunes the widest layers (the last stage of a ResNet) at their own ratio:
     the fine adjustment that brings the count within 1% of a budget when one uniform ratio
-    steps over it. ``removed``, when given, receives per module name the channel indices removed
-    (``{"in": [...], "out": [...]}``, in the original numbering). The model's train/eval mode is restored.
+    steps over it. ``removed``, when given, receives per conv and Linear name the channel indices removed
+    (``{"in": [...], "out": [...]}``, in the original numbering: a layer fed by a concatenation is pruned by
+    several groups, each numbering the channels left by the ones before). Every submodule's train/eval flag
+    and the global random state are as they were.
+
+    Raises:
+        PlanError: the model does not return one tensor, or pruning changed the width of its output.
     """
     import torch_pruning as tp
 
@@ -83,38 +111,51 @@ def channel_prune(
     else:  # named GroupNormImportance before Torch-Pruning 1.5
         group = getattr(tp.importance, "GroupMagnitudeImportance", None) or tp.importance.GroupNormImportance
         imp = group(p=2)
-    was_training = model.training
-    model.eval()  # a batch of one example would break BatchNorm in train mode
     for p in model.parameters():  # Torch-Pruning leaves frozen parameters alone
         p.requires_grad_(True)
     first = next(model.parameters(), None)
-    example = torch.randn(1, *input_size, device=first.device if first is not None else "cpu")
+    example = torch.zeros(1, *input_size, device=first.device if first is not None else "cpu")  # traced, not scored
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    widest = max(m.out_channels for m in convs)
-    per_layer = {m: widest_ratio for m in convs if m.out_channels == widest} if widest_ratio is not None else None
-    pruner = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=imp,
-        pruning_ratio=ratio,
-        pruning_ratio_dict=per_layer,
-        ignored_layers=output_layers(model, example),
-        global_pruning=False,
-    )
-    if removed is None:
-        pruner.step()
-    else:
-        names = {id(m): n for n, m in model.named_modules()}
-        for group in pruner.step(interactive=True):
-            for item in group:
-                name = names.get(id(item.dep.target.module))
-                side = {"prune_in_channels": "in", "prune_out_channels": "out"}.get(
-                    getattr(item.dep.handler, "__name__", "")
-                )
-                if name is not None and side is not None:
-                    removed.setdefault(name, {}).setdefault(side, []).extend(int(i) for i in item.idxs)
-            group.prune()
-    model.train(was_training)
+    per_layer = None
+    if widest_ratio is not None and convs:
+        widest = max(m.out_channels for m in convs)
+        per_layer = {m: widest_ratio for m in convs if m.out_channels == widest}
+    with mode(model):  # a batch of one example would break BatchNorm in train mode
+        heads = output_layers(model, example)
+        before = model(example).shape
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example,
+            importance=imp,
+            pruning_ratio=ratio,
+            pruning_ratio_dict=per_layer,
+            ignored_layers=heads,
+            global_pruning=False,
+        )
+        if removed is None:
+            pruner.step()
+        else:
+            names = {id(m): n for n, m in model.named_modules()}
+            alive: dict[tuple[str, str], list[int]] = {}  # original indices still there, per layer and side
+            for group in pruner.step(interactive=True):
+                for item in group:
+                    module = item.dep.target.module
+                    name = names.get(id(module))
+                    side = {"prune_in_channels": "in", "prune_out_channels": "out"}.get(
+                        getattr(item.dep.handler, "__name__", "")
+                    )
+                    width = _width(module, side) if side is not None else None
+                    if name is None or side is None or width is None:
+                        continue
+                    kept = alive.setdefault((name, side), list(range(width)))
+                    gone = {int(i) for i in item.idxs}
+                    removed.setdefault(name, {}).setdefault(side, []).extend(kept[i] for i in sorted(gone))
+                    alive[name, side] = [c for i, c in enumerate(kept) if i not in gone]
+                group.prune()
+        with torch.no_grad():
+            after = model(example).shape
+    if after != before:
+        raise PlanError(f"channel pruning changed the model's output from {tuple(before)} to {tuple(after)}")
     return model
 
 
