@@ -391,7 +391,7 @@ def _measure(
         config.reconstruct
         and config.calib_batches > 0
         and plan is not None
-        and default_reconstruct(None, True, plan.mode)
+        and default_reconstruct(None, True, plan.mode, plan.prune is not None)
     )
     try:
         measured = pipeline.after_conversion(

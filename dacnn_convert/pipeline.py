@@ -374,7 +374,9 @@ def anchor(
     if calib_loader is not None and calib_batches > 0:
         recalibrate_bn(student, calib_loader, calib_batches)
     # reconstruction trains on the recalibrated statistics: no BN step (calib_batches=0), no default reconstruction
-    rebuild = _reconstruct_config(reconstruct, calib_loader is not None, p.mode, calibrated=calib_batches > 0)
+    rebuild = _reconstruct_config(
+        reconstruct, calib_loader is not None, p.mode, calibrated=calib_batches > 0, prunes=p.prune is not None
+    )
     if rebuild is not None:
         reconstruct_sections(student, model, calib_loader, rebuild)
     return student
@@ -384,7 +386,11 @@ DEFAULT_RECONSTRUCT = ReconstructConfig()  # what reconstruct=True or the defaul
 
 
 def _reconstruct_config(
-    reconstruct: bool | ReconstructConfig | None, with_data: bool, mode: str | None, calibrated: bool = True
+    reconstruct: bool | ReconstructConfig | None,
+    with_data: bool,
+    mode: str | None,
+    calibrated: bool = True,
+    prunes: bool = False,
 ) -> ReconstructConfig | None:
     """The reconstruction to run, or None; refuses one asked for without data or without the BN step."""
     if reconstruct is not None and not isinstance(reconstruct, bool | ReconstructConfig):
@@ -396,7 +402,7 @@ def _reconstruct_config(
             "reconstruction trains on recalibrated BatchNorm statistics: "
             "give «calib-batches» above 0 or turn «reconstruct» off"
         )
-    on = default_reconstruct(None if reconstruct is None else bool(reconstruct), with_data and calibrated, mode)
+    on = default_reconstruct(None if reconstruct is None else bool(reconstruct), with_data and calibrated, mode, prunes)
     if not on:
         return None
     return reconstruct if isinstance(reconstruct, ReconstructConfig) else DEFAULT_RECONSTRUCT
@@ -612,7 +618,9 @@ def compress(
     notify("teacher", teacher_acc)
     conversion = timed("convert", lambda: convert(teacher, plan, calib_loader=train_loader, calib_batches=calib))
     student = conversion.model
-    rebuild = _reconstruct_config(reconstruct, True, plan.mode, calibrated=calib_batches > 0)
+    rebuild = _reconstruct_config(
+        reconstruct, True, plan.mode, calibrated=calib_batches > 0, prunes=plan.prune is not None
+    )
     resuming = resume and out is not None and (out / "state.pt").is_file()
     measured = after_conversion(
         student,

@@ -334,3 +334,10 @@ def test_pruning_leaves_the_random_state_and_each_modules_mode_alone(model) -> N
         assert student.training and not student.layer1[0].bn1.training
     finally:
         model.eval()
+
+
+def test_no_default_reconstruction_after_pruning() -> None:
+    from dacnn_convert.defaults import default_reconstruct
+
+    assert default_reconstruct(None, True, "budget") and not default_reconstruct(None, True, "budget", prunes=True)
+    assert default_reconstruct(True, True, "budget", prunes=True)  # asked for, it runs
