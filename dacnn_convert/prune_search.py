@@ -185,8 +185,8 @@ def search_pruned(
         kl = _kl_score(model, inner, *reference) if inner.groups or pruning is not None else 0.0
         tries.append((ratio, kl, found))
         if not queue and fits is not None and ratio in grid:  # the grid done: pruning alone, a little further
-            best_ratio = min(tries, key=lambda t: (t[1] or 0.0, t[0]))[0]
-            if min(tries, key=lambda t: (t[1] or 0.0, t[0]))[2].plan.groups:
+            best_ratio, _, leader = min(tries, key=lambda t: (t[1] or 0.0, t[0]))
+            if leader.plan.groups:
                 higher = [r for r in grid if r > best_ratio]
                 alone = _alone(pruned, best_ratio, higher[0] if higher else MAX_RATIO, fits)
                 if alone is not None and alone not in grid:
