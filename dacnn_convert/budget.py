@@ -44,6 +44,7 @@ from torch import nn
 from . import amounts, validate
 from .core.banks import bank_params, bankable, factorizable, rank_limit
 from .core.graph import ConvSite
+from .core.kinds import is_plain
 from .core.knapsack import Option, Solution, front
 from .core.modes import mode
 from .core.plan import Group, Plan, RegulatorSpec
@@ -828,8 +829,8 @@ def fixed_parts(model: nn.Module, mix: Plan, heads_fixed: bool = False) -> tuple
     the output layers too (a search without data does not rank them)."""
     described = {s.name for s in mix.sites}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and n not in described]
-    uncalled = sum(m.weight.numel() for _, m in layers if type(m) in (nn.Linear, nn.Conv2d))
-    subclass = sum(m.weight.numel() for _, m in layers if type(m) not in (nn.Linear, nn.Conv2d))
+    uncalled = sum(m.weight.numel() for _, m in layers if is_plain(m))
+    subclass = sum(m.weight.numel() for _, m in layers if not is_plain(m))
     stem = sum(s.weight_numel for s in mix.sites if s.fed_by_input)
     heads = sum(s.weight_numel for s in output_sites(mix) if not s.fed_by_input) if heads_fixed else 0
     grouped = sum(s.weight_numel for s in mix.sites if s.groups > 1 and not s.fed_by_input)

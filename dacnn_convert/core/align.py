@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import trace
+from .kinds import plain_kind
 from .plan import Plan
 
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Mish)
@@ -50,14 +51,14 @@ def private_chains(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = (
     modules = dict(model.named_modules())
     chains: dict[str, Chain] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_module" or type(modules.get(node.target)) is not nn.Conv2d:
+        if node.op != "call_module" or plain_kind(modules.get(node.target)) is not nn.Conv2d:
             continue
         cur: fx.Node = node
         bn: str | None = None
         while len(cur.users) == 1:
             (user,) = cur.users
             m = modules.get(user.target) if user.op == "call_module" else None
-            if type(m) is nn.Conv2d:
+            if plain_kind(m) is nn.Conv2d:
                 a, b = modules[node.target], m
                 if a.groups == b.groups == 1 and a.out_channels == b.in_channels:
                     chains[str(user.target)] = Chain(str(node.target), str(user.target), bn)

@@ -24,6 +24,7 @@ from .fitting import (
     input_moments,
 )
 from .graph import ConvSite
+from .kinds import is_plain, plain_kind
 from .layers import BANK_NAME, AnchorBank, AnchoredConv2d, AnchoredLinear, Regulator
 from .plan import Group, Plan
 
@@ -177,7 +178,7 @@ def convert(
         else {
             id(m.weight): nn.Parameter(torch.empty(0))
             for m in members
-            if isinstance(m, nn.Conv2d | nn.Linear) and type(m) in (nn.Conv2d, nn.Linear)
+            if isinstance(m, nn.Conv2d | nn.Linear) and is_plain(m)
         }
     )
     student = copy.deepcopy(model, memo)
@@ -185,10 +186,10 @@ def convert(
     for s in plan.sites:
         layer: Any = originals.get(s.name)
         kind, shape = (nn.Linear, s.weight_shape[:2]) if s.layer == "linear" else (nn.Conv2d, s.weight_shape)
-        if layer is None or type(layer) is not kind or tuple(layer.weight.shape) != shape:
+        if layer is None or plain_kind(layer) is not kind or tuple(layer.weight.shape) != shape:
             there = (
                 type(layer).__name__
-                if layer is None or type(layer) is not kind
+                if layer is None or plain_kind(layer) is not kind
                 else f"shape {tuple(layer.weight.shape)}"
             )
             raise PlanError(

@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .. import validate
 from ..errors import PlanError, TraceError, first_line
+from .kinds import is_plain, plain_kind
 from .modes import mode
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -118,7 +119,7 @@ class _Tracer(fx.Tracer):
             pass
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m) in (nn.Conv2d, nn.Linear) or isinstance(m, self.extra_leaves):
+        if is_plain(m) or isinstance(m, self.extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -239,8 +240,8 @@ def _sites(gm: fx.GraphModule, model: nn.Module) -> list[ConvSite]:
             calls[n.target] = calls.get(n.target, 0) + 1
     blocks = {(_stack_paths(n) or [""])[-1] for n in nodes if _is_skip_add(n)}
     blocks.discard("")
-    conv_nodes = [n for n in nodes if n.op == "call_module" and type(modules.get(n.target)) is nn.Conv2d]
-    layer_nodes = [n for n in nodes if n.op == "call_module" and type(modules.get(n.target)) in (nn.Conv2d, nn.Linear)]
+    layer_nodes = [n for n in nodes if n.op == "call_module" and is_plain(modules.get(n.target))]
+    conv_nodes = [n for n in layer_nodes if plain_kind(modules.get(n.target)) is nn.Conv2d]
     block_of = {n: next((p for p in reversed(_stack_paths(n)[:-1]) if p in blocks), None) for n in layer_nodes}
     depth = _conv_depths(nodes, conv_nodes, block_of)
     fed = _fed_by_input(nodes, set(layer_nodes))

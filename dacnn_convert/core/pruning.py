@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import PlanError, choose
 from ..names import PRUNE_IMPORTANCES
+from .kinds import is_plain
 from .modes import mode
 
 
@@ -192,7 +193,7 @@ def compensate(
     todo: list[tuple[str, int]] = []
     for name, sides in removed.items():
         m, o = mods.get(name), orig.get(name)
-        if not sides.get("in") or type(m) not in (nn.Conv2d, nn.Linear) or type(o) is not type(m):
+        if not sides.get("in") or not is_plain(m) or type(o) is not type(m):
             continue
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or isinstance(m.padding, str)):
             continue

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..core.convert import BN_STALE_ATTR, PLAN_ATTR, convert
+from ..core.kinds import is_plain, plain_kind
 from ..core.layers import Regulator
 from ..core.plan import Plan
 from ..errors import CheckpointError, DacnnError, UsageError, first_line, marked
@@ -209,7 +210,7 @@ def _num_classes(model: nn.Module) -> int | None:
     linears = [s for s in plan.sites if s.layer == "linear"] if plan is not None else []
     if linears:
         return max(linears, key=lambda s: s.order).out_channels
-    last = [m for m in model.modules() if type(m) is nn.Linear]
+    last = [m for m in model.modules() if plain_kind(m) is nn.Linear]
     return last[-1].out_features if last else None
 
 
@@ -224,7 +225,7 @@ def stored_overhead(model: nn.Module) -> int:
     coefficients and regulators add tensors). A byte target spends the rest on parameters.
     """
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    layers = sum(1 for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear))
+    layers = sum(1 for m in model.modules() if is_plain(m))
     tensors = len(model.state_dict())
     return buffers + 1024 + HEADER_BYTES_PER_LAYER * layers + HEADER_BYTES_PER_TENSOR * 2 * tensors
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.kinds import plain_kind
 from ..defaults import DEFAULT_INPUT_SIZE
 from ..errors import UnknownModelError, UsageError, WeightsError, first_line, suggest
 from .files import is_safetensors, unreadable
@@ -290,7 +291,7 @@ def _reset_last_linear(model: nn.Module, num_classes: int) -> None:
     """Replace the classifier (the last ``nn.Linear``) to predict ``num_classes`` classes."""
     last: str | None = None
     for name, module in model.named_modules():
-        if type(module) is nn.Linear:
+        if plain_kind(module) is nn.Linear:
             last = name
     if last is None:
         raise WeightsError("cannot change num_classes: the model has no nn.Linear classifier")
