@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from dacnn_convert.cli import app
-from dacnn_convert.core.models import dacnn, from_name, kernel_and_fc_params
+from dacnn_convert.core.layers import AnchoredConv2d
+from dacnn_convert.core.models import Block, dacnn, from_name, kernel_and_fc_params
 from dacnn_convert.core.plan import count_params
 from dacnn_convert.errors import UsageError
 from dacnn_convert.io.sources import parse_spec
@@ -79,6 +81,7 @@ def test_all_params_add_free_batchnorms() -> None:
         "18-mix-reg",
         "14-plain-free",
         "18-plain-nobn",
+        "18-mix-reg-sharedbn",
     ],
 )
 def test_forward_shapes(name: str) -> None:
@@ -105,6 +108,39 @@ def test_sharing_is_one_tensor_and_gradients_sum_over_uses() -> None:
     torch.testing.assert_close(anchor.grad, total, rtol=1e-4, atol=1e-5)
 
 
+def test_shared_bn_ties_gamma_and_beta_of_the_convs_of_one_kernel_not_their_statistics(tmp_path) -> None:
+    from dacnn_convert import load, save
+
+    plain = from_name("18-plain-sharedbn", 10)
+    # the stem's BN and every block BN: 16 block BNs follow the one shared kernel and share one gamma/beta pair
+    assert count_params(plain) == count_params(from_name("18-plain", 10)) - 2 * 128 * 15
+    blocks = [m for n, m in plain.named_modules() if isinstance(m, nn.BatchNorm2d) and n.startswith("sections")]
+    assert len(blocks) == 16 and len({id(m.weight) for m in blocks}) == 1
+    assert len({id(m.running_mean) for m in blocks}) == 16
+    mix = from_name("18-mix-reg-sharedbn", 10)
+    after_shared = [
+        (k, bn)
+        for k, section in enumerate(mix.sections)
+        for block in section
+        if isinstance(block, Block)
+        for conv, bn in ((block.conv1, block.bn1), (block.conv2, block.bn2))
+        if isinstance(conv, AnchoredConv2d)
+    ]
+    assert {k: len({id(bn.weight) for j, bn in after_shared if j == k}) for k in range(4)} == dict.fromkeys(range(4), 1)
+    others = [m for m in mix.modules() if isinstance(m, nn.BatchNorm2d) and all(m is not bn for _, bn in after_shared)]
+    assert len({id(m.weight) for m in others}) == len(others)  # stem, expansion, shortcut, regulator BNs stay free
+    torch.manual_seed(0)
+    plain.train()
+    plain(torch.randn(8, 3, 32, 32))  # statistics differ per layer after a batch
+    assert not torch.equal(blocks[0].running_mean, blocks[-1].running_mean)
+    path = save(plain.eval(), tmp_path / "m.safetensors", source="dacnn:18-plain-sharedbn")
+    again = load(path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again(x), plain(x), rtol=0, atol=0)
+    again_blocks = [m for n, m in again.named_modules() if isinstance(m, nn.BatchNorm2d) and n.startswith("sections")]
+    assert len({id(m.weight) for m in again_blocks}) == 1  # still tied after loading
+
+
 def test_bad_builder_arguments_teach_the_fix() -> None:
     with pytest.raises(UsageError, match="3..17"):
         dacnn(20)
@@ -114,6 +150,10 @@ def test_bad_builder_arguments_teach_the_fix() -> None:
         dacnn(18, regulators="5")
     with pytest.raises(UsageError, match="DEPTH-VARIANT"):
         from_name("18-mixed")
+    with pytest.raises(UsageError, match="drop -free / -nobn"):
+        dacnn(18, shared=False, shared_bn=True)
+    with pytest.raises(UsageError, match="DEPTH-VARIANT"):
+        from_name("18-plain-nobn-sharedbn")
 
 
 def test_every_bundled_recipe_loads_and_names_a_known_model() -> None:
@@ -144,6 +184,8 @@ def test_recipe_smoke_run_on_synthetic_data(tmp_path) -> None:
             "1",
             "--limit-batches",
             "2",
+            "--seed",
+            "3",
             "--out",
             str(out),
         ],
@@ -151,8 +193,10 @@ def test_recipe_smoke_run_on_synthetic_data(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     record = json.loads((out / "result.json").read_text())
     assert record["params"] == count_params(from_name("5-plain", 10)) and record["paper_error"] == 40.11
+    assert record["seed"] == 3
     resolved = load_recipe(out / "recipe.yaml")
     assert resolved.epochs == 1 and resolved.dataset == "synthetic" and resolved.optimizer == "adagrad"
+    assert resolved.seed == 3
 
 
 def test_table_params_cli() -> None:

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from ..atomic import atomic_write_text
-from ..defaults import DEVICE_HELP
+from ..defaults import DEVICE_HELP, SEED_MAX
 from ..errors import DacnnError, OutputError, UsageError, first_line, marked
 from ..io.files import not_a_folder
 from .common import DataOptions, console, handled, load_checkpoint
@@ -56,6 +56,9 @@ def recipe_run(
     download: DownloadOpt = False,
     weights: Annotated[str | None, typer.Option(help="override the weights: DEFAULT, none or a PATH")] = None,
     device: Annotated[str | None, typer.Option(help="override the device: " + DEVICE_HELP)] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, max=SEED_MAX, help="override the seed (data order, initialisation)")
+    ] = None,
     overwrite: OverwriteOpt = False,
     model: Annotated[
         str | None,
@@ -77,6 +80,7 @@ def recipe_run(
         train_limit=train_limit,
         out=str(out) if out else None,
         weights=weights,
+        seed=seed,
     )
     result = run_recipe(r, recipe, limit_batches, download, device, overwrite)
     console.print(
@@ -131,6 +135,7 @@ def run_recipe(
         "epochs": r.epochs,
         "limit_batches": limit_batches,
         "train_limit": r.train_limit,
+        "seed": r.seed,
         "accuracy": accuracy,
         "error": 100 * (1 - accuracy),
         "params": params,

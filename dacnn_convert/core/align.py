@@ -58,7 +58,7 @@ def private_chains(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = (
         while len(cur.users) == 1:
             (user,) = cur.users
             m = modules.get(user.target) if user.op == "call_module" else None
-            if plain_kind(m) is nn.Conv2d:
+            if isinstance(m, nn.Conv2d) and plain_kind(m) is nn.Conv2d:
                 a, b = modules[node.target], m
                 if a.groups == b.groups == 1 and a.out_channels == b.in_channels:
                     chains[str(user.target)] = Chain(str(node.target), str(user.target), bn)

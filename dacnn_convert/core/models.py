@@ -17,7 +17,10 @@ Regulators (residual nets): one per residual block in the chosen sections, 1x1 c
 ReLU with free weights, after the block's first conv (it regulates a shared conv's output).
 
 ``shared=False`` builds the same network with every kernel free (Table 2, parentheses);
-``bn=False`` drops every BatchNorm (Table 1). CIFAR-style head: global average pool + one FC.
+``bn=False`` drops every BatchNorm (Table 1); ``shared_bn=True`` ties the affine parameters (gamma, beta) of the
+BatchNorms after the convs that read one kernel, each keeping its own running statistics (the paper's claim that
+free BN is what makes a shared kernel work, checked from the other side). CIFAR-style head: global average pool +
+one FC.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class DacnnConfig:
     shared: bool = True
     bn: bool = True
     num_classes: int = 100
+    shared_bn: bool = False
     width: int = PLAIN_WIDTH
     layout: tuple[int, ...] = field(default=(), compare=False)
 
@@ -65,7 +69,8 @@ class DacnnConfig:
             if self.regulators == (1, 2, 3, 4)
             else "-reg" + "".join(map(str, self.regulators))
         )
-        return f"{self.depth}-{self.variant}{regs}{'' if self.shared else '-free'}{'' if self.bn else '-nobn'}"
+        norm = "-sharedbn" if self.shared_bn else "" if self.bn else "-nobn"
+        return f"{self.depth}-{self.variant}{regs}{'' if self.shared else '-free'}{norm}"
 
 
 def section_sizes(n_convs: int) -> list[int]:
@@ -83,6 +88,7 @@ class _Builder:
         self.anchors: dict[str, tuple[int, ...]] = {}
         self.bank: AnchorBank | None = None
         self.pending: list[tuple[AnchoredConv2d, str]] = []
+        self.norms: dict[str, nn.BatchNorm2d] = {}  # anchor -> the BN whose affine parameters its convs share
 
     def conv(self, cin: int, cout: int, anchor: str | None) -> nn.Module:
         if anchor is None or not self.cfg.shared:
@@ -92,8 +98,15 @@ class _Builder:
         self.pending.append((conv, anchor))
         return conv
 
-    def norm(self, c: int) -> nn.Module:
-        return nn.BatchNorm2d(c) if self.cfg.bn else nn.Identity()
+    def norm(self, c: int, anchor: str | None = None) -> nn.Module:
+        """The BN after a conv; with ``shared_bn``, the BNs after the convs reading ``anchor`` share gamma and beta."""
+        if not self.cfg.bn:
+            return nn.Identity()
+        bn = nn.BatchNorm2d(c)
+        if self.cfg.shared_bn and self.cfg.shared and anchor is not None:
+            first = self.norms.setdefault(anchor, bn)
+            bn.weight, bn.bias = first.weight, first.bias  # one Parameter each; running statistics stay per layer
+        return bn
 
     def finish(self) -> AnchorBank:
         bank = AnchorBank(self.anchors)
@@ -108,7 +121,7 @@ class Unit(nn.Sequential):
     """conv -> BN -> ReLU."""
 
     def __init__(self, b: _Builder, cin: int, cout: int, anchor: str | None) -> None:
-        super().__init__(b.conv(cin, cout, anchor), b.norm(cout), nn.ReLU(inplace=True))
+        super().__init__(b.conv(cin, cout, anchor), b.norm(cout, anchor), nn.ReLU(inplace=True))
 
 
 class Block(nn.Module):
@@ -118,13 +131,13 @@ class Block(nn.Module):
         self, b: _Builder, cin: int, cout: int, first: str | None, second: str | None, regulator: bool
     ) -> None:
         super().__init__()
-        self.conv1, self.bn1 = b.conv(cin, cout, first), b.norm(cout)
+        self.conv1, self.bn1 = b.conv(cin, cout, first), b.norm(cout, first)
         self.regulator = (
             nn.Sequential(nn.Conv2d(cout, cout, 1, bias=False), b.norm(cout), nn.ReLU(inplace=True))
             if (regulator)
             else None
         )
-        self.conv2, self.bn2 = b.conv(cout, cout, second), b.norm(cout)
+        self.conv2, self.bn2 = b.conv(cout, cout, second), b.norm(cout, second)
         self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), b.norm(cout)) if cin != cout else None
         self.relu = nn.ReLU(inplace=True)
 
@@ -191,6 +204,7 @@ def dacnn(
     shared: bool = True,
     bn: bool = True,
     num_classes: int = 100,
+    shared_bn: bool = False,
 ) -> DACNN:
     """Build a DACNN of the paper.
 
@@ -202,6 +216,7 @@ def dacnn(
         shared: False builds the same network with free kernels (the paper's comparison).
         bn: False drops every BatchNorm (Table 1).
         num_classes: outputs of the final FC.
+        shared_bn: the BNs after the convs that read one kernel share gamma and beta (not their statistics).
 
     Raises:
         UsageError: a depth, variant or regulator choice the paper's family does not have.
@@ -213,27 +228,41 @@ def dacnn(
     regs = parse_regulators(regulators, 4)  # a DACNN has 4 sections
     if regs and depth <= 17:
         raise UsageError("regulators attach to residual blocks: use depth 18, 24 or 34")
-    return DACNN(DacnnConfig(depth, variant, regs, shared, bn, num_classes))
+    if shared_bn and not (shared and bn):
+        raise UsageError(
+            "shared BN ties the BatchNorms of convs that share a kernel: it needs shared kernels and BatchNorms "
+            "(drop -free / -nobn)"
+        )
+    return DACNN(DacnnConfig(depth, variant, regs, shared, bn, num_classes, shared_bn))
 
 
-NAME = re.compile(r"^(\d+)-(plain|mix)(?:-reg(\d*))?(-free)?(-nobn)?$")
+NAME = re.compile(r"^(\d+)-(plain|mix)(?:-reg(\d*))?(-free)?(-nobn|-sharedbn)?$")
 
 
 def from_name(name: str, num_classes: int = 100) -> DACNN:
-    """Build from a model-source name like ``18-mix-reg``, ``18-plain-reg3``, ``14-plain-free``, ``18-plain-nobn``.
+    """Build from a model-source name like ``18-mix-reg``, ``18-plain-reg3``, ``14-plain-free``, ``18-plain-nobn``,
+    ``18-plain-sharedbn``.
 
     Raises:
-        UsageError: the name does not follow DEPTH-VARIANT[-reg[SECTIONS]][-free][-nobn].
+        UsageError: the name does not follow DEPTH-VARIANT[-reg[SECTIONS]][-free][-nobn|-sharedbn].
     """
     m = NAME.match(name)
     if m is None:
         raise UsageError(
-            f"unknown DACNN {name!r}: names are DEPTH-VARIANT[-reg[SECTIONS]][-free][-nobn], e.g. dacnn:18-mix-reg, "
-            "dacnn:18-plain-reg3, dacnn:14-plain-free"
+            f"unknown DACNN {name!r}: names are DEPTH-VARIANT[-reg[SECTIONS]][-free][-nobn|-sharedbn], e.g. "
+            "dacnn:18-mix-reg, dacnn:18-plain-reg3, dacnn:14-plain-free"
         )
-    depth, variant, reg, free, nobn = m.groups()
+    depth, variant, reg, free, norm = m.groups()
     regulators = "none" if reg is None else ("all" if reg == "" else ",".join(reg))
-    return dacnn(int(depth), variant, regulators, shared=free is None, bn=nobn is None, num_classes=num_classes)
+    return dacnn(
+        int(depth),
+        variant,
+        regulators,
+        shared=free is None,
+        bn=norm != "-nobn",
+        num_classes=num_classes,
+        shared_bn=norm == "-sharedbn",
+    )
 
 
 def kernel_and_fc_params(model: nn.Module) -> int:

@@ -210,7 +210,7 @@ def _num_classes(model: nn.Module) -> int | None:
     linears = [s for s in plan.sites if s.layer == "linear"] if plan is not None else []
     if linears:
         return max(linears, key=lambda s: s.order).out_channels
-    last = [m for m in model.modules() if plain_kind(m) is nn.Linear]
+    last = [m for m in model.modules() if isinstance(m, nn.Linear) and plain_kind(m) is nn.Linear]
     return last[-1].out_features if last else None
 
 

@@ -99,7 +99,7 @@ def parse_spec(text: str, num_classes: int | None = None) -> ModelSpec:
         name = text[len("dacnn:") :]
         if NAME.match(name) is None:
             raise UnknownModelError(
-                f"unknown DACNN {name!r}: names are dacnn:DEPTH-VARIANT[-reg[SECTIONS]][-free][-nobn], "
+                f"unknown DACNN {name!r}: names are dacnn:DEPTH-VARIANT[-reg[SECTIONS]][-free][-nobn|-sharedbn], "
                 "e.g. dacnn:18-mix-reg, dacnn:18-plain-reg3, dacnn:14-plain-free"
             )
         return ModelSpec("dacnn", name, num_classes)
