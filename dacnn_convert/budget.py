@@ -120,6 +120,8 @@ class BudgetResult:
     # channel pruning ratios the search tried before sharing (prune_search): (ratio, whole-plan kl against the
     # original or None without data, params, MACs or 0 when not counted), in the order tried
     prune_tries: tuple[tuple[float, float | None, int, int], ...] = ()
+    # banks shared across stages (share_across): one line per merge, then the outcome; () when not tried
+    across: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The search as plain values (the plan itself is :meth:`Plan.to_dict`)."""
@@ -151,6 +153,7 @@ class BudgetResult:
             "rescored": [{"choice": list(c), "kl": v} for c, v in self.rescored],
             "prune": self.plan.prune.ratio if self.plan.prune is not None else 0.0,
             "prune_tries": [{"ratio": r, "kl": kl, "params": p, "macs": m or None} for r, kl, p, m in self.prune_tries],
+            "across": list(self.across),
         }
 
     def advice(self, cli: bool = False) -> str | None:
@@ -232,6 +235,7 @@ class BudgetResult:
                 pick_g = f"bank {chosen[index]:g}" if index in chosen else "as the section"
                 lines.append(f"  group {index} alone, bank size: sensitivity (params saved): {sizes}; chosen: {pick_g}")
         lines += [f"  grown: {g}" for g in self.grown]
+        lines += [f"  across stages: {a}" for a in self.across]
         for g in self.plan.groups:
             what = (
                 f"share {'x'.join(map(str, g.shape))}"
@@ -468,6 +472,7 @@ def search(
     rescore_rounds: int = RESCORE_ROUNDS,
     target_macs: int | str | None = None,
     reuse: dict[str, Any] | None = None,
+    across: bool = False,
 ) -> BudgetResult:
     """Find the conversion with the least summed sensitivity whose unique params are <= ``target_params``.
 
@@ -489,6 +494,9 @@ def search(
             the result removes at least what that asks.
         reuse: a dict kept across calls on the same model with the same settings but another MAC
             budget (the latency loop): the traced plans and the section scores are computed once.
+        across: then merge the plan's banks across stages where a joint bank is smaller at no larger fitted
+            error, spend the saving on more filters, and keep that plan where it scores better whole
+            (:func:`share_across`).
 
     Raises:
         PlanError: no conversion fits the budget (the smallest possible and what holds it are named).
@@ -514,9 +522,54 @@ def search(
     if reuse is not None:
         reuse.update(space=space_, scorer=scorer, scores=scores)
     found = space_.pick(scores, target_params)
-    if metric != "kl" or rescore_rounds == 0:
-        return found
-    return refine(model, space_.mix, space_.plain, found, scorer, rescore_rounds, space_.fixed)
+    if metric == "kl" and rescore_rounds > 0:
+        found = refine(model, space_.mix, space_.plain, found, scorer, rescore_rounds, space_.fixed)
+    return share_across(model, found, space_, scorer) if across else found
+
+
+def _section_sensitivity(found: BudgetResult) -> dict[int, float]:
+    """Each section's score under the found plan's choice (share option + ranks), as :func:`pick` orders growth."""
+    by = {(s.section, s.option): s.sensitivity for s in found.scores}
+    ranks = found.ranks or ("dense",) * len(found.choice)
+    return {
+        k: by.get((k, o), 0.0) + sum(by.get((k, r), 0.0) for r in _rank_parts(ranks[k - 1]))
+        for k, o in enumerate(found.choice, start=1)
+    }
+
+
+def share_across(model: nn.Module, found: BudgetResult, space_: _Space, scorer: Scorer) -> BudgetResult:
+    """Banks shared across stages: merge the found plan's banks (:func:`~dacnn_convert.core.merging.merge_banks`,
+    whitened on the scorer's calibration moments where it has them), spend the parameters saved on more filters
+    (:func:`_grow`, within the MAC budget), and keep that plan only where its whole-plan score is lower: kl against
+    the model with data, else the kernel energy the fits lose. ``BudgetResult.across`` says what was merged and
+    what each plan scored, whichever was kept."""
+    from .core.convert import kernel_of
+    from .core.merging import merge_banks
+
+    p = found.plan
+    modules = dict(model.named_modules())
+    kernels = {m: kernel_of(modules[m]) for g in p.groups if g.kind == "bank" for m in g.members}
+    moments = {n: h for n, (h, _) in scorer.moments.items()} if scorer.moments is not None else None
+    need_macs = None if space_.macs_cap is None else space_.macs_before - space_.macs_cap
+    allowed = None if need_macs is None else (lambda q: q.macs_saved >= need_macs)
+    merged, merges = merge_banks(p, kernels, moments, allowed)
+    if not merges:
+        return replace(found, across=("no two banks share filters enough to save parameters together",))
+    grown, more = _grow(merged, found.target, _section_sensitivity(found), need_macs)
+
+    def score(q: Plan) -> float:
+        if scorer.batches:
+            return _kl_score(model, q, list(scorer.batches), list(scorer.reference), scorer.moments)
+        return _fit_score(model, q)
+
+    before, after = score(p), score(grown)
+    what = "kl" if scorer.batches else "fit"
+    lines = [m.describe() for m in merges] + [f"grown after merging: {g}" for g in more]
+    if after < before:
+        verdict = f"kept: whole-plan {what} {before:.4g} -> {after:.4g} at {grown.params_after:,} params"
+        return replace(found, plan=grown, across=(*lines, verdict))
+    verdict = f"not kept: whole-plan {what} {before:.4g} -> {after:.4g}; the plan stays within its stages"
+    return replace(found, across=(*lines, verdict))
 
 
 def _metric(metric: str | None, calib_loader: Iterable | None) -> str:
@@ -1232,7 +1285,8 @@ def _grow(
             d = site.weight_numel // site.out_channels
             per = d + sum(p.site(m).out_channels for m in g.members)  # one more filter and its coefficients
             dense = sum(p.site(m).weight_numel for m in g.members)
-            cap = min(len(g.members) * site.out_channels, d, (dense - 1) // per)  # never costlier than dense convs
+            outs = sum(p.site(m).out_channels for m in g.members)  # merged banks mix C_outs
+            cap = min(outs, d, (dense - 1) // per)  # never costlier than dense convs
             step = min(max(1, g.rank // 8), cap - g.rank, left // per)
             while step > 0 and i not in stopped and min_macs_saved is not None:  # halve a step over the MAC budget
                 trial = [*groups[:i], _resized(g, g.rank + step), *groups[i + 1 :]]

@@ -65,6 +65,10 @@ class AnchorConfig:
             the ratio whose pruned-and-shared plan scores best (needs a target). Pruning removes MACs where
             banks do not; the plan records it and stays data (``load`` narrows the skeleton). None: no pruning.
         prune_importance: how channels are ranked: ``group`` (group L2 norm, DepGraph) or ``l1`` (each filter's L1).
+        share_across: after a budget search, merge its banks across stages where one joint bank of fewer parameters
+            fits the members (convs reading patches of one C_in x kh x kw, any C_out) at no larger error, spend the
+            saving on more filters, and keep that plan where it scores better whole
+            (:func:`dacnn_convert.budget.share_across`; listed under "across stages" in ``--explain``).
         rescore_rounds: rounds of joint re-scoring after the planner's additive search (kl only): the
             chosen plan is scored whole and with each section left out, each section's scores are
             rescaled by what it costs in that company, and the search runs again; the plan with the
@@ -90,6 +94,7 @@ class AnchorConfig:
     rescore_rounds: int = RESCORE_ROUNDS
     prune: float | str | None = None
     prune_importance: str = "group"
+    share_across: bool = False
 
     def __post_init__(self) -> None:
         choose("mode", self.mode, MODES)
@@ -124,6 +129,12 @@ class AnchorConfig:
         validate.integer("rescore-rounds", self.rescore_rounds, 0)
         object.__setattr__(self, "prune", validate.prune_ratio(self.prune))
         choose("prune importance", self.prune_importance, PRUNE_IMPORTANCES)
+        validate.flag("share-across", self.share_across)
+        if self.share_across and not self.by_budget:
+            raise UsageError(
+                "«share-across» merges the banks a budget search chose: give a size, MAC or latency target "
+                "(a plan by «mode» shares what the mode says)"
+            )
         if self.prune == "auto" and not self.by_budget:
             raise UsageError(
                 "«prune» auto searches the pruning ratio for a target: give a size, MAC or latency target, "

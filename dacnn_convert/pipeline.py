@@ -142,6 +142,7 @@ def plan_search(
                 rescore_rounds=config.rescore_rounds if final else 0,
                 target_macs=target_macs,
                 reuse=reuse,  # a latency target searches several MAC budgets on one scoring
+                across=config.share_across and final,
             )
 
         if ratios == (0.0,):
@@ -179,6 +180,11 @@ def plan_sweep(
         raise UsageError(
             "the planner's front is made without pruning: leave out «prune» for the sweep, or plan each target "
             "with it («target-ratio» with «prune»)"
+        )
+    if config.share_across:
+        raise UsageError(
+            "the planner's front is predicted from its additive scores, within stages: leave out «share-across» "
+            "for the sweep, or plan each target with it («target-ratio» with «share-across»)"
         )
     init = default_init(config.init, calib_loader is not None, None)
     return sweep(

@@ -106,6 +106,7 @@ class Recipe:
     rescore_rounds: int = RESCORE_ROUNDS  # rounds of whole-plan re-scoring after the search (kl; 0: none)
     prune: float | str | None = None  # channel pruning before sharing: a fraction in (0, 1) or auto (searched)
     prune_importance: str = "group"  # group | l1: how pruning ranks channels
+    share_across: bool = False  # merge the searched banks across stages where that scores better
     dtype: str = "fp32"  # storage of the written model: fp32 | fp16 | bf16 | int8
     dataset: str | None = None
     epochs: int = 1
@@ -237,6 +238,7 @@ class Recipe:
             rescore_rounds=self.rescore_rounds,
             prune=self.prune,
             prune_importance=self.prune_importance,
+            share_across=self.share_across,
         )
 
     def resolved(self) -> Recipe:

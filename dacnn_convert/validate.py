@@ -67,6 +67,13 @@ def integer(name: str, value: Any, minimum: int = 0) -> int:
     return value
 
 
+def flag(name: str, value: Any) -> bool:
+    """A true bool (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise UsageError(f"«{name}» must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def optional_size(name: str, value: Any) -> int | None:
     """A count of parameters or bytes: a finite number >= 1 (a float such as ``0.5 * n`` is floored)."""
     if value is None:

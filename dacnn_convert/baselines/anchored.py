@@ -56,6 +56,7 @@ class Budgeted:
     fixed_size: bool = False
     space: str = "anchor"
     prune: bool = False  # channel pruning in the search too (prune_search: every ratio of PRUNE_GRID, scored whole)
+    across: bool = False  # banks merged across stages after the search where that scores better (budget.share_across)
 
     @property
     def removes_macs(self) -> bool:
@@ -80,6 +81,7 @@ class Budgeted:
                 target_macs=ctx.target_macs if self.removes_macs else None,  # with «budget»: the params budget alone
                 reuse=reuse,
                 rescore_rounds=RESCORE_ROUNDS if final else 0,
+                across=self.across and final,
             )
 
         if self.prune:
@@ -100,6 +102,8 @@ class Budgeted:
             note += f", unshared convs {'/'.join(result.ranks)}"
         if result.grown:
             note += f"; grown: {'; '.join(result.grown)}"
+        if result.across:
+            note += f"; across stages: {'; '.join(result.across)}"
         if result.plan.prune is not None:
             note = f"pruned first: {result.plan.prune.label}; " + note
         if result.prune_tries:
@@ -126,6 +130,15 @@ register_method(
         "low rank for what the targets still ask, the best whole-plan kl kept",
         space="bank",
         prune=True,
+    )
+)
+register_method(
+    Budgeted(
+        "dacnn-across",
+        "dacnn-bank, then banks merged across stages where a joint bank of fewer parameters fits the members at "
+        "no larger error, the saving spent on more filters, kept where the whole plan scores better",
+        space="bank",
+        across=True,
     )
 )
 

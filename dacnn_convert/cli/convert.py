@@ -65,6 +65,7 @@ from .options import (
     Schedule,
     ScoreBatchesOpt,
     SeedOpt,
+    ShareAcrossOpt,
     SizeOpt,
     SmoothOpt,
     StyleOpt,
@@ -223,6 +224,7 @@ def convert_command(
     rescore_rounds: RescoreOpt = RESCORE_ROUNDS,
     prune: PruneOpt = None,
     prune_importance: PruneImportanceOpt = PruneImportance.group,
+    share_across: ShareAcrossOpt = False,
 ) -> None:
     """Convert a pretrained CNN into a deep anchored CNN (shared conv kernels, free BatchNorms).
 
@@ -328,6 +330,7 @@ def plan_command(
     rescore_rounds: RescoreOpt = RESCORE_ROUNDS,
     prune: PruneOpt = None,
     prune_importance: PruneImportanceOpt = PruneImportance.group,
+    share_across: ShareAcrossOpt = False,
     dataset: DatasetOpt = None,
     train_limit: TrainLimitOpt = None,
     explain: Annotated[
@@ -348,6 +351,11 @@ def plan_command(
             raise UsageError("--sweep plans at its own sizes (1.5x to 20x): leave out --target-params/ratio/bytes")
         if target_latency is not None:
             raise UsageError("--sweep predicts, it does not time plans: leave out --target-latency (or plan one size)")
+        if share_across:
+            raise UsageError(
+                "--sweep predicts plans from the additive scores, within stages: leave out --share-across "
+                "(or plan one size with it)"
+            )
         _sweep(rec, data, json_out)
         return
     job = run_convert(rec, data, dry_run=True, render=False)

@@ -482,6 +482,18 @@ PruneImportanceOpt = Annotated[
 ]
 
 
+ShareAcrossOpt = Annotated[
+    bool,
+    typer.Option(
+        "--share-across/--no-share-across",
+        help="after the budget search, merge banks across stages where one joint bank of fewer parameters fits "
+        "the layers at no larger error (convs reading patches of one shape), spend the saving on more filters, "
+        "and keep that plan where it scores better whole (needs a target)",
+        rich_help_panel=PANEL_TARGET,
+    ),
+]
+
+
 SweepOpt = Annotated[
     bool,
     typer.Option(

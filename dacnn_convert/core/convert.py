@@ -61,8 +61,9 @@ def whitenable(site: ConvSite) -> bool:
 def _act_ready(plan: Plan, group: Group) -> bool:
     """Groups whose members' inputs can be unfolded into patches for the data-aware fit."""
     sites = [plan.site(m) for m in group.members]
-    shape = sites[0].weight_shape if group.kind == "bank" else tuple(group.shape)
-    return all(s.weight_shape == shape and whitenable(s) for s in sites)
+    if group.kind == "bank":  # members read patches of the bank's shape; their C_out may differ (merged banks)
+        return all(tuple(s.weight_shape[1:]) == tuple(group.shape[1:]) and whitenable(s) for s in sites)
+    return all(s.weight_shape == tuple(group.shape) and whitenable(s) for s in sites)
 
 
 MOMENT_BYTES = 1 << 30  # float64 input moments held at once; more groups take another calibration pass

@@ -1,0 +1,129 @@
+"""Banks shared across stages (issue 26): merge_banks joins bank groups whose members read patches of one shape
+when a joint bank is smaller at no larger fitted error, and everything downstream keeps working."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dacnn_convert import convert, count_params, load, plan, save
+from dacnn_convert.core.convert import kernel_of
+from dacnn_convert.core.fitting import input_moments
+from dacnn_convert.core.merging import merge_banks
+
+SIZE = (3, 16, 16)
+
+
+class TwoStage(nn.Module):
+    """A stem, two same-shape convs at 16x16 and a stride-2 expansion reading the same 8x3x3 patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.a2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.stem, self.a1, self.a2, self.b):
+            x = torch.relu(conv(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _model(common: bool) -> TwoStage:
+    """Every conv's filters are combinations of one set of 4 (``common``), or each conv's of its own 4."""
+    torch.manual_seed(0)
+    m = TwoStage().eval()
+    basis = torch.randn(4, 8, 3, 3)
+    with torch.no_grad():
+        for c in (m.a1, m.a2, m.b):
+            own = basis if common or c is not m.b else torch.randn(4, 8, 3, 3)
+            c.weight.copy_(torch.einsum("ok,kchw->ochw", torch.randn(c.out_channels, 4), own))
+    return m
+
+
+def _kernels(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: kernel_of(m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_filters_in_one_span_share_one_bank_across_stages_exactly() -> None:
+    model = _model(common=True)
+    p = plan(model, mode="bank", bank_size=0.5, factorize_unshared=4, input_size=SIZE)
+    assert sorted(g.members for g in p.groups) == [("a1", "a2"), ("b",)]
+    merged, merges = merge_banks(p, _kernels(model))
+    (g,) = merged.groups
+    assert g.members == ("a1", "a2", "b") and g.rank == 4 and g.resolution is None  # 16x16 and 8x8 members
+    # separately 2 x (4*72 + 16*4); jointly 4*72 + (8 + 8 + 16)*4
+    assert [(m.ranks, m.rank, m.params_saved) for m in merges] == [((4, 4), 4, 2 * 352 - 416)]
+    assert merged.params_after == p.params_after - 288
+    student = convert(model, merged).model.eval()
+    assert count_params(student) == merged.params_after
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_filters_of_different_spans_stay_apart() -> None:
+    model = _model(common=False)
+    p = plan(model, mode="bank", bank_size=0.5, factorize_unshared=4, input_size=SIZE)
+    merged, merges = merge_banks(p, _kernels(model))
+    # jointly they need all 8 filters: 8*72 + 32*8 = 832 > 704, so no joint bank is smaller at the same error
+    assert merges == () and merged.groups == p.groups
+
+
+def test_data_aware_merge_fits_and_converts_with_calibration_data(tmp_path) -> None:
+    model = _model(common=True)
+    p = plan(model, mode="bank", bank_size=0.5, factorize_unshared=4, input_size=SIZE, init="act")
+    batches = [(torch.randn(8, *SIZE), None) for _ in range(3)]
+    moments = input_moments(model, ["a1", "a2", "b"], batches, len(batches))
+    merged, merges = merge_banks(p, _kernels(model), {n: h for n, (h, _) in moments.items()})
+    assert len(merges) == 1 and merges[0].error_after <= merges[0].error_before + 3e-9
+    done = convert(model, merged, calib_loader=batches, calib_batches=3)
+    assert set(done.fit_errors) == {merged.groups[0].name}  # fitted whitened, members of two C_outs together
+    student = done.model.eval()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), model(x), atol=1e-3, rtol=1e-3)
+    path = save(student, tmp_path / "m.safetensors")
+    again = load(path, _model(common=True)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), student(x))
+
+
+def test_a_merge_the_caller_refuses_is_not_made() -> None:
+    model = _model(common=True)
+    p = plan(model, mode="bank", bank_size=0.5, factorize_unshared=4, input_size=SIZE)
+    merged, merges = merge_banks(p, _kernels(model), allowed=lambda q: False)
+    assert merges == () and merged == p
+
+
+def test_the_planner_merges_where_the_whole_plan_scores_better_and_says_so() -> None:
+    from dacnn_convert.budget import search
+
+    model = _model(common=True)
+    found = search(model, count_params(model) // 2, SIZE, across=True)  # no data: weight-space fits, fit score
+    assert found.across, found.explain()
+    assert any(line.startswith("  across stages: ") for line in found.explain())
+    assert found.plan.params_after <= count_params(model) // 2
+    assert found.to_dict()["across"] == list(found.across)
+    merged = [g for g in found.plan.groups if g.name.startswith("x")]
+    kept = found.across[-1].startswith("kept")
+    assert bool(merged) == kept
+    student = convert(model, found.plan).model
+    assert count_params(student) == found.plan.params_after
+
+
+def test_share_across_needs_a_budget_search_and_no_sweep() -> None:
+    import pytest
+
+    from dacnn_convert import AnchorConfig
+    from dacnn_convert.errors import UsageError
+    from dacnn_convert.pipeline import plan_sweep
+
+    with pytest.raises(UsageError, match="merges the banks a budget search chose"):
+        AnchorConfig(mode="bank", share_across=True)
+    with pytest.raises(UsageError, match="must be True or False"):
+        AnchorConfig(target_ratio=2.0, share_across=1)
+    with pytest.raises(UsageError, match="for the sweep"):
+        plan_sweep(_model(common=True), AnchorConfig(target_ratio=2.0, share_across=True), input_size=SIZE)
