@@ -903,13 +903,16 @@ def fixed_parts(model: nn.Module, mix: Plan, heads_fixed: bool = False) -> tuple
     return tuple((what, n) for what, n in parts if n > 0)
 
 
+PRUNE_ADVICE = ", or prune as well («prune»)"  # the floor message's last words (prune_search says "more" instead)
+
+
 def _floor_message(mix: Plan, target: int, smallest: int, fixed: Sequence[tuple[str, int]]) -> str:
     held = "; ".join(f"{what} {n:,}" for what, n in fixed)
     return (
         f"no conversion fits {target:,} params: the smallest possible is {smallest:,} "
         f"({100 * smallest / mix.params_before:.1f}% of {mix.params_before:,}), every section shared or "
         f"factorised as far as the search goes. Held there by {held or 'nothing fixed'}, plus the smallest "
-        f"banks and ranks of the grid. Raise the target to at least {smallest:,}, or prune as well"
+        f"banks and ranks of the grid. Raise the target to at least {smallest:,}" + PRUNE_ADVICE
     )
 
 
@@ -1102,7 +1105,8 @@ def pick(
             nearest=fewest if (target_macs or 0) < fewest else None,
         )
     if not solutions:
-        raise TargetError(_floor_message(mix, target_params, mix.params_before - most_saved, fixed))
+        smallest = mix.params_before - most_saved
+        raise TargetError(_floor_message(mix, target_params, smallest, fixed), nearest=smallest)
     solutions.sort(key=lambda f: (f.cost, -f.saved, f.labels))
     ranked = [(tuple(p.label for p in f.labels), mix.params_before - f.saved, f.cost) for f in solutions[:5]]
     best = solutions[0]

@@ -21,10 +21,10 @@ from typing import Any
 from torch import nn
 
 from .amounts import macs_target, resolve_macs
-from .budget import BudgetResult, _kl_score, calibration_reference
+from .budget import PRUNE_ADVICE, BudgetResult, _kl_score, calibration_reference
 from .core.plan import Plan, count_params
 from .core.pruning import Pruning, pruned_copy
-from .errors import TargetError
+from .errors import TargetError, marked
 
 # channel ratios "auto" tries (0: no pruning); beyond a half, a uniform ratio leaves a quarter of the MACs
 # and of the params before anything is shared
@@ -135,6 +135,21 @@ def _alone(pruned: PrunedModels, lo: float, hi: float, fits: Callable[[nn.Module
     return round(hi, 4)
 
 
+def _pruned_refusal(exc: TargetError, ratio: float, model: nn.Module, params_before: int) -> TargetError:
+    """The search's refusal on a pruned model, in the original's terms: how much pruning left, and "prune more"."""
+    said = marked(exc)  # with its «» marks: the CLI renders them as flags, Python as keywords
+    said = (
+        said.removesuffix(PRUNE_ADVICE) + f", or prune more (a ratio above {ratio:g})"
+        if said.endswith(PRUNE_ADVICE)
+        else said
+    )
+    return TargetError(
+        f"after pruning {ratio:g} of every layer's channels ({count_params(model):,} of the original's "
+        f"{params_before:,} params left): {said}",
+        nearest=exc.nearest,
+    )
+
+
 def search_pruned(
     pruned: PrunedModels,
     ratios: Iterable[float],
@@ -172,7 +187,7 @@ def search_pruned(
         try:
             found = search_at(model, pruned.reuse[ratio], metric != "kl")
         except TargetError as exc:
-            refused = exc
+            refused = _pruned_refusal(exc, ratio, model, params_before) if ratio > 0 else exc
             continue
         found = _of_original(found, pruning, params_before)
         if metric != "kl":

@@ -107,6 +107,18 @@ def test_auto_without_data_takes_the_least_pruning_that_reaches_the_targets(mode
         plan_search(model, AnchorConfig(target_ratio=1.5, target_macs="20x"), input_size=SIZE)
 
 
+def test_a_target_below_the_pruned_floor_is_refused_in_the_originals_terms(model) -> None:
+    with pytest.raises(TargetError) as caught:
+        plan_search(model, AnchorConfig(target_params=100, prune=0.5), input_size=SIZE)
+    said = str(caught.value)
+    assert said.startswith("after pruning 0.5 of every layer's channels (")
+    assert f"of the original's {count_params(model):,} params left" in said
+    assert said.endswith("or prune more (a ratio above 0.5)") and "prune as well" not in said
+    assert caught.value.nearest is not None and caught.value.nearest > 100
+    with pytest.raises(TargetError, match=r"or prune as well \(prune=\)$"):  # no pruning asked: the advice stands
+        plan_search(model, AnchorConfig(target_params=100), input_size=SIZE)
+
+
 def test_each_ratio_is_scored_whole_against_the_original(model) -> None:
     from dacnn_convert.budget import search
     from dacnn_convert.prune_search import PrunedModels, search_pruned
