@@ -8,7 +8,9 @@
 #   FULL=1 bash benchmarks/paper_claims.sh              # on a GPU: the paper's 90 epochs on all 60,000 images
 # Rows: RESULTS/<recipe>-seedN.json (+ _history.json); tables: RESULTS/README.md and docs/paper-tables.md.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 DACNN=${DACNN:-dacnn}
+PYTHON=${PYTHON:-python}
 SEEDS=${SEEDS:-"0 1"}
 RECIPES=${RECIPES:-$(ls recipes/fashion-mnist/claims_*.yaml)}
 FULL=${FULL:-0}
@@ -28,10 +30,10 @@ for seed in $SEEDS; do
     name="$(basename "$recipe" .yaml)-seed$seed"
     [ -f "$RESULTS/$name.json" ] && continue
     start=$(date +%s)
-    $DACNN recipe run "$recipe" --seed "$seed" --out "$OUT/$name" --overwrite "${extra[@]}"
+    $DACNN recipe run "$recipe" --seed "$seed" --out "$OUT/$name" --overwrite ${extra[@]+"${extra[@]}"}
     cp "$OUT/$name/result.json" "$RESULTS/$name.json"
     [ -f "$OUT/$name/history.json" ] && cp "$OUT/$name/history.json" "$RESULTS/${name}_history.json"
     echo "$name: $(( ($(date +%s) - start) / 60 )) min ($(date -u +%Y-%m-%dT%H:%MZ))" >> "$RESULTS/wall_time.txt"
-    python benchmarks/paper_claims_summary.py "$RESULTS" --block "$block"
+    $PYTHON benchmarks/paper_claims_summary.py "$RESULTS" --block "$block"
   done
 done

@@ -14,6 +14,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dacnn_convert.core.models import from_name, kernel_and_fc_params
 
@@ -209,22 +210,32 @@ def main() -> None:
     args = ap.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
     got = read(args.results)
-    first = next(iter(_rows(args.results)), None)
-    record = json.loads(first.read_text()) if first else {}
+    records = [json.loads(p.read_text()) for p in _rows(args.results)]
+    record = records[0] if records else {}
+
+    def one(key: str) -> Any:
+        """The rows' common value of ``key``, or 'mixed'."""
+        values = {str(r.get(key)) for r in records}
+        return record.get(key, "?") if len(values) <= 1 else f"mixed ({', '.join(sorted(values))})"
+
     setting = (
-        f"Fashion-MNIST at 32 px, trained from scratch: {record.get('epochs', '?')} epochs on "
-        f"{record.get('train_limit') or 'all'} training images, AdaGrad lr 0.1 (x0.1 at half), random flip, "
-        f"batch 128, fp32; top-1 is the best epoch on the 10,000 test images; device {record.get('device', '?')}; "
+        f"Fashion-MNIST at 32 px, trained from scratch: {one('epochs')} epochs on {one('train_limit') or 'all'} "
+        "training images (a subset drawn with each seed), the recipes' AdaGrad lr 0.1 (x0.1 at half), random flip, "
+        f"batch 128, fp32; top-1 is the best epoch on the 10,000 test images; device {one('device')}; "
         f"`bash benchmarks/paper_claims.sh` (rows: `{args.results}`). Verdicts from the two-seed means; a "
         "difference within either row's seed range is called seed noise. Parameters are for 10 classes (the "
         "paper's for 100)."
-        + (f" SMOKE RUN: {record['limit_batches']} batches per epoch." if record.get("limit_batches") else "")
+        + (
+            f" SMOKE RUN: {one('limit_batches')} batches per epoch."
+            if any(r.get("limit_batches") for r in records)
+            else ""
+        )
     )
     text = render(got, setting)
     (args.results / "README.md").write_text("# The paper's claims, measured (issue 27)\n\n" + text + "\n")
     start, end = f"<!-- paper-claims:{args.block}:start -->", f"<!-- paper-claims:{args.block}:end -->"
     doc = args.docs.read_text()
-    if start not in doc or end not in doc:
+    if start not in doc or end not in doc or doc.index(end) < doc.index(start):
         raise SystemExit(f"{args.docs} has no {start} ... {end} block to fill")
     head, rest = doc.split(start, 1)
     args.docs.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])

@@ -554,7 +554,14 @@ def share_across(model: nn.Module, found: BudgetResult, space_: _Space, scorer: 
     allowed = None if need_macs is None else (lambda q: q.macs_saved >= need_macs)
     merged, merges = merge_banks(p, kernels, moments, allowed)
     if not merges:
-        return replace(found, across=("no two banks share filters enough to save parameters together",))
+        why = (
+            "the plan has no banks or low-rank layers to merge"
+            if not kernels
+            else "no merge saves parameters within the MAC budget"
+            if allowed is not None
+            else "no two banks share filters enough to save parameters together"
+        )
+        return replace(found, across=(why,))
     grown, more = _grow(merged, found.target, _section_sensitivity(found), need_macs)
 
     def score(q: Plan) -> float:
@@ -567,7 +574,10 @@ def share_across(model: nn.Module, found: BudgetResult, space_: _Space, scorer: 
     lines = [m.describe() for m in merges] + [f"grown after merging: {g}" for g in more]
     if after < before:
         verdict = f"kept: whole-plan {what} {before:.4g} -> {after:.4g} at {grown.params_after:,} params"
-        return replace(found, plan=grown, across=(*lines, verdict))
+        # the headline score is the kept plan's (a whole-plan kl where the search re-scored plans whole)
+        return replace(
+            found, plan=grown, across=(*lines, verdict), sensitivity=after if found.rescored else found.sensitivity
+        )
     verdict = f"not kept: whole-plan {what} {before:.4g} -> {after:.4g}; the plan stays within its stages"
     return replace(found, across=(*lines, verdict))
 
@@ -1105,8 +1115,8 @@ def pick(
             nearest=fewest if (target_macs or 0) < fewest else None,
         )
     if not solutions:
-        smallest = mix.params_before - most_saved
-        raise TargetError(_floor_message(mix, target_params, smallest, fixed), nearest=smallest)
+        # no ``nearest``: it is a MAC budget where set (the latency loop reads it), and this floor is in params
+        raise TargetError(_floor_message(mix, target_params, mix.params_before - most_saved, fixed))
     solutions.sort(key=lambda f: (f.cost, -f.saved, f.labels))
     ranked = [(tuple(p.label for p in f.labels), mix.params_before - f.saved, f.cost) for f in solutions[:5]]
     best = solutions[0]

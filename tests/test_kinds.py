@@ -47,6 +47,19 @@ def test_plain_kind_accepts_equal_functions_and_refuses_changed_ones() -> None:
 
     assert plain_kind(Scaled(2, 3)) is None
 
+    class Marker(nn.Conv2d):
+        pass
+
+    hooked = Marker(2, 3, 1)
+    hooked.register_forward_hook(lambda m, i, o: 2 * o)
+    assert plain_kind(Marker(2, 3, 1)) is nn.Conv2d and plain_kind(hooked) is None  # a hook changes its output
+
+    class Called(nn.Linear):
+        def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
+            return 2 * super().__call__(*args, **kwargs)
+
+    assert plain_kind(Called(2, 3)) is None
+
 
 def test_a_timm_linear_head_is_factorised_saved_loaded_and_exported_as_a_stock_one(tmp_path) -> None:
     torch.manual_seed(0)

@@ -2,14 +2,16 @@
 
 A planned share group lives inside one stage, but a bank of k filters of C_in x kh x kw can serve any dense convs
 whose input patches have that shape, whatever their stage or C_out (each member keeps its own C_out x k
-coefficients): ResNet-18's ``layer2.0.conv1`` (64 -> 128, stride 2) reads the same 64 x 3 x 3 patches as every
-conv of ``layer1``. :func:`merge_banks` merges two bank groups (a low-rank layer is a bank of one member) when one
-joint bank costs fewer parameters than both and fits every member at no larger error: the summed squared relative
+coefficients): ResNet-18's ``layer2.0.conv1`` (64 -> 128, stride 2) reads the same 64 x 3 x 3 patches as every conv
+of ``layer1``. :func:`merge_banks` merges two bank groups (a low-rank layer is a bank of one member) when one joint
+bank costs fewer parameters than both and fits the members at no larger summed error: the summed squared relative
 output error of the members (on their calibration inputs when moments are given, else of their kernels), from the
-same whitened SVD :func:`~dacnn_convert.core.fitting.fit_bank` that conversion runs. The smallest qualifying bank
-is found by bisection over its size (the error falls as filters are added); pairs are merged greedily, the largest
-saving first, until no merge saves a parameter. Similarity is measured, not assumed: groups whose filters span
-different directions need as many joint filters as both together, which costs more coefficients, and stay apart.
+same whitened SVD :func:`~dacnn_convert.core.fitting.fit_bank` that conversion runs. The bank's size is found by
+bisection (the error falls as filters are added, though the SVD minimises the error under the members' summed
+moments, not each member's relative error: a size the bisection skips may qualify too); pairs are merged greedily,
+the largest saving first, until no merge saves a parameter. Similarity is measured, not assumed: groups whose
+filters span different directions need as many joint filters as both together, which costs more coefficients, and
+stay apart.
 
 Plain data in, plain data out: the plan with merged groups and one :class:`Merge` record per merge, for the
 planner to re-spend the saving and keep the result only where its whole-plan score is better.
@@ -103,7 +105,8 @@ def merge_banks(
 
     groups = list(plan.groups)
     merges: list[Merge] = []
-    counter = itertools.count()
+    taken = {g.name for g in plan.groups}
+    counter = (i for i in itertools.count() if not any(n.startswith(f"x{i}_") for n in taken))  # fresh on a merged plan
     refused: set[tuple[str, str]] = set()
     while True:
         best: tuple[int, int, int, int, float] | None = None  # saving, i, j, k, error

@@ -105,6 +105,7 @@ class _Builder:
         bn = nn.BatchNorm2d(c)
         if self.cfg.shared_bn and self.cfg.shared and anchor is not None:
             first = self.norms.setdefault(anchor, bn)
+            assert first.num_features == c, "convs reading one kernel have one width in every DACNN layout"
             bn.weight, bn.bias = first.weight, first.bias  # one Parameter each; running statistics stay per layer
         return bn
 

@@ -14,6 +14,7 @@ from torch import nn
 from .. import validate
 from ..atomic import atomic_write
 from .convert import Conversion
+from .kinds import plain_kind
 from .modes import mode
 from .plan import Plan, count_params
 
@@ -47,7 +48,7 @@ def conv_params(model: nn.Module) -> int:
     """Unique parameters held by conv kernels (anchors counted once, regulators included)."""
     from .layers import BANK_NAME
 
-    total = sum(m.weight.numel() for m in model.modules() if type(m) is nn.Conv2d)
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d) and plain_kind(m) is nn.Conv2d)
     bank = getattr(model, BANK_NAME, None)
     if bank is not None:
         total += sum(p.numel() for p in bank.parameters())
