@@ -375,6 +375,32 @@ class BankFit:
     errors: list[float]
 
 
+@dataclass(frozen=True)
+class Spectrum:
+    """The eigendecomposition of a matrix's smaller Gram matrix, from which every truncation is read."""
+
+    a: torch.Tensor
+    evals: torch.Tensor  # ascending, as eigh returns them
+    vecs: torch.Tensor
+    rows: bool  # the Gram is a a^T (rows <= cols), else a^T a
+
+    @classmethod
+    def of(cls, a: torch.Tensor) -> Spectrum:
+        rows = a.shape[0] <= a.shape[1]
+        evals, vecs = torch.linalg.eigh(a @ a.T if rows else a.T @ a)
+        return cls(a, evals, vecs, rows)
+
+    def top(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_k Sigma_k, V_k^T, all singular values), leading first."""
+        k = min(k, *self.a.shape)
+        sigma = self.evals.flip(0).clamp_min(0).sqrt()
+        if self.rows:
+            u = self.vecs[:, -k:].flip(1)
+            return u * 1.0, u.T @ self.a, sigma
+        v = self.vecs[:, -k:].flip(1)
+        return self.a @ v, v.T * 1.0, sigma
+
+
 def _top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U_k Sigma_k, V_k^T, all singular values) of ``a`` from the eigendecomposition of its smaller Gram matrix.
 
@@ -382,15 +408,31 @@ def _top_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     bank; in float64 the squared condition number costs nothing in the leading components, and
     C B = U_k U_k^T a (or a V_k V_k^T) stays an exact projection, so full rank reproduces ``a``.
     """
-    rows, cols = a.shape
-    k = min(k, rows, cols)
-    if rows <= cols:
-        evals, vecs = torch.linalg.eigh(a @ a.T)
-        u = vecs[:, -k:].flip(1)  # leading first
-        return u * 1.0, u.T @ a, evals.flip(0).clamp_min(0).sqrt()
-    evals, vecs = torch.linalg.eigh(a.T @ a)
-    v = vecs[:, -k:].flip(1)
-    return a @ v, v.T * 1.0, evals.flip(0).clamp_min(0).sqrt()
+    return Spectrum.of(a).top(k)
+
+
+@dataclass(frozen=True)
+class BankBasis:
+    """What a bank's fit computes before choosing its size k: the stacked kernels, the whitening factor and the
+    spectrum of the whitened stack. :func:`fit_bank` at any k reads it (a search over k decomposes once)."""
+
+    m: torch.Tensor  # (sum C_out, d), float64
+    s: torch.Tensor | None  # cholesky of the summed, ridged moments; None without moments
+    spectrum: Spectrum
+
+
+def bank_basis(
+    weights: list[torch.Tensor], moments: list[torch.Tensor] | None = None, ridge: float = 1e-3
+) -> BankBasis:
+    """The size-independent part of :func:`fit_bank` for these members (same arguments)."""
+    d = weights[0][0].numel()
+    m = torch.cat([w.reshape(w.shape[0], -1).double() for w in weights])  # (sum co, d)
+    s = None
+    if moments is not None:
+        h = torch.stack([hl.double() for hl in moments]).sum(0)
+        h = h + ridge * float(h.diagonal().mean()) * torch.eye(d, dtype=torch.float64)
+        s = torch.linalg.cholesky(h)
+    return BankBasis(m, s, Spectrum.of(m @ s if s is not None else m))
 
 
 @dataclass(frozen=True)
@@ -448,6 +490,7 @@ def fit_bank(
     moments: list[torch.Tensor] | None = None,
     ridge: float = 1e-3,
     refit: bool = False,
+    basis: BankBasis | None = None,
 ) -> BankFit:
     """Closed-form bank B and coefficients C_l minimising sum_l ||(W_l - C_l B) X_l||^2, whitened.
 
@@ -464,20 +507,14 @@ def fit_bank(
     filter is rescaled to the members' mean filter norm (the coefficients absorb it) so that
     both factors train at the scale of the original kernels.
 
-    With k = min(n * C_out, C_in * kh * kw) the members are reproduced exactly.
+    With k = min(n * C_out, C_in * kh * kw) the members are reproduced exactly. ``basis``: the same members'
+    :func:`bank_basis` (with the same moments and ridge), decomposed once for fits at several k.
     """
     shape = tuple(weights[0].shape)
     co = [w.shape[0] for w in weights]
-    d = int(torch.tensor(shape[1:]).prod())
-    m = torch.cat([w.reshape(w.shape[0], -1).double() for w in weights])  # (sum co, d)
-    if moments is not None:
-        h = torch.stack([hl.double() for hl in moments]).sum(0)
-        h = h + ridge * float(h.diagonal().mean()) * torch.eye(d, dtype=torch.float64)
-        s = torch.linalg.cholesky(h)
-    else:
-        s = None
-    ms = m @ s if s is not None else m
-    c, b, sigma = _top_singular(ms, k)
+    basis = bank_basis(weights, moments, ridge) if basis is None else basis
+    m, s = basis.m, basis.s
+    c, b, sigma = basis.spectrum.top(k)
     k = c.shape[1]
     if s is not None:  # B = V_k^T S^-1, i.e. S^T B^T = V_k
         b = torch.linalg.solve_triangular(s.T, b.T, upper=True).T

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .fitting import fit_bank
+from .fitting import BankBasis, bank_basis, fit_bank
 from .plan import Group, Plan
 
 TOLERANCE = 1e-9  # per member, on squared relative errors: float64 round-off of fits that are exact
@@ -89,14 +89,15 @@ def merge_banks(
         and one :class:`Merge` per merge, in the order made.
     """
     err: dict[tuple[tuple[str, ...], int], float] = {}
+    bases: dict[tuple[str, ...], BankBasis] = {}  # one decomposition per member set, read at every size
 
     def error(members: tuple[str, ...], k: int) -> float:
         if (members, k) not in err:
-            fit = fit_bank(
-                [kernels[m].detach().float().cpu() for m in members],
-                k,
-                [moments[m] for m in members] if moments is not None else None,
-            )
+            weights = [kernels[m].detach().float().cpu() for m in members]
+            held = [moments[m] for m in members] if moments is not None else None
+            if members not in bases:
+                bases[members] = bank_basis(weights, held)
+            fit = fit_bank(weights, k, held, basis=bases[members])
             err[members, k] = sum(e * e for e in fit.errors)
         return err[members, k]
 
@@ -111,6 +112,7 @@ def merge_banks(
     while True:
         best: tuple[int, int, int, int, float] | None = None  # saving, i, j, k, error
         for i, j in itertools.combinations(range(len(groups)), 2):
+            bases.clear()  # a decomposition serves one pair's bisection (d x d each: up to 170 MB)
             a, b = groups[i], groups[j]
             if not (usable(a) and usable(b)) or _key(plan, a) != _key(plan, b) or (a.name, b.name) in refused:
                 continue
