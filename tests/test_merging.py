@@ -149,3 +149,17 @@ def test_share_across_needs_a_budget_search_and_no_sweep() -> None:
         AnchorConfig(target_ratio=2.0, share_across=1)
     with pytest.raises(UsageError, match="for the sweep"):
         plan_sweep(_model(common=True), AnchorConfig(target_ratio=2.0, share_across=True), input_size=SIZE)
+
+
+def test_one_decomposition_gives_the_same_fit_at_every_size() -> None:
+    from dacnn_convert.core.fitting import bank_basis, fit_bank
+
+    torch.manual_seed(0)
+    weights = [torch.randn(6, 4, 3, 3), torch.randn(10, 4, 3, 3)]  # members of two C_outs
+    x = torch.randn(200, 36, dtype=torch.float64)
+    moments = [x.T @ x / 200, (x + 1).T @ (x + 1) / 200]
+    basis = bank_basis(weights, moments)
+    for k in (1, 5, 16):
+        once, again = fit_bank(weights, k, moments, basis=basis), fit_bank(weights, k, moments)
+        torch.testing.assert_close(once.bank, again.bank)
+        assert once.errors == again.errors
