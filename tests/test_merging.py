@@ -163,3 +163,23 @@ def test_one_decomposition_gives_the_same_fit_at_every_size() -> None:
         once, again = fit_bank(weights, k, moments, basis=basis), fit_bank(weights, k, moments)
         torch.testing.assert_close(once.bank, again.bank)
         assert once.errors == again.errors
+
+
+def test_reconstruction_trains_a_bank_shared_across_stages_in_its_earliest_section() -> None:
+    from dacnn_convert.core.plan import Group
+    from dacnn_convert.train import recalibrate_bn, reconstruct_sections
+    from dacnn_convert.train.reconstruct import ReconstructConfig
+
+    model = _model(common=False)
+    p = plan(model, mode="bank", bank_size=0.5, factorize_unshared=4, input_size=SIZE)
+    joint = Group("x0_s1_2_bank3x8x3x3", ("a1", "a2", "b"), (3, 8, 3, 3), None, (1, 2), "bank")  # lossy: rank 3
+    merged = replace(p, groups=(joint,), sections=((16, 16), (8, 8)))  # the bank spans both stages
+    batches = [(torch.randn(8, *SIZE), None) for _ in range(5)]
+    student = convert(model, merged, calib_loader=batches, calib_batches=5).model
+    recalibrate_bn(student, batches, 5)
+    bank = student.dacnn_anchors.x0_s1_2_bank3x8x3x3
+    found = reconstruct_sections(student, model, batches, ReconstructConfig(steps=3, batches=5))
+    # section 1 (a1, a2) is the bank's earliest user: it trains the bank; section 2 (b) its own coefficients only
+    # section 1: the bank + the stem (8x3x3x3 + 8) + a1's and a2's 8x3 coefficients; section 2: b's 16x3
+    # coefficients + the head (16x10 + 10), not the bank
+    assert found.trained == [bank.numel() + 224 + 2 * 24, 48 + 170]

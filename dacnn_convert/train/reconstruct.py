@@ -14,7 +14,9 @@ first layer of section k + 1, whose input (names the teacher and the student sha
 section k hands on; the last section ends at the model's output. Section k trains its layers'
 parameters (coefficients, regulators, scales, biases), their BatchNorms' affine parameters, and
 the anchors and banks only its layers use: a tensor shared with an earlier section stays as that section left it, so a
-section once done stays done. BatchNorms run in eval mode on the statistics the BN
+section once done stays done. A filter bank shared across stages (``share_across``) is trained by the earliest
+section that uses it (later sections then fit their own coefficients to it); a plain anchor spanning sections stays
+as fitted. BatchNorms run in eval mode on the statistics the BN
 recalibration measured (the function inference computes); the forward pass stops at the
 section's end. Deterministic: the calibration batches are cycled in order, the optimiser is
 Adam. Shared tensors stay shared: parameters are updated in place.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import torch
@@ -142,15 +145,23 @@ def _anchor_users(student: nn.Module) -> dict[str, set[str]]:
 
 
 def _section_parameters(
-    student: nn.Module, plan: Plan, layers: list[str], used_by: dict[str, set[str]]
+    student: nn.Module,
+    plan: Plan,
+    layers: list[str],
+    used_by: dict[str, set[str]],
+    done: AbstractSet[str] = frozenset(),
 ) -> list[nn.Parameter]:
     """The parameters a section owns: its layers' own (coefficients, regulators, scales, biases), their
-    BatchNorms', and the anchors and banks only its layers use."""
+    BatchNorms', the anchors and banks only its layers use, and the filter banks shared across stages
+    (``share_across``) whose earliest user is in this section: no section already reconstructed (``done``)
+    reads them, so training them here changes only layers whose sections come later."""
     members = set(layers)
     bank = getattr(student, BANK_NAME, None)
+    spanning = {g.name for g in plan.groups if g.kind == "bank"}
     params: dict[int, nn.Parameter] = {}
     for anchor, users in used_by.items():
-        if bank is not None and users <= members:
+        first_here = anchor in spanning and bool(users & members) and not users & done
+        if bank is not None and (users <= members or first_here):
             p = getattr(bank, anchor)
             params[id(p)] = p
     for name in layers:
@@ -208,8 +219,10 @@ def reconstruct_sections(
     used_by = _anchor_users(student)
     with mode(student, teacher):  # eval: BatchNorms use the recalibrated statistics
         try:
+            done: set[str] = set()
             for k, (layers, end) in enumerate(sections):
-                params = _section_parameters(student, plan, layers, used_by)
+                params = _section_parameters(student, plan, layers, used_by, done)
+                done |= set(layers)
                 for p in student.parameters():
                     p.requires_grad_(False)
                 for p in params:
