@@ -110,7 +110,7 @@ def merge_banks(
     counter = (i for i in itertools.count() if not any(n.startswith(f"x{i}_") for n in taken))  # fresh on a merged plan
     refused: set[tuple[str, str]] = set()
     while True:
-        best: tuple[int, int, int, int, float] | None = None  # saving, i, j, k, error
+        best: tuple[int, int, int, int, float, tuple[str, ...]] | None = None  # saving, i, j, k, error, members
         for i, j in itertools.combinations(range(len(groups)), 2):
             bases.clear()  # a decomposition serves one pair's bisection (d x d each: up to 170 MB)
             a, b = groups[i], groups[j]
@@ -133,12 +133,11 @@ def merge_banks(
                 lo, hi = (lo, mid) if error(members, mid) <= target else (mid + 1, hi)
             saving = separate - lo * per
             if best is None or saving > best[0]:
-                best = (saving, i, j, lo, error(members, lo))
+                best = (saving, i, j, lo, error(members, lo), members)
         if best is None:
             break
-        saving, i, j, k, after = best
+        saving, i, j, k, after, members = best
         a, b = groups[i], groups[j]
-        members = tuple(sorted(a.members + b.members, key=lambda m: plan.site(m).order))
         sections = tuple(sorted(set(a.sections) | set(b.sections)))
         sizes = {plan.site(m).out_size for m in members}
         merged = Group(
