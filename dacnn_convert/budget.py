@@ -527,13 +527,15 @@ def search(
     return share_across(model, found, space_, scorer) if across else found
 
 
-def _section_sensitivity(found: BudgetResult) -> dict[int, float]:
-    """Each section's score under the found plan's choice (share option + ranks), as :func:`pick` orders growth."""
-    by = {(s.section, s.option): s.sensitivity for s in found.scores}
-    ranks = found.ranks or ("dense",) * len(found.choice)
+def _choice_sensitivity(
+    scores: Sequence[SectionScore], choice: Sequence[str], ranks: Sequence[str] = ()
+) -> dict[int, float]:
+    """Each section's score under a choice (share option + ranks): the order :func:`_grow` spends parameters in."""
+    by = {(s.section, s.option): s.sensitivity for s in scores}
+    ranks = ranks or ("dense",) * len(choice)
     return {
         k: by.get((k, o), 0.0) + sum(by.get((k, r), 0.0) for r in _rank_parts(ranks[k - 1]))
-        for k, o in enumerate(found.choice, start=1)
+        for k, o in enumerate(choice, start=1)
     }
 
 
@@ -562,7 +564,7 @@ def share_across(model: nn.Module, found: BudgetResult, space_: _Space, scorer: 
             else "no two banks share filters enough to save parameters together"
         )
         return replace(found, across=(why,))
-    grown, more = _grow(merged, found.target, _section_sensitivity(found), need_macs)
+    grown, more = _grow(merged, found.target, _choice_sensitivity(found.scores, found.choice, found.ranks), need_macs)
 
     def score(q: Plan) -> float:
         if scorer.batches:
@@ -1143,7 +1145,7 @@ def pick(
         if trial.params_after <= target_params and fits and trial.regulators != p.regulators:
             regs.append(k)
             p = trial
-    section_sens = {k: by[k, choice[k - 1]].sensitivity + cost(k, ranks[k - 1])[0] for k in range(1, n + 1)}
+    section_sens = _choice_sensitivity(scores, choice, ranks)
     p, grown = _grow(p, target_params, section_sens, None if macs_cap is None else macs_before - macs_cap)
     top = tuple(ranked)
     rank_out = ranks if any(len(opts) > 1 for opts in rank_opts) else ()
