@@ -117,9 +117,10 @@ class BudgetResult:
     latency_tries: tuple[tuple[int, float], ...] = ()  # (MACs, measured ms) of every plan timed, in order
     latency_before_ms: float | None = None  # the original's measured median, same batch and machine
     latency_batch: int = 1
-    # channel pruning ratios the search tried before sharing (prune_search): (ratio, whole-plan kl against the
-    # original or None without data, params, MACs or 0 when not counted), in the order tried
-    prune_tries: tuple[tuple[float, float | None, int, int], ...] = ()
+    # channel pruning the search tried before sharing (prune_search): (ratio, whole-plan kl against the
+    # original or None without data, params, MACs or 0 when not counted, per-section ratios or () for one ratio
+    # everywhere; a per-section try's ratio is the uniform one whose MACs it was chosen to remove), in the order tried
+    prune_tries: tuple[tuple[float, float | None, int, int, tuple[float, ...]], ...] = ()
     # banks shared across stages (share_across): one line per merge, then the outcome; () when not tried
     across: tuple[str, ...] = ()
 
@@ -152,7 +153,11 @@ class BudgetResult:
             "runners_up": [{"choice": list(c), "params": p, "sensitivity": v} for c, p, v in self.runners_up],
             "rescored": [{"choice": list(c), "kl": v} for c, v in self.rescored],
             "prune": self.plan.prune.ratio if self.plan.prune is not None else 0.0,
-            "prune_tries": [{"ratio": r, "kl": kl, "params": p, "macs": m or None} for r, kl, p, m in self.prune_tries],
+            "prune_sections": list(self.plan.prune.sections) if self.plan.prune is not None else [],
+            "prune_tries": [
+                {"ratio": r, "kl": kl, "params": p, "macs": m or None, "sections": list(by)}
+                for r, kl, p, m, by in self.prune_tries
+            ],
             "across": list(self.across),
         }
 
@@ -199,13 +204,19 @@ class BudgetResult:
         if self.plan.prune is not None:
             p = self.plan.prune
             lines.append(
-                f"pruned first: {p.ratio:g} of every layer's channels by {p.importance} importance "
+                f"pruned first: {p.amount} by {p.importance} importance "
                 f"(-{p.params_saved:,} params, {_macs(p.macs_saved)}), then shared"
             )
-        for ratio, kl, params, macs in self.prune_tries:
+        for ratio, kl, params, macs, per in self.prune_tries:
             score = f"whole-plan kl {kl:.4g} against the original" if kl is not None else "reaches the targets"
             at = f", {macs:,} MACs" if macs else ""
-            lines.append(f"  channel pruning {ratio:g} then sharing: {params:,} params{at}, {score}")
+            what = (
+                f"per section {'/'.join(f'{r:g}' for r in per)} (removing as much as {ratio:g} everywhere, "
+                "where it costs least)"
+                if per
+                else f"{ratio:g}"
+            )
+            lines.append(f"  channel pruning {what} then sharing: {params:,} params{at}, {score}")
         for choice, kl in self.rescored:
             lines.append(f"  re-scored whole: {'/'.join(choice)}: kl {kl:.4g}")
         for choice, params, sens in self.runners_up:
@@ -440,7 +451,6 @@ def _kl_score(
     model: nn.Module, plan: Plan, batches: list[torch.Tensor], reference: list[torch.Tensor], moments: Any = None
 ) -> float:
     from .core.convert import convert
-    from .train.calibrate import recalibrate_bn
 
     student = convert(
         model,
@@ -449,6 +459,14 @@ def _kl_score(
         calib_batches=len(batches),
         moments=moments,
     ).model
+    return _recalibrated_kl(student, batches, reference)
+
+
+def _recalibrated_kl(student: nn.Module, batches: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Mean kl of ``student`` (its BatchNorms recalibrated on ``batches``, in place; left in eval mode) against
+    the reference log-probabilities."""
+    from .train.calibrate import recalibrate_bn
+
     recalibrate_bn(student, batches, len(batches))
     student.eval()
     total = 0.0

@@ -146,10 +146,12 @@ def plan_search(
             )
 
         if ratios == (0.0,):
-            return at(model, pruned.reuse.setdefault(0.0, {}))
+            return at(model, pruned.reuse.setdefault((0.0, ()), {}))
         metric = config.metric or ("kl" if calib_loader is not None else "fit")
         fits = meets(target, target_macs, input_size) if config.prune == "auto" else None  # type: ignore[arg-type]
-        return search_pruned(pruned, ratios, at, calib_loader, config.score_batches, metric, fits)
+        # per-section pruning removes what the targets ask for most: MACs where a MAC target is set
+        per_section = ("macs" if target_macs is not None else "params") if config.prune == "auto" else None
+        return search_pruned(pruned, ratios, at, calib_loader, config.score_batches, metric, fits, per_section)
 
     if config.target_latency is None:
         found = search_at(config.target_macs)

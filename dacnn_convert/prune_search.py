@@ -6,6 +6,12 @@
                    kl of the pruned-and-shared model (act fit + BN recalibration) against the original's
                    outputs with data; without data, the least pruning that reaches the targets
 
+After the uniform ratios, "auto" with data also tries pruning per section: each section's layers are pruned alone
+at each ratio of SECTION_GRID and scored (kl after compensation and BN recalibration, additive across sections),
+and a multiple-choice knapsack (core.knapsack) picks per section the ratio that removes as many MACs (or, without
+a MAC target, params) as the best uniform ratio and the next one, at the least summed kl; each such plan is then
+searched and scored whole beside the uniform ones.
+
 Pruning narrows every layer, so it removes MACs where banks do not (banks go where the parameters are:
 the last, low-resolution stages); sharing then takes what the parameter target still asks. A MAC target
 that banks and low rank alone reach only by cutting far below the size target is where pruning first
@@ -29,6 +35,8 @@ from .errors import TargetError, marked
 # channel ratios "auto" tries (0: no pruning); beyond a half, a uniform ratio leaves a quarter of the MACs
 # and of the params before anything is shared
 PRUNE_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625)
+# the ratios each section is scored at alone for per-section pruning (its layers pruned, the rest whole)
+SECTION_GRID = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 MAX_RATIO = 0.875  # the furthest "pruning alone" looks above the grid's last ratio
 # plans whose whole-plan kl is within this fraction of the lowest count as equal (8 scoring batches do not
 # tell them apart); the one with the fewest shared groups runs fastest at the same MACs
@@ -42,21 +50,28 @@ def prune(
     input_size: tuple[int, int, int],
     calib_loader: Iterable | None = None,
     calib_batches: int = 0,
+    layers: Layers = (),
+    sections: tuple[float, ...] = (),
 ) -> tuple[nn.Module, Pruning]:
-    """A pruned copy of ``model`` and the :class:`Pruning` that makes it, with what it removes counted; with
-    calibration data, the layers that lost input channels refitted to the original's outputs
-    (:func:`dacnn_convert.core.pruning.compensate`).
+    """A pruned copy of ``model`` and the :class:`Pruning` that makes it (``layers``: named layers at ratios of
+    their own), with what it removes counted; with calibration data, the layers that lost input channels
+    refitted to the original's outputs (:func:`dacnn_convert.core.pruning.compensate`).
 
     Raises:
-        PlanError: the ratio is not in (0, 1) (Torch-Pruning keeps at least one channel in every layer).
+        PlanError: a ratio is not in [0, 1) or none prunes (Torch-Pruning keeps at least one channel in every
+            layer), or a named layer is not in the model.
     """
     from .core.report import count_macs
 
-    spec = Pruning(ratio, importance)
+    spec = Pruning(ratio, importance, layers=layers, sections=sections)
     student = pruned_copy(model, spec, input_size, calib_loader, calib_batches)
     saved = count_params(model) - count_params(student)
     macs = count_macs(model, input_size) - count_macs(student, input_size)
-    return student, Pruning(ratio, importance, max(saved, 0), max(macs, 0))
+    return student, Pruning(ratio, importance, max(saved, 0), max(macs, 0), layers, sections)
+
+
+Layers = tuple[tuple[str, float], ...]  # named layers at ratios of their own (core.pruning.Pruning.layers)
+Key = tuple[float, Layers]  # one pruning: the ratio of the layers not named, and the named ones
 
 
 @dataclass
@@ -68,19 +83,31 @@ class PrunedModels:
     importance: str
     calib_loader: Iterable | None = None  # with data, each pruned copy is compensated (core.pruning.compensate)
     calib_batches: int = 0
-    made: dict[float, tuple[nn.Module, Pruning | None]] = field(default_factory=dict)
-    reuse: dict[float, dict[str, Any]] = field(default_factory=dict)  # the budget search's cache, per ratio
+    made: dict[Key, tuple[nn.Module, Pruning | None]] = field(default_factory=dict)
+    reuse: dict[Key, dict[str, Any]] = field(default_factory=dict)  # the budget search's cache, per pruning
 
-    def at(self, ratio: float) -> tuple[nn.Module, Pruning | None]:
-        if ratio not in self.made:
-            if ratio == 0.0:
-                self.made[ratio] = (self.model, None)
+    def at(
+        self, ratio: float, layers: Layers = (), sections: tuple[float, ...] = ()
+    ) -> tuple[nn.Module, Pruning | None]:
+        """The model pruned at ``ratio`` (``layers`` at their own; ``sections``: their per-section ratios, recorded
+        for display), and its :class:`Pruning` (None for the model itself), made once."""
+        key = (ratio, layers)
+        if key not in self.made:
+            if ratio == 0.0 and not layers:
+                self.made[key] = (self.model, None)
             else:
-                self.made[ratio] = prune(
-                    self.model, ratio, self.importance, self.input_size, self.calib_loader, self.calib_batches
+                self.made[key] = prune(
+                    self.model,
+                    ratio,
+                    self.importance,
+                    self.input_size,
+                    self.calib_loader,
+                    self.calib_batches,
+                    layers,
+                    sections,
                 )
-        self.reuse.setdefault(ratio, {})
-        return self.made[ratio]
+        self.reuse.setdefault(key, {})
+        return self.made[key]
 
 
 def with_pruning(plan: Plan, pruning: Pruning | None, params_before: int) -> Plan:
@@ -135,19 +162,102 @@ def _alone(pruned: PrunedModels, lo: float, hi: float, fits: Callable[[nn.Module
     return round(hi, 4)
 
 
-def _pruned_refusal(exc: TargetError, ratio: float, model: nn.Module, params_before: int) -> TargetError:
+def _pruned_refusal(exc: TargetError, pruning: Pruning, model: nn.Module, params_before: int) -> TargetError:
     """The search's refusal on a pruned model, in the original's terms: how much pruning left, and "prune more"."""
     said = marked(exc)  # with its «» marks: the CLI renders them as flags, Python as keywords
-    said = (
-        said.removesuffix(PRUNE_ADVICE) + f", or prune more (a ratio above {ratio:g})"
-        if said.endswith(PRUNE_ADVICE)
-        else said
-    )
+    more = f", or prune more (a ratio above {pruning.ratio:g})" if not pruning.layers else ", or prune more"
+    said = said.removesuffix(PRUNE_ADVICE) + more if said.endswith(PRUNE_ADVICE) else said
     return TargetError(
-        f"after pruning {ratio:g} of every layer's channels ({count_params(model):,} of the original's "
+        f"after pruning {pruning.amount} ({count_params(model):,} of the original's "
         f"{params_before:,} params left): {said}",
         nearest=exc.nearest,
     )
+
+
+def section_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[tuple[str, ...]]:
+    """The layers channel pruning narrows, by section: the exact convs and Linears the forward pass calls, grouped
+    by output resolution as the planner's sections are (largest first), the logits layers left out."""
+    import torch
+
+    from .core.graph import analyze
+    from .core.modes import mode
+    from .core.pruning import output_layers
+
+    first = next(model.parameters(), None)
+    with mode(model):
+        heads = {
+            id(m)
+            for m in output_layers(
+                model, torch.zeros(1, *input_size, device=first.device if first is not None else "cpu")
+            )
+        }
+    modules = dict(model.named_modules())
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for site in analyze(model, input_size):
+        if id(modules[site.name]) not in heads and site.name not in by_size.get(site.out_size, []):
+            by_size.setdefault(site.out_size, []).append(site.name)
+    return [tuple(by_size[r]) for r in sorted(by_size, key=lambda r: -r[0] * r[1])]  # stable: first seen first
+
+
+@dataclass(frozen=True)
+class SectionPruning:
+    """One section's layers pruned alone at one ratio: what it removes (exact) and its kl against the original
+    after compensation and BN recalibration."""
+
+    section: int  # 1-based, in the order of :func:`section_layers`
+    ratio: float
+    params_saved: int
+    macs_saved: int
+    kl: float
+
+
+def section_scores(
+    pruned: PrunedModels,
+    sections: list[tuple[str, ...]],
+    reference: tuple[list[Any], list[Any]],
+    grid: Iterable[float] = SECTION_GRID,
+) -> list[SectionPruning]:
+    """Every section pruned alone at every ratio of ``grid`` (compensated where ``pruned`` has data), scored by kl
+    to the original after BN recalibration on the reference batches. Ratios that remove nothing (Torch-Pruning
+    keeps a channel in every layer) or that the model cannot take are left out."""
+    from .budget import _recalibrated_kl
+    from .errors import PlanError
+
+    out = []
+    for k, names in enumerate(sections, start=1):
+        for r in grid:
+            try:
+                student, spec = prune(
+                    pruned.model,
+                    0.0,
+                    pruned.importance,
+                    pruned.input_size,
+                    pruned.calib_loader,
+                    pruned.calib_batches,
+                    tuple((n, r) for n in names),
+                )
+            except PlanError:
+                continue
+            if spec.params_saved == 0 and spec.macs_saved == 0:
+                continue
+            out.append(SectionPruning(k, r, spec.params_saved, spec.macs_saved, _recalibrated_kl(student, *reference)))
+    return out
+
+
+def per_section_ratios(
+    scores: Iterable[SectionPruning], n_sections: int, need: int, by: str
+) -> tuple[float, ...] | None:
+    """Per section, the ratio (0: whole) such that the sections' summed savings (``by`` "macs" or "params", as each
+    section alone removes them) reach ``need`` at the least summed kl (exact multiple-choice knapsack); None when
+    no choice reaches it. Pruning two adjacent sections removes a little less than the sum (a layer between them
+    loses inputs and outputs), so the plan's own count is what the search then checks."""
+    from .core.knapsack import Option, front
+
+    classes = [[Option(0.0, 0, 0.0)] for _ in range(n_sections)]
+    for s in scores:
+        classes[s.section - 1].append(Option(s.ratio, s.macs_saved if by == "macs" else s.params_saved, s.kl))
+    found = front(classes, need)
+    return tuple(found[0].labels) if found else None
 
 
 def search_pruned(
@@ -158,65 +268,88 @@ def search_pruned(
     score_batches: int,
     metric: str,
     fits: Callable[[nn.Module], bool] | None = None,
+    per_section: str | None = None,
 ) -> BudgetResult:
     """The best plan over pruning ``ratios``: ``search_at(pruned_model, reuse, final)`` at each, scored whole.
 
     With ``metric="kl"`` each ratio's plan (``final=False``: the additive search alone, no whole-plan
     re-scoring rounds) is scored as the pruned-and-shared model (act fit, BN recalibration) against the
-    original's outputs on ``score_batches`` calibration batches; the lowest kl wins, and its ratio is
+    original's outputs on ``score_batches`` calibration batches; the lowest kl wins, and its pruning is
     searched once more with ``final=True`` (the re-scoring rounds, on the section scores already made). With
     ``fit`` nothing prices what pruning loses, so the smallest ratio that reaches the targets wins.
-    With ``fits`` (:func:`meets`), the smallest ratio at which pruning alone meets the targets, between the
-    best ratio and the next, is tried as well: where the best ratio's plan shares little, pruning a little
-    more does the same without the extra layers a bank or low-rank pair adds (latency). Among plans within
-    :data:`KL_TOLERANCE` of the lowest kl, the one with the fewest shared groups is kept.
-    ``BudgetResult.prune_tries`` lists every ratio tried.
+    After the ratios, with kl: with ``fits`` (:func:`meets`), the smallest ratio at which pruning alone meets the
+    targets, between the best ratio and the next, is tried as well (where the best ratio's plan shares little,
+    pruning a little more does the same without the extra layers a bank or low-rank pair adds: latency); with
+    ``per_section`` ("macs" or "params"), per-section pruning (:func:`section_scores`,
+    :func:`per_section_ratios`) removing as many of those as the best ratio and as the next one. Among plans
+    within :data:`KL_TOLERANCE` of the lowest kl, the one with the fewest shared groups is kept.
+    ``BudgetResult.prune_tries`` lists every pruning tried.
 
     Raises:
         TargetError: no ratio reaches the targets (the message of the deepest pruning tried).
     """
     params_before = count_params(pruned.model)
-    tries: list[tuple[float, float | None, BudgetResult]] = []
+    # (ratio or the uniform ratio matched, per-section ratios or (), named layers, kl, the search's result)
+    tries: list[tuple[float, tuple[float, ...], Layers, float | None, BudgetResult]] = []
     refused: TargetError | None = None
     reference: tuple[list[Any], list[Any]] | None = None
     grid = sorted(set(ratios))
-    queue = list(grid)
-    while queue:
-        ratio = queue.pop(0)
-        model, pruning = pruned.at(ratio)
+
+    def attempt(level: float, by: tuple[float, ...] = (), layers: Layers = ()) -> bool:
+        nonlocal refused, reference
+        model, pruning = pruned.at(0.0 if layers else level, layers, by)
         try:
-            found = search_at(model, pruned.reuse[ratio], metric != "kl")
+            found = search_at(model, pruned.reuse[0.0 if layers else level, layers], metric != "kl")
         except TargetError as exc:
-            refused = _pruned_refusal(exc, ratio, model, params_before) if ratio > 0 else exc
-            continue
+            refused = _pruned_refusal(exc, pruning, model, params_before) if pruning is not None else exc
+            return False
         found = _of_original(found, pruning, params_before)
-        if metric != "kl":
-            tries.append((ratio, None, found))
-            break  # the least pruning that reaches the targets
-        if reference is None:
-            assert calib_loader is not None
-            reference = calibration_reference(pruned.model, calib_loader, score_batches)
-        inner = replace(found.plan, prune=None)
-        kl = _kl_score(model, inner, *reference) if inner.groups or pruning is not None else 0.0
-        tries.append((ratio, kl, found))
-        if not queue and fits is not None and ratio in grid:  # the grid done: pruning alone, a little further
-            best_ratio, _, leader = min(tries, key=lambda t: (t[1] or 0.0, t[0]))
-            if leader.plan.groups:
-                higher = [r for r in grid if r > best_ratio]
-                alone = _alone(pruned, best_ratio, higher[0] if higher else MAX_RATIO, fits)
-                if alone is not None and alone not in grid:
-                    queue.append(alone)
+        kl = None
+        if metric == "kl":
+            if reference is None:
+                assert calib_loader is not None
+                reference = calibration_reference(pruned.model, calib_loader, score_batches)
+            inner = replace(found.plan, prune=None)
+            kl = _kl_score(model, inner, *reference) if inner.groups or pruning is not None else 0.0
+        tries.append((level, by, layers, kl, found))
+        return True
+
+    for ratio in grid:
+        if attempt(ratio) and metric != "kl":
+            break  # without kl: the least pruning that reaches the targets
+    if metric == "kl" and tries:
+        best_ratio, _, _, _, leader = min(tries, key=lambda t: (t[3] or 0.0, t[0]))
+        higher = [r for r in grid if r > best_ratio]
+        if fits is not None and leader.plan.groups:  # pruning alone, a little further
+            alone = _alone(pruned, best_ratio, higher[0] if higher else MAX_RATIO, fits)
+            if alone is not None and alone not in grid:
+                attempt(alone)
+        if per_section is not None:
+            assert reference is not None
+            sections = section_layers(pruned.model, pruned.input_size)
+            scores = section_scores(pruned, sections, reference)
+            done: set[tuple[float, ...]] = set()
+            for level in [r for r in [best_ratio, *higher[:1]] if r > 0] or [r for r in grid if r > 0][:1]:
+                spec = pruned.at(level)[1]
+                need = 0 if spec is None else spec.macs_saved if per_section == "macs" else spec.params_saved
+                by = per_section_ratios(scores, len(sections), need, per_section)
+                if by is None or by in done or not any(by) or len(set(by)) == 1:
+                    continue  # out of reach, already tried, nothing pruned, or the uniform ratio itself
+                done.add(by)
+                attempt(level, by, tuple((n, r) for names, r in zip(sections, by, strict=True) if r > 0 for n in names))
     if not tries:
         assert refused is not None
         raise refused
-    lowest = min(t[1] or 0.0 for t in tries)
-    close = [t for t in tries if (t[1] or 0.0) <= lowest * (1 + KL_TOLERANCE)]
-    ratio, _, best = min(close, key=lambda t: (len(t[2].plan.groups), t[1] or 0.0, t[0]))
+    lowest = min(t[3] or 0.0 for t in tries)
+    close = [t for t in tries if (t[3] or 0.0) <= lowest * (1 + KL_TOLERANCE)]
+    level, by, layers, _, best = min(close, key=lambda t: (len(t[4].plan.groups), t[3] or 0.0, t[0], t[1]))
     if metric == "kl":
-        model, pruning = pruned.at(ratio)
-        best = _of_original(search_at(model, pruned.reuse[ratio], True), pruning, params_before)
+        key = (0.0 if layers else level, layers)
+        model, pruning = pruned.at(*key)
+        best = _of_original(search_at(model, pruned.reuse[key], True), pruning, params_before)
     macs_before = best.macs_before
     summary = tuple(
-        (r, kl, f.plan.params_after, macs_before - f.plan.macs_saved if macs_before else 0) for r, kl, f in tries
+        (r, kl, f.plan.params_after, macs_before - f.plan.macs_saved if macs_before else 0, b)
+        for r, b, _, kl, f in tries
     )
     return replace(best, prune_tries=summary)

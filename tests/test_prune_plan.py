@@ -135,10 +135,10 @@ def test_each_ratio_is_scored_whole_against_the_original(model) -> None:
 
     found = search_pruned(pruned, (0.0, 0.5), at, loaders.train, 1, "kl")
     assert [t[0] for t in found.prune_tries] == [0.0, 0.5]
-    assert all(kl is not None and kl >= 0 for _, kl, _, _ in found.prune_tries)
-    lowest = min(kl for _, kl, _, _ in found.prune_tries)
+    assert all(kl is not None and kl >= 0 for _, kl, _, _, _ in found.prune_tries)
+    lowest = min(kl for _, kl, _, _, _ in found.prune_tries)
     chosen = found.plan.prune.ratio if found.plan.prune else 0.0
-    assert dict((r, kl) for r, kl, _, _ in found.prune_tries)[chosen] <= lowest * 1.02  # within the tolerance
+    assert dict((r, kl) for r, kl, _, _, _ in found.prune_tries)[chosen] <= lowest * 1.02  # within the tolerance
     assert found.plan.params_after <= count_params(small) // 2
     assert finals == [False, False, True]  # each ratio by the additive search, the best searched once more
 
@@ -149,10 +149,11 @@ def test_auto_with_data_scores_every_ratio_against_the_original(model) -> None:
     cfg = AnchorConfig(target_ratio=2, target_macs="2x", prune="auto", score_batches=2, rescore_rounds=0)
     plan, found = plan_search(model, cfg, calib_loader=loaders.train, input_size=SIZE)
     assert found is not None and len(found.prune_tries) >= 2
-    assert all(kl is not None and kl >= 0 for _, kl, _, _ in found.prune_tries)
-    lowest = min(kl for _, kl, _, _ in found.prune_tries)
-    chosen = plan.prune.ratio if plan.prune else 0.0
-    assert dict((r, kl) for r, kl, _, _ in found.prune_tries)[chosen] <= lowest * 1.02
+    assert all(kl is not None and kl >= 0 for _, kl, _, _, _ in found.prune_tries)
+    lowest = min(kl for _, kl, _, _, _ in found.prune_tries)
+    chosen = (plan.prune.ratio, plan.prune.sections) if plan.prune else (0.0, ())
+    scored = {(0.0 if by else r, by): kl for r, kl, _, _, by in found.prune_tries}  # per section: ratio 0 + sections
+    assert scored[chosen] <= lowest * 1.02
     assert any("channel pruning" in line and "kl" in line for line in found.explain())
 
 

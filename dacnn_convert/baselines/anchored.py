@@ -88,7 +88,10 @@ class Budgeted:
             metric = "kl" if ctx.calib_loader is not None else "fit"
             pruned = PrunedModels(teacher, ctx.input_size, "group", ctx.calib_loader, min(ctx.calib_batches, 8))
             fits = meets(target_params, ctx.target_macs, ctx.input_size)
-            result = search_pruned(pruned, PRUNE_GRID, at, ctx.calib_loader, min(ctx.calib_batches, 8), metric, fits)
+            per_section = "macs" if ctx.target_macs is not None else "params"
+            result = search_pruned(
+                pruned, PRUNE_GRID, at, ctx.calib_loader, min(ctx.calib_batches, 8), metric, fits, per_section
+            )
         else:
             result = at(teacher, {})
         model = convert(teacher, result.plan, calib_loader=ctx.calib_loader, calib_batches=ctx.calib_batches).model
@@ -108,7 +111,8 @@ class Budgeted:
             note = f"pruned first: {result.plan.prune.label}; " + note
         if result.prune_tries:
             tried = ", ".join(
-                f"{r:g}: kl {kl:.4g}" if kl is not None else f"{r:g}" for r, kl, _, _ in result.prune_tries
+                ("/".join(f"{x:g}" for x in by) if by else f"{r:g}") + (f": kl {kl:.4g}" if kl is not None else "")
+                for r, kl, _, _, by in result.prune_tries
             )
             note += f"; pruning ratios tried: {tried}"
         return Compressed(model, count_params(model), lambda m: m, store, note)

@@ -75,7 +75,7 @@ def render_plan(plan: Any, source: str, macs_before: int | None = None) -> None:
     if plan.prune is not None:
         p = plan.prune
         console.print(
-            f"pruned first: {p.ratio:g} of every layer's channels ({p.importance} importance), "
+            f"pruned first: {p.amount} ({p.importance} importance), "
             f"-{p.params_saved:,} params, -{p.macs_saved:,} MACs; the groups above share the pruned layers"
         )
     macs = ""

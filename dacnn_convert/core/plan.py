@@ -188,6 +188,8 @@ class Plan:
         data = asdict(self)
         if self.prune is None:  # files of plans that prune nothing stay as they were
             del data["prune"]
+        elif not self.prune.layers:  # and those that prune every layer alike
+            del data["prune"]["layers"], data["prune"]["sections"]
         return data
 
     def to_json(self) -> str:
@@ -260,7 +262,23 @@ def _pruning(data: Any) -> Pruning | None:
     counts = [data.get("params_saved", 0), data.get("macs_saved", 0)]
     if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
         raise TypeError(f"prune's counts must be integers, got {counts!r}")
-    return Pruning(float(data["ratio"]), str(data.get("importance", "group")), *counts)
+    layers = data.get("layers", [])
+    if not isinstance(layers, list) or not all(
+        isinstance(e, list | tuple) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int | float)
+        for e in layers
+    ):
+        raise TypeError(f"prune's layers must be [name, ratio] pairs, got {layers!r}")
+    sections = data.get("sections", [])
+    if not isinstance(sections, list) or not all(isinstance(r, int | float) for r in sections):
+        raise TypeError(f"prune's sections must be ratios, got {sections!r}")
+    return Pruning(
+        float(data["ratio"]),
+        str(data.get("importance", "group")),
+        params_saved=counts[0],
+        macs_saved=counts[1],
+        layers=tuple((n, float(r)) for n, r in layers),
+        sections=tuple(float(r) for r in sections),
+    )
 
 
 def count_params(model: nn.Module) -> int:

@@ -32,26 +32,56 @@ from .modes import mode
 class Pruning:
     """Prune ``ratio`` of the channels of every layer (the logits layer's outputs kept) before sharing.
 
-    ``params_saved`` and ``macs_saved`` (per example, at the plan's input size) are what the pruning
-    alone removes from the original model, filled in when the plan is made
-    (:func:`dacnn_convert.prune_search.prune`).
+    ``layers`` gives named layers a ratio of their own (0 leaves a layer whole; the planner's per-section
+    pruning lists every layer of each section: :func:`dacnn_convert.prune_search.section_layers`); a
+    layer's ratio sets how many of the channels it produces go, with everything coupled to them
+    (Torch-Pruning's ``pruning_ratio_dict``). ``params_saved`` and ``macs_saved`` (per example, at the
+    plan's input size) are what the pruning alone removes from the original model, filled in when the
+    plan is made (:func:`dacnn_convert.prune_search.prune`).
     """
 
     ratio: float
     importance: str = "group"
     params_saved: int = 0
     macs_saved: int = 0
+    layers: tuple[tuple[str, float], ...] = ()
+    sections: tuple[float, ...] = ()  # with ``layers`` from per-section pruning: each section's ratio, for display
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float) or not 0.0 < self.ratio < 1.0:
-            raise PlanError(f"a pruning ratio is a fraction of channels in (0, 1), got {self.ratio!r}")
+        object.__setattr__(self, "layers", tuple((n, r) for n, r in self.layers))  # JSON lists -> tuples
+        object.__setattr__(self, "sections", tuple(self.sections))
+        if self.sections and not self.layers:
+            raise PlanError("a pruning's per-section ratios come with the layers they name")
+        ratios = [self.ratio, *(r for _, r in self.layers)]
+        if not all(isinstance(r, int | float) and not isinstance(r, bool) and 0.0 <= r < 1.0 for r in ratios) or (
+            not any(r > 0 for r in ratios)
+        ):
+            what = repr(self.ratio) if not self.layers else f"{ratios!r} (0 leaves a layer whole; one must prune)"
+            raise PlanError(f"a pruning ratio is a fraction of channels in (0, 1), got {what}")
+        names = [n for n, _ in self.layers]
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise PlanError(f"a pruning's layers are distinct module names, got {names!r}")
         choose("pruning importance", self.importance, PRUNE_IMPORTANCES)
         if self.params_saved < 0 or self.macs_saved < 0:
             raise PlanError(f"a pruning cannot add parameters or MACs ({self.params_saved}, {self.macs_saved})")
 
     @property
+    def amount(self) -> str:
+        """How much it prunes, in words: "0.5 of every layer's channels", or the range of its per-layer ratios."""
+        if not self.layers:
+            return f"{self.ratio:g} of every layer's channels"
+        if self.sections:
+            return f"{'/'.join(f'{r:g}' for r in self.sections)} of the channels of each section's layers"
+        ratios = [r for _, r in self.layers] + ([self.ratio] if self.ratio > 0 else [])
+        return f"{min(ratios):g}-{max(ratios):g} of each named layer's channels"
+
+    @property
     def label(self) -> str:
-        return f"prune {self.ratio:g} ({self.importance})"
+        if not self.layers:
+            return f"prune {self.ratio:g} ({self.importance})"
+        if self.sections:
+            return f"prune {'/'.join(f'{r:g}' for r in self.sections)} by section ({self.importance})"
+        return f"prune {len(self.layers)} layers ({self.importance})"
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -91,18 +121,21 @@ def channel_prune(
     input_size: tuple[int, int, int],
     widest_ratio: float | None = None,
     removed: dict[str, dict[str, list[int]]] | None = None,
+    layers: Iterable[tuple[str, float]] = (),
 ) -> nn.Module:
     """Prune ``ratio`` of the channels of every layer of ``model`` in place (the logits layer's outputs kept).
 
     ``widest_ratio`` prunes the widest layers (the last stage of a ResNet) at their own ratio:
     the fine adjustment that brings the count within 1% of a budget when one uniform ratio
-    steps over it. ``removed``, when given, receives per conv and Linear name the channel indices removed
-    (``{"in": [...], "out": [...]}``, in the original numbering: a layer fed by a concatenation is pruned by
-    several groups, each numbering the channels left by the ones before). Every submodule's train/eval flag
+    steps over it. ``layers`` gives named layers their own ratio (:attr:`Pruning.layers`). ``removed``, when
+    given, receives per conv and Linear name the channel indices removed (``{"in": [...], "out": [...]}``, in
+    the original numbering: a layer fed by a concatenation is pruned by several groups, each numbering the
+    channels left by the ones before). Every submodule's train/eval flag
     and the global random state are as they were.
 
     Raises:
-        PlanError: the model does not return one tensor, or pruning changed the width of its output.
+        PlanError: the model does not return one tensor, pruning changed the width of its output, or a
+            layer named in ``layers`` is not a module of the model.
     """
     import torch_pruning as tp
 
@@ -117,10 +150,18 @@ def channel_prune(
     first = next(model.parameters(), None)
     example = torch.zeros(1, *input_size, device=first.device if first is not None else "cpu")  # traced, not scored
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    per_layer = None
+    per_layer: dict[nn.Module, float] = {}
     if widest_ratio is not None and convs:
         widest = max(m.out_channels for m in convs)
         per_layer = {m: widest_ratio for m in convs if m.out_channels == widest}
+    named = dict(model.named_modules())
+    for layer, r in layers:
+        if layer not in named or not layer:
+            raise PlanError(
+                f"the pruning names a layer {layer!r} that this model does not have: was the plan made for "
+                "another model?"
+            )
+        per_layer[named[layer]] = r
     with mode(model):  # a batch of one example would break BatchNorm in train mode
         heads = output_layers(model, example)
         before = model(example).shape
@@ -129,7 +170,7 @@ def channel_prune(
             example,
             importance=imp,
             pruning_ratio=ratio,
-            pruning_ratio_dict=per_layer,
+            pruning_ratio_dict=per_layer or None,
             ignored_layers=heads,
             global_pruning=False,
         )
@@ -249,7 +290,7 @@ def pruned_copy(
     student = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     flags = [p.requires_grad for p in student.parameters()]
     removed: dict[str, dict[str, list[int]]] = {}
-    channel_prune(student, pruning.ratio, pruning.importance, input_size, removed=removed)
+    channel_prune(student, pruning.ratio, pruning.importance, input_size, removed=removed, layers=pruning.layers)
     if len(flags) == len(list(student.parameters())):  # give frozen parameters their flag back
         for p, flag in zip(student.parameters(), flags, strict=True):
             p.requires_grad_(flag)
