@@ -96,7 +96,7 @@ def plan_search(
     # for a data-aware init; a plan by mode needs the pruned shapes alone
     fitted = config.by_budget and init in ("act", "act-seq")
     pruned = PrunedModels(
-        model, input_size, config.prune_importance, calib_loader if fitted else None, config.score_batches
+        model, input_size, config.prune_importance, calib_loader if fitted else None, config.score_batches, leaves
     )
     if not config.by_budget:
         ratio = config.prune if isinstance(config.prune, float) else 0.0

@@ -20,17 +20,18 @@ pays (benchmarks/results/speed_bench/NOTES.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from .amounts import macs_target, resolve_macs
 from .budget import PRUNE_ADVICE, BudgetResult, _kl_score, calibration_reference
 from .core.plan import Plan, count_params
 from .core.pruning import Pruning, pruned_copy
-from .errors import TargetError, marked
+from .errors import PlanError, TargetError, TraceError, marked
 
 # channel ratios "auto" tries (0: no pruning); beyond a half, a uniform ratio leaves a quarter of the MACs
 # and of the params before anything is shared
@@ -41,6 +42,9 @@ MAX_RATIO = 0.875  # the furthest "pruning alone" looks above the grid's last ra
 # plans whose whole-plan kl is within this fraction of the lowest count as equal (8 scoring batches do not
 # tell them apart); the one with the fewest shared groups runs fastest at the same MACs
 KL_TOLERANCE = 0.02
+
+Layers = tuple[tuple[str, float], ...]  # named layers at ratios of their own (core.pruning.Pruning.layers)
+Key = tuple[float, Layers]  # one pruning: the ratio of the layers not named, and the named ones
 
 
 def prune(
@@ -70,10 +74,6 @@ def prune(
     return student, Pruning(ratio, importance, max(saved, 0), max(macs, 0), layers, sections)
 
 
-Layers = tuple[tuple[str, float], ...]  # named layers at ratios of their own (core.pruning.Pruning.layers)
-Key = tuple[float, Layers]  # one pruning: the ratio of the layers not named, and the named ones
-
-
 @dataclass
 class PrunedModels:
     """Pruned copies of one model, one per ratio, made once (a latency target plans several times)."""
@@ -83,8 +83,12 @@ class PrunedModels:
     importance: str
     calib_loader: Iterable | None = None  # with data, each pruned copy is compensated (core.pruning.compensate)
     calib_batches: int = 0
+    leaf_modules: Sequence[type[nn.Module]] = ()  # module types fx must not trace into (section_layers)
     made: dict[Key, tuple[nn.Module, Pruning | None]] = field(default_factory=dict)
     reuse: dict[Key, dict[str, Any]] = field(default_factory=dict)  # the budget search's cache, per pruning
+    # per-section pruning's layers and scores (section_layers, section_scores), made once: a latency target
+    # searches several MAC budgets, none of which they depend on
+    sections: tuple[list[tuple[str, ...]], list[SectionPruning]] | None = None
 
     def at(
         self, ratio: float, layers: Layers = (), sections: tuple[float, ...] = ()
@@ -174,11 +178,12 @@ def _pruned_refusal(exc: TargetError, pruning: Pruning, model: nn.Module, params
     )
 
 
-def section_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[tuple[str, ...]]:
+def section_layers(
+    model: nn.Module, input_size: tuple[int, int, int], leaf_modules: Sequence[type[nn.Module]] = ()
+) -> list[tuple[str, ...]]:
     """The layers channel pruning narrows, by section: the exact convs and Linears the forward pass calls, grouped
-    by output resolution as the planner's sections are (largest first), the logits layers left out."""
-    import torch
-
+    by output resolution as the planner's sections are (largest first; a layer called at two resolutions in the
+    first), the logits layers left out."""
     from .core.graph import analyze
     from .core.modes import mode
     from .core.pruning import output_layers
@@ -193,8 +198,10 @@ def section_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[t
         }
     modules = dict(model.named_modules())
     by_size: dict[tuple[int, int], list[str]] = {}
-    for site in analyze(model, input_size):
-        if id(modules[site.name]) not in heads and site.name not in by_size.get(site.out_size, []):
+    seen: set[str] = set()
+    for site in analyze(model, input_size, leaf_modules):
+        if id(modules[site.name]) not in heads and site.name not in seen:
+            seen.add(site.name)
             by_size.setdefault(site.out_size, []).append(site.name)
     return [tuple(by_size[r]) for r in sorted(by_size, key=lambda r: -r[0] * r[1])]  # stable: first seen first
 
@@ -218,14 +225,18 @@ def section_scores(
     grid: Iterable[float] = SECTION_GRID,
 ) -> list[SectionPruning]:
     """Every section pruned alone at every ratio of ``grid`` (compensated where ``pruned`` has data), scored by kl
-    to the original after BN recalibration on the reference batches. Ratios that remove nothing (Torch-Pruning
-    keeps a channel in every layer) or that the model cannot take are left out."""
+    to the original after BN recalibration on the reference batches. Every layer is named, the other sections'
+    at 0, as in the plans made of these scores (:func:`layers_at`): a channel group spanning two sections (a
+    stem conv and the residual stream it feeds after a pooling) follows the ratio of the layer Torch-Pruning
+    reaches first, the same in the scores and in the plan, so each group's saving counts in one section. Ratios
+    that remove nothing (Torch-Pruning keeps a channel in every layer) or that the model cannot take are left
+    out."""
     from .budget import _recalibrated_kl
-    from .errors import PlanError
 
     out = []
-    for k, names in enumerate(sections, start=1):
+    for k in range(1, len(sections) + 1):
         for r in grid:
+            ratios = [r if i == k else 0.0 for i in range(1, len(sections) + 1)]
             try:
                 student, spec = prune(
                     pruned.model,
@@ -234,7 +245,7 @@ def section_scores(
                     pruned.input_size,
                     pruned.calib_loader,
                     pruned.calib_batches,
-                    tuple((n, r) for n in names),
+                    layers_at(sections, ratios),
                 )
             except PlanError:
                 continue
@@ -244,13 +255,19 @@ def section_scores(
     return out
 
 
+def layers_at(sections: list[tuple[str, ...]], ratios: Sequence[float]) -> Layers:
+    """Every layer of every section named with its section's ratio (0: whole), for :attr:`Pruning.layers`."""
+    return tuple((n, r) for names, r in zip(sections, ratios, strict=True) for n in names)
+
+
 def per_section_ratios(
     scores: Iterable[SectionPruning], n_sections: int, need: int, by: str
 ) -> tuple[float, ...] | None:
     """Per section, the ratio (0: whole) such that the sections' summed savings (``by`` "macs" or "params", as each
     section alone removes them) reach ``need`` at the least summed kl (exact multiple-choice knapsack); None when
     no choice reaches it. Pruning two adjacent sections removes a little less than the sum (a layer between them
-    loses inputs and outputs), so the plan's own count is what the search then checks."""
+    loses inputs and outputs: its saving is 1 - (1 - a)(1 - b), not a + b), so the plan's own count is what the
+    search then checks."""
     from .core.knapsack import Option, front
 
     classes = [[Option(0.0, 0, 0.0)] for _ in range(n_sections)]
@@ -326,17 +343,22 @@ def search_pruned(
                 attempt(alone)
         if per_section is not None:
             assert reference is not None
-            sections = section_layers(pruned.model, pruned.input_size)
-            scores = section_scores(pruned, sections, reference)
+            try:
+                if pruned.sections is None:
+                    named = section_layers(pruned.model, pruned.input_size, pruned.leaf_modules)
+                    pruned.sections = (named, section_scores(pruned, named, reference))
+            except (TraceError, PlanError):  # a model fx cannot describe: the uniform ratios stand
+                pruned.sections = ([], [])
+            sections, scores = pruned.sections
             done: set[tuple[float, ...]] = set()
             for level in [r for r in [best_ratio, *higher[:1]] if r > 0] or [r for r in grid if r > 0][:1]:
                 spec = pruned.at(level)[1]
                 need = 0 if spec is None else spec.macs_saved if per_section == "macs" else spec.params_saved
-                by = per_section_ratios(scores, len(sections), need, per_section)
-                if by is None or by in done or not any(by) or len(set(by)) == 1:
-                    continue  # out of reach, already tried, nothing pruned, or the uniform ratio itself
+                by = per_section_ratios(scores, len(sections), need, per_section) if sections else None
+                if by is None or by in done or not any(by) or (len(set(by)) == 1 and by[0] in grid):
+                    continue  # out of reach, already tried, nothing pruned, or a uniform ratio of the grid
                 done.add(by)
-                attempt(level, by, tuple((n, r) for names, r in zip(sections, by, strict=True) if r > 0 for n in names))
+                attempt(level, by, layers_at(sections, by))
     if not tries:
         assert refused is not None
         raise refused
@@ -345,7 +367,7 @@ def search_pruned(
     level, by, layers, _, best = min(close, key=lambda t: (len(t[4].plan.groups), t[3] or 0.0, t[0], t[1]))
     if metric == "kl":
         key = (0.0 if layers else level, layers)
-        model, pruning = pruned.at(*key)
+        model, pruning = pruned.at(*key, by)
         best = _of_original(search_at(model, pruned.reuse[key], True), pruning, params_before)
     macs_before = best.macs_before
     summary = tuple(

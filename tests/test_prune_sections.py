@@ -1,4 +1,4 @@
-"""Per-section channel pruning (issue 25 item 2): each section at its own ratio, chosen by kl, exact and round-tripping."""
+"""Per-section channel pruning (issue 25 item 2): each section at its own ratio, chosen by kl, exact, round-tripping."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dacnn_convert.pipeline import plan_search
 from dacnn_convert.prune_search import (
     PrunedModels,
     SectionPruning,
+    layers_at,
     per_section_ratios,
     prune,
     search_pruned,
@@ -59,6 +60,10 @@ def test_named_layers_are_pruned_at_their_own_ratio_and_the_rest_left_whole(mode
     assert spec.amount == "0/0.5 of the channels of each section's layers"
     with pytest.raises(PlanError, match="'layer9.conv' that this model does not have"):
         channel_prune(TinyResNet(width=16), 0.0, "group", SIZE, layers=(("layer9.conv", 0.5),))
+    with pytest.raises(PlanError, match="'fc', which produces the model's outputs"):
+        channel_prune(TinyResNet(width=16), 0.0, "group", SIZE, layers=(("fc", 0.5),))
+    kept = channel_prune(TinyResNet(width=16), 0.0, "group", SIZE, layers=(("fc", 0.0), ("layer2.0.conv1", 0.5)))
+    assert kept.fc.out_features == 10 and kept.layer2[0].conv1.out_channels == 16
 
 
 def test_bad_per_layer_prunings_are_refused_in_one_line() -> None:
@@ -116,11 +121,51 @@ def test_section_scores_prune_each_section_alone() -> None:
     found = section_scores(pruned, sections, (batches, reference), grid=(0.5,))
     assert [(s.section, s.ratio) for s in found] == [(1, 0.5), (2, 0.5)]
     for s in found:
-        narrow, spec = prune(small, 0.0, "group", SIZE, layers=tuple((n, 0.5) for n in sections[s.section - 1]))
-        assert (s.params_saved, s.macs_saved) == (spec.params_saved, spec.macs_saved) and s.kl >= 0
+        ratios = [0.5 if k == s.section else 0.0 for k in (1, 2)]
+        narrow, spec = prune(small, 0.0, "group", SIZE, layers=layers_at(sections, ratios))
+        assert (s.params_saved, s.macs_saved) == (spec.params_saved, spec.macs_saved) and s.kl > 0
+        other = sections[2 - s.section]  # the section left whole keeps every width
+        modules = dict(narrow.named_modules())
+        assert all(modules[n].out_channels == dict(small.named_modules())[n].out_channels for n in other)
 
 
-def test_auto_tries_per_section_pruning_and_scores_it_whole(model) -> None:
+class PooledStem(torch.nn.Module):
+    """stem conv at 16 x 16, max-pool, a residual block at 8 x 8 adding the stem's output: one channel group
+    spans two sections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_group_spanning_two_sections_is_pruned_by_one_of_them() -> None:
+    torch.manual_seed(0)
+    m = PooledStem().eval()
+    sections = section_layers(m, SIZE)
+    assert sections == [("stem.0",), ("conv1", "conv2"), ("conv3",)]
+    alone = [
+        prune(m, 0.0, "group", SIZE, layers=layers_at(sections, [0.5 if i == k else 0.0 for i in range(3)]))
+        for k in range(3)
+    ]
+    narrowed = [narrow.stem[0].out_channels < 8 for narrow, _ in alone[:2]]
+    assert narrowed.count(True) == 1  # the stem's channels (also conv2's, by the addition) go with one section
+    both, spec = prune(m, 0.0, "group", SIZE, layers=layers_at(sections, [0.5, 0.5, 0.5]))
+    assert spec.params_saved <= sum(s.params_saved for _, s in alone)  # overlap only takes away
+    assert both.stem[0].out_channels == both.conv2.out_channels == 4 and both.conv3.out_channels == 8
+
+
+def test_auto_tries_per_section_pruning_and_scores_it_whole() -> None:
     from dacnn_convert.budget import search
 
     loaders = make_loaders("synthetic", batch_size=16, input_size=16)
@@ -140,3 +185,24 @@ def test_auto_tries_per_section_pruning_and_scores_it_whole(model) -> None:
     assert all("sections" in t for t in found.to_dict()["prune_tries"])
     student = convert(small, found.plan, calib_loader=loaders.train, calib_batches=1).model
     assert count_params(student) == found.plan.params_after
+
+
+def test_a_per_section_winner_is_searched_once_more_in_full(monkeypatch) -> None:
+    import dacnn_convert.prune_search as ps
+    from dacnn_convert.budget import search
+
+    loaders = make_loaders("synthetic", batch_size=16, input_size=16)
+    small = TinyResNet(width=8).eval()
+    pruned = PrunedModels(small, SIZE, "group", loaders.train, 1)
+    per_section_models = lambda: {id(m) for (_, layers), (m, _) in pruned.made.items() if layers}  # noqa: E731
+    monkeypatch.setattr(ps, "_kl_score", lambda model, *a: 0.01 if id(model) in per_section_models() else 1.0)
+    calls = []
+
+    def at(narrow, reuse, final):
+        calls.append((id(narrow), final))
+        return search(narrow, count_params(small) // 2, SIZE, loaders.train, 1, "kl", rescore_rounds=0, reuse=reuse)
+
+    found = search_pruned(pruned, (0.0, 0.25), at, loaders.train, 1, "kl", per_section="params")
+    assert found.plan.prune is not None and found.plan.prune.sections and found.plan.prune.layers
+    assert calls[-1] == (calls[-1][0], True) and calls[-1][0] in per_section_models()  # the winner, in full
+    assert [f for _, f in calls].count(True) == 1

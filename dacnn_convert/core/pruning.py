@@ -1,6 +1,7 @@
 """Structured channel pruning as a step of a plan: narrow every layer first, then share what is left.
 
-A :class:`Pruning` says how (a uniform fraction of every layer's channels, ranked by an importance) and
+A :class:`Pruning` says how (a fraction of every layer's channels, or per named layer: the planner's
+per-section pruning; ranked by an importance) and
 what it removes (exact parameter and MAC counts, measured when the plan is made:
 :func:`dacnn_convert.prune_search.prune`), so a plan that prunes
 stays data: :func:`dacnn_convert.core.convert.convert` prunes a copy of the model before it shares
@@ -72,8 +73,8 @@ class Pruning:
             return f"{self.ratio:g} of every layer's channels"
         if self.sections:
             return f"{'/'.join(f'{r:g}' for r in self.sections)} of the channels of each section's layers"
-        ratios = [r for _, r in self.layers] + ([self.ratio] if self.ratio > 0 else [])
-        return f"{min(ratios):g}-{max(ratios):g} of each named layer's channels"
+        ratios = [r for _, r in self.layers]
+        return f"{min(ratios):g}-{max(ratios):g} of the named layers' channels, {self.ratio:g} of the others'"
 
     @property
     def label(self) -> str:
@@ -164,6 +165,12 @@ def channel_prune(
         per_layer[named[layer]] = r
     with mode(model):  # a batch of one example would break BatchNorm in train mode
         heads = output_layers(model, example)
+        logits = [n for n, r in layers if r > 0 and any(named[n] is h for h in heads)]
+        if logits:
+            raise PlanError(
+                f"the pruning names {logits[0]!r}, which produces the model's outputs: it keeps them (give it 0, "
+                "or leave it out)"
+            )
         before = model(example).shape
         pruner = tp.pruner.MetaPruner(
             model,
