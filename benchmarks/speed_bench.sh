@@ -9,29 +9,53 @@
 #   SEED=1 POINTS=0.25 MACS= bash benchmarks/speed_bench.sh
 #   PLANNER=dacnn-prune POINTS=0.25 MACS= bash benchmarks/speed_bench.sh   # the planner with pruning in its space,
 #     group-norm re-run beside it (latency compares only within one run; dacnn-bank: the runs without the suffix)
-# Each run lands in benchmarks/results/speed_bench/{point,macs}-F[-seedN]/; a finished run is skipped.
+#   FAMILY=timm:mobilenetv3_large_100 PLANNER=dacnn-prune POINTS=0.25 MACS= bash benchmarks/speed_bench.sh
+#     the depthwise-separable family issue 25 asks for: the teacher and group-norm's point from
+#     benchmarks/family_bench.sh (run it for that model and budget first), with its fine-tune (2 epochs of KD on
+#     10,000 images, lr 0.005, 20-step warm-up, gradient clipping at 5)
+# Each run lands in benchmarks/results/speed_bench/[FAMILY-]{point,macs}-F[-seedN]/; a finished run is skipped.
 set -euo pipefail
-OUT=${OUT:-runs/prune-bench}
-EPOCHS=${EPOCHS:-4}
-LIMIT=${LIMIT:-20000}
+FAMILY=${FAMILY:-}
+SEED=${SEED:-0}
 POINTS=${POINTS-"0.25 0.1"}
 MACS=${MACS-"0.5 0.25"}
-SEED=${SEED:-0}
 PLANNER=${PLANNER:-dacnn-bank}
 DACNN=${DACNN:-dacnn}
 RESULTS=benchmarks/results/speed_bench
-REFERENCE=benchmarks/results/bank_bench
-[ -f "$OUT/teacher/best.safetensors" ] || { echo "run benchmarks/prune_bench.sh first (it trains the teacher)"; exit 1; }
-mkdir -p "$RESULTS"
 seeded=""
 [ "$SEED" = 0 ] || seeded="-seed$SEED"
+if [ -z "$FAMILY" ]; then
+  OUT=${OUT:-runs/prune-bench}
+  EPOCHS=${EPOCHS:-4}
+  LIMIT=${LIMIT:-20000}
+  teacher="$OUT/teacher/best.safetensors"
+  [ -f "$teacher" ] || { echo "run benchmarks/prune_bench.sh first (it trains the teacher)"; exit 1; }
+  common=(resnet18 --weights "$teacher" --num-classes 10 --dataset fashion-mnist --lr 0.02
+    --calib-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" --precision fp32)
+  prefix=""
+  reference() { echo "benchmarks/results/bank_bench/$1-core$seeded/bench.json"; }
+else
+  OUT=${OUT:-runs/family-bench}
+  EPOCHS=${EPOCHS:-2}
+  LIMIT=${LIMIT:-10000}
+  tag=${FAMILY//:/-}
+  teacher="$OUT/teacher-$tag/best.safetensors"
+  [ -f "$teacher" ] || { echo "run MODELS=$FAMILY benchmarks/family_bench.sh first (it trains the teacher)"; exit 1; }
+  common=("$FAMILY" --weights "$teacher" --num-classes 10 --dataset fashion-mnist --lr 0.005 --warmup-steps 20
+    --clip-grad 5 --calib-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" --precision fp32)
+  prefix="$tag-"
+  reference() {  # group-norm's row: in the run's folder, or where a re-run of the planner's rows left it
+    local d=benchmarks/results/family_bench
+    if grep -qs '"group-norm"' "$d/$tag-$1$seeded/bench.json"; then echo "$d/$tag-$1$seeded/bench.json"
+    else echo "$d/before-head-fix/$tag-$1$seeded/bench.json"; fi
+  }
+fi
+mkdir -p "$RESULTS"
 suffix=$seeded
 others=",group-norm"
 [ "$PLANNER" = dacnn-bank ] || suffix="$suffix-${PLANNER#dacnn-}"
-common=(resnet18 --weights "$OUT/teacher/best.safetensors" --num-classes 10 --dataset fashion-mnist --lr 0.02
-  --calib-batches 20 --epochs "$EPOCHS" --train-limit "$LIMIT" --seed "$SEED" --precision fp32)
 run() {  # name, then the bench's own flags
-  local name=$1; shift
+  local name=$prefix$1; shift
   [ -f "$RESULTS/$name/bench.json" ] && return 0
   local start; start=$(date +%s)
   $DACNN bench "${common[@]}" "$@" --out "$OUT/speed-$name" --overwrite
@@ -40,8 +64,8 @@ run() {  # name, then the bench's own flags
   echo "$name: $(( ($(date +%s) - start) / 60 )) min ($(date -u +%Y-%m-%dT%H:%MZ))" >> "$RESULTS/wall_time.txt"
 }
 for budget in $POINTS; do
-  ref="$REFERENCE/$budget-core$seeded/bench.json"
-  [ -f "$ref" ] || { echo "no group-norm reference at $ref: run SEED=$SEED BUDGETS=$budget bash benchmarks/bank_bench.sh"; exit 1; }
+  ref=$(reference "$budget")
+  [ -f "$ref" ] || { echo "no group-norm reference at $ref: run its bench (bank_bench.sh, or family_bench.sh) with SEED=$SEED BUDGETS=$budget"; exit 1; }
   fraction=$(python -c "
 import json, sys
 d = json.load(open('$ref'))
