@@ -211,8 +211,8 @@ class BudgetResult:
             score = f"whole-plan kl {kl:.4g} against the original" if kl is not None else "reaches the targets"
             at = f", {macs:,} MACs" if macs else ""
             what = (
-                f"per section {'/'.join(f'{r:g}' for r in per)} (removing as much as {ratio:g} everywhere, "
-                "where it costs least)"
+                f"per section {'/'.join(f'{r:g}' for r in per)} (by output size, largest first: removing as much "
+                f"as {ratio:g} everywhere, where it costs least)"
                 if per
                 else f"{ratio:g}"
             )

@@ -46,7 +46,9 @@ class Pruning:
     params_saved: int = 0
     macs_saved: int = 0
     layers: tuple[tuple[str, float], ...] = ()
-    sections: tuple[float, ...] = ()  # with ``layers`` from per-section pruning: each section's ratio, for display
+    # with ``layers`` from per-section pruning: each section's ratio, for display (sections by output size, largest
+    # first, a stem at its own size included: prune_search.section_layers; the planner's numbers may differ)
+    sections: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple((n, r) for n, r in self.layers))  # JSON lists -> tuples
