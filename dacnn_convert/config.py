@@ -46,6 +46,10 @@ class AnchorConfig:
             (``"1:1.0,2:0.5"`` or ``{1: 1.0, 2: 0.5}``).
         factorize_unshared: rank (integer or fraction of C_out) of a low-rank factorisation of every conv
             that shares with nothing; None keeps them dense.
+        share: banks the user names, one per entry: comma-separated module names or shell patterns of convs or
+            nn.Linears of one shape in one stage (``("classifier.1,classifier.4",)``, ``"stages.1.*.fc1"``; a
+            text separates groups with ``;``), each a bank of ``bank_size`` filters; with ``mode="bank"`` beside
+            the mode's banks, with ``mode="none"`` the only ones (:func:`dacnn_convert.core.planning.named_groups`).
         target_params, target_ratio, target_bytes: a size target (at most one): the budget planner then
             picks free / mix / plain / banks / low rank per section instead of ``mode``.
         target_macs: a compute target, alone or with a size target: multiply-accumulates per example
@@ -83,6 +87,7 @@ class AnchorConfig:
     init: str | None = None
     bank_size: Any = 0.5
     factorize_unshared: int | float | None = None
+    share: tuple[str, ...] | str = ()  # a text is read as groups separated by ";"
     target_params: int | None = None
     target_ratio: float | None = None
     target_bytes: int | None = None
@@ -112,6 +117,7 @@ class AnchorConfig:
         parse_bank_size(bank)  # a malformed per-section text is refused now, not at planning
         if self.factorize_unshared is not None:
             check_value(self.factorize_unshared, "«factorize-unshared» rank")
+        object.__setattr__(self, "share", validate.share_groups(self.share))
         object.__setattr__(self, "target_params", validate.optional_size("target-params", self.target_params))
         object.__setattr__(self, "target_bytes", validate.optional_size("target-bytes", self.target_bytes))
         object.__setattr__(self, "target_ratio", validate.optional_number("target-ratio", self.target_ratio, 1.0))
@@ -135,6 +141,16 @@ class AnchorConfig:
                 "«share-across» merges the banks a budget search chose: give a size, MAC or latency target "
                 "(a plan by «mode» shares what the mode says)"
             )
+        if self.share and self.by_budget:
+            raise UsageError(
+                "«share» names banks for a plan by «mode»: with a size, MAC or latency target the planner picks its "
+                "own groups (leave out the target, or «share»)"
+            )
+        if self.share and self.mode not in ("bank", "none"):
+            raise UsageError(
+                f"«share» names banks: use it with «mode» bank (the mode's banks too) or none (only these), "
+                f"not {self.mode}"
+            )
         if self.prune == "auto" and not self.by_budget:
             raise UsageError(
                 "«prune» auto searches the pruning ratio for a target: give a size, MAC or latency target, "
@@ -157,6 +173,7 @@ class AnchorConfig:
         out = asdict(self)
         if isinstance(out["regulators"], tuple):
             out["regulators"] = list(out["regulators"])
+        out["share"] = list(out["share"])
         return out
 
     @classmethod

@@ -111,6 +111,7 @@ def plan_search(
             leaves,
             bank_size=config.bank_size,
             factorize_unshared=config.factorize_unshared,
+            share=config.share,
             regulator_init=config.regulator_init,
         )
         return with_pruning(made, pruning, count_params(model)), None

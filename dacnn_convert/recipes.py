@@ -93,6 +93,7 @@ class Recipe:
     reconstruct: bool | None = None  # section-wise reconstruction; None: defaults.default_reconstruct
     bank_size: str = "0.5"
     factorize_unshared: str | None = None
+    share: str | None = None  # named banks: layer names or patterns, comma-separated, groups separated by ;
     init: str | None = None
     leaf_module: str | None = None  # comma-separated package.module.Class names fx must not trace into
     target_params: int | str | None = None  # plan by budget: 6M, 600K or an integer
@@ -227,6 +228,7 @@ class Recipe:
             init=self.init,
             bank_size=self.bank_size,
             factorize_unshared=parse_rank(self.factorize_unshared, "«factorize-unshared»"),
+            share=self.share or (),
             target_params=parse_amount(_text(self.target_params), "«target-params»"),
             target_ratio=self.target_ratio,
             target_bytes=parse_amount(_text(self.target_bytes), "«target-bytes»"),

@@ -109,6 +109,21 @@ def prune_ratio(value: Any) -> float | str | None:
     return None if value == 0 else float(value)
 
 
+def share_groups(value: Any) -> tuple[str, ...]:
+    """Named share groups: a text (groups separated by ``;``), or a sequence of texts, one group each (module
+    names or shell patterns separated by commas); None or empty: none."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(";")
+    if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"«share» takes groups of layer names, e.g. 'a.fc1,b.fc1;c.*.fc2', got {value!r}")
+    groups = tuple(",".join(p.strip() for p in v.split(",") if p.strip()) for v in value)
+    if any(not g for g in groups) and len(groups) > 1:
+        raise UsageError(f"«share» has an empty group in {value!r}: write 'a,b;c,d'")
+    return tuple(g for g in groups if g)
+
+
 def input_size(value: Any) -> tuple[int, int, int]:
     """(C, H, W) of one example: three positive integers."""
     ok = (

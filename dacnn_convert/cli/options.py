@@ -147,6 +147,17 @@ BankOpt = Annotated[
 ]
 
 
+ShareOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="banks you name: layer names or patterns of one shape and stage, comma-separated, groups separated by ; "
+        "('classifier.1,classifier.4' or 'stages.1.*.fc1;stages.2.*.fc1'), each of --bank-size filters; with --mode "
+        "bank beside the mode's banks, with --mode none the only ones",
+        rich_help_panel=PANEL_SHARE,
+    ),
+]
+
+
 FactorOpt = Annotated[
     str | None,
     typer.Option(

@@ -25,6 +25,7 @@ low-rank pair (a bank of one member).
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Literal, cast
@@ -32,7 +33,7 @@ from typing import Any, Literal, cast
 from torch import nn
 
 from ..defaults import DEFAULT_INPUT_SIZE, REGULATOR_INIT
-from ..errors import PlanError, UsageError, choose
+from ..errors import PlanError, UsageError, choose, suggest
 from ..names import INITS, REGULATOR_STYLES
 from ..registry import Registry
 from .banks import (
@@ -93,6 +94,78 @@ def linear_groups(sites: Sequence[ConvSite]) -> list[list[ConvSite]]:
     """
     linears = [s for s in sites if s.layer == "linear" and not s.reused and not s.fed_by_input and not s.feeds_output]
     return _by_key(linears, lambda s: (s.out_size, s.weight_shape, s.bias))
+
+
+def named_groups(
+    sites: Sequence[ConvSite], share: Sequence[str], groups: Sequence[list[ConvSite]] = ()
+) -> list[list[ConvSite]]:
+    """``groups`` with the user's named share groups added (each taken out of the groups it was in).
+
+    Each entry of ``share`` is one group: comma-separated module names or shell patterns
+    (``"stages.1.*.mlp.fc1"``) of the convs and nn.Linears the traced forward pass calls. A group's members must
+    have one weight shape and output size (a bank serves the same-shape layers of a stage) and be dense; the
+    layer producing the model's outputs, a layer the model already calls twice and a layer named in two groups
+    are refused.
+
+    Raises:
+        UsageError: a pattern that matches nothing, a group of one layer (no partner), members of different
+            shapes or stages, a grouped or depthwise conv, the logits layer, a layer in two groups.
+    """
+    names = [s.name for s in sites]
+    taken: dict[str, int] = {}
+    named: list[list[ConvSite]] = []
+    for g, entry in enumerate(share):
+        members: list[ConvSite] = []
+        for pattern in (p.strip() for p in entry.split(",") if p.strip()):
+            hit = [s for s in sites if fnmatch.fnmatchcase(s.name, pattern)]
+            if not hit:
+                raise UsageError(
+                    f"«share» names {pattern!r}, which matches no nn.Conv2d or nn.Linear of the traced forward "
+                    f"pass.{suggest(pattern, names) or ' `dacnn inspect MODEL` lists the layers.'}"
+                )
+            members += [s for s in hit if s not in members]
+        for s in members:
+            why = (
+                "produces the model's outputs: a shared bank would bound the logits' rank"
+                if s.feeds_output
+                else "is called more than once by the model: it is shared already"
+                if s.reused
+                else f"is a grouped or depthwise conv (groups={s.groups}): a bank's filters span every input channel"
+                if s.layer == "conv" and s.groups != 1
+                else f"group {taken[s.name] + 1} of «share» names too"
+                if s.name in taken
+                else None
+            )
+            if why:
+                raise UsageError(f"«share» names {s.name}, which {why}")
+            taken[s.name] = g
+        if len(members) < 2:
+            s = members[0]
+            raise UsageError(
+                f"«share» names only {s.name} ({_shape(s)}): a bank needs a partner of its "
+                "shape in its stage; name one, or factorise it alone with «factorize-unshared»"
+            )
+        odd = next(
+            (s for s in members if (s.weight_shape, s.out_size) != (members[0].weight_shape, members[0].out_size)), None
+        )
+        if odd is not None:
+            first = members[0]
+            raise UsageError(
+                f"«share» groups layers of different shapes or stages: {first.name} "
+                f"({_shape(first)}) and {odd.name} "
+                f"({_shape(odd)}); a bank serves "
+                "layers of one shape in one stage (the planner's «share-across» merges banks across stages)"
+            )
+        named.append(members)
+    rest = [[s for s in g if s.name not in taken] for g in groups]
+    return [g for g in rest if len(g) >= 2] + named
+
+
+def _shape(s: ConvSite) -> str:
+    """A layer's shape and stage in words: ``Linear 8->16 at 16x16``, ``conv 16x8x3x3 at 8x8``."""
+    co, ci, kh, kw = s.weight_shape
+    what = f"Linear {ci}->{co}" if s.layer == "linear" else f"conv {co}x{ci}x{kh}x{kw}"
+    return f"{what} at {s.out_size[0]}x{s.out_size[1]}"
 
 
 @register_mode("sharesnet")
@@ -180,6 +253,7 @@ def make_plan(
     bank_size: BankSize = 0.5,
     factorize_unshared: BankValue | None = None,
     regulator_init: str | None = None,
+    share: Sequence[str] = (),
 ) -> Plan:
     """Analyse ``model`` and decide what to share; the model is not modified.
 
@@ -202,6 +276,8 @@ def make_plan(
         factorize_unshared: rank (an integer, or a fraction of C_out) of a low-rank
             factorisation for every conv and nn.Linear that shares with nothing in ``mode`` (not
             the layer fed by the image); None keeps them dense.
+        share: share groups the user names (:func:`named_groups`), each a bank of ``bank_size`` filters; with
+            ``mode="bank"`` added to the mode's banks, with ``mode="none"`` the only ones.
 
     Raises:
         UsageError: unknown mode, init, style, a regulator or bank section out of range,
@@ -225,13 +301,19 @@ def make_plan(
         )
     sites = _untie(model, sites, notes)
     groups_sites = MODES[mode](sites)
+    if share:
+        if mode not in ("bank", "none"):
+            raise UsageError(
+                f"«share» names banks: use it with «mode» bank (the mode's banks too) or none (only these), not {mode}"
+            )
+        groups_sites = named_groups(sites, share, groups_sites)
     resolutions = sorted(
         {s.out_size for g in groups_sites for s in g},
         key=lambda r: (-r[0] * r[1], next(s.order for g in groups_sites for s in g if s.out_size == r)),
     )
     section_of = {r: i + 1 for i, r in enumerate(resolutions)}
     groups = []
-    if mode == "bank":
+    if mode == "bank" or share:
         groups += _banks(groups_sites, parse_bank_size(bank_size), section_of, notes)
         groups_sites = []  # every share group became a bank or stays free
     for i, members in enumerate(groups_sites):
