@@ -55,10 +55,21 @@ from .names import METRICS
 from .validate import inputs_of
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
-BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # bank filters as a fraction of C_out
+# bank filters as a fraction of C_out, down to 1/256 (k = 1 for C_out <= 384): a bank's 1x1 coefficients
+# (n x C_out x k) are what is left at the bottom of the grid, and 1/64 held EfficientNet-B0 at 12.6% at 32 px
+BANK_GRID = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625)
 # low-rank ranks of unshared convs, as a fraction of each conv's rank limit min(C_out, C_in x kh x kw):
 # of C_out for most 3x3 convs, of C_in for the expanding 1x1s of inverted residuals
-RANK_GRID = (0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)  # 1/64: MobileNetV3 and ConvNeXt reach 10%
+RANK_GRID = (
+    0.5,
+    0.25,
+    0.125,
+    0.0625,
+    0.03125,
+    0.015625,
+    0.0078125,
+    0.00390625,
+)  # 1/64: MobileNetV3, ConvNeXt reach 10%
 BANK_OPTIONS = (*OPTIONS, *(f"bank:{f}" for f in BANK_GRID))  # "bank:1.0": k = C_out (a fraction, always)
 RANK_OPTIONS = tuple(f"lr:{f}" for f in RANK_GRID)
 # the layer producing the outputs, ranked on its own (never bundled with its section's other unshared layers):
