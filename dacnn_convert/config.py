@@ -47,7 +47,7 @@ class AnchorConfig:
         factorize_unshared: rank (integer or fraction of C_out) of a low-rank factorisation of every conv
             that shares with nothing; None keeps them dense.
         share: banks the user names, one per entry: comma-separated module names or shell patterns of convs or
-            nn.Linears of one shape in one stage (``("classifier.1,classifier.4",)``, ``"stages.1.*.fc1"``; a
+            nn.Linears of one shape in one stage (``("layer1.0.conv2,layer1.1.conv2",)``, ``"stages.1.*.fc1"``; a
             text separates groups with ``;``), each a bank of ``bank_size`` filters; with ``mode="bank"`` beside
             the mode's banks, with ``mode="none"`` the only ones (:func:`dacnn_convert.core.planning.named_groups`).
         target_params, target_ratio, target_bytes: a size target (at most one): the budget planner then

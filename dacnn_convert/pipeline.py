@@ -184,6 +184,11 @@ def plan_sweep(
             "the planner's front is made without pruning: leave out «prune» for the sweep, or plan each target "
             "with it («target-ratio» with «prune»)"
         )
+    if config.share:
+        raise UsageError(
+            "the planner's front picks its own groups: leave out «share» for the sweep (it names banks for a plan by "
+            "«mode»)"
+        )
     if config.share_across:
         raise UsageError(
             "the planner's front is predicted from its additive scores, within stages: leave out «share-across» "

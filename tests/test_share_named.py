@@ -52,7 +52,10 @@ def test_named_groups_take_their_members_out_of_the_modes_banks(mixer) -> None:
 
 def test_bad_named_groups_are_one_line_each(mixer) -> None:
     for share, match in [
-        ("stage1.0.fc1", "names only stage1.0.fc1 \\(Linear 8->16 at 16x16\\): a bank needs a partner"),
+        (
+            "stage1.0.fc1",
+            "names only stage1.0.fc1 \\(Linear 8->16 at 16x16\\): a bank needs a partner.*there: stage1.1.fc1",
+        ),
         ("stage1.0.fc1,stage2.0.fc1", "different shapes or stages"),
         ("head,stage1.0.fc1", "produces the model's outputs"),
         ("stage1.*.dw", "grouped or depthwise conv"),
@@ -94,3 +97,24 @@ def test_the_cli_converts_a_named_bank(tmp_path) -> None:
     assert [(g["kernel"], [m for m, _ in g["fit_errors"]]) for g in groups] == [
         ("bank 8x16x1x1", ["stage2.0.fc1", "stage2.1.fc1"])
     ]
+
+
+def test_a_named_bank_and_factorize_unshared_never_take_one_layer_twice(mixer) -> None:
+    p = plan(
+        mixer, AnchorConfig(mode="none", share="stage1.*.fc1", bank_size=4, factorize_unshared=0.25), input_size=SIZE
+    )
+    members = [m for g in p.groups for m in g.members]
+    assert len(members) == len(set(members))  # each layer in one group
+    assert p.mode == "bank"  # the plan's groups are banks (reconstruction's default follows it)
+    assert [g.members for g in p.groups if g.rank == 4 and len(g.members) == 2] == [("stage1.0.fc1", "stage1.1.fc1")]
+    student = convert(mixer, p).model
+    assert count_params(student) == p.params_after
+
+
+def test_a_named_bank_needs_a_size_and_the_sweep_refuses_share(mixer) -> None:
+    from dacnn_convert.pipeline import plan_sweep
+
+    with pytest.raises(UsageError, match="section 2, which bank_size= gives no size: add 2:0.25"):
+        plan(mixer, AnchorConfig(mode="none", share="stage1.*.fc1;stage2.*.fc1", bank_size="1:0.5"), input_size=SIZE)
+    with pytest.raises(UsageError, match="leave out share= for the sweep"):
+        plan_sweep(mixer, AnchorConfig(mode="bank", share="stage1.*.fc1"), input_size=SIZE)

@@ -151,8 +151,8 @@ ShareOpt = Annotated[
     str | None,
     typer.Option(
         help="banks you name: layer names or patterns of one shape and stage, comma-separated, groups separated by ; "
-        "('classifier.1,classifier.4' or 'stages.1.*.fc1;stages.2.*.fc1'), each of --bank-size filters; with --mode "
-        "bank beside the mode's banks, with --mode none the only ones",
+        "('layer1.0.conv2,layer1.1.conv2' or 'stages.1.*.fc1;stages.2.*.fc1'), each of --bank-size filters; "
+        "with --mode bank beside the mode's banks, with --mode none the only ones",
         rich_help_panel=PANEL_SHARE,
     ),
 ]

@@ -32,6 +32,7 @@ from typing import Any, Literal, cast
 
 from torch import nn
 
+from .. import validate
 from ..defaults import DEFAULT_INPUT_SIZE, REGULATOR_INIT
 from ..errors import PlanError, UsageError, choose, suggest
 from ..names import INITS, REGULATOR_STYLES
@@ -121,7 +122,7 @@ def named_groups(
             if not hit:
                 raise UsageError(
                     f"«share» names {pattern!r}, which matches no nn.Conv2d or nn.Linear of the traced forward "
-                    f"pass.{suggest(pattern, names) or ' `dacnn inspect MODEL` lists the layers.'}"
+                    f"pass.{suggest(pattern, names) or ' Its layers: ' + ', '.join(names[:6]) + ' ...'}"
                 )
             members += [s for s in hit if s not in members]
         for s in members:
@@ -141,13 +142,13 @@ def named_groups(
             taken[s.name] = g
         if len(members) < 2:
             s = members[0]
+            like = [t.name for t in sites if t is not s and _key(t) == _key(s) and not t.feeds_output and not t.reused]
             raise UsageError(
-                f"«share» names only {s.name} ({_shape(s)}): a bank needs a partner of its "
-                "shape in its stage; name one, or factorise it alone with «factorize-unshared»"
+                f"«share» names only {s.name} ({_shape(s)}): a bank needs a partner of its shape in its stage ("
+                + (f"there: {', '.join(like[:4])}{' ...' if len(like) > 4 else ''}" if like else "it has none")
+                + "); name one, or leave it to «factorize-unshared», which factorises every layer sharing nothing"
             )
-        odd = next(
-            (s for s in members if (s.weight_shape, s.out_size) != (members[0].weight_shape, members[0].out_size)), None
-        )
+        odd = next((s for s in members if _key(s) != _key(members[0])), None)
         if odd is not None:
             first = members[0]
             raise UsageError(
@@ -159,6 +160,11 @@ def named_groups(
         named.append(members)
     rest = [[s for s in g if s.name not in taken] for g in groups]
     return [g for g in rest if len(g) >= 2] + named
+
+
+def _key(s: ConvSite) -> tuple[Any, ...]:
+    """What the members of a named bank must share: layer kind, weight shape, output size, dense."""
+    return (s.layer, s.weight_shape, s.out_size, s.groups)
 
 
 def _shape(s: ConvSite) -> str:
@@ -301,20 +307,24 @@ def make_plan(
         )
     sites = _untie(model, sites, notes)
     groups_sites = MODES[mode](sites)
+    share = validate.share_groups(share)
+    named: list[list[ConvSite]] = []
     if share:
         if mode not in ("bank", "none"):
             raise UsageError(
                 f"«share» names banks: use it with «mode» bank (the mode's banks too) or none (only these), not {mode}"
             )
         groups_sites = named_groups(sites, share, groups_sites)
+        named = groups_sites[len(groups_sites) - len(share) :]
     resolutions = sorted(
         {s.out_size for g in groups_sites for s in g},
         key=lambda r: (-r[0] * r[1], next(s.order for g in groups_sites for s in g if s.out_size == r)),
     )
     section_of = {r: i + 1 for i, r in enumerate(resolutions)}
     groups = []
+    shared = [list(g) for g in groups_sites]
     if mode == "bank" or share:
-        groups += _banks(groups_sites, parse_bank_size(bank_size), section_of, notes)
+        groups += _banks(groups_sites, parse_bank_size(bank_size), section_of, notes, named)
         groups_sites = []  # every share group became a bank or stays free
     for i, members in enumerate(groups_sites):
         co = max(s.weight_shape[0] for s in members)
@@ -335,14 +345,14 @@ def make_plan(
             )
         )
     if factorize_unshared is not None:
-        grouped = {s.name for g in MODES[mode](sites) for s in g}
+        grouped = {s.name for g in shared for s in g}  # the mode's groups and the named ones
         groups += _low_rank([s for s in sites if s.name not in grouped], factorize_unshared, section_of, notes)
     if not groups:
         notes.append(f"no two convs can share a kernel in mode {mode!r}: the model is unchanged (ratio 1.0)")
     chosen = parse_regulators(regulators, len(resolutions))
     regs = _place_regulators(sites, groups, section_of, chosen, regulator_style, notes)
     return Plan(
-        mode=mode,
+        mode="bank" if share else mode,  # mode none with named banks: the plan's groups are banks
         init=init,
         regulator_style=regulator_style,
         input_size=(input_size[0], input_size[1], input_size[2]),
@@ -357,9 +367,17 @@ def make_plan(
 
 
 def _banks(
-    groups_sites: list[list[ConvSite]], spec: Any, section_of: dict[tuple[int, int], int], notes: list[str]
+    groups_sites: list[list[ConvSite]],
+    spec: Any,
+    section_of: dict[tuple[int, int], int],
+    notes: list[str],
+    named: Sequence[list[ConvSite]] = (),
 ) -> list[Group]:
-    """A bank :class:`Group` per share group whose section has a size."""
+    """A bank :class:`Group` per share group whose section has a size (a group the user named must have one).
+
+    Raises:
+        UsageError: a named group (``named``) in a section without a bank size.
+    """
     check_sections(spec, len(section_of))  # every section holds a group: sections are where groups are
     for k in spec.sections():
         here = [members for members in groups_sites if section_of[members[0].out_size] == k]
@@ -375,6 +393,11 @@ def _banks(
     for members in groups_sites:
         section = section_of[members[0].out_size]
         value = spec.value(section)
+        if value is None and any(members is g for g in named):
+            raise UsageError(
+                f"«share» names a bank of {', '.join(s.name for s in members)} in section {section}, which "
+                f"«bank-size» gives no size: add {section}:0.25 (or a bare default) to «bank-size»"
+            )
         if value is None:
             continue
         if not bankable(members):
