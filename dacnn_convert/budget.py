@@ -32,10 +32,11 @@ most, fine-tuning has most to recover.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +51,12 @@ from .core.modes import mode
 from .core.plan import Group, Plan, RegulatorSpec
 from .core.planning import InitName, RegulatorStyleName, bank_group, linear_groups, make_plan
 from .defaults import DEFAULT_INPUT_SIZE, RESCORE_ROUNDS, SCORE_BATCHES, default_init
-from .errors import PlanError, TargetError, UsageError, choose, render
+from .errors import PlanError, TargetError, TraceError, UsageError, choose, render
 from .names import METRICS
 from .validate import inputs_of
+
+if TYPE_CHECKING:
+    from .core.partial import PrefixCache
 
 OPTIONS = ("free", "mix", "plain")  # the anchoring space of the paper's modes
 # bank filters as a fraction of C_out, down to 1/256 (k = 1 for C_out <= 384): a bank's 1x1 coefficients
@@ -459,7 +463,12 @@ def _fit_score(model: nn.Module, plan: Plan, spectra: dict[tuple[str, ...], Any]
 
 
 def _kl_score(
-    model: nn.Module, plan: Plan, batches: list[torch.Tensor], reference: list[torch.Tensor], moments: Any = None
+    model: nn.Module,
+    plan: Plan,
+    batches: list[torch.Tensor],
+    reference: list[torch.Tensor],
+    moments: Any = None,
+    prefix: PrefixCache | None = None,
 ) -> float:
     from .core.convert import convert
 
@@ -470,14 +479,19 @@ def _kl_score(
         calib_batches=len(batches),
         moments=moments,
     ).model
-    return _recalibrated_kl(student, batches, reference)
+    return _recalibrated_kl(student, batches, reference, prefix)
 
 
-def _recalibrated_kl(student: nn.Module, batches: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+def _recalibrated_kl(
+    student: nn.Module, batches: list[torch.Tensor], reference: list[torch.Tensor], prefix: PrefixCache | None = None
+) -> float:
     """Mean kl of ``student`` (its BatchNorms recalibrated on ``batches``, in place; left in eval mode) against
-    the reference log-probabilities."""
+    the reference log-probabilities. With ``prefix`` (made on the same batches) only the part of ``student``
+    that differs from the original runs, fed by the cached activations of the part before it."""
     from .train.calibrate import recalibrate_bn
 
+    if prefix is not None:
+        student = prefix.partial(student)
     recalibrate_bn(student, batches, len(batches))
     student.eval()
     total = 0.0
@@ -597,7 +611,7 @@ def share_across(model: nn.Module, found: BudgetResult, space_: _Space, scorer: 
 
     def score(q: Plan) -> float:
         if scorer.batches:
-            return _kl_score(model, q, list(scorer.batches), list(scorer.reference), scorer.moments)
+            return _kl_score(model, q, list(scorer.batches), list(scorer.reference), scorer.moments, scorer.prefix)
         return _fit_score(model, q)
 
     before, after = score(p), score(grown)
@@ -641,6 +655,7 @@ class _Space:
     metric: str
     macs_before: int = 0
     macs_cap: int | None = None
+    leaf_modules: tuple[type[nn.Module], ...] = ()
 
     @classmethod
     def build(
@@ -671,7 +686,7 @@ class _Space:
             macs_before = count_macs(model, input_size)
         macs_cap = _macs_cap(macs_before, target_macs)
         fixed = fixed_parts(model, mix, heads_fixed=space == "bank" and not heads)
-        return cls(mix, plain, options, tuple(ranks), fixed, metric, macs_before, macs_cap)
+        return cls(mix, plain, options, tuple(ranks), fixed, metric, macs_before, macs_cap, tuple(leaf_modules))
 
     def check(self, model: nn.Module, target_params: int) -> None:
         """Raise :class:`TargetError` when no option reaches ``target_params`` (and the MAC budget)."""
@@ -687,7 +702,7 @@ class _Space:
         )
         wide = len(self.options) > len(OPTIONS) or self.ranks
         moments = _moments(model, self.mix, batches) if self.metric == "kl" and wide else None
-        return Scorer(model, batches, reference, moments)
+        return Scorer(model, batches, reference, moments, prefix_cache(model, batches, self.leaf_modules))
 
     def scores(self, model: nn.Module, scorer: Scorer) -> tuple[SectionScore, ...]:
         return score_sections(
@@ -700,6 +715,7 @@ class _Space:
             self.options,
             self.ranks,
             scorer.moments,
+            scorer.prefix,
         )
 
     def pick(self, scores: Sequence[SectionScore], target_params: int) -> BudgetResult:
@@ -788,13 +804,16 @@ class Scorer:
     batches: Sequence[torch.Tensor]
     reference: Sequence[torch.Tensor]
     moments: Any = None
+    prefix: PrefixCache | None = None
     seen: dict[tuple[SectionPick, ...], float] = field(default_factory=dict)
 
     def __call__(self, mix: Plan, plain: Plan, picks: tuple[SectionPick, ...]) -> float:
         if picks not in self.seen:
             p = compose(mix, plain, [q.share for q in picks], ranks=[q.rank for q in picks])
             self.seen[picks] = (
-                _kl_score(self.model, p, list(self.batches), list(self.reference), self.moments) if p.groups else 0.0
+                _kl_score(self.model, p, list(self.batches), list(self.reference), self.moments, self.prefix)
+                if p.groups
+                else 0.0
             )
         return self.seen[picks]
 
@@ -957,6 +976,25 @@ def _floor_message(mix: Plan, target: int, smallest: int, fixed: Sequence[tuple[
     )
 
 
+def prefix_cache(
+    model: nn.Module, batches: Sequence[torch.Tensor], leaf_modules: Sequence[type[nn.Module]] = ()
+) -> PrefixCache | None:
+    """A :class:`~dacnn_convert.core.partial.PrefixCache` of ``model`` on ``batches`` (its BatchNorms
+    recalibrated on them in a copy, as every scored candidate's are), so each kl score runs only the changed
+    part; None without batches or where fx cannot trace the model (candidates then run whole)."""
+    from .core.partial import PrefixCache
+    from .train.calibrate import recalibrate_bn
+
+    if not batches:
+        return None
+    reference = copy.deepcopy(model)
+    recalibrate_bn(reference, list(batches), len(batches))
+    try:
+        return PrefixCache(model, reference, batches, leaf_modules)
+    except TraceError:
+        return None
+
+
 def calibration_reference(
     model: nn.Module, calib_loader: Iterable, calib_batches: int = SCORE_BATCHES
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -990,6 +1028,7 @@ def score_sections(
     options: Sequence[str] = OPTIONS,
     ranks: Sequence[str] = (),
     moments: Any = None,
+    prefix: PrefixCache | None = None,
 ) -> tuple[SectionScore, ...]:
     """The sensitivity of each (section, option) and (section, rank), converting that alone.
 
@@ -997,7 +1036,8 @@ def score_sections(
     saving exact; what the search needs to tell whether a target is reachable at all).
 
     With ``kl``, ``moments`` (the input moments of every conv, :func:`_moments`) are reused by every
-    candidate's data-aware fit; None computes them on the fly per candidate.
+    candidate's data-aware fit; None computes them on the fly per candidate. ``prefix`` (:func:`prefix_cache`)
+    runs each candidate from its converted section on.
     """
     n = len(mix.sections)
     scores: list[SectionScore] = []
@@ -1019,16 +1059,21 @@ def score_sections(
                 for index in indices
                 for o in (f"bank@{index}:{_fraction(b)}" for b in bank_sizes)
             ]
+    scored: dict[tuple[Any, ...], float] = {}  # options that build the same plan (k rounds to 1) are scored once
     for k, option, choice, rank in trials:
         p = compose(mix, plain, choice, ranks=rank)
         if option != "free" and not p.groups:
             continue  # nothing to convert in this section that way
+        key = (p.groups, p.regulators)
         if option == "free" or metric == "size":  # "size": the arithmetic alone, every option costed 0
             sens = 0.0
+        elif key in scored:
+            sens = scored[key]
         elif metric == "fit":
             sens = _fit_score(model, p, spectra)
         else:
-            sens = _kl_score(model, p, list(batches), list(reference), moments)
+            sens = _kl_score(model, p, list(batches), list(reference), moments, prefix)
+        scored[key] = sens
         scores.append(SectionScore(k, option, sens, p.saved_params - p.scale_params, p.macs_saved))
     return monotone(scores)
 

@@ -231,8 +231,9 @@ def section_scores(
     reaches first, the same in the scores and in the plan, so each group's saving counts in one section. Ratios
     that remove nothing (Torch-Pruning keeps a channel in every layer) or that the model cannot take are left
     out."""
-    from .budget import _recalibrated_kl
+    from .budget import _recalibrated_kl, prefix_cache
 
+    cache = prefix_cache(pruned.model, reference[0], pruned.leaf_modules)  # each student runs from its section on
     out = []
     for k in range(1, len(sections) + 1):
         for r in grid:
@@ -251,7 +252,8 @@ def section_scores(
                 continue
             if spec.params_saved == 0 and spec.macs_saved == 0:
                 continue
-            out.append(SectionPruning(k, r, spec.params_saved, spec.macs_saved, _recalibrated_kl(student, *reference)))
+            kl = _recalibrated_kl(student, *reference, cache)
+            out.append(SectionPruning(k, r, spec.params_saved, spec.macs_saved, kl))
     return out
 
 

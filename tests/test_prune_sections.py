@@ -26,7 +26,7 @@ from dacnn_convert.prune_search import (
 )
 from dacnn_convert.train import make_loaders
 
-from .models import TinyResNet
+from .models import TinyResNet, randomize_bn
 
 SIZE = (3, 16, 16)
 
@@ -206,3 +206,21 @@ def test_a_per_section_winner_is_searched_once_more_in_full(monkeypatch) -> None
     assert found.plan.prune is not None and found.plan.prune.sections and found.plan.prune.layers
     assert calls[-1] == (calls[-1][0], True) and calls[-1][0] in per_section_models()  # the winner, in full
     assert [f for _, f in calls].count(True) == 1
+
+
+def test_section_scores_with_the_prefix_cache_match_whole_runs(monkeypatch) -> None:
+    """Each pruned section scored from the cached activations before it, as if the whole student ran."""
+    from dacnn_convert import budget
+
+    small = randomize_bn(TinyResNet(width=8)).eval()
+    loaders = make_loaders("synthetic", batch_size=8, input_size=16)
+    batches = [x for x, _ in [next(iter(loaders.train))]]
+    with torch.no_grad():
+        reference = [torch.log_softmax(small(x), 1) for x in batches]
+    sections = section_layers(small, SIZE)
+    cached = section_scores(PrunedModels(small, SIZE, "group"), sections, (batches, reference), grid=(0.5,))
+    monkeypatch.setattr(budget, "prefix_cache", lambda *a, **k: None)
+    whole = section_scores(PrunedModels(small, SIZE, "group"), sections, (batches, reference), grid=(0.5,))
+    assert [(s.section, s.ratio) for s in cached] == [(s.section, s.ratio) for s in whole]
+    for a, b in zip(cached, whole, strict=True):
+        assert a.kl == pytest.approx(b.kl, rel=1e-4)

@@ -74,7 +74,7 @@ class Pruning:
         if not self.layers:
             return f"{self.ratio:g} of every layer's channels"
         if self.sections:
-            return f"{'/'.join(f'{r:g}' for r in self.sections)} of the channels of each section's layers"
+            return f"{self._by_section} of the channels of each section's layers"
         ratios = [r for _, r in self.layers]
         return f"{min(ratios):g}-{max(ratios):g} of the named layers' channels, {self.ratio:g} of the others'"
 
@@ -83,8 +83,12 @@ class Pruning:
         if not self.layers:
             return f"prune {self.ratio:g} ({self.importance})"
         if self.sections:
-            return f"prune {'/'.join(f'{r:g}' for r in self.sections)} by section ({self.importance})"
+            return f"prune {self._by_section} by section ({self.importance})"
         return f"prune {len(self.layers)} layers ({self.importance})"
+
+    @property
+    def _by_section(self) -> str:
+        return "/".join(f"{r:g}" for r in self.sections)
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
