@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dacnn_convert.budget import OPTIONS, calibration_reference, compose, score_sections
+from dacnn_convert.budget import OPTIONS, Scorer, calibration_reference, compose, score_sections
 from dacnn_convert.core.convert import convert
 from dacnn_convert.core.plan import count_params
 from dacnn_convert.core.planning import make_plan
@@ -97,7 +97,7 @@ def main() -> None:
         t0 = time.perf_counter()
         scores[metric] = {
             (s.section, s.option): s.sensitivity
-            for s in score_sections(teacher, mix, plain, metric, batches, reference)
+            for s in score_sections(teacher, mix, plain, metric, Scorer(teacher, batches, reference))
         }
         scores[f"{metric}_s"] = time.perf_counter() - t0
     # distill's per-epoch validation sees one batch (it is not used); accuracy is measured after, on all 10k

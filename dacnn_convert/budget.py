@@ -44,6 +44,7 @@ from torch import nn
 
 from . import amounts, validate
 from .core.banks import bank_params, bankable, factorizable, rank_limit
+from .core.fitting import BasisCache
 from .core.graph import ConvSite
 from .core.kinds import is_plain
 from .core.knapsack import Option, Solution, front
@@ -462,26 +463,6 @@ def _fit_score(model: nn.Module, plan: Plan, spectra: dict[tuple[str, ...], Any]
     return sum(err**2 * plan.site(m).weight_numel for g in errors.values() for m, err in g.items()) / total
 
 
-def _kl_score(
-    model: nn.Module,
-    plan: Plan,
-    batches: list[torch.Tensor],
-    reference: list[torch.Tensor],
-    moments: Any = None,
-    prefix: PrefixCache | None = None,
-) -> float:
-    from .core.convert import convert
-
-    student = convert(
-        model,
-        replace(plan, init="act"),
-        calib_loader=[(x, None) for x in batches],
-        calib_batches=len(batches),
-        moments=moments,
-    ).model
-    return _recalibrated_kl(student, batches, reference, prefix)
-
-
 def _recalibrated_kl(
     student: nn.Module, batches: list[torch.Tensor], reference: list[torch.Tensor], prefix: PrefixCache | None = None
 ) -> float:
@@ -611,7 +592,7 @@ def share_across(model: nn.Module, found: BudgetResult, space_: _Space, scorer: 
 
     def score(q: Plan) -> float:
         if scorer.batches:
-            return _kl_score(model, q, list(scorer.batches), list(scorer.reference), scorer.moments, scorer.prefix)
+            return scorer.kl(q)
         return _fit_score(model, q)
 
     before, after = score(p), score(grown)
@@ -702,21 +683,11 @@ class _Space:
         )
         wide = len(self.options) > len(OPTIONS) or self.ranks
         moments = _moments(model, self.mix, batches) if self.metric == "kl" and wide else None
-        return Scorer(model, batches, reference, moments, prefix_cache(model, batches, self.leaf_modules))
+        prefix = prefix_cache(model, batches, self.leaf_modules) if batches else None
+        return Scorer(model, batches, reference, moments, prefix, BasisCache() if batches else None)
 
     def scores(self, model: nn.Module, scorer: Scorer) -> tuple[SectionScore, ...]:
-        return score_sections(
-            model,
-            self.mix,
-            self.plain,
-            self.metric,
-            scorer.batches,
-            scorer.reference,
-            self.options,
-            self.ranks,
-            scorer.moments,
-            scorer.prefix,
-        )
+        return score_sections(model, self.mix, self.plain, self.metric, scorer, self.options, self.ranks)
 
     def pick(self, scores: Sequence[SectionScore], target_params: int) -> BudgetResult:
         return pick(
@@ -798,23 +769,45 @@ def _moments(model: nn.Module, mix: Plan, batches: Sequence[torch.Tensor]) -> An
 
 @dataclass
 class Scorer:
-    """The kl of whole plans against the model, each plan scored once (kept by its picks)."""
+    """The kl of plans against the model on the calibration batches, and what makes each score cheap.
+
+    Attributes:
+        model: the network plans are made for.
+        batches, reference: the calibration inputs and the model's log-probabilities on them
+            (:func:`calibration_reference`); empty: no data (the ``fit`` metric).
+        moments: the input moments of every conv (:func:`_moments`), reused by every candidate's data-aware fit.
+        prefix: the activations before each candidate's changed part (:func:`prefix_cache`).
+        bases: each group's whitened decomposition, shared by the candidates that bank it at other sizes.
+        seen: whole plans scored so far, by their picks.
+    """
 
     model: nn.Module
     batches: Sequence[torch.Tensor]
     reference: Sequence[torch.Tensor]
     moments: Any = None
     prefix: PrefixCache | None = None
+    bases: BasisCache | None = None
     seen: dict[tuple[SectionPick, ...], float] = field(default_factory=dict)
+
+    def kl(self, plan: Plan) -> float:
+        """Mean kl against the model of ``plan``'s conversion (fitted to the batches, BatchNorms recalibrated)."""
+        from .core.convert import convert
+
+        batches = list(self.batches)
+        student = convert(
+            self.model,
+            replace(plan, init="act"),
+            calib_loader=[(x, None) for x in batches],
+            calib_batches=len(batches),
+            moments=self.moments,
+            bases=self.bases,
+        ).model
+        return _recalibrated_kl(student, batches, list(self.reference), self.prefix)
 
     def __call__(self, mix: Plan, plain: Plan, picks: tuple[SectionPick, ...]) -> float:
         if picks not in self.seen:
             p = compose(mix, plain, [q.share for q in picks], ranks=[q.rank for q in picks])
-            self.seen[picks] = (
-                _kl_score(self.model, p, list(self.batches), list(self.reference), self.moments, self.prefix)
-                if p.groups
-                else 0.0
-            )
+            self.seen[picks] = self.kl(p) if p.groups else 0.0
         return self.seen[picks]
 
 
@@ -1023,21 +1016,17 @@ def score_sections(
     mix: Plan,
     plain: Plan,
     metric: str = "fit",
-    batches: Sequence[torch.Tensor] = (),
-    reference: Sequence[torch.Tensor] = (),
+    scorer: Scorer | None = None,
     options: Sequence[str] = OPTIONS,
     ranks: Sequence[str] = (),
-    moments: Any = None,
-    prefix: PrefixCache | None = None,
 ) -> tuple[SectionScore, ...]:
     """The sensitivity of each (section, option) and (section, rank), converting that alone.
 
     ``metric`` is ``fit``, ``kl`` or ``size`` (no scoring: every option's sensitivity is 0, its
     saving exact; what the search needs to tell whether a target is reachable at all).
 
-    With ``kl``, ``moments`` (the input moments of every conv, :func:`_moments`) are reused by every
-    candidate's data-aware fit; None computes them on the fly per candidate. ``prefix`` (:func:`prefix_cache`)
-    runs each candidate from its converted section on.
+    With ``kl``, ``scorer`` (:meth:`_Space.scorer`) converts and measures each candidate, reusing what does
+    not change between them (input moments, each group's decomposition, the activations before the section).
     """
     n = len(mix.sections)
     scores: list[SectionScore] = []
@@ -1072,7 +1061,9 @@ def score_sections(
         elif metric == "fit":
             sens = _fit_score(model, p, spectra)
         else:
-            sens = _kl_score(model, p, list(batches), list(reference), moments, prefix)
+            if scorer is None:
+                raise UsageError("the kl metric scores on calibration data: pass a Scorer (Space.scorer)")
+            sens = scorer.kl(p)
         scored[key] = sens
         scores.append(SectionScore(k, option, sens, p.saved_params - p.scale_params, p.macs_saved))
     return monotone(scores)

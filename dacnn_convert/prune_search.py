@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .amounts import macs_target, resolve_macs
-from .budget import PRUNE_ADVICE, BudgetResult, _kl_score, calibration_reference
+from .budget import PRUNE_ADVICE, BudgetResult, Scorer, calibration_reference
 from .core.plan import Plan, count_params
 from .core.pruning import Pruning, pruned_copy
 from .errors import PlanError, TargetError, TraceError, marked
@@ -257,6 +257,11 @@ def section_scores(
     return out
 
 
+def _whole_kl(model: nn.Module, plan: Plan, reference: tuple[list[Any], list[Any]]) -> float:
+    """The kl of a pruned model's found plan, converted whole (one score per pruning tried)."""
+    return Scorer(model, *reference).kl(plan)
+
+
 def layers_at(sections: list[tuple[str, ...]], ratios: Sequence[float]) -> Layers:
     """Every layer of every section named with its section's ratio (0: whole), for :attr:`Pruning.layers`."""
     return tuple((n, r) for names, r in zip(sections, ratios, strict=True) for n in names)
@@ -329,7 +334,7 @@ def search_pruned(
                 assert calib_loader is not None
                 reference = calibration_reference(pruned.model, calib_loader, score_batches)
             inner = replace(found.plan, prune=None)
-            kl = _kl_score(model, inner, *reference) if inner.groups or pruning is not None else 0.0
+            kl = _whole_kl(model, inner, reference) if inner.groups or pruning is not None else 0.0
         tries.append((level, by, layers, kl, found))
         return True
 

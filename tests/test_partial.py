@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from dacnn_convert import budget
+from dacnn_convert.core.fitting import BasisCache
 from dacnn_convert.core.partial import PrefixCache
 from tests.models import TinyResNet, randomize_bn, tiny_vgg
 
@@ -29,20 +32,20 @@ def test_every_option_scores_as_the_whole_model(factory):
     space, scorer = _space(model)
     assert scorer.prefix is not None
 
-    def scores(prefix: PrefixCache | None) -> dict[tuple[int, str], float]:
-        found = budget.score_sections(
-            model, space.mix, space.plain, "kl", scorer.batches, scorer.reference, OPTIONS, RANKS, scorer.moments,
-            prefix,
-        )  # fmt: skip
+    def scores(prefix: PrefixCache | None, bases: BasisCache | None) -> dict[tuple[int, str], float]:
+        again = replace(scorer, prefix=prefix, bases=bases)
+        found = budget.score_sections(model, space.mix, space.plain, "kl", again, OPTIONS, RANKS)
         return {(s.section, s.option): s.sensitivity for s in found}
 
-    cached, whole = scores(scorer.prefix), scores(None)
+    cached, whole = scores(scorer.prefix, scorer.bases), scores(None, None)
     assert cached.keys() == whole.keys()
     assert len([v for v in whole.values() if v > 0]) >= 6
     for key, v in whole.items():
         assert cached[key] == pytest.approx(v, rel=1e-4, abs=1e-7), key
-    # each section's frontier is filled once per pass over the options, not once per candidate
+    # each section's frontier is filled once per pass over the options, not once per candidate; each group's
+    # whitened decomposition is made once for all its bank sizes
     assert 0 < scorer.prefix.runs < len(whole) / 2
+    assert scorer.bases is not None and scorer.bases.hits > 0
 
 
 def _last_stage(space: budget._Space) -> budget.Plan:
@@ -58,7 +61,6 @@ def test_only_the_changed_part_runs():
     assert scorer.prefix is not None
     p = _last_stage(space)
     assert p.groups
-    args = (model, p, list(scorer.batches), list(scorer.reference), scorer.moments)
 
     def stem_runs(prefix: PrefixCache | None) -> tuple[int, float]:
         calls: list[int] = []
@@ -66,12 +68,12 @@ def test_only_the_changed_part_runs():
             lambda m, i, o: calls.append(1) if type(m) is nn.Conv2d and m.in_channels == 3 else None
         )
         try:
-            kl = budget._kl_score(*args, prefix)
+            kl = replace(scorer, prefix=prefix).kl(p)
             return len(calls), kl
         finally:
             handle.remove()
 
-    budget._kl_score(*args, scorer.prefix)  # fills the cache for this frontier
+    scorer.kl(p)  # fills the cache for this frontier
     (cached_runs, cached), (whole_runs, whole) = stem_runs(scorer.prefix), stem_runs(None)
     assert cached_runs == 0 and whole_runs == 4  # 2 batches, recalibrated then measured
     assert cached == pytest.approx(whole, rel=1e-5)

@@ -195,7 +195,7 @@ def test_a_per_section_winner_is_searched_once_more_in_full(monkeypatch) -> None
     small = TinyResNet(width=8).eval()
     pruned = PrunedModels(small, SIZE, "group", loaders.train, 1)
     per_section_models = lambda: {id(m) for (_, layers), (m, _) in pruned.made.items() if layers}  # noqa: E731
-    monkeypatch.setattr(ps, "_kl_score", lambda model, *a: 0.01 if id(model) in per_section_models() else 1.0)
+    monkeypatch.setattr(ps, "_whole_kl", lambda model, *a: 0.01 if id(model) in per_section_models() else 1.0)
     calls = []
 
     def at(narrow, reuse, final):

@@ -16,6 +16,7 @@ from ..errors import PlanError, UsageError
 from .fitting import (
     FITS,
     AdapterFit,
+    BasisCache,
     centre_tap,
     fit_activations,
     fit_adapter,
@@ -107,6 +108,7 @@ def convert(
     *,
     moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     align: bool = False,
+    bases: BasisCache | None = None,
 ) -> Conversion:
     """Return a converted deep copy of ``model`` following ``plan``; ``model`` is untouched.
 
@@ -128,6 +130,8 @@ def convert(
             conversions of one model (the budget search); replaces passes over ``calib_loader``.
         align: first permute each member's private input channels to match the first member
             of its group (:func:`dacnn_convert.core.align.align_channels`; the function is unchanged).
+        bases: each bank's whitening and decomposition, kept across conversions of ``model`` with the same
+            ``moments`` at other bank sizes (the budget search); the per-member fit errors are then not computed.
 
     Raises:
         PlanError: a planned conv is missing or has another shape in ``model``.
@@ -218,7 +222,7 @@ def convert(
             f"aligned the private channels of {len(alignment.permuted)} conv(s); mean cosine "
             f"similarity to their group's first member +{gain:.3f}"
         )
-    swap = _Swap(originals, modules, bank, plan, init, conversion)
+    swap = _Swap(originals, modules, bank, plan, init, conversion, bases)
     ordered = sorted(plan.groups, key=lambda g: min(plan.site(m).order for m in g.members))
     chunks = [ordered] if not data_aware or sequential or moments is not None else _chunks(plan, ordered)
     for chunk in chunks:
@@ -261,6 +265,7 @@ class _Swap:
     plan: Plan
     init: str
     conversion: Conversion
+    bases: BasisCache | None = None  # reused decompositions (the search); no fit errors then
 
 
 def _convert_anchor(
@@ -382,8 +387,13 @@ def _convert_bank(
             targets = [_seq_target(w, h, c) for w, (h, c) in zip(weights, moments, strict=True)]
             fit = fit_bank(targets, g.rank, [h for h, _ in moments])
         else:
-            fit = fit_bank(weights, g.rank, [h for h, _ in moments] if moments is not None else None)
-        conversion.fit_errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
+            held = [h for h, _ in moments] if moments is not None else None
+            if swap.bases is None:
+                fit = fit_bank(weights, g.rank, held)
+            else:
+                fit = fit_bank(weights, g.rank, held, basis=swap.bases.get(g.members, weights, held), errors=False)
+        if fit.errors:
+            conversion.fit_errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
         conversion.fit_energy[g.name] = fit.energy
         with torch.no_grad():
             getattr(bank, g.name).copy_(fit.bank)

@@ -435,6 +435,37 @@ def bank_basis(
     return BankBasis(m, s, Spectrum.of(m @ s if s is not None else m))
 
 
+class BasisCache:
+    """:class:`BankBasis` of each group of members, kept across conversions that fit the same members at several
+    bank sizes with the same input moments (the budget search's candidates): the whitening and the decomposition
+    are the costly part of a fit (for a 3x3 conv of 512 channels, a 4608 x 4608 Cholesky and product), the
+    truncation to k is cheap. Holds at most ``max_bytes``; a basis that would pass it is used once, not kept."""
+
+    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.bases: dict[tuple[tuple[str, ...], bool], BankBasis] = {}
+        self.hits = 0
+
+    def get(
+        self, members: tuple[str, ...], weights: list[torch.Tensor], moments: list[torch.Tensor] | None
+    ) -> BankBasis:
+        key = (members, moments is not None)
+        if key in self.bases:
+            self.hits += 1
+            return self.bases[key]
+        basis = bank_basis(weights, moments)
+        size = sum(
+            t.numel() * t.element_size()
+            for t in (basis.m, basis.s, basis.spectrum.a, basis.spectrum.vecs)
+            if t is not None
+        )
+        if self.bytes + size <= self.max_bytes:
+            self.bases[key] = basis
+            self.bytes += size
+        return basis
+
+
 @dataclass(frozen=True)
 class BankSpectrum:
     """How much of each member's kernel energy the leading k components of its group capture, for every k.
@@ -491,6 +522,7 @@ def fit_bank(
     ridge: float = 1e-3,
     refit: bool = False,
     basis: BankBasis | None = None,
+    errors: bool = True,
 ) -> BankFit:
     """Closed-form bank B and coefficients C_l minimising sum_l ||(W_l - C_l B) X_l||^2, whitened.
 
@@ -508,7 +540,8 @@ def fit_bank(
     both factors train at the scale of the original kernels.
 
     With k = min(n * C_out, C_in * kh * kw) the members are reproduced exactly. ``basis``: the same members'
-    :func:`bank_basis` (with the same moments and ridge), decomposed once for fits at several k.
+    :func:`bank_basis` (with the same moments and ridge), decomposed once for fits at several k. ``errors``
+    False leaves :attr:`BankFit.errors` empty (a search that only runs the result saves a d x d product per member).
     """
     shape = tuple(weights[0].shape)
     co = [w.shape[0] for w in weights]
@@ -532,18 +565,19 @@ def fit_bank(
             gram = b @ hb
             gram = gram + 1e-9 * float(gram.diagonal().mean()) * torch.eye(k, dtype=torch.float64)
             c[lo:hi] = torch.linalg.solve(gram, (m[lo:hi] @ hb).T).T
-    approx = c @ b
-    errors = []
-    for i, (lo, hi) in enumerate(bounds):
-        e, w = m[lo:hi] - approx[lo:hi], m[lo:hi]
-        if moments is not None:
-            hl = moments[i].double()
-            num, den = ((e @ hl) * e).sum(), ((w @ hl) * w).sum()
-        else:
-            num, den = e.pow(2).sum(), w.pow(2).sum()
-        errors.append(float((num.clamp_min(0) / den).sqrt()) if den > 0 else 0.0)
+    found: list[float] = []
+    if errors:
+        approx = c @ b
+        for i, (lo, hi) in enumerate(bounds):
+            e, w = m[lo:hi] - approx[lo:hi], m[lo:hi]
+            if moments is not None:
+                hl = moments[i].double()
+                num, den = ((e @ hl) * e).sum(), ((w @ hl) * w).sum()
+            else:
+                num, den = e.pow(2).sum(), w.pow(2).sum()
+            found.append(float((num.clamp_min(0) / den).sqrt()) if den > 0 else 0.0)
     coeffs = [c[lo:hi].float().contiguous() for lo, hi in bounds]
-    return BankFit(b.reshape(k, *shape[1:]).float().contiguous(), coeffs, energy, errors)
+    return BankFit(b.reshape(k, *shape[1:]).float().contiguous(), coeffs, energy, found)
 
 
 @dataclass
