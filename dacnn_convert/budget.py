@@ -468,7 +468,8 @@ def _recalibrated_kl(
 ) -> float:
     """Mean kl of ``student`` (its BatchNorms recalibrated on ``batches``, in place; left in eval mode) against
     the reference log-probabilities. With ``prefix`` (made on the same batches) only the part of ``student``
-    that differs from the original runs, fed by the cached activations of the part before it."""
+    that differs from the original runs, fed by the cached activations of the part before it: the BatchNorms
+    before that part are then reset, not recalibrated (a student scored so is for its score only)."""
     from .train.calibrate import recalibrate_bn
 
     if prefix is not None:
@@ -548,7 +549,9 @@ def search(
     found = space_.pick(scores, target_params)
     if metric == "kl" and rescore_rounds > 0:
         found = refine(model, space_.mix, space_.plain, found, scorer, rescore_rounds, space_.fixed)
-    return share_across(model, found, space_, scorer) if across else found
+    found = share_across(model, found, space_, scorer) if across else found
+    scorer.release()  # a scorer kept in «reuse» (the latency loop, each pruning tried) holds no activations
+    return found
 
 
 def _choice_sensitivity(
@@ -803,6 +806,13 @@ class Scorer:
             bases=self.bases,
         ).model
         return _recalibrated_kl(student, batches, list(self.reference), self.prefix)
+
+    def release(self) -> None:
+        """Drop the cached activations and decompositions (made again if the scorer is used again)."""
+        if self.prefix is not None:
+            self.prefix.release()
+        if self.bases is not None:
+            self.bases.release()
 
     def __call__(self, mix: Plan, plain: Plan, picks: tuple[SectionPick, ...]) -> float:
         if picks not in self.seen:
@@ -1062,7 +1072,10 @@ def score_sections(
             sens = _fit_score(model, p, spectra)
         else:
             if scorer is None:
-                raise UsageError("the kl metric scores on calibration data: pass a Scorer (Space.scorer)")
+                raise UsageError(
+                    "the kl metric scores on calibration data: pass scorer=Scorer(model, batches, reference) "
+                    "(budget.calibration_reference gives batches and reference)"
+                )
             sens = scorer.kl(p)
         scored[key] = sens
         scores.append(SectionScore(k, option, sens, p.saved_params - p.scale_params, p.macs_saved))

@@ -81,3 +81,10 @@ def default_init(init: str | None, with_data: bool, mode: str | None = None) -> 
 # Seeds are 32-bit, as NumPy's: the data order uses seed * 1000 + epoch, which a 64-bit torch
 # generator must still hold (a 22-digit --seed overflowed it with a traceback: issue 23).
 SEED_MAX = 2**32 - 1
+
+# What the planner keeps across its candidates (both bounded; past the bound a candidate is scored the slow way):
+# activations before each candidate's changed part (core.partial.PrefixCache: 8 batches of 32 images at 224 px
+# before a ResNet-50's layer2 take about 1.6 GB, both modes), and each share group's whitened decomposition
+# (core.fitting.BasisCache: a 3x3 conv of 512 channels' 4608 x 4608 Cholesky factor is 170 MB in float64).
+PREFIX_CACHE_BYTES = 2 * 2**30
+BASIS_CACHE_BYTES = 2 * 2**30

@@ -25,7 +25,47 @@ def _space(model: nn.Module, side: int = 16) -> tuple[budget._Space, budget.Scor
     return space, space.scorer(model, loader, 2)
 
 
-@pytest.mark.parametrize("factory", [lambda: TinyResNet(), tiny_vgg], ids=["resnet", "vgg"])
+class InPlace(nn.Module):
+    """torchvision's own blocks: ReLU(inplace=True) and ``out += identity``, a 1x1 downsample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        down = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, 2, down), BasicBlock(16, 16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Halve(nn.Module):
+    """Halves its input in train mode only: code fx fixes at trace time, as stochastic depth and F.dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5 if self.training else x
+
+
+class ModeBranches(TinyResNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.halve = Halve()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.halve(self.relu(self.bn1(self.conv1(x))))
+        x = self.halve(self.layer2(self.halve(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.mark.parametrize(
+    "factory", [TinyResNet, tiny_vgg, InPlace, ModeBranches], ids=["resnet", "vgg", "inplace", "mode-branches"]
+)
 def test_every_option_scores_as_the_whole_model(factory):
     """Banks, mix + regulators, low-rank, head ranks, in every section: the same kl with and without the cache."""
     model = randomize_bn(factory()).eval()
@@ -44,7 +84,7 @@ def test_every_option_scores_as_the_whole_model(factory):
         assert cached[key] == pytest.approx(v, rel=1e-4, abs=1e-7), key
     # each section's frontier is filled once per pass over the options, not once per candidate; each group's
     # whitened decomposition is made once for all its bank sizes
-    assert 0 < scorer.prefix.runs < len(whole) / 2
+    assert 0 < scorer.prefix.runs < len(whole)  # a run: one mode, every batch
     assert scorer.bases is not None and scorer.bases.hits > 0
 
 
@@ -79,6 +119,24 @@ def test_only_the_changed_part_runs():
     assert cached == pytest.approx(whole, rel=1e-5)
 
 
+def test_a_frontier_above_the_memory_bound_runs_whole():
+    model = randomize_bn(TinyResNet()).eval()
+    space, scorer = _space(model)
+    p = _last_stage(space)
+    bounded = budget.prefix_cache(model, scorer.batches)
+    assert bounded is not None
+    bounded.max_bytes = 1000  # less than one batch's activations
+    assert replace(scorer, prefix=bounded).kl(p) == pytest.approx(replace(scorer, prefix=None).kl(p), rel=1e-5)
+    assert bounded.too_big and not bounded.values
+    # released: activations made again on demand, the same score
+    scorer.kl(p)
+    assert scorer.prefix is not None and scorer.prefix.values
+    first = scorer.kl(p)
+    scorer.release()
+    assert not scorer.prefix.values
+    assert scorer.kl(p) == pytest.approx(first, rel=1e-6)
+
+
 def test_other_inputs_run_the_whole_student():
     model = randomize_bn(TinyResNet()).eval()
     space, scorer = _space(model)
@@ -105,3 +163,19 @@ def test_untraceable_models_score_whole():
     batches = [torch.randn(2, 3, 16, 16)]
     assert budget.prefix_cache(model, batches) is None
     assert budget.prefix_cache(model, []) is None
+
+
+def test_in_place_ops_of_the_changed_part_leave_the_cache_alone():
+    """Only a downsample changed: ``out += identity`` then adds into the unchanged branch's cached output."""
+    model = randomize_bn(InPlace()).eval()
+    space, scorer = _space(model)
+    assert scorer.prefix is not None
+    k = space.mix.sections.index(space.mix.site("layer2.0.downsample.0").out_size) + 1
+    n = len(space.mix.sections)
+    ranked = budget.compose(
+        space.mix, space.plain, ["free"] * n, ranks=["lr:0.25" if j == k else "dense" for j in range(1, n + 1)]
+    )
+    p = replace(ranked, groups=tuple(g for g in ranked.groups if g.members == ("layer2.0.downsample.0",)))
+    assert len(p.groups) == 1
+    whole = replace(scorer, prefix=None).kl(p)
+    assert [scorer.kl(p) for _ in range(3)] == pytest.approx([whole] * 3, rel=1e-5)

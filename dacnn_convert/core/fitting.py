@@ -17,9 +17,11 @@ import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..defaults import BASIS_CACHE_BYTES
 from ..registry import Registry
 from ..validate import inputs_of
 from .modes import mode
@@ -441,16 +443,15 @@ class BasisCache:
     are the costly part of a fit (for a 3x3 conv of 512 channels, a 4608 x 4608 Cholesky and product), the
     truncation to k is cheap. Holds at most ``max_bytes``; a basis that would pass it is used once, not kept."""
 
-    def __init__(self, max_bytes: int = 2 * 2**30) -> None:
+    def __init__(self, max_bytes: int = BASIS_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self.bases: dict[tuple[tuple[str, ...], bool], BankBasis] = {}
+        self.bases: dict[tuple[Any, ...], BankBasis] = {}
         self.hits = 0
 
-    def get(
-        self, members: tuple[str, ...], weights: list[torch.Tensor], moments: list[torch.Tensor] | None
-    ) -> BankBasis:
-        key = (members, moments is not None)
+    def get(self, key: tuple[Any, ...], weights: list[torch.Tensor], moments: list[torch.Tensor] | None) -> BankBasis:
+        """The basis of ``weights`` whitened by ``moments``, made once per ``key`` (which must name both: the
+        members, their weights' storage and version, the moments' identity)."""
         if key in self.bases:
             self.hits += 1
             return self.bases[key]
@@ -464,6 +465,10 @@ class BasisCache:
             self.bases[key] = basis
             self.bytes += size
         return basis
+
+    def release(self) -> None:
+        """Drop every kept basis."""
+        self.bases, self.bytes = {}, 0
 
 
 @dataclass(frozen=True)
