@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 from dacnn_convert import budget
-from dacnn_convert.core.fitting import BasisCache
+from dacnn_convert.core.convert import convert
+from dacnn_convert.core.fitting import BasisCache, fit_bank
 from dacnn_convert.core.partial import PrefixCache
-from tests.models import TinyResNet, randomize_bn, tiny_vgg
+from tests.models import TinyResNet, randomize_bn, tiny_vgg, untraceable
 
 OPTIONS = ("mix", "plain", "bank:0.5", "bank:0.125")  # each kind of option once or twice: the grid is slow here
 RANKS = ("lr:0.25", "out:0.5")
@@ -30,8 +33,6 @@ class InPlace(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from torchvision.models.resnet import BasicBlock
-
         self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(8)
         self.relu = nn.ReLU(inplace=True)
@@ -142,23 +143,17 @@ def test_other_inputs_run_the_whole_student():
     space, scorer = _space(model)
     assert scorer.prefix is not None
     p = _last_stage(space)
-    from dacnn_convert.core.convert import convert
-
     student = convert(model, p, init="fit").model.eval()
     partial = scorer.prefix.partial(student)
     assert partial is not student
     x = torch.randn(3, 3, 16, 16)  # not a cached batch
     torch.testing.assert_close(partial(x), student(x))
     # an unchanged copy: nothing to skip, the student itself
-    import copy
-
     same = copy.deepcopy(model)
     assert scorer.prefix.partial(same) is same
 
 
 def test_untraceable_models_score_whole():
-    from tests.models import untraceable
-
     model = untraceable().eval()
     batches = [torch.randn(2, 3, 16, 16)]
     assert budget.prefix_cache(model, batches) is None
@@ -179,3 +174,25 @@ def test_in_place_ops_of_the_changed_part_leave_the_cache_alone():
     assert len(p.groups) == 1
     whole = replace(scorer, prefix=None).kl(p)
     assert [scorer.kl(p) for _ in range(3)] == pytest.approx([whole] * 3, rel=1e-5)
+
+
+def test_the_basis_cache_refits_when_a_weight_changes_in_place():
+    weights = [torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)]
+    cache = BasisCache()
+    first = cache.get(("a", "b"), weights, weights, None)
+    assert cache.get(("a", "b"), weights, weights, None) is first and cache.hits == 1
+    with torch.no_grad():
+        weights[0].mul_(2)  # the same storage, a new version: the old basis no longer describes it
+    again = cache.get(("a", "b"), weights, weights, None)
+    assert again is not first and not torch.equal(again.m, first.m)
+    cached = fit_bank(weights, 4, basis=again, errors=False)
+    fresh = fit_bank(weights, 4)
+    torch.testing.assert_close(cached.bank, fresh.bank)
+    assert cached.errors == [] and len(fresh.errors) == 2
+
+
+def test_kl_scores_without_a_scorer_are_refused_in_one_line():
+    model = TinyResNet().eval()
+    space, _ = _space(model)
+    with pytest.raises(budget.UsageError, match=r"pass scorer=Scorer\(model, batches, reference\)"):
+        budget.score_sections(model, space.mix, space.plain, "kl", None, ("mix",))

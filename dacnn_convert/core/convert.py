@@ -391,12 +391,9 @@ def _convert_bank(
             if swap.bases is None:
                 fit = fit_bank(weights, g.rank, held)
             else:
-                key = (
-                    g.members,
-                    tuple((w.data_ptr(), w._version) for w in (kernel_of(originals[m]) for m in g.members)),
-                    tuple(id(h) for h in held or ()),
-                )
-                fit = fit_bank(weights, g.rank, held, basis=swap.bases.get(key, weights, held), errors=False)
+                sources = [kernel_of(originals[m]) for m in g.members]
+                basis = swap.bases.get(g.members, sources, weights, held)
+                fit = fit_bank(weights, g.rank, held, basis=basis, errors=False)
         if fit.errors:
             conversion.fit_errors[g.name] = dict(zip(g.members, fit.errors, strict=True))
         conversion.fit_energy[g.name] = fit.energy

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,9 +449,16 @@ class BasisCache:
         self.bases: dict[tuple[Any, ...], BankBasis] = {}
         self.hits = 0
 
-    def get(self, key: tuple[Any, ...], weights: list[torch.Tensor], moments: list[torch.Tensor] | None) -> BankBasis:
-        """The basis of ``weights`` whitened by ``moments``, made once per ``key`` (which must name both: the
-        members, their weights' storage and version, the moments' identity)."""
+    def get(
+        self,
+        members: tuple[str, ...],
+        sources: Sequence[torch.Tensor],
+        weights: list[torch.Tensor],
+        moments: list[torch.Tensor] | None,
+    ) -> BankBasis:
+        """The basis of ``weights`` (the members' kernels, read from ``sources``: the layers' own weight tensors)
+        whitened by ``moments``, made once per members, sources' storage and version, and moments' identity."""
+        key = (members, tuple((t.data_ptr(), t._version) for t in sources), tuple(id(h) for h in moments or ()))
         if key in self.bases:
             self.hits += 1
             return self.bases[key]

@@ -142,7 +142,8 @@ class PrefixCache:
             return True
         keep = {(t, n) for t in (True, False) for n in (f.name for f in frontier)}
         wanted = set(missing)
-        skip = {n: None for n in graph.nodes if n not in _ancestors(wanted) and n.op not in _ALWAYS_RUN}
+        needed = _ancestors(wanted)
+        skip = {n: None for n in graph.nodes if n not in needed and n.op not in _ALWAYS_RUN}
         found: dict[str, list[Any]] = {n.name: [] for n in missing}
         buffers = {k: v.clone() for k, v in self.reference.named_buffers()}  # running stats move in train mode
         try:
